@@ -1,0 +1,52 @@
+"""Quickstart: a small Llama-style model learns 10 instruction families from scratch on a CPU.
+
+    jaxtune train --config configs/quickstart.py --workdir runs/quickstart
+
+Procedurally generated FLAN-style tasks (jaxtune/data/builtin/quickstart.py): each family has
+several training phrasings and held-out phrasings that are never trained on; exact match on the
+held-out phrasings is measured before and after training. A 512-piece sentencepiece tokenizer is
+trained on first use and cached in the workdir. About 4 minutes on 2 CPU cores.
+"""
+
+from jaxtune.config import base_config, parse_arg
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.model.family = "llama"
+    c.model.variant = "tiny"
+    c.model.hidden_size = 128
+    c.model.intermediate_size = 384
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.tie_word_embeddings = True
+    c.model.max_position_embeddings = 512
+
+    c.data.source = "quickstart"
+    c.data.seq_len = 128
+    c.data.packing = True
+    c.data.word_dropout = 0.15  # drop instruction words: generalise to unseen phrasings
+    c.data.tokenizer_vocab_size = 512
+    c.data.num_train_examples = 200_000
+    c.data.num_eval_examples = 300
+
+    c.train.steps = 900
+    c.train.global_batch_size = 32
+    c.train.log_every = 25
+    c.train.checkpoint_every = 300
+    c.train.max_seconds = 280.0  # stay inside the 5-minute budget on slow machines
+
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.05
+
+    c.mesh.rules = "dp"
+    c.eval.max_new_tokens = 10
+    c.eval.batch_size = 150
+
+    for key, value in parse_arg(arg).items():  # configs/quickstart.py:steps=100
+        if key != "steps":
+            raise ValueError(f"configs/quickstart.py: unknown argument {key!r} (expected steps=N)")
+        c.train.steps = int(value)
+    return c

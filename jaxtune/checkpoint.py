@@ -1,0 +1,80 @@
+"""One orbax CheckpointManager per workdir: train state + Grain iterator state + config.
+
+Saves are asynchronous; orbax writes each step into a temporary directory and renames it only
+when complete, so a run killed mid-save leaves the previous checkpoint intact and the next run
+resumes from it. Restores go straight into the target shardings.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    def __init__(self, workdir: str | Path, *, every: int, keep: int, use_async: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=every,
+            enable_async_checkpointing=use_async,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any, config: dict, *, force: bool = False) -> bool:
+        """Saves when `step` is on the interval (or `force`); returns whether a save started."""
+        if step in self._manager.all_steps():  # e.g. the final step fell on the interval
+            return False
+        args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+        """Restores the state into `abstract_state`'s shardings and the iterator in place."""
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self._manager.restore(step, args=ocp.args.Composite(**args)).state
+
+    def saved_config(self, step: int) -> dict | None:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception:  # older or foreign checkpoints without a config item
+            return None
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry the target sharding, the form orbax restores into."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between the checkpoint's config and this run's."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(config_differences(a, b, name + "."))
+        elif a != b:
+            diffs.append(f"{name}: {a!r} -> {b!r}")
+    return diffs

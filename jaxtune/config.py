@@ -1,0 +1,334 @@
+"""Config files, overrides and up-front validation.
+
+A config is a Python file with `get_config(arg: str | None) -> ml_collections.ConfigDict`.
+`base_config()` holds every key jaxtune understands, so config files only set what differs and a
+typo in an override is caught (with the closest valid key) before anything compiles.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from jaxtune.errors import UserError
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key with its default; config files derive from this rather than copying it."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.family = "llama"
+    c.model.variant = "tiny"
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+    c.model.param_dtype = "float32"  # master weights
+    c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    # Architecture overrides on top of the variant; None keeps the variant's value.
+    # vocab_size None means "take it from the tokenizer" when the variant is trained from scratch.
+    c.model.vocab_size = ml_collections.FieldReference(None, field_type=int)
+    c.model.hidden_size = ml_collections.FieldReference(None, field_type=int)
+    c.model.intermediate_size = ml_collections.FieldReference(None, field_type=int)
+    c.model.num_layers = ml_collections.FieldReference(None, field_type=int)
+    c.model.num_heads = ml_collections.FieldReference(None, field_type=int)
+    c.model.num_kv_heads = ml_collections.FieldReference(None, field_type=int)
+    c.model.head_dim = ml_collections.FieldReference(None, field_type=int)
+    c.model.max_position_embeddings = ml_collections.FieldReference(None, field_type=int)
+    c.model.rope_theta = ml_collections.FieldReference(None, field_type=float)
+    c.model.tie_word_embeddings = ml_collections.FieldReference(None, field_type=bool)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "jsonl"  # jsonl | quickstart
+    c.data.train_path = ""
+    c.data.eval_path = ""
+    # FLAN-style (input_pattern, target_pattern) pairs with {field} placeholders; one is chosen
+    # per example from a seeded RNG.
+    c.data.templates = (("{prompt}", "{response}"),)
+    c.data.seq_len = 128
+    c.data.packing = True
+    c.data.shuffle = True
+    c.data.word_dropout = 0.0  # drop template (instruction) words in training prompts
+    c.data.truncation = "truncate"  # truncate | drop | error
+    c.data.tokenizer = ""  # path to a tokenizer file; "" trains one on the data (quickstart)
+    c.data.tokenizer_vocab_size = 512
+    c.data.num_train_examples = 100_000  # quickstart: generated training records
+    c.data.num_eval_examples = 300  # quickstart: held-out phrasings evaluated by exact match
+    c.data.worker_count = 0  # Grain multiprocessing workers (0 = in-process)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.global_batch_size = 64
+    c.train.grad_accum_steps = 1
+    c.train.log_every = 10
+    c.train.eval_every = 0  # 0 = only before and after training
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 2
+    c.train.async_checkpoints = True
+    c.train.z_loss = 0.0
+    c.train.max_seconds = 0.0  # >0: stop (and checkpoint) after this much training time
+    c.train.progress_bar = True
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-4
+    c.optim.schedule = "cosine"  # cosine | linear | constant
+    c.optim.warmup_steps = 100
+    c.optim.min_lr_ratio = 0.1  # final lr as a fraction of lr (cosine/linear)
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.clip_norm = 1.0  # 0 disables clipping
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 takes the devices left over by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = "fsdp"  # dp | fsdp | fsdp_tp
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_new_tokens = 12
+    c.eval.batch_size = 128
+    c.eval.show_examples = 6
+    c.eval.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
+    return c
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]`, applies `a.b=value` overrides, locks and validates it."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file (expected a Python file with get_config(arg))")
+    module_spec = importlib.util.spec_from_file_location(f"jaxtune_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except UserError:
+        raise
+    except Exception as e:  # a config file is user code: report where it broke
+        raise UserError(f"--config {path}: failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise UserError(f"--config {path}: defines no get_config(arg) function")
+    config = module.get_config(arg or None)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"--config {path}: get_config must return an ml_collections.ConfigDict")
+    config.lock()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"override --config.{item}: expected --config.KEY=VALUE")
+        set_value(config, key, value)
+    validate(config)
+    return config
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """Parses a `k=v,k2=v2` config argument (the part after `path.py:`); a bare word is `variant`."""
+    out: dict[str, str] = {}
+    if not arg:
+        return out
+    for part in arg.split(","):
+        if not part:
+            continue
+        k, sep, v = part.partition("=")
+        if sep:
+            out[k.strip()] = v.strip()
+        else:
+            out["variant"] = k.strip()
+    return out
+
+
+def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(all_keys(v, full + "."))
+    return keys
+
+
+def _unknown_key(config, key: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(config), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
+    """Sets `a.b.c` from a command-line string, converted to the type the key already has."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise _unknown_key(config, key)
+        node = node[part]
+    leaf = parts[-1]
+    if leaf not in node:
+        raise _unknown_key(config, key)
+    current = node[leaf]
+    field_type = node.get_type(leaf) if hasattr(node, "get_type") else type(current)
+    try:
+        value = _convert(raw, current, field_type)
+    except ValueError as e:
+        raise UserError(f"config key '{key}': cannot use {raw!r}: {e}") from None
+    try:
+        node[leaf] = value
+    except (TypeError, KeyError) as e:
+        raise UserError(f"config key '{key}': cannot use {raw!r}: {e}") from None
+
+
+def _convert(raw: str, current: Any, field_type: Any) -> Any:
+    if raw.lower() in ("none", "null") and field_type is not str:
+        return None
+    if field_type is bool or isinstance(current, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if field_type is int or (isinstance(current, int) and not isinstance(current, bool)):
+        try:
+            value = float(raw) if any(c in raw for c in ".eE") else int(raw)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError("expected an integer")
+        return int(value)
+    if field_type is float or isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if field_type is str or isinstance(current, str):
+        return raw
+    try:
+        return ast.literal_eval(raw)  # tuples, lists, dicts
+    except (ValueError, SyntaxError):
+        raise ValueError("expected a Python literal such as (1, 2) or ('a', 'b')") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Validation that needs no devices and no model
+# --------------------------------------------------------------------------------------------
+
+_CHOICES = {
+    "data.source": ("jsonl", "quickstart"),
+    "data.truncation": ("truncate", "drop", "error"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
+    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Rejects impossible values before any compile; the message names the key and the fix."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = config[section][name]
+        if value not in choices:
+            raise UserError(f"config key '{key}' is {value!r}; expected one of {', '.join(choices)}")
+    positive = {
+        "optim.lr": config.optim.lr,
+        "train.steps": config.train.steps,
+        "train.global_batch_size": config.train.global_batch_size,
+        "train.grad_accum_steps": config.train.grad_accum_steps,
+        "train.log_every": config.train.log_every,
+        "train.checkpoint_every": config.train.checkpoint_every,
+        "train.keep_checkpoints": config.train.keep_checkpoints,
+        "data.seq_len": config.data.seq_len,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise UserError(f"config key '{key}' must be > 0, got {value}")
+    if config.optim.warmup_steps < 0:
+        raise UserError(f"config key 'optim.warmup_steps' must be >= 0, got {config.optim.warmup_steps}")
+    if not 0.0 <= config.optim.min_lr_ratio <= 1.0:
+        raise UserError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {config.optim.min_lr_ratio}")
+    if not 0.0 <= config.data.word_dropout < 1.0:
+        raise UserError(f"config key 'data.word_dropout' must be in [0, 1), got {config.data.word_dropout}")
+    if config.data.source == "jsonl" and not config.data.train_path:
+        raise UserError("config key 'data.train_path' is empty; data.source='jsonl' needs a JSONL file")
+    if config.data.source == "jsonl" and not config.data.templates:
+        raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        if size == 0 or size < -1:
+            raise UserError(f"config key 'mesh.{axis}' must be a positive size or -1, got {size}")
+    if sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
+        raise UserError("config keys mesh.data/fsdp/tensor: at most one axis may be -1")
+
+
+def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], process_count: int) -> None:
+    """Batch checks that depend on the mesh: every device and every micro-batch gets whole rows."""
+    dp = mesh_shape["data"] * mesh_shape["fsdp"]
+    batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
+    if batch % accum:
+        raise UserError(
+            f"config key 'train.global_batch_size' ({batch}) is not divisible by train.grad_accum_steps ({accum})"
+        )
+    if (batch // accum) % dp:
+        raise UserError(
+            f"config key 'train.global_batch_size' ({batch}) / grad_accum_steps ({accum}) = {batch // accum} "
+            f"is not divisible by the data-parallel size {dp} (mesh data={mesh_shape['data']} x fsdp={mesh_shape['fsdp']}); "
+            f"use a multiple of {dp * accum}"
+        )
+    if batch % process_count:
+        raise UserError(
+            f"config key 'train.global_batch_size' ({batch}) is not divisible by the process count {process_count}"
+        )
+
+
+def validate_for_model(config: ml_collections.ConfigDict, max_positions: int) -> None:
+    if config.data.seq_len > max_positions:
+        raise UserError(
+            f"config key 'data.seq_len' ({config.data.seq_len}) exceeds the model's max_position_embeddings "
+            f"({max_positions}); lower data.seq_len or raise model.max_position_embeddings"
+        )
+
+
+def resolve_mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
+    """Fills the one -1 axis so the mesh covers all devices; errors when sizes don't multiply out."""
+    shape = {a: config.mesh[a] for a in ("data", "fsdp", "tensor")}
+    known = math.prod(v for v in shape.values() if v != -1)
+    if any(v == -1 for v in shape.values()):
+        if device_count % known:
+            raise UserError(
+                f"config keys mesh.*: fixed axes multiply to {known}, which does not divide the {device_count} devices"
+            )
+        for a, v in shape.items():
+            if v == -1:
+                shape[a] = device_count // known
+    elif known != device_count:
+        raise UserError(
+            f"config keys mesh.data x mesh.fsdp x mesh.tensor = {known}, but there are {device_count} devices; "
+            "set one axis to -1 to fill"
+        )
+    return shape
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict:
+    """A JSON-safe plain dict (tuples become lists) for checkpoints and logs."""
+    return _plain(config.to_dict())
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,1 @@
+"""Input pipeline: sources -> FLAN-style templates -> tokenize/mask -> pack -> batch (Grain)."""

@@ -1,0 +1,182 @@
+"""Tokenizers behind one small interface.
+
+The pipeline only needs ``encode`` / ``decode`` and the special ids, so any tokenizer
+format (SentencePiece ``.model`` now, Hugging Face ``tokenizer.json`` later) plugs in
+by implementing :class:`Tokenizer` and registering a loader in ``_LOADERS``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import sentencepiece as spm
+
+# Ids fixed by `train_sentencepiece`; pretrained models keep their own.
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+
+# Trained on at most this many sentences (a uniform sample beyond it): keeps training
+# to about a second however long the corpus iterator is.
+_MAX_TRAIN_SENTENCES = 200_000
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the data pipeline needs from a tokenizer."""
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without BOS/EOS (the pipeline adds those)."""
+        ...
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of ``ids``, skipping special and padding tokens."""
+        ...
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model.
+
+    Holds the serialized model proto rather than a file path, so it pickles into Grain
+    worker processes and does not depend on the file after loading.
+    """
+
+    def __init__(self, model_proto: bytes, *, source: str = "<bytes>"):
+        self._proto = bytes(model_proto)
+        self._source = source
+        self._build()
+
+    def _build(self) -> None:
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(self._proto)
+        self._sp = sp
+        self.vocab_size: int = sp.get_piece_size()
+        if sp.eos_id() < 0:
+            raise ValueError(f"SentencePiece model {self._source} has no EOS piece; jaxtune needs one to end targets")
+        self.eos_id: int = sp.eos_id()
+        self.bos_id: int | None = sp.bos_id() if sp.bos_id() >= 0 else None
+        # Many pretrained models (e.g. Llama) define no pad piece. Padding positions are
+        # masked out by segment_ids, so any valid id does as filler: reuse EOS.
+        self.pad_id: int = sp.pad_id() if sp.pad_id() >= 0 else self.eos_id
+        skip = np.zeros(self.vocab_size, dtype=bool)
+        skip[[i for i in range(self.vocab_size) if sp.is_control(i)]] = True
+        skip[self.pad_id] = True
+        self._skip = skip
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+        path = pathlib.Path(path)
+        proto = path.read_bytes()
+        try:
+            return cls(proto, source=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        # Ids past the vocab come from padded embedding rows of a model; they carry no text.
+        ids = ids[(ids >= 0) & (ids < self.vocab_size)]
+        ids = ids[~self._skip[ids]]
+        return self._sp.decode(ids.tolist())
+
+    def id_to_piece(self, i: int) -> str:
+        """The piece string of id ``i`` (for debugging tokenization)."""
+        return self._sp.id_to_piece(int(i))
+
+    def __getstate__(self) -> dict:
+        return {"model_proto": self._proto, "source": self._source}
+
+    def __setstate__(self, state: dict) -> None:
+        self._proto = state["model_proto"]
+        self._source = state["source"]
+        self._build()
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({self._source}, vocab_size={self.vocab_size})"
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    model_prefix: str | os.PathLike,
+    *,
+    vocab_size: int = 512,
+    model_type: str = "unigram",
+    split_digits: bool = True,
+    byte_fallback: bool = True,
+    seed: int = 0,
+) -> SentencePieceTokenizer:
+    """Trains a SentencePiece model in-process and writes ``<model_prefix>.model``.
+
+    Text is kept verbatim (identity normalization, whitespace and newlines preserved), so
+    with ``byte_fallback`` ``decode(encode(t)) == t`` for any text: templates keep their
+    layout. Ids are fixed: pad=0, eos=1, bos=2, unk=3. Same texts and seed give the same
+    model. Note that ``seed`` sets SentencePiece's process-wide random seed.
+    """
+    prefix = pathlib.Path(model_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    # Empty lines add nothing to training.
+    sentences = (t for t in texts if t and not t.isspace())
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences,
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            split_digits=split_digits,
+            byte_fallback=byte_fallback,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            # Rare characters cost a piece each; with byte fallback they stay lossless.
+            character_coverage=0.9995 if byte_fallback else 1.0,
+            input_sentence_size=_MAX_TRAIN_SENTENCES,
+            shuffle_input_sentence=True,
+            pad_id=PAD_ID,
+            eos_id=EOS_ID,
+            bos_id=BOS_ID,
+            unk_id=UNK_ID,
+            pad_piece="<pad>",
+            eos_piece="</s>",
+            bos_piece="<s>",
+            unk_piece="<unk>",
+            minloglevel=2,
+            # A small corpus may not support the requested size: stop short instead of failing.
+            hard_vocab_limit=False,
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            f"training a {model_type} SentencePiece model with vocab_size={vocab_size} for {prefix} failed: {e}"
+        ) from None
+    path = prefix.with_name(prefix.name + ".model")
+    path.write_bytes(model.getvalue())
+    return SentencePieceTokenizer(model.getvalue(), source=str(path))
+
+
+# File suffix -> (kind, loader). Hugging Face `tokenizer.json` joins here.
+_LOADERS: dict[str, tuple[str, Callable[[pathlib.Path], Tokenizer]]] = {
+    ".model": ("SentencePiece model", SentencePieceTokenizer.from_file),
+}
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Loads a tokenizer, choosing the implementation from the file type."""
+    path = pathlib.Path(path)
+    if path.suffix not in _LOADERS:
+        kinds = ", ".join(f"{kind} ('*{suffix}')" for suffix, (kind, _) in _LOADERS.items())
+        raise ValueError(f"cannot load tokenizer {str(path)!r}: unsupported file type; supported: {kinds}")
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+    _, loader = _LOADERS[path.suffix]
+    return loader(path)

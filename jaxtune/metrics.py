@@ -1,0 +1,126 @@
+"""Run logging: console progress, `metrics.jsonl`, TensorBoard; tokens/s and MFU arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+# Dense bf16 peak TFLOP/s per device, from vendor datasheets (no sparsity).
+PEAK_TFLOPS = {
+    "h100": 989.0,
+    "h200": 989.0,
+    "a100": 312.0,
+    "l4": 121.0,
+    "tpu v4": 275.0,
+    "tpu v5 lite": 197.0,
+    "tpu v5e": 197.0,
+    "tpu v5p": 459.0,
+    "tpu v6 lite": 918.0,
+    "tpu v6e": 918.0,
+}
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s of one local device, or None when unknown (e.g. CPU): MFU is then not logged."""
+    if override_tflops:
+        return override_tflops * 1e12
+    kind = jax.devices()[0].device_kind.lower()
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12
+    return None
+
+
+def train_flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """6N for the weights (forward + backward) plus 12*L*d*T for attention scores (PaLM appendix B)."""
+    return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_len
+
+
+def _scalar(value: Any) -> float | int:
+    value = np.asarray(value)
+    return value.item()
+
+
+class MetricsWriter:
+    """Writes one JSON object per logged step; only process 0 writes, every process may call it.
+
+    On resume, rows past the restored step are dropped, so the file always reads as one run.
+    """
+
+    def __init__(self, workdir: str | Path, *, resume_step: int = 0, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        row = {"step": int(step)}
+        for name, value in metrics.items():
+            value = _scalar(value)
+            row[name] = value if isinstance(value, int) or math.isfinite(value) else str(value)
+        if self.enabled:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+            if self._tb is not None:
+                for name, value in row.items():
+                    if name != "step" and isinstance(value, (int, float)):
+                        self._tb.add_scalar(name, value, step)
+        return row
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A tqdm bar showing loss, lr and tokens/s; falls back to a log line every `log_every` steps."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled = enabled and jax.process_index() == 0
+        self._bar = None
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, row: dict[str, Any]) -> None:
+        shown = {k: row[k] for k in ("loss", "lr", "tokens_per_s") if k in row}
+        text = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix_str(text, refresh=True)
+        elif jax.process_index() == 0:
+            print(f"step {step}: {text}", flush=True)
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        elif jax.process_index() == 0:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

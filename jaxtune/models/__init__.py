@@ -1,0 +1,75 @@
+"""Model registry: family name -> (config class, named variants, module class).
+
+Adding a family (qwen2, gemma, ...) is one `FAMILIES` entry; the trainer only calls
+`get_config`, `build` and `count_params`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxtune.errors import UserError
+from jaxtune.models import llama
+
+
+class Family(NamedTuple):
+    config_cls: type
+    variants: dict[str, Any]
+    module_cls: type[nn.Module]
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(llama.LlamaConfig, llama.VARIANTS, llama.Llama),
+}
+
+
+def _closest(name: str, valid) -> str:
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.0)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def get_config(family: str, variant: str, **overrides: Any):
+    """A variant's config with field overrides: get_config("llama", "tiny", dtype="bfloat16")."""
+    if family not in FAMILIES:
+        raise UserError(
+            f"Unknown model family {family!r}; valid families: {sorted(FAMILIES)}."
+            f"{_closest(family, FAMILIES)}"
+        )
+    fam = FAMILIES[family]
+    if variant not in fam.variants:
+        raise UserError(
+            f"Unknown {family} variant {variant!r}; valid variants: {sorted(fam.variants)}."
+            f"{_closest(variant, fam.variants)}"
+        )
+    fields = [f.name for f in dataclasses.fields(fam.config_cls)]
+    for key in overrides:
+        if key not in fields:
+            raise UserError(
+                f"Unknown {family} config field {key!r}.{_closest(key, fields)} "
+                f"Valid fields: {fields}."
+            )
+    return dataclasses.replace(fam.variants[variant], **overrides)
+
+
+def build(config) -> nn.Module:
+    """The module for a config, chosen by the config's type."""
+    for fam in FAMILIES.values():
+        if type(config) is fam.config_cls:
+            return fam.module_cls(config)
+    raise TypeError(f"No model family registered for config type {type(config).__name__}.")
+
+
+def count_params(config) -> int:
+    """Parameter count from shapes only (jax.eval_shape), so 70B configs cost no memory."""
+    model = build(config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    shapes = nn.meta.unbox(shapes)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))

@@ -1,0 +1,267 @@
+"""Building blocks shared by every decoder family (Llama, Qwen, Gemma, Mistral ...).
+
+Conventions that the rest of jaxtune relies on:
+- every parameter is boxed with logical axis names (`nn.with_logical_partitioning`), so the
+  trainer's rules decide sharding; activations carry `act_*` constraints, which are no-ops
+  when no mesh/rules context is active (plain CPU init/apply works).
+- parameters live in `param_dtype`; compute happens in `dtype`; norms, RoPE and softmax run
+  in float32 because bf16 loses too much there.
+- RoPE uses the Hugging Face layout (rotate_half), so HF checkpoints load without permuting
+  q/k weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Array = jax.Array
+DType = Any
+
+# Kernels: truncated normal with variance 1/fan_in (fan_in = product of contracted dims).
+# Keeps activations O(1) at any width, which trains well from scratch at small sizes.
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def embed_init(embed_dim: int) -> nn.initializers.Initializer:
+    """Embedding init with std 1/sqrt(embed): with tied embeddings the initial logits are O(1)."""
+    return nn.initializers.normal(stddev=1.0 / math.sqrt(embed_dim))
+
+
+class Projection(nn.Module):
+    """A bias-free linear map contracting `axis` of x with a kernel [*in_dims, *features].
+
+    The kernel is created at its full logical shape (DenseGeneral creates it flat and reshapes,
+    which breaks the logical sharding constraint under a mesh), initialised like a 2-D matrix of
+    shape (prod(in_dims), prod(features)). This is also the hook where LoRA adapters attach.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    axis: tuple[int, ...] = (-1,)
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    kernel_init: nn.initializers.Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        axis = tuple(a % x.ndim for a in self.axis)
+        in_dims = tuple(x.shape[a] for a in axis)
+        shape = in_dims + self.features
+
+        def init(key, full_shape, dtype):
+            flat = (math.prod(in_dims), math.prod(self.features))
+            return self.kernel_init(key, flat, dtype).reshape(full_shape)
+
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
+        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=(axis, tuple(range(len(in_dims)))))
+
+
+def dense(
+    features: int | tuple[int, ...],
+    axes: tuple[str, ...],
+    *,
+    axis: int | tuple[int, ...] = -1,
+    dtype: DType,
+    param_dtype: DType,
+    name: str,
+    kernel_init: nn.initializers.Initializer = default_kernel_init,
+) -> Projection:
+    """A bias-free projection whose kernel carries the logical `axes` (inputs then outputs)."""
+    return Projection(
+        features=(features,) if isinstance(features, int) else tuple(features),
+        axes=tuple(axes),
+        axis=(axis,) if isinstance(axis, int) else tuple(axis),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=kernel_init,
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * scale, computed in float32 and cast back to the compute dtype."""
+
+    eps: float = 1e-5
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (x * jnp.asarray(scale, jnp.float32)).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None
+) -> np.ndarray:
+    """Inverse frequencies 1/theta^(2i/d), optionally rescaled (HF `rope_scaling` dict).
+
+    Computed in float32 as transformers does, so the llama3 wavelength regimes match its choice.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "llama3":
+        return _llama3_scaling(inv_freq, scaling)
+    raise ValueError(
+        f"rope_scaling type {rope_type!r} is not supported (supported: 'default', 'llama3')."
+    )
+
+
+def _llama3_scaling(inv_freq: np.ndarray, s: Mapping[str, Any]) -> np.ndarray:
+    """Llama 3.1 rule: keep high frequencies, divide low ones by `factor`, blend in between."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotates x[B,T,N,D] by angle positions[B,T] * inv_freq (HF rotate_half layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B,T,D/2]
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B,T,1,D]
+    cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def make_attention_mask(q_segment_ids: Array, kv_segment_ids: Array | None = None) -> Array:
+    """[B,T,S] bool: causal by array index AND same segment id.
+
+    Queries are the last T of the S keys (S > T when keys include a cache).
+    Index-causal (not position-causal) because packed rows restart positions per segment.
+    Padding (segment 0) attends to padding only, so no row is ever fully masked (no NaNs).
+    """
+    kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+    t, s = q_segment_ids.shape[-1], kv_segment_ids.shape[-1]
+    causal = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return causal[None] & same
+
+
+def dot_product_attention(
+    q: Array, k: Array, v: Array, mask: Array, *, scale: float | None = None
+) -> Array:
+    """Grouped-query attention: q[B,T,H,D], k/v[B,S,K,D], mask[B,T,S] -> [B,T,H,D].
+
+    Query head h reads kv head h // (H // K), matching HF's repeat_kv. Scores and softmax are
+    float32; the weighted sum runs in the compute dtype of v.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    if h % kv:
+        raise ValueError(f"num_heads ({h}) must be a multiple of num_kv_heads ({kv}).")
+    scale = d**-0.5 if scale is None else scale
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with GQA and RoPE; q/k/v/o kernels keep the head axes split."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q_shape, kv_shape = (self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+        q = dense(q_shape, ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
+        k = dense(kv_shape, ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
+        v = dense(kv_shape, ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
+        act = ("act_batch", "act_length", "act_heads", None)
+        q = nn.with_logical_constraint(q, act)
+        k = nn.with_logical_constraint(k, act)
+        v = nn.with_logical_constraint(v, act)
+
+        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+
+        out = dot_product_attention(q, k, v, make_attention_mask(segment_ids))
+        out = nn.with_logical_constraint(out, act)
+        o_axes = ("heads", "head_dim", "embed")
+        return dense(x.shape[-1], o_axes, axis=(-2, -1), name="o_proj", **kw)(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    intermediate_size: int
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation at all
+    "full": None,  # save nothing, recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack_layers(block: type[nn.Module], num_layers: int, remat_policy: str) -> type[nn.Module]:
+    """Wraps `block(x, *broadcast) -> (x, None)` in remat + scan over a leading "layers" axis.
+
+    scan keeps compile time independent of depth; every block argument after the carry is
+    broadcast (same positions/segment ids for each layer).
+    """
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {remat_policy!r} not in {sorted(REMAT_POLICIES)}.")
+    if remat_policy != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

@@ -1,0 +1,6 @@
+"""Objectives: pure functions of arrays, (logits, batch) -> (loss, metrics), computed in float32."""
+
+from jaxtune.objectives.logprobs import token_logprobs
+from jaxtune.objectives.sft import sft_loss
+
+__all__ = ["sft_loss", "token_logprobs"]

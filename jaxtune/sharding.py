@@ -1,0 +1,154 @@
+"""The only place that names mesh axes: mesh building and logical -> mesh rule presets.
+
+Models label weights and activations with logical names (DESIGN.md); a preset maps those names
+to the mesh axes `data, fsdp, tensor`. A dimension that does not divide its mesh axes is
+replicated (with one logged warning) instead of failing, so odd vocabularies and small head
+counts still run on any mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
+
+Rules = tuple[tuple[str, Any], ...]
+
+_ACTIVATIONS_DP: Rules = (
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", None),
+    ("act_mlp", None),
+    ("act_vocab", None),
+)
+_TENSOR_PARALLEL: Rules = (
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+_REPLICATED_WEIGHTS: Rules = tuple(
+    (name, None) for name in ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers")
+)
+
+# Flax uses the first rule whose mesh axes are still free, so the specific rules go first.
+PRESETS: dict[str, Rules] = {
+    # Pure data parallel: weights replicated, batch split over data x fsdp.
+    "dp": _ACTIVATIONS_DP + _REPLICATED_WEIGHTS,
+    # FSDP (ZeRO-3 style): each weight's embed dimension is split over fsdp.
+    "fsdp": _ACTIVATIONS_DP + (("embed", "fsdp"),) + _REPLICATED_WEIGHTS,
+    # FSDP + Megatron-style tensor parallelism over heads / mlp / vocab.
+    "fsdp_tp": _TENSOR_PARALLEL + _ACTIVATIONS_DP + (("embed", "fsdp"),) + _REPLICATED_WEIGHTS,
+}
+
+
+def rules(preset: str) -> Rules:
+    try:
+        return PRESETS[preset.replace("+", "_")]
+    except KeyError:
+        raise ValueError(f"unknown sharding preset {preset!r}; expected one of {', '.join(PRESETS)}") from None
+
+
+def build_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor); `shape` has every axis resolved (no -1)."""
+    devices = list(devices if devices is not None else jax.devices())
+    dims = tuple(shape[a] for a in MESH_AXES)
+    if math.prod(dims) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices, found {len(devices)}")
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(dims, devices=devices)
+    except Exception:  # unusual topologies: a plain reshape is always valid
+        grid = np.asarray(devices).reshape(dims)
+    return Mesh(grid, MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows over data x fsdp, everything else replicated (for [B, T] and [B, 2, T] batches)."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+_warned: set[tuple] = set()
+
+
+def _mesh_axes_for(names: Sequence[str | None], rule_table: Rules) -> list[Any]:
+    """Flax's logical->mesh resolution: first rule per name whose mesh axes are not yet used."""
+    used: set[str] = set()
+    out: list[Any] = []
+    for name in names:
+        chosen = None
+        if name is not None:
+            for logical, mesh_axes in rule_table:
+                if logical != name:
+                    continue
+                axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+                if not used.intersection(axes):
+                    chosen = mesh_axes
+                    used.update(axes)
+                    break
+        out.append(chosen)
+    return out
+
+
+def spec_for(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh, rule_table: Rules) -> PartitionSpec:
+    """PartitionSpec for one array, replicating any dimension its mesh axes don't divide."""
+    spec = []
+    for dim, name, axes in zip(shape, names, _mesh_axes_for(names, rule_table)):
+        if axes is not None:
+            axis_tuple = (axes,) if isinstance(axes, str) else tuple(axes)
+            size = math.prod(mesh.shape[a] for a in axis_tuple)
+            if dim % size:
+                key = (name, dim, axis_tuple)
+                if key not in _warned:
+                    _warned.add(key)
+                    log.warning(
+                        "logical axis %r (size %d) does not divide mesh axes %s (size %d); replicating it",
+                        name, dim, axis_tuple, size,
+                    )
+                axes = None
+        spec.append(axes)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rule_table: Rules) -> Any:
+    """NamedShardings for a pytree that may hold `nn.LogicallyPartitioned` boxes.
+
+    The result has the structure of the *unboxed* tree: a box becomes one sharding, an
+    unannotated leaf (step counters, scalars) is replicated.
+    """
+
+    def one(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            return NamedSharding(mesh, spec_for(leaf.value.shape, leaf.names, mesh, rule_table))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def unbox(tree: Any) -> Any:
+    """Strips `nn.Partitioned` boxes without applying constraints (jit's out_shardings place data)."""
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )

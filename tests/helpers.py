@@ -1,0 +1,47 @@
+"""Shared test helpers: tiny configs and data files written into tmp dirs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxtune import config as config_lib
+
+WORDS = "red blue green cat dog sun moon tree book lamp".split()
+
+
+def write_sft_jsonl(path: Path, n: int = 64) -> Path:
+    """Deterministic prompt/response records (reverse a few words)."""
+    with path.open("w") as f:
+        for i in range(n):
+            words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(2 + i % 3)]
+            f.write(json.dumps({"prompt": "reverse: " + " ".join(words), "response": " ".join(reversed(words))}) + "\n")
+    return path
+
+
+def tiny_config(tmp_path: Path, **overrides) -> "config_lib.ml_collections.ConfigDict":
+    """A locked, validated tiny SFT config on a generated JSONL file; overrides use dotted keys."""
+    c = config_lib.base_config()
+    c.data.train_path = str(write_sft_jsonl(tmp_path / "train.jsonl"))
+    c.data.templates = (("{prompt} =", " {response}"),)
+    c.data.seq_len = 32
+    c.data.tokenizer_vocab_size = 300
+    c.model.variant = "tiny"
+    c.model.hidden_size = 32
+    c.model.intermediate_size = 64
+    c.model.num_layers = 2
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.train.steps = 6
+    c.train.global_batch_size = 8
+    c.train.log_every = 1
+    c.train.checkpoint_every = 3
+    c.train.progress_bar = False
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 2
+    c.mesh.rules = "dp"
+    c.lock()
+    for key, value in overrides.items():
+        config_lib.set_value(c, key, str(value))
+    config_lib.validate(c)
+    return c
