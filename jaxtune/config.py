@@ -61,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_train_examples = 100_000  # quickstart: generated training records
     c.data.num_eval_examples = 300  # quickstart: held-out phrasings evaluated by exact match
     c.data.worker_count = 0  # Grain multiprocessing workers (0 = in-process)
+    c.data.read_threads = 0  # Grain reader threads (0 = read in the training thread)
+    c.data.prefetch = 0  # elements prefetched by the reader threads
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -72,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.async_checkpoints = True
     c.train.z_loss = 0.0
-    c.train.max_seconds = 0.0  # >0: stop (and checkpoint) after this much training time
+    c.train.max_seconds = 0.0  # >0: time budget; stop early, checkpoint, run the final eval
     c.train.progress_bar = True
 
     c.optim = ml_collections.ConfigDict()

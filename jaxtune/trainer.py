@@ -55,6 +55,25 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None 
     return models.get_config(m.family, m.variant, **overrides)
 
 
+def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_table, *, seq_len: int):
+    """Shapes and shardings of the train state, and a jitted init that creates it already sharded.
+
+    eval_shape gives the boxed (logically annotated) structure without allocating; the rules turn
+    it into shardings; jit(init, out_shardings) then materialises every array directly in its
+    shards, so no device ever holds a full replica it doesn't need. Call inside the mesh and
+    logical-rules context.
+    """
+
+    def init_boxed(rng):
+        params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    shardings = sharding.logical_shardings(abstract_boxed, mesh, rule_table)
+    init = jax.jit(lambda rng: sharding.unbox(init_boxed(rng)), out_shardings=shardings)
+    return sharding.unbox(abstract_boxed), shardings, init
+
+
 def split_microbatches(x: jax.Array, accum: int) -> jax.Array:
     """[B, ...] -> [accum, B/accum, ...] taking strided rows, so every micro-batch spans all devices."""
     x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
@@ -131,7 +150,7 @@ class RunSummary:
     wall_s: float
     train_s: float
     tokens_per_s: float
-    stopped_early: bool
+    stopped_early: bool  # by a signal; a time budget (train.max_seconds) ends the run normally
     metrics: dict[str, float]
     eval_before: dict[str, float] | None
     eval_after: dict[str, float] | None
@@ -163,16 +182,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     def apply_fn(params, tokens, positions, segment_ids):
         return model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
 
-    def init_boxed(rng):
-        params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
     local_batch = config.train.global_batch_size // process_count
     dataset, tokenize_stats = pipeline.train_dataset(
         data.train_source, data.train_templates, tokenizer,
         seq_len=seq_len, batch_size=local_batch, seed=config.seed, packing=config.data.packing,
         shuffle=config.data.shuffle, truncation=config.data.truncation, word_dropout=config.data.word_dropout,
         process_index=jax.process_index(), process_count=process_count, worker_count=config.data.worker_count,
+        read_threads=config.data.read_threads, prefetch=config.data.prefetch,
     )
     data_iter = iter(dataset)
     checkpointer = checkpoint_lib.Checkpointer(
@@ -183,9 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     progress = None
     writer = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
-        abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(config.seed))
-        state_shardings = sharding.logical_shardings(abstract_boxed, mesh, rule_table)
-        abstract_state = sharding.unbox(abstract_boxed)
+        abstract_state, state_shardings, init_state = plan_state(model, tx, mesh, rule_table, seq_len=seq_len)
 
         latest = checkpointer.latest_step()
         if latest is not None:
@@ -199,8 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             start_step = int(latest)
             print(f"jaxtune: resuming from step {start_step} in {workdir}", flush=True)
         else:
-            init = jax.jit(lambda rng: sharding.unbox(init_boxed(rng)), out_shardings=state_shardings)
-            state = init(jax.random.key(config.seed))
+            state = init_state(jax.random.key(config.seed))
             start_step = 0
 
         num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
@@ -275,9 +288,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 checkpointer.save(done, state, data_iter, config_json)
                 out_of_time = config.train.max_seconds and time.time() - wall_start > config.train.max_seconds
                 if stop.requested or out_of_time:
-                    stopped_early = done < config.train.steps
+                    stopped_early = stop.requested
                     checkpointer.save(done, state, data_iter, config_json, force=True)
-                    reason = "signal" if stop.requested else "train.max_seconds"
+                    reason = "signal" if stop.requested else f"train.max_seconds={config.train.max_seconds:g} reached"
                     progress.write(f"jaxtune: stopping at step {done} ({reason}); checkpoint saved, rerun to resume")
                     break
             else:
@@ -287,7 +300,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         progress.close()
 
         eval_after = None
-        if data.eval_records and not stopped_early and start_step < config.train.steps:
+        if data.eval_records and not stopped_early and start_step < done:
             eval_after = run_eval(done, show=config.eval.show_examples)
             if eval_before is not None:
                 print(

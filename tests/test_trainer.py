@@ -45,14 +45,14 @@ def test_resume_after_kill_reproduces_losses(tmp_path):
 
 
 def test_resume_mid_run_equals_uninterrupted(tmp_path):
-    """Stop at step 3 via train.max_seconds-like early stop, then resume to the end."""
+    """Stop after the first step (time budget exhausted), then resume to the end."""
     c = tiny_config(tmp_path, **{"train.steps": 6, "train.checkpoint_every": 100})
     trainer.train(c, tmp_path / "full")
     reference = _losses(tmp_path / "full")
 
     stopped = tiny_config(tmp_path, **{"train.steps": 6, "train.checkpoint_every": 100, "train.max_seconds": 1e-9})
     first = trainer.train(stopped, tmp_path / "split")
-    assert first.stopped_early and first.steps == 1
+    assert not first.stopped_early and first.steps == 1  # a time budget ends the run normally
     second = trainer.train(c, tmp_path / "split")
     resumed = _losses(tmp_path / "split")
     assert second.steps == 6
@@ -100,3 +100,26 @@ def test_state_is_sharded_by_preset(tmp_path):
     spec = sharding.spec_for((63, 128), ("embed", "mlp"), mesh, sharding.rules("fsdp_tp"))
     assert spec == PartitionSpec(None, "tensor")
     assert sharding.spec_for((64, 128), ("embed", "mlp"), mesh, sharding.rules("dp")) == PartitionSpec()
+
+
+def test_sharded_init_never_materialises_full_replicas():
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec
+
+    from jaxtune import models, optim, sharding
+    from jaxtune.config import base_config
+
+    model = models.build(models.get_config("llama", "tiny", vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64))
+    tx, _ = optim.build(base_config().optim, 10)
+    mesh = sharding.build_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = sharding.rules("fsdp_tp")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        _, shardings, init = trainer.plan_state(model, tx, mesh, rules, seq_len=16)
+        state = init(jax.random.key(0))
+    q = state.params["layers"]["attn"]["q_proj"]["kernel"]  # [layers, embed, heads, head_dim]
+    assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2, q.shape[3])
+    mu = jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+    adam = [x for x in mu if hasattr(x, "mu")][0]
+    assert adam.mu["layers"]["attn"]["q_proj"]["kernel"].sharding.spec == q.sharding.spec  # optimizer state follows
+    assert state.params["embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxtune.errors import UserError
+
 Template = tuple[str, str]
 
 # Stream tags mixed into the per-example seed so that template choice and dropout draw
@@ -26,7 +28,7 @@ _DROPOUT_STREAM = 0x7E3B
 _WHITESPACE = re.compile(r"(\s+)")
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """A template that cannot be rendered against a record (names where and why)."""
 
 

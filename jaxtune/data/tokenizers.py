@@ -16,6 +16,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import sentencepiece as spm
 
+from jaxtune.errors import UserError
+
 # Ids fixed by `train_sentencepiece`; pretrained models keep their own.
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
@@ -60,7 +62,7 @@ class SentencePieceTokenizer:
         self._sp = sp
         self.vocab_size: int = sp.get_piece_size()
         if sp.eos_id() < 0:
-            raise ValueError(f"SentencePiece model {self._source} has no EOS piece; jaxtune needs one to end targets")
+            raise UserError(f"SentencePiece model {self._source} has no EOS piece; jaxtune needs one to end targets")
         self.eos_id: int = sp.eos_id()
         self.bos_id: int | None = sp.bos_id() if sp.bos_id() >= 0 else None
         # Many pretrained models (e.g. Llama) define no pad piece. Padding positions are
@@ -78,7 +80,7 @@ class SentencePieceTokenizer:
         try:
             return cls(proto, source=str(path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path} is not a valid SentencePiece model: {e}") from None
+            raise UserError(f"{path} is not a valid SentencePiece model: {e}") from None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -156,7 +158,7 @@ def train_sentencepiece(
             hard_vocab_limit=False,
         )
     except RuntimeError as e:
-        raise ValueError(
+        raise UserError(
             f"training a {model_type} SentencePiece model with vocab_size={vocab_size} for {prefix} failed: {e}"
         ) from None
     path = prefix.with_name(prefix.name + ".model")
@@ -175,7 +177,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = pathlib.Path(path)
     if path.suffix not in _LOADERS:
         kinds = ", ".join(f"{kind} ('*{suffix}')" for suffix, (kind, _) in _LOADERS.items())
-        raise ValueError(f"cannot load tokenizer {str(path)!r}: unsupported file type; supported: {kinds}")
+        raise UserError(f"cannot load tokenizer {str(path)!r}: unsupported file type; supported: {kinds}")
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
     _, loader = _LOADERS[path.suffix]

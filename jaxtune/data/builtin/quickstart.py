@@ -1,7 +1,7 @@
 """The quickstart multitask set: small FLAN-style instruction families, generated.
 
 Sized so a ~1M-parameter model trained from scratch for a few CPU minutes reaches high
-exact match on *held-out phrasings* (templates never trained on); see
+exact match on *held-out phrasings* (template strings never trained on); see
 shared/notes/quickstart-calibration.md. Hence: only single-step tasks (no multi-digit
 addition), one small shared word pool, space-separated inputs that tokenize one item per
 piece, short prompts and answers, the instruction both before and after the input in
@@ -103,7 +103,7 @@ def _sort_digits(rng):
 
 
 def _reverse(rng):
-    letters = _pick(rng, LETTERS, int(rng.integers(3, 5)))
+    letters = _pick(rng, LETTERS, 3)
     return {"letters": " ".join(letters), "answer": " ".join(reversed(letters))}
 
 
@@ -117,199 +117,66 @@ def _next_letter(rng):
     return {"letter": letter, "answer": LETTERS[LETTERS.index(letter) + 1]}
 
 
-def _t(*inputs: str) -> list[Template]:
-    return [(i, "{answer}") for i in inputs]
+# Phrasings are composed: a frame (shared by every family) places an instruction wording
+# (specific to the family) before or after the input. Training sees every frame and every
+# wording, but three frame x wording combinations per family are held out for evaluation: a
+# held-out phrasing is a template string the model has never been trained on, built only from
+# parts it has seen, the way FLAN evaluates unseen templates of known tasks. Frames 0, 2, 5
+# put the instruction first, frames 1, 3, 4 after the input.
+FRAMES = (
+    "{instruction}: {input}",
+    "{input} {instruction}.",
+    "Q: {instruction}. {input} A:",
+    "{here}: {input}. {instruction}.",
+    "{label}: {input}. {instruction}.",
+    "{instruction}. {label}: {input}",
+)
+_HELDOUT_PER_FAMILY = 3
 
 
-# Training phrasings put the instruction before the input and after it; held-out ones are
-# new sentences made of words that training phrasings (of any family) use.
+def _compose(index: int, field: str, here: str, label: str, wordings: tuple[str, ...]) -> tuple[list[Template], list[Template]]:
+    """(train, held-out) templates for the family at `index` in the family list.
+
+    Held-out combinations use frames index, index+2, index+4 (so both instruction positions)
+    with consecutive wordings, so each family holds out different combinations.
+    """
+    heldout_pairs = {((index + 2 * k) % len(FRAMES), (index + k) % len(wordings)) for k in range(_HELDOUT_PER_FAMILY)}
+    train, heldout = [], []
+    for f, frame in enumerate(FRAMES):
+        for w, wording in enumerate(wordings):
+            pattern = frame.format(instruction=wording, input="{" + field + "}", here=here, label=label)
+            (heldout if (f, w) in heldout_pairs else train).append((pattern, "{answer}"))
+    return train, heldout
+
+
+_SPECS = (
+    # name, field generator, input field, "here" phrase, label, instruction wordings
+    ("uppercase", _uppercase, "word", "Here is a word", "Word",
+     ("Write it in capital letters", "Give it in uppercase", "Convert it to uppercase", "Spell it in capitals")),
+    ("count", _count, "items", "Here are some letters", "Letters",
+     ("Count the letters", "Tell me how many letters there are", "Give the number of letters", "Say how many letters it has")),
+    ("opposite", _opposite, "word", "Here is a word", "Word",
+     ("Give its opposite", "Write the opposite word", "Tell me the opposite", "Output the word with the opposite meaning")),
+    ("next_number", _next_number, "number", "Here is a number", "Number",
+     ("Give the next number", "Add one to it", "Write the number that comes after it", "Tell me the number that follows")),
+    ("repeat", _repeat, "word", "Here is a word", "Word",
+     ("Repeat it {times} times", "Write it {times} times", "Say it {times} times", "Output the word {times} times")),
+    ("first_item", _first_item, "items", "Here are some words", "Words",
+     ("Give the first word", "Tell me which word comes first", "Output the first item", "Write the word at the start")),
+    ("last_item", _last_item, "items", "Here are some words", "Words",
+     ("Give the last word", "Tell me which word comes last", "Output the last item", "Write the word at the end")),
+    ("sort_digits", _sort_digits, "digits", "Here are some digits", "Digits",
+     ("Sort them from smallest to largest", "Put the digits in order", "Write them in increasing order", "Give them sorted, smallest first")),
+    ("reverse", _reverse, "letters", "Here are some letters", "Letters",
+     ("Write them backwards", "Reverse their order", "Give them in reverse order", "Say them backwards")),
+    ("category", _category, "word", "Here is a word", "Word",
+     ("Give its category", "Tell me what kind of thing it is", "Say which category it is in", "Write its category: animal, colour, fruit or object")),
+    ("next_letter", _next_letter, "letter", "Here is a letter", "Letter",
+     ("Give the next letter", "Write the letter that comes after it", "Tell me the letter that follows", "Output the next letter of the alphabet")),
+)
 _FAMILIES = [
-    TaskFamily(
-        "uppercase",
-        _uppercase,
-        _t(
-            "Write {word} in capital letters.",
-            "Uppercase: {word}",
-            "Convert the word {word} to uppercase.",
-            "{word} Write this word in uppercase:",
-            "Word: {word}. Give it in capital letters.",
-            "Q: What is {word} in capital letters? A:",
-            "{word} In uppercase:",
-            "Here is a word: {word}. Output it in uppercase.",
-        ),
-        _t(
-            "Tell me the word {word} with only capital letters.",
-            "{word} Convert it to capital letters.",
-        ),
-    ),
-    TaskFamily(
-        "count",
-        _count,
-        _t(
-            "How many letters are in this list: {items}?",
-            "Count the letters: {items}",
-            "{items} How many letters are there?",
-            "List: {items}. Count the items.",
-            "Q: How many items are in {items}? A:",
-            "{items} Number of letters:",
-            "Tell me how many letters there are in {items}.",
-            "Here are some letters: {items}. How many are there?",
-        ),
-        _t(
-            "Give the number of letters in {items}.",
-            "{items} Tell me the number of items.",
-        ),
-    ),
-    TaskFamily(
-        "opposite",
-        _opposite,
-        _t(
-            "What is the opposite of {word}?",
-            "Opposite of {word}:",
-            "{word} The opposite word is:",
-            "Give the opposite of the word {word}.",
-            "Word: {word}. Write its opposite.",
-            "Q: Which word is the opposite of {word}? A:",
-            "{word} What is its opposite?",
-        ),
-        _t(
-            "Here is a word: {word}. Output its opposite.",
-            "{word} Tell me the opposite of this word.",
-        ),
-    ),
-    TaskFamily(
-        "next_number",
-        _next_number,
-        _t(
-            "What number comes after {number}?",
-            "Next number after {number}:",
-            "{number} What is the next number?",
-            "Add one to {number}.",
-            "Number: {number}. Give the number that follows it.",
-            "Q: Which number is one more than {number}? A:",
-            "{number} The next number is:",
-        ),
-        _t(
-            "Here is a number: {number}. Write the number that comes next.",
-            "{number} Tell me the number after this one.",
-        ),
-    ),
-    TaskFamily(
-        "repeat",
-        _repeat,
-        _t(
-            "Repeat {word} {times} times.",
-            "Write the word {word} {times} times.",
-            "{word} Repeat this word {times} times:",
-            "Say {word} {times} times.",
-            "Word: {word}. Times: {times}. Repeat it.",
-            "Q: What is {word} repeated {times} times? A:",
-        ),
-        _t(
-            "Here is a word: {word}. Output it {times} times.",
-            "{times} times, write the word {word}.",
-        ),
-    ),
-    TaskFamily(
-        "first_item",
-        _first_item,
-        _t(
-            "What is the first word in this list: {items}?",
-            "First item: {items}",
-            "{items} Which word comes first?",
-            "List: {items}. Give the first word.",
-            "Q: What is the first item of {items}? A:",
-            "{items} The first one is:",
-            "Here are some words: {items}. Output the first one.",
-        ),
-        _t(
-            "Tell me only the first of these words: {items}",
-            "{items} Give me the word that comes first.",
-        ),
-    ),
-    TaskFamily(
-        "last_item",
-        _last_item,
-        _t(
-            "What is the last word in this list: {items}?",
-            "Last item: {items}",
-            "{items} Which word comes last?",
-            "List: {items}. Give the last word.",
-            "Q: What is the last item of {items}? A:",
-            "{items} The last one is:",
-            "Here are some words: {items}. Output the last one.",
-        ),
-        _t(
-            "Tell me only the last of these words: {items}",
-            "{items} Give me the word that comes last.",
-        ),
-    ),
-    TaskFamily(
-        "sort_digits",
-        _sort_digits,
-        _t(
-            "Sort these digits: {digits}",
-            "Sort {digits} from smallest to largest.",
-            "{digits} Sort them in order:",
-            "Put the digits {digits} in order.",
-            "Digits: {digits}. Write them from smallest to largest.",
-            "Q: What is {digits} sorted? A:",
-            "Write {digits} with the smallest digit first.",
-        ),
-        _t(
-            "Here are some digits: {digits}. Output them in order, smallest first.",
-            "{digits} Tell me these digits in order.",
-        ),
-    ),
-    TaskFamily(
-        "reverse",
-        _reverse,
-        _t(
-            "Reverse the list: {letters}",
-            "Write {letters} backwards.",
-            "{letters} Reverse the order:",
-            "Letters: {letters}. Give them in reverse order.",
-            "Q: What is {letters} backwards? A:",
-            "{letters} Write these letters backwards.",
-        ),
-        _t(
-            "Here are some letters: {letters}. Output them backwards.",
-            "{letters} Tell me these letters in reverse order.",
-        ),
-    ),
-    TaskFamily(
-        "category",
-        _category,
-        _t(
-            "What kind of thing is {word}?",
-            "Category of {word}:",
-            "{word} Is it an animal, a colour, a fruit or an object?",
-            "Word: {word}. Give its category.",
-            "Q: Which category is {word} in? A:",
-            "{word} Category:",
-        ),
-        _t(
-            "Here is a word: {word}. Tell me what kind of thing it is.",
-            "Give the category of this word: {word}",
-        ),
-    ),
-    TaskFamily(
-        "next_letter",
-        _next_letter,
-        _t(
-            "What letter comes after {letter}?",
-            "Next letter after {letter}:",
-            "{letter} What is the next letter?",
-            "Letter: {letter}. Give the letter that follows it.",
-            "Q: Which letter is after {letter} in the alphabet? A:",
-            "{letter} The next letter is:",
-            "Give only the letter after {letter}.",
-        ),
-        _t(
-            "Here is a letter: {letter}. Output the letter that comes next.",
-            "{letter} Tell me the letter after this one.",
-        ),
-    ),
+    TaskFamily(name, make_fields, *_compose(i, field, here, label, wordings))
+    for i, (name, make_fields, field, here, label, wordings) in enumerate(_SPECS)
 ]
 FAMILIES: dict[str, TaskFamily] = {f.name: f for f in _FAMILIES}
 

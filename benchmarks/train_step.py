@@ -1,0 +1,97 @@
+"""Training-step throughput: tokens/s and MFU of jaxtune's jitted SFT step on this machine.
+
+    python benchmarks/train_step.py                       # the quickstart model shape
+    python benchmarks/train_step.py --variant llama3.2-1b --batch 8 --seq_len 2048 --dtype bfloat16
+
+Prints one JSON line. MFU = achieved model FLOP/s / peak FLOP/s; peak is looked up for known
+accelerators or given with --peak_tflops (per device; pass the measured peak on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune import metrics, models, optim, sharding, trainer
+from jaxtune.config import base_config
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="llama")
+    p.add_argument("--variant", default="tiny")
+    p.add_argument("--quickstart_shape", action=argparse.BooleanOptionalAction, default=True,
+                   help="tiny variant at the quickstart's shape (d128, 4 layers, vocab 512)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--rules", default="fsdp")
+    p.add_argument("--peak_tflops", type=float, default=0.0)
+    args = p.parse_args()
+
+    overrides = dict(dtype=args.dtype, remat_policy=args.remat)
+    if args.variant == "tiny" and args.quickstart_shape:
+        overrides.update(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                         num_kv_heads=2, tie_word_embeddings=True)
+    cfg = models.get_config(args.family, args.variant, **overrides)
+    model = models.build(cfg)
+    ocfg = base_config().optim
+    tx, lr = optim.build(ocfg, 1000)
+    n = jax.device_count()
+    mesh = sharding.build_mesh({"data": 1, "fsdp": n, "tensor": 1})
+    rules = sharding.rules(args.rules)
+
+    def apply_fn(params, tokens, positions, segment_ids):
+        return model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
+
+    rng = np.random.default_rng(0)
+    B, T = args.batch, args.seq_len
+    batch = {
+        "inputs": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
+        "targets": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
+        "loss_mask": np.ones((B, T), np.int32),
+        "segment_ids": np.ones((B, T), np.int32),
+        "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+    }
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract, shardings, init = trainer.plan_state(model, tx, mesh, rules, seq_len=T)
+        state = init(jax.random.key(0))
+        batch_sharding = sharding.batch_sharding(mesh)
+        batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
+        step = jax.jit(trainer.make_train_step(apply_fn, tx, lr, accum=1, z_loss=0.0),
+                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+        t0 = time.time()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        compile_s = time.time() - t0
+        t0 = time.time()
+        for _ in range(args.steps):
+            state, m = step(state, batch)
+        jax.block_until_ready(m)
+        step_s = (time.time() - t0) / args.steps
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    tokens_per_s = B * T / step_s
+    flops_per_token = metrics.train_flops_per_token(num_params, cfg.num_layers, cfg.hidden_size, T)
+    peak = metrics.peak_flops_per_device(args.peak_tflops)
+    out = {
+        "family": args.family, "variant": args.variant, "params": num_params, "batch": B, "seq_len": T,
+        "dtype": args.dtype, "devices": n, "device_kind": jax.devices()[0].device_kind,
+        "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
+        "model_tflops_per_s": round(tokens_per_s * flops_per_token / 1e12, 4),
+    }
+    if peak:
+        out["mfu"] = round(tokens_per_s * flops_per_token / (peak * n), 4)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

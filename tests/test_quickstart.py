@@ -1,0 +1,25 @@
+"""The quickstart config end to end, shortened: held-out exact match logged before and after."""
+
+from jaxtune import config as config_lib
+from jaxtune import trainer
+from jaxtune.metrics import read_metrics
+
+
+def test_quickstart_short_run(tmp_path, capsys):
+    c = config_lib.load_config(
+        "configs/quickstart.py:steps=30",
+        ["data.num_train_examples=3000", "data.num_eval_examples=44", "train.log_every=10", "train.progress_bar=false",
+         "mesh.data=8"],
+    )
+    summary = trainer.train(c, tmp_path / "qs")
+    out = capsys.readouterr().out
+    assert "held-out exact match before training: 0.0%" in out
+    assert "before ->" in out and "after training" in out
+    assert "expected" in out  # a few prompts with the model's greedy answers
+    rows = read_metrics(tmp_path / "qs")
+    evals = [r for r in rows if "eval/exact_match" in r]
+    assert [r["step"] for r in evals] == [0, 30]
+    assert evals[0]["eval/exact_match"] == 0.0
+    assert any(k.startswith("eval/exact_match/") for k in evals[-1])
+    assert summary.eval_after is not None and summary.tokens_per_s > 0
+    assert (tmp_path / "qs" / "tokenizer.model").is_file()
