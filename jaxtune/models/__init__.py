@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -23,11 +24,42 @@ class Family(NamedTuple):
     config_cls: type
     variants: dict[str, Any]
     module_cls: type[nn.Module]
+    # Hugging Face interop (see hf_mapping): config.json "model_type" values this family reads,
+    # config.json dict -> config, config -> config.json dict, config -> [ParamMap].
+    hf_model_types: tuple[str, ...]
+    config_from_hf: Callable[..., Any]
+    config_to_hf: Callable[[Any], dict]
+    hf_param_maps: Callable[[Any], list]
+
+
+def _family(module) -> Family:
+    """A family module exposes the same names: config class, VARIANTS, module class, HF hooks."""
+    config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
+    module_cls = next(v for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module) and config_cls.__name__ == k + "Config")
+    return Family(config_cls, module.VARIANTS, module_cls, module.HF_MODEL_TYPES, module.config_from_hf,
+                  module.config_to_hf, module.hf_param_maps)
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family(llama.LlamaConfig, llama.VARIANTS, llama.Llama),
+    "llama": _family(llama),
 }
+
+
+def family_of(config) -> Family:
+    """The family a config object belongs to."""
+    for fam in FAMILIES.values():
+        if type(config) is fam.config_cls:
+            return fam
+    raise TypeError(f"No model family registered for config type {type(config).__name__}.")
+
+
+def family_for_hf(model_type: str) -> Family:
+    """The family that reads a Hugging Face config.json with this `model_type`."""
+    for fam in FAMILIES.values():
+        if model_type in fam.hf_model_types:
+            return fam
+    supported = sorted(t for fam in FAMILIES.values() for t in fam.hf_model_types)
+    raise UserError(f"Hugging Face model_type {model_type!r} is not supported; supported: {', '.join(supported)}")
 
 
 def _closest(name: str, valid) -> str:
@@ -60,10 +92,7 @@ def get_config(family: str, variant: str, **overrides: Any):
 
 def build(config) -> nn.Module:
     """The module for a config, chosen by the config's type."""
-    for fam in FAMILIES.values():
-        if type(config) is fam.config_cls:
-            return fam.module_cls(config)
-    raise TypeError(f"No model family registered for config type {type(config).__name__}.")
+    return family_of(config).module_cls(config)
 
 
 def count_params(config) -> int:

@@ -9,13 +9,14 @@ Everything under `layers` has a leading "layers" axis (nn.scan).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxtune.errors import UserError
-from jaxtune.models import layers
+from jaxtune.models import hf_mapping, layers
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -196,3 +197,95 @@ class Llama(nn.Module):
         else:
             logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
         return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+HF_MODEL_TYPES = ("llama",)
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
+    """LlamaConfig from a HF config.json dict (old `rope_scaling` or new `rope_parameters` form)."""
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise UserError(f"HF Llama config sets {flag}=True; jaxtune's Llama has no biases.")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(
+            f"HF Llama config has hidden_act={hf['hidden_act']!r}; only 'silu' is supported."
+        )
+
+    # transformers>=5 folds rope_theta into `rope_parameters`; older configs keep them apart.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    if rope.get("rope_type", "default") == "default":
+        rope = {}
+
+    kw = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope or None,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+    """config.json content that `transformers.LlamaForCausalLM` reads back to the same model."""
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.resolved_head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": config.param_dtype,
+    }
+    return hf
+
+
+def hf_param_maps(config: LlamaConfig) -> list[hf_mapping.ParamMap]:
+    """Every jaxtune param with its HF tensor name(s) and layout change (see hf_mapping)."""
+    h, kv, d = config.num_heads, config.num_kv_heads, config.resolved_head_dim
+    layers = range(config.num_layers)
+    prefix = "model.layers.{i}."
+
+    def layer(path, name, transforms):
+        return hf_mapping.layer_param(("layers", *path), prefix + name, layers, transforms)
+
+    maps = [
+        hf_mapping.param(("embed", "embedding"), "model.embed_tokens.weight", hf_mapping.identity()),
+        layer(("attn_norm", "scale"), "input_layernorm.weight", hf_mapping.identity()),
+        layer(("attn", "q_proj", "kernel"), "self_attn.q_proj.weight", hf_mapping.split_out_heads(h, d)),
+        layer(("attn", "k_proj", "kernel"), "self_attn.k_proj.weight", hf_mapping.split_out_heads(kv, d)),
+        layer(("attn", "v_proj", "kernel"), "self_attn.v_proj.weight", hf_mapping.split_out_heads(kv, d)),
+        layer(("attn", "o_proj", "kernel"), "self_attn.o_proj.weight", hf_mapping.split_in_heads(h, d)),
+        layer(("mlp_norm", "scale"), "post_attention_layernorm.weight", hf_mapping.identity()),
+        layer(("mlp", "gate_proj", "kernel"), "mlp.gate_proj.weight", hf_mapping.transpose()),
+        layer(("mlp", "up_proj", "kernel"), "mlp.up_proj.weight", hf_mapping.transpose()),
+        layer(("mlp", "down_proj", "kernel"), "mlp.down_proj.weight", hf_mapping.transpose()),
+        hf_mapping.param(("final_norm", "scale"), "model.norm.weight", hf_mapping.identity()),
+    ]
+    if not config.tie_word_embeddings:
+        maps.append(hf_mapping.param(("lm_head", "kernel"), "lm_head.weight", hf_mapping.transpose()))
+    return maps

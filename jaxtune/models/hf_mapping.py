@@ -1,0 +1,135 @@
+"""How a family's params correspond to Hugging Face tensors, one tensor at a time.
+
+Each family lists `ParamMap`s: the jaxtune param path, the HF tensor name(s) stacked along
+axis 0 for scanned layers, and the layout change in both directions for *one* HF tensor.
+Per-tensor maps let the loader stream a checkpoint straight into sharded device arrays (peak
+host memory about one tensor) and let the exporter write shards without materialising a
+state dict. Layout facts: HF Linear weights are [out, in]; jaxtune kernels are [in, out]
+with head axes split out (q: [embed, heads, head_dim], o: [heads, head_dim, embed]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxtune.errors import UserError
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamMap:
+    path: tuple[str, ...]  # e.g. ("layers", "attn", "q_proj", "kernel")
+    hf_names: tuple[str, ...]  # one name, or one per stacked layer (stacked on axis 0 in order)
+    to_jax: Transform  # one HF tensor -> jaxtune layout of one (layer's) slice
+    to_hf: Transform  # the inverse
+    stacked: bool = False  # True: the jaxtune param is [len(hf_names), ...]
+
+
+# ------------------------------------------------------------------ layout changes (pairs)
+
+
+def identity() -> tuple[Transform, Transform]:
+    return (lambda w: w), (lambda w: w)
+
+
+def transpose() -> tuple[Transform, Transform]:
+    """HF Linear [out, in] <-> kernel [in, out]."""
+    return (lambda w: w.T), (lambda w: w.T)
+
+
+def split_out_heads(heads: int, head_dim: int) -> tuple[Transform, Transform]:
+    """q/k/v weight [heads*head_dim, in] <-> kernel [in, heads, head_dim]."""
+    return (
+        lambda w: w.T.reshape(w.shape[1], heads, head_dim),
+        lambda k: k.reshape(k.shape[0], heads * head_dim).T,
+    )
+
+
+def split_in_heads(heads: int, head_dim: int) -> tuple[Transform, Transform]:
+    """o weight [out, heads*head_dim] <-> kernel [heads, head_dim, out]."""
+    return (
+        lambda w: w.T.reshape(heads, head_dim, w.shape[0]),
+        lambda k: k.reshape(heads * head_dim, k.shape[-1]).T,
+    )
+
+
+def split_heads_bias(heads: int, head_dim: int) -> tuple[Transform, Transform]:
+    """q/k/v bias [heads*head_dim] <-> [heads, head_dim]."""
+    return (lambda b: b.reshape(heads, head_dim)), (lambda b: b.reshape(heads * head_dim))
+
+
+def param(path: Sequence[str], hf_name: str, transforms: tuple[Transform, Transform]) -> ParamMap:
+    """An unstacked parameter (embeddings, final norm, lm_head)."""
+    return ParamMap(tuple(path), (hf_name,), *transforms)
+
+
+def layer_param(path: Sequence[str], hf_pattern: str, layers: Sequence[int], transforms: tuple[Transform, Transform]) -> ParamMap:
+    """A scanned parameter: `hf_pattern` has `{i}`, filled with each layer index in `layers`."""
+    return ParamMap(tuple(path), tuple(hf_pattern.format(i=i) for i in layers), *transforms, stacked=True)
+
+
+# ------------------------------------------------------------------ whole state dicts
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """numpy view of a numpy/jax/torch tensor without importing torch (bf16 goes via float32)."""
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def params_from_state_dict(
+    maps: Sequence[ParamMap], state_dict: Mapping[str, Any], *, dtype: Any = np.float32,
+    ignore: Callable[[str], bool] = lambda name: name.endswith("rotary_emb.inv_freq"),
+) -> dict:
+    """A params pytree from an in-memory HF state dict (tests, small models).
+
+    A missing tensor, or one no map uses, is an error: either would mean a silently wrong model.
+    """
+    used: set[str] = set()
+
+    def take(name: str) -> np.ndarray:
+        if name not in state_dict:
+            raise UserError(f"HF state dict is missing tensor {name!r}")
+        used.add(name)
+        return to_numpy(state_dict[name])
+
+    params: dict = {}
+    for m in maps:
+        values = [m.to_jax(take(name)) for name in m.hf_names]
+        value = np.stack(values) if m.stacked else values[0]
+        node = params
+        for key in m.path[:-1]:
+            node = node.setdefault(key, {})
+        node[m.path[-1]] = value.astype(dtype)
+    leftover = sorted(k for k in state_dict if k not in used and not ignore(k))
+    if leftover:
+        raise UserError(
+            f"HF state dict has {len(leftover)} tensors the model does not use, e.g. {leftover[:4]}; "
+            "does the config (layers, tied embeddings, biases) match the checkpoint?"
+        )
+    return params
+
+
+def state_dict_from_params(maps: Sequence[ParamMap], params: Mapping) -> dict[str, np.ndarray]:
+    """The inverse, as numpy arrays with HF names (for export and round-trip tests)."""
+    out = {}
+    for m in maps:
+        node = params
+        for key in m.path:
+            node = node[key]
+        value = np.asarray(node)
+        if m.stacked:
+            for i, name in enumerate(m.hf_names):
+                out[name] = m.to_hf(value[i])
+        else:
+            out[m.hf_names[0]] = m.to_hf(value)
+    return out
