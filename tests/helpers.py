@@ -19,13 +19,13 @@ def write_sft_jsonl(path: Path, n: int = 64) -> Path:
     return path
 
 
-def tiny_config(tmp_path: Path, **overrides) -> "config_lib.ml_collections.ConfigDict":
-    """A locked, validated tiny SFT config on a generated JSONL file; overrides use dotted keys."""
+def tiny_base_config(train_path: str):
+    """An unlocked tiny SFT config (2-layer d32 Llama, seq 32, batch 8) on `train_path`."""
     c = config_lib.base_config()
-    c.data.train_path = str(write_sft_jsonl(tmp_path / "train.jsonl"))
+    c.data.train_path = str(train_path)
     c.data.templates = (("{prompt} =", " {response}"),)
     c.data.seq_len = 32
-    c.data.tokenizer_vocab_size = 300
+    c.data.tokenizer_vocab_size = 280
     c.model.variant = "tiny"
     c.model.hidden_size = 32
     c.model.intermediate_size = 64
@@ -40,6 +40,12 @@ def tiny_config(tmp_path: Path, **overrides) -> "config_lib.ml_collections.Confi
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 2
     c.mesh.rules = "dp"
+    return c
+
+
+def tiny_config(tmp_path: Path, **overrides):
+    """A locked, validated tiny SFT config on a generated JSONL file; overrides use dotted keys."""
+    c = tiny_base_config(write_sft_jsonl(tmp_path / "train.jsonl"))
     c.lock()
     for key, value in overrides.items():
         config_lib.set_value(c, key, str(value))

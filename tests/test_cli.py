@@ -24,22 +24,11 @@ def config_file(tmp_path):
     path = tmp_path / "cfg.py"
     path.write_text(textwrap.dedent(f'''
         """jaxtune train --config cfg.py --workdir W"""
-        from jaxtune.config import base_config
+        from tests.helpers import tiny_base_config
 
         def get_config(arg=None):
-            c = base_config()
-            c.data.train_path = {str(train)!r}
-            c.data.templates = (("{{prompt}} =", " {{response}}"),)
-            c.data.seq_len = 32
-            c.data.tokenizer_vocab_size = 280
-            c.model.hidden_size = 32
-            c.model.intermediate_size = 64
-            c.model.num_layers = 2
+            c = tiny_base_config({str(train)!r})
             c.train.steps = 4
-            c.train.global_batch_size = 8
-            c.train.log_every = 1
-            c.train.progress_bar = False
-            c.mesh.rules = "dp"
             return c
     '''))
     return path

@@ -46,7 +46,10 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: Path, corpus) -> Tokeniz
         return load_tokenizer(cached)
     log.info("training a %d-piece sentencepiece tokenizer into %s", cfg.tokenizer_vocab_size, cached)
     workdir.mkdir(parents=True, exist_ok=True)
-    return train_sentencepiece(corpus(), cached.with_suffix(""), vocab_size=cfg.tokenizer_vocab_size)
+    # Read the corpus before sentencepiece sees it, so a bad record raises our own error
+    # (naming its file and line) instead of one wrapped inside the trainer.
+    texts = list(corpus())
+    return train_sentencepiece(texts, cached.with_suffix(""), vocab_size=cfg.tokenizer_vocab_size)
 
 
 def _jsonl_corpus(source: JsonlSource, task_templates) -> Any:
