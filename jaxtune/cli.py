@@ -28,7 +28,86 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="path/to/config.py[:arg], e.g. configs/quickstart.py")
     train.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, tokenizer")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    convert = commands.add_parser(
+        "convert", help="Hugging Face dir -> orbax params checkpoint (--hf_dir, --out), or a run's latest "
+        "checkpoint -> Hugging Face dir (--workdir, --hf_out)",
+    )
+    convert.add_argument("--hf_dir", help="Hugging Face model dir to read (config.json + *.safetensors)")
+    convert.add_argument("--out", help="directory for the orbax params checkpoint (step 0)")
+    convert.add_argument("--workdir", help="a jaxtune run directory whose latest checkpoint is exported")
+    convert.add_argument("--hf_out", help="Hugging Face model dir to write")
+    convert.add_argument("--dtype", default=None, help="param dtype (default: the checkpoint's)")
+    convert.add_argument("--max_shard_size", default="2GB", help="safetensors shard size for --hf_out")
+    convert.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
+
+
+def _convert(args) -> int:
+    """HF -> orbax params checkpoint, or a run's latest params -> HF (using the run's saved config)."""
+    from pathlib import Path
+
+    to_orbax = bool(args.hf_dir and args.out and not (args.workdir or args.hf_out))
+    to_hf = bool(args.workdir and args.hf_out and not (args.hf_dir or args.out))
+    if not (to_orbax or to_hf):
+        raise UserError("convert: give either --hf_dir DIR --out DIR, or --workdir DIR --hf_out DIR")
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from jaxtune import config as config_lib
+    from jaxtune import models
+
+    if to_orbax:
+        _, params = models.from_pretrained(args.hf_dir, dtype=args.dtype)
+        config = config_lib.base_config()
+        config.model.hf_dir = str(Path(args.hf_dir).absolute())
+        config.model.param_dtype = str(_dtype_name(params))
+        directory = Path(args.out).absolute() / "checkpoints"
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as manager:
+            manager.save(0, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params}),
+                config=ocp.args.JsonSave(config_lib.to_json_dict(config)),
+            ), force=True)
+            manager.wait_until_finished()
+        print(f"jaxtune: wrote params checkpoint {directory / '0'}", flush=True)
+        return 0
+
+    directory = Path(args.workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"convert: {args.workdir} has no checkpoints/ directory")
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise UserError(f"convert: no checkpoint in {directory}")
+        try:
+            saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception as e:
+            raise UserError(f"convert: checkpoint {directory / str(step)} has no saved config ({e})") from None
+        from jaxtune import trainer
+
+        config = ml_collections.ConfigDict(saved)
+        vocab_size = None
+        if not config.model.get("hf_dir") and config.model.get("vocab_size") is None:
+            from jaxtune.data.tokenizers import load_tokenizer
+
+            tok = config.data.get("tokenizer") or str(Path(args.workdir) / "tokenizer.model")
+            vocab_size = load_tokenizer(tok).vocab_size
+        if args.dtype:
+            config.model.param_dtype = args.dtype
+        model_config = trainer.model_config_from(config, vocab_size=vocab_size)
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    tokenizer_dir = config.model.get("hf_dir") or (
+        str(Path(config.data.tokenizer).parent) if config.data.get("tokenizer") else args.workdir
+    )
+    models.save_pretrained(model_config, state["params"], args.hf_out, max_shard_size=args.max_shard_size,
+                           tokenizer_dir=tokenizer_dir)
+    print(f"jaxtune: wrote Hugging Face model (step {step}) to {args.hf_out}", flush=True)
+    return 0
+
+
+def _dtype_name(params) -> str:
+    import jax
+
+    return jax.tree.leaves(params)[0].dtype.name
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -68,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, overrides)
+        if args.command == "convert":
+            return _convert(args)
     except UserError as e:
         if args.debug:
             raise

@@ -28,6 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.family = "llama"
     c.model.variant = "tiny"
+    # A Hugging Face model dir (config.json + safetensors): when set, the architecture comes from
+    # it (family/variant/architecture overrides are ignored), params start from its weights and
+    # its tokenizer is used unless data.tokenizer is set.
+    c.model.hf_dir = ""
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
     c.model.param_dtype = "float32"  # master weights
     c.model.remat_policy = "none"  # none | full | dots | dots_no_batch

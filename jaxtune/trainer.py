@@ -27,6 +27,7 @@ from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
 from jaxtune import evaluate, metrics as metrics_lib, models, optim, sharding
 from jaxtune.data import datasets, pipeline
+from jaxtune.errors import UserError
 from jaxtune.generate import greedy_generate
 from jaxtune.objectives import sft_loss
 
@@ -48,6 +49,8 @@ class TrainState:
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None = None):
     """The model config: named variant + non-None overrides; a from-scratch vocab comes from the tokenizer."""
     m = config.model
+    if m.get("hf_dir"):
+        return models.config_from_pretrained(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
     overrides = {k: m[k] for k in _MODEL_OVERRIDE_KEYS if m[k] is not None}
     if "vocab_size" not in overrides and vocab_size is not None:
         overrides["vocab_size"] = vocab_size
@@ -72,6 +75,29 @@ def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_ta
     shardings = sharding.logical_shardings(abstract_boxed, mesh, rule_table)
     init = jax.jit(lambda rng: sharding.unbox(init_boxed(rng)), out_shardings=shardings)
     return sharding.unbox(abstract_boxed), shardings, init
+
+
+def init_from_pretrained(hf_dir: str, model_config, tx: optax.GradientTransformation, state_shardings) -> TrainState:
+    """A step-0 train state whose params are read from an HF checkpoint straight into their shards."""
+    params = models.load_params(hf_dir, model_config, state_shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def _data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.data, pointing at the HF dir's tokenizer when model.hf_dir is set and data.tokenizer is not."""
+    if not config.model.get("hf_dir") or config.data.tokenizer:
+        return config.data
+    hf_dir = Path(config.model.hf_dir)
+    names = [n for n in ("tokenizer.json", "tokenizer.model") if (hf_dir / n).is_file()]
+    if not names:
+        raise UserError(
+            f"config key 'model.hf_dir': {hf_dir} has no tokenizer.json or tokenizer.model; set data.tokenizer"
+        )
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.tokenizer = str(hf_dir / names[0])
+    return data_cfg
 
 
 def split_microbatches(x: jax.Array, accum: int) -> jax.Array:
@@ -166,9 +192,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     mesh_shape = config_lib.resolve_mesh_shape(config, len(devices))
     config_lib.validate_for_devices(config, mesh_shape, process_count)
 
-    data = datasets.load_sft_data(config.data, workdir, seed=config.seed)
+    data = datasets.load_sft_data(_data_config(config), workdir, seed=config.seed)
     tokenizer = data.tokenizer
     model_config = model_config_from(config, vocab_size=tokenizer.vocab_size)
+    if config.model.get("hf_dir") and tokenizer.vocab_size > model_config.vocab_size:
+        raise UserError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}"
+        )
     config_lib.validate_for_model(config, model_config.max_position_embeddings)
     model = models.build(model_config)
 
@@ -213,7 +243,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             start_step = int(latest)
             print(f"jaxtune: resuming from step {start_step} in {workdir}", flush=True)
         else:
-            state = init_state(jax.random.key(config.seed))
+            if config.model.get("hf_dir"):
+                state = init_from_pretrained(config.model.hf_dir, model_config, tx, state_shardings)
+            else:
+                state = init_state(jax.random.key(config.seed))
             start_step = 0
 
         num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))

@@ -8,6 +8,8 @@ by implementing :class:`Tokenizer` and registering a loader in ``_LOADERS``.
 from __future__ import annotations
 
 import io
+import logging
+import re
 import os
 import pathlib
 from collections.abc import Callable, Iterable, Sequence
@@ -128,53 +130,178 @@ def train_sentencepiece(
     prefix = pathlib.Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     # Empty lines add nothing to training.
-    sentences = (t for t in texts if t and not t.isspace())
+    sentences = [t for t in texts if t and not t.isspace()]
+    try:
+        model = _train_spm(sentences, vocab_size, model_type, split_digits, byte_fallback, seed)
+    except RuntimeError as e:
+        # A small corpus supports fewer pieces than asked for; sentencepiece says how many.
+        limit = re.search(r"<= (\d+)", str(e))
+        if not limit:
+            raise UserError(
+                f"training a {model_type} SentencePiece model with vocab_size={vocab_size} for {prefix} failed: {e}"
+            ) from None
+        logging.getLogger(__name__).warning(
+            "the tokenizer corpus supports at most %s pieces; training %s instead of %d", limit[1], limit[1], vocab_size
+        )
+        model = _train_spm(sentences, int(limit[1]), model_type, split_digits, byte_fallback, seed)
+    path = prefix.with_name(prefix.name + ".model")
+    path.write_bytes(model)
+    return SentencePieceTokenizer(model, source=str(path))
+
+
+def _train_spm(sentences: list[str], vocab_size: int, model_type: str, split_digits: bool, byte_fallback: bool, seed: int) -> bytes:
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences,
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            split_digits=split_digits,
-            byte_fallback=byte_fallback,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            # Rare characters cost a piece each; with byte fallback they stay lossless.
-            character_coverage=0.9995 if byte_fallback else 1.0,
-            input_sentence_size=_MAX_TRAIN_SENTENCES,
-            shuffle_input_sentence=True,
-            pad_id=PAD_ID,
-            eos_id=EOS_ID,
-            bos_id=BOS_ID,
-            unk_id=UNK_ID,
-            pad_piece="<pad>",
-            eos_piece="</s>",
-            bos_piece="<s>",
-            unk_piece="<unk>",
-            minloglevel=2,
-            # A small corpus may not support the requested size: stop short instead of failing.
-            hard_vocab_limit=False,
-        )
-    except RuntimeError as e:
-        raise UserError(
-            f"training a {model_type} SentencePiece model with vocab_size={vocab_size} for {prefix} failed: {e}"
-        ) from None
-    path = prefix.with_name(prefix.name + ".model")
-    path.write_bytes(model.getvalue())
-    return SentencePieceTokenizer(model.getvalue(), source=str(path))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        split_digits=split_digits,
+        byte_fallback=byte_fallback,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        # Rare characters cost a piece each; with byte fallback they stay lossless.
+        character_coverage=0.9995 if byte_fallback else 1.0,
+        input_sentence_size=_MAX_TRAIN_SENTENCES,
+        shuffle_input_sentence=True,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        unk_id=UNK_ID,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        bos_piece="<s>",
+        unk_piece="<unk>",
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (the ``tokenizers`` library), with special ids from the
+    directory's ``tokenizer_config.json`` / ``special_tokens_map.json``.
+
+    Holds the JSON text, so it pickles into Grain workers. Encodes without special tokens (the
+    pipeline adds BOS/EOS) and decodes skipping special and padding tokens.
+    """
+
+    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str | None] | None = None, *, source: str = "<json>"):
+        self._json = tokenizer_json
+        self._special = dict(special_tokens or {})
+        self._source = source
+        self._build()
+
+    def _build(self) -> None:
+        from tokenizers import Tokenizer as _HFTok
+
+        tok = _HFTok.from_str(self._json)
+        self._tok = tok
+        self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
+
+        def token_id(role: str) -> int | None:
+            token = self._special.get(role)
+            if token is None:
+                return None
+            i = tok.token_to_id(token)
+            if i is None:
+                raise UserError(f"tokenizer {self._source}: {role} {token!r} is not in the vocabulary")
+            return i
+
+        eos = token_id("eos_token")
+        if eos is None:
+            raise UserError(
+                f"tokenizer {self._source} defines no eos_token (tokenizer_config.json / special_tokens_map.json); "
+                "jaxtune needs one to end targets"
+            )
+        self.eos_id: int = eos
+        self.bos_id: int | None = token_id("bos_token")
+        pad = token_id("pad_token")
+        self.pad_id: int = pad if pad is not None else eos
+        special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        special.update(t for t in self._special.values() if t)
+        skip = np.zeros(self.vocab_size, dtype=bool)
+        for t in special:
+            i = tok.token_to_id(t)
+            if i is not None and i < self.vocab_size:
+                skip[i] = True
+        skip[self.pad_id] = True
+        self._skip = skip
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> HFTokenizer:
+        """Reads ``tokenizer.json`` and the special tokens of a Hugging Face tokenizer directory."""
+        import json
+
+        directory = pathlib.Path(directory)
+        file = directory / "tokenizer.json"
+        if not file.is_file():
+            raise UserError(f"{directory}: no tokenizer.json")
+        special: dict[str, str | None] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+            path = directory / name
+            if not path.is_file():
+                continue
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: invalid JSON: {e}") from None
+            for role in ("bos_token", "eos_token", "pad_token"):
+                value = data.get(role)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if value:
+                    special[role] = value
+        try:
+            return cls(file.read_text(), special, source=str(directory))
+        except Exception as e:  # tokenizers raises plain Exceptions on bad JSON
+            if isinstance(e, UserError):
+                raise
+            raise UserError(f"{file} is not a valid Hugging Face tokenizer.json: {e}") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = ids[(ids >= 0) & (ids < self.vocab_size)]
+        ids = ids[~self._skip[ids]]
+        return self._tok.decode(ids.tolist(), skip_special_tokens=True)
+
+    def __getstate__(self) -> dict:
+        return {"tokenizer_json": self._json, "special": self._special, "source": self._source}
+
+    def __setstate__(self, state: dict) -> None:
+        self._json, self._special, self._source = state["tokenizer_json"], state["special"], state["source"]
+        self._build()
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self._source}, vocab_size={self.vocab_size})"
+
+
+def _load_tokenizer_json(path: pathlib.Path) -> Tokenizer:
+    return HFTokenizer.from_dir(path.parent)
 
 
 # File suffix -> (kind, loader). Hugging Face `tokenizer.json` joins here.
 _LOADERS: dict[str, tuple[str, Callable[[pathlib.Path], Tokenizer]]] = {
     ".model": ("SentencePiece model", SentencePieceTokenizer.from_file),
+    ".json": ("Hugging Face tokenizer.json", _load_tokenizer_json),
 }
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a tokenizer, choosing the implementation from the file type."""
+    """Loads a tokenizer, choosing the implementation from the file type.
+
+    A directory (e.g. a Hugging Face model dir) means its ``tokenizer.json``, else its
+    ``tokenizer.model``.
+    """
     path = pathlib.Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).is_file():
+                return load_tokenizer(path / name)
+        raise UserError(f"tokenizer directory {str(path)!r} has neither tokenizer.json nor tokenizer.model")
     if path.suffix not in _LOADERS:
         kinds = ", ".join(f"{kind} ('*{suffix}')" for suffix, (kind, _) in _LOADERS.items())
         raise UserError(f"cannot load tokenizer {str(path)!r}: unsupported file type; supported: {kinds}")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxtune.errors import UserError
-from jaxtune.models import llama
+from jaxtune.models import gemma, gemma2, gemma3, llama, mistral, qwen2, qwen3
 
 
 class Family(NamedTuple):
@@ -42,6 +42,12 @@ def _family(module) -> Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": _family(llama),
+    "mistral": _family(mistral),
+    "qwen2": _family(qwen2),
+    "qwen3": _family(qwen3),
+    "gemma": _family(gemma),
+    "gemma2": _family(gemma2),
+    "gemma3": _family(gemma3),
 }
 
 
@@ -102,3 +108,7 @@ def count_params(config) -> int:
     shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
     shapes = nn.meta.unbox(shapes)
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+# Hugging Face checkpoint interop (imported last: hf.py uses the registry above at call time).
+from jaxtune.models.hf import config_from_pretrained, from_pretrained, load_params, save_pretrained  # noqa: E402,F401

@@ -1,18 +1,61 @@
 """Hugging Face checkpoints <-> jaxtune params.
 
 Family-specific knowledge (config.json fields, tensor names, layouts) lives in each family
-module (`config_from_hf`, `config_to_hf`, `hf_param_maps`); this module holds what is shared.
+module (`config_from_hf`, `config_to_hf`, `hf_param_maps`); this module holds what is shared:
+
+* `from_pretrained(dir)` reads `config.json` + `*.safetensors` (one file, or shards with
+  `model.safetensors.index.json`) and builds every param directly in its target sharding with
+  `jax.make_array_from_callback`; each callback reads only the HF tensors (layers) its shard
+  needs, so host memory peaks at about one tensor, not the model.
+* `save_pretrained(config, params, dir)` writes `config.json` + sharded safetensors + index,
+  gathering one tensor at a time to host (process 0 writes), so `transformers` loads it.
+
+Safetensors files are read and written by this module directly (an 8-byte header length, a
+JSON header, raw little-endian bytes): that handles bfloat16 through `ml_dtypes` without torch,
+reads with plain `read()` (no mmap, so RSS stays at the tensors actually in use) and works on
+any `etils.epath` path (local or `gs://`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from etils import epath
+from flax import linen as nn
 
+from jaxtune import sharding as sharding_lib
+from jaxtune.errors import UserError
 from jaxtune.models import hf_mapping, llama
 from jaxtune.models.llama import LlamaConfig
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "generation_config.json", "chat_template.jinja",
+)
+
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# checkpoint torch_dtype -> default param_dtype (fp16 checkpoints train in fp32 master weights)
+_PARAM_DTYPE_FROM_TORCH = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float32"}
+
+
+# ------------------------------------------------------------------ legacy helpers (tests use them)
 
 
 def llama_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
@@ -25,3 +68,343 @@ def llama_params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> 
         llama.hf_param_maps(config), state_dict, dtype=np.dtype(config.param_dtype),
         ignore=lambda name: name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"),
     )
+
+
+# ------------------------------------------------------------------ safetensors files
+
+
+class _SafetensorsFile:
+    """Header of one .safetensors file; reads single tensors with seek + read."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self._f = path.open("rb")
+        (n,) = struct.unpack("<Q", self._f.read(8))
+        header = json.loads(self._f.read(n))
+        self.metadata = header.pop("__metadata__", None)
+        self.tensors: dict[str, dict] = header
+        self._data_start = 8 + n
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.tensors[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise UserError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        self._f.seek(self._data_start + start)
+        buf = self._f.read(end - start)
+        if len(buf) < end - start:
+            buf = bytearray(buf)
+        while len(buf) < end - start:  # read() may return short on remote files
+            data = self._f.read(end - start - len(buf))
+            if not data:
+                raise UserError(f"{self.path}: file ends inside tensor {name!r}")
+            buf += data
+        return np.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def close(self):
+        self._f.close()
+
+
+class _Checkpoint:
+    """All safetensors files of an HF directory: tensor name -> file."""
+
+    def __init__(self, directory: epath.Path):
+        self.directory = directory
+        index = directory / INDEX_FILE
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+            if not files:
+                raise UserError(f"{directory}: no *.safetensors files (and no {INDEX_FILE})")
+        self.files = {name: _SafetensorsFile(directory / name) for name in files}
+        self.where: dict[str, _SafetensorsFile] = {}
+        for f in self.files.values():
+            for tensor in f.tensors:
+                self.where[tensor] = f
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+
+
+# ------------------------------------------------------------------ loading
+
+
+def read_hf_config(path: str | epath.PathLike) -> dict:
+    path = epath.Path(path)
+    file = path / CONFIG_FILE
+    if not file.exists():
+        raise UserError(f"{path}: no {CONFIG_FILE}; expected a Hugging Face model directory")
+    return json.loads(file.read_text())
+
+
+def config_from_pretrained(path: str | epath.PathLike, **overrides: Any):
+    """The jaxtune model config of an HF directory (family chosen by config.json's model_type).
+
+    `param_dtype` defaults to the checkpoint's torch_dtype (bfloat16 stays bfloat16, else float32).
+    """
+    from jaxtune import models  # registry imports this module's package; avoid a cycle
+
+    hf = read_hf_config(path)
+    family = models.family_for_hf(hf.get("model_type"))
+    if overrides.get("param_dtype") is None:
+        torch_dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
+        overrides["param_dtype"] = _PARAM_DTYPE_FROM_TORCH.get(torch_dtype, "float32")
+    return family.config_from_hf(hf, **overrides)
+
+
+def _abstract_boxed_params(model: nn.Module):
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def _get(tree: Mapping, path: Sequence[str]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: Sequence[str], value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _hf_slice_shape(m: hf_mapping.ParamMap, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor shape that `m.to_hf` makes of one (layer's) slice of a jaxtune param."""
+    one = shape[1:] if m.stacked else shape
+    return tuple(jax.eval_shape(m.to_hf, jax.ShapeDtypeStruct(one, jnp.float32)).shape)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised 64-byte-aligned array: the CPU backend adopts such buffers without a copy,
+    so a shard costs its own size once (accelerators copy it to the device and free it)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def load_params(path: str | epath.PathLike, config, shardings: Any) -> dict:
+    """Params of the HF checkpoint in `path`, each built directly in `shardings` (an unboxed tree
+    of NamedShardings with the params' structure, e.g. `state_shardings.params`).
+
+    Every tensor's presence and shape is checked before any device work; unused tensors are an
+    error too (they would mean a config/checkpoint mismatch).
+    """
+    from jaxtune import models
+
+    path = epath.Path(path)
+    family = models.family_of(config)
+    maps = family.hf_param_maps(config)
+    abstract = sharding_lib.unbox(_abstract_boxed_params(models.build(config)))
+    dtype = np.dtype(jnp.dtype(config.param_dtype))
+    ckpt = _Checkpoint(path)
+    try:
+        used = set()
+        for m in maps:
+            shape = tuple(_get(abstract, m.path).shape)
+            expected = _hf_slice_shape(m, shape)
+            for name in m.hf_names:
+                f = ckpt.where.get(name)
+                if f is None:
+                    raise UserError(f"{path}: checkpoint has no tensor {name!r} (needed for param {'/'.join(m.path)})")
+                if f.shape(name) != expected:
+                    raise UserError(
+                        f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, expected {list(expected)} "
+                        f"for {type(config).__name__} from {path / CONFIG_FILE}"
+                    )
+                used.add(name)
+        ignored = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        leftover = sorted(n for n in ckpt.where if n not in used and n not in ignored and not n.endswith("rotary_emb.inv_freq"))
+        if leftover:
+            raise UserError(
+                f"{path}: checkpoint has {len(leftover)} tensors the model does not use, e.g. {leftover[:4]}; "
+                "does config.json (layers, tied embeddings, biases) match the weights?"
+            )
+
+        params: dict = {}
+        for m in maps:
+            shape = tuple(_get(abstract, m.path).shape)
+            cache: dict[str, np.ndarray] = {}  # the last tensor read: replicated shards reuse it
+
+            def tensor(name: str, m=m, cache=cache) -> np.ndarray:
+                if name not in cache:
+                    cache.clear()
+                    cache[name] = m.to_jax(ckpt.where[name].read(name))
+                return cache[name]
+
+            def callback(index: tuple[slice, ...], m=m, shape=shape, tensor=tensor) -> np.ndarray:
+                if not m.stacked:
+                    piece = tensor(m.hf_names[0])[index]
+                    out = _aligned_empty(piece.shape, dtype)
+                    out[...] = piece
+                    return out
+                layers = range(*index[0].indices(shape[0]))
+                rest = index[1:]
+                out = None
+                for j, i in enumerate(layers):
+                    piece = tensor(m.hf_names[i])[rest]
+                    if out is None:
+                        out = _aligned_empty((len(layers), *piece.shape), dtype)
+                    out[j] = piece
+                return out
+
+            array = jax.make_array_from_callback(shape, _get(shardings, m.path), callback)
+            cache.clear()
+            _set(params, m.path, array)
+        return params
+    finally:
+        ckpt.close()
+
+
+def _default_mesh():
+    n = len(jax.devices())
+    return sharding_lib.build_mesh({"data": 1, "fsdp": n, "tensor": 1})
+
+
+def from_pretrained(path: str | epath.PathLike, *, dtype: str | None = None, mesh=None, rules: Any = "fsdp", **overrides: Any):
+    """(model, params) from a Hugging Face directory, params placed in their shardings.
+
+    `dtype` is the param dtype (default: the checkpoint's torch_dtype, bf16 or fp32); `mesh`
+    defaults to all devices on the fsdp axis; `rules` is a preset name or a rule table;
+    `overrides` are model config fields (e.g. dtype="bfloat16" for compute, remat_policy).
+    """
+    from jaxtune import models
+
+    config = config_from_pretrained(path, param_dtype=dtype, **overrides)
+    model = models.build(config)
+    mesh = mesh if mesh is not None else _default_mesh()
+    rule_table = sharding_lib.rules(rules) if isinstance(rules, str) else tuple(rules)
+    shardings = sharding_lib.logical_shardings(_abstract_boxed_params(model), mesh, rule_table)
+    return model, load_params(path, config, shardings)
+
+
+# ------------------------------------------------------------------ saving
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """`"2GB"` -> 2e9 bytes (decimal units as in transformers; KiB/MiB/GiB binary)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(size))
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise UserError(f"max_shard_size={size!r}: expected bytes or a size like '2GB', '500MB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def _to_host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def _header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, st_dtype, shape, nbytes in entries:
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def save_pretrained(
+    model_or_config, params: Mapping, out_dir: str | epath.PathLike, *, max_shard_size: int | str = "2GB",
+    tokenizer_dir: str | epath.PathLike | None = None, dtype: str | None = None,
+) -> epath.Path:
+    """Writes an HF directory `transformers` loads: config.json, safetensors (+ index), tokenizer.
+
+    `dtype` is the saved tensor dtype (default: the config's param_dtype). Tensors are gathered
+    to host one at a time; every process takes part in the gathers, process 0 writes.
+    """
+    from jaxtune import models
+
+    config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+    family = models.family_of(config)
+    out = epath.Path(out_dir)
+    params = params.get("params", params) if "params" in params and len(params) == 1 else params
+    np_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    st_dtype = _ST_NAMES[np_dtype]
+    limit = parse_size(max_shard_size)
+    writer = jax.process_index() == 0
+
+    # Plan: (hf name, map, layer or None, hf shape) in map order, grouped into shards by size.
+    plan = []
+    for m in family.hf_param_maps(config):
+        shape = tuple(_get(params, m.path).shape)
+        hf_shape = _hf_slice_shape(m, shape)
+        for i, name in enumerate(m.hf_names):
+            plan.append((name, m, i if m.stacked else None, hf_shape))
+    shards: list[list] = [[]]
+    size = 0
+    for item in plan:
+        nbytes = math.prod(item[3]) * np_dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += nbytes
+
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        hf_config = family.config_to_hf(config)
+        hf_config["torch_dtype"] = np_dtype.name if np_dtype != np.dtype(ml_dtypes.bfloat16) else "bfloat16"
+        (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        for stale in list(out.glob("model*.safetensors")) + [out / INDEX_FILE]:
+            if stale.exists():
+                stale.unlink()
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, shard in enumerate(shards):
+        fname = SINGLE_FILE if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        entries = [(name, st_dtype, hf_shape, math.prod(hf_shape) * np_dtype.itemsize) for name, _, _, hf_shape in shard]
+        f = (out / fname).open("wb") if writer else None
+        try:
+            if f:
+                f.write(_header(entries))
+            for name, m, layer, hf_shape in shard:
+                value = _get(params, m.path)
+                piece = value[layer] if layer is not None else value
+                host = np.ascontiguousarray(m.to_hf(_to_host(piece)), dtype=np_dtype)
+                assert host.shape == hf_shape, (name, host.shape, hf_shape)
+                if f:
+                    f.write(host.tobytes())
+                weight_map[name] = fname
+                total += host.nbytes
+                del host, piece
+        finally:
+            if f:
+                f.close()
+    if writer:
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer_dir:
+            copy_tokenizer_files(tokenizer_dir, out)
+    return out
+
+
+def copy_tokenizer_files(src: str | epath.PathLike, dst: str | epath.PathLike) -> list[str]:
+    """Copies the HF tokenizer files that exist in `src` (tokenizer.json, configs, ...) into `dst`."""
+    src, dst = epath.Path(src), epath.Path(dst)
+    if not src.is_dir():
+        raise UserError(f"tokenizer_dir {src} is not a directory")
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            if str(src) != str(dst):
+                (src / name).copy(dst / name, overwrite=True)
+            copied.append(name)
+    return copied

@@ -48,6 +48,7 @@ class Projection(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     kernel_init: nn.initializers.Initializer = default_kernel_init
+    use_bias: bool = False  # a zero-initialised bias [*features] (Qwen2 q/k/v)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -60,7 +61,15 @@ class Projection(nn.Module):
             return self.kernel_init(key, flat, dtype).reshape(full_shape)
 
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
-        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=(axis, tuple(range(len(in_dims)))))
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=(axis, tuple(range(len(in_dims)))))
+        if self.use_bias:
+            bias_axes = self.axes[len(in_dims):]
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes),
+                self.features, self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 def dense(
@@ -72,9 +81,11 @@ def dense(
     param_dtype: DType,
     name: str,
     kernel_init: nn.initializers.Initializer = default_kernel_init,
+    use_bias: bool = False,
 ) -> Projection:
-    """A bias-free projection whose kernel carries the logical `axes` (inputs then outputs)."""
+    """A projection (bias-free by default) whose kernel carries the logical `axes` (inputs then outputs)."""
     return Projection(
+        use_bias=use_bias,
         features=(features,) if isinstance(features, int) else tuple(features),
         axes=tuple(axes),
         axis=(axis,) if isinstance(axis, int) else tuple(axis),
@@ -86,23 +97,31 @@ def dense(
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * scale, computed in float32 and cast back to the compute dtype."""
+    """y = x / rms(x) * scale, computed in float32 and cast back to the compute dtype.
+
+    unit_offset (Gemma): y = x / rms(x) * (1 + scale), scale initialised to zeros.
+    axis_name: the logical name of the normalised axis ("head_dim" for per-head q/k norms).
+    """
 
     eps: float = 1e-5
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    unit_offset: bool = False
+    axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        init = nn.initializers.zeros_init() if self.unit_offset else nn.initializers.ones_init()
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            nn.with_logical_partitioning(init, (self.axis_name,)),
             (x.shape[-1],),
             self.param_dtype,
         )
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return (x * jnp.asarray(scale, jnp.float32)).astype(self.dtype)
+        scale = jnp.asarray(scale, jnp.float32)
+        return (x * (1.0 + scale if self.unit_offset else scale)).astype(self.dtype)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -122,8 +141,10 @@ def rope_inv_freq(
         return inv_freq
     if rope_type == "llama3":
         return _llama3_scaling(inv_freq, scaling)
+    if rope_type == "linear":  # position interpolation: positions / factor
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
     raise ValueError(
-        f"rope_scaling type {rope_type!r} is not supported (supported: 'default', 'llama3')."
+        f"rope_scaling type {rope_type!r} is not supported (supported: 'default', 'llama3', 'linear')."
     )
 
 
@@ -154,27 +175,37 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 # ----------------------------------------------------------------------------- attention
 
 
-def make_attention_mask(q_segment_ids: Array, kv_segment_ids: Array | None = None) -> Array:
-    """[B,T,S] bool: causal by array index AND same segment id.
+def make_attention_mask(
+    q_segment_ids: Array, kv_segment_ids: Array | None = None, *, sliding_window: int | None = None
+) -> Array:
+    """[B,T,S] bool: causal by array index AND same segment id (AND within the window).
 
     Queries are the last T of the S keys (S > T when keys include a cache).
     Index-causal (not position-causal) because packed rows restart positions per segment.
     Padding (segment 0) attends to padding only, so no row is ever fully masked (no NaNs).
+    sliding_window=W keeps keys with q_index - k_index < W (HF's convention: W keys including
+    the query itself). Segments are contiguous, so index distance = position distance.
     """
     kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
     t, s = q_segment_ids.shape[-1], kv_segment_ids.shape[-1]
-    causal = jnp.arange(t)[:, None] + (s - t) >= jnp.arange(s)[None, :]
+    q_idx = jnp.arange(t)[:, None] + (s - t)
+    k_idx = jnp.arange(s)[None, :]
+    causal = q_idx >= k_idx
+    if sliding_window is not None:
+        causal = causal & (q_idx - k_idx < sliding_window)
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     return causal[None] & same
 
 
 def dot_product_attention(
-    q: Array, k: Array, v: Array, mask: Array, *, scale: float | None = None
+    q: Array, k: Array, v: Array, mask: Array, *, scale: float | None = None,
+    soft_cap: float | None = None,
 ) -> Array:
     """Grouped-query attention: q[B,T,H,D], k/v[B,S,K,D], mask[B,T,S] -> [B,T,H,D].
 
     Query head h reads kv head h // (H // K), matching HF's repeat_kv. Scores and softmax are
-    float32; the weighted sum runs in the compute dtype of v.
+    float32; the weighted sum runs in the compute dtype of v. soft_cap (Gemma 2) squashes the
+    scaled scores to cap * tanh(scores / cap) before masking.
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
@@ -184,6 +215,8 @@ def dot_product_attention(
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * scale
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -191,7 +224,16 @@ def dot_product_attention(
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with GQA and RoPE; q/k/v/o kernels keep the head axes split."""
+    """Multi-head self-attention with GQA and RoPE; q/k/v/o kernels keep the head axes split.
+
+    Optional features (all off by default, i.e. Llama), each a static switch:
+      qkv_bias: biases on q/k/v (Qwen2); qk_norm: per-head RMSNorm on q and k before RoPE
+      (Qwen3; Gemma 3 with qk_norm_unit_offset); sliding_window: local attention over the last
+      W keys; local_rope_theta: a separate RoPE base (no scaling) on sliding layers (Gemma 3);
+      logit_soft_cap (Gemma 2); query_scale: score scale instead of head_dim**-0.5.
+    `is_sliding` (a traced bool scalar, e.g. a scanned per-layer input) picks sliding vs global
+    for alternating-layer models; None means every layer slides when sliding_window is set.
+    """
 
     num_heads: int
     num_kv_heads: int
@@ -200,42 +242,75 @@ class Attention(nn.Module):
     rope_scaling: Mapping[str, Any] | None = None
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
+    qk_norm_unit_offset: bool = False
+    sliding_window: int | None = None
+    local_rope_theta: float | None = None
+    logit_soft_cap: float | None = None
+    query_scale: float | None = None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
+    def __call__(
+        self, x: Array, positions: Array, segment_ids: Array, is_sliding: Array | None = None
+    ) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q_shape, kv_shape = (self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
-        q = dense(q_shape, ("embed", "heads", "head_dim"), name="q_proj", **kw)(x)
-        k = dense(kv_shape, ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
-        v = dense(kv_shape, ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
+        qkv = dict(use_bias=self.qkv_bias, **kw)
+        q = dense(q_shape, ("embed", "heads", "head_dim"), name="q_proj", **qkv)(x)
+        k = dense(kv_shape, ("embed", "kv_heads", "head_dim"), name="k_proj", **qkv)(x)
+        v = dense(kv_shape, ("embed", "kv_heads", "head_dim"), name="v_proj", **qkv)(x)
         act = ("act_batch", "act_length", "act_heads", None)
         q = nn.with_logical_constraint(q, act)
         k = nn.with_logical_constraint(k, act)
         v = nn.with_logical_constraint(v, act)
+        if self.qk_norm:
+            norm = dict(eps=self.qk_norm_eps, unit_offset=self.qk_norm_unit_offset, axis_name="head_dim", **kw)
+            q = RMSNorm(name="q_norm", **norm)(q)
+            k = RMSNorm(name="k_norm", **norm)(k)
 
         inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+        if self.local_rope_theta is not None and is_sliding is not None:
+            local_inv_freq = rope_inv_freq(self.head_dim, self.local_rope_theta)
+            inv_freq = jnp.where(is_sliding, local_inv_freq, inv_freq)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        out = dot_product_attention(q, k, v, make_attention_mask(segment_ids))
+        mask = make_attention_mask(segment_ids)
+        if self.sliding_window is not None:
+            local = make_attention_mask(segment_ids, sliding_window=self.sliding_window)
+            mask = local if is_sliding is None else jnp.where(is_sliding, local, mask)
+        out = dot_product_attention(
+            q, k, v, mask, scale=self.query_scale, soft_cap=self.logit_soft_cap
+        )
         out = nn.with_logical_constraint(out, act)
         o_axes = ("heads", "head_dim", "embed")
         return dense(x.shape[-1], o_axes, axis=(-2, -1), name="o_proj", **kw)(out)
 
 
+# HF `hidden_act` names -> functions.
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+}
+
+
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)); SwiGLU by default, GeGLU for Gemma."""
 
     intermediate_size: int
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    activation: str = "silu"  # a key of ACTIVATIONS
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        act = ACTIVATIONS[self.activation]
+        h = nn.with_logical_constraint(act(gate) * up, ("act_batch", "act_length", "act_mlp"))
         return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
@@ -247,11 +322,15 @@ REMAT_POLICIES = {
 }
 
 
-def stack_layers(block: type[nn.Module], num_layers: int, remat_policy: str) -> type[nn.Module]:
-    """Wraps `block(x, *broadcast) -> (x, None)` in remat + scan over a leading "layers" axis.
+def stack_layers(
+    block: type[nn.Module], num_layers: int, remat_policy: str, in_axes: Any = nn.broadcast
+) -> type[nn.Module]:
+    """Wraps `block(x, *args) -> (x, None)` in remat + scan over a leading "layers" axis.
 
-    scan keeps compile time independent of depth; every block argument after the carry is
-    broadcast (same positions/segment ids for each layer).
+    scan keeps compile time independent of depth; by default every block argument after the
+    carry is broadcast (same positions/segment ids for each layer). Pass a tuple `in_axes`
+    (nn.broadcast or 0 per argument) to scan some arguments per layer, e.g. a [L] array that
+    says which layers use local attention.
     """
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy {remat_policy!r} not in {sorted(REMAT_POLICIES)}.")
@@ -261,7 +340,7 @@ def stack_layers(block: type[nn.Module], num_layers: int, remat_policy: str) -> 
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=nn.broadcast,
+        in_axes=in_axes,
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

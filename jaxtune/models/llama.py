@@ -132,6 +132,10 @@ class DecoderLayer(nn.Module):
 
     config: LlamaConfig
 
+    def attention_options(self) -> dict[str, Any]:
+        """Extra `layers.Attention` fields; families built on Llama (Mistral, Qwen) override it."""
+        return {}
+
     @nn.compact
     def __call__(self, x, positions, segment_ids):
         cfg = self.config
@@ -146,6 +150,7 @@ class DecoderLayer(nn.Module):
             rope_theta=cfg.rope_theta,
             rope_scaling=cfg.rope_scaling,
             name="attn",
+            **self.attention_options(),
             **kw,
         )(h, positions, segment_ids)
         x = nn.with_logical_constraint(x + h, residual)
@@ -164,6 +169,7 @@ class Llama(nn.Module):
     """
 
     config: LlamaConfig
+    decoder_layer = DecoderLayer  # the scanned block; families built on Llama swap in theirs
 
     @nn.compact
     def __call__(self, inputs, *, positions=None, segment_ids=None):
@@ -187,7 +193,7 @@ class Llama(nn.Module):
         x = embed(inputs.astype(jnp.int32))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
-        stack = layers.stack_layers(DecoderLayer, cfg.num_layers, cfg.remat_policy)
+        stack = layers.stack_layers(self.decoder_layer, cfg.num_layers, cfg.remat_policy)
         x, _ = stack(cfg, name="layers")(x, positions, segment_ids)
 
         kw = dict(dtype=dtype, param_dtype=param_dtype)

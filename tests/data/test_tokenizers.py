@@ -1,5 +1,6 @@
 """Tests for the tokenizer interface and SentencePiece training."""
 
+import logging
 import pickle
 
 import numpy as np
@@ -107,6 +108,7 @@ def test_load_tokenizer_errors_on_missing_or_corrupt_model(tmp_path):
 
 
 def test_too_large_vocab_falls_back_to_corpus_maximum(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="jaxtune.data.tokenizers")
     tok = train_sentencepiece(["a b c", "abc cab"] * 10, tmp_path / "tiny", vocab_size=5000)
     assert 259 < tok.vocab_size < 5000  # 4 specials + 256 byte pieces + what the corpus supports
     assert "supports at most" in caplog.text
