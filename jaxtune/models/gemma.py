@@ -52,12 +52,7 @@ class GemmaConfig(llama.LlamaConfig):
 
 VARIANTS: dict[str, GemmaConfig] = {
     "tiny": GemmaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
+        **layers.TINY_SHAPE,
         head_dim=16,
     ),
     # google/gemma-2b: 2,506,172,416 params (published "2B"; tested vs transformers).

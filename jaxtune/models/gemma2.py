@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxtune.errors import UserError
-from jaxtune.models import gemma, hf_mapping
+from jaxtune.models import gemma, hf_mapping, layers
 
 # jaxtune layer norm -> HF module name (Gemma 2 and 3).
 NORM_NAMES = {
@@ -63,12 +63,7 @@ _GEMMA2_9B = Gemma2Config(
 
 VARIANTS: dict[str, Gemma2Config] = {
     "tiny": Gemma2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
+        **layers.TINY_SHAPE,
         head_dim=16,
         query_pre_attn_scalar=16,
         sliding_window=16,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxtune.errors import UserError
-from jaxtune.models import gemma, gemma2, hf_mapping
+from jaxtune.models import gemma, gemma2, hf_mapping, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +38,7 @@ class Gemma3Config(gemma2.Gemma2Config):
 
 VARIANTS: dict[str, Gemma3Config] = {
     "tiny": Gemma3Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
+        **layers.TINY_SHAPE,
         head_dim=16,
         query_pre_attn_scalar=16,
         sliding_window=16,

@@ -24,6 +24,9 @@ from flax import linen as nn
 Array = jax.Array
 DType = Any
 
+# The test-sized shape every family's "tiny" variant starts from (GQA 2, trains in seconds on CPU).
+TINY_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2)
+
 # Kernels: truncated normal with variance 1/fan_in (fan_in = product of contracted dims).
 # Keeps activations O(1) at any width, which trains well from scratch at small sizes.
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")

@@ -99,12 +99,7 @@ _LLAMA31_8B = LlamaConfig(
 VARIANTS: dict[str, LlamaConfig] = {
     # Test-sized; trains from scratch on CPU in seconds.
     "tiny": LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
+        **layers.TINY_SHAPE,
     ),
     # Parameter counts below match the published checkpoints exactly (tested).
     "llama3.2-1b": _LLAMA31_8B.replace(  # 1,235,814,400

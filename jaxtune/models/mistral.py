@@ -11,7 +11,7 @@ from typing import Any
 
 
 from jaxtune.errors import UserError
-from jaxtune.models import hf_mapping, llama
+from jaxtune.models import hf_mapping, layers, llama
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +30,7 @@ class MistralConfig(llama.LlamaConfig):
 
 VARIANTS: dict[str, MistralConfig] = {
     "tiny": MistralConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
+        **layers.TINY_SHAPE,
         sliding_window=16,
     ),
     # mistralai/Mistral-7B-v0.1: 7,241,732,096 params (published "7.24B"; tested vs transformers).

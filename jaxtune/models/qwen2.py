@@ -13,7 +13,7 @@ from typing import Any
 
 
 from jaxtune.errors import UserError
-from jaxtune.models import hf_mapping, llama
+from jaxtune.models import hf_mapping, layers, llama
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +38,7 @@ _QWEN25_7B = Qwen2Config(
 
 VARIANTS: dict[str, Qwen2Config] = {
     "tiny": Qwen2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
+        **layers.TINY_SHAPE,
         tie_word_embeddings=True,
     ),
     # Counts tested against transformers; published: Qwen2.5-0.5B 0.49B, Qwen2.5-7B 7.61B.

@@ -11,7 +11,7 @@ from typing import Any
 
 
 from jaxtune.errors import UserError
-from jaxtune.models import hf_mapping, llama
+from jaxtune.models import hf_mapping, layers, llama
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +37,7 @@ _QWEN3_8B = Qwen3Config(
 
 VARIANTS: dict[str, Qwen3Config] = {
     "tiny": Qwen3Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
+        **layers.TINY_SHAPE,
         head_dim=24,
         tie_word_embeddings=True,
     ),
