@@ -123,21 +123,8 @@ class Gemma(nn.Module):
     def __call__(self, inputs, *, positions=None, segment_ids=None):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(inputs.shape[-1]), inputs.shape)
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(inputs)
-
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            embedding_init=nn.with_logical_partitioning(
-                layers.embed_init(cfg.hidden_size), ("vocab", "embed")
-            ),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            name="embed",
-        )
+        positions, segment_ids = layers.default_positions_and_segments(inputs, positions, segment_ids)
+        embed = layers.token_embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype)
         # HF multiplies by sqrt(hidden) rounded to the compute dtype (bf16: sqrt(2048) -> 45.25).
         x = embed(inputs.astype(jnp.int32)) * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))

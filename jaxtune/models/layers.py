@@ -99,6 +99,27 @@ def dense(
     )
 
 
+def default_positions_and_segments(inputs: Array, positions: Array | None, segment_ids: Array | None) -> tuple[Array, Array]:
+    """The batch contract's defaults: one unpacked sequence per row (positions 0.., segment 1)."""
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(inputs.shape[-1]), inputs.shape)
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(inputs)
+    return positions, segment_ids
+
+
+def token_embedding(vocab_size: int, hidden_size: int, *, dtype: DType, param_dtype: DType) -> nn.Embed:
+    """The input embedding (also the tied output projection via `.attend`), named "embed"."""
+    return nn.Embed(
+        vocab_size,
+        hidden_size,
+        embedding_init=nn.with_logical_partitioning(embed_init(hidden_size), ("vocab", "embed")),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name="embed",
+    )
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * scale, computed in float32 and cast back to the compute dtype.
 

@@ -170,21 +170,8 @@ class Llama(nn.Module):
     def __call__(self, inputs, *, positions=None, segment_ids=None):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(inputs.shape[-1]), inputs.shape)
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(inputs)
-
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            embedding_init=nn.with_logical_partitioning(
-                layers.embed_init(cfg.hidden_size), ("vocab", "embed")
-            ),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            name="embed",
-        )
+        positions, segment_ids = layers.default_positions_and_segments(inputs, positions, segment_ids)
+        embed = layers.token_embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype)
         x = embed(inputs.astype(jnp.int32))
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
@@ -238,6 +225,16 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
     )
     kw.update(overrides)
     return LlamaConfig(**kw)
+
+
+def derived_config_from_hf(config_cls: type, family: str, hf: Mapping[str, Any], *, default_eps: float, **overrides: Any):
+    """A Llama-shaped family's config (Qwen2/3...): Llama's reading of config.json, as `config_cls`."""
+    if hf.get("use_sliding_window"):
+        raise UserError(f"HF {family} config sets use_sliding_window=True; jaxtune's {family} does not support it.")
+    base = config_from_hf({**hf, "rms_norm_eps": hf.get("rms_norm_eps", default_eps)})
+    kw = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    kw.update(overrides)
+    return config_cls(**kw)
 
 
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from collections.abc import Mapping
 from typing import Any
 
 
-from jaxtune.errors import UserError
 from jaxtune.models import hf_mapping, layers, llama
 
 
@@ -77,12 +76,7 @@ HF_MODEL_TYPES = ("qwen3",)
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> Qwen3Config:
-    if hf.get("use_sliding_window"):
-        raise UserError("HF Qwen3 config sets use_sliding_window=True; jaxtune's Qwen3 does not support it.")
-    base = llama.config_from_hf({**hf, "rms_norm_eps": hf.get("rms_norm_eps", 1e-6)})
-    kw = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-    kw.update(overrides)
-    return Qwen3Config(**kw)
+    return llama.derived_config_from_hf(Qwen3Config, "Qwen3", hf, default_eps=1e-6, **overrides)
 
 
 def config_to_hf(config: Qwen3Config) -> dict[str, Any]:
