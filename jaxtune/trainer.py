@@ -49,7 +49,7 @@ class TrainState:
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None = None):
     """The model config: named variant + non-None overrides; a from-scratch vocab comes from the tokenizer."""
     m = config.model
-    if m.get("hf_dir"):
+    if m.hf_dir:
         return models.config_from_pretrained(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
     overrides = {k: m[k] for k in _MODEL_OVERRIDE_KEYS if m[k] is not None}
     if "vocab_size" not in overrides and vocab_size is not None:
@@ -86,17 +86,11 @@ def init_from_pretrained(hf_dir: str, model_config, tx: optax.GradientTransforma
 
 
 def _data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """config.data, pointing at the HF dir's tokenizer when model.hf_dir is set and data.tokenizer is not."""
-    if not config.model.get("hf_dir") or config.data.tokenizer:
+    """config.data, reading the HF dir's own tokenizer when model.hf_dir is set and data.tokenizer is not."""
+    if not config.model.hf_dir or config.data.tokenizer:
         return config.data
-    hf_dir = Path(config.model.hf_dir)
-    names = [n for n in ("tokenizer.json", "tokenizer.model") if (hf_dir / n).is_file()]
-    if not names:
-        raise UserError(
-            f"config key 'model.hf_dir': {hf_dir} has no tokenizer.json or tokenizer.model; set data.tokenizer"
-        )
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    data_cfg.tokenizer = str(hf_dir / names[0])
+    data_cfg.tokenizer = config.model.hf_dir  # load_tokenizer picks tokenizer.json, else tokenizer.model
     return data_cfg
 
 
@@ -195,7 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     data = datasets.load_sft_data(_data_config(config), workdir, seed=config.seed)
     tokenizer = data.tokenizer
     model_config = model_config_from(config, vocab_size=tokenizer.vocab_size)
-    if config.model.get("hf_dir") and tokenizer.vocab_size > model_config.vocab_size:
+    if config.model.hf_dir and tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}"
         )
@@ -243,7 +237,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             start_step = int(latest)
             print(f"jaxtune: resuming from step {start_step} in {workdir}", flush=True)
         else:
-            if config.model.get("hf_dir"):
+            if config.model.hf_dir:
                 state = init_from_pretrained(config.model.hf_dir, model_config, tx, state_shardings)
             else:
                 state = init_state(jax.random.key(config.seed))

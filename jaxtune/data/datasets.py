@@ -38,7 +38,7 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: Path, corpus) -> Tokeniz
     """The configured tokenizer, or one trained on the data and cached in the workdir."""
     if cfg.tokenizer:
         path = Path(cfg.tokenizer)
-        if not path.is_file():
+        if not path.exists():  # a tokenizer file, or a directory holding one (HF model dirs)
             raise UserError(f"config key 'data.tokenizer': {path} does not exist")
         return load_tokenizer(path)
     cached = workdir / TOKENIZER_FILE

@@ -146,9 +146,4 @@ def config_to_hf(config: Gemma3Config) -> dict[str, Any]:
 
 def hf_param_maps(config: Gemma3Config) -> list[hf_mapping.ParamMap]:
     maps = gemma2.hf_param_maps(config)
-    for norm in ("q_norm", "k_norm"):
-        maps.append(hf_mapping.layer_param(
-            ("layers", "attn", norm, "scale"), f"model.layers.{{i}}.self_attn.{norm}.weight",
-            range(config.num_layers), hf_mapping.identity(),
-        ))
-    return maps
+    return maps + hf_mapping.qk_norm_maps(config.num_layers)

@@ -73,6 +73,15 @@ def layer_param(path: Sequence[str], hf_pattern: str, layers: Sequence[int], tra
     return ParamMap(tuple(path), tuple(hf_pattern.format(i=i) for i in layers), *transforms, stacked=True)
 
 
+def qk_norm_maps(num_layers: int) -> list[ParamMap]:
+    """Per-head q/k RMSNorm scales (Qwen3, Gemma 3): `self_attn.{q,k}_norm.weight` in every layer."""
+    return [
+        layer_param(("layers", "attn", norm, "scale"), f"model.layers.{{i}}.self_attn.{norm}.weight",
+                    range(num_layers), identity())
+        for norm in ("q_norm", "k_norm")
+    ]
+
+
 # ------------------------------------------------------------------ whole state dicts
 
 
