@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxtune.data import templates as templates_lib
+from jaxtune.data import preference, templates as templates_lib
 from jaxtune.data.builtin import quickstart
 from jaxtune.data.pipeline import DEFAULT_TASK
 from jaxtune.data.sources import JsonlSource
@@ -87,3 +87,19 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
         data.eval_records = [eval_source[i] for i in range(len(eval_source))]
         data.eval_templates = task_templates
     return data
+
+
+@dataclasses.dataclass
+class PreferenceData:
+    tokenizer: Tokenizer
+    train_source: Sequence[dict]
+    train_templates: Mapping[str, Sequence[templates_lib.Template]]
+
+
+def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, unpaired: bool) -> PreferenceData:
+    """Preference pairs (or unpaired KTO examples) from data.train_path, rendered with data.templates."""
+    if cfg.source != "jsonl":
+        raise UserError(f"config key 'data.source' is {cfg.source!r}; preference objectives read JSONL pairs (data.source='jsonl')")
+    source = JsonlSource(cfg.train_path)
+    tokenizer = _tokenizer(cfg, Path(workdir), preference.corpus(source, unpaired=unpaired, limit=_TOKENIZER_SAMPLE))
+    return PreferenceData(tokenizer, source, {DEFAULT_TASK: [tuple(t) for t in cfg.templates]})
