@@ -25,11 +25,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
-from jaxtune import evaluate, metrics as metrics_lib, models, optim, sharding
-from jaxtune.data import datasets, pipeline
+from jaxtune import evaluate, metrics as metrics_lib, models, optim, reference, sharding
+from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
 from jaxtune.generate import greedy_generate
-from jaxtune.objectives import sft_loss
+from jaxtune.objectives import kto_loss, preference_loss, sequence_logps, sft_loss
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,24 @@ def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_ta
 
 def init_from_pretrained(hf_dir: str, model_config, tx: optax.GradientTransformation, state_shardings) -> TrainState:
     """A step-0 train state whose params are read from an HF checkpoint straight into their shards."""
-    params = models.load_params(hf_dir, model_config, state_shardings.params)
+    return state_from_params(models.load_params(hf_dir, model_config, state_shardings.params), tx, state_shardings)
+
+
+def initial_params(config, model_config, abstract_state, state_shardings, init_state) -> Any:
+    """The run's starting params (model.hf_dir, model.init_from or a seeded init), in their shards.
+
+    Deterministic, so a frozen reference copy is rebuilt from it on resume instead of being
+    checkpointed.
+    """
+    if config.model.hf_dir:
+        return models.load_params(config.model.hf_dir, model_config, state_shardings.params)
+    if config.model.init_from:
+        target = checkpoint_lib.abstract_with_shardings(abstract_state.params, state_shardings.params)
+        return checkpoint_lib.restore_params(config.model.init_from, target)
+    return init_state(jax.random.key(config.seed)).params
+
+
+def state_from_params(params, tx: optax.GradientTransformation, state_shardings) -> TrainState:
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step)
     return TrainState(step=step, params=params, opt_state=opt_state)
@@ -100,33 +117,92 @@ def split_microbatches(x: jax.Array, accum: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1)
 
 
+def pair_scores(apply_fn: Callable, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Summed log-probs and lengths [B, 2] of a [B, 2, T] preference batch, in one [2B, T] forward pass.
+
+    The pair axis is folded into the batch axis next to its pair, so sharding B keeps a pair on one device.
+    """
+    rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in pipeline.BATCH_KEYS}
+    logits = apply_fn(params, rows["inputs"], rows["positions"], rows["segment_ids"])
+    logps, lengths = sequence_logps(logits, rows["targets"], rows["loss_mask"])
+    return logps.reshape(-1, 2), lengths.reshape(-1, 2)
+
+
+def make_loss_fn(apply_fn: Callable, *, z_loss: float, objective=None, reference_kind: str = "none") -> Callable:
+    """loss_fn(params, batch, normalizer, ref_params) -> (loss, metrics) for config.objective.
+
+    SFT normalises by the global batch's trained tokens, preference objectives by its pairs, so
+    summing over micro-batches gives the global-batch mean (metrics are scaled the same way).
+    The reference comes from `ref_params` (copy), the batch (precomputed) or nowhere (none).
+    """
+    if objective is None or objective.type == "sft":
+        def sft_loss_fn(params, batch, normalizer, ref_params):
+            logits = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+            return sft_loss(logits, batch, normalizer=normalizer, z_loss=z_loss)
+
+        return sft_loss_fn
+
+    def reference_logps(batch, ref_params):
+        if reference_kind == "copy":
+            return jax.lax.stop_gradient(pair_scores(apply_fn, ref_params, batch)[0])
+        if reference_kind == "precomputed":
+            return jnp.stack([batch[k] for k in preference.REF_KEYS], axis=-1)
+        return jnp.zeros(batch[preference.INDEX_KEY].shape + (2,), jnp.float32)  # reference-free losses
+
+    def preference_loss_fn(params, batch, normalizer, ref_params):
+        logps, lengths = pair_scores(apply_fn, params, batch)
+        ref = reference_logps(batch, ref_params)
+        if objective.type == "kto":
+            losses, metrics = kto_loss(
+                logps[:, 0], ref[:, 0], batch[preference.LABEL_KEY], logps[:, 1], ref[:, 1], beta=objective.beta,
+                desirable_weight=objective.desirable_weight, undesirable_weight=objective.undesirable_weight,
+            )
+        else:
+            losses, metrics = preference_loss(
+                objective.loss_type, logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1],
+                chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1], beta=objective.beta,
+                label_smoothing=objective.label_smoothing, gamma=objective.gamma,
+                desirable_weight=objective.desirable_weight, undesirable_weight=objective.undesirable_weight,
+                sft_weight=objective.sft_weight,
+            )
+        share = losses.shape[0] / normalizer  # this micro-batch's share of the global batch
+        loss = jnp.sum(losses) / normalizer
+        return loss, dict({k: v * share for k, v in metrics.items()}, loss=loss)
+
+    return preference_loss_fn
+
+
 def make_train_step(
     apply_fn: Callable, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *, accum: int,
-    z_loss: float, microbatch_sharding: NamedSharding | None = None,
+    z_loss: float, microbatch_sharding: NamedSharding | None = None, objective=None, reference_kind: str = "none",
 ) -> Callable:
-    """train_step(state, batch) -> (state, metrics); one optimizer step per call."""
+    """train_step(state, batch, ref_params=None) -> (state, metrics); one optimizer step per call.
 
-    def loss_fn(params, batch, normalizer):
-        logits = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-        return sft_loss(logits, batch, normalizer=normalizer, z_loss=z_loss)
-
+    `ref_params` is the frozen reference copy (objective.reference='copy'): never updated, no
+    optimizer state.
+    """
+    loss_fn = make_loss_fn(apply_fn, z_loss=z_loss, objective=objective, reference_kind=reference_kind)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    pairs = objective is not None and objective.type != "sft"
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        # Normalise by the trained tokens of the whole global batch, so accumulation is exact.
-        normalizer = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    def train_step(state: TrainState, batch: dict[str, jax.Array], ref_params=None):
+        # Normalise by the trained tokens (pairs) of the whole global batch, so accumulation is exact.
+        if pairs:
+            normalizer = jnp.asarray(batch["inputs"].shape[0], jnp.float32)
+        else:
+            normalizer = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         if accum == 1:
-            (_, metrics), grads = grad_fn(state.params, batch, normalizer)
+            (_, metrics), grads = grad_fn(state.params, batch, normalizer, ref_params)
         else:
             micro = jax.tree.map(lambda x: split_microbatches(x, accum), batch)
             if microbatch_sharding is not None:
                 micro = jax.lax.with_sharding_constraint(micro, microbatch_sharding)
             first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grad_fn, state.params, first, normalizer)
+            shapes = jax.eval_shape(grad_fn, state.params, first, normalizer, ref_params)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
 
             def body(carry, mb):
-                (_, m), g = grad_fn(state.params, mb, normalizer)
+                (_, m), g = grad_fn(state.params, mb, normalizer, ref_params)
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
             (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
@@ -186,7 +262,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     mesh_shape = config_lib.resolve_mesh_shape(config, len(devices))
     config_lib.validate_for_devices(config, mesh_shape, process_count)
 
-    data = datasets.load_sft_data(_data_config(config), workdir, seed=config.seed)
+    pairs = config.objective.type != "sft"
+    if pairs:
+        data = datasets.load_preference_data(_data_config(config), workdir, unpaired=config.objective.type == "kto")
+    else:
+        data = datasets.load_sft_data(_data_config(config), workdir, seed=config.seed)
     tokenizer = data.tokenizer
     model_config = model_config_from(config, vocab_size=tokenizer.vocab_size)
     if config.model.hf_dir and tokenizer.vocab_size > model_config.vocab_size:
@@ -200,21 +280,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     rule_table = sharding.rules(config.mesh.rules)
     tx, lr_schedule = optim.build(config.optim, config.train.steps)
     seq_len = config.data.seq_len
-    batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
 
     def apply_fn(params, tokens, positions, segment_ids):
         return model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
 
     local_batch = config.train.global_batch_size // process_count
-    dataset, tokenize_stats = pipeline.train_dataset(
-        data.train_source, data.train_templates, tokenizer,
-        seq_len=seq_len, batch_size=local_batch, seed=config.seed, packing=config.data.packing,
-        shuffle=config.data.shuffle, truncation=config.data.truncation, word_dropout=config.data.word_dropout,
-        process_index=jax.process_index(), process_count=process_count, worker_count=config.data.worker_count,
-        read_threads=config.data.read_threads, prefetch=config.data.prefetch,
-    )
-    data_iter = iter(dataset)
+    if pairs:
+        dataset, tokenize_stats = _preference_dataset(config, data, local_batch)
+    else:
+        batch_keys = pipeline.BATCH_KEYS
+        batch_sharding = dict.fromkeys(batch_keys, sharding.batch_sharding(mesh))
+        dataset, tokenize_stats = pipeline.train_dataset(
+            data.train_source, data.train_templates, tokenizer,
+            seq_len=seq_len, batch_size=local_batch, seed=config.seed, packing=config.data.packing,
+            shuffle=config.data.shuffle, truncation=config.data.truncation, word_dropout=config.data.word_dropout,
+            process_index=jax.process_index(), process_count=process_count, worker_count=config.data.worker_count,
+            read_threads=config.data.read_threads, prefetch=config.data.prefetch,
+        )
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
         use_async=config.train.async_checkpoints,
@@ -224,6 +307,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     writer = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
         abstract_state, state_shardings, init_state = plan_state(model, tx, mesh, rule_table, seq_len=seq_len)
+        reference_kind = config_lib.resolved_reference(config)
+
+        def start_params():
+            return initial_params(config, model_config, abstract_state, state_shardings, init_state)
+
+        if pairs:
+            pair_sharding = {k: sharding.batch_sharding(mesh, 3 if k in pipeline.BATCH_KEYS else 1)
+                             for k in preference.batch_keys(tokenize_stats) + preference.REF_KEYS}
+        if reference_kind == "precomputed":  # before the data iterator exists: batches carry the result
+            tokenize_stats.ref_logps = reference.precompute(
+                jax.jit(lambda p, b: pair_scores(apply_fn, p, b)[0], out_shardings=replicated), start_params,
+                data.train_source, tokenize_stats, workdir, batch_size=config.train.global_batch_size,
+                put=lambda b: {k: jax.device_put(v, pair_sharding[k]) for k, v in b.items()},
+                fingerprint=_reference_fingerprint(config, model_config, len(data.train_source)),
+            )
+        if pairs:
+            batch_keys = preference.batch_keys(tokenize_stats)
+            batch_sharding = {k: pair_sharding[k] for k in batch_keys}
+        data_iter = iter(dataset)
 
         latest = checkpointer.latest_step()
         if latest is not None:
@@ -237,11 +339,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             start_step = int(latest)
             print(f"jaxtune: resuming from step {start_step} in {workdir}", flush=True)
         else:
-            if config.model.hf_dir:
-                state = init_from_pretrained(config.model.hf_dir, model_config, tx, state_shardings)
+            if config.model.hf_dir or config.model.init_from:
+                state = state_from_params(start_params(), tx, state_shardings)
             else:
                 state = init_state(jax.random.key(config.seed))
             start_step = 0
+        # The frozen reference: never updated, no optimizer state, rebuilt from the init source on resume.
+        ref_params = start_params() if reference_kind == "copy" else None
 
         num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
         flops_per_token = metrics_lib.train_flops_per_token(
@@ -257,10 +361,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         accum = config.train.grad_accum_steps
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
         step_fn = make_train_step(apply_fn, tx, lr_schedule, accum=accum, z_loss=config.train.z_loss,
-                                  microbatch_sharding=micro_sharding)
+                                  microbatch_sharding=micro_sharding, objective=config.objective,
+                                  reference_kind=reference_kind)
         train_step = jax.jit(
-            step_fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-            donate_argnums=(0,),
+            step_fn, in_shardings=(state_shardings, batch_sharding, state_shardings.params if ref_params is not None else None),
+            out_shardings=(state_shardings, replicated), donate_argnums=(0,),
         )
 
         def run_eval(step: int, show: int = 0) -> dict[str, float]:
@@ -285,9 +390,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         with _StopSignal() as stop:
             for step in range(start_step, config.train.steps):
                 local = next(data_iter)
-                batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k])) for k in pipeline.BATCH_KEYS}
+                batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], np.asarray(local[k])) for k in batch_keys}
                 t0 = time.time()
-                state, step_metrics = train_step(state, batch)
+                state, step_metrics = train_step(state, batch, ref_params)
                 done = step + 1
                 if window_start is None:  # the first step includes compilation: keep it out of tokens/s
                     jax.block_until_ready(step_metrics)
@@ -337,6 +442,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             else:
                 print(f"jaxtune: held-out exact match after training: {eval_after['exact_match']:.1%}", flush=True)
     stats = tokenize_stats.stats
+    if pairs and stats.dropped:
+        print(f"jaxtune: data: {stats.dropped} of {stats.examples} preference pairs dropped (could not fit data.seq_len "
+              f"with a preference left, or data.truncation='drop')", flush=True)
     if stats.truncated or stats.dropped:
         print(f"jaxtune: data: {stats.examples} examples, {stats.truncated} truncated, {stats.dropped} dropped", flush=True)
     checkpointer.close()
@@ -349,6 +457,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     if jax.process_index() == 0:
         print(f"jaxtune: done: {done} steps in {summary.wall_s:.0f}s; outputs in {workdir}", flush=True)
     return summary
+
+
+def _preference_dataset(config, data: datasets.PreferenceData, local_batch: int):
+    """Padded [B, 2, T] pair batches (and the transform, which counts truncated/dropped pairs)."""
+    transform = preference.PreferenceTransform(
+        data.train_source, data.train_templates, data.tokenizer, seq_len=config.data.seq_len,
+        truncation=config.data.truncation, seed=config.seed, unpaired=config.objective.type == "kto",
+    )
+    dataset = preference.preference_dataset(
+        data.train_source, transform, batch_size=local_batch, seed=config.seed, shuffle=config.data.shuffle,
+        process_index=jax.process_index(), process_count=jax.process_count(), read_threads=config.data.read_threads,
+        prefetch=config.data.prefetch,
+    )
+    return dataset, transform
+
+
+def _reference_fingerprint(config, model_config, num_records: int) -> dict:
+    """What precomputed reference log-probs depend on; a stored table for other values is refused."""
+    return {
+        "records": num_records, "train_path": config.data.train_path, "templates": config_lib.to_json_dict(config.data)["templates"],
+        "seq_len": config.data.seq_len, "truncation": config.data.truncation, "seed": config.seed,
+        "tokenizer": config.data.tokenizer, "model": repr(model_config), "hf_dir": config.model.hf_dir,
+        "init_from": config.model.init_from, "objective": config.objective.type,
+    }
 
 
 def _print_fn(progress):

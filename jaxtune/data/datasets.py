@@ -94,6 +94,7 @@ class PreferenceData:
     tokenizer: Tokenizer
     train_source: Sequence[dict]
     train_templates: Mapping[str, Sequence[templates_lib.Template]]
+    eval_records: Sequence[dict] = ()  # no generative eval for preference runs
 
 
 def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, unpaired: bool) -> PreferenceData:
