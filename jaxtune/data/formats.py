@@ -117,6 +117,7 @@ class TaskRecords:
         if fmt not in FORMATS:
             raise UserError(f"task {task!r}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         self.source, self.fmt, self.fields, self.task = source, fmt, dict(fields or {}), task
+        self.on_error = on_error
         self.skipped_at_open = 0
         self._index: np.ndarray | None = None
         if fmt == "self_instruct":
@@ -141,6 +142,14 @@ class TaskRecords:
         return len(self._index) if self._index is not None else len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self._read(index)
+        except SourceError as e:
+            if self.on_error != "skip":
+                raise
+            return {"_error": str(e), "_where": str(e).split(": ", 1)[0]}
+
+    def _read(self, index: int) -> dict[str, Any]:
         if self._index is not None:
             record, instance = self._index[index]
             return self._expand(self.source[int(record)])[int(instance)]
