@@ -64,15 +64,11 @@ def render_options(fields: Mapping[str, Any], *, style: str, options_field: str,
     else:
         heading, (marker, kind) = DETERMINISTIC_HEADING, MARKERS[0]
     out = dict(fields)
-    if kind is None:
-        lines = [f"{marker} {o}" for o in options]
-        if answer_field in fields and not isinstance(fields[answer_field], str):
-            out[answer_field] = options[_answer_index(options, fields[answer_field], where)]
-    else:
-        marks = [marker.format(_label(kind, i)) for i in range(len(options))]
-        lines = [f"{m} {o}" for m, o in zip(marks, options)]
-        if answer_field in fields:
-            out[answer_field] = marks[_answer_index(options, fields[answer_field], where)]
+    marks = [marker if kind is None else marker.format(_label(kind, i)) for i in range(len(options))]
+    lines = [f"{m} {o}" for m, o in zip(marks, options)]
+    if answer_field in fields:
+        answer = _answer_index(options, fields[answer_field], where)
+        out[answer_field] = options[answer] if kind is None else marks[answer]
     out[OPTIONS_PLACEHOLDER] = heading + "\n" + "\n".join(lines)
     return out
 
