@@ -102,6 +102,14 @@ class PipelineStats:
         return batch
 
 
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside an absl app nobody parses them (defaults are fine)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def build_dataset(
     tasks: Sequence[TaskSpec],
     tokenizer: Tokenizer,
@@ -144,6 +152,7 @@ def build_dataset(
     # use worker processes.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
     if worker_count > 0:
+        _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     stats = PipelineStats({t.name: TaskStats(lengths=[] if collect_lengths else None) for t in tasks})
     it = it.map(CountExamples(stats.tasks, [t.name for t in tasks])).filter(is_example).map(strip_meta)
