@@ -7,6 +7,7 @@ exact resume -> jitted train step (sharded in/out, donated state) -> log / eval 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -30,6 +31,7 @@ from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
 from jaxtune.generate import greedy_generate
 from jaxtune.objectives import kto_loss, preference_loss, sequence_logps, sft_loss
+from jaxtune.peft import lora, quant
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +43,51 @@ _MODEL_OVERRIDE_KEYS = (
 
 @flax.struct.dataclass
 class TrainState:
+    """`params` is what the optimizer trains: every weight, or (LoRA) the "lora" adapters only.
+    `frozen` is the LoRA base ("params" collection, maybe quantised): an argument of every step,
+    never differentiated, donated and passed through, and never checkpointed. None otherwise."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+    frozen: Any = None
 
 
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None = None):
     """The model config: named variant + non-None overrides; a from-scratch vocab comes from the tokenizer."""
     m = config.model
+    peft = lora.spec_from_config(config.peft) if "peft" in config else None
     if m.hf_dir:
-        return models.config_from_pretrained(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
+        return models.config_from_pretrained(
+            m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy).replace(peft=peft)
     overrides = {k: m[k] for k in _MODEL_OVERRIDE_KEYS if m[k] is not None}
     if "vocab_size" not in overrides and vocab_size is not None:
         overrides["vocab_size"] = vocab_size
-    overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
+    overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, peft=peft)
     return models.get_config(m.family, m.variant, **overrides)
+
+
+def peft_base_pointer(config: ml_collections.ConfigDict) -> dict | None:
+    """Where a LoRA run's frozen base comes from (written beside its adapters-only checkpoints)."""
+    if config.peft.method == "none":
+        return None
+    if config.model.hf_dir:
+        return {"hf_dir": config.model.hf_dir}
+    return {"family": config.model.family, "variant": config.model.variant, "seed": config.seed}
+
+
+def make_apply_fn(model: nn.Module) -> Callable:
+    """apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None) -> logits.
+
+    Full fine-tuning: params are the weights. LoRA: params are the adapters and `frozen` the base;
+    `apply_fn(state.frozen, ...)` (no adapters) is the base model, the free reference for DPO.
+    """
+
+    def apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None):
+        variables = {"params": params} if frozen is None else {"params": frozen, lora.COLLECTION: params}
+        return model.apply(variables, tokens, positions=positions, segment_ids=segment_ids, rngs=rngs)
+
+    return apply_fn
 
 
 def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_table, *, seq_len: int):
@@ -67,27 +99,72 @@ def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_ta
     logical-rules context.
     """
 
+    spec = model.config.peft
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+
     def init_boxed(rng):
-        params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        if spec is None:
+            params = model.init(rng, tokens)["params"]
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        # LoRA: the base is exactly the plain model's init from the seed (what full fine-tuning
+        # would start from); adapters come from their own stream.
+        base = base_model(model).init(rng, tokens)["params"]
+        adapters = model.init(jax.random.fold_in(rng, 1), tokens)[lora.COLLECTION]
+        base = quantize_base(base, spec)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters), frozen=base)
+
+    def init(rng):
+        state = sharding.unbox(init_boxed(rng))
+        if spec is not None:
+            state = state.replace(params=lora.init_magnitudes(state.frozen, state.params, spec))
+        return state
 
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     shardings = sharding.logical_shardings(abstract_boxed, mesh, rule_table)
-    init = jax.jit(lambda rng: sharding.unbox(init_boxed(rng)), out_shardings=shardings)
-    return sharding.unbox(abstract_boxed), shardings, init
+    return sharding.unbox(abstract_boxed), shardings, jax.jit(init, out_shardings=shardings)
 
 
-def init_from_pretrained(hf_dir: str, model_config, tx: optax.GradientTransformation, state_shardings) -> TrainState:
-    """A step-0 train state whose params are read from an HF checkpoint straight into their shards."""
-    return state_from_params(models.load_params(hf_dir, model_config, state_shardings.params), tx, state_shardings)
+def base_model(model: nn.Module) -> nn.Module:
+    """The model without adapters (its params are the base params of the LoRA model)."""
+    return models.build(model.config.replace(peft=None))
 
 
-def initial_params(config, model_config, abstract_state, state_shardings, init_state) -> Any:
-    """The run's starting params (model.hf_dir, model.init_from or a seeded init), in their shards.
+def quantize_base(base, spec):
+    """QLoRA: the decoder projections' kernels as NF4/int8 codes (identity without quantize)."""
+    if spec is None or spec.quantize == "none":
+        return base
+    return quant.quantize_params(base, spec.quantize, spec.quant_block_size)
+
+
+def init_from_pretrained(hf_dir: str, model_config, tx: optax.GradientTransformation, state_shardings,
+                         init_state: Callable | None = None, mesh=None, rule_table=None, seed: int = 0) -> TrainState:
+    """A step-0 train state whose params are read from an HF checkpoint straight into their shards.
+
+    LoRA (`model_config.peft`): the checkpoint is the frozen base; adapters come from `init_state`.
+    """
+    if model_config.peft is not None:
+        base = load_base(hf_dir, model_config, state_shardings, mesh, rule_table)
+        adapters_only = jax.jit(lambda rng: init_state(rng).replace(frozen=None),  # XLA drops the random base
+                                out_shardings=state_shardings.replace(frozen=None))
+        state = adapters_only(jax.random.key(seed)).replace(frozen=base)
+        magnitudes = jax.jit(functools.partial(lora.init_magnitudes, spec=model_config.peft),
+                             out_shardings=state_shardings.params)
+        return state.replace(params=magnitudes(base, state.params))
+    params = models.load_params(hf_dir, model_config, state_shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def initial_params(config, model_config, abstract_state, state_shardings, init_state, mesh, rule_table) -> Any:
+    """The reference weights a run starts from: model.hf_dir, model.init_from or the seeded init
+    (LoRA: the frozen base), in their shards.
 
     Deterministic, so a frozen reference copy is rebuilt from it on resume instead of being
     checkpointed.
     """
+    if model_config.peft is not None:
+        return _frozen_base(config, model_config, init_state, state_shardings, mesh, rule_table)
     if config.model.hf_dir:
         return models.load_params(config.model.hf_dir, model_config, state_shardings.params)
     if config.model.init_from:
@@ -97,9 +174,20 @@ def initial_params(config, model_config, abstract_state, state_shardings, init_s
 
 
 def state_from_params(params, tx: optax.GradientTransformation, state_shardings) -> TrainState:
+    """A step-0 full fine-tuning state around `params`."""
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step)
-    return TrainState(step=step, params=params, opt_state=opt_state)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step), params=params,
+                      opt_state=opt_state)
+
+
+def load_base(hf_dir: str, model_config, state_shardings, mesh, rule_table):
+    """A LoRA run's frozen base from an HF dir, in its shardings (quantised when QLoRA)."""
+    plain = base_model(models.build(model_config))
+    abstract = jax.eval_shape(plain.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    base = models.load_params(hf_dir, plain.config, sharding.logical_shardings(abstract, mesh, rule_table))
+    if model_config.peft.quantize == "none":
+        return base
+    return jax.jit(functools.partial(quantize_base, spec=model_config.peft), out_shardings=state_shardings.frozen)(base)
 
 
 def _data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -117,41 +205,47 @@ def split_microbatches(x: jax.Array, accum: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1)
 
 
-def pair_scores(apply_fn: Callable, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def pair_scores(apply_fn: Callable, params, batch: dict[str, jax.Array], frozen=None, rngs=None):
     """Summed log-probs and lengths [B, 2] of a [B, 2, T] preference batch, in one [2B, T] forward pass.
 
     The pair axis is folded into the batch axis next to its pair, so sharding B keeps a pair on one device.
     """
     rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in pipeline.BATCH_KEYS}
-    logits = apply_fn(params, rows["inputs"], rows["positions"], rows["segment_ids"])
+    logits = apply_fn(params, rows["inputs"], rows["positions"], rows["segment_ids"], frozen=frozen, rngs=rngs)
     logps, lengths = sequence_logps(logits, rows["targets"], rows["loss_mask"])
     return logps.reshape(-1, 2), lengths.reshape(-1, 2)
 
 
 def make_loss_fn(apply_fn: Callable, *, z_loss: float, objective=None, reference_kind: str = "none") -> Callable:
-    """loss_fn(params, batch, normalizer, ref_params) -> (loss, metrics) for config.objective.
+    """loss_fn(params, batch, normalizer, frozen, rng, ref_params) -> (loss, metrics) for config.objective.
 
     SFT normalises by the global batch's trained tokens, preference objectives by its pairs, so
     summing over micro-batches gives the global-batch mean (metrics are scaled the same way).
-    The reference comes from `ref_params` (copy), the batch (precomputed) or nowhere (none).
+    The reference log-probs come from `ref_params` (copy), the LoRA model without its adapters
+    (base: no extra weights), the batch (precomputed), or nowhere (none: reference-free losses).
     """
-    if objective is None or objective.type == "sft":
-        def sft_loss_fn(params, batch, normalizer, ref_params):
-            logits = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-            return sft_loss(logits, batch, normalizer=normalizer, z_loss=z_loss)
 
+    def sft_loss_fn(params, batch, normalizer, frozen=None, rng=None, ref_params=None):
+        rngs = None if rng is None else {"dropout": rng}
+        logits = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"], frozen=frozen, rngs=rngs)
+        return sft_loss(logits, batch, normalizer=normalizer, z_loss=z_loss)
+
+    if objective is None or objective.type == "sft":
         return sft_loss_fn
 
-    def reference_logps(batch, ref_params):
+    def reference_logps(batch, frozen, ref_params):
         if reference_kind == "copy":
             return jax.lax.stop_gradient(pair_scores(apply_fn, ref_params, batch)[0])
+        if reference_kind == "base":
+            return jax.lax.stop_gradient(pair_scores(apply_fn, frozen, batch)[0])
         if reference_kind == "precomputed":
             return jnp.stack([batch[k] for k in preference.REF_KEYS], axis=-1)
         return jnp.zeros(batch[preference.INDEX_KEY].shape + (2,), jnp.float32)  # reference-free losses
 
-    def preference_loss_fn(params, batch, normalizer, ref_params):
-        logps, lengths = pair_scores(apply_fn, params, batch)
-        ref = reference_logps(batch, ref_params)
+    def preference_loss_fn(params, batch, normalizer, frozen=None, rng=None, ref_params=None):
+        rngs = None if rng is None else {"dropout": rng}
+        logps, lengths = pair_scores(apply_fn, params, batch, frozen=frozen, rngs=rngs)
+        ref = reference_logps(batch, frozen, ref_params)
         if objective.type == "kto":
             losses, metrics = kto_loss(
                 logps[:, 0], ref[:, 0], batch[preference.LABEL_KEY], logps[:, 1], ref[:, 1], beta=objective.beta,
@@ -174,13 +268,17 @@ def make_loss_fn(apply_fn: Callable, *, z_loss: float, objective=None, reference
 
 def make_train_step(
     apply_fn: Callable, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *, accum: int,
-    z_loss: float, microbatch_sharding: NamedSharding | None = None, objective=None, reference_kind: str = "none",
+    z_loss: float, microbatch_sharding: NamedSharding | None = None, seed: int = 0, objective=None,
+    reference_kind: str = "none",
 ) -> Callable:
     """train_step(state, batch, ref_params=None) -> (state, metrics); one optimizer step per call.
 
+    Gradients are taken w.r.t. state.params only (LoRA: the adapters); state.frozen is passed to
+    apply_fn and returned untouched. Each (step, micro-batch) gets its own dropout rng.
     `ref_params` is the frozen reference copy (objective.reference='copy'): never updated, no
     optimizer state.
     """
+    dropout_key = jax.random.fold_in(jax.random.key(seed), 0x1d0)
     loss_fn = make_loss_fn(apply_fn, z_loss=z_loss, objective=objective, reference_kind=reference_kind)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     pairs = objective is not None and objective.type != "sft"
@@ -191,26 +289,29 @@ def make_train_step(
             normalizer = jnp.asarray(batch["inputs"].shape[0], jnp.float32)
         else:
             normalizer = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        step_key = jax.random.fold_in(dropout_key, state.step)
         if accum == 1:
-            (_, metrics), grads = grad_fn(state.params, batch, normalizer, ref_params)
+            (_, metrics), grads = grad_fn(state.params, batch, normalizer, state.frozen, step_key, ref_params)
         else:
             micro = jax.tree.map(lambda x: split_microbatches(x, accum), batch)
             if microbatch_sharding is not None:
                 micro = jax.lax.with_sharding_constraint(micro, microbatch_sharding)
             first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grad_fn, state.params, first, normalizer, ref_params)
+            shapes = jax.eval_shape(grad_fn, state.params, first, normalizer, state.frozen, step_key, ref_params)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
 
-            def body(carry, mb):
-                (_, m), g = grad_fn(state.params, mb, normalizer, ref_params)
+            def body(carry, xs):
+                mb, i = xs
+                (_, m), g = grad_fn(state.params, mb, normalizer, state.frozen, jax.random.fold_in(step_key, i),
+                                    ref_params)
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
-            (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+            (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state.step))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
@@ -250,6 +351,7 @@ class RunSummary:
     metrics: dict[str, float]
     eval_before: dict[str, float] | None
     eval_after: dict[str, float] | None
+    param_bytes: int = 0  # weights held on the devices: trained + frozen + reference copy
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Sequence[jax.Device] | None = None) -> RunSummary:
@@ -275,6 +377,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         )
     config_lib.validate_for_model(config, model_config.max_position_embeddings)
     model = models.build(model_config)
+    num_params = models.count_params(model_config)  # the base model's (outside the mesh context)
 
     mesh = sharding.build_mesh(mesh_shape, devices)
     rule_table = sharding.rules(config.mesh.rules)
@@ -282,27 +385,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     seq_len = config.data.seq_len
     replicated = sharding.replicated(mesh)
 
-    def apply_fn(params, tokens, positions, segment_ids):
-        return model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
+    apply_fn = make_apply_fn(model)
+
+    def eval_apply(params_and_frozen, tokens, positions, segment_ids):  # (state.params, state.frozen)
+        return apply_fn(params_and_frozen[0], tokens, positions, segment_ids, frozen=params_and_frozen[1])
 
     local_batch = config.train.global_batch_size // process_count
     if pairs:
-        dataset, tokenize_stats = _preference_dataset(config, data, local_batch)
+        dataset, data_stats = _preference_dataset(config, data, local_batch)
     else:
         batch_keys = pipeline.BATCH_KEYS
         batch_sharding = dict.fromkeys(batch_keys, sharding.batch_sharding(mesh))
-        dataset, tokenize_stats = pipeline.train_dataset(
-            data.train_source, data.train_templates, tokenizer,
-            seq_len=seq_len, batch_size=local_batch, seed=config.seed, packing=config.data.packing,
-            shuffle=config.data.shuffle, truncation=config.data.truncation, word_dropout=config.data.word_dropout,
-            process_index=jax.process_index(), process_count=process_count, worker_count=config.data.worker_count,
-            read_threads=config.data.read_threads, prefetch=config.data.prefetch,
+        dataset, data_stats = datasets.train_dataset(
+            data, config.data, batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
+            process_count=process_count,
         )
+        if len(data.tasks) > 1 and jax.process_index() == 0:
+            print(f"jaxtune: data mixture ({data.mixture.mode}):\n{data.mixture.describe()}", flush=True)
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
         use_async=config.train.async_checkpoints,
     )
     config_json = config_lib.to_json_dict(config)
+    if peft_base_pointer(config):
+        config_json["peft_base"] = peft_base_pointer(config)
     progress = None
     writer = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
@@ -310,20 +416,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         reference_kind = config_lib.resolved_reference(config)
 
         def start_params():
-            return initial_params(config, model_config, abstract_state, state_shardings, init_state)
+            return initial_params(config, model_config, abstract_state, state_shardings, init_state, mesh, rule_table)
 
         if pairs:
             pair_sharding = {k: sharding.batch_sharding(mesh, 3 if k in pipeline.BATCH_KEYS else 1)
-                             for k in preference.batch_keys(tokenize_stats) + preference.REF_KEYS}
+                             for k in preference.batch_keys(data_stats) + preference.REF_KEYS}
         if reference_kind == "precomputed":  # before the data iterator exists: batches carry the result
-            tokenize_stats.ref_logps = reference.precompute(
+            data_stats.ref_logps = reference.precompute(
                 jax.jit(lambda p, b: pair_scores(apply_fn, p, b)[0], out_shardings=replicated), start_params,
-                data.train_source, tokenize_stats, workdir, batch_size=config.train.global_batch_size,
+                data.train_source, data_stats, workdir, batch_size=config.train.global_batch_size,
                 put=lambda b: {k: jax.device_put(v, pair_sharding[k]) for k, v in b.items()},
                 fingerprint=_reference_fingerprint(config, model_config, len(data.train_source)),
             )
         if pairs:
-            batch_keys = preference.batch_keys(tokenize_stats)
+            batch_keys = preference.batch_keys(data_stats)
             batch_sharding = {k: pair_sharding[k] for k in batch_keys}
         data_iter = iter(dataset)
 
@@ -333,21 +439,34 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             changed = checkpoint_lib.config_differences(saved, config_json) if saved else []
             if changed:
                 log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
-            state = checkpointer.restore(
-                latest, checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings), data_iter
-            )
+            saved_state = checkpoint_lib.abstract_with_shardings(abstract_state.replace(frozen=None),
+                                                                 state_shardings.replace(frozen=None))
+            state = checkpointer.restore(latest, saved_state, data_iter)
+            if model_config.peft is not None:  # adapters-only checkpoint: re-create the base
+                state = state.replace(frozen=_frozen_base(config, model_config, init_state, state_shardings,
+                                                          mesh, rule_table))
             start_step = int(latest)
             print(f"jaxtune: resuming from step {start_step} in {workdir}", flush=True)
         else:
-            if config.model.hf_dir or config.model.init_from:
+            if config.model.hf_dir:
+                state = init_from_pretrained(config.model.hf_dir, model_config, tx, state_shardings,
+                                             init_state, mesh, rule_table, seed=config.seed)
+            elif config.model.init_from:
                 state = state_from_params(start_params(), tx, state_shardings)
             else:
                 state = init_state(jax.random.key(config.seed))
             start_step = 0
         # The frozen reference: never updated, no optimizer state, rebuilt from the init source on resume.
         ref_params = start_params() if reference_kind == "copy" else None
+        param_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.frozen, ref_params)))
+        if pairs:
+            print(f"jaxtune: {config.objective.type} objective ({config.objective.loss_type}), reference: "
+                  f"{_REFERENCE_NAMES[reference_kind]}", flush=True)
 
-        num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+        if model_config.peft is not None:
+            adapters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+            print(f"jaxtune: {config.peft.method} adapters {adapters / 1e6:.3f}M trainable params "
+                  f"({adapters / num_params:.2%} of the base)", flush=True)
         flops_per_token = metrics_lib.train_flops_per_token(
             num_params, model_config.num_layers, model_config.hidden_size, seq_len
         )
@@ -361,7 +480,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         accum = config.train.grad_accum_steps
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
         step_fn = make_train_step(apply_fn, tx, lr_schedule, accum=accum, z_loss=config.train.z_loss,
-                                  microbatch_sharding=micro_sharding, objective=config.objective,
+                                  microbatch_sharding=micro_sharding, seed=config.seed, objective=config.objective,
                                   reference_kind=reference_kind)
         train_step = jax.jit(
             step_fn, in_shardings=(state_shardings, batch_sharding, state_shardings.params if ref_params is not None else None),
@@ -371,7 +490,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         def run_eval(step: int, show: int = 0) -> dict[str, float]:
             if not data.eval_records:
                 return {}
-            scores = evaluate_generative(apply_fn, state.params, data, config, show=show, printer=_print_fn(progress))
+            scores = evaluate_generative(eval_apply, (state.params, state.frozen), data, config, show=show,
+                                         printer=_print_fn(progress))
             writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
             return scores
 
@@ -441,26 +561,39 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 )
             else:
                 print(f"jaxtune: held-out exact match after training: {eval_after['exact_match']:.1%}", flush=True)
-    stats = tokenize_stats.stats
-    if pairs and stats.dropped:
-        print(f"jaxtune: data: {stats.dropped} of {stats.examples} preference pairs dropped (could not fit data.seq_len "
-              f"with a preference left, or data.truncation='drop')", flush=True)
-    if stats.truncated or stats.dropped:
-        print(f"jaxtune: data: {stats.examples} examples, {stats.truncated} truncated, {stats.dropped} dropped", flush=True)
+    if pairs and data_stats.stats.dropped:
+        stats = data_stats.stats
+        print(f"jaxtune: data: {stats.dropped} of {stats.examples} preference pairs dropped (could not fit "
+              "data.seq_len with a preference left, or data.truncation='drop')", flush=True)
+    elif jax.process_index() == 0 and not pairs and data_stats.slots:
+        print("jaxtune: data (this process):\n  " + "\n  ".join(data_stats.report()), flush=True)
     checkpointer.close()
     writer.close()
     summary = RunSummary(
         steps=done, wall_s=time.time() - wall_start, train_s=train_time,
         tokens_per_s=last_row.get("tokens_per_s", 0.0), stopped_early=stopped_early, metrics=last_row,
-        eval_before=eval_before, eval_after=eval_after,
+        eval_before=eval_before, eval_after=eval_after, param_bytes=param_bytes,
     )
     if jax.process_index() == 0:
         print(f"jaxtune: done: {done} steps in {summary.wall_s:.0f}s; outputs in {workdir}", flush=True)
     return summary
 
 
+def _frozen_base(config, model_config, init_state, state_shardings, mesh, rule_table):
+    """A LoRA run's base on resume: reloaded from model.hf_dir or re-initialised from the seed."""
+    if config.model.hf_dir:
+        return load_base(config.model.hf_dir, model_config, state_shardings, mesh, rule_table)
+    return jax.jit(lambda rng: init_state(rng).frozen, out_shardings=state_shardings.frozen)(jax.random.key(config.seed))
+
+
+_REFERENCE_NAMES = {
+    "none": "none (reference-free loss)", "copy": "frozen copy of the initial weights",
+    "base": "the base model without its adapters (no extra weights)", "precomputed": f"precomputed ({reference.STORE_DIR}/)",
+}
+
+
 def _preference_dataset(config, data: datasets.PreferenceData, local_batch: int):
-    """Padded [B, 2, T] pair batches (and the transform, which counts truncated/dropped pairs)."""
+    """Padded [B, 2, T] pair batches, and the transform (which counts truncated/dropped pairs)."""
     transform = preference.PreferenceTransform(
         data.train_source, data.train_templates, data.tokenizer, seq_len=config.data.seq_len,
         truncation=config.data.truncation, seed=config.seed, unpaired=config.objective.type == "kto",
@@ -474,12 +607,13 @@ def _preference_dataset(config, data: datasets.PreferenceData, local_batch: int)
 
 
 def _reference_fingerprint(config, model_config, num_records: int) -> dict:
-    """What precomputed reference log-probs depend on; a stored table for other values is refused."""
+    """What precomputed reference log-probs depend on; a stored table made for other values is refused."""
     return {
-        "records": num_records, "train_path": config.data.train_path, "templates": config_lib.to_json_dict(config.data)["templates"],
-        "seq_len": config.data.seq_len, "truncation": config.data.truncation, "seed": config.seed,
-        "tokenizer": config.data.tokenizer, "model": repr(model_config), "hf_dir": config.model.hf_dir,
-        "init_from": config.model.init_from, "objective": config.objective.type,
+        "records": num_records, "train_path": config.data.train_path,
+        "templates": config_lib.to_json_dict(config.data)["templates"], "seq_len": config.data.seq_len,
+        "truncation": config.data.truncation, "seed": config.seed, "tokenizer": config.data.tokenizer,
+        "model": repr(model_config), "hf_dir": config.model.hf_dir, "init_from": config.model.init_from,
+        "objective": config.objective.type,
     }
 
 

@@ -69,8 +69,7 @@ class Setup:
                 truncation="truncate", seed=0, unpaired=unpaired)
             self.batches[unpaired] = preference.preference_dataset(source, transform, batch_size=8, seed=0)
 
-    def apply_fn(self, params, tokens, positions, segment_ids):
-        return self.model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
+        self.apply_fn = trainer.make_apply_fn(self.model)
 
     def state(self, seed=0):
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -92,7 +91,7 @@ def test_every_loss_type_takes_a_step(setup):
     batches = {k: next(iter(ds)) for k, ds in setup.batches.items()}
     vocab = int(max(b["inputs"].max() for b in batches.values())) + 1
 
-    def bigram(params, tokens, positions, segment_ids):
+    def bigram(params, tokens, positions, segment_ids, frozen=None, rngs=None):
         return params["w"][tokens]
 
     params = {"w": jax.random.normal(jax.random.key(0), (vocab, vocab))}
@@ -149,16 +148,24 @@ def test_each_loss_type_trains(files, tmp_path, loss):
         assert all(math.isfinite(r[key]) for r in rows.values()), key
 
 
-def test_step0_dpo_is_ln2_with_zero_rewards_for_copy_and_precomputed(files, tmp_path):
-    first = {}
-    for kind in ("copy", "precomputed"):
-        trainer.train(dpo_config(files, **{"objective.reference": kind, "train.steps": 1}), tmp_path / kind)
+def test_step0_dpo_is_ln2_with_zero_rewards_for_every_reference(files, tmp_path):
+    """(a) LoRA base model, (b) frozen copy, (c) precomputed: the same step-0 loss; LoRA holds no copy."""
+    first, summaries = {}, {}
+    runs = {"copy": {"objective.reference": "copy"}, "precomputed": {"objective.reference": "precomputed"},
+            "lora": {"peft.method": "lora"}}
+    for kind, overrides in runs.items():
+        summaries[kind] = trainer.train(dpo_config(files, **overrides, **{"train.steps": 1}), tmp_path / kind)
         first[kind] = _rows(tmp_path / kind)[1]
         assert first[kind]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
             assert first[kind][key] == pytest.approx(0.0, abs=1e-6)
     assert (tmp_path / "precomputed" / reference.STORE_DIR / "done.json").is_file()
     assert first["copy"]["logps/chosen"] == pytest.approx(first["precomputed"]["logps/chosen"], rel=1e-6)
+    # LoRA's base is the same seeded init and its adapters start as a no-op: the same policy.
+    assert first["lora"]["logps/chosen"] == pytest.approx(first["copy"]["logps/chosen"], rel=1e-5)
+    # Weights on the devices: a full copy doubles them; LoRA adds only the adapters to the base.
+    assert summaries["precomputed"].param_bytes * 2 == summaries["copy"].param_bytes
+    assert summaries["precomputed"].param_bytes < summaries["lora"].param_bytes < 1.3 * summaries["precomputed"].param_bytes
 
 
 def test_precomputed_pass_resumes_from_stored_chunks(tmp_path):

@@ -31,7 +31,8 @@ import grain
 import numpy as np
 
 from jaxtune.data import templates as templates_lib
-from jaxtune.data.pipeline import BATCH_KEYS, DEFAULT_TASK, TokenizeStats, encode_prompt
+from jaxtune.data.examples import DEFAULT_TASK, TokenizeStats, encode_prompt
+from jaxtune.data.pipeline import BATCH_KEYS
 from jaxtune.data.tokenizers import Tokenizer
 from jaxtune.errors import UserError
 
