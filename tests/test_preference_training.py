@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtune import config as config_lib
-from jaxtune import models, optim, reference, sharding, trainer
+from jaxtune import cli, models, optim, reference, sharding, trainer
 from jaxtune.data import preference
 from jaxtune.data.sources import JsonlSource
 from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
@@ -140,10 +140,13 @@ def test_dpo_learns_a_held_out_preference(setup, files, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSSES)
-def test_each_loss_type_trains(files, tmp_path, loss):
-    summary = trainer.train(dpo_config(files, loss), tmp_path / loss)
+def test_each_loss_type_trains_from_the_cli(files, tmp_path, loss):
+    data = files["kto" if loss == "kto" else "pairs"]
+    values = {**TINY, "data.train_path": data, "data.tokenizer": files["tokenizer"]}
+    argv = ["train", "--config", f"configs/dpo.py:loss={loss}", "--workdir", str(tmp_path / loss)]
+    assert cli.main(argv + [f"--config.{k}={v}" for k, v in values.items()]) == 0
     rows = _rows(tmp_path / loss)
-    assert summary.steps == 2 and sorted(rows) == [1, 2]
+    assert sorted(rows) == [1, 2]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert all(math.isfinite(r[key]) for r in rows.values()), key
 
