@@ -110,6 +110,41 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def example_stream(
+    tasks: Sequence[TaskSpec],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    seed: int,
+    rates: Sequence[float] | None = None,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+    read_threads: int = 0,
+    prefetch: int = 0,
+) -> grain.IterDataset:
+    """The mixed, per-process stream of examples and skip markers (see `build_dataset`)."""
+    streams = []
+    for i, task in enumerate(tasks):
+        ds = grain.MapDataset.source(task.records)
+        if shuffle:
+            ds = ds.shuffle(seed=seed + i)
+        ds = ds.repeat(None)
+        streams.append(ds.map_with_index(ExampleBuilder(task, i, tokenizer, seq_len=seq_len, seed=seed)))
+    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights=list(rates or [1.0] * len(streams)))
+    ds = ds[process_index::process_count]
+    # Grain's defaults (16 threads, 500 prefetched elements) cost more in bookkeeping than the
+    # per-example work here; reading in the training thread is cheapest, and JAX's asynchronous
+    # dispatch already overlaps it with the device step. Heavy pipelines raise read_threads or
+    # use worker processes.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
+    if worker_count > 0:
+        _absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
 def build_dataset(
     tasks: Sequence[TaskSpec],
     tokenizer: Tokenizer,
@@ -137,23 +172,9 @@ def build_dataset(
     worker processes (same order for any count); count; pack (first/best fit) or pad; batch.
     The iterator state of the whole graph (mixture included) checkpoints with Grain.
     """
-    streams = []
-    for i, task in enumerate(tasks):
-        ds = grain.MapDataset.source(task.records)
-        if shuffle:
-            ds = ds.shuffle(seed=seed + i)
-        ds = ds.repeat(None)
-        streams.append(ds.map_with_index(ExampleBuilder(task, i, tokenizer, seq_len=seq_len, seed=seed)))
-    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights=list(rates or [1.0] * len(streams)))
-    ds = ds[process_index::process_count]
-    # Grain's defaults (16 threads, 500 prefetched elements) cost more in bookkeeping than the
-    # per-example work here; reading in the training thread is cheapest, and JAX's asynchronous
-    # dispatch already overlaps it with the device step. Heavy pipelines raise read_threads or
-    # use worker processes.
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
-    if worker_count > 0:
-        _absl_flags_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    it = example_stream(tasks, tokenizer, seq_len=seq_len, seed=seed, rates=rates, shuffle=shuffle,
+                        process_index=process_index, process_count=process_count, worker_count=worker_count,
+                        read_threads=read_threads, prefetch=prefetch)
     stats = PipelineStats({t.name: TaskStats(lengths=[] if collect_lengths else None) for t in tasks})
     it = it.map(CountExamples(stats.tasks, [t.name for t in tasks])).filter(is_example).map(strip_meta)
     if packing:
