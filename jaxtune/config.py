@@ -103,6 +103,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.1
     c.optim.clip_norm = 1.0  # 0 disables clipping
 
+    # Parameter-efficient fine-tuning (jaxtune/peft): adapters train, the base stays frozen and
+    # is not checkpointed (the config points to it: model.hf_dir, or family/variant + seed).
+    c.peft = ml_collections.ConfigDict()
+    c.peft.method = "none"  # none (full fine-tuning) | lora | dora
+    c.peft.rank = 8
+    c.peft.alpha = 16.0
+    c.peft.dropout = 0.0  # on the adapter input, training only
+    c.peft.rslora = False  # scaling alpha/sqrt(rank) instead of alpha/rank
+    c.peft.targets = "q,k,v,o"  # comma list of q,k,v,o,gate,up,down, or "all-linear"
+    c.peft.quantize = "none"  # none | nf4 | int8: QLoRA base weights (decoder projections)
+    c.peft.quant_block_size = 64
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 takes the devices left over by the other axes
     c.mesh.fsdp = 1
@@ -374,6 +386,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"config key 'mesh.{axis}' must be a positive size or -1, got {size}")
     if sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
         raise UserError("config keys mesh.data/fsdp/tensor: at most one axis may be -1")
+    from jaxtune.peft import lora  # a leaf module: spec parsing and validation
+
+    lora.spec_from_config(config.peft)
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], process_count: int) -> None:
