@@ -152,17 +152,11 @@ def build_dataset(
     seq_len: int,
     batch_size: int,
     seed: int,
-    rates: Sequence[float] | None = None,
     packing: bool = True,
     packing_strategy: str = "first_fit",
     packing_bins: int = 0,
-    shuffle: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-    worker_count: int = 0,
-    read_threads: int = 0,
-    prefetch: int = 0,
     collect_lengths: bool = False,
+    **stream_options,
 ) -> tuple[grain.IterDataset, PipelineStats]:
     """An endless, per-process stream of batches of `batch_size` rows (this process's share).
 
@@ -171,10 +165,10 @@ def build_dataset(
     process's disjoint slice of the mixed stream; optionally fan the example building out to
     worker processes (same order for any count); count; pack (first/best fit) or pad; batch.
     The iterator state of the whole graph (mixture included) checkpoints with Grain.
+    `stream_options` (rates, shuffle, process_index/count, worker_count, read_threads, prefetch)
+    go to `example_stream`.
     """
-    it = example_stream(tasks, tokenizer, seq_len=seq_len, seed=seed, rates=rates, shuffle=shuffle,
-                        process_index=process_index, process_count=process_count, worker_count=worker_count,
-                        read_threads=read_threads, prefetch=prefetch)
+    it = example_stream(tasks, tokenizer, seq_len=seq_len, seed=seed, **stream_options)
     stats = PipelineStats({t.name: TaskStats(lengths=[] if collect_lengths else None) for t in tasks})
     it = it.map(CountExamples(stats.tasks, [t.name for t in tasks])).filter(is_example).map(strip_meta)
     if packing:
