@@ -191,7 +191,8 @@ class ExampleBuilder:
             if {k: v for k, v in other.items() if k != "_where"} == {k: v for k, v in record.items() if k != "_where"}:
                 continue  # never the example itself
             try:
-                p, tgt, _ = render_flan(spec, other, seed=self.seed, index=-1 - c, template_index=template_index, word_dropout=0.0)
+                p, tgt, _ = render_flan(spec, other, seed=self.seed + _FEW_SHOT_STREAM, index=c, template_index=template_index,
+                                      word_dropout=0.0, style_of=(self.seed, index))
             except SourceError:
                 continue
             if tgt.strip():

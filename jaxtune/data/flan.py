@@ -93,8 +93,13 @@ class FlanSpec:
 
 
 def render_flan(spec: FlanSpec, fields: Mapping[str, Any], *, seed: int, index: int, task: str = "",
-                template_index: int | None = None, word_dropout: float | None = None) -> tuple[str, str, int]:
-    """`(prompt, target, template_index)` of one example; exemplars pass the main example's template."""
+                template_index: int | None = None, word_dropout: float | None = None,
+                style_of: tuple[int, int] | None = None) -> tuple[str, str, int]:
+    """`(prompt, target, template_index)` of one example.
+
+    Few-shot exemplars pass the main example's template index and `(seed, index)` as `style_of`,
+    so they share its option heading/marker style.
+    """
     i = choose_template(spec.templates, seed=seed, index=index) if template_index is None else template_index
     inverted = spec.inversion > 0 and np.random.default_rng([seed, index, _INVERSION_STREAM]).random() < spec.inversion
     templates = spec.inversion_templates if inverted and spec.inversion_templates else spec.templates
@@ -103,7 +108,7 @@ def render_flan(spec: FlanSpec, fields: Mapping[str, Any], *, seed: int, index: 
     template = templates[i]
     label = f"task {task!r}, {'inversion ' if templates is not spec.templates else ''}template {i}" if task else f"template {i}"
     if spec.uses_options(template):
-        rng = np.random.default_rng([seed, index, _OPTIONS_STREAM]) if spec.options_style == "random" else None
+        rng = np.random.default_rng([*(style_of or (seed, index)), _OPTIONS_STREAM]) if spec.options_style == "random" else None
         fields = render_options(fields, style=spec.options_style, options_field=spec.options_field,
                                 answer_field=spec.answer_field, rng=rng)
     dropout = spec.word_dropout if word_dropout is None else word_dropout

@@ -110,33 +110,21 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def build_dataset(
+def example_stream(
     tasks: Sequence[TaskSpec],
     tokenizer: Tokenizer,
     *,
     seq_len: int,
-    batch_size: int,
     seed: int,
     rates: Sequence[float] | None = None,
-    packing: bool = True,
-    packing_strategy: str = "first_fit",
-    packing_bins: int = 0,
     shuffle: bool = True,
     process_index: int = 0,
     process_count: int = 1,
     worker_count: int = 0,
     read_threads: int = 0,
     prefetch: int = 0,
-    collect_lengths: bool = False,
-) -> tuple[grain.IterDataset, PipelineStats]:
-    """An endless, per-process stream of batches of `batch_size` rows (this process's share).
-
-    Graph: per task, shuffle the record indices (a fresh permutation every epoch) and build
-    examples; mix the tasks at `rates` (deterministic proportional interleaving); take this
-    process's disjoint slice of the mixed stream; optionally fan the example building out to
-    worker processes (same order for any count); count; pack (first/best fit) or pad; batch.
-    The iterator state of the whole graph (mixture included) checkpoints with Grain.
-    """
+) -> grain.IterDataset:
+    """The mixed, per-process stream of examples and skip markers (see `build_dataset`)."""
     streams = []
     for i, task in enumerate(tasks):
         ds = grain.MapDataset.source(task.records)
@@ -154,6 +142,33 @@ def build_dataset(
     if worker_count > 0:
         _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
+def build_dataset(
+    tasks: Sequence[TaskSpec],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    packing: bool = True,
+    packing_strategy: str = "first_fit",
+    packing_bins: int = 0,
+    collect_lengths: bool = False,
+    **stream_options,
+) -> tuple[grain.IterDataset, PipelineStats]:
+    """An endless, per-process stream of batches of `batch_size` rows (this process's share).
+
+    Graph: per task, shuffle the record indices (a fresh permutation every epoch) and build
+    examples; mix the tasks at `rates` (deterministic proportional interleaving); take this
+    process's disjoint slice of the mixed stream; optionally fan the example building out to
+    worker processes (same order for any count); count; pack (first/best fit) or pad; batch.
+    The iterator state of the whole graph (mixture included) checkpoints with Grain.
+    `stream_options` (rates, shuffle, process_index/count, worker_count, read_threads, prefetch)
+    go to `example_stream`.
+    """
+    it = example_stream(tasks, tokenizer, seq_len=seq_len, seed=seed, **stream_options)
     stats = PipelineStats({t.name: TaskStats(lengths=[] if collect_lengths else None) for t in tasks})
     it = it.map(CountExamples(stats.tasks, [t.name for t in tasks])).filter(is_example).map(strip_meta)
     if packing:

@@ -50,16 +50,25 @@ def hf_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token=None)
 
 
-@pytest.mark.parametrize("template", [*BUILTIN_TEMPLATES, "hf_style"])
+# A template with HF's {% generation %} assistant marker.
+GENERATION_TAG = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{% generation %}"
+    "ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% else %}{{ message['role'] | upper }}: {{ message['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [*BUILTIN_TEMPLATES, "hf_style", "generation_tag"])
 @pytest.mark.parametrize("conversation", list(CONVERSATIONS))
 @pytest.mark.parametrize("generation_prompt", [False, True])
 def test_render_chat_matches_apply_chat_template(hf_tokenizer, template, conversation, generation_prompt):
-    source = HF_STYLE if template == "hf_style" else BUILTIN_TEMPLATES[template]
+    source = {"hf_style": HF_STYLE, "generation_tag": GENERATION_TAG}.get(template) or BUILTIN_TEMPLATES[template]
     messages = CONVERSATIONS[conversation]
     expected = hf_tokenizer.apply_chat_template(
         messages, chat_template=source, tokenize=False, add_generation_prompt=generation_prompt
     )
-    ours = render_chat(messages, template if template != "hf_style" else source, bos_token="<s>", eos_token="</s>",
+    ours = render_chat(messages, template if template in BUILTIN_TEMPLATES else source, bos_token="<s>", eos_token="</s>",
                        add_generation_prompt=generation_prompt)
     assert ours == expected
 
@@ -105,3 +114,20 @@ def test_errors(tmp_path):
 def test_sandbox_blocks_attribute_escapes():
     with pytest.raises(UserError, match="unsafe"):
         render_chat([{"role": "user", "content": "x"}], "{{ ''.__class__.__subclasses__() }}")
+
+
+def test_chat_tokens_one_bos_and_trained_end_of_turn(tmp_path):
+    from jaxtune.data.examples import ExampleBuilder, TaskSpec
+    from jaxtune.data.tokenizers import train_sentencepiece
+
+    messages = CONVERSATIONS["system_multi"]
+    text = render_chat(messages, "llama3")
+    tok = train_sentencepiece([text] * 20, tmp_path / "sp", vocab_size=300)
+    task = TaskSpec("chat", [{"messages": messages}], chat_template=BUILTIN_TEMPLATES["alpaca"])
+    builder = ExampleBuilder(task, 0, tok, seq_len=512, seed=0)
+    tokens, trained = builder.chat_tokens({"messages": messages})
+    assert tokens[0] == tok.bos_id and tok.bos_id not in tokens[1:]  # the template's BOS, once
+    assert tokens.count(tok.eos_id) == 2 and all(trained[i] for i, t in enumerate(tokens) if t == tok.eos_id)
+    assert tok.decode([t for t, on in zip(tokens, trained) if on]).split() == ["4", "6"]
+    example = builder(0, {"messages": messages, "_where": "c.jsonl:1"})
+    assert example["loss_mask"].sum() == sum(trained) and example["inputs"][0] == tok.bos_id
