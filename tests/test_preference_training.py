@@ -203,6 +203,7 @@ def test_precomputed_pass_resumes_from_stored_chunks(tmp_path):
         reference.precompute(score, lambda: 1.0, source, transform, tmp_path / "b", **{**kwargs, "fingerprint": {"n": 9}})
 
 
+@pytest.mark.slow  # three tiny runs
 def test_init_from_an_sft_run(files, tmp_path):
     sft = dpo_config(files, **{"objective.type": "sft", "data.train_path": files["pairs"],
                                "data.templates": "(('{prompt}', '{chosen}'),)", "train.steps": 3})
