@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.on_error = "error"  # bad records (malformed JSON, wrong types, empty targets): error | skip (counted)
     c.data.packing_strategy = "first_fit"  # first_fit | best_fit
     c.data.packing_bins = 0  # open bins the packer fills at once; 0 = the per-process batch size
+    # Preference/KTO records with chat `messages`: a built-in name (llama3, gemma, chatml, qwen, alpaca,
+    # plain), a jinja string, a .jinja file or a tokenizer_config.json; "" = the tokenizer's own template.
+    c.data.chat_template = ""
     # Several tasks (FLAN-style templated files, TFDS, chat), mixed: a ConfigDict keyed by task name
     # whose values come from task_config(...). When empty, the single task above (data.train_path +
     # data.templates) is used.
@@ -417,7 +420,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _validate_objective(config: ml_collections.ConfigDict) -> None:
     o = config.objective
     if o.type == "sft":
+        if config.data.chat_template:
+            raise UserError("config key 'data.chat_template' is read by preference/KTO runs; an SFT chat task sets "
+                            "its own: data.tasks.<name> = task_config(format='chat', chat_template=...)")
         return
+    if config.data.chat_template:
+        from jaxtune.data import chat  # a leaf module: resolves names, files and jinja strings
+
+        try:
+            chat.resolve_template(config.data.chat_template)
+        except UserError as e:
+            raise UserError(f"config key 'data.chat_template': {e}") from None
     if config.model.hf_dir and config.model.init_from:
         raise UserError("config keys 'model.hf_dir' and 'model.init_from' are both set; pick one starting point")
     if config.data.source != "jsonl":

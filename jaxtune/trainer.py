@@ -597,6 +597,7 @@ def _preference_dataset(config, data: datasets.PreferenceData, local_batch: int)
     transform = preference.PreferenceTransform(
         data.train_source, data.train_templates, data.tokenizer, seq_len=config.data.seq_len,
         truncation=config.data.truncation, seed=config.seed, unpaired=config.objective.type == "kto",
+        chat_template=data.chat_template,
     )
     dataset = preference.preference_dataset(
         data.train_source, transform, batch_size=local_batch, seed=config.seed, shuffle=config.data.shuffle,
@@ -610,7 +611,8 @@ def _reference_fingerprint(config, model_config, num_records: int) -> dict:
     """What precomputed reference log-probs depend on; a stored table made for other values is refused."""
     return {
         "records": num_records, "train_path": config.data.train_path,
-        "templates": config_lib.to_json_dict(config.data)["templates"], "seq_len": config.data.seq_len,
+        "templates": config_lib.to_json_dict(config.data)["templates"], "chat_template": config.data.chat_template,
+        "seq_len": config.data.seq_len,
         "truncation": config.data.truncation, "seed": config.seed, "tokenizer": config.data.tokenizer,
         "model": repr(model_config), "hf_dir": config.model.hf_dir, "init_from": config.model.init_from,
         "objective": config.objective.type,

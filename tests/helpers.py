@@ -98,13 +98,24 @@ def reverse_pair(i: int) -> dict:
             "rejected": " " + " ".join(words)}
 
 
-def write_preference_jsonl(path: Path, n: int = 64, start: int = 0, unpaired: bool = False) -> Path:
-    """Pairs from `reverse_pair`; unpaired (KTO) records alternate the chosen / rejected completion."""
+def chat_pair(pair: dict, conversations: bool) -> dict:
+    """`pair` as chat messages: two whole conversations, or prompt messages with text replies."""
+    prompt = [{"role": "user", "content": pair["prompt"]}]
+    if not conversations:
+        return {**pair, "prompt": prompt}
+    return {k: prompt + [{"role": "assistant", "content": pair[k]}] for k in ("chosen", "rejected")}
+
+
+def write_preference_jsonl(path: Path, n: int = 64, start: int = 0, unpaired: bool = False, chat: bool = False) -> Path:
+    """Pairs from `reverse_pair`; unpaired (KTO) records alternate the chosen / rejected completion.
+    With `chat`, odd records are chat messages (alternating the two pair shapes), even ones text."""
     with path.open("w") as f:
         for i in range(start, start + n):
             pair = reverse_pair(i)
             if unpaired:
                 good = i % 2 == 0
                 pair = {"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good}
+            if chat and i % 2:
+                pair = chat_pair(pair, conversations=i % 4 == 1 and not unpaired)
             f.write(json.dumps(pair) + "\n")
     return path

@@ -34,9 +34,10 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("pref")
     pairs = write_preference_jsonl(root / "pairs.jsonl", 48)
     unpaired = write_preference_jsonl(root / "kto.jsonl", 48, unpaired=True)
+    mixed = write_preference_jsonl(root / "chat.jsonl", 48, chat=True)  # text and chat records
     texts = [reverse_pair(i)[k] for i in range(48) for k in ("prompt", "chosen")] + WORDS
     tokenizer = train_sentencepiece(texts, root / "spm", vocab_size=300)
-    return {"pairs": pairs, "kto": unpaired, "tokenizer": str(root / "spm.model"), "vocab": tokenizer.vocab_size}
+    return {"pairs": pairs, "kto": unpaired, "chat": mixed, "tokenizer": str(root / "spm.model"), "vocab": tokenizer.vocab_size}
 
 
 def dpo_config(files, loss="sigmoid", **overrides):
@@ -152,17 +153,22 @@ def test_each_loss_type_trains_from_the_cli(files, tmp_path, loss):
 
 
 def test_step0_dpo_is_ln2_with_zero_rewards_for_every_reference(files, tmp_path):
-    """(a) LoRA base model, (b) frozen copy, (c) precomputed: the same step-0 loss; LoRA holds no copy."""
+    """(a) LoRA base model, (b) frozen copy, (c) precomputed: the same step-0 loss; LoRA holds no copy.
+
+    The data mixes text pairs and chat `messages` pairs (rendered with data.chat_template)."""
     first, summaries = {}, {}
     runs = {"copy": {"objective.reference": "copy"}, "precomputed": {"objective.reference": "precomputed"},
             "lora": {"peft.method": "lora"}}
+    chat = {"data.train_path": files["chat"], "data.chat_template": "plain", "train.steps": 1}
     for kind, overrides in runs.items():
-        summaries[kind] = trainer.train(dpo_config(files, **overrides, **{"train.steps": 1}), tmp_path / kind)
+        summaries[kind] = trainer.train(dpo_config(files, **overrides, **chat), tmp_path / kind)
         first[kind] = _rows(tmp_path / kind)[1]
         assert first[kind]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
             assert first[kind][key] == pytest.approx(0.0, abs=1e-6)
     assert (tmp_path / "precomputed" / reference.STORE_DIR / "done.json").is_file()
+    # Every record, chat or text, was tokenized and scored (a dropped pair would stay NaN).
+    assert np.isfinite(np.load(tmp_path / "precomputed" / reference.STORE_DIR / "logps.npy")).all()
     assert first["copy"]["logps/chosen"] == pytest.approx(first["precomputed"]["logps/chosen"], rel=1e-6)
     # LoRA's base is the same seeded init and its adapters start as a no-op: the same policy.
     assert first["lora"]["logps/chosen"] == pytest.approx(first["copy"]["logps/chosen"], rel=1e-5)
@@ -224,6 +230,8 @@ def test_init_from_an_sft_run(files, tmp_path):
         ({"objective.reference": "copy", "objective.loss_type": "simpo"}, "reference-free"),
         ({"objective.label_smoothing": 0.5}, "label_smoothing' must be in \\[0, 0.5\\)"),
         ({"objective.beta": 0.0}, "objective.beta' must be > 0"),
+        ({"data.chat_template": "nope"}, "config key 'data.chat_template': chat template 'nope': not a built-in name"),
+        ({"objective.type": "sft", "data.chat_template": "chatml"}, "'data.chat_template' is read by preference/KTO"),
     ],
 )
 def test_bad_objective_settings_are_reported(files, overrides, message):

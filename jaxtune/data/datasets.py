@@ -163,12 +163,17 @@ class PreferenceData:
     train_source: Sequence[dict]
     train_templates: Mapping[str, Sequence[templates_lib.Template]]
     eval_records: Sequence[dict] = ()  # no generative eval for preference runs
+    chat_template: str | None = None  # jinja text for chat records: data.chat_template, else the tokenizer's
 
 
 def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, unpaired: bool) -> PreferenceData:
-    """Preference pairs (or unpaired KTO examples) from data.train_path, rendered with data.templates."""
+    """Preference pairs (or unpaired KTO examples) from data.train_path, rendered with data.templates
+    (chat records: with data.chat_template, else the tokenizer's chat template)."""
     if cfg.source != "jsonl":
         raise UserError(f"config key 'data.source' is {cfg.source!r}; preference objectives read JSONL pairs (data.source='jsonl')")
     source = JsonlSource(cfg.train_path)
-    tokenizer = _tokenizer(cfg, Path(workdir), preference.corpus(source, unpaired=unpaired, limit=_TOKENIZER_SAMPLE))
-    return PreferenceData(tokenizer, source, {DEFAULT_TASK: [tuple(t) for t in cfg.templates]})
+    configured = chat_lib.resolve_template(cfg.chat_template) if cfg.chat_template else None
+    corpus = preference.corpus(source, unpaired=unpaired, limit=_TOKENIZER_SAMPLE, chat_template=configured)
+    tokenizer = _tokenizer(cfg, Path(workdir), corpus)
+    return PreferenceData(tokenizer, source, {DEFAULT_TASK: [tuple(t) for t in cfg.templates]},
+                          chat_template=configured or getattr(tokenizer, "chat_template", None))

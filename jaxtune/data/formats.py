@@ -86,22 +86,27 @@ def self_instruct_instances(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def check_message_list(messages: Any, where: str, field: str = "messages") -> list[dict[str, str]]:
+    """A non-empty list of {role, content} messages with known roles and text content."""
+    if not isinstance(messages, list) or not messages:
+        raise SourceError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise SourceError(f"{where}: {field}[{i}] must be an object with a 'role' and a 'content'")
+        if message["role"] not in CHAT_ROLES:
+            raise SourceError(f"{where}: {field}[{i}] has role {message['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise SourceError(f"{where}: {field}[{i}].content must be text, found {type(message.get('content')).__name__}")
+    return [dict(m) for m in messages]
+
+
 def check_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
     """A chat record's `messages`: a list of {role, content} with known roles and an assistant turn."""
     where = str(record.get("_where", "record"))
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise SourceError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
-            raise SourceError(f"{where}: messages[{i}] must be an object with a 'role' and a 'content'")
-        if message["role"] not in CHAT_ROLES:
-            raise SourceError(f"{where}: messages[{i}] has role {message['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise SourceError(f"{where}: messages[{i}].content must be text, found {type(message.get('content')).__name__}")
+    messages = check_message_list(record.get("messages"), where)
     if not any(m["role"] == "assistant" for m in messages):
         raise SourceError(f"{where}: the conversation has no assistant message to train on")
-    return [dict(m) for m in messages]
+    return messages
 
 
 class TaskRecords:

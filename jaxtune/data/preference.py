@@ -5,9 +5,19 @@ Record shapes (JSONL, one object per line):
   * common prefix: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: A", "rejected": "...Assistant: B"}``:
     the prompt is the longest common prefix, cut back to a word boundary so that neither
     completion starts mid-word (the whitespace goes with the completions, as in SFT targets);
-  * unpaired (KTO): ``{"prompt": ..., "completion": ..., "label": true|false}``.
+  * unpaired (KTO): ``{"prompt": ..., "completion": ..., "label": true|false}``;
+  * chat ``messages`` (lists of ``{role, content}``), the shapes TRL reads: ``{"chosen": [...],
+    "rejected": [...]}`` two conversations that differ only in their final assistant turn (the shared
+    turns are the prompt); ``{"prompt": [...], "chosen": [assistant message], "rejected": [...]}``;
+    ``{"prompt": [...], "chosen": "text", "rejected": "text"}``; and for KTO ``{"prompt": [...],
+    "completion": [assistant message] or "text", "label": ...}``.
 
-The prompt is rendered with a template's input pattern and each completion with its target
+Chat records are rendered with the chat template (`data.chat_template`, else the tokenizer's own)
+and tokenized exactly as SFT chat examples (`chat.assistant_segments`, special-token text mapped to
+ids, no BOS/EOS added beyond what the template writes): the prompt is the conversation with the
+generation prompt, the completion is the rest of the full conversation's rendering, i.e. the
+reply and its end-of-turn text, which is the span SFT trains for that turn. Other records: the
+prompt is rendered with a template's input pattern and each completion with its target
 pattern, ``{response}`` being the completion, then tokenized exactly as SFT examples are (BOS +
 prompt, completion + EOS). The template is chosen from (seed, source index), so an example is
 tokenized identically in every epoch and in the reference-log-prob pass.
@@ -30,10 +40,12 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxtune.data import chat as chat_lib
 from jaxtune.data import templates as templates_lib
 from jaxtune.data.examples import DEFAULT_TASK, TokenizeStats, encode_prompt
+from jaxtune.data.formats import check_message_list
 from jaxtune.data.pipeline import BATCH_KEYS
-from jaxtune.data.tokenizers import Tokenizer
+from jaxtune.data.tokenizers import Tokenizer, encode_with_specials
 from jaxtune.errors import UserError
 
 INDEX_KEY = "example_index"  # [B] global source index of each pair: keys precomputed reference log-probs
@@ -47,8 +59,13 @@ class Example:
     """A parsed record: prompt fields for the template, and the two completions (or one + label)."""
 
     fields: dict[str, Any]
-    completions: tuple[str, ...]
+    completions: tuple  # texts, or (chat records) one assistant message dict each
     label: int | None = None  # KTO only
+    messages: tuple[dict[str, str], ...] | None = None  # chat records: the prompt conversation
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
 
 
 def _where(record: Mapping[str, Any], index: int) -> str:
@@ -57,17 +74,75 @@ def _where(record: Mapping[str, Any], index: int) -> str:
 
 def _text(record, key: str, where: str) -> str:
     value = record.get(key)
-    if isinstance(value, list):
-        raise UserError(
-            f"{where}: field {key!r} is a list of chat messages; chat preference pairs need the chat-template "
-            "renderer (jaxtune.data.render_chat), which this build does not have yet; use prompt/chosen/rejected strings"
-        )
     if not isinstance(value, str):
         found = "missing" if value is None else f"a {type(value).__name__}"
         raise UserError(f"{where}: field {key!r} must be a string, found {found}")
     if not value:
         raise UserError(f"{where}: field {key!r} is empty")
     return value
+
+
+def _is_chat(record: Mapping[str, Any], keys: Sequence[str]) -> bool:
+    """Whether any of `keys` holds chat messages; then the record must be chat throughout (`_check_chat_kinds`)."""
+    return any(isinstance(record.get(k), list) for k in keys)
+
+
+def _check_chat_kinds(record: Mapping[str, Any], completion_keys: Sequence[str], where: str) -> None:
+    """Chat records: the prompt (when given) is messages; the completions are all messages or all text."""
+    lists = [k for k in ("prompt", *completion_keys) if isinstance(record.get(k), list)]
+    if "prompt" in record and "prompt" not in lists:
+        raise UserError(f"{where}: field {', '.join(map(repr, lists))} holds chat messages but 'prompt' is not a list of "
+                        "messages; a chat record gives the prompt as messages too (or use text in every field)")
+    kinds = {k: isinstance(record.get(k), list) for k in completion_keys if k in record}
+    if len(set(kinds.values())) > 1 or ("prompt" not in record and not all(kinds.values())):
+        text = [k for k, is_list in kinds.items() if not is_list]
+        raise UserError(f"{where}: mixes chat messages and text: {', '.join(map(repr, text))} is text while "
+                        f"{', '.join(repr(k) for k, is_list in kinds.items() if is_list)} holds messages; give "
+                        "'chosen' and 'rejected' the same way (text completions need a 'prompt' list of messages)")
+
+
+def _reply(record: Mapping[str, Any], key: str, where: str) -> dict[str, str]:
+    """A completion as the assistant message that answers the prompt (text becomes its content)."""
+    if isinstance(record.get(key), str):
+        return {"role": "assistant", "content": _text(record, key, where)}
+    messages = check_message_list(record.get(key), where, field=key)
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        roles = ", ".join(m["role"] for m in messages)
+        raise UserError(f"{where}: field {key!r} must be one assistant message (the reply to the prompt), "
+                        f"found {len(messages)} message(s) with role(s) {roles}")
+    return messages[0]
+
+
+def _last_assistant(messages: list[dict[str, str]], key: str, where: str) -> None:
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message of {key!r} must be the assistant's reply, "
+                        f"found role {messages[-1]['role']!r}")
+
+
+def parse_chat_pair(record: Mapping[str, Any], where: str) -> Example:
+    """A chat pair: explicit prompt messages, or two conversations that differ only in their last turn."""
+    _check_chat_kinds(record, ("chosen", "rejected"), where)
+    fields = {k: v for k, v in record.items() if k not in _META + ("prompt", "chosen", "rejected")}
+    if "prompt" in record:
+        prompt = check_message_list(record["prompt"], where, field="prompt")
+        chosen, rejected = _reply(record, "chosen", where), _reply(record, "rejected", where)
+    else:
+        conversations = [check_message_list(record[k], where, field=k) for k in ("chosen", "rejected")]
+        for key, messages in zip(("chosen", "rejected"), conversations):
+            _last_assistant(messages, key, where)
+        prompt = conversations[0][:-1]
+        if prompt != conversations[1][:-1]:
+            at = next((i for i, (a, b) in enumerate(zip(*conversations)) if a != b), min(map(len, conversations)) - 1)
+            raise UserError(f"{where}: 'chosen' and 'rejected' must be the same conversation up to their final "
+                            f"assistant message (that shared part is the prompt), but they differ at message {at}; "
+                            "or give the shared turns as a 'prompt' field")
+        if not prompt:
+            raise UserError(f"{where}: 'chosen' and 'rejected' hold only the assistant reply; the turns before it "
+                            "(the prompt) are missing")
+        chosen, rejected = conversations[0][-1], conversations[1][-1]
+    if chosen == rejected:
+        raise UserError(f"{where}: 'chosen' and 'rejected' are identical")
+    return Example(fields, (chosen, rejected), messages=tuple(prompt))
 
 
 def split_common_prefix(chosen: str, rejected: str, where: str = "record") -> tuple[str, str, str]:
@@ -99,6 +174,8 @@ def parse_pair(record: Mapping[str, Any], index: int = 0) -> Example:
         if key not in record:
             raise UserError(f"{where}: a preference pair needs 'chosen' and 'rejected' fields (and optionally 'prompt'); "
                             f"{key!r} is missing (found: {', '.join(sorted(k for k in record if k not in _META))})")
+    if _is_chat(record, ("prompt", "chosen", "rejected")):
+        return parse_chat_pair(record, where)
     chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
     if "prompt" in record:
         fields["prompt"] = _text(record, "prompt", where)
@@ -115,8 +192,51 @@ def parse_unpaired(record: Mapping[str, Any], index: int = 0) -> Example:
     if not isinstance(label, (bool, int)) or label not in (0, 1):
         raise UserError(f"{where}: KTO field 'label' must be true/false (desirable or not), found {label!r}")
     fields = {k: v for k, v in record.items() if k not in _META + ("completion", "label")}
+    if _is_chat(record, ("prompt", "completion")):
+        _check_chat_kinds(record, ("completion",), where)
+        fields.pop("prompt", None)
+        prompt = check_message_list(record.get("prompt"), where, field="prompt")
+        return Example(fields, (_reply(record, "completion", where),), int(label), messages=tuple(prompt))
     fields["prompt"] = _text(record, "prompt", where)
     return Example(fields, (_text(record, "completion", where),), int(label))
+
+
+def render_chat_completions(
+    messages: Sequence[Mapping[str, str]],
+    replies: Sequence[Mapping[str, str]],
+    template: str,
+    *,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    where: str = "record",
+) -> tuple[list[str], list[str]]:
+    """(prompt pieces, completion texts) of a chat prompt and its candidate replies.
+
+    The prompt is `messages` rendered with the generation prompt, in the pieces SFT chat tokenizes
+    separately (split at earlier assistant turns), so its tokens equal SFT's; each completion is
+    what rendering the conversation with that reply adds after it: the reply and its end-of-turn
+    text, SFT's trained span for the turn. Text a template writes after the last turn is dropped.
+    """
+    kw = {"bos_token": bos_token, "eos_token": eos_token}
+    prompt = chat_lib.render_chat(messages, template, add_generation_prompt=True, **kw)
+    pieces, texts = [], []
+    for reply in replies:
+        full = chat_lib.render_chat([*messages, reply], template, **kw)
+        if not full.startswith(prompt):
+            raise UserError(f"{where}: the chat template's rendering of the conversation with its reply does not start "
+                            f"with its rendering of the prompt (add_generation_prompt=True), {prompt[-40:]!r}, so the "
+                            "reply's tokens cannot be told apart; use a template whose generation prompt opens the "
+                            "assistant turn exactly as the turn is rendered")
+        try:
+            segments = chat_lib.assistant_segments([*messages, reply], template, **kw)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        last = max((i for i, (_, trained) in enumerate(segments) if trained), default=None)
+        pieces = [text for text, _ in segments[:last or 0]]
+        if last is None or "".join(pieces) != prompt:
+            raise UserError(f"{where}: the chat template renders no text for the final assistant reply")
+        texts.append(segments[last][0])
+    return pieces, texts
 
 
 def truncate_rows(
@@ -194,6 +314,7 @@ class PreferenceTransform:
         seed: int,
         unpaired: bool = False,
         ref_logps: np.ndarray | None = None,
+        chat_template: str | None = None,
     ):
         self.source = source
         self.task_templates = dict(task_templates)
@@ -203,6 +324,7 @@ class PreferenceTransform:
         self.seed = seed
         self.unpaired = unpaired
         self.ref_logps = ref_logps
+        self.chat_template = chat_template  # jinja text for chat records (data.chat_template or the tokenizer's)
         self.stats = TokenizeStats()
 
     def parse(self, index: int, record: Mapping[str, Any]) -> Example:
@@ -221,19 +343,31 @@ class PreferenceTransform:
         texts = [templates_lib.render(target_pattern, {**example.fields, "response": c}, where=where) for c in completions]
         return prompt, texts
 
+    def tokens(self, index: int, record: Mapping[str, Any], example: Example, completions: Sequence) -> tuple[list[int], list[list[int]]]:
+        """(prompt ids, completion ids): templated text tokenized like SFT (BOS + prompt, completion + EOS),
+        or chat records rendered and tokenized like SFT chat examples."""
+        tok = self.tokenizer
+        if not example.is_chat:
+            prompt, texts = self.render(index, record, example, completions)
+            return encode_prompt(tok, prompt), [tok.encode(t) + [tok.eos_id] for t in texts]
+        where = _where(record, index)
+        pieces, texts = render_chat_completions(
+            example.messages, completions, _require_template(self.chat_template, where), bos_token=getattr(tok, "bos_token", None),
+            eos_token=getattr(tok, "eos_token", None), where=where)
+        return [i for piece in pieces for i in encode_with_specials(tok, piece)], [encode_with_specials(tok, t) for t in texts]
+
     def __call__(self, index: int, record: dict) -> dict[str, np.ndarray] | None:
         index = int(record.get("_index", index))
         example = self.parse(index, record)
         completions = example.completions
         if self.unpaired:  # row 1: this prompt with the next record's completion (KL estimate)
             other_index = (index + 1) % len(self.source)
-            completions = completions + self.parse(other_index, self.source[other_index]).completions
-        prompt, texts = self.render(index, record, example, completions)
-        tok = self.tokenizer
+            other = self.parse(other_index, self.source[other_index]).completions[0]
+            completions = completions + (_completion_like(example, other),)
+        prompt_ids, completion_ids = self.tokens(index, record, example, completions)
         rows = tokenize_rows(
-            encode_prompt(tok, prompt), [tok.encode(t) + [tok.eos_id] for t in texts],
-            seq_len=self.seq_len, truncation=self.truncation, bos_id=tok.bos_id, distinct=not self.unpaired,
-            where=_where(record, index), stats=self.stats,
+            prompt_ids, completion_ids, seq_len=self.seq_len, truncation=self.truncation, bos_id=self.tokenizer.bos_id,
+            distinct=not self.unpaired, where=_where(record, index), stats=self.stats,
         )
         if rows is None:
             return None
@@ -243,6 +377,21 @@ class PreferenceTransform:
         if self.ref_logps is not None:
             rows[REF_KEYS[0]], rows[REF_KEYS[1]] = (np.float32(v) for v in self.ref_logps[index])
         return rows
+
+
+def _require_template(template: str | None, where: str) -> str:
+    if template is None:
+        raise UserError(f"{where}: chat messages need a chat template, and the tokenizer has none: set "
+                        f"data.chat_template to a built-in name ({', '.join(chat_lib.BUILTIN_TEMPLATES)}), "
+                        "a jinja string, a .jinja file or a tokenizer_config.json")
+    return template
+
+
+def _completion_like(example: Example, completion):
+    """Another record's completion in this record's form (a chat reply or text): the KTO mismatched row."""
+    if example.is_chat:
+        return completion if isinstance(completion, Mapping) else {"role": "assistant", "content": completion}
+    return completion["content"] if isinstance(completion, Mapping) else completion
 
 
 def _with_index(index: int, record: dict) -> dict:
@@ -290,14 +439,22 @@ def batch_keys(transform: PreferenceTransform) -> tuple[str, ...]:
     return keys
 
 
-def corpus(source: Sequence[dict], *, unpaired: bool, limit: int):
-    """Texts to train a from-scratch tokenizer on: prompts and completions of the first records."""
+def corpus(source: Sequence[dict], *, unpaired: bool, limit: int, chat_template: str | None = None):
+    """Texts to train a from-scratch tokenizer on: prompts and completions of the first records
+    (chat records rendered with `chat_template`, without special tokens: the tokenizer has none yet)."""
 
     def texts():
         parse = parse_unpaired if unpaired else parse_pair
         for index in range(min(len(source), limit)):
             example = parse(source[index], index)
-            yield str(example.fields["prompt"])
-            yield from example.completions
+            if not example.is_chat:
+                yield str(example.fields["prompt"])
+                yield from example.completions
+            else:
+                where = _where(source[index], index)
+                pieces, completions = render_chat_completions(
+                    example.messages, example.completions, _require_template(chat_template, where), where=where)
+                yield from pieces
+                yield from completions
 
     return texts
