@@ -15,6 +15,7 @@ text (`decode_completion`), so generation itself still runs to a stop token or t
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,14 @@ MIN_PROMPT_BUCKET = 8
 def bucket(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum)."""
     return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def batch_multiple() -> int:
+    """Rows must split evenly over the data-parallel mesh axes when a mesh is active (jax.set_mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
 
 
 def as_variables(params: Any) -> dict:
@@ -76,7 +85,7 @@ def init_cache(model, variables: Mapping, batch: int, length: int) -> Any:
     return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sharding.unbox(abstract))
 
 
-class _ByRepr:
+class ByRepr:
     """A static jit argument for a Flax module whose config holds dicts (rope_scaling): modules with
     the same repr are the same computation, so they share one compiled loop."""
 
@@ -87,7 +96,7 @@ class _ByRepr:
         return hash(self._key)
 
     def __eq__(self, other):
-        return isinstance(other, _ByRepr) and other._key == self._key
+        return isinstance(other, ByRepr) and other._key == self._key
 
 
 @functools.partial(
@@ -198,11 +207,12 @@ def generate(
     outputs: list[list[int]] = []
     for chunk_index, start in enumerate(range(0, len(prompts), batch_size)):
         chunk = prompts[start : start + batch_size]
-        rows = bucket(len(chunk))
+        multiple = batch_multiple()
+        rows = -(-bucket(len(chunk)) // multiple) * multiple
         batch = left_pad(chunk, rows, bucket(max(len(p) for p in chunk), MIN_PROMPT_BUCKET), pad_id)
         lengths = np.array([len(chunk[r]) if r < len(chunk) else len(chunk[0]) for r in range(rows)], np.int32)
         new = _sample_loop(
-            _ByRepr(model), variables, batch["tokens"], batch["segment_ids"], batch["positions"], lengths, stops,
+            ByRepr(model), variables, batch["tokens"], batch["segment_ids"], batch["positions"], lengths, stops,
             jax.random.fold_in(jax.random.key(seed), chunk_index), jnp.float32(temperature or 1.0),
             jnp.float32(top_p or 1.0), max_new_tokens=max_new_tokens, greedy=greedy,
             top_k=None if greedy else top_k, use_top_p=top_p is not None and not greedy, pad_id=pad_id,

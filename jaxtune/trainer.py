@@ -28,7 +28,6 @@ from jaxtune import config as config_lib
 from jaxtune import evaluate, metrics as metrics_lib, models, optim, sharding
 from jaxtune.data import datasets, pipeline
 from jaxtune.errors import UserError
-from jaxtune.generate import greedy_generate
 from jaxtune.objectives import sft_loss
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ def init_from_pretrained(hf_dir: str, model_config, tx: optax.GradientTransforma
     return TrainState(step=step, params=params, opt_state=opt_state)
 
 
-def _data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """config.data, reading the HF dir's own tokenizer when model.hf_dir is set and data.tokenizer is not."""
     if not config.model.hf_dir or config.data.tokenizer:
         return config.data
@@ -186,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     mesh_shape = config_lib.resolve_mesh_shape(config, len(devices))
     config_lib.validate_for_devices(config, mesh_shape, process_count)
 
-    data = datasets.load_sft_data(_data_config(config), workdir, seed=config.seed)
+    data = datasets.load_sft_data(data_config(config), workdir, seed=config.seed)
     tokenizer = data.tokenizer
     model_config = model_config_from(config, vocab_size=tokenizer.vocab_size)
     if config.model.hf_dir and tokenizer.vocab_size > model_config.vocab_size:
@@ -263,18 +262,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             donate_argnums=(0,),
         )
 
+        eval_set = evaluate.build_eval_set(data.eval_records, data.eval_templates, config.eval, seed=config.seed)
+
         def run_eval(step: int, show: int = 0) -> dict[str, float]:
-            if not data.eval_records:
+            # Separately jitted, bucketed eval functions: the train step's compile cache is untouched.
+            if not eval_set:
                 return {}
-            scores = evaluate_generative(apply_fn, state.params, data, config, show=show, printer=_print_fn(progress))
+            scores = evaluate.run(model, state.params, tokenizer, eval_set, config.eval, seq_len=seq_len,
+                                  seed=config.seed, show=show, printer=_print_fn(progress))
             writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
+            if jax.process_index() == 0:
+                evaluate.write_results(workdir / "eval" / f"step_{step}.json", scores, step=step)
             return scores
 
         writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
         eval_before = None
-        if start_step == 0 and data.eval_records:
+        if start_step == 0 and eval_set:
             eval_before = run_eval(0)
-            print(f"jaxtune: held-out exact match before training: {eval_before['exact_match']:.1%}", flush=True)
+            name, value = _headline(eval_before)
+            print(f"jaxtune: held-out {name} before training: {value}", flush=True)
 
         progress = metrics_lib.Progress(config.train.steps, start_step, enabled=config.train.progress_bar)
         stopped_early = False
@@ -310,7 +316,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 if config.train.eval_every and done % config.train.eval_every == 0 and done != config.train.steps:
                     scores = run_eval(done)
                     if scores:
-                        progress.write(f"step {done}: held-out exact match {scores['exact_match']:.1%}")
+                        progress.write("step {}: held-out {} {}".format(done, *_headline(scores)))
                     window_tokens, window_start = 0, time.time()  # keep eval time out of tokens/s
                 checkpointer.save(done, state, data_iter, config_json)
                 out_of_time = config.train.max_seconds and time.time() - wall_start > config.train.max_seconds
@@ -327,15 +333,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         progress.close()
 
         eval_after = None
-        if data.eval_records and not stopped_early and start_step < done:
+        if eval_set and not stopped_early and start_step < done:
             eval_after = run_eval(done, show=config.eval.show_examples)
+            name, value = _headline(eval_after)
             if eval_before is not None:
-                print(
-                    f"jaxtune: held-out exact match {eval_before['exact_match']:.1%} before -> "
-                    f"{eval_after['exact_match']:.1%} after training", flush=True,
-                )
+                print(f"jaxtune: held-out {name} {_headline(eval_before)[1]} before -> {value} after training", flush=True)
             else:
-                print(f"jaxtune: held-out exact match after training: {eval_after['exact_match']:.1%}", flush=True)
+                print(f"jaxtune: held-out {name} after training: {value}", flush=True)
     stats = tokenize_stats.stats
     if stats.truncated or stats.dropped:
         print(f"jaxtune: data: {stats.examples} examples, {stats.truncated} truncated, {stats.dropped} dropped", flush=True)
@@ -355,17 +359,10 @@ def _print_fn(progress):
     return progress.write if progress is not None else (lambda text: print(text, flush=True))
 
 
-def evaluate_generative(apply_fn, params, data: datasets.SftData, config, *, show: int = 0, printer=print) -> dict[str, float]:
-    """Greedy exact match on the eval records rendered with the eval templates."""
-    examples = pipeline.render_eval_set(data.eval_records, data.eval_templates, seed=config.seed)
-    prompts = pipeline.tokenize_prompts(data.tokenizer, [e["prompt"] for e in examples])
-    outputs = greedy_generate(
-        apply_fn, params, prompts, max_new_tokens=config.eval.max_new_tokens, eos_id=data.tokenizer.eos_id,
-        pad_id=data.tokenizer.pad_id, batch_size=config.eval.batch_size,
-    )
-    predictions = [data.tokenizer.decode(o) for o in outputs]
-    scores = evaluate.exact_match_scores(predictions, [e["answer"] for e in examples], [e["task"] for e in examples])
-    for example, prediction in list(zip(examples, predictions))[:show]:
-        mark = "ok " if evaluate.normalize_answer(prediction) == evaluate.normalize_answer(example["answer"]) else "bad"
-        printer(f"  [{mark}] {example['prompt']!r} -> {prediction!r} (expected {example['answer']!r})")
-    return scores
+def _headline(scores: dict[str, float]) -> tuple[str, str]:
+    """The eval number a person looks at first: exact match, else MC accuracy, else loss."""
+    if "exact_match" in scores:
+        return "exact match", f"{scores['exact_match']:.1%}"
+    if "mc/accuracy" in scores:
+        return "multiple-choice accuracy", f"{scores['mc/accuracy']:.1%}"
+    return "loss", f"{scores.get('loss', float('nan')):.3f}"
