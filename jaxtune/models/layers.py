@@ -264,7 +264,7 @@ class Attention(nn.Module):
     `is_sliding` (a traced bool scalar, e.g. a scanned per-layer input) picks sliding vs global
     for alternating-layer models; None means every layer slides when sliding_window is set.
 
-    Decoding: when the "cache" collection is mutable the layer keeps a KV cache (see
+    Decoding: when `apply` makes the "cache" collection mutable the layer keeps a KV cache (see
     `_cached_kv`), so every family inherits prefill/decode without a copy of this code.
     """
 
@@ -311,7 +311,7 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, inv_freq)
 
         kv_segment_ids, q_offset = None, None
-        if self.is_mutable_collection("cache"):
+        if self.is_mutable_collection("cache") and not self.is_initializing():  # init never makes a cache
             k, v, kv_segment_ids, q_offset = self._cached_kv(k, v, segment_ids)
         mask = make_attention_mask(segment_ids, kv_segment_ids, q_offset=q_offset)
         if self.sliding_window is not None:
