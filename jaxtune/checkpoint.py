@@ -36,6 +36,8 @@ class Checkpointer:
         """Saves when `step` is on the interval (or `force`); returns whether a save started."""
         if step in self._manager.all_steps():  # e.g. the final step fell on the interval
             return False
+        if getattr(state, "frozen", None) is not None:  # a LoRA base is never saved (config points to it)
+            state = state.replace(frozen=None)
         args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)

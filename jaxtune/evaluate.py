@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxtune import generate as generate_lib
 from jaxtune.data import pipeline, templates as templates_lib
+from jaxtune.data.flan import few_shot_prompt
 from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
 from jaxtune.objectives.logprobs import token_logprobs
@@ -203,9 +204,8 @@ def few_shot(examples: Sequence[Mapping[str, str]], num_shots: int, *, seed: int
     for i, e in enumerate(examples):
         others = [j for j in by_task[e["task"]] if j != i]
         rng = np.random.default_rng([seed, i, num_shots])
-        shots = [examples[j] for j in rng.permutation(others)[:num_shots]]
-        prefix = "".join(f"{s['prompt']}{s['answer']}{separator}" for s in shots)
-        out.append({**e, "prompt": prefix + e["prompt"]})
+        shots = [(examples[j]["prompt"], examples[j]["answer"]) for j in rng.permutation(others)[:num_shots]]
+        out.append({**e, "prompt": few_shot_prompt(shots, e["prompt"], separator=separator, target_separator="")})
     return out
 
 

@@ -7,6 +7,7 @@ exact resume -> jitted train step (sharded in/out, donated state) -> log / eval 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -29,6 +30,7 @@ from jaxtune import evaluate, metrics as metrics_lib, models, optim, sharding
 from jaxtune.data import datasets, pipeline
 from jaxtune.errors import UserError
 from jaxtune.objectives import sft_loss
+from jaxtune.peft import lora, quant
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +42,58 @@ _MODEL_OVERRIDE_KEYS = (
 
 @flax.struct.dataclass
 class TrainState:
+    """`params` is what the optimizer trains: every weight, or (LoRA) the "lora" adapters only.
+    `frozen` is the LoRA base ("params" collection, maybe quantised): an argument of every step,
+    never differentiated, donated and passed through, and never checkpointed. None otherwise."""
+
     step: jax.Array
     params: Any
     opt_state: Any
+    frozen: Any = None
 
 
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None = None):
     """The model config: named variant + non-None overrides; a from-scratch vocab comes from the tokenizer."""
     m = config.model
+    peft = lora.spec_from_config(config.peft) if "peft" in config else None
     if m.hf_dir:
-        return models.config_from_pretrained(m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
+        return models.config_from_pretrained(
+            m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy).replace(peft=peft)
     overrides = {k: m[k] for k in _MODEL_OVERRIDE_KEYS if m[k] is not None}
     if "vocab_size" not in overrides and vocab_size is not None:
         overrides["vocab_size"] = vocab_size
-    overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
+    overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, peft=peft)
     return models.get_config(m.family, m.variant, **overrides)
+
+
+def peft_base_pointer(config: ml_collections.ConfigDict) -> dict | None:
+    """Where a LoRA run's frozen base comes from (written beside its adapters-only checkpoints)."""
+    if config.peft.method == "none":
+        return None
+    if config.model.hf_dir:
+        return {"hf_dir": config.model.hf_dir}
+    return {"family": config.model.family, "variant": config.model.variant, "seed": config.seed}
+
+
+def make_apply_fn(model: nn.Module) -> Callable:
+    """apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None) -> logits.
+
+    Full fine-tuning: params are the weights. LoRA: params are the adapters and `frozen` the base;
+    `apply_fn(state.frozen, ...)` (no adapters) is the base model, the free reference for DPO.
+    """
+
+    def apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None):
+        variables = {"params": params} if frozen is None else {"params": frozen, lora.COLLECTION: params}
+        return model.apply(variables, tokens, positions=positions, segment_ids=segment_ids, rngs=rngs)
+
+    return apply_fn
+
+
+def model_variables(state: TrainState) -> dict:
+    """The model's variables for inference (sampling, eval): weights, or LoRA base + adapters."""
+    if state.frozen is None:
+        return {"params": state.params}
+    return {"params": state.frozen, lora.COLLECTION: state.params}
 
 
 def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_table, *, seq_len: int):
@@ -66,22 +105,71 @@ def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_ta
     logical-rules context.
     """
 
+    spec = model.config.peft
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+
     def init_boxed(rng):
-        params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        if spec is None:
+            params = model.init(rng, tokens)["params"]
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+        # LoRA: the base is exactly the plain model's init from the seed (what full fine-tuning
+        # would start from); adapters come from their own stream.
+        base = base_model(model).init(rng, tokens)["params"]
+        adapters = model.init(jax.random.fold_in(rng, 1), tokens)[lora.COLLECTION]
+        base = quantize_base(base, spec)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters), frozen=base)
+
+    def init(rng):
+        state = sharding.unbox(init_boxed(rng))
+        if spec is not None:
+            state = state.replace(params=lora.init_magnitudes(state.frozen, state.params, spec))
+        return state
 
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     shardings = sharding.logical_shardings(abstract_boxed, mesh, rule_table)
-    init = jax.jit(lambda rng: sharding.unbox(init_boxed(rng)), out_shardings=shardings)
-    return sharding.unbox(abstract_boxed), shardings, init
+    return sharding.unbox(abstract_boxed), shardings, jax.jit(init, out_shardings=shardings)
 
 
-def init_from_pretrained(hf_dir: str, model_config, tx: optax.GradientTransformation, state_shardings) -> TrainState:
-    """A step-0 train state whose params are read from an HF checkpoint straight into their shards."""
+def base_model(model: nn.Module) -> nn.Module:
+    """The model without adapters (its params are the base params of the LoRA model)."""
+    return models.build(model.config.replace(peft=None))
+
+
+def quantize_base(base, spec):
+    """QLoRA: the decoder projections' kernels as NF4/int8 codes (identity without quantize)."""
+    if spec is None or spec.quantize == "none":
+        return base
+    return quant.quantize_params(base, spec.quantize, spec.quant_block_size)
+
+
+def init_from_pretrained(hf_dir: str, model_config, tx: optax.GradientTransformation, state_shardings,
+                         init_state: Callable | None = None, mesh=None, rule_table=None, seed: int = 0) -> TrainState:
+    """A step-0 train state whose params are read from an HF checkpoint straight into their shards.
+
+    LoRA (`model_config.peft`): the checkpoint is the frozen base; adapters come from `init_state`.
+    """
+    if model_config.peft is not None:
+        base = load_base(hf_dir, model_config, state_shardings, mesh, rule_table)
+        adapters_only = jax.jit(lambda rng: init_state(rng).replace(frozen=None),  # XLA drops the random base
+                                out_shardings=state_shardings.replace(frozen=None))
+        state = adapters_only(jax.random.key(seed)).replace(frozen=base)
+        magnitudes = jax.jit(functools.partial(lora.init_magnitudes, spec=model_config.peft),
+                             out_shardings=state_shardings.params)
+        return state.replace(params=magnitudes(base, state.params))
     params = models.load_params(hf_dir, model_config, state_shardings.params)
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step)
     return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def load_base(hf_dir: str, model_config, state_shardings, mesh, rule_table):
+    """A LoRA run's frozen base from an HF dir, in its shardings (quantised when QLoRA)."""
+    plain = base_model(models.build(model_config))
+    abstract = jax.eval_shape(plain.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    base = models.load_params(hf_dir, plain.config, sharding.logical_shardings(abstract, mesh, rule_table))
+    if model_config.peft.quantize == "none":
+        return base
+    return jax.jit(functools.partial(quantize_base, spec=model_config.peft), out_shardings=state_shardings.frozen)(base)
 
 
 def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -101,12 +189,18 @@ def split_microbatches(x: jax.Array, accum: int) -> jax.Array:
 
 def make_train_step(
     apply_fn: Callable, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *, accum: int,
-    z_loss: float, microbatch_sharding: NamedSharding | None = None,
+    z_loss: float, microbatch_sharding: NamedSharding | None = None, seed: int = 0,
 ) -> Callable:
-    """train_step(state, batch) -> (state, metrics); one optimizer step per call."""
+    """train_step(state, batch) -> (state, metrics); one optimizer step per call.
 
-    def loss_fn(params, batch, normalizer):
-        logits = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    Gradients are taken w.r.t. state.params only (LoRA: the adapters); state.frozen is passed to
+    apply_fn and returned untouched. Each (step, micro-batch) gets its own dropout rng.
+    """
+    dropout_key = jax.random.fold_in(jax.random.key(seed), 0x1d0)
+
+    def loss_fn(params, batch, normalizer, frozen=None, rng=None):
+        rngs = None if rng is None else {"dropout": rng}
+        logits = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"], frozen=frozen, rngs=rngs)
         return sft_loss(logits, batch, normalizer=normalizer, z_loss=z_loss)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -114,26 +208,28 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         # Normalise by the trained tokens of the whole global batch, so accumulation is exact.
         normalizer = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        step_key = jax.random.fold_in(dropout_key, state.step)
         if accum == 1:
-            (_, metrics), grads = grad_fn(state.params, batch, normalizer)
+            (_, metrics), grads = grad_fn(state.params, batch, normalizer, state.frozen, step_key)
         else:
             micro = jax.tree.map(lambda x: split_microbatches(x, accum), batch)
             if microbatch_sharding is not None:
                 micro = jax.lax.with_sharding_constraint(micro, microbatch_sharding)
             first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grad_fn, state.params, first, normalizer)
+            shapes = jax.eval_shape(grad_fn, state.params, first, normalizer, state.frozen, step_key)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
 
-            def body(carry, mb):
-                (_, m), g = grad_fn(state.params, mb, normalizer)
+            def body(carry, xs):
+                mb, i = xs
+                (_, m), g = grad_fn(state.params, mb, normalizer, state.frozen, jax.random.fold_in(step_key, i))
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
-            (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+            (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state.step))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
@@ -194,6 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         )
     config_lib.validate_for_model(config, model_config.max_position_embeddings)
     model = models.build(model_config)
+    num_params = models.count_params(model_config)  # the base model's (outside the mesh context)
 
     mesh = sharding.build_mesh(mesh_shape, devices)
     rule_table = sharding.rules(config.mesh.rules)
@@ -202,23 +299,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
 
-    def apply_fn(params, tokens, positions, segment_ids):
-        return model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
+    apply_fn = make_apply_fn(model)
 
     local_batch = config.train.global_batch_size // process_count
-    dataset, tokenize_stats = pipeline.train_dataset(
-        data.train_source, data.train_templates, tokenizer,
-        seq_len=seq_len, batch_size=local_batch, seed=config.seed, packing=config.data.packing,
-        shuffle=config.data.shuffle, truncation=config.data.truncation, word_dropout=config.data.word_dropout,
-        process_index=jax.process_index(), process_count=process_count, worker_count=config.data.worker_count,
-        read_threads=config.data.read_threads, prefetch=config.data.prefetch,
+    dataset, data_stats = datasets.train_dataset(
+        data, config.data, batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
+        process_count=process_count,
     )
+    if len(data.tasks) > 1 and jax.process_index() == 0:
+        print(f"jaxtune: data mixture ({data.mixture.mode}):\n{data.mixture.describe()}", flush=True)
     data_iter = iter(dataset)
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
         use_async=config.train.async_checkpoints,
     )
     config_json = config_lib.to_json_dict(config)
+    if peft_base_pointer(config):
+        config_json["peft_base"] = peft_base_pointer(config)
     progress = None
     writer = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
@@ -230,19 +327,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             changed = checkpoint_lib.config_differences(saved, config_json) if saved else []
             if changed:
                 log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
-            state = checkpointer.restore(
-                latest, checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings), data_iter
-            )
+            saved_state = checkpoint_lib.abstract_with_shardings(abstract_state.replace(frozen=None),
+                                                                 state_shardings.replace(frozen=None))
+            state = checkpointer.restore(latest, saved_state, data_iter)
+            if model_config.peft is not None:  # adapters-only checkpoint: re-create the base
+                state = state.replace(frozen=_frozen_base(config, model_config, init_state, state_shardings,
+                                                          mesh, rule_table))
             start_step = int(latest)
             print(f"jaxtune: resuming from step {start_step} in {workdir}", flush=True)
         else:
             if config.model.hf_dir:
-                state = init_from_pretrained(config.model.hf_dir, model_config, tx, state_shardings)
+                state = init_from_pretrained(config.model.hf_dir, model_config, tx, state_shardings,
+                                             init_state, mesh, rule_table, seed=config.seed)
             else:
                 state = init_state(jax.random.key(config.seed))
             start_step = 0
 
-        num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+        if model_config.peft is not None:
+            adapters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+            print(f"jaxtune: {config.peft.method} adapters {adapters / 1e6:.3f}M trainable params "
+                  f"({adapters / num_params:.2%} of the base)", flush=True)
         flops_per_token = metrics_lib.train_flops_per_token(
             num_params, model_config.num_layers, model_config.hidden_size, seq_len
         )
@@ -256,7 +360,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         accum = config.train.grad_accum_steps
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
         step_fn = make_train_step(apply_fn, tx, lr_schedule, accum=accum, z_loss=config.train.z_loss,
-                                  microbatch_sharding=micro_sharding)
+                                  microbatch_sharding=micro_sharding, seed=config.seed)
         train_step = jax.jit(
             step_fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
             donate_argnums=(0,),
@@ -268,7 +372,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             # Separately jitted, bucketed eval functions: the train step's compile cache is untouched.
             if not eval_set:
                 return {}
-            scores = evaluate.run(model, state.params, tokenizer, eval_set, config.eval, seq_len=seq_len,
+            scores = evaluate.run(model, model_variables(state), tokenizer, eval_set, config.eval, seq_len=seq_len,
                                   seed=config.seed, show=show, printer=_print_fn(progress))
             writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
             if jax.process_index() == 0:
@@ -340,9 +444,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 print(f"jaxtune: held-out {name} {_headline(eval_before)[1]} before -> {value} after training", flush=True)
             else:
                 print(f"jaxtune: held-out {name} after training: {value}", flush=True)
-    stats = tokenize_stats.stats
-    if stats.truncated or stats.dropped:
-        print(f"jaxtune: data: {stats.examples} examples, {stats.truncated} truncated, {stats.dropped} dropped", flush=True)
+    if jax.process_index() == 0 and data_stats.slots:
+        print("jaxtune: data (this process):\n  " + "\n  ".join(data_stats.report()), flush=True)
     checkpointer.close()
     writer.close()
     summary = RunSummary(
@@ -353,6 +456,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     if jax.process_index() == 0:
         print(f"jaxtune: done: {done} steps in {summary.wall_s:.0f}s; outputs in {workdir}", flush=True)
     return summary
+
+
+def _frozen_base(config, model_config, init_state, state_shardings, mesh, rule_table):
+    """A LoRA run's base on resume: reloaded from model.hf_dir or re-initialised from the seed."""
+    if config.model.hf_dir:
+        return load_base(config.model.hf_dir, model_config, state_shardings, mesh, rule_table)
+    return jax.jit(lambda rng: init_state(rng).frozen, out_shardings=state_shardings.frozen)(jax.random.key(config.seed))
 
 
 def _print_fn(progress):

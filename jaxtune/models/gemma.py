@@ -97,6 +97,7 @@ class GemmaDecoderLayer(nn.Module):
             rope_theta=cfg.rope_theta,
             rope_scaling=cfg.rope_scaling,
             name="attn",
+            lora=cfg.peft,
             **self.attention_options(),
             **kw,
         )(norm("attn_norm")(x), positions, segment_ids, is_sliding)
@@ -104,7 +105,7 @@ class GemmaDecoderLayer(nn.Module):
             h = norm("post_attn_norm")(h)
         x = nn.with_logical_constraint(x + h, residual)
 
-        h = layers.MLP(cfg.intermediate_size, activation=cfg.hidden_activation, name="mlp", **kw)(
+        h = layers.MLP(cfg.intermediate_size, activation=cfg.hidden_activation, name="mlp", lora=cfg.peft, **kw)(
             norm("mlp_norm")(x)
         )
         if self.post_norms:

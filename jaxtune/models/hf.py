@@ -320,6 +320,16 @@ def _header(entries: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def write_safetensors(path: str | epath.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    """One .safetensors file holding `tensors` (host arrays, written in the given order)."""
+    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    entries = [(name, _ST_NAMES[a.dtype], a.shape, a.nbytes) for name, a in arrays.items()]
+    with epath.Path(path).open("wb") as f:
+        f.write(_header(entries))
+        for a in arrays.values():
+            f.write(a.tobytes())
+
+
 def save_pretrained(
     model_or_config, params: Mapping, out_dir: str | epath.PathLike, *, max_shard_size: int | str = "2GB",
     tokenizer_dir: str | epath.PathLike | None = None, dtype: str | None = None,

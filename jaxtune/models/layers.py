@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxtune.peft import lora as lora_lib
+from jaxtune.peft import quant
+
 Array = jax.Array
 DType = Any
 
@@ -42,7 +45,10 @@ class Projection(nn.Module):
 
     The kernel is created at its full logical shape (DenseGeneral creates it flat and reshapes,
     which breaks the logical sharding constraint under a mesh), initialised like a 2-D matrix of
-    shape (prod(in_dims), prod(features)). This is also the hook where LoRA adapters attach.
+    shape (prod(in_dims), prod(features)). This is also the hook where LoRA adapters attach:
+    with `lora` (a peft.lora.LoraSpec naming this module's name as a target) the "lora"
+    collection's adapters are applied when present (peft/lora.py); a quantised kernel (a dict of
+    codes, peft/quant.py) is dequantised to the compute dtype here.
     """
 
     features: tuple[int, ...]
@@ -52,6 +58,7 @@ class Projection(nn.Module):
     param_dtype: DType = jnp.float32
     kernel_init: nn.initializers.Initializer = default_kernel_init
     use_bias: bool = False  # a zero-initialised bias [*features] (Qwen2 q/k/v)
+    lora: Any = None  # peft.lora.LoraSpec or None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -63,8 +70,14 @@ class Projection(nn.Module):
             flat = (math.prod(in_dims), math.prod(self.features))
             return self.kernel_init(key, flat, dtype).reshape(full_shape)
 
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
+        stored = self.get_variable("params", "kernel")
+        if quant.is_quantized(stored):  # QLoRA base: codes + absmax, dequantised per call
+            kernel = quant.dequantize(stored, shape, self.dtype)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
         y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=(axis, tuple(range(len(in_dims)))))
+        if self.lora is not None and self.name in self.lora.targets:
+            y = lora_lib.adapt(self, x, y, kernel, axis, self.axes, self.lora)
         if self.use_bias:
             bias_axes = self.axes[len(in_dims):]
             bias = self.param(
@@ -85,6 +98,7 @@ def dense(
     name: str,
     kernel_init: nn.initializers.Initializer = default_kernel_init,
     use_bias: bool = False,
+    lora: Any = None,
 ) -> Projection:
     """A projection (bias-free by default) whose kernel carries the logical `axes` (inputs then outputs)."""
     return Projection(
@@ -95,6 +109,7 @@ def dense(
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=kernel_init,
+        lora=lora,
         name=name,
     )
 
@@ -283,6 +298,7 @@ class Attention(nn.Module):
     local_rope_theta: float | None = None
     logit_soft_cap: float | None = None
     query_scale: float | None = None
+    lora: Any = None  # peft.lora.LoraSpec for q/k/v/o
 
     @nn.compact
     def __call__(
@@ -290,7 +306,7 @@ class Attention(nn.Module):
     ) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q_shape, kv_shape = (self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
-        qkv = dict(use_bias=self.qkv_bias, **kw)
+        qkv = dict(use_bias=self.qkv_bias, lora=self.lora, **kw)
         q = dense(q_shape, ("embed", "heads", "head_dim"), name="q_proj", **qkv)(x)
         k = dense(kv_shape, ("embed", "kv_heads", "head_dim"), name="k_proj", **qkv)(x)
         v = dense(kv_shape, ("embed", "kv_heads", "head_dim"), name="v_proj", **qkv)(x)
@@ -324,7 +340,7 @@ class Attention(nn.Module):
         )
         out = nn.with_logical_constraint(out, act)
         o_axes = ("heads", "head_dim", "embed")
-        return dense(x.shape[-1], o_axes, axis=(-2, -1), name="o_proj", **kw)(out)
+        return dense(x.shape[-1], o_axes, axis=(-2, -1), name="o_proj", lora=self.lora, **kw)(out)
 
     def _cached_kv(self, k: Array, v: Array, segment_ids: Array) -> tuple[Array, Array, Array | None, Array | None]:
         """KV cache [B, S_max, kv_heads, head_dim] + per-slot segment ids + a write index.
@@ -369,10 +385,11 @@ class MLP(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     activation: str = "silu"  # a key of ACTIVATIONS
+    lora: Any = None  # peft.lora.LoraSpec for gate/up/down
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         act = ACTIVATIONS[self.activation]
@@ -393,7 +410,8 @@ def stack_layers(
 ) -> type[nn.Module]:
     """Wraps `block(x, *args) -> (x, None)` in remat + scan over a leading "layers" axis.
 
-    scan keeps compile time independent of depth; by default every block argument after the
+    scan keeps compile time independent of depth (params and LoRA adapters both get the leading
+    axis; each layer draws its own dropout rng); by default every block argument after the
     carry is broadcast (same positions/segment ids for each layer). Pass a tuple `in_axes`
     (nn.broadcast or 0 per argument) to scan some arguments per layer, e.g. a [L] array that
     says which layers use local attention.
@@ -404,8 +422,8 @@ def stack_layers(
         block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0, "cache": 0},
-        split_rngs={"params": True},
+        variable_axes={"params": 0, lora_lib.COLLECTION: 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
         in_axes=in_axes,
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},

@@ -40,6 +40,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    peft: Any = None  # a peft.lora.LoraSpec: adapters on its target projections (None: none)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -145,13 +146,14 @@ class DecoderLayer(nn.Module):
             rope_theta=cfg.rope_theta,
             rope_scaling=cfg.rope_scaling,
             name="attn",
+            lora=cfg.peft,
             **self.attention_options(),
             **kw,
         )(h, positions, segment_ids)
         x = nn.with_logical_constraint(x + h, residual)
 
         h = layers.RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
-        h = layers.MLP(cfg.intermediate_size, name="mlp", **kw)(h)
+        h = layers.MLP(cfg.intermediate_size, name="mlp", lora=cfg.peft, **kw)(h)
         x = nn.with_logical_constraint(x + h, residual)
         return x, None
 

@@ -1,0 +1,94 @@
+"""Adapters out of jaxtune: PEFT's on-disk format, or a full HF checkpoint with them merged in.
+
+PEFT format (what `peft.PeftModel.from_pretrained(base, dir)` reads): `adapter_config.json`
+plus `adapter_model.safetensors` with keys
+`base_model.model.<HF module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r] and (DoRA)
+`.lora_magnitude_vector` [out]. HF module names come from each family's `hf_param_maps`
+(the kernel's HF tensor name minus ".weight"); in/out are flattened in the same order as the
+base weight's layout change, and scaling stays in the config (lora_alpha, use_rslora).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from jaxtune import models
+from jaxtune.errors import UserError
+from jaxtune.models import hf
+from jaxtune.peft import lora
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+def _hf_modules(model_config, path: tuple[str, ...]) -> tuple[str, ...]:
+    """HF module names (one per layer) of the projection at jaxtune `path`."""
+    for m in models.family_of(model_config).hf_param_maps(model_config):
+        if m.path == (*path, "kernel"):
+            return tuple(name.removesuffix(".weight") for name in m.hf_names)
+    raise UserError(f"no Hugging Face tensor for adapted projection {'/'.join(path)}")
+
+
+def peft_state_dict(model_config, adapters: Mapping) -> dict[str, np.ndarray]:
+    """PEFT tensor name -> float32 array, in PEFT's layouts (stacked layers split out)."""
+    out = {}
+    for path, site in lora._adapter_sites(adapters):
+        a, b = np.asarray(jax.device_get(site["lora_a"]), np.float32), np.asarray(jax.device_get(site["lora_b"]), np.float32)
+        names = _hf_modules(model_config, path)
+        for i, name in enumerate(names):
+            rank = a.shape[-1]
+            out[f"{_PREFIX}{name}.lora_A.weight"] = a[i].reshape(-1, rank).T
+            out[f"{_PREFIX}{name}.lora_B.weight"] = b[i].reshape(rank, -1).T
+            if "magnitude" in site:
+                out[f"{_PREFIX}{name}.lora_magnitude_vector"] = np.asarray(jax.device_get(site["magnitude"][i]), np.float32).reshape(-1)
+    return dict(sorted(out.items()))
+
+
+def adapter_config(spec: lora.LoraSpec, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """The adapter_config.json fields PEFT's LoraConfig reads (everything else takes its default)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "use_rslora": spec.rslora,
+        "use_dora": spec.dora,
+        "target_modules": sorted(spec.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def export_peft(model_config, adapters: Mapping, out_dir: str | epath.PathLike, *, base_model_name_or_path: str | None = None) -> epath.Path:
+    """Writes a PEFT adapter directory for the adapters of `model_config.peft`."""
+    if model_config.peft is None:
+        raise UserError("export --peft: this run has no adapters (peft.method is 'none'); use --merged or convert")
+    out = epath.Path(out_dir)
+    tensors = peft_state_dict(model_config, adapters)
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        config = adapter_config(model_config.peft, base_model_name_or_path)
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        hf.write_safetensors(out / WEIGHTS_FILE, tensors)
+    return out
+
+
+def export_merged(model_config, base: Mapping, adapters: Mapping, out_dir: str | epath.PathLike, *,
+                  dtype: str | None = None, tokenizer_dir: str | None = None, max_shard_size: int | str = "2GB") -> epath.Path:
+    """A full HF checkpoint of the adapted model: W + scaling * A B (DoRA: rescaled to the learned
+    magnitude) in float32, cast to `dtype` (default: the model's param dtype) when written."""
+    merged = jax.jit(lambda b, a: lora.merge(b, a, model_config.peft))(base, adapters)
+    plain = model_config.replace(peft=None)
+    return models.save_pretrained(plain, merged, out_dir, dtype=dtype or plain.param_dtype,
+                                  tokenizer_dir=tokenizer_dir, max_shard_size=max_shard_size)
