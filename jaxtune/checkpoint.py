@@ -15,6 +15,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxtune.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +64,18 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def latest_checkpoint(workdir: str | Path, command: str) -> tuple[Path, int]:
+    """A run's checkpoints directory and latest step, or a UserError naming the command."""
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"{command}: {workdir} has no checkpoints/ directory (train a model there first)")
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+    if step is None:
+        raise UserError(f"{command}: no checkpoint in {directory}")
+    return directory, int(step)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -158,13 +158,10 @@ def _convert(args) -> int:
         print(f"jaxtune: wrote params checkpoint {directory / '0'}", flush=True)
         return 0
 
-    directory = Path(args.workdir).absolute() / "checkpoints"
-    if not directory.is_dir():
-        raise UserError(f"convert: {args.workdir} has no checkpoints/ directory")
+    from jaxtune.checkpoint import latest_checkpoint
+
+    directory, step = latest_checkpoint(args.workdir, "convert")
     with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise UserError(f"convert: no checkpoint in {directory}")
         try:
             saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
         except Exception as e:

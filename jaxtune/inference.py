@@ -15,6 +15,7 @@ import ml_collections
 
 from jaxtune import config as config_lib
 from jaxtune import models
+from jaxtune.checkpoint import latest_checkpoint
 from jaxtune.data.datasets import TOKENIZER_FILE
 from jaxtune.data.tokenizers import Tokenizer, load_tokenizer
 from jaxtune.errors import UserError
@@ -52,13 +53,8 @@ def from_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) 
 
     from jaxtune import trainer
 
-    directory = Path(workdir).absolute() / "checkpoints"
-    if not directory.is_dir():
-        raise UserError(f"--workdir {workdir}: no checkpoints/ directory (train a model there first)")
+    directory, step = latest_checkpoint(workdir, "--workdir")
     with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise UserError(f"--workdir {workdir}: no checkpoint in {directory}")
         items = {"state": ocp.args.StandardRestore()}
         if config is None:
             items["config"] = ocp.args.JsonRestore()
@@ -71,7 +67,7 @@ def from_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) 
         tokenizer_path = Path(config.data.get("tokenizer") or Path(workdir) / TOKENIZER_FILE)
     tokenizer = _tokenizer(tokenizer_path, f"--workdir {workdir}")
     model_config = trainer.model_config_from(config, vocab_size=tokenizer.vocab_size)
-    return Loaded(config, models.build(model_config), restored.state["params"], tokenizer, int(step))
+    return Loaded(config, models.build(model_config), restored.state["params"], tokenizer, step)
 
 
 def load(*, workdir: str | None, hf_dir: str | None, config: ml_collections.ConfigDict | None = None) -> Loaded:

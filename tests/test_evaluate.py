@@ -7,7 +7,6 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -16,24 +15,13 @@ from jaxtune import evaluate, models, trainer
 from jaxtune.data import pipeline
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
+from tests.data.test_pipeline import CharTokenizer
 from tests.helpers import tiny_config, write_sft_jsonl
-
-
-class CharTokenizer:
-    """Bytes as ids (+4 specials): enough to exercise scoring without training a tokenizer."""
-
-    vocab_size, pad_id, eos_id, bos_id = 260, 0, 1, 2
-
-    def encode(self, text):
-        return [b + 4 for b in text.encode()]
-
-    def decode(self, ids):
-        return bytes(i - 4 for i in ids if i >= 4).decode(errors="replace")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = models.build(models.get_config("llama", "tiny", vocab_size=260))
+    model = models.build(models.get_config("llama", "tiny", vocab_size=CharTokenizer.vocab_size))
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
     return model, params, CharTokenizer()
 
