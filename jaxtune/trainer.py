@@ -490,7 +490,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             out_shardings=(state_shardings, replicated), donate_argnums=(0,),
         )
 
-        eval_set = evaluate.build_eval_set(data.eval_records, data.eval_templates, config.eval, seed=config.seed)
+        held_out = (data.eval_records, data.eval_templates) if data.eval_records else ((), {})  # preference data: none
+        eval_set = evaluate.build_eval_set(*held_out, config.eval, seed=config.seed)
 
         def run_eval(step: int, show: int = 0) -> dict[str, float]:
             # Separately jitted, bucketed eval functions: the train step's compile cache is untouched.
