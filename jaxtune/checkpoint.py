@@ -66,6 +66,18 @@ class Checkpointer:
         self._manager.close()
 
 
+def latest_checkpoint(workdir: str | Path, command: str) -> tuple[Path, int]:
+    """A run's checkpoints directory and latest step, or a UserError naming the command."""
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise UserError(f"{command}: {workdir} has no checkpoints/ directory (train a model there first)")
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+    if step is None:
+        raise UserError(f"{command}: no checkpoint in {directory}")
+    return directory, int(step)
+
+
 def restore_params(workdir: str | Path, abstract_params: Any) -> Any:
     """The params of the latest checkpoint in another run's workdir (model.init_from), into their shardings.
 

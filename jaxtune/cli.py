@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default=None, help="param dtype (default: the checkpoint's)")
     convert.add_argument("--max_shard_size", default="2GB", help="safetensors shard size for --hf_out")
     convert.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    _add_generate_parser(commands)
+    _add_eval_parser(commands)
     data = commands.add_parser("data", help="inspect a config's input pipeline")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     preview = data_commands.add_parser(
@@ -50,6 +52,81 @@ def _parser() -> argparse.ArgumentParser:
                          help="where a from-scratch tokenizer is trained/cached (default: a temporary directory)")
     preview.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
+
+
+def _add_generate_parser(commands) -> None:
+    gen = commands.add_parser("generate", help="sample from a run's latest checkpoint (--workdir) or an HF dir (--hf_dir)")
+    gen.add_argument("--workdir", help="a jaxtune run directory (latest checkpoint, saved config, tokenizer)")
+    gen.add_argument("--hf_dir", help="a Hugging Face model dir (config.json, *.safetensors, tokenizer)")
+    gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    gen.add_argument("--max_new_tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top_k", type=int, default=None)
+    gen.add_argument("--top_p", type=float, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); EOS always stops")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+
+def _add_eval_parser(commands) -> None:
+    ev = commands.add_parser(
+        "eval", help="run the configured evaluations (loss, exact match/F1, k-shot, multiple choice); "
+        "writes WORKDIR/eval_results.json and eval/... rows in metrics.jsonl",
+    )
+    ev.add_argument("--config", help="config file (default: the config saved with the workdir's checkpoint)")
+    ev.add_argument("--workdir", required=True, help="run directory: the model (unless --hf_dir) and the results")
+    ev.add_argument("--hf_dir", help="evaluate this Hugging Face model dir instead of the workdir's checkpoint")
+    ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+
+def _generate(args) -> int:
+    from jaxtune import generate, inference
+    from jaxtune.data import pipeline
+
+    if not args.prompt:
+        raise UserError("generate: give at least one --prompt")
+    if any(not p.strip() for p in args.prompt):
+        raise UserError("generate: --prompt is empty")
+    loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir)
+    tok = loaded.tokenizer
+    outputs = generate.generate(
+        loaded.model, loaded.params, pipeline.tokenize_prompts(tok, args.prompt), max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=(tok.eos_id,), seed=args.seed,
+        pad_id=tok.pad_id,
+    )
+    for tokens in outputs:
+        print(generate.decode_completion(tok.decode, tokens, args.stop), flush=True)
+    return 0
+
+
+def _eval(args, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from jaxtune import config as config_lib
+    from jaxtune import evaluate, inference, metrics, trainer
+    from jaxtune.data import datasets
+
+    config = config_lib.load_config(args.config, overrides) if args.config else None
+    loaded = inference.from_hf_dir(args.hf_dir, config) if args.hf_dir else inference.from_workdir(args.workdir, config)
+    config = loaded.config
+    data = datasets.load_sft_data(trainer.data_config(config), args.workdir, seed=config.seed)
+    eval_set = evaluate.build_eval_set(data.eval_records, data.eval_templates, config.eval, seed=config.seed)
+    if not eval_set:
+        raise UserError("eval: nothing to evaluate; set data.eval_path (or data.source=quickstart) or eval.mc_path")
+    scores = evaluate.run(loaded.model, loaded.params, loaded.tokenizer, eval_set, config.eval,
+                          seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples)
+    step = loaded.step or 0
+    path = evaluate.write_results(Path(args.workdir) / "eval_results.json", scores, step=step,
+                                  model=args.hf_dir or str(args.workdir))
+    writer = metrics.MetricsWriter(args.workdir, resume_step=2**62, tensorboard=False)
+    writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
+    writer.close()
+    summary = ("loss", "perplexity", "token_accuracy", "exact_match", "f1", "accuracy", "accuracy_norm")
+    for name, value in sorted(scores.items()):
+        if name.rsplit("/", 1)[-1] in summary:  # per-task rows are in the JSON file
+            print(f"{name}: {value:.4f}", flush=True)
+    print(f"jaxtune: wrote {path}", flush=True)
+    return 0
 
 
 def _convert(args) -> int:
@@ -81,13 +158,10 @@ def _convert(args) -> int:
         print(f"jaxtune: wrote params checkpoint {directory / '0'}", flush=True)
         return 0
 
-    directory = Path(args.workdir).absolute() / "checkpoints"
-    if not directory.is_dir():
-        raise UserError(f"convert: {args.workdir} has no checkpoints/ directory")
+    from jaxtune.checkpoint import latest_checkpoint
+
+    directory, step = latest_checkpoint(args.workdir, "convert")
     with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise UserError(f"convert: no checkpoint in {directory}")
         try:
             saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
         except Exception as e:
@@ -155,10 +229,10 @@ def _data_preview(args, overrides: list[str]) -> int:
 
     config = config_lib.load_config(args.config, overrides)
     from jaxtune.data.preview import preview
-    from jaxtune.trainer import _data_config
+    from jaxtune.trainer import data_config
 
     config.unlock()
-    config.data = _data_config(config)  # a model.hf_dir's own tokenizer, as training uses
+    config.data = data_config(config)  # a model.hf_dir's own tokenizer, as training uses
     with tempfile.TemporaryDirectory() as tmp:
         for line in preview(config, args.workdir or tmp, num=args.num, batches=args.batches):
             print(line)
@@ -176,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, overrides)
         if args.command == "convert":
             return _convert(args)
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "eval":
+            return _eval(args, overrides)
         if args.command == "data":
             return _data_preview(args, overrides)
     except UserError as e:

@@ -146,6 +146,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 12
     c.eval.batch_size = 128
     c.eval.show_examples = 6
+    # Evaluations on the held-out set (data.eval_path / quickstart), before/after training, every
+    # train.eval_every steps, and by `jaxtune eval`; results in eval/step_<n>.json + eval/... metrics.
+    c.eval.loss = True  # token-weighted loss / perplexity of the held-out answers
+    c.eval.generative = True  # greedy generation scored by exact match and token F1
+    c.eval.num_shots = (0,)  # FLAN-style k-shot prompts (same-task solved examples first)
+    c.eval.stop_strings = ()  # generation is cut at the first of these (besides EOS)
+    c.eval.mc_path = ""  # JSONL multiple-choice set: fields + options + answer (index or text)
+    c.eval.mc_templates = (("{prompt}", " {option}"),)  # prompt pattern, option pattern
     c.eval.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
     return c
 
@@ -405,6 +413,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError("config key 'data.train_path' is empty; data.source='jsonl' needs a JSONL file")
     if single_jsonl and not config.data.templates:
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
+    _validate_eval(config.eval)
     _validate_objective(config)
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
@@ -415,6 +424,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from jaxtune.peft import lora  # a leaf module: spec parsing and validation
 
     lora.spec_from_config(config.peft)
+
+
+def _validate_eval(e: ml_collections.ConfigDict) -> None:
+    for key in ("max_new_tokens", "batch_size"):
+        if not e[key] > 0:
+            raise UserError(f"config key 'eval.{key}' must be > 0, got {e[key]}")
+    shots = e.num_shots
+    if not isinstance(shots, (tuple, list)) or not shots or not all(isinstance(k, int) and k >= 0 for k in shots):
+        raise UserError(f"config key 'eval.num_shots' must be a non-empty tuple of integers >= 0, e.g. (0, 2); got {shots!r}")
+    if not isinstance(e.stop_strings, (tuple, list)) or not all(isinstance(s, str) and s for s in e.stop_strings):
+        raise UserError(f"config key 'eval.stop_strings' must be a tuple of non-empty strings, got {e.stop_strings!r}")
+    if e.mc_path and not Path(e.mc_path).is_file():
+        raise UserError(f"config key 'eval.mc_path': {e.mc_path} does not exist (expected a JSONL file)")
+    templates = e.mc_templates
+    if not templates or not all(isinstance(t, (tuple, list)) and len(t) == 2 for t in templates):
+        raise UserError(f"config key 'eval.mc_templates' must hold (prompt_pattern, option_pattern) pairs, got {templates!r}")
+    if not all("{option}" in t[1] for t in templates):
+        raise UserError("config key 'eval.mc_templates': every option pattern must contain '{option}'")
 
 
 def _validate_objective(config: ml_collections.ConfigDict) -> None:

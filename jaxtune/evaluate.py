@@ -1,11 +1,35 @@
-"""Evaluation metrics: generative exact match with standard answer normalisation."""
+"""Evaluation: held-out loss/perplexity, multiple-choice log-likelihood, generative EM/F1, few-shot.
+
+The model runs in two jitted functions, each compiled once per (model, bucketed shape) and
+separate from the train step: `_sequence_logprobs` (teacher-forced log-likelihood per row, fixed
+[eval.batch_size, data.seq_len] batches) and the KV-cache sampler (generate.py).
+
+Multiple choice scores each option by the log-likelihood of its tokens after the prompt: raw
+(sum) and length-normalised (mean per option token); accuracy is reported for both.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import re
 import string
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune import generate as generate_lib
+from jaxtune.data import pipeline, templates as templates_lib
+from jaxtune.data.flan import few_shot_prompt
+from jaxtune.data.sources import JsonlSource
+from jaxtune.errors import UserError
+from jaxtune.objectives.logprobs import token_logprobs
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -18,18 +42,233 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def exact_match_scores(
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1 between the normalised bags of words (1.0 when both are empty)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _with_per_task(name: str, values: Sequence[float], tasks: Sequence[str] | None) -> dict[str, float]:
+    scores = {name: float(np.mean(values)) if len(values) else 0.0}
+    if tasks is not None:
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for task, value in zip(tasks, values):
+            per_task[task].append(value)
+        for task, task_values in sorted(per_task.items()):
+            scores[f"{name}/{task}"] = float(np.mean(task_values))
+    return scores
+
+
+def generative_scores(
     predictions: Sequence[str], references: Sequence[str], tasks: Sequence[str] | None = None
 ) -> dict[str, float]:
-    """`exact_match` over everything plus `exact_match/<task>` per task, each in [0, 1]."""
+    """`exact_match` and `f1` overall plus `exact_match/<task>`, `f1/<task>`, each in [0, 1]."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    hits = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]
-    scores = {"exact_match": sum(hits) / max(len(hits), 1)}
-    if tasks is not None:
-        per_task: dict[str, list[bool]] = defaultdict(list)
-        for task, hit in zip(tasks, hits):
-            per_task[task].append(hit)
-        for task, task_hits in sorted(per_task.items()):
-            scores[f"exact_match/{task}"] = sum(task_hits) / len(task_hits)
+    pairs = list(zip(predictions, references))
+    hits = [float(normalize_answer(p) == normalize_answer(r)) for p, r in pairs]
+    return {**_with_per_task("exact_match", hits, tasks), **_with_per_task("f1", [token_f1(p, r) for p, r in pairs], tasks)}
+
+
+# ----------------------------------------------------------------------------- log-likelihood
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _sequence_logprobs(model, variables, batch):
+    """Per row: summed log p(target) over the loss mask, masked token count, argmax hits."""
+    logits = model.module.apply(variables, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logp, _ = token_logprobs(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32) * mask
+    return jnp.sum(logp * mask, -1), jnp.sum(mask, -1), jnp.sum(hits, -1)
+
+
+def score_continuations(
+    model, params, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, seq_len: int, batch_size: int,
+    where: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sum log p, token count, greedy hits) of each continuation given its prompt, as [N] arrays.
+
+    Rows are padded to [batch_size, seq_len] so every call reuses one compile; a continuation
+    cut by seq_len is scored on the tokens that fit, one that does not fit at all is an error.
+    """
+    rows = []
+    for i, (prompt, continuation) in enumerate(pairs):
+        example = pipeline.tokenize_pair(prompt, continuation, seq_len=seq_len, truncation="truncate")
+        if example is None:
+            label = where[i] if where else f"eval example {i}"
+            raise UserError(f"{label}: the prompt leaves no room for the scored text within data.seq_len={seq_len}")
+        rows.append(pipeline.pad_example(example, seq_len))
+    multiple = generate_lib.batch_multiple()
+    batch_size = -(-batch_size // multiple) * multiple
+    variables = generate_lib.as_variables(params)
+    results = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        chunk += [{k: np.zeros(seq_len, np.int32) for k in pipeline.BATCH_KEYS}] * (batch_size - len(chunk))
+        batch = {k: np.stack([r[k] for r in chunk]) for k in pipeline.BATCH_KEYS}
+        out = _sequence_logprobs(generate_lib.ByRepr(model), variables, batch)
+        results.append(np.stack([np.asarray(x) for x in out])[:, : min(batch_size, len(rows) - start)])
+    if not results:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    logp, count, hits = np.concatenate(results, axis=1)
+    return logp, count, hits
+
+
+def loss_scores(model, params, tokenizer, examples: Sequence[Mapping[str, str]], *, seq_len: int, batch_size: int) -> dict[str, float]:
+    """Token-weighted loss, perplexity and next-token accuracy on prompt -> answer + EOS (as trained)."""
+    pairs = [
+        (pipeline.encode_prompt(tokenizer, e["prompt"]), tokenizer.encode(e["answer"]) + [tokenizer.eos_id])
+        for e in examples
+    ]
+    logp, count, hits = score_continuations(model, params, pairs, seq_len=seq_len, batch_size=batch_size)
+    tokens = max(float(count.sum()), 1.0)
+    loss = -float(logp.sum()) / tokens
+    return {"loss": loss, "perplexity": float(np.exp(loss)), "token_accuracy": float(hits.sum()) / tokens}
+
+
+def multiple_choice_scores(
+    model, params, tokenizer, examples: Sequence[Mapping[str, Any]], *, seq_len: int, batch_size: int
+) -> dict[str, float]:
+    """`mc/accuracy` (argmax of summed option log-likelihood), `mc/accuracy_norm` (per-token mean), per task."""
+    pairs, where, owner = [], [], []
+    for i, e in enumerate(examples):
+        prompt = pipeline.encode_prompt(tokenizer, e["prompt"])
+        for option in e["options"]:
+            pairs.append((prompt, tokenizer.encode(option)))
+            where.append(e.get("where", f"multiple-choice example {i}"))
+            owner.append(i)
+    logp, count, _ = score_continuations(model, params, pairs, seq_len=seq_len, batch_size=batch_size, where=where)
+    owner = np.asarray(owner)
+    raw, norm = [], []
+    for i, e in enumerate(examples):
+        option_logp, option_count = logp[owner == i], np.maximum(count[owner == i], 1)
+        raw.append(float(np.argmax(option_logp) == e["answer"]))
+        norm.append(float(np.argmax(option_logp / option_count) == e["answer"]))
+    tasks = [e["task"] for e in examples]
+    return {**_with_per_task("mc/accuracy", raw, tasks), **_with_per_task("mc/accuracy_norm", norm, tasks)}
+
+
+# ----------------------------------------------------------------------------- eval sets
+
+
+def load_multiple_choice(path: str) -> list[dict]:
+    """Multiple-choice records from JSONL: template fields + `options` (>= 2 strings) + `answer`
+    (the correct option's index or text) + optional `task`."""
+    source = JsonlSource(path)
+    records = []
+    for i in range(len(source)):
+        record = source[i]
+        where, options, answer = record["_where"], record.get("options"), record.get("answer")
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
+            raise UserError(f"{where}: 'options' must be a list of at least two strings, got {options!r}")
+        if isinstance(answer, str) and answer in options:
+            answer = options.index(answer)
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+            raise UserError(f"{where}: 'answer' must be an option's index (0..{len(options) - 1}) or its text, got {answer!r}")
+        records.append({**record, "answer": answer})
+    return records
+
+
+def render_multiple_choice(records: Sequence[dict], task_templates: Sequence[templates_lib.Template], *, seed: int) -> list[dict]:
+    """Prompt from a template's input pattern; each option through its target pattern (field `option`)."""
+    out = []
+    for index, record in enumerate(records):
+        fields = {k: v for k, v in record.items() if k not in ("options", "answer", "_where")}
+        rendered = [
+            templates_lib.render_example(task_templates, {**fields, "option": option}, seed=seed, index=index)
+            for option in record["options"]
+        ]
+        out.append({
+            "task": record.get("task", pipeline.DEFAULT_TASK), "prompt": rendered[0][0],
+            "options": [target for _, target in rendered], "answer": record["answer"], "where": record["_where"],
+        })
+    return out
+
+
+def few_shot(examples: Sequence[Mapping[str, str]], num_shots: int, *, seed: int, separator: str = "\n\n") -> list[dict]:
+    """Each example's prompt preceded by `num_shots` solved examples of the same task (never itself),
+    drawn deterministically from (seed, index): FLAN's k-shot format on held-out templates."""
+    if num_shots == 0:
+        return [dict(e) for e in examples]
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(examples):
+        by_task[e["task"]].append(i)
+    out = []
+    for i, e in enumerate(examples):
+        others = [j for j in by_task[e["task"]] if j != i]
+        rng = np.random.default_rng([seed, i, num_shots])
+        shots = [(examples[j]["prompt"], examples[j]["answer"]) for j in rng.permutation(others)[:num_shots]]
+        out.append({**e, "prompt": few_shot_prompt(shots, e["prompt"], separator=separator, target_separator="")})
+    return out
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """Rendered held-out examples: generative (task, prompt, answer) and multiple choice."""
+
+    generative: list[dict] = dataclasses.field(default_factory=list)
+    multiple_choice: list[dict] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.generative or self.multiple_choice)
+
+
+def build_eval_set(eval_records, eval_templates, eval_cfg, *, seed: int) -> EvalSet:
+    """The eval set from the data section's held-out records plus `eval.mc_path`."""
+    generative = pipeline.render_eval_set(eval_records, eval_templates, seed=seed) if eval_records else []
+    mc = []
+    if eval_cfg.mc_path:
+        templates = [tuple(t) for t in eval_cfg.mc_templates]
+        mc = render_multiple_choice(load_multiple_choice(eval_cfg.mc_path), templates, seed=seed)
+    return EvalSet(generative, mc)
+
+
+def run(model, params, tokenizer, eval_set: EvalSet, eval_cfg, *, seq_len: int, seed: int, show: int = 0, printer=print) -> dict[str, float]:
+    """Every configured evaluation -> flat metrics (`loss`, `exact_match`, `2shot/f1`, `mc/accuracy`...)."""
+    scores: dict[str, float] = {}
+    kw = dict(seq_len=seq_len, batch_size=eval_cfg.batch_size)
+    if eval_set.generative and eval_cfg.loss:
+        scores.update(loss_scores(model, params, tokenizer, eval_set.generative, **kw))
+    if eval_set.generative and eval_cfg.generative:
+        for k in eval_cfg.num_shots:
+            examples = few_shot(eval_set.generative, k, seed=seed)
+            predictions = generate_answers(model, params, tokenizer, examples, eval_cfg)
+            prefix = f"{k}shot/" if k else ""
+            result = generative_scores(predictions, [e["answer"] for e in examples], [e["task"] for e in examples])
+            scores.update({prefix + name: value for name, value in result.items()})
+            if k == eval_cfg.num_shots[0]:
+                _show(examples, predictions, show, printer)
+    if eval_set.multiple_choice:
+        scores.update(multiple_choice_scores(model, params, tokenizer, eval_set.multiple_choice, **kw))
     return scores
+
+
+def generate_answers(model, params, tokenizer, examples: Sequence[Mapping[str, str]], eval_cfg) -> list[str]:
+    """Greedy answers (KV-cache sampler), stopped at EOS and at any of `eval.stop_strings`."""
+    prompts = pipeline.tokenize_prompts(tokenizer, [e["prompt"] for e in examples])
+    outputs = generate_lib.generate(
+        model, params, prompts, max_new_tokens=eval_cfg.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
+        pad_id=tokenizer.pad_id, batch_size=eval_cfg.batch_size,
+    )
+    return [generate_lib.decode_completion(tokenizer.decode, o, eval_cfg.stop_strings) for o in outputs]
+
+
+def _show(examples, predictions, show: int, printer) -> None:
+    for example, prediction in list(zip(examples, predictions))[:show]:
+        mark = "ok " if normalize_answer(prediction) == normalize_answer(example["answer"]) else "bad"
+        printer(f"  [{mark}] {example['prompt']!r} -> {prediction!r} (expected {example['answer']!r})")
+
+
+def write_results(path: str | Path, scores: Mapping[str, float], **info: Any) -> Path:
+    """Scores (plus e.g. step) as a JSON file, for scripts comparing runs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**info, "metrics": dict(scores)}, indent=2, sort_keys=True) + "\n")
+    return path

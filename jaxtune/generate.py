@@ -1,86 +1,234 @@
-"""Greedy decoding for evaluation during training.
+"""KV-cache sampling: one jitted prefill + decode loop per (batch, prompt length) bucket.
 
-Prompts are left-padded into one fixed-shape buffer (padding is segment 0, so the model never
-attends to it) and decoded with one jitted while-loop, so a whole eval set costs one compile.
-Each step re-runs the forward pass over the buffer: simple and exact, fine for short answers.
-A KV-cache sampler (issue 7) replaces this for long generations.
+Prompts are left-padded into a [B, P] buffer (padding is segment 0, real tokens segment 1 with
+positions 0..len-1, which is what Hugging Face derives from its attention mask), so every row's
+next token is read from the last column and all rows share one cache write index. The cache is
+the model's own "cache" variable collection (layers.Attention), preallocated to P + max_new_tokens
+and constrained with logical axis names, so it shards like the model's activations.
+
+Shapes are bucketed to powers of two (batch, prompt length), so a stream of prompts compiles a
+handful of times, not once per shape. Stop tokens end a row on device (later slots are padding
+and the loop exits when every row is done); stop strings are applied on the host to the decoded
+text (`decode_completion`), so generation itself still runs to a stop token or the token limit.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ApplyFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]  # (params, tokens, positions, segment_ids) -> logits
+from jaxtune import sharding
+from jaxtune.errors import UserError
+
+MIN_PROMPT_BUCKET = 8
 
 
-def _bucket(n: int, multiple: int = 16) -> int:
-    return -(-n // multiple) * multiple
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "prompt_len", "max_new_tokens", "eos_id", "pad_id"))
-def _greedy_loop(apply_fn, params, tokens, segment_ids, positions, *, prompt_len, max_new_tokens, eos_id, pad_id):
-    batch = tokens.shape[0]
+def batch_multiple() -> int:
+    """Rows must split evenly over the data-parallel mesh axes when a mesh is active (jax.set_mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
+
+
+def as_variables(params: Any) -> dict:
+    """A params tree, or a variables dict such as {"params": base, "lora": adapters}."""
+    if isinstance(params, Mapping) and "params" in params:
+        return {k: v for k, v in params.items() if k != "cache"}
+    return {"params": params}
+
+
+def sample_tokens(
+    logits: jax.Array, rng: jax.Array, *, temperature: jax.Array | float = 1.0, top_k: int | None = None,
+    top_p: jax.Array | float | None = None, greedy: bool = False,
+) -> jax.Array:
+    """Next tokens [B] from logits [B, V] (float32 math).
+
+    greedy: argmax. Otherwise logits / temperature, then top-k (keep the k largest), then top-p
+    (nucleus: the smallest prefix of the sorted distribution whose mass reaches p; the most
+    likely token is always kept, and ties at the cut-off are kept), then a categorical draw.
+    """
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    neg_inf = jnp.finfo(jnp.float32).min
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        keep = mass_before < top_p
+        keep = keep.at[..., 0].set(True)
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, neg_inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def init_cache(model, variables: Mapping, batch: int, length: int) -> Any:
+    """A zero KV cache for `batch` rows of up to `length` tokens (shapes from an abstract init)."""
+    dummy = jnp.zeros((batch, length), jnp.int32)
+    abstract = jax.eval_shape(lambda v: model.apply(v, dummy, mutable=["cache"])[1]["cache"], dict(variables))
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sharding.unbox(abstract))
+
+
+class ByRepr:
+    """A static jit argument for a Flax module whose config holds dicts (rope_scaling): modules with
+    the same repr are the same computation, so they share one compiled loop."""
+
+    def __init__(self, module):
+        self.module, self._key = module, repr(module)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, ByRepr) and other._key == self._key
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k", "use_top_p", "pad_id"),
+)
+def _sample_loop(
+    model, variables, tokens, segment_ids, positions, lengths, stop_tokens, rng, temperature, top_p, *,
+    max_new_tokens: int, greedy: bool, top_k: int | None, use_top_p: bool, pad_id: int,
+):
+    """Prefill the [B, P] prompts, then decode one token per step; returns [B, max_new_tokens]."""
+    model = model.module
+    batch, prompt_len = tokens.shape
+    cache = init_cache(model, variables, batch, prompt_len + max_new_tokens)
+    sample = functools.partial(
+        sample_tokens, temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else None, greedy=greedy,
+    )
+
+    def forward(cache, x, pos, seg):
+        logits, mutated = model.apply(
+            {**variables, "cache": cache}, x, positions=pos, segment_ids=seg, mutable=["cache"]
+        )
+        return logits[:, -1], mutated["cache"]
+
+    def is_stop(token):
+        return jnp.any(token[:, None] == stop_tokens[None, :], axis=-1)
+
+    last, cache = forward(cache, tokens, positions, segment_ids)
+    first = sample(last, jax.random.fold_in(rng, 0))
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
     def cond(carry):
-        i, _, done = carry
+        i, _, _, _, done = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, tokens, done = carry
-        logits = apply_fn(params, tokens, positions, segment_ids)
-        last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1 + i, axis=1, keepdims=False)
-        next_token = jnp.argmax(last, axis=-1).astype(tokens.dtype)
-        next_token = jnp.where(done, pad_id, next_token)
-        tokens = jax.lax.dynamic_update_slice(tokens, next_token[:, None], (0, prompt_len + i))
-        return i + 1, tokens, done | (next_token == eos_id)
+        i, token, cache, out, done = carry
+        pos = (lengths + i - 1)[:, None]
+        last, cache = forward(cache, token[:, None], pos, jnp.ones_like(pos))
+        token = jnp.where(done, pad_id, sample(last, jax.random.fold_in(rng, i)))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+        return i + 1, token, cache, out, done | is_stop(token)
 
-    _, tokens, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), tokens, jnp.zeros((batch,), bool)))
-    return tokens[:, prompt_len:]
+    carry = (jnp.int32(1), first, cache, out, is_stop(first))
+    return jax.lax.while_loop(cond, body, carry)[3]
 
 
-def greedy_generate(
-    apply_fn: ApplyFn,
+def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """tokens/segment_ids/positions [rows, length] with each prompt right-aligned; spare rows repeat row 0."""
+    out = {k: np.zeros((rows, length), np.int32) for k in ("tokens", "segment_ids", "positions")}
+    out["tokens"][:] = pad_id
+    for row in range(rows):
+        prompt = prompts[row] if row < len(prompts) else prompts[0]
+        n = len(prompt)
+        out["tokens"][row, length - n:] = prompt
+        out["segment_ids"][row, length - n:] = 1
+        out["positions"][row, length - n:] = np.arange(n)
+    return out
+
+
+def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise UserError(f"generate: prompt {i} is empty; every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise UserError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"generate: top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"generate: top_p must be in (0, 1], got {top_p}")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if limit and longest > limit:
+        raise UserError(
+            f"generate: the longest prompt plus max_new_tokens is {longest} tokens, beyond the model's "
+            f"max_position_embeddings ({limit})"
+        )
+
+
+def generate(
+    model,
     params,
-    prompts: Sequence[Sequence[int]],
+    prompt_tokens: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
     pad_id: int = 0,
     batch_size: int = 64,
 ) -> list[list[int]]:
-    """Greedy continuations (without the prompt, cut at and excluding EOS) for each prompt.
+    """Continuations of each prompt (prompt excluded; cut before, and excluding, the first stop token).
 
-    `apply_fn` must be the same function object across calls for the compile cache to hit.
+    `params`: the params tree or a variables dict ({"params": ..., "lora": ...}). temperature 0 is
+    greedy. Prompts are processed in chunks of `batch_size` rows. Sampling is seeded per chunk
+    and step (`seed`), so a given call is reproducible.
     """
+    prompts = [list(map(int, p)) for p in prompt_tokens]
     if not prompts:
         return []
-    prompt_len = _bucket(max(len(p) for p in prompts))
-    total = prompt_len + max_new_tokens
+    _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    variables = as_variables(params)
+    greedy = temperature == 0.0 or top_k == 1
+    stops = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
     outputs: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        rows = len(chunk)
-        chunk += [chunk[0]] * (batch_size - rows)  # fixed batch shape: one compile
-        tokens = np.full((batch_size, total), pad_id, np.int32)
-        segment_ids = np.zeros((batch_size, total), np.int32)
-        positions = np.zeros((batch_size, total), np.int32)
-        for row, prompt in enumerate(chunk):
-            offset = prompt_len - len(prompt)
-            tokens[row, offset:prompt_len] = prompt
-            segment_ids[row, offset:] = 1
-            positions[row, offset:] = np.arange(total - offset)
-        new = np.asarray(
-            _greedy_loop(
-                apply_fn, params, jnp.asarray(tokens), jnp.asarray(segment_ids), jnp.asarray(positions),
-                prompt_len=prompt_len, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-            )
+    for chunk_index, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start : start + batch_size]
+        multiple = batch_multiple()
+        rows = -(-bucket(len(chunk)) // multiple) * multiple
+        batch = left_pad(chunk, rows, bucket(max(len(p) for p in chunk), MIN_PROMPT_BUCKET), pad_id)
+        lengths = np.array([len(chunk[r]) if r < len(chunk) else len(chunk[0]) for r in range(rows)], np.int32)
+        new = _sample_loop(
+            ByRepr(model), variables, batch["tokens"], batch["segment_ids"], batch["positions"], lengths, stops,
+            jax.random.fold_in(jax.random.key(seed), chunk_index), jnp.float32(temperature or 1.0),
+            jnp.float32(top_p or 1.0), max_new_tokens=max_new_tokens, greedy=greedy,
+            top_k=None if greedy else top_k, use_top_p=top_p is not None and not greedy, pad_id=pad_id,
         )
-        for row in range(rows):
-            seq = new[row].tolist()
-            outputs.append(seq[: seq.index(eos_id)] if eos_id in seq else seq)
+        for row in np.asarray(new)[: len(chunk)].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop_tokens), len(row))
+            outputs.append(row[:cut])
     return outputs
+
+
+def truncate_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to (excluding) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def decode_completion(decode: Callable[[list[int]], str], tokens: Sequence[int], stop_strings: Sequence[str] = ()) -> str:
+    """Generated tokens -> text, cut at the first stop string (checked on the host after generation)."""
+    return truncate_at_stop_strings(decode(list(tokens)), stop_strings)

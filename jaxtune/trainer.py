@@ -29,7 +29,6 @@ from jaxtune import config as config_lib
 from jaxtune import evaluate, metrics as metrics_lib, models, optim, reference, sharding
 from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
-from jaxtune.generate import greedy_generate
 from jaxtune.objectives import kto_loss, preference_loss, sequence_logps, sft_loss
 from jaxtune.peft import lora, quant
 
@@ -88,6 +87,13 @@ def make_apply_fn(model: nn.Module) -> Callable:
         return model.apply(variables, tokens, positions=positions, segment_ids=segment_ids, rngs=rngs)
 
     return apply_fn
+
+
+def model_variables(state: TrainState) -> dict:
+    """The model's variables for inference (sampling, eval): weights, or LoRA base + adapters."""
+    if state.frozen is None:
+        return {"params": state.params}
+    return {"params": state.frozen, lora.COLLECTION: state.params}
 
 
 def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_table, *, seq_len: int):
@@ -190,7 +196,7 @@ def load_base(hf_dir: str, model_config, state_shardings, mesh, rule_table):
     return jax.jit(functools.partial(quantize_base, spec=model_config.peft), out_shardings=state_shardings.frozen)(base)
 
 
-def _data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """config.data, reading the HF dir's own tokenizer when model.hf_dir is set and data.tokenizer is not."""
     if not config.model.hf_dir or config.data.tokenizer:
         return config.data
@@ -366,9 +372,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
 
     pairs = config.objective.type != "sft"
     if pairs:
-        data = datasets.load_preference_data(_data_config(config), workdir, unpaired=config.objective.type == "kto")
+        data = datasets.load_preference_data(data_config(config), workdir, unpaired=config.objective.type == "kto")
     else:
-        data = datasets.load_sft_data(_data_config(config), workdir, seed=config.seed)
+        data = datasets.load_sft_data(data_config(config), workdir, seed=config.seed)
     tokenizer = data.tokenizer
     model_config = model_config_from(config, vocab_size=tokenizer.vocab_size)
     if config.model.hf_dir and tokenizer.vocab_size > model_config.vocab_size:
@@ -386,9 +392,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     replicated = sharding.replicated(mesh)
 
     apply_fn = make_apply_fn(model)
-
-    def eval_apply(params_and_frozen, tokens, positions, segment_ids):  # (state.params, state.frozen)
-        return apply_fn(params_and_frozen[0], tokens, positions, segment_ids, frozen=params_and_frozen[1])
 
     local_batch = config.train.global_batch_size // process_count
     if pairs:
@@ -487,19 +490,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             out_shardings=(state_shardings, replicated), donate_argnums=(0,),
         )
 
+        held_out = (data.eval_records, data.eval_templates) if data.eval_records else ((), {})  # preference data: none
+        eval_set = evaluate.build_eval_set(*held_out, config.eval, seed=config.seed)
+
         def run_eval(step: int, show: int = 0) -> dict[str, float]:
-            if not data.eval_records:
+            # Separately jitted, bucketed eval functions: the train step's compile cache is untouched.
+            if not eval_set:
                 return {}
-            scores = evaluate_generative(eval_apply, (state.params, state.frozen), data, config, show=show,
-                                         printer=_print_fn(progress))
+            scores = evaluate.run(model, model_variables(state), tokenizer, eval_set, config.eval, seq_len=seq_len,
+                                  seed=config.seed, show=show, printer=_print_fn(progress))
             writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
+            if jax.process_index() == 0:
+                evaluate.write_results(workdir / "eval" / f"step_{step}.json", scores, step=step)
             return scores
 
         writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
         eval_before = None
-        if start_step == 0 and data.eval_records:
+        if start_step == 0 and eval_set:
             eval_before = run_eval(0)
-            print(f"jaxtune: held-out exact match before training: {eval_before['exact_match']:.1%}", flush=True)
+            name, value = _headline(eval_before)
+            print(f"jaxtune: held-out {name} before training: {value}", flush=True)
 
         progress = metrics_lib.Progress(config.train.steps, start_step, enabled=config.train.progress_bar)
         stopped_early = False
@@ -535,7 +545,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 if config.train.eval_every and done % config.train.eval_every == 0 and done != config.train.steps:
                     scores = run_eval(done)
                     if scores:
-                        progress.write(f"step {done}: held-out exact match {scores['exact_match']:.1%}")
+                        progress.write("step {}: held-out {} {}".format(done, *_headline(scores)))
                     window_tokens, window_start = 0, time.time()  # keep eval time out of tokens/s
                 checkpointer.save(done, state, data_iter, config_json)
                 out_of_time = config.train.max_seconds and time.time() - wall_start > config.train.max_seconds
@@ -552,15 +562,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         progress.close()
 
         eval_after = None
-        if data.eval_records and not stopped_early and start_step < done:
+        if eval_set and not stopped_early and start_step < done:
             eval_after = run_eval(done, show=config.eval.show_examples)
+            name, value = _headline(eval_after)
             if eval_before is not None:
-                print(
-                    f"jaxtune: held-out exact match {eval_before['exact_match']:.1%} before -> "
-                    f"{eval_after['exact_match']:.1%} after training", flush=True,
-                )
+                print(f"jaxtune: held-out {name} {_headline(eval_before)[1]} before -> {value} after training", flush=True)
             else:
-                print(f"jaxtune: held-out exact match after training: {eval_after['exact_match']:.1%}", flush=True)
+                print(f"jaxtune: held-out {name} after training: {value}", flush=True)
     if pairs and data_stats.stats.dropped:
         stats = data_stats.stats
         print(f"jaxtune: data: {stats.dropped} of {stats.examples} preference pairs dropped (could not fit "
@@ -623,17 +631,10 @@ def _print_fn(progress):
     return progress.write if progress is not None else (lambda text: print(text, flush=True))
 
 
-def evaluate_generative(apply_fn, params, data: datasets.SftData, config, *, show: int = 0, printer=print) -> dict[str, float]:
-    """Greedy exact match on the eval records rendered with the eval templates."""
-    examples = pipeline.render_eval_set(data.eval_records, data.eval_templates, seed=config.seed)
-    prompts = pipeline.tokenize_prompts(data.tokenizer, [e["prompt"] for e in examples])
-    outputs = greedy_generate(
-        apply_fn, params, prompts, max_new_tokens=config.eval.max_new_tokens, eos_id=data.tokenizer.eos_id,
-        pad_id=data.tokenizer.pad_id, batch_size=config.eval.batch_size,
-    )
-    predictions = [data.tokenizer.decode(o) for o in outputs]
-    scores = evaluate.exact_match_scores(predictions, [e["answer"] for e in examples], [e["task"] for e in examples])
-    for example, prediction in list(zip(examples, predictions))[:show]:
-        mark = "ok " if evaluate.normalize_answer(prediction) == evaluate.normalize_answer(example["answer"]) else "bad"
-        printer(f"  [{mark}] {example['prompt']!r} -> {prediction!r} (expected {example['answer']!r})")
-    return scores
+def _headline(scores: dict[str, float]) -> tuple[str, str]:
+    """The eval number a person looks at first: exact match, else MC accuracy, else loss."""
+    if "exact_match" in scores:
+        return "exact match", f"{scores['exact_match']:.1%}"
+    if "mc/accuracy" in scores:
+        return "multiple-choice accuracy", f"{scores['mc/accuracy']:.1%}"
+    return "loss", f"{scores.get('loss', float('nan')):.3f}"

@@ -215,11 +215,13 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 
 
 def make_attention_mask(
-    q_segment_ids: Array, kv_segment_ids: Array | None = None, *, sliding_window: int | None = None
+    q_segment_ids: Array, kv_segment_ids: Array | None = None, *, sliding_window: int | None = None,
+    q_offset: Array | int | None = None,
 ) -> Array:
     """[B,T,S] bool: causal by array index AND same segment id (AND within the window).
 
-    Queries are the last T of the S keys (S > T when keys include a cache).
+    Queries sit at key indices q_offset.. (default: the last T of the S keys); a KV cache passes
+    its write index, with unwritten slots carrying segment 0.
     Index-causal (not position-causal) because packed rows restart positions per segment.
     Padding (segment 0) attends to padding only, so no row is ever fully masked (no NaNs).
     sliding_window=W keeps keys with q_index - k_index < W (HF's convention: W keys including
@@ -227,7 +229,7 @@ def make_attention_mask(
     """
     kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
     t, s = q_segment_ids.shape[-1], kv_segment_ids.shape[-1]
-    q_idx = jnp.arange(t)[:, None] + (s - t)
+    q_idx = jnp.arange(t)[:, None] + (s - t if q_offset is None else q_offset)
     k_idx = jnp.arange(s)[None, :]
     causal = q_idx >= k_idx
     if sliding_window is not None:
@@ -262,6 +264,10 @@ def dot_product_attention(
     return out.reshape(b, t, h, d)
 
 
+# KV cache layout [B, S_max, kv_heads, head_dim]: batch over data/fsdp, heads over tensor.
+CACHE_AXES = ("act_batch", "act_length", "act_heads", None)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with GQA and RoPE; q/k/v/o kernels keep the head axes split.
 
@@ -272,6 +278,9 @@ class Attention(nn.Module):
       logit_soft_cap (Gemma 2); query_scale: score scale instead of head_dim**-0.5.
     `is_sliding` (a traced bool scalar, e.g. a scanned per-layer input) picks sliding vs global
     for alternating-layer models; None means every layer slides when sliding_window is set.
+
+    Decoding: when `apply` makes the "cache" collection mutable the layer keeps a KV cache (see
+    `_cached_kv`), so every family inherits prefill/decode without a copy of this code.
     """
 
     num_heads: int
@@ -317,9 +326,14 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        mask = make_attention_mask(segment_ids)
+        kv_segment_ids, q_offset = None, None
+        if self.is_mutable_collection("cache") and not self.is_initializing():  # init never makes a cache
+            k, v, kv_segment_ids, q_offset = self._cached_kv(k, v, segment_ids)
+        mask = make_attention_mask(segment_ids, kv_segment_ids, q_offset=q_offset)
         if self.sliding_window is not None:
-            local = make_attention_mask(segment_ids, sliding_window=self.sliding_window)
+            local = make_attention_mask(
+                segment_ids, kv_segment_ids, q_offset=q_offset, sliding_window=self.sliding_window
+            )
             mask = local if is_sliding is None else jnp.where(is_sliding, local, mask)
         out = dot_product_attention(
             q, k, v, mask, scale=self.query_scale, soft_cap=self.logit_soft_cap
@@ -327,6 +341,34 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, act)
         o_axes = ("heads", "head_dim", "embed")
         return dense(x.shape[-1], o_axes, axis=(-2, -1), name="o_proj", lora=self.lora, **kw)(out)
+
+    def _cached_kv(self, k: Array, v: Array, segment_ids: Array) -> tuple[Array, Array, Array | None, Array | None]:
+        """KV cache [B, S_max, kv_heads, head_dim] + per-slot segment ids + a write index.
+
+        The first call with a mutable "cache" creates it sized by that call's input length
+        (S_max) and attends normally; later calls write their k/v/segments at the index,
+        advance it, and attend over the whole cache (unwritten slots are segment 0, so masked).
+        Rows share one index, so batches of different prompt lengths are left-padded.
+        """
+        initialized = self.has_variable("cache", "key")
+
+        def zeros(name, like, axes):
+            init = nn.with_logical_partitioning(lambda: jnp.zeros(like.shape, like.dtype), axes)
+            return self.variable("cache", name, init)
+
+        cache_k = zeros("key", k, CACHE_AXES)
+        cache_v = zeros("value", v, CACHE_AXES)
+        cache_seg = zeros("segment_ids", segment_ids.astype(jnp.int32), CACHE_AXES[:2])
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not initialized:
+            return k, v, None, None
+        i = index.value
+        write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=1)
+        cache_k.value = nn.with_logical_constraint(write(cache_k.value, k), CACHE_AXES)
+        cache_v.value = nn.with_logical_constraint(write(cache_v.value, v), CACHE_AXES)
+        cache_seg.value = write(cache_seg.value, segment_ids)
+        index.value = i + k.shape[1]
+        return cache_k.value, cache_v.value, cache_seg.value, i
 
 
 # HF `hidden_act` names -> functions.
@@ -380,7 +422,7 @@ def stack_layers(
         block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0, lora_lib.COLLECTION: 0},
+        variable_axes={"params": 0, lora_lib.COLLECTION: 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=in_axes,
         length=num_layers,

@@ -3,8 +3,6 @@ random weights), packing with segment ids, left padding, HF config round trip, p
 and logical axes. One jit compile per family: unpacked, packed and left-padded rows share a
 batch."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +11,7 @@ from flax import linen as nn
 
 from jaxtune import models
 from jaxtune.models import hf_mapping
+from tests.models.hf_reference import hf_config as _hf_config, random_hf_model, state_dict as _state_dict
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -58,33 +57,9 @@ HF_TYPE = {"mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "g
            "gemma2": "gemma2", "gemma3": "gemma3_text"}
 
 
-def _hf_config(model_type: str, **kw):
-    return transformers.AutoConfig.for_model(model_type, attn_implementation="eager", **kw)
-
-
 def _hf_model(family: str):
-    """Odd-sized HF model with weights scaled up so logits are O(1)."""
     kw, tie = CASES[family]
-    torch.manual_seed(0)
-    cfg = _hf_config(HF_TYPE[family], tie_word_embeddings=tie, **kw)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
-    unit_offset = family.startswith("gemma")  # Gemma norms scale by (1 + w)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_((0.0 if unit_offset else 1.0) + 0.2 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.5)
-            elif p.ndim == 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-    return model
-
-
-def _state_dict(model, config) -> dict:
-    sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd
+    return random_hf_model(HF_TYPE[family], tie=tie, unit_offset=family.startswith("gemma"), **kw)
 
 
 def _hf_logits(model, ids) -> np.ndarray:

@@ -1,0 +1,105 @@
+"""`jaxtune generate` and `jaxtune eval` from a run's workdir and from a Hugging Face dir,
+and their one-line errors (exit status 2)."""
+
+import json
+import shutil
+import textwrap
+
+import pytest
+
+from jaxtune import cli, inference
+from jaxtune.data import pipeline
+from jaxtune.generate import decode_completion, generate
+from jaxtune.metrics import read_metrics
+from tests.helpers import write_sft_jsonl
+
+PROMPT = "reverse: cat dog ="
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 4-step tiny run with an eval set, its config file, and its export as an HF dir."""
+    root = tmp_path_factory.mktemp("cli")
+    train, evals = write_sft_jsonl(root / "train.jsonl"), write_sft_jsonl(root / "eval.jsonl", n=6)
+    config = root / "cfg.py"
+    config.write_text(textwrap.dedent(f'''
+        from tests.helpers import tiny_base_config
+
+        def get_config(arg=None):
+            c = tiny_base_config({str(train)!r})
+            c.train.steps = 4
+            c.data.eval_path = {str(evals)!r}
+            c.eval.batch_size = 8
+            c.eval.max_new_tokens = 4
+            c.eval.show_examples = 0
+            return c
+    '''))
+    workdir = root / "run"
+    assert cli.main(["train", "--config", str(config), "--workdir", str(workdir)]) == 0
+    hf_dir = root / "hf"
+    assert cli.main(["convert", "--workdir", str(workdir), "--hf_out", str(hf_dir)]) == 0
+    return config, workdir, hf_dir
+
+
+def _stdout(capsys, argv):
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_generate_from_workdir_matches_api_and_hf_dir(run, capsys):
+    _, workdir, hf_dir = run
+    loaded = inference.from_workdir(str(workdir))
+    tok = loaded.tokenizer
+    tokens = generate(loaded.model, loaded.params, pipeline.tokenize_prompts(tok, [PROMPT]), max_new_tokens=6,
+                      stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)[0]
+    expected = decode_completion(tok.decode, tokens)
+    args = ["--prompt", PROMPT, "--max_new_tokens", "6"]
+    assert _stdout(capsys, ["generate", "--workdir", str(workdir), *args]) == expected + "\n"
+    assert _stdout(capsys, ["generate", "--hf_dir", str(hf_dir), *args]) == expected + "\n"
+    sampled = ["generate", "--workdir", str(workdir), *args, "--temperature", "0.9", "--top_k", "20", "--top_p", "0.9",
+               "--seed", "3", "--prompt", "reverse: sun ="]
+    first = _stdout(capsys, sampled)
+    assert first == _stdout(capsys, sampled) and len(first.splitlines()) == 2
+    if expected.strip():  # a stop string cuts the shown text before its first occurrence
+        stop = expected.strip()[-1]
+        cut = expected[: expected.find(stop)]
+        assert _stdout(capsys, ["generate", "--workdir", str(workdir), *args, "--stop", stop]) == cut + "\n"
+
+
+def test_eval_from_workdir_and_hf_dir(run, tmp_path, capsys):
+    config, workdir, hf_dir = run
+    out = _stdout(capsys, ["eval", "--workdir", str(workdir)])  # the checkpoint's saved config
+    assert "exact_match:" in out and "perplexity:" in out
+    result = json.loads((workdir / "eval_results.json").read_text())
+    assert result["step"] == 4 and {"loss", "exact_match", "f1", "token_accuracy"} <= set(result["metrics"])
+    assert any(r["step"] == 4 and "eval/loss" in r for r in read_metrics(workdir))
+
+    other = tmp_path / "hf_eval"
+    _stdout(capsys, ["eval", "--config", str(config), "--workdir", str(other), "--hf_dir", str(hf_dir)])
+    from_hf = json.loads((other / "eval_results.json").read_text())["metrics"]
+    assert from_hf["loss"] == pytest.approx(result["metrics"]["loss"], rel=1e-5)  # same weights, same numbers
+    assert from_hf["exact_match"] == result["metrics"]["exact_match"]
+
+
+def _error(capsys, argv) -> str:
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("jaxtune: error: "), err
+    return err[0]
+
+
+def test_errors(run, tmp_path, capsys):
+    _, workdir, hf_dir = run
+    assert "no checkpoints" in _error(capsys, ["generate", "--workdir", str(tmp_path), "--prompt", "x"])
+    assert "no checkpoints" in _error(capsys, ["eval", "--workdir", str(tmp_path)])
+    assert "empty" in _error(capsys, ["generate", "--workdir", str(workdir), "--prompt", " "])
+    assert "--prompt" in _error(capsys, ["generate", "--workdir", str(workdir)])
+    assert "exactly one" in _error(capsys, ["generate", "--workdir", str(workdir), "--hf_dir", str(hf_dir), "--prompt", "x"])
+    bare = tmp_path / "bare_hf"
+    shutil.copytree(hf_dir, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    assert "tokenizer" in _error(capsys, ["generate", "--hf_dir", str(bare), "--prompt", "x"])
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved, ignore=shutil.ignore_patterns("tokenizer.model"))
+    assert "tokenizer" in _error(capsys, ["generate", "--workdir", str(moved), "--prompt", "x"])
