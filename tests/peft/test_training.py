@@ -125,3 +125,16 @@ def test_lora_run_from_hf_dir_exports_peft_and_merged(tmp_path):
 def test_bad_peft_config_is_a_clear_error(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         helpers.tiny_config(tmp_path, **overrides)
+
+
+def test_sft_lora_config_variants(tmp_path):
+    from jaxtune import config as config_lib
+
+    train = helpers.write_sft_jsonl(tmp_path / "train.jsonl")
+    c = config_lib.load_config("configs/sft_lora.py:family=gemma2,method=dora,quantize=nf4,targets=q+v",
+                               [f"data.train_path={train}"])
+    assert (c.model.family, c.peft.method, c.peft.quantize) == ("gemma2", "dora", "nf4")
+    spec = trainer.model_config_from(c, vocab_size=300).peft
+    assert spec.targets == ("q_proj", "v_proj") and spec.dora and spec.quantize == "nf4"
+    with pytest.raises(UserError, match="unknown arguments"):
+        config_lib.load_config("configs/sft_lora.py:rnak=4", [f"data.train_path={train}"])
