@@ -136,5 +136,5 @@ def test_sft_lora_config_variants(tmp_path):
     assert (c.model.family, c.peft.method, c.peft.quantize) == ("gemma2", "dora", "nf4")
     spec = trainer.model_config_from(c, vocab_size=300).peft
     assert spec.targets == ("q_proj", "v_proj") and spec.dora and spec.quantize == "nf4"
-    with pytest.raises(UserError, match="unknown arguments"):
+    with pytest.raises(ValueError, match="unknown arguments"):
         config_lib.load_config("configs/sft_lora.py:rnak=4", [f"data.train_path={train}"])
