@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                       # the quickstart model shape
     python benchmarks/train_step.py --variant llama3.2-1b --batch 8 --seq_len 2048 --dtype bfloat16
+    python benchmarks/train_step.py --peft lora      # LoRA (all-linear, rank 16); --quantize nf4 for QLoRA
 
 Prints one JSON line. MFU = achieved model FLOP/s / peak FLOP/s; peak is looked up for known
 accelerators or given with --peak_tflops (per device; pass the measured peak on a CPU).
@@ -20,6 +21,7 @@ import numpy as np
 
 from jaxtune import metrics, models, optim, sharding, trainer
 from jaxtune.config import base_config
+from jaxtune.peft import lora, quant
 
 
 def main() -> None:
@@ -35,12 +37,20 @@ def main() -> None:
     p.add_argument("--remat", default="none")
     p.add_argument("--rules", default="fsdp")
     p.add_argument("--peak_tflops", type=float, default=0.0)
+    p.add_argument("--peft", default="none", choices=lora.METHODS, help="adapter method (none = full fine-tuning)")
+    p.add_argument("--quantize", default="none", choices=("none", *quant.KINDS), help="QLoRA base weights")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="all-linear")
+    p.add_argument("--model", default="{}", help='JSON model config overrides, e.g. \'{"hidden_size": 512}\'')
     args = p.parse_args()
 
-    overrides = dict(dtype=args.dtype, remat_policy=args.remat)
+    peft_cfg = base_config().peft
+    peft_cfg.update(method=args.peft, quantize=args.quantize, rank=args.rank, alpha=2.0 * args.rank, targets=args.targets)
+    overrides = dict(dtype=args.dtype, remat_policy=args.remat, peft=lora.spec_from_config(peft_cfg))
     if args.variant == "tiny" and args.quickstart_shape:
         overrides.update(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                          num_kv_heads=2, tie_word_embeddings=True)
+    overrides.update(json.loads(args.model))
     cfg = models.get_config(args.family, args.variant, **overrides)
     model = models.build(cfg)
     ocfg = base_config().optim
@@ -49,9 +59,7 @@ def main() -> None:
     mesh = sharding.build_mesh({"data": 1, "fsdp": n, "tensor": 1})
     rules = sharding.rules(args.rules)
 
-    def apply_fn(params, tokens, positions, segment_ids):
-        return model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
-
+    apply_fn = trainer.make_apply_fn(model)
     rng = np.random.default_rng(0)
     B, T = args.batch, args.seq_len
     batch = {
@@ -78,7 +86,8 @@ def main() -> None:
             state, m = step(state, batch)
         jax.block_until_ready(m)
         step_s = (time.time() - t0) / args.steps
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    num_params = models.count_params(cfg)
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
     tokens_per_s = B * T / step_s
     flops_per_token = metrics.train_flops_per_token(num_params, cfg.num_layers, cfg.hidden_size, T)
     peak = metrics.peak_flops_per_device(args.peak_tflops)
@@ -87,7 +96,11 @@ def main() -> None:
         "dtype": args.dtype, "devices": n, "device_kind": jax.devices()[0].device_kind,
         "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
         "model_tflops_per_s": round(tokens_per_s * flops_per_token / 1e12, 4),
+        "peft": args.peft, "quantize": args.quantize, "trainable_params": sum(x.size for x in jax.tree.leaves(abstract.params)),
+        "opt_state_bytes": nbytes(abstract.opt_state), "base_bytes": nbytes(abstract.frozen if cfg.peft else abstract.params),
     }
+    if cfg.peft is not None and cfg.peft.quantize != "none":
+        out.update({k: round(v, 4) for k, v in quant.bytes_per_param(abstract.frozen).items()})
     if peak:
         out["mfu"] = round(tokens_per_s * flops_per_token / (peak * n), 4)
     print(json.dumps(out))
