@@ -48,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default=None, help="merged weights dtype (default: the model's param dtype)")
     export.add_argument("--max_shard_size", default="2GB", help="safetensors shard size for --merged")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    data = commands.add_parser("data", help="inspect a config's input pipeline")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    preview = data_commands.add_parser(
+        "preview", help="print rendered examples (trained span marked) and per-task stats for a config")
+    preview.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+    preview.add_argument("--num", type=int, default=5, help="examples to print")
+    preview.add_argument("--batches", type=int, default=20, help="batches drawn for the statistics")
+    preview.add_argument("--workdir", default=None,
+                         help="where a from-scratch tokenizer is trained/cached (default: a temporary directory)")
+    preview.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
 
 
@@ -184,6 +194,23 @@ def _train(args, overrides: list[str]) -> int:
     return 0
 
 
+def _data_preview(args, overrides: list[str]) -> int:
+    import tempfile
+
+    from jaxtune import config as config_lib
+
+    config = config_lib.load_config(args.config, overrides)
+    from jaxtune.data.preview import preview
+    from jaxtune.trainer import _data_config
+
+    config.unlock()
+    config.data = _data_config(config)  # a model.hf_dir's own tokenizer, as training uses
+    with tempfile.TemporaryDirectory() as tmp:
+        for line in preview(config, args.workdir or tmp, num=args.num, batches=args.batches):
+            print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, overrides = _split_overrides(argv)
@@ -197,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "data":
+            return _data_preview(args, overrides)
     except UserError as e:
         if args.debug:
             raise

@@ -67,6 +67,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # Grain multiprocessing workers (0 = in-process)
     c.data.read_threads = 0  # Grain reader threads (0 = read in the training thread)
     c.data.prefetch = 0  # elements prefetched by the reader threads
+    c.data.on_error = "error"  # bad records (malformed JSON, wrong types, empty targets): error | skip (counted)
+    c.data.packing_strategy = "first_fit"  # first_fit | best_fit
+    c.data.packing_bins = 0  # open bins the packer fills at once; 0 = the per-process batch size
+    # Several tasks (FLAN-style templated files, TFDS, chat), mixed: a ConfigDict keyed by task name
+    # whose values come from task_config(...). When empty, the single task above (data.train_path +
+    # data.templates) is used.
+    c.data.tasks = ml_collections.ConfigDict()
+    c.data.mixture = ml_collections.ConfigDict()
+    c.data.mixture.mode = "examples_proportional"  # examples_proportional | weights | temperature
+    c.data.mixture.cap = 0  # examples_proportional/temperature: examples counted per task at most (0 = no cap)
+    c.data.mixture.temperature = 1.0  # temperature mode: rate ~ min(n, cap) ** (1 / temperature)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -116,6 +127,45 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.show_examples = 6
     c.eval.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
     return c
+
+
+def task_config(**overrides) -> ml_collections.ConfigDict:
+    """One task of `config.data.tasks`: every key with its default; a misspelt key names the closest one.
+
+    A task = source + field mapping + record format + template set (or chat template) + policies.
+    """
+    t = ml_collections.ConfigDict()  # defaults; `overrides` replace them below (any value type)
+    t.source = "jsonl"  # jsonl | json | parquet | array_record | tfds
+    t.path = ""  # file path (local or gs://...; globs for array_record), or the TFDS dataset name
+    t.split = "train"  # tfds split
+    t.data_dir = ""  # tfds data_dir
+    t.format = "fields"  # fields | alpaca | self_instruct | chat
+    t.fields = {}  # {template_field: source_column}; "a.b.0" reads nested values
+    # (input_pattern, target_pattern) pairs; or a built-in set name ("nli", "extractive_qa", ...),
+    # "file.json|yaml[:key]" or "python.module:ATTR[.key]" (e.g. FLAN's own pattern lists).
+    t.templates = (("{prompt}", "{response}"),)
+    t.chat_template = ""  # format=chat: built-in name, jinja string, tokenizer_config.json; "" = the tokenizer's
+    t.options_style = "deterministic"  # {options_}: deterministic | random (heading/marker styles)
+    t.options_field = "options"
+    t.answer_field = "answer"  # rewritten to the option's marker when markers are letters/numbers
+    t.few_shot = 0  # k exemplars from the same task (0 = zero-shot)
+    t.few_shot_separator = "\n\n"  # between exemplars and before the example
+    t.few_shot_target_separator = "\n"  # between an exemplar's input and its target
+    t.few_shot_max_tokens = 0  # prompt budget for exemplars + example (0 = data.seq_len)
+    t.cot = False  # chain-of-thought target: cot_pattern over the rationale field and the answer
+    t.cot_pattern = "{rationale}\nSo the answer is {target_}."
+    t.cot_instruction = "\nLet's think step by step."  # appended to the prompt when cot is on
+    t.inversion = 0.0  # probability of an input-inverted example (target -> input)
+    t.inversion_templates = ()  # template set for inverted examples; () = a generic swap
+    t.word_dropout = 0.0
+    t.truncation = "truncate"  # truncate | drop | error
+    t.on_error = "error"  # error | skip (counted)
+    t.weight = 1.0  # mixture.mode=weights
+    t.cap = 0  # this task's examples-proportional cap (0 = data.mixture.cap)
+    for key in overrides:
+        if key not in t:
+            raise _unknown_key(t, key)
+    return ml_collections.ConfigDict({**t.to_dict(), **overrides})
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,14 +300,54 @@ _CHOICES = {
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "data.on_error": ("error", "skip"),
+    "data.packing_strategy": ("first_fit", "best_fit"),
+    "data.mixture.mode": ("examples_proportional", "weights", "temperature"),
 }
+
+TASK_CHOICES = {
+    "source": ("jsonl", "json", "parquet", "array_record", "tfds"),
+    "format": ("fields", "alpaca", "self_instruct", "chat"),
+    "options_style": ("deterministic", "random"),
+    "truncation": ("truncate", "drop", "error"),
+    "on_error": ("error", "skip"),
+}
+
+
+def validate_task(name: str, task: ml_collections.ConfigDict) -> None:
+    """Checks one entry of data.tasks; errors name the task and the key."""
+    key = f"data.tasks.{name}"
+    if not isinstance(task, ml_collections.ConfigDict):
+        raise UserError(f"config key '{key}' must be a task_config(...), found {type(task).__name__}")
+    known = task_config()
+    for k in task:
+        if k not in known:
+            close = difflib.get_close_matches(k, list(known), n=1, cutoff=0.5)
+            raise UserError(f"config key '{key}.{k}' is not a task key" + (f"; did you mean '{close[0]}'?" if close else ""))
+    for k in known:
+        if k not in task:
+            raise UserError(f"config key '{key}' lacks '{k}'; build tasks with jaxtune.config.task_config(...)")
+    for k, choices in TASK_CHOICES.items():
+        if task[k] not in choices:
+            raise UserError(f"config key '{key}.{k}' is {task[k]!r}; expected one of {', '.join(choices)}")
+    if not task.path:
+        raise UserError(f"config key '{key}.path' is empty; expected a data file (or the TFDS dataset name)")
+    if not task.templates and task.format != "chat":
+        raise UserError(f"config key '{key}.templates' is empty; expected (input_pattern, target_pattern) pairs or a set name")
+    for k in ("weight", "cap", "few_shot", "few_shot_max_tokens"):
+        if task[k] < 0:
+            raise UserError(f"config key '{key}.{k}' must be >= 0, got {task[k]}")
+    for k in ("inversion", "word_dropout"):
+        if not 0.0 <= task[k] < 1.0 + (k == "inversion"):
+            raise UserError(f"config key '{key}.{k}' must be in [0, 1{']' if k == 'inversion' else ')'}, got {task[k]}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Rejects impossible values before any compile; the message names the key and the fix."""
     for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = config[section][name]
+        value = config
+        for part in key.split("."):
+            value = value[part]
         if value not in choices:
             raise UserError(f"config key '{key}' is {value!r}; expected one of {', '.join(choices)}")
     positive = {
@@ -279,9 +369,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"config key 'optim.min_lr_ratio' must be in [0, 1], got {config.optim.min_lr_ratio}")
     if not 0.0 <= config.data.word_dropout < 1.0:
         raise UserError(f"config key 'data.word_dropout' must be in [0, 1), got {config.data.word_dropout}")
-    if config.data.source == "jsonl" and not config.data.train_path:
+    for name, task in config.data.tasks.items():
+        validate_task(name, task)
+    if config.data.mixture.cap < 0 or not config.data.mixture.temperature > 0:
+        raise UserError("config keys data.mixture.cap must be >= 0 and data.mixture.temperature > 0")
+    if config.data.packing_bins < 0:
+        raise UserError(f"config key 'data.packing_bins' must be >= 0, got {config.data.packing_bins}")
+    single_jsonl = config.data.source == "jsonl" and not config.data.tasks
+    if single_jsonl and not config.data.train_path:
         raise UserError("config key 'data.train_path' is empty; data.source='jsonl' needs a JSONL file")
-    if config.data.source == "jsonl" and not config.data.templates:
+    if single_jsonl and not config.data.templates:
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]

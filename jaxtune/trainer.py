@@ -299,13 +299,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         return apply_fn(params_and_frozen[0], tokens, positions, segment_ids, frozen=params_and_frozen[1])
 
     local_batch = config.train.global_batch_size // process_count
-    dataset, tokenize_stats = pipeline.train_dataset(
-        data.train_source, data.train_templates, tokenizer,
-        seq_len=seq_len, batch_size=local_batch, seed=config.seed, packing=config.data.packing,
-        shuffle=config.data.shuffle, truncation=config.data.truncation, word_dropout=config.data.word_dropout,
-        process_index=jax.process_index(), process_count=process_count, worker_count=config.data.worker_count,
-        read_threads=config.data.read_threads, prefetch=config.data.prefetch,
+    dataset, data_stats = datasets.train_dataset(
+        data, config.data, batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
+        process_count=process_count,
     )
+    if len(data.tasks) > 1 and jax.process_index() == 0:
+        print(f"jaxtune: data mixture ({data.mixture.mode}):\n{data.mixture.describe()}", flush=True)
     data_iter = iter(dataset)
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
@@ -438,9 +437,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 )
             else:
                 print(f"jaxtune: held-out exact match after training: {eval_after['exact_match']:.1%}", flush=True)
-    stats = tokenize_stats.stats
-    if stats.truncated or stats.dropped:
-        print(f"jaxtune: data: {stats.examples} examples, {stats.truncated} truncated, {stats.dropped} dropped", flush=True)
+    if jax.process_index() == 0 and data_stats.slots:
+        print("jaxtune: data (this process):\n  " + "\n  ".join(data_stats.report()), flush=True)
     checkpointer.close()
     writer.close()
     summary = RunSummary(

@@ -51,3 +51,41 @@ def tiny_config(tmp_path: Path, **overrides):
         config_lib.set_value(c, key, str(value))
     config_lib.validate(c)
     return c
+
+
+def write_mixture_files(directory: Path) -> dict[str, Path]:
+    """A FLAN-style NLI JSONL file (renamed columns, answer options) and a chat JSONL file."""
+    nli, chat = directory / "nli.jsonl", directory / "chat.jsonl"
+    with nli.open("w") as f:
+        for i in range(40):
+            a, b = WORDS[i % len(WORDS)], WORDS[(i * 3 + 1) % len(WORDS)]
+            f.write(json.dumps({"s1": f"the {a} is here", "s2": f"the {b} is here",
+                                "label": "yes" if a == b else "no", "choices": ["yes", "no"]}) + "\n")
+    with chat.open("w") as f:
+        for i in range(30):
+            words = [WORDS[(i + j) % len(WORDS)] for j in range(2 + i % 2)]
+            messages = [{"role": "user", "content": "reverse " + " ".join(words)},
+                        {"role": "assistant", "content": " ".join(reversed(words))}]
+            if i % 3 == 0:
+                messages = [{"role": "system", "content": "be brief"}, *messages,
+                            {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return {"nli": nli, "chat": chat}
+
+
+def tiny_mixture_config(tmp_path: Path, **overrides):
+    """A locked tiny config mixing a FLAN-templated NLI task and a chat task (capped examples-proportional)."""
+    files = write_mixture_files(tmp_path)
+    c = tiny_base_config("")
+    c.data.seq_len = 48
+    c.data.tokenizer_vocab_size = 400
+    c.data.tasks.nli = config_lib.task_config(
+        path=str(files["nli"]), templates="nli", fields={"premise": "s1", "hypothesis": "s2", "answer": "label",
+                                                         "options": "choices"}, options_style="random")
+    c.data.tasks.chat = config_lib.task_config(path=str(files["chat"]), format="chat", chat_template="chatml")
+    c.data.mixture.cap = 35
+    c.lock()
+    for key, value in overrides.items():
+        config_lib.set_value(c, key, str(value))
+    config_lib.validate(c)
+    return c

@@ -118,3 +118,40 @@ def test_sigterm_saves_and_rerun_resumes(config_file, tmp_path):
     assert f"resuming from step {stopped_at}" in out.stdout
     steps = [row["step"] for row in read_metrics(workdir) if "loss" in row]
     assert steps == list(range(1, stopped_at + 3))
+
+
+@pytest.fixture
+def mixture_config_file(tmp_path):
+    path = tmp_path / "mix.py"
+    path.write_text(textwrap.dedent(f'''
+        """jaxtune data preview --config mix.py"""
+        from pathlib import Path
+        from tests.helpers import tiny_mixture_config
+
+        def get_config(arg=None):
+            c = tiny_mixture_config(Path({str(tmp_path)!r}))
+            c.unlock()
+            return c
+    '''))
+    return path
+
+
+def test_data_preview_shows_marked_examples_and_stats(mixture_config_file, tmp_path, capsys):
+    code = cli.main(["data", "preview", "--config", str(mixture_config_file), "--num", "6", "--batches", "3",
+                     "--workdir", str(tmp_path / "w"), "--config.data.tasks.nli.cap=10", "--config.data.seq_len=96"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "nli: 25.00% of examples (40 records)" in out and "chat: 75.00%" in out  # 10 : 30 after the override
+    assert "(task chat)" in out and "⟦" in out and "<|im_end|>\n⟧" in out  # the end-of-turn token is trained
+    assert "nli: " in out.split("stats over 3 batches")[1] and "length p50" in out and "packing efficiency" in out
+
+
+def test_bad_task_key_and_missing_template_field(mixture_config_file, tmp_path, capsys):
+    args = ["data", "preview", "--config", str(mixture_config_file), "--workdir", str(tmp_path / "w")]
+    assert cli.main(args + ["--config.data.tasks.nli.few_shots=2"]) == 2
+    assert "did you mean 'data.tasks.nli.few_shot'" in _error_line(capsys)
+    fields = "{'premise': 's1', 'answer': 'label', 'options': 'choices'}"  # s2 no longer mapped to hypothesis
+    assert cli.main(args + [f"--config.data.tasks.nli.fields={fields}"]) == 2
+    line = _error_line(capsys)
+    assert "task 'nli', template" in line and "uses field 'hypothesis'" in line
+    assert "available fields: answer, options, options_, premise, s2" in line

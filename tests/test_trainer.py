@@ -6,7 +6,7 @@ import pytest
 
 from jaxtune import trainer
 from jaxtune.metrics import read_metrics
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_mixture_config
 
 
 def _losses(workdir):
@@ -57,6 +57,21 @@ def test_resume_mid_run_equals_uninterrupted(tmp_path):
     resumed = _losses(tmp_path / "split")
     assert second.steps == 6
     assert max(abs(resumed[s] - reference[s]) for s in range(1, 7)) <= 1e-6
+
+
+def test_mixture_resumes_mid_mixture_exactly(tmp_path, capsys):
+    """A FLAN-templated task + a chat task, capped: a stopped-and-resumed run equals an uninterrupted one."""
+    c = tiny_mixture_config(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 100})
+    trainer.train(c, tmp_path / "full")
+    out = capsys.readouterr().out
+    assert "nli: 53.85% of examples (40 records)" in out and "chat: 46.15%" in out  # 35 : 30 after the cap
+    assert "packing efficiency" in out and "chat:" in out.split("jaxtune: data (this process):")[1]
+    reference = _losses(tmp_path / "full")
+    stopped = tiny_mixture_config(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 100, "train.max_seconds": 1e-9})
+    trainer.train(stopped, tmp_path / "split")
+    trainer.train(c, tmp_path / "split")
+    resumed = _losses(tmp_path / "split")
+    assert max(abs(resumed[s] - reference[s]) for s in range(1, 5)) <= 1e-6
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path):

@@ -1,4 +1,9 @@
-"""What an SFT run reads, from the `data` section of a config: tokenizer, records, templates, eval set."""
+"""What an SFT run reads, from the `data` section of a config: tokenizer, tasks and their mixture, eval set.
+
+`data.tasks` (several tasks, each a `task_config`) or the single-task keys (`data.train_path` +
+`data.templates`, or the quickstart) become `TaskSpec`s: an opened source with its field mapping
+and record format, a resolved template set or chat template, and the task's policies.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,16 @@ from typing import Any
 
 import ml_collections
 
+from jaxtune.config import task_config
+from jaxtune.data import chat as chat_lib
 from jaxtune.data import templates as templates_lib
 from jaxtune.data.builtin import quickstart
-from jaxtune.data.pipeline import DEFAULT_TASK
-from jaxtune.data.sources import JsonlSource
+from jaxtune.data.examples import DEFAULT_TASK, ExampleBuilder, TaskSpec
+from jaxtune.data.flan import FlanSpec
+from jaxtune.data.formats import TaskRecords
+from jaxtune.data.mixtures import Mixture, mixture_rates
+from jaxtune.data.sources import JsonlSource, open_source
+from jaxtune.data.template_library import load_template_set
 from jaxtune.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from jaxtune.errors import UserError
 
@@ -27,8 +38,8 @@ _TOKENIZER_SAMPLE = 20_000
 @dataclasses.dataclass
 class SftData:
     tokenizer: Tokenizer
-    train_source: Sequence[dict]
-    train_templates: Mapping[str, Sequence[templates_lib.Template]]
+    tasks: list[TaskSpec]
+    mixture: Mixture
     # Generative evaluation (exact match): records + the templates they are rendered with.
     eval_records: Sequence[dict] = ()
     eval_templates: Mapping[str, Sequence[templates_lib.Template]] = dataclasses.field(default_factory=dict)
@@ -52,38 +63,94 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: Path, corpus) -> Tokeniz
     return train_sentencepiece(texts, cached.with_suffix(""), vocab_size=cfg.tokenizer_vocab_size)
 
 
-def _jsonl_corpus(source: JsonlSource, task_templates) -> Any:
+def _tasks_corpus(tasks: Sequence[TaskSpec], seed: int) -> Any:
+    """Rendered text of the first records of every task (tokenizer training); bad records are left out."""
+
     def corpus():
-        for index in range(min(len(source), _TOKENIZER_SAMPLE)):
-            record = source[index]
-            fields = {k: v for k, v in record.items() if k not in ("task", "_where")}
-            prompt, target = templates_lib.render_example(
-                task_templates[DEFAULT_TASK], fields, seed=0, index=index, task=DEFAULT_TASK
-            )
-            yield prompt
-            yield target
+        per_task = max(1, _TOKENIZER_SAMPLE // len(tasks))
+        for i, task in enumerate(tasks):
+            builder = ExampleBuilder(task, i, None, seq_len=0, seed=seed)
+            for index in range(min(len(task.records), per_task)):
+                record = task.records[index]
+                if "_error" not in record:
+                    yield from builder.texts(record, index)
 
     return corpus
 
 
+def _single_task(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The single-task keys (data.train_path + data.templates) as a task config."""
+    return task_config(source="jsonl", path=cfg.train_path, templates=tuple(tuple(t) for t in cfg.templates),
+                       truncation=cfg.truncation, word_dropout=cfg.word_dropout, on_error=cfg.on_error)
+
+
+def task_spec(name: str, t: ml_collections.ConfigDict, *, tokenizer_chat_template: str | None = None) -> TaskSpec:
+    """Opens a task's source and resolves its templates (errors name `data.tasks.<name>`)."""
+    where = f"data.tasks.{name}"
+    source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=where)
+    records = TaskRecords(source, fmt=t.format, fields=dict(t.fields), on_error=t.on_error, task=name)
+    common = dict(few_shot=t.few_shot, few_shot_separator=t.few_shot_separator,
+                  few_shot_target_separator=t.few_shot_target_separator, few_shot_max_tokens=t.few_shot_max_tokens,
+                  truncation=t.truncation, on_error=t.on_error)
+    if t.format == "chat":
+        template = t.chat_template or tokenizer_chat_template
+        if not template:
+            raise UserError(f"config key '{where}.chat_template' is empty and the tokenizer has no chat_template; "
+                            f"set it to a built-in name ({', '.join(chat_lib.BUILTIN_TEMPLATES)}) or a jinja string")
+        return TaskSpec(name, records, chat_template=chat_lib.resolve_template(template), **common)
+    inversion = tuple(load_template_set(t.inversion_templates, where=f"{where}.inversion_templates")) if t.inversion_templates else ()
+    spec = FlanSpec(
+        templates=tuple(load_template_set(t.templates, where=f"{where}.templates")),
+        options_style=t.options_style, options_field=t.options_field, answer_field=t.answer_field,
+        cot=t.cot, cot_pattern=t.cot_pattern, cot_instruction=t.cot_instruction,
+        inversion=t.inversion, inversion_templates=inversion, word_dropout=t.word_dropout,
+    )
+    return TaskSpec(name, records, flan={DEFAULT_TASK: spec}, **common)
+
+
+def _mixture(cfg: ml_collections.ConfigDict, tasks: Sequence[TaskSpec], task_cfgs: Sequence) -> Mixture:
+    return mixture_rates(
+        [t.name for t in tasks], [len(t.records) for t in tasks], mode=cfg.mixture.mode,
+        weights=[c.weight for c in task_cfgs], caps=[c.cap or cfg.mixture.cap for c in task_cfgs],
+        temperature=cfg.mixture.temperature,
+    )
+
+
 def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: int) -> SftData:
     workdir = Path(workdir)
-    if cfg.source == "quickstart":
+    if cfg.source == "quickstart" and not cfg.tasks:
         tokenizer = _tokenizer(cfg, workdir, lambda: quickstart.tokenizer_corpus(seed=seed))
+        flan = {name: FlanSpec(tuple(t), word_dropout=cfg.word_dropout) for name, t in quickstart.templates("train").items()}
+        task = TaskSpec(DEFAULT_TASK, quickstart.generate_records(cfg.num_train_examples, seed=seed), flan=flan,
+                        truncation=cfg.truncation, on_error=cfg.on_error)
         return SftData(
-            tokenizer=tokenizer,
-            train_source=quickstart.generate_records(cfg.num_train_examples, seed=seed),
-            train_templates=quickstart.templates("train"),
+            tokenizer=tokenizer, tasks=[task], mixture=mixture_rates([task.name], [len(task.records)]),
             # A different seed: held-out phrasings over (mostly) unseen inputs.
             eval_records=quickstart.generate_records(cfg.num_eval_examples, seed=seed + 1_000_003),
             eval_templates=quickstart.templates("heldout"),
         )
-    task_templates = {DEFAULT_TASK: [tuple(t) for t in cfg.templates]}
-    source = JsonlSource(cfg.train_path)
-    tokenizer = _tokenizer(cfg, workdir, _jsonl_corpus(source, task_templates))
-    data = SftData(tokenizer=tokenizer, train_source=source, train_templates=task_templates)
-    if cfg.eval_path:
+    task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
+    given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer and Path(cfg.tokenizer).exists() else None
+    tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None))
+             for name, t in task_cfgs.items()]
+    tokenizer = given or _tokenizer(cfg, workdir, _tasks_corpus(tasks, seed))
+    data = SftData(tokenizer=tokenizer, tasks=tasks, mixture=_mixture(cfg, tasks, list(task_cfgs.values())))
+    if cfg.eval_path and not cfg.tasks:
         eval_source = JsonlSource(cfg.eval_path)
         data.eval_records = [eval_source[i] for i in range(len(eval_source))]
-        data.eval_templates = task_templates
+        data.eval_templates = {DEFAULT_TASK: [tuple(t) for t in cfg.templates]}
     return data
+
+
+def train_dataset(data: SftData, cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1, collect_lengths: bool = False):
+    """The batch stream of `data` with the `data` section's packing/reading settings (see pipeline.build_dataset)."""
+    from jaxtune.data.pipeline import build_dataset
+
+    return build_dataset(
+        data.tasks, data.tokenizer, rates=data.mixture.rates, seq_len=cfg.seq_len, batch_size=batch_size, seed=seed,
+        packing=cfg.packing, packing_strategy=cfg.packing_strategy, packing_bins=cfg.packing_bins,
+        shuffle=cfg.shuffle, process_index=process_index, process_count=process_count,
+        worker_count=cfg.worker_count, read_threads=cfg.read_threads, prefetch=cfg.prefetch,
+        collect_lengths=collect_lengths,
+    )

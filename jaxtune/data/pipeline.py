@@ -16,28 +16,14 @@ import grain
 import numpy as np
 
 from jaxtune.data import templates as templates_lib
+from jaxtune.data.examples import (
+    DEFAULT_TASK, CountExamples, ExampleBuilder, TaskSpec, TaskStats, TokenizeStats, encode_prompt, is_example,
+    shift_and_truncate, strip_meta,
+)
+from jaxtune.data.flan import FlanSpec
 from jaxtune.data.tokenizers import Tokenizer
-from jaxtune.errors import UserError
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-DEFAULT_TASK = "default"
-
-
-@dataclasses.dataclass
-class TokenizeStats:
-    """Counts of examples changed or removed by the truncation policy (in-process workers only)."""
-
-    examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """BOS (when the tokenizer has one) + prompt tokens: the exact prefix training saw."""
-    ids = tokenizer.encode(prompt)
-    if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
-        ids = [tokenizer.bos_id] + ids
-    return ids
 
 
 def tokenize_pair(
@@ -54,81 +40,16 @@ def tokenize_pair(
     `truncate` keeps the prompt's start and as much target as fits; an example with no target
     token left is dropped (counted), as is any over-long example under `drop`.
     """
-    tokens = list(prompt_ids) + list(target_ids)
-    mask = [0] * (len(prompt_ids) - 1) + [1] * len(target_ids)
     if stats is not None:
         stats.examples += 1
-    if not target_ids:
-        if stats is not None:
-            stats.dropped += 1
-        return None
-    if len(tokens) - 1 > seq_len:
-        if truncation == "error":
-            raise UserError(
-                f"{where or 'example'}: {len(tokens) - 1} tokens exceed data.seq_len={seq_len} "
-                "(set data.truncation to 'truncate' or 'drop')"
-            )
-        if truncation == "drop" or len(prompt_ids) >= seq_len:
-            if stats is not None:
-                stats.dropped += 1
-            return None
-        tokens, mask = tokens[: seq_len + 1], mask[:seq_len]
-        if stats is not None:
-            stats.truncated += 1
-    return {
-        "inputs": np.asarray(tokens[:-1], np.int32),
-        "targets": np.asarray(tokens[1:], np.int32),
-        "loss_mask": np.asarray(mask, np.int32),
-    }
-
-
-class RenderAndTokenize:
-    """Grain map (with the stream index): pick a template, render, tokenize, mask the prompt.
-
-    The template and word-dropout draws depend only on (seed, index), so they are identical
-    after a resume and independent of the number of worker processes.
-    """
-
-    def __init__(
-        self,
-        task_templates: Mapping[str, Sequence[templates_lib.Template]],
-        tokenizer: Tokenizer,
-        *,
-        seq_len: int,
-        truncation: str,
-        seed: int,
-        word_dropout: float = 0.0,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        self.task_templates = dict(task_templates)
-        self.process_index = process_index
-        self.process_count = process_count
-        self.tokenizer = tokenizer
-        self.seq_len = seq_len
-        self.truncation = truncation
-        self.seed = seed
-        self.word_dropout = word_dropout
-        self.stats = TokenizeStats()
-
-    def __call__(self, local_index: int, record: dict) -> dict[str, np.ndarray] | None:
-        # The global stream index (not this process's) seeds the draws: same data on any host count.
-        index = local_index * self.process_count + self.process_index
-        task = record.get("task", DEFAULT_TASK)
-        if task not in self.task_templates:
-            where = record.get("_where", f"record {index}")
-            raise UserError(f"{where}: no templates for task {task!r}; known tasks: {', '.join(sorted(self.task_templates))}")
-        fields = {k: v for k, v in record.items() if k not in ("task", "_where")}
-        prompt, target = templates_lib.render_example(
-            self.task_templates[task], fields, seed=self.seed, index=int(index),
-            word_dropout=self.word_dropout, task=task,
-        )
-        return tokenize_pair(
-            encode_prompt(self.tokenizer, prompt),
-            self.tokenizer.encode(target) + [self.tokenizer.eos_id],
-            seq_len=self.seq_len, truncation=self.truncation,
-            where=record.get("_where", f"task {task!r}, record {index}"), stats=self.stats,
-        )
+    example, truncated = shift_and_truncate(
+        list(prompt_ids) + list(target_ids), [0] * len(prompt_ids) + [1] * len(target_ids),
+        seq_len=seq_len, truncation=truncation, where=where,
+    )
+    if stats is not None:
+        stats.truncated += truncated
+        stats.dropped += example is None
+    return example
 
 
 def pad_example(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -142,10 +63,6 @@ def pad_example(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.nd
     return out
 
 
-def _is_example(example) -> bool:
-    return example is not None
-
-
 def _from_packed(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Grain's packer names segment/position features per key; keep the contract's names."""
     return {
@@ -157,56 +74,127 @@ def _from_packed(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def train_dataset(
-    source: Sequence[dict],
-    task_templates: Mapping[str, Sequence[templates_lib.Template]],
+@dataclasses.dataclass
+class PipelineStats:
+    """Per-task counts (examples, tokens, policies) and packing efficiency of the batches produced.
+
+    Counted in the main process as batches are drawn, so they cover this run (not a resumed
+    run's earlier part), whatever the number of worker processes.
+    """
+
+    tasks: dict[str, TaskStats]
+    slots: int = 0  # batch positions produced
+    filled: int = 0  # of which hold a token (segment_ids > 0)
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.filled / self.slots if self.slots else 0.0
+
+    def report(self) -> list[str]:
+        lines = [f"{name}: {s.summary()}" for name, s in self.tasks.items()]
+        lines.append(f"packing efficiency (non-pad fraction): {self.packing_efficiency:.1%}")
+        return lines
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Grain map over batches: counts filled positions."""
+        self.slots += batch["segment_ids"].size
+        self.filled += int(np.count_nonzero(batch["segment_ids"]))
+        return batch
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside an absl app nobody parses them (defaults are fine)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def example_stream(
+    tasks: Sequence[TaskSpec],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    seed: int,
+    rates: Sequence[float] | None = None,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+    read_threads: int = 0,
+    prefetch: int = 0,
+) -> grain.IterDataset:
+    """The mixed, per-process stream of examples and skip markers (see `build_dataset`)."""
+    streams = []
+    for i, task in enumerate(tasks):
+        ds = grain.MapDataset.source(task.records)
+        if shuffle:
+            ds = ds.shuffle(seed=seed + i)
+        ds = ds.repeat(None)
+        streams.append(ds.map_with_index(ExampleBuilder(task, i, tokenizer, seq_len=seq_len, seed=seed)))
+    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights=list(rates or [1.0] * len(streams)))
+    ds = ds[process_index::process_count]
+    # Grain's defaults (16 threads, 500 prefetched elements) cost more in bookkeeping than the
+    # per-example work here; reading in the training thread is cheapest, and JAX's asynchronous
+    # dispatch already overlaps it with the device step. Heavy pipelines raise read_threads or
+    # use worker processes.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
+    if worker_count > 0:
+        _absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
+def build_dataset(
+    tasks: Sequence[TaskSpec],
     tokenizer: Tokenizer,
     *,
     seq_len: int,
     batch_size: int,
     seed: int,
     packing: bool = True,
-    shuffle: bool = True,
-    truncation: str = "truncate",
-    word_dropout: float = 0.0,
-    process_index: int = 0,
-    process_count: int = 1,
-    worker_count: int = 0,
-    read_threads: int = 0,
-    prefetch: int = 0,
-) -> tuple[grain.IterDataset, RenderAndTokenize]:
+    packing_strategy: str = "first_fit",
+    packing_bins: int = 0,
+    collect_lengths: bool = False,
+    **stream_options,
+) -> tuple[grain.IterDataset, PipelineStats]:
     """An endless, per-process stream of batches of `batch_size` rows (this process's share).
 
-    Order: shuffle the record indices (a fresh permutation every epoch), take this process's
-    disjoint slice, render + tokenize, then pack (first-fit) or pad, then batch.
+    Graph: per task, shuffle the record indices (a fresh permutation every epoch) and build
+    examples; mix the tasks at `rates` (deterministic proportional interleaving); take this
+    process's disjoint slice of the mixed stream; optionally fan the example building out to
+    worker processes (same order for any count); count; pack (first/best fit) or pad; batch.
+    The iterator state of the whole graph (mixture included) checkpoints with Grain.
+    `stream_options` (rates, shuffle, process_index/count, worker_count, read_threads, prefetch)
+    go to `example_stream`.
     """
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None)
-    ds = ds[process_index::process_count]
-    transform = RenderAndTokenize(
-        task_templates, tokenizer, seq_len=seq_len, truncation=truncation, seed=seed,
-        word_dropout=word_dropout, process_index=process_index, process_count=process_count,
-    )
-    ds = ds.map_with_index(transform)
-    ds = ds.filter(_is_example)
-    # Grain's defaults (16 threads, 500 prefetched elements) cost more in bookkeeping than the
-    # per-example work here; reading in the training thread is cheapest, and JAX's asynchronous
-    # dispatch already overlaps it with the device step. Heavy pipelines raise read_threads or
-    # use worker processes.
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
+    it = example_stream(tasks, tokenizer, seq_len=seq_len, seed=seed, **stream_options)
+    stats = PipelineStats({t.name: TaskStats(lengths=[] if collect_lengths else None) for t in tasks})
+    it = it.map(CountExamples(stats.tasks, [t.name for t in tasks])).filter(is_example).map(strip_meta)
     if packing:
+        packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
+                  "best_fit": grain.experimental.BestFitPackIterDataset}[packing_strategy]
         lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
-        it = grain.experimental.FirstFitPackIterDataset(
-            it, length_struct=lengths, num_packing_bins=batch_size, shuffle_bins=False
-        )
+        it = packer(it, length_struct=lengths, num_packing_bins=packing_bins or batch_size, shuffle_bins=False)
         it = it.map(_from_packed)
     else:
         it = it.map(functools.partial(pad_example, seq_len=seq_len))
-    if worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return it.batch(batch_size, drop_remainder=True), transform
+    return it.batch(batch_size, drop_remainder=True).map(stats), stats
+
+
+def train_dataset(
+    source: Sequence[dict],
+    task_templates: Mapping[str, Sequence[templates_lib.Template]],
+    tokenizer: Tokenizer,
+    *,
+    truncation: str = "truncate",
+    word_dropout: float = 0.0,
+    **kwargs,
+) -> tuple[grain.IterDataset, PipelineStats]:
+    """One source whose records pick their template set by their "task" field (the quickstart shape)."""
+    flan = {name: FlanSpec(tuple(map(tuple, t)), word_dropout=word_dropout) for name, t in task_templates.items()}
+    task = TaskSpec(DEFAULT_TASK, source, flan=flan, truncation=truncation)
+    return build_dataset([task], tokenizer, **kwargs)
 
 
 def tokenize_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[list[int]]:

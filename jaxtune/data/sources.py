@@ -1,14 +1,54 @@
-"""Random-access record sources (Grain `RandomAccessDataSource` protocol: __len__ + __getitem__)."""
+"""Random-access record sources (Grain `RandomAccessDataSource` protocol: __len__ + __getitem__).
+
+Every source yields plain dicts of Python values (str, int, float, bool, lists, dicts) plus a
+`_where` label ("file:line", "file:row 7", ...) that errors and skip counts use. Paths may be local
+or any `etils.epath` location such as `gs://bucket/file.jsonl`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jaxtune.errors import UserError
+
+SOURCE_KINDS = ("jsonl", "json", "parquet", "array_record", "tfds")
+
+
+class SourceError(UserError):
+    """A record that cannot be read or does not have the expected shape (subject to `on_error`)."""
+
+
+def _is_remote(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def _epath(path: str | os.PathLike):
+    from etils import epath
+
+    return epath.Path(path)
+
+
+def _exists(path: str | os.PathLike) -> bool:
+    return _epath(path).is_file() if _is_remote(path) else Path(path).is_file()
+
+
+def parse_json_record(raw: bytes, where: str) -> dict:
+    """One JSON object from bytes, with errors naming `where` (file:line or record)."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise SourceError(f"{where}: expected a JSON object, found {type(record).__name__}")
+    record.setdefault("_where", where)
+    return record
 
 
 class JsonlSource:
@@ -20,18 +60,22 @@ class JsonlSource:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_file():
+        self.path = str(path) if _is_remote(path) else Path(path)
+        if not _exists(self.path):
             raise UserError(f"{self.path}: no such data file (expected a JSONL file, one JSON object per line)")
+        # Remote files (gs://...) are read once into memory; local ones by offset.
+        self._data: bytes | None = _epath(self.path).read_bytes() if _is_remote(self.path) else None
         offsets, lengths, line_numbers = [], [], []
-        with self.path.open("rb") as f:
-            position = 0
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    offsets.append(position)
-                    lengths.append(len(line))
-                    line_numbers.append(number)
-                position += len(line)
+        lines = self._data.splitlines(keepends=True) if self._data is not None else self.path.open("rb")
+        position = 0
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                offsets.append(position)
+                lengths.append(len(line))
+                line_numbers.append(number)
+            position += len(line)
+        if self._data is None:
+            lines.close()
         if not offsets:
             raise UserError(f"{self.path}: the file holds no records")
         self._offsets = np.asarray(offsets, dtype=np.int64)
@@ -43,20 +87,14 @@ class JsonlSource:
         return len(self._offsets)
 
     def __getitem__(self, index: int) -> dict:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        raw = os.pread(self._fd, int(self._lengths[index]), int(self._offsets[index]))
-        where = f"{self.path}:{int(self._line_numbers[index])}"
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object, found {type(record).__name__}")
-        record.setdefault("_where", where)
-        return record
+        start, length = int(self._offsets[index]), int(self._lengths[index])
+        if self._data is not None:
+            raw = self._data[start : start + length]
+        else:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            raw = os.pread(self._fd, length, start)
+        return parse_json_record(raw, f"{self.path}:{int(self._line_numbers[index])}")
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -65,3 +103,148 @@ class JsonlSource:
 
     def __repr__(self) -> str:
         return f"JsonlSource({str(self.path)!r}, records={len(self)})"
+
+
+class JsonSource:
+    """A JSON file holding one array of objects (or {"data": [...]}, the SQuAD/HF export shape)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if not _exists(path):
+            raise UserError(f"{path}: no such data file (expected a JSON array of objects)")
+        raw = _epath(path).read_bytes()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list) or not data:
+            raise UserError(f"{path}: expected a non-empty JSON array of objects, found {type(data).__name__}")
+        self._records = data
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._records[index]
+        where = f"{self.path}: record {index}"
+        if not isinstance(record, dict):
+            raise SourceError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        return {**record, "_where": where}
+
+
+def plain(value: Any) -> Any:
+    """Numpy/bytes values (Parquet, TFDS) as plain Python: text as str, arrays as lists."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [plain(v) for v in value.tolist()] if value.dtype.kind in "OSU" else value.tolist()
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def _plain_record(record: dict, where: str) -> dict:
+    try:
+        out = {k: plain(v) for k, v in record.items()}
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{where}: a text field is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    out["_where"] = where
+    return out
+
+
+class ParquetSource:
+    """A Parquet file; rows are read column-wise on demand."""
+
+    def __init__(self, path: str | Path):
+        import pyarrow.parquet as pq
+
+        self.path = str(path)
+        if not _exists(path):
+            raise UserError(f"{path}: no such data file (expected a Parquet file)")
+        try:
+            with _epath(path).open("rb") as f:
+                self._table = pq.read_table(f)
+        except Exception as e:  # pyarrow raises ArrowInvalid and friends
+            raise UserError(f"{path}: not a readable Parquet file: {e}") from None
+        if self._table.num_rows == 0:
+            raise UserError(f"{path}: the file holds no records")
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def __getitem__(self, index: int) -> dict:
+        row = self._table.slice(int(index), 1).to_pylist()[0]
+        return _plain_record(row, f"{self.path}: row {index}")
+
+
+def _expand_glob(path: str) -> list[str]:
+    if not any(c in path for c in "*?["):
+        return [path]
+    pattern = _epath(path)
+    return sorted(str(p) for p in pattern.parent.glob(pattern.name))
+
+
+class ArrayRecordSource:
+    """ArrayRecord files whose records are UTF-8 JSON objects (one example each)."""
+
+    def __init__(self, path: str | Path):
+        import grain
+
+        paths = _expand_glob(str(path))
+        if not paths or not all(_exists(p) for p in paths):
+            raise UserError(f"{path}: no such ArrayRecord file")
+        self.path = str(path)
+        self._source = grain.sources.ArrayRecordDataSource(paths)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        return parse_json_record(self._source[index], f"{self.path}: record {index}")
+
+
+class TfdsSource:
+    """A TensorFlow Datasets split through `tfds.data_source` (ArrayRecord; no TensorFlow needed)."""
+
+    def __init__(self, name: str, *, split: str, data_dir: str = ""):
+        import tensorflow_datasets as tfds
+
+        self.name, self.split = name, split
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+        except Exception as e:  # tfds raises many types for unknown names, splits and formats
+            raise UserError(
+                f"tfds dataset {name!r} split {split!r} (data_dir={data_dir or 'default'}): cannot open: {e}"
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        return _plain_record(self._source[index], f"tfds {self.name}[{self.split}] record {index}")
+
+
+def open_source(kind: str, path: str, *, split: str = "train", data_dir: str = "", where: str = "") -> Any:
+    """The source of one task: `kind` is one of SOURCE_KINDS; for tfds `path` is the dataset name."""
+    label = f"{where}: " if where else ""
+    if not path:
+        raise UserError(f"{label}no path given for a {kind!r} source")
+    if kind == "jsonl":
+        return JsonlSource(path)
+    if kind == "json":
+        return JsonSource(path)
+    if kind == "parquet":
+        return ParquetSource(path)
+    if kind == "array_record":
+        return ArrayRecordSource(path)
+    if kind == "tfds":
+        return TfdsSource(path, split=split, data_dir=data_dir)
+    raise UserError(f"{label}unknown source {kind!r}; expected one of {', '.join(SOURCE_KINDS)}")

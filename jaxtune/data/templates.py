@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxtune.data.sources import SourceError
 from jaxtune.errors import UserError
 
 Template = tuple[str, str]
@@ -23,7 +24,7 @@ Template = tuple[str, str]
 # Stream tags mixed into the per-example seed so that template choice and dropout draw
 # from independent streams (and never collide with other users of `(seed, index)`).
 _CHOOSE_STREAM = 0x7E3A
-_DROPOUT_STREAM = 0x7E3B
+DROPOUT_STREAM = 0x7E3B
 
 _WHITESPACE = re.compile(r"(\s+)")
 
@@ -122,10 +123,15 @@ def render(
         raise TemplateError(f"{label}template {pattern!r}: {e}") from None
     for _, name in pieces:
         if name is not None and name not in fields:
-            available = ", ".join(sorted(map(str, fields))) or "(none)"
+            available = ", ".join(sorted(str(f) for f in fields if not str(f).startswith("_"))) or "(none)"
             raise TemplateError(
                 f"{label}template {pattern!r} uses field {name!r}, which the record does not have; "
                 f"available fields: {available}"
+            )
+        if name is not None and not isinstance(fields[name], (str, int, float)):
+            record = fields.get("_where", "record")
+            raise SourceError(
+                f"{record}: {label}field {name!r} is a {type(fields[name]).__name__}; templates fill only text or numbers"
             )
     if word_dropout == 0:
         return "".join(literal + (str(fields[name]) if name is not None else "") for literal, name in pieces)
@@ -157,7 +163,7 @@ def render_example(
     i = choose_template(templates, seed=seed, index=index)
     input_pattern, target_pattern = templates[i]
     where = f"task {task!r}, template {i}" if task else f"template {i}"
-    rng = np.random.default_rng([seed, index, _DROPOUT_STREAM]) if word_dropout > 0 else None
+    rng = np.random.default_rng([seed, index, DROPOUT_STREAM]) if word_dropout > 0 else None
     prompt = render(input_pattern, fields, word_dropout=word_dropout, rng=rng, where=where)
     target = render(target_pattern, fields, where=where)
     return prompt, target

@@ -70,6 +70,10 @@ class SentencePieceTokenizer:
         # Many pretrained models (e.g. Llama) define no pad piece. Padding positions are
         # masked out by segment_ids, so any valid id does as filler: reuse EOS.
         self.pad_id: int = sp.pad_id() if sp.pad_id() >= 0 else self.eos_id
+        # Piece strings of the special ids: chat templates write them as text (see encode_with_specials).
+        self.bos_token: str | None = sp.id_to_piece(self.bos_id) if self.bos_id is not None else None
+        self.eos_token: str = sp.id_to_piece(self.eos_id)
+        self.chat_template: str | None = None
         skip = np.zeros(self.vocab_size, dtype=bool)
         skip[[i for i in range(self.vocab_size) if sp.is_control(i)]] = True
         skip[self.pad_id] = True
@@ -186,10 +190,12 @@ class HFTokenizer:
     pipeline adds BOS/EOS) and decodes skipping special and padding tokens.
     """
 
-    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str | None] | None = None, *, source: str = "<json>"):
+    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str | None] | None = None, *, source: str = "<json>",
+                 chat_template: str | None = None):
         self._json = tokenizer_json
         self._special = dict(special_tokens or {})
         self._source = source
+        self.chat_template = chat_template  # the jinja chat_template of tokenizer_config.json, if any
         self._build()
 
     def _build(self) -> None:
@@ -216,6 +222,8 @@ class HFTokenizer:
             )
         self.eos_id: int = eos
         self.bos_id: int | None = token_id("bos_token")
+        self.eos_token: str = self._special["eos_token"]
+        self.bos_token: str | None = self._special.get("bos_token") if self.bos_id is not None else None
         pad = token_id("pad_token")
         self.pad_id: int = pad if pad is not None else eos
         special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
@@ -238,6 +246,7 @@ class HFTokenizer:
         if not file.is_file():
             raise UserError(f"{directory}: no tokenizer.json")
         special: dict[str, str | None] = {}
+        chat_template = None
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             path = directory / name
             if not path.is_file():
@@ -252,8 +261,12 @@ class HFTokenizer:
                     value = value.get("content")
                 if value:
                     special[role] = value
+            if isinstance(data.get("chat_template"), (str, list)):
+                from jaxtune.data.chat import chat_template_from_config
+
+                chat_template = chat_template_from_config(path)
         try:
-            return cls(file.read_text(), special, source=str(directory))
+            return cls(file.read_text(), special, source=str(directory), chat_template=chat_template)
         except Exception as e:  # tokenizers raises plain Exceptions on bad JSON
             if isinstance(e, UserError):
                 raise
@@ -269,10 +282,12 @@ class HFTokenizer:
         return self._tok.decode(ids.tolist(), skip_special_tokens=True)
 
     def __getstate__(self) -> dict:
-        return {"tokenizer_json": self._json, "special": self._special, "source": self._source}
+        return {"tokenizer_json": self._json, "special": self._special, "source": self._source,
+                "chat_template": self.chat_template}
 
     def __setstate__(self, state: dict) -> None:
         self._json, self._special, self._source = state["tokenizer_json"], state["special"], state["source"]
+        self.chat_template = state.get("chat_template")
         self._build()
 
     def __repr__(self) -> str:
@@ -309,3 +324,23 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
     _, loader = _LOADERS[path.suffix]
     return loader(path)
+
+
+def encode_with_specials(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of text that spells the BOS/EOS tokens (rendered chat templates), as their ids.
+
+    Hugging Face tokenizers match their special tokens in text already; SentencePiece never
+    produces control ids from text, so the spelled-out tokens are split off here.
+    """
+    specials = {t: i for t, i in ((getattr(tokenizer, "bos_token", None), tokenizer.bos_id),
+                                  (getattr(tokenizer, "eos_token", None), tokenizer.eos_id)) if t and i is not None}
+    if not specials:
+        return tokenizer.encode(text)
+    pattern = re.compile("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")")
+    ids: list[int] = []
+    for piece in pattern.split(text):
+        if piece in specials:
+            ids.append(specials[piece])
+        elif piece:
+            ids.extend(tokenizer.encode(piece))
+    return ids

@@ -1,0 +1,161 @@
+"""Record formats: field renaming, Alpaca, Self-Instruct and chat `messages`, checked per record.
+
+A task's source yields raw records; `TaskRecords` turns them into the fields its templates use.
+Errors are `SourceError`s naming the record (`_where`), the field and what was expected, so the
+task's `on_error` policy can either stop the run or skip and count the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxtune.data.sources import SourceError
+from jaxtune.errors import UserError
+
+FORMATS = ("fields", "alpaca", "self_instruct", "chat")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _lookup(record: Mapping[str, Any], path: str, where: str) -> Any:
+    """`a.b.0` reads nested columns (e.g. SQuAD's answers.text.0)."""
+    value: Any = record
+    for part in path.split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            available = ", ".join(sorted(k for k in record if k != "_where")) or "(none)"
+            raise SourceError(f"{where}: field mapping names {path!r}, which the record does not have; available fields: {available}")
+    return value
+
+
+def map_fields(record: Mapping[str, Any], mapping: Mapping[str, str]) -> dict[str, Any]:
+    """Renames columns: `mapping` is {template_field: source_column}; other columns stay as they are."""
+    where = str(record.get("_where", "record"))
+    out = {k: v for k, v in record.items() if k not in mapping.values()}
+    for name, column in mapping.items():
+        out[name] = _lookup(record, column, where)
+    return out
+
+
+def _text(record: Mapping[str, Any], key: str, where: str, *, optional: bool = False) -> str:
+    value = record.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        found = "missing" if key not in record else f"a {type(value).__name__}"
+        raise SourceError(f"{where}: field {key!r} is {found}; expected text")
+    return value
+
+
+def _instruction_prompt(instruction: str, input_text: str) -> str:
+    """The instruction, followed by its input (when there is one) after a blank line."""
+    return f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
+
+
+def alpaca_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Alpaca (`instruction`, `input`, `output`) -> also `prompt`/`response` for the default template."""
+    where = str(record.get("_where", "record"))
+    instruction = _text(record, "instruction", where)
+    input_text = _text(record, "input", where, optional=True)
+    output = _text(record, "output", where)
+    return {**record, "instruction": instruction, "input": input_text, "output": output,
+            "prompt": _instruction_prompt(instruction, input_text), "response": output}
+
+
+def self_instruct_instances(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Self-Instruct (`instruction`, `instances: [{input, output}]`): one example per instance."""
+    where = str(record.get("_where", "record"))
+    instruction = _text(record, "instruction", where)
+    instances = record.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise SourceError(f"{where}: field 'instances' must be a non-empty list of {{input, output}} objects")
+    out = []
+    for i, instance in enumerate(instances):
+        label = f"{where} instance {i}"
+        if not isinstance(instance, Mapping):
+            raise SourceError(f"{label}: expected an object with 'input' and 'output', found {type(instance).__name__}")
+        input_text = _text(instance, "input", label, optional=True)
+        output = _text(instance, "output", label)
+        out.append({"instruction": instruction, "input": input_text, "output": output,
+                    "prompt": _instruction_prompt(instruction, input_text), "response": output, "_where": label})
+    return out
+
+
+def check_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
+    """A chat record's `messages`: a list of {role, content} with known roles and an assistant turn."""
+    where = str(record.get("_where", "record"))
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise SourceError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise SourceError(f"{where}: messages[{i}] must be an object with a 'role' and a 'content'")
+        if message["role"] not in CHAT_ROLES:
+            raise SourceError(f"{where}: messages[{i}] has role {message['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise SourceError(f"{where}: messages[{i}].content must be text, found {type(message.get('content')).__name__}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SourceError(f"{where}: the conversation has no assistant message to train on")
+    return [dict(m) for m in messages]
+
+
+class TaskRecords:
+    """A task's examples as random-access field dicts: field mapping + record format applied.
+
+    Self-Instruct records expand to one example per instance, so the source is scanned once up
+    front to index (record, instance) pairs; records that fail then are skipped (counted in
+    `skipped_at_open`) or raise, per `on_error`.
+    """
+
+    def __init__(self, source: Sequence[dict], *, fmt: str = "fields", fields: Mapping[str, str] | None = None,
+                 on_error: str = "error", task: str = ""):
+        if fmt not in FORMATS:
+            raise UserError(f"task {task!r}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        self.source, self.fmt, self.fields, self.task = source, fmt, dict(fields or {}), task
+        self.on_error = on_error
+        self.skipped_at_open = 0
+        self._index: np.ndarray | None = None
+        if fmt == "self_instruct":
+            pairs = []
+            for i in range(len(source)):
+                try:
+                    count = len(self._expand(source[i]))
+                except SourceError:
+                    if on_error != "skip":
+                        raise
+                    self.skipped_at_open += 1
+                    continue
+                pairs.extend((i, j) for j in range(count))
+            if not pairs:
+                raise UserError(f"task {task!r}: no usable Self-Instruct instances in the source")
+            self._index = np.asarray(pairs, dtype=np.int64)
+
+    def _expand(self, record: dict) -> list[dict]:
+        return self_instruct_instances(map_fields(record, self.fields))
+
+    def __len__(self) -> int:
+        return len(self._index) if self._index is not None else len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self._read(index)
+        except SourceError as e:
+            if self.on_error != "skip":
+                raise
+            return {"_error": str(e), "_where": str(e).split(": ", 1)[0]}
+
+    def _read(self, index: int) -> dict[str, Any]:
+        if self._index is not None:
+            record, instance = self._index[index]
+            return self._expand(self.source[int(record)])[int(instance)]
+        record = map_fields(self.source[index], self.fields)
+        if self.fmt == "alpaca":
+            return alpaca_fields(record)
+        if self.fmt == "chat":
+            return {**record, "messages": check_messages(record)}
+        return record
