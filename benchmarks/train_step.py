@@ -1,8 +1,12 @@
-"""Training-step throughput: tokens/s and MFU of jaxtune's jitted SFT step on this machine.
+"""Training-step throughput: tokens/s and MFU of jaxtune's jitted SFT or DPO step on this machine.
 
     python benchmarks/train_step.py                       # the quickstart model shape
     python benchmarks/train_step.py --variant llama3.2-1b --batch 8 --seq_len 2048 --dtype bfloat16
     python benchmarks/train_step.py --peft lora      # LoRA (all-linear, rank 16); --quantize nf4 for QLoRA
+    python benchmarks/train_step.py --objective dpo [--peft lora]   # --batch pairs: [B, 2, T]
+
+DPO counts the tokens of both rows of every pair; its step also runs the reference forward
+(a frozen copy for full fine-tuning, the adapter-free base for LoRA), which MFU does not count.
 
 Prints one JSON line. MFU = achieved model FLOP/s / peak FLOP/s; peak is looked up for known
 accelerators or given with --peak_tflops (per device; pass the measured peak on a CPU).
@@ -20,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import metrics, models, optim, sharding, trainer
-from jaxtune.config import base_config
+from jaxtune.config import base_config, resolved_reference
 from jaxtune.peft import lora, quant
 
 
@@ -37,6 +41,7 @@ def main() -> None:
     p.add_argument("--remat", default="none")
     p.add_argument("--rules", default="fsdp")
     p.add_argument("--peak_tflops", type=float, default=0.0)
+    p.add_argument("--objective", choices=("sft", "dpo"), default="sft")
     p.add_argument("--peft", default="none", choices=lora.METHODS, help="adapter method (none = full fine-tuning)")
     p.add_argument("--quantize", default="none", choices=("none", *quant.KINDS), help="QLoRA base weights")
     p.add_argument("--rank", type=int, default=16)
@@ -44,9 +49,10 @@ def main() -> None:
     p.add_argument("--model", default="{}", help='JSON model config overrides, e.g. \'{"hidden_size": 512}\'')
     args = p.parse_args()
 
-    peft_cfg = base_config().peft
-    peft_cfg.update(method=args.peft, quantize=args.quantize, rank=args.rank, alpha=2.0 * args.rank, targets=args.targets)
-    overrides = dict(dtype=args.dtype, remat_policy=args.remat, peft=lora.spec_from_config(peft_cfg))
+    config = base_config()
+    config.peft.update(method=args.peft, quantize=args.quantize, rank=args.rank, alpha=2.0 * args.rank, targets=args.targets)
+    config.objective.type = "sft" if args.objective == "sft" else "preference"
+    overrides = dict(dtype=args.dtype, remat_policy=args.remat, peft=lora.spec_from_config(config.peft))
     if args.variant == "tiny" and args.quickstart_shape:
         overrides.update(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                          num_kv_heads=2, tie_word_embeddings=True)
@@ -60,38 +66,46 @@ def main() -> None:
     rules = sharding.rules(args.rules)
 
     apply_fn = trainer.make_apply_fn(model)
+    reference_kind = resolved_reference(config)
+
     rng = np.random.default_rng(0)
     B, T = args.batch, args.seq_len
+    rows = (B, 2) if args.objective == "dpo" else (B,)
     batch = {
-        "inputs": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
-        "targets": rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),
-        "loss_mask": np.ones((B, T), np.int32),
-        "segment_ids": np.ones((B, T), np.int32),
-        "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+        "inputs": rng.integers(0, cfg.vocab_size, (*rows, T)).astype(np.int32),
+        "targets": rng.integers(0, cfg.vocab_size, (*rows, T)).astype(np.int32),
+        "loss_mask": np.ones((*rows, T), np.int32),
+        "segment_ids": np.ones((*rows, T), np.int32),
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (*rows, T)).copy(),
     }
+    if args.objective == "dpo":
+        batch["example_index"] = np.arange(B, dtype=np.int32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract, shardings, init = trainer.plan_state(model, tx, mesh, rules, seq_len=T)
         state = init(jax.random.key(0))
-        batch_sharding = sharding.batch_sharding(mesh)
-        batch = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
-        step = jax.jit(trainer.make_train_step(apply_fn, tx, lr, accum=1, z_loss=0.0),
-                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
+        ref = init(jax.random.key(0)).params if reference_kind == "copy" else None
+        batch_sharding = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+        batch = {k: jax.device_put(v, batch_sharding[k]) for k, v in batch.items()}
+        step = jax.jit(trainer.make_train_step(apply_fn, tx, lr, accum=1, z_loss=0.0, objective=config.objective,
+                                               reference_kind=reference_kind),
+                       in_shardings=(shardings, batch_sharding, shardings.params if ref is not None else None),
+                       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
         t0 = time.time()
-        state, m = step(state, batch)
+        state, m = step(state, batch, ref)
         jax.block_until_ready(m)
         compile_s = time.time() - t0
         t0 = time.time()
         for _ in range(args.steps):
-            state, m = step(state, batch)
+            state, m = step(state, batch, ref)
         jax.block_until_ready(m)
         step_s = (time.time() - t0) / args.steps
     num_params = models.count_params(cfg)
     nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    tokens_per_s = B * T / step_s
+    tokens_per_s = int(np.prod(rows)) * T / step_s
     flops_per_token = metrics.train_flops_per_token(num_params, cfg.num_layers, cfg.hidden_size, T)
     peak = metrics.peak_flops_per_device(args.peak_tflops)
     out = {
+        "objective": args.objective, "peft": args.peft, "reference": reference_kind,
         "family": args.family, "variant": args.variant, "params": num_params, "batch": B, "seq_len": T,
         "dtype": args.dtype, "devices": n, "device_kind": jax.devices()[0].device_kind,
         "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),

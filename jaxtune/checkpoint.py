@@ -15,6 +15,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxtune.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +64,33 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def restore_params(workdir: str | Path, abstract_params: Any) -> Any:
+    """The params of the latest checkpoint in another run's workdir (model.init_from), into their shardings.
+
+    Only the params are read (a partial restore): that run's optimizer state may have any shape.
+    """
+    directory = Path(workdir).absolute() / "checkpoints"
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True)) \
+        if directory.is_dir() else None
+    step = manager.latest_step() if manager is not None else None
+    if step is None:
+        raise UserError(f"config key 'model.init_from': no checkpoint in {directory} (expected the workdir of a jaxtune run)")
+    target = {"params": abstract_params}
+    restore = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+    )
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=restore)).state
+    except (ValueError, KeyError) as e:
+        raise UserError(
+            f"config key 'model.init_from': the checkpoint at {directory / str(step)} does not match this model "
+            f"({type(e).__name__}: {str(e)[:300]})"
+        ) from None
+    finally:
+        manager.close()
+    return restored["params"]
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

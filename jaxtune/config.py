@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     # it (family/variant/architecture overrides are ignored), params start from its weights and
     # its tokenizer is used unless data.tokenizer is set.
     c.model.hf_dir = ""
+    # The workdir of an earlier jaxtune run (e.g. SFT): params start from its latest checkpoint
+    # (optimizer state and step start fresh). The architecture must match this config's.
+    c.model.init_from = ""
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
     c.model.param_dtype = "float32"  # master weights
     c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
@@ -120,6 +123,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.rules = "fsdp"  # dp | fsdp | fsdp_tp
+
+    c.objective = ml_collections.ConfigDict()
+    # sft | preference ((prompt, chosen, rejected) pairs) | kto ((prompt, completion, label) examples)
+    c.objective.type = "sft"
+    # preference: sigmoid | robust | hinge | ipo | dpo_norm | simpo | orpo | kto (jaxtune/objectives/preference.py)
+    c.objective.loss_type = "sigmoid"
+    c.objective.beta = ml_collections.FieldReference(None, field_type=float)  # None: the loss type's paper default
+    c.objective.label_smoothing = 0.0  # cDPO (sigmoid, dpo_norm, simpo) / rDPO (robust) label-noise rate
+    c.objective.gamma = ml_collections.FieldReference(None, field_type=float)  # SimPO target margin; None: 1.0
+    c.objective.desirable_weight = 1.0  # KTO
+    c.objective.undesirable_weight = 1.0  # KTO
+    c.objective.sft_weight = 0.0  # RPO: + sft_weight * length-normalised NLL of the chosen completion
+    # auto: none for reference-free losses (simpo, orpo), else a frozen copy of the initial params |
+    # copy | precomputed (one pass over the data before training, stored in the workdir) | none
+    c.objective.reference = "auto"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 12
@@ -303,7 +321,11 @@ _CHOICES = {
     "data.on_error": ("error", "skip"),
     "data.packing_strategy": ("first_fit", "best_fit"),
     "data.mixture.mode": ("examples_proportional", "weights", "temperature"),
+    "objective.type": ("sft", "preference", "kto"),
+    "objective.loss_type": ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto"),
+    "objective.reference": ("auto", "copy", "precomputed", "none"),
 }
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
 TASK_CHOICES = {
     "source": ("jsonl", "json", "parquet", "array_record", "tfds"),
@@ -380,6 +402,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError("config key 'data.train_path' is empty; data.source='jsonl' needs a JSONL file")
     if single_jsonl and not config.data.templates:
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
+    _validate_objective(config)
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
         if size == 0 or size < -1:
@@ -389,6 +412,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from jaxtune.peft import lora  # a leaf module: spec parsing and validation
 
     lora.spec_from_config(config.peft)
+
+
+def _validate_objective(config: ml_collections.ConfigDict) -> None:
+    o = config.objective
+    if o.type == "sft":
+        return
+    if config.model.hf_dir and config.model.init_from:
+        raise UserError("config keys 'model.hf_dir' and 'model.init_from' are both set; pick one starting point")
+    if config.data.source != "jsonl":
+        raise UserError(f"config key 'objective.type' is {o.type!r}: preference data comes from JSONL (data.source='jsonl')")
+    if o.beta is not None and not o.beta > 0:
+        raise UserError(f"config key 'objective.beta' must be > 0, got {o.beta}")
+    if not 0.0 <= o.label_smoothing < 0.5:
+        raise UserError(f"config key 'objective.label_smoothing' must be in [0, 0.5), got {o.label_smoothing}")
+    if o.sft_weight < 0 or o.desirable_weight <= 0 or o.undesirable_weight <= 0:
+        raise UserError("config keys objective.sft_weight must be >= 0 and objective.desirable_weight/undesirable_weight > 0")
+    reference_free = o.type == "preference" and o.loss_type in REFERENCE_FREE_LOSSES
+    if reference_free and o.reference not in ("auto", "none"):
+        raise UserError(
+            f"config key 'objective.reference' is {o.reference!r}, but loss_type {o.loss_type!r} is reference-free; "
+            "use 'auto' or 'none'"
+        )
+    lora = config.peft.method != "none"
+    if lora and o.reference == "copy":
+        raise UserError("config key 'objective.reference' is 'copy', but with LoRA the reference is the base model "
+                        "without its adapters (no extra weights): use 'auto' (or 'precomputed')")
+    if lora and config.model.init_from:
+        raise UserError("config key 'model.init_from' is not supported with LoRA yet; export the SFT model "
+                        "(jaxtune export) and start from it with model.hf_dir")
+    if not reference_free and o.reference == "none":
+        kind = "kto" if o.type == "kto" else f"loss_type {o.loss_type!r}"
+        raise UserError(f"config key 'objective.reference' is 'none', but {kind} needs a reference model; use auto, copy or precomputed")
+
+
+def resolved_reference(config: ml_collections.ConfigDict) -> str:
+    """none | copy | base | precomputed: what objective.reference='auto' means for this config.
+
+    auto: none for reference-free losses; with LoRA the base model (adapters off: no extra weights);
+    otherwise a frozen copy of the initial weights.
+    """
+    o = config.objective
+    if o.type == "sft" or (o.type == "preference" and o.loss_type in REFERENCE_FREE_LOSSES):
+        return "none"
+    if o.reference == "auto":
+        return "base" if config.peft.method != "none" else "copy"
+    return o.reference
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], process_count: int) -> None:

@@ -26,11 +26,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
-from jaxtune import evaluate, metrics as metrics_lib, models, optim, sharding
-from jaxtune.data import datasets, pipeline
+from jaxtune import evaluate, metrics as metrics_lib, models, optim, reference, sharding
+from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
 from jaxtune.generate import greedy_generate
-from jaxtune.objectives import sft_loss
+from jaxtune.objectives import kto_loss, preference_loss, sequence_logps, sft_loss
 from jaxtune.peft import lora, quant
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,30 @@ def init_from_pretrained(hf_dir: str, model_config, tx: optax.GradientTransforma
     return TrainState(step=step, params=params, opt_state=opt_state)
 
 
+def initial_params(config, model_config, abstract_state, state_shardings, init_state, mesh, rule_table) -> Any:
+    """The reference weights a run starts from: model.hf_dir, model.init_from or the seeded init
+    (LoRA: the frozen base), in their shards.
+
+    Deterministic, so a frozen reference copy is rebuilt from it on resume instead of being
+    checkpointed.
+    """
+    if model_config.peft is not None:
+        return _frozen_base(config, model_config, init_state, state_shardings, mesh, rule_table)
+    if config.model.hf_dir:
+        return models.load_params(config.model.hf_dir, model_config, state_shardings.params)
+    if config.model.init_from:
+        target = checkpoint_lib.abstract_with_shardings(abstract_state.params, state_shardings.params)
+        return checkpoint_lib.restore_params(config.model.init_from, target)
+    return init_state(jax.random.key(config.seed)).params
+
+
+def state_from_params(params, tx: optax.GradientTransformation, state_shardings) -> TrainState:
+    """A step-0 full fine-tuning state around `params`."""
+    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step), params=params,
+                      opt_state=opt_state)
+
+
 def load_base(hf_dir: str, model_config, state_shardings, mesh, rule_table):
     """A LoRA run's frozen base from an HF dir, in its shardings (quantised when QLoRA)."""
     plain = base_model(models.build(model_config))
@@ -181,41 +205,105 @@ def split_microbatches(x: jax.Array, accum: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1)
 
 
-def make_train_step(
-    apply_fn: Callable, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *, accum: int,
-    z_loss: float, microbatch_sharding: NamedSharding | None = None, seed: int = 0,
-) -> Callable:
-    """train_step(state, batch) -> (state, metrics); one optimizer step per call.
+def pair_scores(apply_fn: Callable, params, batch: dict[str, jax.Array], frozen=None, rngs=None):
+    """Summed log-probs and lengths [B, 2] of a [B, 2, T] preference batch, in one [2B, T] forward pass.
 
-    Gradients are taken w.r.t. state.params only (LoRA: the adapters); state.frozen is passed to
-    apply_fn and returned untouched. Each (step, micro-batch) gets its own dropout rng.
+    The pair axis is folded into the batch axis next to its pair, so sharding B keeps a pair on one device.
     """
-    dropout_key = jax.random.fold_in(jax.random.key(seed), 0x1d0)
+    rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in pipeline.BATCH_KEYS}
+    logits = apply_fn(params, rows["inputs"], rows["positions"], rows["segment_ids"], frozen=frozen, rngs=rngs)
+    logps, lengths = sequence_logps(logits, rows["targets"], rows["loss_mask"])
+    return logps.reshape(-1, 2), lengths.reshape(-1, 2)
 
-    def loss_fn(params, batch, normalizer, frozen=None, rng=None):
+
+def make_loss_fn(apply_fn: Callable, *, z_loss: float, objective=None, reference_kind: str = "none") -> Callable:
+    """loss_fn(params, batch, normalizer, frozen, rng, ref_params) -> (loss, metrics) for config.objective.
+
+    SFT normalises by the global batch's trained tokens, preference objectives by its pairs, so
+    summing over micro-batches gives the global-batch mean (metrics are scaled the same way).
+    The reference log-probs come from `ref_params` (copy), the LoRA model without its adapters
+    (base: no extra weights), the batch (precomputed), or nowhere (none: reference-free losses).
+    """
+
+    def sft_loss_fn(params, batch, normalizer, frozen=None, rng=None, ref_params=None):
         rngs = None if rng is None else {"dropout": rng}
         logits = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"], frozen=frozen, rngs=rngs)
         return sft_loss(logits, batch, normalizer=normalizer, z_loss=z_loss)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if objective is None or objective.type == "sft":
+        return sft_loss_fn
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        # Normalise by the trained tokens of the whole global batch, so accumulation is exact.
-        normalizer = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    def reference_logps(batch, frozen, ref_params):
+        if reference_kind == "copy":
+            return jax.lax.stop_gradient(pair_scores(apply_fn, ref_params, batch)[0])
+        if reference_kind == "base":
+            return jax.lax.stop_gradient(pair_scores(apply_fn, frozen, batch)[0])
+        if reference_kind == "precomputed":
+            return jnp.stack([batch[k] for k in preference.REF_KEYS], axis=-1)
+        return jnp.zeros(batch[preference.INDEX_KEY].shape + (2,), jnp.float32)  # reference-free losses
+
+    def preference_loss_fn(params, batch, normalizer, frozen=None, rng=None, ref_params=None):
+        rngs = None if rng is None else {"dropout": rng}
+        logps, lengths = pair_scores(apply_fn, params, batch, frozen=frozen, rngs=rngs)
+        ref = reference_logps(batch, frozen, ref_params)
+        if objective.type == "kto":
+            losses, metrics = kto_loss(
+                logps[:, 0], ref[:, 0], batch[preference.LABEL_KEY], logps[:, 1], ref[:, 1], beta=objective.beta,
+                desirable_weight=objective.desirable_weight, undesirable_weight=objective.undesirable_weight,
+            )
+        else:
+            losses, metrics = preference_loss(
+                objective.loss_type, logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1],
+                chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1], beta=objective.beta,
+                label_smoothing=objective.label_smoothing, gamma=objective.gamma,
+                desirable_weight=objective.desirable_weight, undesirable_weight=objective.undesirable_weight,
+                sft_weight=objective.sft_weight,
+            )
+        share = losses.shape[0] / normalizer  # this micro-batch's share of the global batch
+        loss = jnp.sum(losses) / normalizer
+        return loss, dict({k: v * share for k, v in metrics.items()}, loss=loss)
+
+    return preference_loss_fn
+
+
+def make_train_step(
+    apply_fn: Callable, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *, accum: int,
+    z_loss: float, microbatch_sharding: NamedSharding | None = None, seed: int = 0, objective=None,
+    reference_kind: str = "none",
+) -> Callable:
+    """train_step(state, batch, ref_params=None) -> (state, metrics); one optimizer step per call.
+
+    Gradients are taken w.r.t. state.params only (LoRA: the adapters); state.frozen is passed to
+    apply_fn and returned untouched. Each (step, micro-batch) gets its own dropout rng.
+    `ref_params` is the frozen reference copy (objective.reference='copy'): never updated, no
+    optimizer state.
+    """
+    dropout_key = jax.random.fold_in(jax.random.key(seed), 0x1d0)
+    loss_fn = make_loss_fn(apply_fn, z_loss=z_loss, objective=objective, reference_kind=reference_kind)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    pairs = objective is not None and objective.type != "sft"
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], ref_params=None):
+        # Normalise by the trained tokens (pairs) of the whole global batch, so accumulation is exact.
+        if pairs:
+            normalizer = jnp.asarray(batch["inputs"].shape[0], jnp.float32)
+        else:
+            normalizer = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         step_key = jax.random.fold_in(dropout_key, state.step)
         if accum == 1:
-            (_, metrics), grads = grad_fn(state.params, batch, normalizer, state.frozen, step_key)
+            (_, metrics), grads = grad_fn(state.params, batch, normalizer, state.frozen, step_key, ref_params)
         else:
             micro = jax.tree.map(lambda x: split_microbatches(x, accum), batch)
             if microbatch_sharding is not None:
                 micro = jax.lax.with_sharding_constraint(micro, microbatch_sharding)
             first = jax.tree.map(lambda x: x[0], micro)
-            shapes = jax.eval_shape(grad_fn, state.params, first, normalizer, state.frozen, step_key)
+            shapes = jax.eval_shape(grad_fn, state.params, first, normalizer, state.frozen, step_key, ref_params)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
 
             def body(carry, xs):
                 mb, i = xs
-                (_, m), g = grad_fn(state.params, mb, normalizer, state.frozen, jax.random.fold_in(step_key, i))
+                (_, m), g = grad_fn(state.params, mb, normalizer, state.frozen, jax.random.fold_in(step_key, i),
+                                    ref_params)
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
             (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
@@ -263,6 +351,7 @@ class RunSummary:
     metrics: dict[str, float]
     eval_before: dict[str, float] | None
     eval_after: dict[str, float] | None
+    param_bytes: int = 0  # weights held on the devices: trained + frozen + reference copy
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Sequence[jax.Device] | None = None) -> RunSummary:
@@ -275,7 +364,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     mesh_shape = config_lib.resolve_mesh_shape(config, len(devices))
     config_lib.validate_for_devices(config, mesh_shape, process_count)
 
-    data = datasets.load_sft_data(_data_config(config), workdir, seed=config.seed)
+    pairs = config.objective.type != "sft"
+    if pairs:
+        data = datasets.load_preference_data(_data_config(config), workdir, unpaired=config.objective.type == "kto")
+    else:
+        data = datasets.load_sft_data(_data_config(config), workdir, seed=config.seed)
     tokenizer = data.tokenizer
     model_config = model_config_from(config, vocab_size=tokenizer.vocab_size)
     if config.model.hf_dir and tokenizer.vocab_size > model_config.vocab_size:
@@ -290,7 +383,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     rule_table = sharding.rules(config.mesh.rules)
     tx, lr_schedule = optim.build(config.optim, config.train.steps)
     seq_len = config.data.seq_len
-    batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
 
     apply_fn = make_apply_fn(model)
@@ -299,13 +391,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         return apply_fn(params_and_frozen[0], tokens, positions, segment_ids, frozen=params_and_frozen[1])
 
     local_batch = config.train.global_batch_size // process_count
-    dataset, data_stats = datasets.train_dataset(
-        data, config.data, batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
-        process_count=process_count,
-    )
-    if len(data.tasks) > 1 and jax.process_index() == 0:
-        print(f"jaxtune: data mixture ({data.mixture.mode}):\n{data.mixture.describe()}", flush=True)
-    data_iter = iter(dataset)
+    if pairs:
+        dataset, data_stats = _preference_dataset(config, data, local_batch)
+    else:
+        batch_keys = pipeline.BATCH_KEYS
+        batch_sharding = dict.fromkeys(batch_keys, sharding.batch_sharding(mesh))
+        dataset, data_stats = datasets.train_dataset(
+            data, config.data, batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
+            process_count=process_count,
+        )
+        if len(data.tasks) > 1 and jax.process_index() == 0:
+            print(f"jaxtune: data mixture ({data.mixture.mode}):\n{data.mixture.describe()}", flush=True)
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
         use_async=config.train.async_checkpoints,
@@ -317,6 +413,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     writer = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
         abstract_state, state_shardings, init_state = plan_state(model, tx, mesh, rule_table, seq_len=seq_len)
+        reference_kind = config_lib.resolved_reference(config)
+
+        def start_params():
+            return initial_params(config, model_config, abstract_state, state_shardings, init_state, mesh, rule_table)
+
+        if pairs:
+            pair_sharding = {k: sharding.batch_sharding(mesh, 3 if k in pipeline.BATCH_KEYS else 1)
+                             for k in preference.batch_keys(data_stats) + preference.REF_KEYS}
+        if reference_kind == "precomputed":  # before the data iterator exists: batches carry the result
+            data_stats.ref_logps = reference.precompute(
+                jax.jit(lambda p, b: pair_scores(apply_fn, p, b)[0], out_shardings=replicated), start_params,
+                data.train_source, data_stats, workdir, batch_size=config.train.global_batch_size,
+                put=lambda b: {k: jax.device_put(v, pair_sharding[k]) for k, v in b.items()},
+                fingerprint=_reference_fingerprint(config, model_config, len(data.train_source)),
+            )
+        if pairs:
+            batch_keys = preference.batch_keys(data_stats)
+            batch_sharding = {k: pair_sharding[k] for k in batch_keys}
+        data_iter = iter(dataset)
 
         latest = checkpointer.latest_step()
         if latest is not None:
@@ -336,9 +451,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             if config.model.hf_dir:
                 state = init_from_pretrained(config.model.hf_dir, model_config, tx, state_shardings,
                                              init_state, mesh, rule_table, seed=config.seed)
+            elif config.model.init_from:
+                state = state_from_params(start_params(), tx, state_shardings)
             else:
                 state = init_state(jax.random.key(config.seed))
             start_step = 0
+        # The frozen reference: never updated, no optimizer state, rebuilt from the init source on resume.
+        ref_params = start_params() if reference_kind == "copy" else None
+        param_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.frozen, ref_params)))
+        if pairs:
+            print(f"jaxtune: {config.objective.type} objective ({config.objective.loss_type}), reference: "
+                  f"{_REFERENCE_NAMES[reference_kind]}", flush=True)
 
         if model_config.peft is not None:
             adapters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
@@ -357,10 +480,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         accum = config.train.grad_accum_steps
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
         step_fn = make_train_step(apply_fn, tx, lr_schedule, accum=accum, z_loss=config.train.z_loss,
-                                  microbatch_sharding=micro_sharding, seed=config.seed)
+                                  microbatch_sharding=micro_sharding, seed=config.seed, objective=config.objective,
+                                  reference_kind=reference_kind)
         train_step = jax.jit(
-            step_fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-            donate_argnums=(0,),
+            step_fn, in_shardings=(state_shardings, batch_sharding, state_shardings.params if ref_params is not None else None),
+            out_shardings=(state_shardings, replicated), donate_argnums=(0,),
         )
 
         def run_eval(step: int, show: int = 0) -> dict[str, float]:
@@ -386,9 +510,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         with _StopSignal() as stop:
             for step in range(start_step, config.train.steps):
                 local = next(data_iter)
-                batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k])) for k in pipeline.BATCH_KEYS}
+                batch = {k: jax.make_array_from_process_local_data(batch_sharding[k], np.asarray(local[k])) for k in batch_keys}
                 t0 = time.time()
-                state, step_metrics = train_step(state, batch)
+                state, step_metrics = train_step(state, batch, ref_params)
                 done = step + 1
                 if window_start is None:  # the first step includes compilation: keep it out of tokens/s
                     jax.block_until_ready(step_metrics)
@@ -437,14 +561,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 )
             else:
                 print(f"jaxtune: held-out exact match after training: {eval_after['exact_match']:.1%}", flush=True)
-    if jax.process_index() == 0 and data_stats.slots:
+    if pairs and data_stats.stats.dropped:
+        stats = data_stats.stats
+        print(f"jaxtune: data: {stats.dropped} of {stats.examples} preference pairs dropped (could not fit "
+              "data.seq_len with a preference left, or data.truncation='drop')", flush=True)
+    elif jax.process_index() == 0 and not pairs and data_stats.slots:
         print("jaxtune: data (this process):\n  " + "\n  ".join(data_stats.report()), flush=True)
     checkpointer.close()
     writer.close()
     summary = RunSummary(
         steps=done, wall_s=time.time() - wall_start, train_s=train_time,
         tokens_per_s=last_row.get("tokens_per_s", 0.0), stopped_early=stopped_early, metrics=last_row,
-        eval_before=eval_before, eval_after=eval_after,
+        eval_before=eval_before, eval_after=eval_after, param_bytes=param_bytes,
     )
     if jax.process_index() == 0:
         print(f"jaxtune: done: {done} steps in {summary.wall_s:.0f}s; outputs in {workdir}", flush=True)
@@ -468,6 +596,37 @@ def frozen_base_on_host(config: ml_collections.ConfigDict, model_config):
         init = jax.jit(lambda rng: sharding.unbox(plain.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
         base = init(jax.random.key(config.seed))
     return jax.jit(functools.partial(quantize_base, spec=model_config.peft))(base)
+
+
+_REFERENCE_NAMES = {
+    "none": "none (reference-free loss)", "copy": "frozen copy of the initial weights",
+    "base": "the base model without its adapters (no extra weights)", "precomputed": f"precomputed ({reference.STORE_DIR}/)",
+}
+
+
+def _preference_dataset(config, data: datasets.PreferenceData, local_batch: int):
+    """Padded [B, 2, T] pair batches, and the transform (which counts truncated/dropped pairs)."""
+    transform = preference.PreferenceTransform(
+        data.train_source, data.train_templates, data.tokenizer, seq_len=config.data.seq_len,
+        truncation=config.data.truncation, seed=config.seed, unpaired=config.objective.type == "kto",
+    )
+    dataset = preference.preference_dataset(
+        data.train_source, transform, batch_size=local_batch, seed=config.seed, shuffle=config.data.shuffle,
+        process_index=jax.process_index(), process_count=jax.process_count(), read_threads=config.data.read_threads,
+        prefetch=config.data.prefetch,
+    )
+    return dataset, transform
+
+
+def _reference_fingerprint(config, model_config, num_records: int) -> dict:
+    """What precomputed reference log-probs depend on; a stored table made for other values is refused."""
+    return {
+        "records": num_records, "train_path": config.data.train_path,
+        "templates": config_lib.to_json_dict(config.data)["templates"], "seq_len": config.data.seq_len,
+        "truncation": config.data.truncation, "seed": config.seed, "tokenizer": config.data.tokenizer,
+        "model": repr(model_config), "hf_dir": config.model.hf_dir, "init_from": config.model.init_from,
+        "objective": config.objective.type,
+    }
 
 
 def _print_fn(progress):

@@ -89,3 +89,22 @@ def tiny_mixture_config(tmp_path: Path, **overrides):
         config_lib.set_value(c, key, str(value))
     config_lib.validate(c)
     return c
+
+
+def reverse_pair(i: int) -> dict:
+    """A synthetic preference: chosen reverses the prompt's words (the rule), rejected copies them."""
+    words = [WORDS[(i * 7 + j * 3 + i // 10) % len(WORDS)] for j in range(3)]
+    return {"prompt": "reverse: " + " ".join(words) + " =", "chosen": " " + " ".join(reversed(words)),
+            "rejected": " " + " ".join(words)}
+
+
+def write_preference_jsonl(path: Path, n: int = 64, start: int = 0, unpaired: bool = False) -> Path:
+    """Pairs from `reverse_pair`; unpaired (KTO) records alternate the chosen / rejected completion."""
+    with path.open("w") as f:
+        for i in range(start, start + n):
+            pair = reverse_pair(i)
+            if unpaired:
+                good = i % 2 == 0
+                pair = {"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good}
+            f.write(json.dumps(pair) + "\n")
+    return path

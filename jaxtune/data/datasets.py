@@ -17,6 +17,7 @@ import ml_collections
 
 from jaxtune.config import task_config
 from jaxtune.data import chat as chat_lib
+from jaxtune.data import preference
 from jaxtune.data import templates as templates_lib
 from jaxtune.data.builtin import quickstart
 from jaxtune.data.examples import DEFAULT_TASK, ExampleBuilder, TaskSpec
@@ -154,3 +155,20 @@ def train_dataset(data: SftData, cfg: ml_collections.ConfigDict, *, batch_size: 
         worker_count=cfg.worker_count, read_threads=cfg.read_threads, prefetch=cfg.prefetch,
         collect_lengths=collect_lengths,
     )
+
+
+@dataclasses.dataclass
+class PreferenceData:
+    tokenizer: Tokenizer
+    train_source: Sequence[dict]
+    train_templates: Mapping[str, Sequence[templates_lib.Template]]
+    eval_records: Sequence[dict] = ()  # no generative eval for preference runs
+
+
+def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, unpaired: bool) -> PreferenceData:
+    """Preference pairs (or unpaired KTO examples) from data.train_path, rendered with data.templates."""
+    if cfg.source != "jsonl":
+        raise UserError(f"config key 'data.source' is {cfg.source!r}; preference objectives read JSONL pairs (data.source='jsonl')")
+    source = JsonlSource(cfg.train_path)
+    tokenizer = _tokenizer(cfg, Path(workdir), preference.corpus(source, unpaired=unpaired, limit=_TOKENIZER_SAMPLE))
+    return PreferenceData(tokenizer, source, {DEFAULT_TASK: [tuple(t) for t in cfg.templates]})

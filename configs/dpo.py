@@ -1,0 +1,58 @@
+"""Preference tuning (DPO family, SimPO, ORPO, KTO) of a Llama-family model, from an SFT run or an HF model.
+
+    jaxtune train --config configs/dpo.py:loss=sigmoid,variant=llama3.2-1b \\
+        --config.model.hf_dir=/models/llama-3.2-1b-sft --config.data.train_path=pairs.jsonl --workdir runs/dpo
+    jaxtune train --config configs/dpo.py:loss=simpo --config.model.init_from=runs/sft \\
+        --config.data.train_path=pairs.jsonl --workdir runs/simpo
+
+Arguments (after ':'): `loss` = sigmoid (DPO) | robust | hinge | ipo | dpo_norm | simpo | orpo |
+kto_pair (KTO loss on pairs) | kto (unpaired {"prompt", "completion", "label"} records), and
+`variant` as in configs/sft_llama.py (tiny, llama3.2-1b, llama3.1-8b, llama3.1-70b). Pair records
+are {"prompt", "chosen", "rejected"} or {"chosen", "rejected"} sharing their prompt as a common
+prefix. Start from an SFT run's workdir (model.init_from) or an HF directory (model.hf_dir).
+Hyperparameters left at None take each paper's default (objective.beta, objective.gamma). The
+reference model is a frozen copy of the starting weights (objective.reference=copy), or one pass
+of log-probs stored in the workdir (objective.reference=precomputed); SimPO and ORPO need none.
+"""
+
+import importlib.util
+from pathlib import Path
+
+from jaxtune.config import parse_arg
+
+LOSSES = ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto_pair", "kto")
+# Learning rates per loss type at real scale (papers / TRL examples); the tiny variant uses its own.
+_LR = {"simpo": 5e-7, "orpo": 5e-6, "ipo": 5e-7, "kto": 5e-7, "dpo_norm": 5e-7}
+
+
+def _sft_config(variant):
+    """configs/sft_llama.py's variant: model shape, sharding, precision and batch come from there."""
+    spec = importlib.util.spec_from_file_location("jaxtune_config_sft_llama", Path(__file__).with_name("sft_llama.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    loss = args.pop("loss", "sigmoid")
+    variant = args.pop("variant", "tiny")
+    if loss not in LOSSES:
+        raise ValueError(f"configs/dpo.py: unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
+    if args:
+        raise ValueError(f"configs/dpo.py: unknown arguments {sorted(args)} (expected loss=..., variant=...)")
+    c = _sft_config(variant)
+    c.objective.type = "kto" if loss == "kto" else "preference"
+    c.objective.loss_type = "kto" if loss == "kto_pair" else ("sigmoid" if loss == "kto" else loss)
+    c.data.templates = (("{prompt}", "{response}"),)
+    c.data.shuffle = True
+    c.train.steps = 1000
+    c.train.checkpoint_every = 250
+    c.optim.warmup_steps = 100  # TRL examples: 10% warmup
+    c.optim.schedule = "linear"
+    c.optim.min_lr_ratio = 0.0
+    c.optim.weight_decay = 0.0
+    if variant != "tiny":
+        c.optim.lr = _LR.get(loss, 5e-7)
+        c.train.global_batch_size = max(c.train.global_batch_size // 2, 8)  # pairs: two rows each
+    return c

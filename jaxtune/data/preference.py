@@ -1,0 +1,303 @@
+"""Preference data: (prompt, chosen, rejected) pairs and unpaired KTO examples -> [B, 2, T] batches.
+
+Record shapes (JSONL, one object per line):
+  * explicit prompt: ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (extra fields feed templates);
+  * common prefix: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: A", "rejected": "...Assistant: B"}``:
+    the prompt is the longest common prefix, cut back to a word boundary so that neither
+    completion starts mid-word (the whitespace goes with the completions, as in SFT targets);
+  * unpaired (KTO): ``{"prompt": ..., "completion": ..., "label": true|false}``.
+
+The prompt is rendered with a template's input pattern and each completion with its target
+pattern, ``{response}`` being the completion, then tokenized exactly as SFT examples are (BOS +
+prompt, completion + EOS). The template is chosen from (seed, source index), so an example is
+tokenized identically in every epoch and in the reference-log-prob pass.
+
+A pair becomes two rows that share the prompt, ``[2, T]`` (0 = chosen, 1 = rejected), padded,
+never packed. For KTO row 1 is the same prompt followed by a *mismatched* completion (the next
+source record's), which scores the KL reference point. Truncation keeps the prompt's end and the
+completions' start: when prompt + longest completion exceed the row, the prompt keeps its last
+``max(row // 2, row - longest completion)`` tokens (BOS stays first) and the completions are cut
+to what is left. A pair whose completions become identical (no preference left), or any over-long
+pair under ``truncation='drop'``, is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxtune.data import templates as templates_lib
+from jaxtune.data.examples import DEFAULT_TASK, TokenizeStats, encode_prompt
+from jaxtune.data.pipeline import BATCH_KEYS
+from jaxtune.data.tokenizers import Tokenizer
+from jaxtune.errors import UserError
+
+INDEX_KEY = "example_index"  # [B] global source index of each pair: keys precomputed reference log-probs
+LABEL_KEY = "label"  # [B] KTO: 1 = desirable, 0 = undesirable
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")  # [B] precomputed reference log-probs
+_META = ("task", "_where", "_index")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A parsed record: prompt fields for the template, and the two completions (or one + label)."""
+
+    fields: dict[str, Any]
+    completions: tuple[str, ...]
+    label: int | None = None  # KTO only
+
+
+def _where(record: Mapping[str, Any], index: int) -> str:
+    return record.get("_where", f"record {index}")
+
+
+def _text(record, key: str, where: str) -> str:
+    value = record.get(key)
+    if isinstance(value, list):
+        raise UserError(
+            f"{where}: field {key!r} is a list of chat messages; chat preference pairs need the chat-template "
+            "renderer (jaxtune.data.render_chat), which this build does not have yet; use prompt/chosen/rejected strings"
+        )
+    if not isinstance(value, str):
+        found = "missing" if value is None else f"a {type(value).__name__}"
+        raise UserError(f"{where}: field {key!r} must be a string, found {found}")
+    if not value:
+        raise UserError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def split_common_prefix(chosen: str, rejected: str, where: str = "record") -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion) from two texts sharing their prompt."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if n == len(chosen) and n == len(rejected):
+        raise UserError(f"{where}: 'chosen' and 'rejected' are identical; a preference pair needs two different texts")
+    # Cut back to the start of the word (or whitespace run) where the texts diverge.
+    while n > 0 and not chosen[n - 1].isspace():
+        n -= 1
+    while n > 0 and chosen[n - 1].isspace():
+        n -= 1
+    if n == 0:
+        raise UserError(
+            f"{where}: no 'prompt' field and 'chosen'/'rejected' share no common prefix ending at a word boundary; "
+            "add a 'prompt' field"
+        )
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def parse_pair(record: Mapping[str, Any], index: int = 0) -> Example:
+    where = _where(record, index)
+    fields = {k: v for k, v in record.items() if k not in _META + ("chosen", "rejected")}
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise UserError(f"{where}: a preference pair needs 'chosen' and 'rejected' fields (and optionally 'prompt'); "
+                            f"{key!r} is missing (found: {', '.join(sorted(k for k in record if k not in _META))})")
+    chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
+    if "prompt" in record:
+        fields["prompt"] = _text(record, "prompt", where)
+        if chosen == rejected:
+            raise UserError(f"{where}: 'chosen' and 'rejected' are identical")
+    else:
+        fields["prompt"], chosen, rejected = split_common_prefix(chosen, rejected, where)
+    return Example(fields, (chosen, rejected))
+
+
+def parse_unpaired(record: Mapping[str, Any], index: int = 0) -> Example:
+    where = _where(record, index)
+    label = record.get("label")
+    if not isinstance(label, (bool, int)) or label not in (0, 1):
+        raise UserError(f"{where}: KTO field 'label' must be true/false (desirable or not), found {label!r}")
+    fields = {k: v for k, v in record.items() if k not in _META + ("completion", "label")}
+    fields["prompt"] = _text(record, "prompt", where)
+    return Example(fields, (_text(record, "completion", where),), int(label))
+
+
+def truncate_rows(
+    prompt_ids: Sequence[int], completions: Sequence[Sequence[int]], *, seq_len: int, bos_id: int | None,
+) -> tuple[list[int], list[list[int]]]:
+    """Fits prompt + each completion into seq_len + 1 tokens: keep the prompt's end, completions' start."""
+    budget = seq_len + 1
+    longest = max(len(c) for c in completions)
+    prompt = list(prompt_ids)
+    if len(prompt) + longest > budget:
+        keep = max(budget // 2, budget - longest)
+        if len(prompt) > keep:
+            head = [prompt[0]] if bos_id is not None and prompt and prompt[0] == bos_id else []
+            prompt = head + prompt[len(prompt) - (keep - len(head)):]
+    room = budget - len(prompt)
+    return prompt, [list(c[:room]) for c in completions]
+
+
+def tokenize_rows(
+    prompt_ids: Sequence[int],
+    completions: Sequence[Sequence[int]],
+    *,
+    seq_len: int,
+    truncation: str,
+    bos_id: int | None,
+    distinct: bool = True,
+    where: str = "",
+    stats: TokenizeStats | None = None,
+) -> dict[str, np.ndarray] | None:
+    """[2, seq_len] padded rows (inputs/targets/loss_mask/segment_ids/positions), one per completion."""
+    if not prompt_ids:
+        raise UserError(f"{where or 'pair'}: the rendered prompt is empty (a preference pair needs a prompt)")
+    if stats is not None:
+        stats.examples += 1
+    too_long = len(prompt_ids) + max(len(c) for c in completions) - 1 > seq_len
+    if too_long:
+        if truncation == "error":
+            raise UserError(
+                f"{where or 'pair'}: prompt + completion exceed data.seq_len={seq_len} tokens "
+                "(set data.truncation to 'truncate' or 'drop')"
+            )
+        prompt_ids, completions = truncate_rows(prompt_ids, completions, seq_len=seq_len, bos_id=bos_id)
+        if truncation == "drop" or (distinct and completions[0] == completions[1]) or not all(completions):
+            if stats is not None:
+                stats.dropped += 1
+            return None
+        if stats is not None:
+            stats.truncated += 1
+    out = {key: np.zeros((len(completions), seq_len), np.int32) for key in BATCH_KEYS}
+    for row, completion in enumerate(completions):
+        tokens = list(prompt_ids) + list(completion)
+        n = len(tokens) - 1
+        out["inputs"][row, :n] = tokens[:-1]
+        out["targets"][row, :n] = tokens[1:]
+        out["loss_mask"][row, len(prompt_ids) - 1 : n] = 1
+        out["segment_ids"][row, :n] = 1
+        out["positions"][row, :n] = np.arange(n)
+    return out
+
+
+class PreferenceTransform:
+    """Grain map: (source index, record) -> a [2, T] pair (or KTO example + its KL row), or None.
+
+    `ref_logps` ([N, 2] float32, NaN where not computed) attaches precomputed reference log-probs.
+    """
+
+    def __init__(
+        self,
+        source: Sequence[dict],
+        task_templates: Mapping[str, Sequence[templates_lib.Template]],
+        tokenizer: Tokenizer,
+        *,
+        seq_len: int,
+        truncation: str,
+        seed: int,
+        unpaired: bool = False,
+        ref_logps: np.ndarray | None = None,
+    ):
+        self.source = source
+        self.task_templates = dict(task_templates)
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.truncation = truncation
+        self.seed = seed
+        self.unpaired = unpaired
+        self.ref_logps = ref_logps
+        self.stats = TokenizeStats()
+
+    def parse(self, index: int, record: Mapping[str, Any]) -> Example:
+        return parse_unpaired(record, index) if self.unpaired else parse_pair(record, index)
+
+    def render(self, index: int, record: Mapping[str, Any], example: Example, completions: Sequence[str]):
+        task = record.get("task", DEFAULT_TASK)
+        if task not in self.task_templates:
+            raise UserError(f"{_where(record, index)}: no templates for task {task!r}; "
+                            f"known tasks: {', '.join(sorted(self.task_templates))}")
+        templates = self.task_templates[task]
+        i = templates_lib.choose_template(templates, seed=self.seed, index=index)
+        input_pattern, target_pattern = templates[i]
+        where = f"{_where(record, index)}, template {i}"
+        prompt = templates_lib.render(input_pattern, example.fields, where=where)
+        texts = [templates_lib.render(target_pattern, {**example.fields, "response": c}, where=where) for c in completions]
+        return prompt, texts
+
+    def __call__(self, index: int, record: dict) -> dict[str, np.ndarray] | None:
+        index = int(record.get("_index", index))
+        example = self.parse(index, record)
+        completions = example.completions
+        if self.unpaired:  # row 1: this prompt with the next record's completion (KL estimate)
+            other_index = (index + 1) % len(self.source)
+            completions = completions + self.parse(other_index, self.source[other_index]).completions
+        prompt, texts = self.render(index, record, example, completions)
+        tok = self.tokenizer
+        rows = tokenize_rows(
+            encode_prompt(tok, prompt), [tok.encode(t) + [tok.eos_id] for t in texts],
+            seq_len=self.seq_len, truncation=self.truncation, bos_id=tok.bos_id, distinct=not self.unpaired,
+            where=_where(record, index), stats=self.stats,
+        )
+        if rows is None:
+            return None
+        rows[INDEX_KEY] = np.int32(index)
+        if self.unpaired:
+            rows[LABEL_KEY] = np.int32(example.label)
+        if self.ref_logps is not None:
+            rows[REF_KEYS[0]], rows[REF_KEYS[1]] = (np.float32(v) for v in self.ref_logps[index])
+        return rows
+
+
+def _with_index(index: int, record: dict) -> dict:
+    return {**record, "_index": index}
+
+
+def _is_example(example) -> bool:
+    return example is not None
+
+
+def indexed_examples(source: Sequence[dict], transform: PreferenceTransform) -> grain.MapDataset:
+    """Source order, every record tagged with its source index, tokenized; dropped pairs filtered."""
+    return grain.MapDataset.source(source).map_with_index(_with_index).map_with_index(transform).filter(_is_example)
+
+
+def preference_dataset(
+    source: Sequence[dict],
+    transform: PreferenceTransform,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    read_threads: int = 0,
+    prefetch: int = 0,
+) -> grain.IterDataset:
+    """Endless per-process batches: every key [batch, 2, T] (pairs) or [batch] (index/label/ref logps)."""
+    ds = grain.MapDataset.source(source).map_with_index(_with_index)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(None)[process_index::process_count]
+    ds = ds.map_with_index(transform).filter(_is_example)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
+    return it.batch(batch_size, drop_remainder=True)
+
+
+def batch_keys(transform: PreferenceTransform) -> tuple[str, ...]:
+    """The keys a batch from `transform` carries, in a fixed order."""
+    keys = BATCH_KEYS + (INDEX_KEY,)
+    if transform.unpaired:
+        keys += (LABEL_KEY,)
+    if transform.ref_logps is not None:
+        keys += REF_KEYS
+    return keys
+
+
+def corpus(source: Sequence[dict], *, unpaired: bool, limit: int):
+    """Texts to train a from-scratch tokenizer on: prompts and completions of the first records."""
+
+    def texts():
+        parse = parse_unpaired if unpaired else parse_pair
+        for index in range(min(len(source), limit)):
+            example = parse(source[index], index)
+            yield str(example.fields["prompt"])
+            yield from example.completions
+
+    return texts
