@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                       # the quickstart model shape
     python benchmarks/train_step.py --variant llama3.2-1b --batch 8 --seq_len 2048 --dtype bfloat16
+    python benchmarks/train_step.py --peft lora      # LoRA (all-linear, rank 16); --quantize nf4 for QLoRA
     python benchmarks/train_step.py --objective dpo [--peft lora]   # --batch pairs: [B, 2, T]
 
 DPO counts the tokens of both rows of every pair; its step also runs the reference forward
@@ -24,7 +25,7 @@ import numpy as np
 
 from jaxtune import metrics, models, optim, sharding, trainer
 from jaxtune.config import base_config, resolved_reference
-from jaxtune.peft import lora
+from jaxtune.peft import lora, quant
 
 
 def main() -> None:
@@ -41,16 +42,21 @@ def main() -> None:
     p.add_argument("--rules", default="fsdp")
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--objective", choices=("sft", "dpo"), default="sft")
-    p.add_argument("--peft", choices=("none", "lora"), default="none")
+    p.add_argument("--peft", default="none", choices=lora.METHODS, help="adapter method (none = full fine-tuning)")
+    p.add_argument("--quantize", default="none", choices=("none", *quant.KINDS), help="QLoRA base weights")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="all-linear")
+    p.add_argument("--model", default="{}", help='JSON model config overrides, e.g. \'{"hidden_size": 512}\'')
     args = p.parse_args()
 
     config = base_config()
-    config.peft.method = args.peft
+    config.peft.update(method=args.peft, quantize=args.quantize, rank=args.rank, alpha=2.0 * args.rank, targets=args.targets)
     config.objective.type = "sft" if args.objective == "sft" else "preference"
     overrides = dict(dtype=args.dtype, remat_policy=args.remat, peft=lora.spec_from_config(config.peft))
     if args.variant == "tiny" and args.quickstart_shape:
         overrides.update(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                          num_kv_heads=2, tie_word_embeddings=True)
+    overrides.update(json.loads(args.model))
     cfg = models.get_config(args.family, args.variant, **overrides)
     model = models.build(cfg)
     ocfg = base_config().optim
@@ -94,6 +100,7 @@ def main() -> None:
         jax.block_until_ready(m)
         step_s = (time.time() - t0) / args.steps
     num_params = models.count_params(cfg)
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
     tokens_per_s = int(np.prod(rows)) * T / step_s
     flops_per_token = metrics.train_flops_per_token(num_params, cfg.num_layers, cfg.hidden_size, T)
     peak = metrics.peak_flops_per_device(args.peak_tflops)
@@ -103,7 +110,11 @@ def main() -> None:
         "dtype": args.dtype, "devices": n, "device_kind": jax.devices()[0].device_kind,
         "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
         "model_tflops_per_s": round(tokens_per_s * flops_per_token / 1e12, 4),
+        "peft": args.peft, "quantize": args.quantize, "trainable_params": sum(x.size for x in jax.tree.leaves(abstract.params)),
+        "opt_state_bytes": nbytes(abstract.opt_state), "base_bytes": nbytes(abstract.frozen if cfg.peft else abstract.params),
     }
+    if cfg.peft is not None and cfg.peft.quantize != "none":
+        out.update({k: round(v, 4) for k, v in quant.bytes_per_param(abstract.frozen).items()})
     if peak:
         out["mfu"] = round(tokens_per_s * flops_per_token / (peak * n), 4)
     print(json.dumps(out))

@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default=None, help="param dtype (default: the checkpoint's)")
     convert.add_argument("--max_shard_size", default="2GB", help="safetensors shard size for --hf_out")
     convert.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    export = commands.add_parser(
+        "export", help="a LoRA/DoRA run's latest adapters -> PEFT adapter dir (--peft) and/or a merged HF model (--merged)",
+    )
+    export.add_argument("--workdir", required=True, help="a jaxtune run directory trained with peft.method=lora|dora")
+    export.add_argument("--peft", help="directory for adapter_config.json + adapter_model.safetensors (peft library)")
+    export.add_argument("--merged", help="Hugging Face model dir with the adapters merged into the base weights")
+    export.add_argument("--dtype", default=None, help="merged weights dtype (default: the model's param dtype)")
+    export.add_argument("--max_shard_size", default="2GB", help="safetensors shard size for --merged")
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     _add_generate_parser(commands)
     _add_eval_parser(commands)
     data = commands.add_parser("data", help="inspect a config's input pipeline")
@@ -158,33 +167,70 @@ def _convert(args) -> int:
         print(f"jaxtune: wrote params checkpoint {directory / '0'}", flush=True)
         return 0
 
+    config, model_config, state, step, tokenizer_dir = _load_run("convert", args.workdir, args.dtype)
+    if model_config.peft is not None:
+        raise UserError(f"convert: {args.workdir} is a {config.peft.method} run whose checkpoints hold adapters "
+                        "only; use `jaxtune export --workdir W --merged OUT` (or --peft OUT)")
+    models.save_pretrained(model_config, state["params"], args.hf_out, max_shard_size=args.max_shard_size,
+                           tokenizer_dir=tokenizer_dir)
+    print(f"jaxtune: wrote Hugging Face model (step {step}) to {args.hf_out}", flush=True)
+    return 0
+
+
+def _load_run(command: str, workdir: str, dtype: str | None = None):
+    """(config, model config, saved state dict, step, tokenizer dir) of a run's latest checkpoint."""
+    from pathlib import Path
+
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from jaxtune import trainer
+
     from jaxtune.checkpoint import latest_checkpoint
 
-    directory, step = latest_checkpoint(args.workdir, "convert")
+    directory, step = latest_checkpoint(workdir, command)
     with ocp.CheckpointManager(directory) as manager:
         try:
             saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
         except Exception as e:
-            raise UserError(f"convert: checkpoint {directory / str(step)} has no saved config ({e})") from None
-        from jaxtune import trainer
-
+            raise UserError(f"{command}: checkpoint {directory / str(step)} has no saved config ({e})") from None
         config = ml_collections.ConfigDict(saved)
         vocab_size = None
         if not config.model.get("hf_dir") and config.model.get("vocab_size") is None:
             from jaxtune.data.tokenizers import load_tokenizer
 
-            tok = config.data.get("tokenizer") or str(Path(args.workdir) / "tokenizer.model")
+            tok = config.data.get("tokenizer") or str(Path(workdir) / "tokenizer.model")
             vocab_size = load_tokenizer(tok).vocab_size
-        if args.dtype:
-            config.model.param_dtype = args.dtype
+        if dtype:
+            config.model.param_dtype = dtype
         model_config = trainer.model_config_from(config, vocab_size=vocab_size)
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
     tokenizer_dir = config.model.get("hf_dir") or (
-        str(Path(config.data.tokenizer).parent) if config.data.get("tokenizer") else args.workdir
+        str(Path(config.data.tokenizer).parent) if config.data.get("tokenizer") else workdir
     )
-    models.save_pretrained(model_config, state["params"], args.hf_out, max_shard_size=args.max_shard_size,
-                           tokenizer_dir=tokenizer_dir)
-    print(f"jaxtune: wrote Hugging Face model (step {step}) to {args.hf_out}", flush=True)
+    return config, model_config, state, step, tokenizer_dir
+
+
+def _export(args) -> int:
+    """A LoRA run's adapters -> PEFT dir and/or merged HF dir (the base re-created from its pointer)."""
+    if not (args.peft or args.merged):
+        raise UserError("export: give --peft OUT and/or --merged OUT")
+    from jaxtune import trainer
+    from jaxtune.peft import export
+
+    config, model_config, state, step, tokenizer_dir = _load_run("export", args.workdir)
+    if model_config.peft is None:
+        raise UserError(f"export: {args.workdir} is a full fine-tuning run (peft.method='none'); "
+                        "use `jaxtune convert --workdir W --hf_out OUT`")
+    adapters = state["params"]
+    if args.peft:
+        export.export_peft(model_config, adapters, args.peft, base_model_name_or_path=config.model.get("hf_dir") or None)
+        print(f"jaxtune: wrote PEFT adapters (step {step}) to {args.peft}", flush=True)
+    if args.merged:
+        base = trainer.frozen_base_on_host(config, model_config)
+        export.export_merged(model_config, base, adapters, args.merged, dtype=args.dtype,
+                             tokenizer_dir=tokenizer_dir, max_shard_size=args.max_shard_size)
+        print(f"jaxtune: wrote merged Hugging Face model (step {step}) to {args.merged}", flush=True)
     return 0
 
 
@@ -254,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "eval":
             return _eval(args, overrides)
+        if args.command == "export":
+            return _export(args)
         if args.command == "data":
             return _data_preview(args, overrides)
     except UserError as e:

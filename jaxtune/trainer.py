@@ -594,6 +594,18 @@ def _frozen_base(config, model_config, init_state, state_shardings, mesh, rule_t
     return jax.jit(lambda rng: init_state(rng).frozen, out_shardings=state_shardings.frozen)(jax.random.key(config.seed))
 
 
+def frozen_base_on_host(config: ml_collections.ConfigDict, model_config):
+    """A LoRA run's frozen base as its training saw it (quantised when QLoRA), outside a training
+    mesh: from model.hf_dir, or the seed's init (export)."""
+    if config.model.hf_dir:
+        _, base = models.from_pretrained(config.model.hf_dir, dtype=model_config.param_dtype)
+    else:
+        plain = base_model(models.build(model_config))
+        init = jax.jit(lambda rng: sharding.unbox(plain.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
+        base = init(jax.random.key(config.seed))
+    return jax.jit(functools.partial(quantize_base, spec=model_config.peft))(base)
+
+
 _REFERENCE_NAMES = {
     "none": "none (reference-free loss)", "copy": "frozen copy of the initial weights",
     "base": "the base model without its adapters (no extra weights)", "precomputed": f"precomputed ({reference.STORE_DIR}/)",

@@ -1,0 +1,40 @@
+"""LoRA / DoRA / QLoRA fine-tuning of any model family, from an HF directory or a named variant.
+
+    jaxtune train --config configs/sft_lora.py:hf_dir=/path/to/hf_model --config.data.train_path=data/train.jsonl --workdir runs/lora
+    jaxtune train --config configs/sft_lora.py:family=qwen2,variant=tiny,method=dora --config.data.train_path=data/train.jsonl --workdir runs/dora
+    jaxtune train --config configs/sft_lora.py:hf_dir=/path/to/hf_model,quantize=nf4 --config.data.train_path=data/train.jsonl --workdir runs/qlora
+    jaxtune export --workdir runs/lora --peft out/adapter --merged out/merged
+
+Arguments (comma separated k=v): hf_dir, family, variant, method (lora|dora), quantize
+(none|nf4|int8), rank, targets ("+"-separated here, e.g. q+v, or all-linear). Everything else is a --config override,
+e.g. --config.peft.alpha=32 --config.peft.rslora=true --config.peft.dropout=0.05.
+"""
+
+from jaxtune.config import base_config, parse_arg
+
+_ARGS = ("hf_dir", "family", "variant", "method", "quantize", "rank", "targets")
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    unknown = sorted(set(args) - set(_ARGS))
+    if unknown:
+        raise ValueError(f"configs/sft_lora.py: unknown arguments {unknown}; expected some of {', '.join(_ARGS)}")
+    c = base_config()
+    c.model.hf_dir = args.get("hf_dir", "")
+    c.model.family = args.get("family", "llama")
+    c.model.variant = args.get("variant", "tiny")
+    c.data.source = "jsonl"
+    c.peft.method = args.get("method", "lora")
+    c.peft.quantize = args.get("quantize", "none")
+    c.peft.rank = int(args.get("rank", 16))
+    c.peft.alpha = 2.0 * c.peft.rank
+    c.peft.targets = args.get("targets", "all-linear").replace("+", ",")
+    # Adapter learning rates are ~10x full fine-tuning's; no weight decay on the small adapters.
+    c.optim.lr = 2e-4
+    c.optim.weight_decay = 0.0
+    c.optim.warmup_steps = 20
+    if c.model.hf_dir or c.model.variant != "tiny":  # real models: bf16 compute, fp32 adapters
+        c.model.dtype = "bfloat16"
+        c.model.remat_policy = "dots"
+    return c

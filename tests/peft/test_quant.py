@@ -1,0 +1,48 @@
+"""QLoRA base quantisation: NF4/int8 round-trip error within the rounding bound per block,
+storage bytes per parameter, and a quantised model that runs close to the float one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from jaxtune import models
+from jaxtune.peft import quant
+
+
+@pytest.mark.parametrize("kind", quant.KINDS)
+def test_dequantisation_error_is_within_the_bound_per_block(kind):
+    w = jax.random.normal(jax.random.key(0), (3, 40, 37)) * jnp.linspace(0.1, 3.0, 37)  # 1480: a padded tail
+    q = quant.quantize(w, kind, 64, batch_dims=1)
+    back = quant.dequantize(q, (40, 37), jnp.float32)
+    assert back.shape == w.shape
+    err = np.abs(np.asarray(quant._blocks(back - w, 1, 64))).max(axis=-1)  # per block
+    bound = np.asarray(quant.max_block_error(q)) * (1 + 1e-6)
+    assert (err <= bound).all() and err.max() > 0
+    # Each block's absmax itself is exact: the extreme levels are +-1.
+    np.testing.assert_allclose(np.abs(np.asarray(back)).max(), np.abs(np.asarray(w)).max(), rtol=1e-6)
+
+
+def test_nf4_levels_are_the_qlora_table():
+    assert quant.NF4_LEVELS.shape == (16,) and quant.NF4_LEVELS[0] == -1 and quant.NF4_LEVELS[-1] == 1
+    assert quant.NF4_LEVELS[7] == 0 and (np.diff(quant.NF4_LEVELS) > 0).all()
+
+
+def test_quantised_base_bytes_and_forward():
+    config = models.get_config("llama", "tiny")
+    model = models.build(config)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens))["params"]
+    ref = jax.jit(model.apply)({"params": params}, tokens)
+    for kind, expected_bytes, tol in (("nf4", 0.5 + 4 / 64, 0.5), ("int8", 1 + 4 / 64, 0.03)):
+        q = quant.quantize_params(params, kind, 64)
+        assert quant.is_quantized(q["layers"]["mlp"]["down_proj"]["kernel"])
+        assert not quant.is_quantized(q["embed"]) and q["lm_head"]["kernel"].dtype == jnp.float32
+        stats = quant.bytes_per_param(q)
+        assert stats["quantized_bytes_per_param"] == pytest.approx(expected_bytes)
+        assert 0.5 < stats["quantized_fraction"] < 1  # embeddings, norms, lm_head stay float
+        out = jax.jit(model.apply)({"params": q}, tokens)
+        rel = float(jnp.sqrt(jnp.mean((out - ref) ** 2) / jnp.mean((ref - ref.mean()) ** 2)))
+        print(f"{kind}: {stats}, relative rms logit error {rel:.3f}")
+        assert 0 < rel < tol
