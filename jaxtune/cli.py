@@ -146,7 +146,6 @@ def _convert(args) -> int:
     to_hf = bool(args.workdir and args.hf_out and not (args.hf_dir or args.out))
     if not (to_orbax or to_hf):
         raise UserError("convert: give either --hf_dir DIR --out DIR, or --workdir DIR --hf_out DIR")
-    import ml_collections
     import orbax.checkpoint as ocp
 
     from jaxtune import config as config_lib
