@@ -20,7 +20,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import metrics, models, optim, sharding, trainer
@@ -105,7 +104,7 @@ def main() -> None:
     flops_per_token = metrics.train_flops_per_token(num_params, cfg.num_layers, cfg.hidden_size, T)
     peak = metrics.peak_flops_per_device(args.peak_tflops)
     out = {
-        "objective": args.objective, "peft": args.peft, "reference": reference_kind,
+        "objective": args.objective, "reference": reference_kind,
         "family": args.family, "variant": args.variant, "params": num_params, "batch": B, "seq_len": T,
         "dtype": args.dtype, "devices": n, "device_kind": jax.devices()[0].device_kind,
         "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
