@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export", help="a LoRA/DoRA run's latest adapters -> PEFT adapter dir (--peft) and/or a merged HF model (--merged)",
     )
-    export.add_argument("--workdir", required=True, help="a jaxtune run directory trained with peft.method=lora|dora")
+    export.add_argument("--workdir", required=True, help="a jaxtune run directory trained with peft.method=lora|dora|prefix")
     export.add_argument("--peft", help="directory for adapter_config.json + adapter_model.safetensors (peft library)")
     export.add_argument("--merged", help="Hugging Face model dir with the adapters merged into the base weights")
     export.add_argument("--dtype", default=None, help="merged weights dtype (default: the model's param dtype)")
@@ -221,6 +221,8 @@ def _export(args) -> int:
     if model_config.peft is None:
         raise UserError(f"export: {args.workdir} is a full fine-tuning run (peft.method='none'); "
                         "use `jaxtune convert --workdir W --hf_out OUT`")
+    if args.merged:
+        export.check_mergeable(model_config)
     adapters = state["params"]
     if args.peft:
         export.export_peft(model_config, adapters, args.peft, base_model_name_or_path=config.model.get("hf_dir") or None)

@@ -112,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Parameter-efficient fine-tuning (jaxtune/peft): adapters train, the base stays frozen and
     # is not checkpointed (the config points to it: model.hf_dir, or family/variant + seed).
     c.peft = ml_collections.ConfigDict()
-    c.peft.method = "none"  # none (full fine-tuning) | lora | dora
+    c.peft.method = "none"  # none (full fine-tuning) | lora | dora | prefix
     c.peft.rank = 8
     c.peft.alpha = 16.0
     c.peft.dropout = 0.0  # on the adapter input, training only
@@ -120,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft.targets = "q,k,v,o"  # comma list of q,k,v,o,gate,up,down, or "all-linear"
     c.peft.quantize = "none"  # none | nf4 | int8: QLoRA base weights (decoder projections)
     c.peft.quant_block_size = 64
+    c.peft.prefix_length = 16  # prefix: learned key/value slots per layer (PEFT num_virtual_tokens)
+    c.peft.prefix_projection = 0  # prefix: >0 trains them through an MLP of this hidden size (0: directly)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 takes the devices left over by the other axes

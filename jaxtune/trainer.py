@@ -30,7 +30,7 @@ from jaxtune import evaluate, metrics as metrics_lib, models, optim, reference, 
 from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
 from jaxtune.objectives import kto_loss, preference_loss, sequence_logps, sft_loss
-from jaxtune.peft import lora, quant
+from jaxtune.peft import lora, prefix, quant
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def make_apply_fn(model: nn.Module) -> Callable:
     """
 
     def apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None):
-        variables = {"params": params} if frozen is None else {"params": frozen, lora.COLLECTION: params}
+        variables = {"params": params} if frozen is None else {"params": frozen, lora.COLLECTION: prefix.effective(params)}
         return model.apply(variables, tokens, positions=positions, segment_ids=segment_ids, rngs=rngs)
 
     return apply_fn
@@ -93,7 +93,7 @@ def model_variables(state: TrainState) -> dict:
     """The model's variables for inference (sampling, eval): weights, or LoRA base + adapters."""
     if state.frozen is None:
         return {"params": state.params}
-    return {"params": state.frozen, lora.COLLECTION: state.params}
+    return {"params": state.frozen, lora.COLLECTION: prefix.effective(state.params)}
 
 
 def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_table, *, seq_len: int):
@@ -116,6 +116,7 @@ def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_ta
         # would start from); adapters come from their own stream.
         base = base_model(model).init(rng, tokens)["params"]
         adapters = model.init(jax.random.fold_in(rng, 1), tokens)[lora.COLLECTION]
+        adapters = prefix.init_trainable(jax.random.fold_in(rng, 2), adapters, spec.prefix_projection)
         base = quantize_base(base, spec)
         return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters), frozen=base)
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxtune.peft import lora as lora_lib
+from jaxtune.peft import prefix as prefix_lib
 from jaxtune.peft import quant
 
 Array = jax.Array
@@ -281,6 +282,8 @@ class Attention(nn.Module):
 
     Decoding: when `apply` makes the "cache" collection mutable the layer keeps a KV cache (see
     `_cached_kv`), so every family inherits prefill/decode without a copy of this code.
+    Prefix tuning (`lora.prefix_length`, peft/prefix.py): learned key/value slots in front of the
+    (cached) keys, seen by every real query; real tokens then sit at positions P.. as in PEFT.
     """
 
     num_heads: int
@@ -319,6 +322,11 @@ class Attention(nn.Module):
             q = RMSNorm(name="q_norm", **norm)(q)
             k = RMSNorm(name="k_norm", **norm)(k)
 
+        prefix = None
+        if self.lora is not None and self.lora.prefix_length:
+            prefix = prefix_lib.prefix_kv(self, kv_shape, self.lora.prefix_length)
+        if prefix is not None:
+            positions = positions + self.lora.prefix_length
         inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
         if self.local_rope_theta is not None and is_sliding is not None:
             local_inv_freq = rope_inv_freq(self.head_dim, self.local_rope_theta)
@@ -335,6 +343,8 @@ class Attention(nn.Module):
                 segment_ids, kv_segment_ids, q_offset=q_offset, sliding_window=self.sliding_window
             )
             mask = local if is_sliding is None else jnp.where(is_sliding, local, mask)
+        if prefix is not None:
+            k, v, mask = prefix_lib.attend_with_prefix(k, v, mask, segment_ids, prefix)
         out = dot_product_attention(
             q, k, v, mask, scale=self.query_scale, soft_cap=self.logit_soft_cap
         )

@@ -6,6 +6,9 @@ plus `adapter_model.safetensors` with keys
 `.lora_magnitude_vector` [out]. HF module names come from each family's `hf_param_maps`
 (the kernel's HF tensor name minus ".weight"); in/out are flattened in the same order as the
 base weight's layout change, and scaling stays in the config (lora_alpha, use_rslora).
+Prefix tuning: PEFT's PREFIX_TUNING format, the effective prefixes as one `prompt_embeddings`
+[P, L*2*kv_heads*head_dim] tensor (ordered layer, key/value, head, dim), which is also what PEFT
+saves for a prefix_projection run (the MLP is a training-time reparameterisation).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from etils import epath
 from jaxtune import models
 from jaxtune.errors import UserError
 from jaxtune.models import hf
-from jaxtune.peft import lora
+from jaxtune.peft import lora, prefix
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -70,24 +73,68 @@ def adapter_config(spec: lora.LoraSpec, base_model_name_or_path: str | None = No
     }
 
 
+def prompt_embeddings(model_config, adapters: Mapping) -> np.ndarray:
+    """PEFT's `prompt_embeddings` [P, L*2*kv*hd] of prefix adapters (layers in HF order)."""
+    by_layer = {}
+    for path, kv in prefix.layer_prefixes(adapters):  # kv [L, P, 2, kv_heads, head_dim]
+        kv = np.asarray(jax.device_get(kv), np.float32)
+        for i, name in enumerate(_hf_modules(model_config, (*path, "k_proj"))):
+            by_layer[int(name.split("layers.")[1].split(".")[0])] = kv[i]
+    stacked = np.stack([by_layer[i] for i in sorted(by_layer)], axis=1)  # [P, L, 2, kv, hd]
+    return stacked.reshape(stacked.shape[0], -1)
+
+
+def prefix_adapter_config(model_config, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """adapter_config.json of PEFT's PrefixTuningConfig (token_dim = kv_heads * head_dim, as PEFT
+    sets it for grouped-query models)."""
+    spec, token_dim = model_config.peft, model_config.num_kv_heads * model_config.resolved_head_dim
+    return {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "num_virtual_tokens": spec.prefix_length,
+        "num_layers": model_config.num_layers,
+        "num_attention_heads": model_config.num_kv_heads,
+        "token_dim": token_dim,
+        "num_transformer_submodules": 1,
+        "prefix_projection": spec.prefix_projection > 0,
+        "encoder_hidden_size": spec.prefix_projection or token_dim,
+        "inference_mode": True,
+    }
+
+
 def export_peft(model_config, adapters: Mapping, out_dir: str | epath.PathLike, *, base_model_name_or_path: str | None = None) -> epath.Path:
     """Writes a PEFT adapter directory for the adapters of `model_config.peft`."""
     if model_config.peft is None:
         raise UserError("export --peft: this run has no adapters (peft.method is 'none'); use --merged or convert")
     out = epath.Path(out_dir)
-    tensors = peft_state_dict(model_config, adapters)
+    is_prefix = model_config.peft.prefix_length > 0
+    if is_prefix:
+        tensors = {"prompt_embeddings": prompt_embeddings(model_config, adapters)}
+    else:
+        tensors = peft_state_dict(model_config, adapters)
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        config = adapter_config(model_config.peft, base_model_name_or_path)
+        if is_prefix:
+            config = prefix_adapter_config(model_config, base_model_name_or_path)
+        else:
+            config = adapter_config(model_config.peft, base_model_name_or_path)
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         hf.write_safetensors(out / WEIGHTS_FILE, tensors)
     return out
+
+
+def check_mergeable(model_config) -> None:
+    if model_config.peft is not None and model_config.peft.prefix_length > 0:
+        raise UserError("export --merged: prefix tuning adds key/value slots to attention and cannot be merged "
+                        "into the weights; use --peft OUT (PEFT's PREFIX_TUNING format)")
 
 
 def export_merged(model_config, base: Mapping, adapters: Mapping, out_dir: str | epath.PathLike, *,
                   dtype: str | None = None, tokenizer_dir: str | None = None, max_shard_size: int | str = "2GB") -> epath.Path:
     """A full HF checkpoint of the adapted model: W + scaling * A B (DoRA: rescaled to the learned
     magnitude) in float32, cast to `dtype` (default: the model's param dtype) when written."""
+    check_mergeable(model_config)
     merged = jax.jit(lambda b, a: lora.merge(b, a, model_config.peft))(base, adapters)
     plain = model_config.replace(peft=None)
     return models.save_pretrained(plain, merged, out_dir, dtype=dtype or plain.param_dtype,

@@ -35,12 +35,13 @@ TARGETS = {
     "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
     "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
 }
-METHODS = ("none", "lora", "dora")
+METHODS = ("none", "lora", "dora", "prefix")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """Static adapter settings; a model config's `peft` field carries one to every Projection."""
+    """Static adapter settings; a model config's `peft` field carries one to every Projection and
+    Attention. Prefix tuning (peft/prefix.py) sets prefix_length > 0 and adapts no projection."""
 
     rank: int
     alpha: float
@@ -50,6 +51,8 @@ class LoraSpec:
     dora: bool = False
     quantize: str = "none"  # none | nf4 | int8 (the base kernels; see peft.quant)
     quant_block_size: int = 64
+    prefix_length: int = 0  # prefix tuning: virtual tokens per layer (0: none)
+    prefix_projection: int = 0  # prefix tuning: hidden size of the reparameterising MLP (0: direct)
 
     @property
     def scaling(self) -> float:
@@ -82,17 +85,25 @@ def spec_from_config(peft_cfg) -> LoraSpec | None:
         raise UserError(f"config key 'peft.quantize' is {peft_cfg.quantize!r}; expected one of none, {', '.join(quant.KINDS)}")
     if method == "none":
         if peft_cfg.quantize != "none":
-            raise UserError("config key 'peft.quantize' needs an adapter method (peft.method=lora or dora): "
+            raise UserError("config key 'peft.quantize' needs an adapter method (peft.method=lora, dora or prefix): "
                             "a quantised base cannot be fully fine-tuned")
         return None
+    if peft_cfg.quant_block_size <= 0 or peft_cfg.quant_block_size % 2:
+        raise UserError(f"config key 'peft.quant_block_size' must be a positive even number, got {peft_cfg.quant_block_size}")
+    if method == "prefix":  # rank/alpha/dropout/rslora/targets are LoRA's and ignored here
+        if peft_cfg.prefix_length <= 0:
+            raise UserError(f"config key 'peft.prefix_length' must be > 0 for peft.method=prefix, got {peft_cfg.prefix_length}")
+        if peft_cfg.prefix_projection < 0:
+            raise UserError(f"config key 'peft.prefix_projection' must be >= 0 (0: no MLP), got {peft_cfg.prefix_projection}")
+        return LoraSpec(rank=0, alpha=0.0, targets=(), quantize=peft_cfg.quantize,
+                        quant_block_size=peft_cfg.quant_block_size, prefix_length=peft_cfg.prefix_length,
+                        prefix_projection=peft_cfg.prefix_projection)
     if peft_cfg.rank <= 0:
         raise UserError(f"config key 'peft.rank' must be > 0, got {peft_cfg.rank}")
     if peft_cfg.alpha <= 0:
         raise UserError(f"config key 'peft.alpha' must be > 0, got {peft_cfg.alpha}")
     if not 0.0 <= peft_cfg.dropout < 1.0:
         raise UserError(f"config key 'peft.dropout' must be in [0, 1), got {peft_cfg.dropout}")
-    if peft_cfg.quant_block_size <= 0 or peft_cfg.quant_block_size % 2:
-        raise UserError(f"config key 'peft.quant_block_size' must be a positive even number, got {peft_cfg.quant_block_size}")
     return LoraSpec(
         rank=peft_cfg.rank, alpha=float(peft_cfg.alpha), targets=parse_targets(peft_cfg.targets),
         dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.rslora), dora=method == "dora",
