@@ -59,7 +59,7 @@ def test_peft_loads_exported_prefixes_with_equal_logits(hf_bases, projection, tm
         encoder = peft.PrefixEncoder(cfg)
         enc = trainable[prefix.ENCODER]
         site = trainable["layers"]["attn"]
-        t = lambda x: torch.as_tensor(np.asarray(x))
+        t = lambda x: torch.as_tensor(np.array(x))
         with torch.no_grad():
             encoder.embedding.weight.copy_(t(enc["embedding"]))
             encoder.transform[0].weight.copy_(t(enc["kernel"]).T)
