@@ -122,6 +122,7 @@ def test_eval_during_training_never_recompiles_the_train_step(tmp_path, caplog):
     c = tiny_config(tmp_path, **{"train.steps": 4, "train.eval_every": 2, "data.eval_path": eval_path,
                                  "eval.batch_size": 8, "eval.max_new_tokens": 4, "eval.num_shots": "(0, 1)",
                                  "eval.mc_path": mc_path})
+    jax.clear_caches()  # earlier tests in this worker may have compiled the same eval shapes
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         summary = trainer.train(c, tmp_path / "run")
     compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
