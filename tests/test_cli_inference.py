@@ -103,3 +103,70 @@ def test_errors(run, tmp_path, capsys):
     moved = tmp_path / "moved"
     shutil.copytree(workdir, moved, ignore=shutil.ignore_patterns("tokenizer.model"))
     assert "tokenizer" in _error(capsys, ["generate", "--workdir", str(moved), "--prompt", "x"])
+
+
+# ----------------------------------------------------------------------------- generate --chat
+
+
+def test_chat_loop_keeps_the_conversation(run):
+    import io
+
+    from jaxtune import chat_loop
+    from jaxtune.data.tokenizers import encode_with_specials
+
+    _, workdir, _ = run
+    loaded = inference.from_workdir(str(workdir))
+    tok = loaded.tokenizer
+    template = chat_loop.choose_template("plain", tok)
+    out, prompts = io.StringIO(), io.StringIO()
+    sampling = chat_loop.Sampling(max_new_tokens=5)
+    messages = chat_loop.chat(loaded.model, loaded.params, tok, template, stdin=io.StringIO("reverse: cat dog\n\nsun moon\n"),
+                              stdout=out, sampling=sampling, system="be brief", show_prompt=prompts)
+    replies = out.getvalue().splitlines()
+    assert len(replies) == 2 and [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages if m["role"] == "assistant"] == replies
+    first, second = prompts.getvalue().split("<s>")[1:]  # the plain template opens with BOS
+    assert first == "System: be brief\nUser: reverse: cat dog\nAssistant:\n"
+    # the second prompt holds the first exchange (reply + EOS), then the new user turn
+    assert second == f"System: be brief\nUser: reverse: cat dog\nAssistant: {replies[0]}</s>\nUser: sun moon\nAssistant:\n"
+    ids = encode_with_specials(tok, "<s>" + second[:-1])
+    assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id and tok.eos_id in ids  # as SFT chat training tokenizes
+    # the first reply is what plain generation gives for the rendered prompt, stopped at EOS
+    expected = generate(loaded.model, loaded.params, [encode_with_specials(tok, "<s>" + first[:-1])], max_new_tokens=5,
+                        stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)[0]
+    assert replies[0] == decode_completion(tok.decode, expected).strip()
+
+
+def test_chat_stop_tokens_and_end_of_turn(run):
+    from tokenizers import Tokenizer, models
+
+    from jaxtune import chat_loop
+    from jaxtune.data.tokenizers import HFTokenizer
+
+    sp = inference.from_workdir(str(run[1])).tokenizer
+    assert chat_loop.end_of_turn(chat_loop.choose_template("plain", sp), sp) == sp.eos_token
+    assert chat_loop.end_of_turn(chat_loop.choose_template("chatml", sp), sp) == "<|im_end|>"
+    assert chat_loop.stop_tokens(sp, "<|im_end|>") == (sp.eos_id,)  # several SentencePiece pieces: a stop string only
+    hf = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "hi": 2}, unk_token="<unk>"))
+    hf.add_special_tokens(["<|im_end|>"])
+    tok = HFTokenizer(hf.to_str(), {"eos_token": "</s>"})
+    assert chat_loop.stop_tokens(tok, "<|im_end|>") == (1, 3)  # a single added token: stops on the device
+
+
+def test_chat_cli(run, capsys, monkeypatch):
+    import io
+
+    _, workdir, _ = run
+    monkeypatch.setattr("sys.stdin", io.StringIO("reverse: sun\nreverse: cat dog\n/exit\nnot read\n"))
+    capsys.readouterr()
+    assert cli.main(["generate", "--workdir", str(workdir), "--chat", "--chat_template", "chatml", "--max_new_tokens", "4",
+                     "--show_prompt"]) == 0
+    captured = capsys.readouterr()
+    replies = captured.out.splitlines()
+    assert len(replies) == 2 and "<|im_start|>user\nreverse: cat dog<|im_end|>" in captured.err
+    assert f"<|im_start|>assistant\n{replies[0]}<|im_end|>\n<|im_start|>user\nreverse: cat dog" in captured.err
+    assert "not read" not in captured.err
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert "no chat template" in _error(capsys, ["generate", "--workdir", str(workdir), "--chat"])
+    assert "drop --prompt" in _error(capsys, ["generate", "--workdir", str(workdir), "--chat", "--prompt", "x",
+                                              "--chat_template", "plain"])
