@@ -133,7 +133,8 @@ def _eval(args, overrides: list[str]) -> int:
     data = datasets.load_sft_data(trainer.data_config(config), args.workdir, seed=config.seed)
     eval_set = evaluate.build_eval_set(data.eval_records, data.eval_templates, config.eval, seed=config.seed)
     if not eval_set:
-        raise UserError("eval: nothing to evaluate; set data.eval_path (or data.source=quickstart) or eval.mc_path")
+        raise UserError("eval: nothing to evaluate; set data.eval_path (or data.source=quickstart), eval.mc_path "
+                        "or eval.tasks")
     scores = evaluate.run(loaded.model, loaded.params, loaded.tokenizer, eval_set, config.eval,
                           seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples)
     step = loaded.step or 0

@@ -18,15 +18,17 @@ PROMPT = "reverse: cat dog ="
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 4-step tiny run with an eval set, its config file, and its export as an HF dir."""
+    """A 4-step tiny run with an eval set and two held-out eval tasks (generative, multiple choice),
+    its config file, and its export as an HF dir."""
     root = tmp_path_factory.mktemp("cli")
     train, evals = write_sft_jsonl(root / "train.jsonl"), write_sft_jsonl(root / "eval.jsonl", n=6)
     config = root / "cfg.py"
     config.write_text(textwrap.dedent(f'''
-        from tests.helpers import tiny_base_config
+        from tests.helpers import tiny_base_config, with_eval_tasks
 
         def get_config(arg=None):
-            c = tiny_base_config({str(train)!r})
+            c = with_eval_tasks(tiny_base_config({str(train)!r}), {str(root)!r})
+            c.eval.num_shots = (0, 1)
             c.train.steps = 4
             c.data.eval_path = {str(evals)!r}
             c.eval.batch_size = 8
@@ -80,6 +82,23 @@ def test_eval_from_workdir_and_hf_dir(run, tmp_path, capsys):
     from_hf = json.loads((other / "eval_results.json").read_text())["metrics"]
     assert from_hf["loss"] == pytest.approx(result["metrics"]["loss"], rel=1e-5)  # same weights, same numbers
     assert from_hf["exact_match"] == result["metrics"]["exact_match"]
+
+
+def test_eval_tasks_scored_before_and_after_training(run, capsys):
+    config, workdir, _ = run
+    named = {"heldout_qa/exact_match", "heldout_qa/f1", "1shot/heldout_qa/exact_match", "1shot/heldout_qa/f1",
+             "heldout_qa/loss", "heldout_mc/accuracy", "heldout_mc/accuracy_norm"}
+    rows = {r["step"]: r for r in read_metrics(workdir) if "eval/heldout_mc/accuracy" in r}
+    for step in (0, 4):  # before and after training, in metrics.jsonl and eval/step_<n>.json
+        saved = json.loads((workdir / "eval" / f"step_{step}.json").read_text())["metrics"]
+        assert named <= set(saved) and {"exact_match", "1shot/exact_match"} <= set(saved)
+        for key in named:
+            assert rows[step][f"eval/{key}"] == pytest.approx(saved[key])
+            assert key.endswith("loss") or 0.0 <= saved[key] <= 1.0
+    assert not any(k.startswith("exact_match/heldout") for k in saved)  # the named tasks stay out of the main set
+    _stdout(capsys, ["eval", "--workdir", str(workdir), "--config", str(config)])
+    evaluated = json.loads((workdir / "eval_results.json").read_text())["metrics"]
+    assert evaluated["heldout_mc/accuracy"] == pytest.approx(rows[4]["eval/heldout_mc/accuracy"])
 
 
 def _error(capsys, argv) -> str:
