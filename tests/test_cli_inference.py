@@ -28,7 +28,6 @@ def run(tmp_path_factory):
 
         def get_config(arg=None):
             c = with_eval_tasks(tiny_base_config({str(train)!r}), {str(root)!r})
-            c.eval.num_shots = (0, 1)
             c.train.steps = 4
             c.data.eval_path = {str(evals)!r}
             c.eval.batch_size = 8
@@ -86,19 +85,20 @@ def test_eval_from_workdir_and_hf_dir(run, tmp_path, capsys):
 
 def test_eval_tasks_scored_before_and_after_training(run, capsys):
     config, workdir, _ = run
-    named = {"heldout_qa/exact_match", "heldout_qa/f1", "1shot/heldout_qa/exact_match", "1shot/heldout_qa/f1",
-             "heldout_qa/loss", "heldout_mc/accuracy", "heldout_mc/accuracy_norm"}
+    named = {"heldout_qa/exact_match", "heldout_qa/f1", "heldout_qa/loss", "heldout_mc/accuracy", "heldout_mc/accuracy_norm"}
     rows = {r["step"]: r for r in read_metrics(workdir) if "eval/heldout_mc/accuracy" in r}
     for step in (0, 4):  # before and after training, in metrics.jsonl and eval/step_<n>.json
         saved = json.loads((workdir / "eval" / f"step_{step}.json").read_text())["metrics"]
-        assert named <= set(saved) and {"exact_match", "1shot/exact_match"} <= set(saved)
+        assert named <= set(saved) and "exact_match" in saved
         for key in named:
             assert rows[step][f"eval/{key}"] == pytest.approx(saved[key])
             assert key.endswith("loss") or 0.0 <= saved[key] <= 1.0
     assert not any(k.startswith("exact_match/heldout") for k in saved)  # the named tasks stay out of the main set
-    _stdout(capsys, ["eval", "--workdir", str(workdir), "--config", str(config)])
+    _stdout(capsys, ["eval", "--workdir", str(workdir), "--config", str(config), "--config.eval.num_shots=(0, 1)"])
     evaluated = json.loads((workdir / "eval_results.json").read_text())["metrics"]
     assert evaluated["heldout_mc/accuracy"] == pytest.approx(rows[4]["eval/heldout_mc/accuracy"])
+    for key in ("1shot/heldout_qa/exact_match", "1shot/heldout_qa/f1", "1shot/exact_match"):  # k-shot prompts
+        assert 0.0 <= evaluated[key] <= 1.0
 
 
 def _error(capsys, argv) -> str:
@@ -138,7 +138,7 @@ def test_chat_loop_keeps_the_conversation(run):
     tok = loaded.tokenizer
     template = chat_loop.choose_template("plain", tok)
     out, prompts = io.StringIO(), io.StringIO()
-    sampling = chat_loop.Sampling(max_new_tokens=5)
+    sampling = chat_loop.Sampling(max_new_tokens=4)
     messages = chat_loop.chat(loaded.model, loaded.params, tok, template, stdin=io.StringIO("reverse: cat dog\n\nsun moon\n"),
                               stdout=out, sampling=sampling, system="be brief", show_prompt=prompts)
     replies = out.getvalue().splitlines()
@@ -151,7 +151,7 @@ def test_chat_loop_keeps_the_conversation(run):
     ids = encode_with_specials(tok, "<s>" + second[:-1])
     assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id and tok.eos_id in ids  # as SFT chat training tokenizes
     # the first reply is what plain generation gives for the rendered prompt, stopped at EOS
-    expected = generate(loaded.model, loaded.params, [encode_with_specials(tok, "<s>" + first[:-1])], max_new_tokens=5,
+    expected = generate(loaded.model, loaded.params, [encode_with_specials(tok, "<s>" + first[:-1])], max_new_tokens=4,
                         stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)[0]
     assert replies[0] == decode_completion(tok.decode, expected).strip()
 
