@@ -16,7 +16,7 @@ import ml_collections
 
 from jaxtune.data.datasets import task_spec
 from jaxtune.data.examples import EmptyTarget, ExampleBuilder
-from jaxtune.data.flan import _answer_index, render_flan
+from jaxtune.data.flan import answer_index, render_flan
 from jaxtune.data.sources import SourceError
 from jaxtune.errors import UserError
 
@@ -72,7 +72,7 @@ def _render_choices(builder: ExampleBuilder, record: Mapping, index: int) -> dic
         raise SourceError(f"{where}: field {spec.options_field!r} must be a list of at least two option strings")
     if len(set(options)) != len(options):
         raise SourceError(f"{where}: field {spec.options_field!r} repeats an option: {options!r}")
-    answer = _answer_index(list(options), record.get(spec.answer_field), where)
+    answer = answer_index(list(options), record.get(spec.answer_field), where)
     rendered = [render_flan(spec, {**record, spec.answer_field: option}, seed=builder.seed, index=index,
                             task=builder.task.name)[:2] for option in options]
     prompts = {prompt for prompt, _ in rendered}
