@@ -74,6 +74,12 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--top_p", type=float, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); EOS always stops")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true",
+                     help="interactive: read user lines from stdin (until EOF or /exit), reply with the chat template")
+    gen.add_argument("--chat_template", default=None, help="--chat: built-in name, jinja string, .jinja file or "
+                     "tokenizer_config.json (default: the run's chat task template, else the tokenizer's)")
+    gen.add_argument("--system", default=None, help="--chat: system message opening the conversation")
+    gen.add_argument("--show_prompt", action="store_true", help="--chat: print each rendered prompt to stderr")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
 
@@ -92,6 +98,8 @@ def _generate(args) -> int:
     from jaxtune import generate, inference
     from jaxtune.data import pipeline
 
+    if args.chat:
+        return _chat(args)
     if not args.prompt:
         raise UserError("generate: give at least one --prompt")
     if any(not p.strip() for p in args.prompt):
@@ -108,6 +116,19 @@ def _generate(args) -> int:
     return 0
 
 
+def _chat(args) -> int:
+    from jaxtune import chat_loop, inference
+
+    if args.prompt:
+        raise UserError("generate: --chat reads the conversation from stdin; drop --prompt")
+    loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir)
+    template = chat_loop.choose_template(args.chat_template, loaded.tokenizer, loaded.config)
+    sampling = chat_loop.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.stop)
+    chat_loop.chat(loaded.model, loaded.params, loaded.tokenizer, template, stdin=sys.stdin, stdout=sys.stdout,
+                   sampling=sampling, system=args.system, show_prompt=sys.stderr if args.show_prompt else None)
+    return 0
+
+
 def _eval(args, overrides: list[str]) -> int:
     from pathlib import Path
 
@@ -121,7 +142,8 @@ def _eval(args, overrides: list[str]) -> int:
     data = datasets.load_sft_data(trainer.data_config(config), args.workdir, seed=config.seed)
     eval_set = evaluate.build_eval_set(data.eval_records, data.eval_templates, config.eval, seed=config.seed)
     if not eval_set:
-        raise UserError("eval: nothing to evaluate; set data.eval_path (or data.source=quickstart) or eval.mc_path")
+        raise UserError("eval: nothing to evaluate; set data.eval_path (or data.source=quickstart), eval.mc_path "
+                        "or eval.tasks")
     scores = evaluate.run(loaded.model, loaded.params, loaded.tokenizer, eval_set, config.eval,
                           seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples)
     step = loaded.step or 0

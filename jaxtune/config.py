@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.mc_path = ""  # JSONL multiple-choice set: fields + options + answer (index or text)
     c.eval.mc_templates = (("{prompt}", " {option}"),)  # prompt pattern, option pattern
     c.eval.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
+    # Named held-out tasks (never trained on), keyed by name: eval_task_config(metric=..., <task_config keys>).
+    c.eval.tasks = ml_collections.ConfigDict()
     return c
 
 
@@ -197,6 +200,18 @@ def task_config(**overrides) -> ml_collections.ConfigDict:
         if key not in t:
             raise _unknown_key(t, key)
     return ml_collections.ConfigDict({**t.to_dict(), **overrides})
+
+
+EVAL_METRICS = ("generative", "multiple_choice")
+
+
+def eval_task_config(metric: str = "generative", max_examples: int = 0, **task_keys) -> ml_collections.ConfigDict:
+    """One held-out task of `config.eval.tasks`: a `task_config` (source, fields, templates, options...)
+    plus its metric (generative: exact match/F1, zero- and k-shot; multiple_choice: option log-likelihood
+    over the task's options field) and `max_examples` (0 = all records)."""
+    t = task_config(**task_keys)
+    t.metric, t.max_examples = metric, max_examples
+    return t
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,19 +364,20 @@ TASK_CHOICES = {
 }
 
 
-def validate_task(name: str, task: ml_collections.ConfigDict) -> None:
-    """Checks one entry of data.tasks; errors name the task and the key."""
-    key = f"data.tasks.{name}"
+def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "data.tasks") -> None:
+    """Checks one entry of data.tasks (or eval.tasks); errors name the task and the key."""
+    key = f"{section}.{name}"
+    builder = "eval_task_config" if section == "eval.tasks" else "task_config"
     if not isinstance(task, ml_collections.ConfigDict):
-        raise UserError(f"config key '{key}' must be a task_config(...), found {type(task).__name__}")
-    known = task_config()
+        raise UserError(f"config key '{key}' must be a {builder}(...), found {type(task).__name__}")
+    known = eval_task_config() if section == "eval.tasks" else task_config()
     for k in task:
         if k not in known:
             close = difflib.get_close_matches(k, list(known), n=1, cutoff=0.5)
             raise UserError(f"config key '{key}.{k}' is not a task key" + (f"; did you mean '{close[0]}'?" if close else ""))
     for k in known:
         if k not in task:
-            raise UserError(f"config key '{key}' lacks '{k}'; build tasks with jaxtune.config.task_config(...)")
+            raise UserError(f"config key '{key}' lacks '{k}'; build tasks with jaxtune.config.{builder}(...)")
     for k, choices in TASK_CHOICES.items():
         if task[k] not in choices:
             raise UserError(f"config key '{key}.{k}' is {task[k]!r}; expected one of {', '.join(choices)}")
@@ -416,6 +432,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if single_jsonl and not config.data.templates:
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
     _validate_eval(config.eval)
+    _validate_eval_tasks(config)
     _validate_objective(config)
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
@@ -444,6 +461,40 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
         raise UserError(f"config key 'eval.mc_templates' must hold (prompt_pattern, option_pattern) pairs, got {templates!r}")
     if not all("{option}" in t[1] for t in templates):
         raise UserError("config key 'eval.mc_templates': every option pattern must contain '{option}'")
+
+
+def _data_identity(source: str, path: str, split: str) -> tuple[str, str, str]:
+    """What makes two task sources the same data: a TFDS name + split, or a file path."""
+    if source == "tfds":
+        return source, path, split
+    return "file", path if "://" in path else os.path.abspath(os.path.expanduser(path)), ""
+
+
+def _validate_eval_tasks(config: ml_collections.ConfigDict) -> None:
+    """eval.tasks entries are held out: no name or data source may be a training task's."""
+    d = config.data
+    trained = {name: _data_identity(t.source, t.path, t.split) for name, t in d.tasks.items()}
+    if not d.tasks and d.source == "jsonl" and d.train_path:
+        trained["data.train_path"] = _data_identity("jsonl", d.train_path, "")
+    for name, task in config.eval.tasks.items():
+        validate_task(name, task, section="eval.tasks")
+        key = f"eval.tasks.{name}"
+        if task.metric not in EVAL_METRICS:
+            raise UserError(f"config key '{key}.metric' is {task.metric!r}; expected one of {', '.join(EVAL_METRICS)}")
+        if task.format == "chat":
+            raise UserError(f"config key '{key}.format': chat records are not evaluated as a task; "
+                            "use a fields/alpaca/self_instruct format")
+        if task.max_examples < 0:
+            raise UserError(f"config key '{key}.max_examples' must be >= 0, got {task.max_examples}")
+        if name in d.tasks:
+            raise UserError(f"config key '{key}': '{name}' is also a training task (data.tasks.{name}); "
+                            "eval tasks must be held out")
+        identity = _data_identity(task.source, task.path, task.split)
+        for trained_name, trained_identity in trained.items():
+            if identity == trained_identity:
+                where = trained_name if trained_name == "data.train_path" else f"data.tasks.{trained_name}"
+                raise UserError(f"config key '{key}.path': {task.path!r} is also trained on ({where}); "
+                                "eval tasks must be held out")
 
 
 def _validate_objective(config: ml_collections.ConfigDict) -> None:

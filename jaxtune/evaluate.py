@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxtune import generate as generate_lib
 from jaxtune.data import pipeline, templates as templates_lib
+from jaxtune.data.eval_tasks import EvalTask, load_eval_tasks
 from jaxtune.data.flan import few_shot_prompt
 from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
@@ -134,7 +135,8 @@ def loss_scores(model, params, tokenizer, examples: Sequence[Mapping[str, str]],
 
 
 def multiple_choice_scores(
-    model, params, tokenizer, examples: Sequence[Mapping[str, Any]], *, seq_len: int, batch_size: int
+    model, params, tokenizer, examples: Sequence[Mapping[str, Any]], *, seq_len: int, batch_size: int,
+    prefix: str = "mc/", per_task: bool = True,
 ) -> dict[str, float]:
     """`mc/accuracy` (argmax of summed option log-likelihood), `mc/accuracy_norm` (per-token mean), per task."""
     pairs, where, owner = [], [], []
@@ -151,8 +153,8 @@ def multiple_choice_scores(
         option_logp, option_count = logp[owner == i], np.maximum(count[owner == i], 1)
         raw.append(float(np.argmax(option_logp) == e["answer"]))
         norm.append(float(np.argmax(option_logp / option_count) == e["answer"]))
-    tasks = [e["task"] for e in examples]
-    return {**_with_per_task("mc/accuracy", raw, tasks), **_with_per_task("mc/accuracy_norm", norm, tasks)}
+    tasks = [e["task"] for e in examples] if per_task else None
+    return {**_with_per_task(f"{prefix}accuracy", raw, tasks), **_with_per_task(f"{prefix}accuracy_norm", norm, tasks)}
 
 
 # ----------------------------------------------------------------------------- eval sets
@@ -192,7 +194,8 @@ def render_multiple_choice(records: Sequence[dict], task_templates: Sequence[tem
     return out
 
 
-def few_shot(examples: Sequence[Mapping[str, str]], num_shots: int, *, seed: int, separator: str = "\n\n") -> list[dict]:
+def few_shot(examples: Sequence[Mapping[str, str]], num_shots: int, *, seed: int, separator: str = "\n\n",
+             target_separator: str = "") -> list[dict]:
     """Each example's prompt preceded by `num_shots` solved examples of the same task (never itself),
     drawn deterministically from (seed, index): FLAN's k-shot format on held-out templates."""
     if num_shots == 0:
@@ -205,48 +208,70 @@ def few_shot(examples: Sequence[Mapping[str, str]], num_shots: int, *, seed: int
         others = [j for j in by_task[e["task"]] if j != i]
         rng = np.random.default_rng([seed, i, num_shots])
         shots = [(examples[j]["prompt"], examples[j]["answer"]) for j in rng.permutation(others)[:num_shots]]
-        out.append({**e, "prompt": few_shot_prompt(shots, e["prompt"], separator=separator, target_separator="")})
+        out.append({**e, "prompt": few_shot_prompt(shots, e["prompt"], separator=separator, target_separator=target_separator)})
     return out
 
 
 @dataclasses.dataclass
 class EvalSet:
-    """Rendered held-out examples: generative (task, prompt, answer) and multiple choice."""
+    """Rendered held-out examples: generative (task, prompt, answer), multiple choice, named eval tasks."""
 
     generative: list[dict] = dataclasses.field(default_factory=list)
     multiple_choice: list[dict] = dataclasses.field(default_factory=list)
+    tasks: list[EvalTask] = dataclasses.field(default_factory=list)  # eval.tasks, scored under their names
 
     def __bool__(self) -> bool:
-        return bool(self.generative or self.multiple_choice)
+        return bool(self.generative or self.multiple_choice or self.tasks)
 
 
 def build_eval_set(eval_records, eval_templates, eval_cfg, *, seed: int) -> EvalSet:
-    """The eval set from the data section's held-out records plus `eval.mc_path`."""
+    """The eval set from the data section's held-out records plus `eval.mc_path` and `eval.tasks`."""
     generative = pipeline.render_eval_set(eval_records, eval_templates, seed=seed) if eval_records else []
     mc = []
     if eval_cfg.mc_path:
         templates = [tuple(t) for t in eval_cfg.mc_templates]
         mc = render_multiple_choice(load_multiple_choice(eval_cfg.mc_path), templates, seed=seed)
-    return EvalSet(generative, mc)
+    return EvalSet(generative, mc, load_eval_tasks(eval_cfg.get("tasks") or {}, seed=seed))
 
 
 def run(model, params, tokenizer, eval_set: EvalSet, eval_cfg, *, seq_len: int, seed: int, show: int = 0, printer=print) -> dict[str, float]:
-    """Every configured evaluation -> flat metrics (`loss`, `exact_match`, `2shot/f1`, `mc/accuracy`...)."""
+    """Every configured evaluation -> flat metrics (`loss`, `exact_match`, `2shot/f1`, `mc/accuracy`,
+    and per eval task `<task>/exact_match`, `2shot/<task>/f1`, `<task>/accuracy`...)."""
     scores: dict[str, float] = {}
     kw = dict(seq_len=seq_len, batch_size=eval_cfg.batch_size)
-    if eval_set.generative and eval_cfg.loss:
-        scores.update(loss_scores(model, params, tokenizer, eval_set.generative, **kw))
-    if eval_set.generative and eval_cfg.generative:
-        for k in eval_cfg.num_shots:
-            examples = few_shot(eval_set.generative, k, seed=seed)
-            predictions = generate_answers(model, params, tokenizer, examples, eval_cfg)
-            prefix = f"{k}shot/" if k else ""
-            result = generative_scores(predictions, [e["answer"] for e in examples], [e["task"] for e in examples])
-            scores.update({prefix + name: value for name, value in result.items()})
-            if k == eval_cfg.num_shots[0]:
-                _show(examples, predictions, show, printer)
+    shown = dict(seed=seed, show=show, printer=printer)
+    if eval_set.generative:
+        scores.update(_generative_metrics(model, params, tokenizer, eval_set.generative, eval_cfg, **kw, **shown))
     if eval_set.multiple_choice:
         scores.update(multiple_choice_scores(model, params, tokenizer, eval_set.multiple_choice, **kw))
+    for task in eval_set.tasks:
+        if task.metric == "multiple_choice":
+            scores.update(multiple_choice_scores(model, params, tokenizer, task.examples, **kw, prefix=f"{task.name}/",
+                                                 per_task=False))
+        else:
+            scores.update(_generative_metrics(model, params, tokenizer, task.examples, eval_cfg, **kw, **shown,
+                                              name=task.name, separators=(task.separator, task.target_separator)))
+    return scores
+
+
+def _generative_metrics(model, params, tokenizer, examples, eval_cfg, *, seq_len: int, batch_size: int, seed: int,
+                        show: int, printer, name: str = "", separators: tuple[str, str] = ("\n\n", "")) -> dict[str, float]:
+    """Loss and zero/k-shot EM/F1 of one generative set: `loss`, `2shot/f1`... (per record task), or
+    under a named eval task `<name>/loss`, `2shot/<name>/f1`... (the whole set)."""
+    scores: dict[str, float] = {}
+    prefix = f"{name}/" if name else ""
+    if eval_cfg.loss:
+        result = loss_scores(model, params, tokenizer, examples, seq_len=seq_len, batch_size=batch_size)
+        scores.update({prefix + metric: value for metric, value in result.items()})
+    if eval_cfg.generative:
+        for k in eval_cfg.num_shots:
+            prompted = few_shot(examples, k, seed=seed, separator=separators[0], target_separator=separators[1])
+            predictions = generate_answers(model, params, tokenizer, prompted, eval_cfg)
+            tasks = None if name else [e["task"] for e in prompted]
+            result = generative_scores(predictions, [e["answer"] for e in prompted], tasks)
+            scores.update({(f"{k}shot/" if k else "") + prefix + metric: value for metric, value in result.items()})
+            if k == eval_cfg.num_shots[0]:
+                _show(prompted, predictions, show, printer)
     return scores
 
 

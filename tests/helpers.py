@@ -119,3 +119,22 @@ def write_preference_jsonl(path: Path, n: int = 64, start: int = 0, unpaired: bo
                 pair = chat_pair(pair, conversations=i % 4 == 1 and not unpaired)
             f.write(json.dumps(pair) + "\n")
     return path
+
+
+def with_eval_tasks(c, directory: Path, n: int = 6):
+    """`c` plus two held-out eval tasks written into `directory`: `heldout_qa` (generative, renamed
+    columns) and `heldout_mc` (multiple choice over a `choices` column;
+    the answer is option 0, given as its text or its index)."""
+    qa, mc = Path(directory) / "heldout_qa.jsonl", Path(directory) / "heldout_mc.jsonl"
+    with qa.open("w") as f, mc.open("w") as g:
+        for i in range(n):
+            words = [WORDS[(i * 5 + j) % len(WORDS)] for j in range(2)]
+            f.write(json.dumps({"q": "reverse: " + " ".join(words), "a": " ".join(reversed(words))}) + "\n")
+            options = [" ".join(reversed(words)), " ".join(words), WORDS[i % len(WORDS)]]
+            g.write(json.dumps({"text": "reverse: " + " ".join(words), "choices": options, "label": options[0] if i % 2 else 0}) + "\n")
+    c.eval.tasks.heldout_qa = config_lib.eval_task_config(
+        path=str(qa), fields={"question": "q", "answer": "a"}, templates=(("{question} =", " {answer}"),))
+    c.eval.tasks.heldout_mc = config_lib.eval_task_config(
+        "multiple_choice", path=str(mc), fields={"text": "text", "options": "choices", "answer": "label"},
+        templates=(("{text} =", " {answer}"),))
+    return c

@@ -18,15 +18,16 @@ PROMPT = "reverse: cat dog ="
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 4-step tiny run with an eval set, its config file, and its export as an HF dir."""
+    """A 4-step tiny run with an eval set and two held-out eval tasks (generative, multiple choice),
+    its config file, and its export as an HF dir."""
     root = tmp_path_factory.mktemp("cli")
     train, evals = write_sft_jsonl(root / "train.jsonl"), write_sft_jsonl(root / "eval.jsonl", n=6)
     config = root / "cfg.py"
     config.write_text(textwrap.dedent(f'''
-        from tests.helpers import tiny_base_config
+        from tests.helpers import tiny_base_config, with_eval_tasks
 
         def get_config(arg=None):
-            c = tiny_base_config({str(train)!r})
+            c = with_eval_tasks(tiny_base_config({str(train)!r}), {str(root)!r})
             c.train.steps = 4
             c.data.eval_path = {str(evals)!r}
             c.eval.batch_size = 8
@@ -82,6 +83,24 @@ def test_eval_from_workdir_and_hf_dir(run, tmp_path, capsys):
     assert from_hf["exact_match"] == result["metrics"]["exact_match"]
 
 
+def test_eval_tasks_scored_before_and_after_training(run, capsys):
+    config, workdir, _ = run
+    named = {"heldout_qa/exact_match", "heldout_qa/f1", "heldout_qa/loss", "heldout_mc/accuracy", "heldout_mc/accuracy_norm"}
+    rows = {r["step"]: r for r in read_metrics(workdir) if "eval/heldout_mc/accuracy" in r}
+    for step in (0, 4):  # before and after training, in metrics.jsonl and eval/step_<n>.json
+        saved = json.loads((workdir / "eval" / f"step_{step}.json").read_text())["metrics"]
+        assert named <= set(saved) and "exact_match" in saved
+        for key in named:
+            assert rows[step][f"eval/{key}"] == pytest.approx(saved[key])
+            assert key.endswith("loss") or 0.0 <= saved[key] <= 1.0
+    assert not any(k.startswith("exact_match/heldout") for k in saved)  # the named tasks stay out of the main set
+    _stdout(capsys, ["eval", "--workdir", str(workdir), "--config", str(config), "--config.eval.num_shots=(0, 1)"])
+    evaluated = json.loads((workdir / "eval_results.json").read_text())["metrics"]
+    assert evaluated["heldout_mc/accuracy"] == pytest.approx(rows[4]["eval/heldout_mc/accuracy"])
+    for key in ("1shot/heldout_qa/exact_match", "1shot/heldout_qa/f1", "1shot/exact_match"):  # k-shot prompts
+        assert 0.0 <= evaluated[key] <= 1.0
+
+
 def _error(capsys, argv) -> str:
     capsys.readouterr()
     assert cli.main(argv) == 2
@@ -103,3 +122,70 @@ def test_errors(run, tmp_path, capsys):
     moved = tmp_path / "moved"
     shutil.copytree(workdir, moved, ignore=shutil.ignore_patterns("tokenizer.model"))
     assert "tokenizer" in _error(capsys, ["generate", "--workdir", str(moved), "--prompt", "x"])
+
+
+# ----------------------------------------------------------------------------- generate --chat
+
+
+def test_chat_loop_keeps_the_conversation(run):
+    import io
+
+    from jaxtune import chat_loop
+    from jaxtune.data.tokenizers import encode_with_specials
+
+    _, workdir, _ = run
+    loaded = inference.from_workdir(str(workdir))
+    tok = loaded.tokenizer
+    template = chat_loop.choose_template("plain", tok)
+    out, prompts = io.StringIO(), io.StringIO()
+    sampling = chat_loop.Sampling(max_new_tokens=4)
+    messages = chat_loop.chat(loaded.model, loaded.params, tok, template, stdin=io.StringIO("reverse: cat dog\n\nsun moon\n"),
+                              stdout=out, sampling=sampling, system="be brief", show_prompt=prompts)
+    replies = out.getvalue().splitlines()
+    assert len(replies) == 2 and [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages if m["role"] == "assistant"] == replies
+    first, second = prompts.getvalue().split("<s>")[1:]  # the plain template opens with BOS
+    assert first == "System: be brief\nUser: reverse: cat dog\nAssistant:\n"
+    # the second prompt holds the first exchange (reply + EOS), then the new user turn
+    assert second == f"System: be brief\nUser: reverse: cat dog\nAssistant: {replies[0]}</s>\nUser: sun moon\nAssistant:\n"
+    ids = encode_with_specials(tok, "<s>" + second[:-1])
+    assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id and tok.eos_id in ids  # as SFT chat training tokenizes
+    # the first reply is what plain generation gives for the rendered prompt, stopped at EOS
+    expected = generate(loaded.model, loaded.params, [encode_with_specials(tok, "<s>" + first[:-1])], max_new_tokens=4,
+                        stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)[0]
+    assert replies[0] == decode_completion(tok.decode, expected).strip()
+
+
+def test_chat_stop_tokens_and_end_of_turn(run):
+    from tokenizers import Tokenizer, models
+
+    from jaxtune import chat_loop
+    from jaxtune.data.tokenizers import HFTokenizer
+
+    sp = inference.from_workdir(str(run[1])).tokenizer
+    assert chat_loop.end_of_turn(chat_loop.choose_template("plain", sp), sp) == sp.eos_token
+    assert chat_loop.end_of_turn(chat_loop.choose_template("chatml", sp), sp) == "<|im_end|>"
+    assert chat_loop.stop_tokens(sp, "<|im_end|>") == (sp.eos_id,)  # several SentencePiece pieces: a stop string only
+    hf = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "hi": 2}, unk_token="<unk>"))
+    hf.add_special_tokens(["<|im_end|>"])
+    tok = HFTokenizer(hf.to_str(), {"eos_token": "</s>"})
+    assert chat_loop.stop_tokens(tok, "<|im_end|>") == (1, 3)  # a single added token: stops on the device
+
+
+def test_chat_cli(run, capsys, monkeypatch):
+    import io
+
+    _, workdir, _ = run
+    monkeypatch.setattr("sys.stdin", io.StringIO("reverse: sun\nreverse: cat dog\n/exit\nnot read\n"))
+    capsys.readouterr()
+    assert cli.main(["generate", "--workdir", str(workdir), "--chat", "--chat_template", "chatml", "--max_new_tokens", "4",
+                     "--show_prompt"]) == 0
+    captured = capsys.readouterr()
+    replies = captured.out.splitlines()
+    assert len(replies) == 2 and "<|im_start|>user\nreverse: cat dog<|im_end|>" in captured.err
+    assert f"<|im_start|>assistant\n{replies[0]}<|im_end|>\n<|im_start|>user\nreverse: cat dog" in captured.err
+    assert "not read" not in captured.err
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert "no chat template" in _error(capsys, ["generate", "--workdir", str(workdir), "--chat"])
+    assert "drop --prompt" in _error(capsys, ["generate", "--workdir", str(workdir), "--chat", "--prompt", "x",
+                                              "--chat_template", "plain"])

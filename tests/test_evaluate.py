@@ -122,6 +122,7 @@ def test_eval_during_training_never_recompiles_the_train_step(tmp_path, caplog):
     c = tiny_config(tmp_path, **{"train.steps": 4, "train.eval_every": 2, "data.eval_path": eval_path,
                                  "eval.batch_size": 8, "eval.max_new_tokens": 4, "eval.num_shots": "(0, 1)",
                                  "eval.mc_path": mc_path})
+    jax.clear_caches()  # other tests' evals may have compiled the same shapes already
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         summary = trainer.train(c, tmp_path / "run")
     compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
@@ -133,3 +134,84 @@ def test_eval_during_training_never_recompiles_the_train_step(tmp_path, caplog):
     assert {"eval/exact_match", "eval/f1", "eval/1shot/exact_match", "eval/perplexity", "eval/mc/accuracy"} <= set(rows[0])
     saved = json.loads((tmp_path / "run" / "eval" / "step_4.json").read_text())
     assert saved["step"] == 4 and saved["metrics"]["loss"] == pytest.approx(summary.eval_after["loss"])
+
+
+# ----------------------------------------------------------------------------- eval.tasks
+
+
+def _eval_tasks_config(tmp_path, **tasks):
+    from jaxtune import config as config_lib
+    from tests.helpers import tiny_base_config, with_eval_tasks
+
+    c = with_eval_tasks(tiny_base_config(write_sft_jsonl(tmp_path / "train.jsonl")), tmp_path)
+    for name, task in tasks.items():
+        c.eval.tasks[name] = task
+    return c, config_lib
+
+
+def test_eval_tasks_render_like_training_tasks(tmp_path):
+    from jaxtune.data.eval_tasks import load_eval_tasks
+
+    c, config_lib = _eval_tasks_config(tmp_path)
+    random_mc = config_lib.eval_task_config(
+        "multiple_choice", path=c.eval.tasks.heldout_mc.path, options_style="random", max_examples=4,
+        fields={"text": "text", "options": "choices", "answer": "label"}, templates=(("{text}\n{options_}", "{answer}"),))
+    c.eval.tasks.random_mc = random_mc
+    config_lib.validate(c)
+    tasks = {t.name: t for t in load_eval_tasks(c.eval.tasks, seed=0)}
+    qa, mc, rand = tasks["heldout_qa"], tasks["heldout_mc"], tasks["random_mc"]
+    assert (qa.metric, len(qa.examples)) == ("generative", 6)
+    assert qa.examples[0] | {"where": ""} == {"task": "heldout_qa", "prompt": "reverse: red blue =", "answer": " blue red",
+                                              "where": ""}
+    assert mc.metric == "multiple_choice" and all(e["answer"] == 0 for e in mc.examples)  # text or index answers
+    assert mc.examples[1]["options"] == [" moon sun", " sun moon", " blue"] and mc.examples[1]["prompt"] == "reverse: sun moon ="
+    assert len(rand.examples) == 4  # max_examples
+    for e in rand.examples:  # FLAN random option styles: each option's target (text or marker) is listed in the prompt
+        assert len(set(e["options"])) == 3 and all(o in e["prompt"].split("\n", 1)[1] for o in e["options"])
+    assert any(e["options"][0] == "(A)" or e["options"][0][0] in "A1a" for e in rand.examples)  # some marker style
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda c, cl: setattr(c.data, "train_path", c.eval.tasks.heldout_qa.path), r"also trained on \(data.train_path\)"),
+    (lambda c, cl: c.eval.tasks.heldout_qa.update(metric="bleu"), r"eval.tasks.heldout_qa.metric' is 'bleu'"),
+    (lambda c, cl: c.eval.tasks.heldout_qa.update(format="chat"), "chat records are not evaluated"),
+    (lambda c, cl: c.eval.tasks.update(bad=cl.task_config(path="x.jsonl")), r"'eval.tasks.bad' lacks 'max_examples'; build tasks with jaxtune.config.eval_task_config"),
+])
+def test_eval_tasks_config_errors(tmp_path, change, needle):
+    c, config_lib = _eval_tasks_config(tmp_path)
+    change(c, config_lib)
+    with pytest.raises(UserError, match=needle):
+        config_lib.validate(c)
+
+
+def test_training_task_is_never_an_eval_task(tmp_path):
+    c, config_lib = _eval_tasks_config(tmp_path)
+    c.data.tasks.heldout_qa = config_lib.task_config(path=str(tmp_path / "train.jsonl"))
+    with pytest.raises(UserError, match="'heldout_qa' is also a training task"):
+        config_lib.validate(c)
+    del c.data.tasks["heldout_qa"]
+    c.data.tasks.qa = config_lib.task_config(path=c.eval.tasks.heldout_qa.path, fields={"prompt": "q", "response": "a"})
+    with pytest.raises(UserError, match=r"eval.tasks.heldout_qa.path'.*also trained on \(data.tasks.qa\)"):
+        config_lib.validate(c)
+    # the same TFDS dataset is held out when its split differs
+    c.data.tasks.qa = config_lib.task_config(source="tfds", path="squad", split="train")
+    c.eval.tasks.heldout_qa.update(source="tfds", path="squad", split="validation")
+    config_lib.validate(c)
+
+
+def test_eval_task_records_are_checked(tmp_path):
+    from jaxtune.data.eval_tasks import load_eval_task
+
+    c, config_lib = _eval_tasks_config(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a", "choices": ["x", "x"], "label": 0}) + "\n")
+    task = c.eval.tasks.heldout_mc
+    task.path = str(bad)
+    with pytest.raises(UserError, match=r"bad.jsonl:1: field 'options' repeats an option"):
+        load_eval_task("heldout_mc", task, seed=0)
+    task.on_error = "skip"
+    with pytest.raises(UserError, match=r"'eval.tasks.heldout_mc': no examples"):
+        load_eval_task("heldout_mc", task, seed=0)
+    task.update(path=c.eval.tasks.heldout_qa.path.replace("qa", "mc"), on_error="error", templates=(("{text} {answer}", "{answer}"),))
+    with pytest.raises(UserError, match="the prompt changes with the answer"):
+        load_eval_task("heldout_mc", task, seed=0)

@@ -85,9 +85,10 @@ def _single_task(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        truncation=cfg.truncation, word_dropout=cfg.word_dropout, on_error=cfg.on_error)
 
 
-def task_spec(name: str, t: ml_collections.ConfigDict, *, tokenizer_chat_template: str | None = None) -> TaskSpec:
-    """Opens a task's source and resolves its templates (errors name `data.tasks.<name>`)."""
-    where = f"data.tasks.{name}"
+def task_spec(name: str, t: ml_collections.ConfigDict, *, tokenizer_chat_template: str | None = None,
+              where: str = "") -> TaskSpec:
+    """Opens a task's source and resolves its templates (errors name `where`, default `data.tasks.<name>`)."""
+    where = where or f"data.tasks.{name}"
     source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=where)
     records = TaskRecords(source, fmt=t.format, fields=dict(t.fields), on_error=t.on_error, task=name)
     common = dict(few_shot=t.few_shot, few_shot_separator=t.few_shot_separator,

@@ -42,7 +42,7 @@ def _label(kind: str, i: int) -> str:
     return str(i + 1)
 
 
-def _answer_index(options: list[str], answer: Any, where: str) -> int:
+def answer_index(options: list[str], answer: Any, where: str) -> int:
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
         return answer
     if isinstance(answer, str) and answer in options:
@@ -67,7 +67,7 @@ def render_options(fields: Mapping[str, Any], *, style: str, options_field: str,
     marks = [marker if kind is None else marker.format(_label(kind, i)) for i in range(len(options))]
     lines = [f"{m} {o}" for m, o in zip(marks, options)]
     if answer_field in fields:
-        answer = _answer_index(options, fields[answer_field], where)
+        answer = answer_index(options, fields[answer_field], where)
         out[answer_field] = options[answer] if kind is None else marks[answer]
     out[OPTIONS_PLACEHOLDER] = heading + "\n" + "\n".join(lines)
     return out

@@ -37,14 +37,21 @@ def _exists(path: str | os.PathLike) -> bool:
     return _epath(path).is_file() if _is_remote(path) else Path(path).is_file()
 
 
+def decode_json(raw: bytes, where: str, *, error: type[Exception] | None = None, whole_file: bool = False):
+    """JSON from UTF-8 bytes; errors name `where` and the position (line too for a whole file)."""
+    error = error or SourceError
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        position = f"line {e.lineno}, column {e.colno}" if whole_file else f"column {e.colno}"
+        raise error(f"{where}: invalid JSON: {e.msg} ({position})") from None
+
+
 def parse_json_record(raw: bytes, where: str) -> dict:
     """One JSON object from bytes, with errors naming `where` (file:line or record)."""
-    try:
-        record = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise SourceError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    record = decode_json(raw, where)
     if not isinstance(record, dict):
         raise SourceError(f"{where}: expected a JSON object, found {type(record).__name__}")
     record.setdefault("_where", where)
@@ -113,12 +120,7 @@ class JsonSource:
         if not _exists(path):
             raise UserError(f"{path}: no such data file (expected a JSON array of objects)")
         raw = _epath(path).read_bytes()
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        data = decode_json(raw, str(path), error=UserError, whole_file=True)
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list) or not data:
