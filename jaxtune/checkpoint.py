@@ -53,10 +53,7 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(**args)).state
 
     def saved_config(self, step: int) -> dict | None:
-        try:
-            return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        except Exception:  # older or foreign checkpoints without a config item
-            return None
+        return saved_config(self._manager, step)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -64,6 +61,14 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
+    """The config saved beside a step's state (with a LoRA run's `peft_base`), None when absent."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    except Exception:  # older or foreign checkpoints without a config item
+        return None
 
 
 def latest_checkpoint(workdir: str | Path, command: str) -> tuple[Path, int]:

@@ -83,17 +83,22 @@ def make_apply_fn(model: nn.Module) -> Callable:
     """
 
     def apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None):
-        variables = {"params": params} if frozen is None else {"params": frozen, lora.COLLECTION: prefix.effective(params)}
-        return model.apply(variables, tokens, positions=positions, segment_ids=segment_ids, rngs=rngs)
+        return model.apply(variables_for(params, frozen), tokens, positions=positions, segment_ids=segment_ids, rngs=rngs)
 
     return apply_fn
 
 
+def variables_for(params, frozen=None) -> dict:
+    """The model's variables: the weights, or a PEFT run's base + adapters (prefix runs: the
+    effective prefixes of their trainable tree)."""
+    if frozen is None:
+        return {"params": params}
+    return {"params": frozen, lora.COLLECTION: prefix.effective(params)}
+
+
 def model_variables(state: TrainState) -> dict:
     """The model's variables for inference (sampling, eval): weights, or LoRA base + adapters."""
-    if state.frozen is None:
-        return {"params": state.params}
-    return {"params": state.frozen, lora.COLLECTION: prefix.effective(state.params)}
+    return variables_for(state.params, state.frozen)
 
 
 def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_table, *, seq_len: int):
