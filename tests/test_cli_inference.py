@@ -122,6 +122,10 @@ def test_errors(run, tmp_path, capsys):
     moved = tmp_path / "moved"
     shutil.copytree(workdir, moved, ignore=shutil.ignore_patterns("tokenizer.model"))
     assert "tokenizer" in _error(capsys, ["generate", "--workdir", str(moved), "--prompt", "x"])
+    no_config = tmp_path / "no_config"
+    shutil.copytree(workdir, no_config)
+    shutil.rmtree(no_config / "checkpoints" / "4" / "config")
+    assert "no saved config; pass --config" in _error(capsys, ["generate", "--workdir", str(no_config), "--prompt", "x"])
 
 
 # ----------------------------------------------------------------------------- generate --chat
