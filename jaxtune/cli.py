@@ -200,36 +200,11 @@ def _convert(args) -> int:
 
 def _load_run(command: str, workdir: str, dtype: str | None = None):
     """(config, model config, saved state dict, step, tokenizer dir) of a run's latest checkpoint."""
-    from pathlib import Path
+    from jaxtune import inference
 
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    from jaxtune import trainer
-
-    from jaxtune.checkpoint import latest_checkpoint
-
-    directory, step = latest_checkpoint(workdir, command)
-    with ocp.CheckpointManager(directory) as manager:
-        try:
-            saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        except Exception as e:
-            raise UserError(f"{command}: checkpoint {directory / str(step)} has no saved config ({e})") from None
-        config = ml_collections.ConfigDict(saved)
-        vocab_size = None
-        if not config.model.get("hf_dir") and config.model.get("vocab_size") is None:
-            from jaxtune.data.tokenizers import load_tokenizer
-
-            tok = config.data.get("tokenizer") or str(Path(workdir) / "tokenizer.model")
-            vocab_size = load_tokenizer(tok).vocab_size
-        if dtype:
-            config.model.param_dtype = dtype
-        model_config = trainer.model_config_from(config, vocab_size=vocab_size)
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-    tokenizer_dir = config.model.get("hf_dir") or (
-        str(Path(config.data.tokenizer).parent) if config.data.get("tokenizer") else workdir
-    )
-    return config, model_config, state, step, tokenizer_dir
+    run = inference.restore_run(workdir, command, dtype=dtype)
+    tokenizer_dir = run.tokenizer_path if run.tokenizer_path.is_dir() else run.tokenizer_path.parent
+    return run.config, run.model_config, run.state, run.step, str(tokenizer_dir)
 
 
 def _export(args) -> int:

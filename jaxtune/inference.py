@@ -48,35 +48,61 @@ def from_hf_dir(hf_dir: str, config: ml_collections.ConfigDict | None = None) ->
     return Loaded(config, model, params, tokenizer, None)
 
 
-def from_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> Loaded:
-    """The latest checkpoint of a `jaxtune train` run (its saved config unless `config` is given).
+@dataclasses.dataclass
+class Run:
+    """A run's latest checkpoint as saved: what convert/export/generate/eval all start from."""
 
-    The model is built from the saved config when there is one (it fixes the checkpoint's shapes);
-    a given config only steers evaluation. A PEFT run (lora, dora, prefix) checkpoints adapters
-    only: its base is re-created as training saw it (model.hf_dir or the seed's init, quantised
-    for QLoRA) and `params` is the variables dict of base + adapters.
+    config: ml_collections.ConfigDict  # the config the run trained with
+    model_config: Any
+    state: dict  # the saved train state (params: the weights, or a PEFT run's adapters)
+    step: int
+    tokenizer: Tokenizer | None  # loaded when the model's vocab size comes from it, else None
+    tokenizer_path: Path  # tokenizer file or dir the run trained with (HF export copies from it)
+
+
+def restore_run(workdir: str, what: str, *, config: ml_collections.ConfigDict | None = None,
+                dtype: str | None = None) -> Run:
+    """The latest checkpoint of a `jaxtune train` run, its saved config (or `config`) and tokenizer.
+
+    The saved config wins when there is one: it fixes the checkpoint's shapes. The tokenizer is
+    the one training used: data.tokenizer, else model.hf_dir's, else the one trained into the workdir.
     """
     import orbax.checkpoint as ocp
 
     from jaxtune import trainer
 
-    directory, step = latest_checkpoint(workdir, "--workdir")
+    directory, step = latest_checkpoint(workdir, what)
     with ocp.CheckpointManager(directory) as manager:
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
         saved = saved_config(manager, step)
     if saved is None and config is None:
-        raise UserError(f"--workdir {workdir}: checkpoint {directory / str(step)} has no saved config; pass --config")
-    trained = ml_collections.ConfigDict(saved) if saved is not None else config
-    if trained.model.get("hf_dir"):
-        tokenizer_path = Path(trained.data.get("tokenizer") or trained.model.hf_dir)
-    else:
-        tokenizer_path = Path(trained.data.get("tokenizer") or Path(workdir) / TOKENIZER_FILE)
-    tokenizer = _tokenizer(tokenizer_path, f"--workdir {workdir}")
-    model_config = trainer.model_config_from(trained, vocab_size=tokenizer.vocab_size)
-    params = state["params"]
-    if model_config.peft is not None:
-        params = trainer.variables_for(params, trainer.frozen_base_on_host(trained, model_config))
-    return Loaded(config or trained, models.build(model_config), params, tokenizer, step)
+        raise UserError(f"{what} {workdir}: checkpoint {directory / str(step)} has no saved config; pass --config")
+    trained = ml_collections.ConfigDict(saved if saved is not None else config.to_dict())
+    if dtype:
+        trained.model.param_dtype = dtype
+    tokenizer_path = Path(trained.data.get("tokenizer") or trained.model.get("hf_dir") or Path(workdir) / TOKENIZER_FILE)
+    needs_vocab = not trained.model.get("hf_dir") and trained.model.get("vocab_size") is None
+    tokenizer = _tokenizer(tokenizer_path, f"{what} {workdir}") if needs_vocab else None
+    model_config = trainer.model_config_from(trained, vocab_size=tokenizer.vocab_size if tokenizer else None)
+    return Run(trained, model_config, state, step, tokenizer, tokenizer_path)
+
+
+def from_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> Loaded:
+    """The latest checkpoint of a `jaxtune train` run (its saved config unless `config` is given).
+
+    A given config only steers evaluation (the saved one builds the model). A PEFT run (lora,
+    dora, prefix) checkpoints adapters only: its base is re-created as training saw it
+    (model.hf_dir or the seed's init, quantised for QLoRA) and `params` is the variables dict of
+    base + adapters.
+    """
+    from jaxtune import trainer
+
+    run = restore_run(workdir, "--workdir", config=config)
+    tokenizer = run.tokenizer or _tokenizer(run.tokenizer_path, f"--workdir {workdir}")
+    params = run.state["params"]
+    if run.model_config.peft is not None:
+        params = trainer.variables_for(params, trainer.frozen_base_on_host(run.config, run.model_config))
+    return Loaded(config or run.config, models.build(run.model_config), params, tokenizer, run.step)
 
 
 def load(*, workdir: str | None, hf_dir: str | None, config: ml_collections.ConfigDict | None = None) -> Loaded:
