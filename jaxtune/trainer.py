@@ -162,10 +162,7 @@ def init_from_pretrained(hf_dir: str, model_config, tx: optax.GradientTransforma
         magnitudes = jax.jit(functools.partial(lora.init_magnitudes, spec=model_config.peft),
                              out_shardings=state_shardings.params)
         return state.replace(params=magnitudes(base, state.params))
-    params = models.load_params(hf_dir, model_config, state_shardings.params)
-    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step)
-    return TrainState(step=step, params=params, opt_state=opt_state)
+    return state_from_params(models.load_params(hf_dir, model_config, state_shardings.params), tx, state_shardings)
 
 
 def initial_params(config, model_config, abstract_state, state_shardings, init_state, mesh, rule_table) -> Any:
