@@ -30,7 +30,7 @@ from jaxtune.data.eval_tasks import EvalTask, load_eval_tasks
 from jaxtune.data.flan import few_shot_prompt
 from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
-from jaxtune.objectives.logprobs import token_logprobs
+from jaxtune.objectives import sequence_logps
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -84,10 +84,9 @@ def generative_scores(
 def _sequence_logprobs(model, variables, batch):
     """Per row: summed log p(target) over the loss mask, masked token count, argmax hits."""
     logits = model.module.apply(variables, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    logp, _ = token_logprobs(logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    hits = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32) * mask
-    return jnp.sum(logp * mask, -1), jnp.sum(mask, -1), jnp.sum(hits, -1)
+    logp, count = sequence_logps(logits, batch["targets"], batch["loss_mask"])
+    hits = (jnp.argmax(logits, axis=-1) == batch["targets"]) & (batch["loss_mask"] > 0)
+    return logp, count, jnp.sum(hits.astype(jnp.float32), -1)
 
 
 def score_continuations(
