@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,13 @@ class MetricsWriter:
     """Writes one JSON object per logged step; only process 0 writes, every process may call it.
 
     On resume, rows past the restored step are dropped, so the file always reads as one run.
+    `on_write(row)` sees each row as written (process 0 only), e.g. for a live plot.
     """
 
-    def __init__(self, workdir: str | Path, *, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path, *, resume_step: int = 0, tensorboard: bool = True,
+                 on_write: Callable[[dict], None] | None = None):
         self.enabled = jax.process_index() == 0
+        self._on_write = on_write
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
         if not self.enabled:
@@ -81,6 +85,8 @@ class MetricsWriter:
                 for name, value in row.items():
                     if name != "step" and isinstance(value, (int, float)):
                         self._tb.add_scalar(name, value, step)
+            if self._on_write is not None:
+                self._on_write(dict(row))
         return row
 
     def close(self) -> None:

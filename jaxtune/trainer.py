@@ -363,8 +363,11 @@ class RunSummary:
     param_bytes: int = 0  # weights held on the devices: trained + frozen + reference copy
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Sequence[jax.Device] | None = None) -> RunSummary:
-    """Runs (or resumes) the SFT job described by `config` in `workdir`, on `devices` (default: all)."""
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Sequence[jax.Device] | None = None,
+          on_metrics: Callable[[dict], None] | None = None) -> RunSummary:
+    """Runs (or resumes) the job described by `config` in `workdir`, on `devices` (default: all).
+
+    `on_metrics(row)` is called with every row written to metrics.jsonl (train and eval rows)."""
     wall_start = time.time()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -507,7 +510,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 evaluate.write_results(workdir / "eval" / f"step_{step}.json", scores, step=step)
             return scores
 
-        writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
+        writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, on_write=on_metrics)
         eval_before = None
         if start_step == 0 and eval_set:
             eval_before = run_eval(0)

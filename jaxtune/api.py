@@ -1,0 +1,126 @@
+"""The Python API: what notebooks and scripts call instead of the `jaxtune` command.
+
+    import jaxtune
+    config = jaxtune.load_config("configs/quickstart.py", {"train.steps": 100})
+    summary = jaxtune.train(config, "runs/qs", on_metrics=print)   # each logged row, as it is written
+    rows = jaxtune.read_metrics("runs/qs")                         # metrics.jsonl as a list of dicts
+    model = jaxtune.load("runs/qs")                                # the latest checkpoint
+    model.generate(["Give it in uppercase: cat"])
+
+Every function takes the same paths as the CLI (local or `gs://...`) and raises
+`jaxtune.errors.UserError` for the mistakes the CLI reports as `jaxtune: error: ...`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from jaxtune import config as config_lib
+from jaxtune.errors import UserError
+
+MetricsCallback = Callable[[dict], None]
+
+
+def load_config(spec: str, overrides: Mapping[str, Any] | Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` with overrides, locked and validated exactly as `--config.KEY=VALUE` does.
+
+    `overrides` is a dict {"train.steps": 100, "optim.lr": 1e-3} (values are converted like
+    command-line strings, so a typo'd key names the closest valid one) or a list of "KEY=VALUE".
+    """
+    if isinstance(overrides, Mapping):
+        overrides = [f"{key}={_as_text(value)}" for key, value in overrides.items()]
+    return config_lib.load_config(str(spec), list(overrides))
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return repr(tuple(value))
+    return str(value)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, on_metrics: MetricsCallback | None = None):
+    """Trains (or resumes) `config` in `workdir`, like `jaxtune train`; returns the run's `RunSummary`
+    (steps, wall/train seconds, tokens/s, last logged metrics, held-out eval before/after).
+
+    `on_metrics(row)` receives every row as it is appended to `metrics.jsonl` (train rows: "step",
+    "loss", "lr", ...; evaluation rows: "step" and "eval/..." keys), e.g. to draw a live loss curve.
+    """
+    from jaxtune import trainer
+
+    return trainer.train(config, workdir, on_metrics=on_metrics)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of `<workdir>/metrics.jsonl` (one dict per logged step; evaluations as "eval/..." keys)."""
+    from jaxtune import metrics
+
+    return metrics.read_metrics(workdir)
+
+
+@dataclasses.dataclass
+class Model:
+    """A model with its tokenizer, ready to sample: `load(...)` or `starting_model(...)`."""
+
+    model: Any
+    params: Any  # the weights, or a variables dict (a PEFT run's base + adapters)
+    tokenizer: Any
+    config: ml_collections.ConfigDict
+    step: int | None = None  # the checkpoint's step (None: not a checkpoint)
+
+    def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, stop: Sequence[str] = (),
+                 seed: int = 0) -> list[str]:
+        """Each prompt's completion (text), sampled as `jaxtune generate` does (greedy by default)."""
+        from jaxtune import generate as generate_lib
+        from jaxtune.data import pipeline
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        tok = self.tokenizer
+        outputs = generate_lib.generate(
+            self.model, self.params, pipeline.tokenize_prompts(tok, prompts), max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=(tok.eos_id,), seed=seed, pad_id=tok.pad_id,
+        )
+        return [generate_lib.decode_completion(tok.decode, tokens, stop) for tokens in outputs]
+
+
+def load(workdir: str | None = None, *, hf_dir: str | None = None) -> Model:
+    """The latest checkpoint of a run (its saved config and tokenizer; a PEFT run: base + adapters),
+    or a Hugging Face model directory."""
+    from jaxtune import inference
+
+    loaded = inference.load(workdir=workdir, hf_dir=hf_dir)
+    return Model(loaded.model, loaded.params, loaded.tokenizer, loaded.config, loaded.step)
+
+
+def starting_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
+    """The model `train(config, workdir)` starts from, before any step: `model.hf_dir`, the latest
+    checkpoint of `model.init_from`, or the seed's random init (for LoRA/DoRA runs the base, which
+    is what zero-initialised adapters compute). A tokenizer trained on first use is trained into
+    `workdir` now, exactly as training would, and reused by it.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtune import models, sharding, trainer
+    from jaxtune.data import datasets
+
+    if config.model.hf_dir:
+        return load(hf_dir=config.model.hf_dir)
+    if config.model.init_from:
+        return load(config.model.init_from)
+    if config.peft.method == "prefix":
+        raise UserError("starting_model: prefix tuning changes the model from its first step; "
+                        "use load(workdir) after training")
+    data_cfg = trainer.data_config(config)
+    if config.objective.type == "sft":
+        tokenizer = datasets.load_sft_data(data_cfg, workdir, seed=config.seed).tokenizer
+    else:
+        tokenizer = datasets.load_preference_data(data_cfg, workdir, unpaired=config.objective.type == "kto").tokenizer
+    model_config = trainer.model_config_from(config, vocab_size=tokenizer.vocab_size).replace(peft=None)
+    model = models.build(model_config)
+    init = jax.jit(lambda rng: sharding.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
+    return Model(model, init(jax.random.key(config.seed)), tokenizer, config, step=0)
