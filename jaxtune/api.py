@@ -124,3 +124,15 @@ def starting_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     model = models.build(model_config)
     init = jax.jit(lambda rng: sharding.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
     return Model(model, init(jax.random.key(config.seed)), tokenizer, config, step=0)
+
+
+def export(workdir: str, *, peft: str | None = None, merged: str | None = None, dtype: str | None = None,
+           max_shard_size: str = "2GB") -> None:
+    """`jaxtune export`: a LoRA/DoRA/prefix run's latest adapters in peft's format (`peft` dir) and/or
+    merged into a full Hugging Face model (`merged` dir)."""
+    import argparse
+
+    from jaxtune import cli
+
+    cli._export(argparse.Namespace(workdir=str(workdir), peft=peft, merged=merged, dtype=dtype,
+                                   max_shard_size=max_shard_size))
