@@ -15,6 +15,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxtune import paths
 from jaxtune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, workdir: str | Path, *, every: int, keep: int, use_async: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = paths.absolute(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=every,
@@ -73,7 +74,7 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
 
 def latest_checkpoint(workdir: str | Path, command: str) -> tuple[Path, int]:
     """A run's checkpoints directory and latest step, or a UserError naming the command."""
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = paths.absolute(workdir) / "checkpoints"
     if not directory.is_dir():
         raise UserError(f"{command}: {workdir} has no checkpoints/ directory (train a model there first)")
     with ocp.CheckpointManager(directory) as manager:
@@ -88,7 +89,7 @@ def restore_params(workdir: str | Path, abstract_params: Any) -> Any:
 
     Only the params are read (a partial restore): that run's optimizer state may have any shape.
     """
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = paths.absolute(workdir) / "checkpoints"
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True)) \
         if directory.is_dir() else None
     step = manager.latest_step() if manager is not None else None

@@ -130,10 +130,8 @@ def _chat(args) -> int:
 
 
 def _eval(args, overrides: list[str]) -> int:
-    from pathlib import Path
-
     from jaxtune import config as config_lib
-    from jaxtune import evaluate, inference, metrics, trainer
+    from jaxtune import evaluate, inference, metrics, paths, trainer
     from jaxtune.data import datasets
 
     config = config_lib.load_config(args.config, overrides) if args.config else None
@@ -147,7 +145,7 @@ def _eval(args, overrides: list[str]) -> int:
     scores = evaluate.run(loaded.model, loaded.params, loaded.tokenizer, eval_set, config.eval,
                           seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples)
     step = loaded.step or 0
-    path = evaluate.write_results(Path(args.workdir) / "eval_results.json", scores, step=step,
+    path = evaluate.write_results(paths.path(args.workdir) / "eval_results.json", scores, step=step,
                                   model=args.hf_dir or str(args.workdir))
     writer = metrics.MetricsWriter(args.workdir, resume_step=2**62, tensorboard=False)
     writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
@@ -162,8 +160,6 @@ def _eval(args, overrides: list[str]) -> int:
 
 def _convert(args) -> int:
     """HF -> orbax params checkpoint, or a run's latest params -> HF (using the run's saved config)."""
-    from pathlib import Path
-
     to_orbax = bool(args.hf_dir and args.out and not (args.workdir or args.hf_out))
     to_hf = bool(args.workdir and args.hf_out and not (args.hf_dir or args.out))
     if not (to_orbax or to_hf):
@@ -171,14 +167,14 @@ def _convert(args) -> int:
     import orbax.checkpoint as ocp
 
     from jaxtune import config as config_lib
-    from jaxtune import models
+    from jaxtune import models, paths
 
     if to_orbax:
         _, params = models.from_pretrained(args.hf_dir, dtype=args.dtype)
         config = config_lib.base_config()
-        config.model.hf_dir = str(Path(args.hf_dir).absolute())
+        config.model.hf_dir = str(paths.absolute(args.hf_dir))
         config.model.param_dtype = str(_dtype_name(params))
-        directory = Path(args.out).absolute() / "checkpoints"
+        directory = paths.absolute(args.out) / "checkpoints"
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as manager:
             manager.save(0, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"params": params}),

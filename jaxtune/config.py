@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxtune import paths
 from jaxtune.errors import UserError
 
 
@@ -454,7 +455,7 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
         raise UserError(f"config key 'eval.num_shots' must be a non-empty tuple of integers >= 0, e.g. (0, 2); got {shots!r}")
     if not isinstance(e.stop_strings, (tuple, list)) or not all(isinstance(s, str) and s for s in e.stop_strings):
         raise UserError(f"config key 'eval.stop_strings' must be a tuple of non-empty strings, got {e.stop_strings!r}")
-    if e.mc_path and not Path(e.mc_path).is_file():
+    if e.mc_path and not paths.path(e.mc_path).is_file():
         raise UserError(f"config key 'eval.mc_path': {e.mc_path} does not exist (expected a JSONL file)")
     templates = e.mc_templates
     if not templates or not all(isinstance(t, (tuple, list)) and len(t) == 2 for t in templates):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import generate as generate_lib
+from jaxtune import generate as generate_lib, paths
 from jaxtune.data import pipeline, templates as templates_lib
 from jaxtune.data.eval_tasks import EvalTask, load_eval_tasks
 from jaxtune.data.flan import few_shot_prompt
@@ -292,7 +292,7 @@ def _show(examples, predictions, show: int, printer) -> None:
 
 def write_results(path: str | Path, scores: Mapping[str, float], **info: Any) -> Path:
     """Scores (plus e.g. step) as a JSON file, for scripts comparing runs."""
-    path = Path(path)
+    path = paths.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**info, "metrics": dict(scores)}, indent=2, sort_keys=True) + "\n")
     return path

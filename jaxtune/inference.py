@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 
 from jaxtune import config as config_lib
-from jaxtune import models
+from jaxtune import models, paths
 from jaxtune.checkpoint import latest_checkpoint, saved_config
 from jaxtune.data.datasets import TOKENIZER_FILE
 from jaxtune.data.tokenizers import Tokenizer, load_tokenizer
@@ -39,11 +39,11 @@ def _tokenizer(path: Path, what: str) -> Tokenizer:
 
 def from_hf_dir(hf_dir: str, config: ml_collections.ConfigDict | None = None) -> Loaded:
     """An HF model dir (config.json, *.safetensors, tokenizer.json or tokenizer.model)."""
-    if not Path(hf_dir).is_dir():
+    if not paths.path(hf_dir).is_dir():
         raise UserError(f"--hf_dir {hf_dir}: no such directory")
     config = ml_collections.ConfigDict((config or config_lib.base_config()).to_dict())
     config.model.hf_dir = str(hf_dir)
-    tokenizer = _tokenizer(Path(config.data.tokenizer or hf_dir), f"--hf_dir {hf_dir}")
+    tokenizer = _tokenizer(paths.path(config.data.tokenizer or hf_dir), f"--hf_dir {hf_dir}")
     model, params = models.from_pretrained(hf_dir)
     return Loaded(config, model, params, tokenizer, None)
 
@@ -80,7 +80,8 @@ def restore_run(workdir: str, what: str, *, config: ml_collections.ConfigDict | 
     trained = ml_collections.ConfigDict(saved if saved is not None else config.to_dict())
     if dtype:
         trained.model.param_dtype = dtype
-    tokenizer_path = Path(trained.data.get("tokenizer") or trained.model.get("hf_dir") or Path(workdir) / TOKENIZER_FILE)
+    tokenizer_path = paths.path(trained.data.get("tokenizer") or trained.model.get("hf_dir")
+                                or paths.path(workdir) / TOKENIZER_FILE)
     needs_vocab = not trained.model.get("hf_dir") and trained.model.get("vocab_size") is None
     tokenizer = _tokenizer(tokenizer_path, f"{what} {workdir}") if needs_vocab else None
     model_config = trainer.model_config_from(trained, vocab_size=tokenizer.vocab_size if tokenizer else None)

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxtune import paths
+
 # Dense bf16 peak TFLOP/s per device, from vendor datasheets (no sparsity).
 PEAK_TFLOPS = {
     "h100": 989.0,
@@ -59,19 +61,24 @@ class MetricsWriter:
                  on_write: Callable[[dict], None] | None = None):
         self.enabled = jax.process_index() == 0
         self._on_write = on_write
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = paths.path(workdir) / "metrics.jsonl"
         self._tb = None
+        self._file = None
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lines: list[str] = []
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self._file = self.path.open("a")
+            self._lines = [line + "\n" for line in self.path.read_text().splitlines()
+                           if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(self._lines))
+        if not paths.is_remote(self.path):  # object stores (gs://) cannot append: the file is rewritten per row
+            self._file = self.path.open("a")
+            self._lines = []
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(paths.path(workdir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         row = {"step": int(step)}
@@ -79,8 +86,13 @@ class MetricsWriter:
             value = _scalar(value)
             row[name] = value if isinstance(value, int) or math.isfinite(value) else str(value)
         if self.enabled:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
+            line = json.dumps(row) + "\n"
+            if self._file is not None:
+                self._file.write(line)
+                self._file.flush()
+            else:
+                self._lines.append(line)
+                self.path.write_text("".join(self._lines))
             if self._tb is not None:
                 for name, value in row.items():
                     if name != "step" and isinstance(value, (int, float)):
@@ -91,13 +103,14 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
             if self._tb is not None:
                 self._tb.close()
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+    path = paths.path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

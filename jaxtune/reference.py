@@ -14,6 +14,7 @@ fingerprint of what the numbers depend on) mark it complete.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxtune import paths
 from jaxtune.data import preference
 from jaxtune.errors import UserError
 
@@ -33,9 +35,15 @@ STORE_DIR = "reference_logps"
 CHUNK_RECORDS = 4096
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
+def _save_atomic(path, array: np.ndarray) -> None:
+    """Locally: write a temporary file and rename it. Object stores (gs://) publish an object whole."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    if paths.is_remote(path):
+        path.write_bytes(buffer.getvalue())
+        return
     tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
+    tmp.write_bytes(buffer.getvalue())
     os.replace(tmp, path)
 
 
@@ -76,7 +84,7 @@ def precompute(
     params (called only when something is left to compute); `put` places a host batch on the
     devices. Only process 0 writes; every process computes (the pass is sharded).
     """
-    directory = Path(workdir) / STORE_DIR
+    directory = paths.path(workdir) / STORE_DIR
     done, table = directory / "done.json", directory / "logps.npy"
     fingerprint = json.loads(json.dumps(dict(fingerprint)))
     if done.is_file():
@@ -87,7 +95,8 @@ def precompute(
                 f"{directory}: precomputed reference log-probs were made for different settings ({', '.join(changed)}); "
                 "delete the directory to recompute them"
             )
-        return np.load(table)
+        with table.open("rb") as f:
+            return np.load(f)
     directory.mkdir(parents=True, exist_ok=True)
     keys = preference.BATCH_KEYS
     n = len(source)
@@ -96,7 +105,8 @@ def precompute(
     for k, start in enumerate(range(0, n, chunk_records)):
         path = directory / f"chunk_{k:05d}.npy"
         if path.is_file():
-            chunks.append(np.load(path))
+            with path.open("rb") as f:
+                chunks.append(np.load(f))
             continue
         if params is None:
             params = params_fn()

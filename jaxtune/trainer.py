@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
-from jaxtune import evaluate, metrics as metrics_lib, models, optim, reference, sharding
+from jaxtune import evaluate, metrics as metrics_lib, models, optim, paths, reference, sharding
 from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
 from jaxtune.objectives import kto_loss, preference_loss, sequence_logps, sft_loss
@@ -369,7 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
 
     `on_metrics(row)` is called with every row written to metrics.jsonl (train and eval rows)."""
     wall_start = time.time()
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)  # local or gs://...
     workdir.mkdir(parents=True, exist_ok=True)
     process_count = jax.process_count()
     devices = list(devices) if devices is not None else jax.devices()

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from jaxtune import paths
 from jaxtune.errors import UserError
 
 # Written for jaxtune after each model family's published prompt format.
@@ -71,7 +72,7 @@ def resolve_template(template: str) -> str:
         return BUILTIN_TEMPLATES[template]
     if "{{" in template or "{%" in template:
         return template
-    path = Path(template)
+    path = paths.path(template)
     if path.is_dir():
         path = path / "tokenizer_config.json"
     if path.is_file():
@@ -86,7 +87,7 @@ def resolve_template(template: str) -> str:
 
 def chat_template_from_config(path: str | Path) -> str:
     """The `chat_template` of a Hugging Face `tokenizer_config.json` (a string, or the 'default' entry)."""
-    path = Path(path)
+    path = paths.path(path)
     try:
         value = json.loads(path.read_text()).get("chat_template")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:

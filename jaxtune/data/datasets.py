@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxtune import paths
 from jaxtune.config import task_config
 from jaxtune.data import chat as chat_lib
 from jaxtune.data import preference
@@ -49,7 +50,7 @@ class SftData:
 def _tokenizer(cfg: ml_collections.ConfigDict, workdir: Path, corpus) -> Tokenizer:
     """The configured tokenizer, or one trained on the data and cached in the workdir."""
     if cfg.tokenizer:
-        path = Path(cfg.tokenizer)
+        path = paths.path(cfg.tokenizer)
         if not path.exists():  # a tokenizer file, or a directory holding one (HF model dirs)
             raise UserError(f"config key 'data.tokenizer': {path} does not exist")
         return load_tokenizer(path)
@@ -119,7 +120,7 @@ def _mixture(cfg: ml_collections.ConfigDict, tasks: Sequence[TaskSpec], task_cfg
 
 
 def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: int) -> SftData:
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     if cfg.source == "quickstart" and not cfg.tasks:
         tokenizer = _tokenizer(cfg, workdir, lambda: quickstart.tokenizer_corpus(seed=seed))
         flan = {name: FlanSpec(tuple(t), word_dropout=cfg.word_dropout) for name, t in quickstart.templates("train").items()}
@@ -132,7 +133,7 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
             eval_templates=quickstart.templates("heldout"),
         )
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
-    given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer and Path(cfg.tokenizer).exists() else None
+    given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
     tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None))
              for name, t in task_cfgs.items()]
     tokenizer = given or _tokenizer(cfg, workdir, _tasks_corpus(tasks, seed))
@@ -175,6 +176,6 @@ def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     source = JsonlSource(cfg.train_path)
     configured = chat_lib.resolve_template(cfg.chat_template) if cfg.chat_template else None
     corpus = preference.corpus(source, unpaired=unpaired, limit=_TOKENIZER_SAMPLE, chat_template=configured)
-    tokenizer = _tokenizer(cfg, Path(workdir), corpus)
+    tokenizer = _tokenizer(cfg, paths.path(workdir), corpus)
     return PreferenceData(tokenizer, source, {DEFAULT_TASK: [tuple(t) for t in cfg.templates]},
                           chat_template=configured or getattr(tokenizer, "chat_template", None))

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxtune import paths
 from jaxtune.data.templates import Template, template_fields
 from jaxtune.errors import UserError
 
@@ -108,10 +109,12 @@ def load_template_set(spec: Any, *, where: str = "templates") -> list[Template]:
     name = spec.removeprefix("builtin:")
     if name in LIBRARY:
         return list(LIBRARY[name])
-    location, _, key = spec.partition(":")
+    scheme, sep, rest = spec.partition("://") if "://" in spec else ("", "", spec)  # gs://bucket/t.json:key
+    location, _, key = rest.partition(":")
+    location = scheme + sep + location
     keys = [k for k in key.split(".") if k]
     if location.endswith((".json", ".yaml", ".yml")):
-        path = Path(location)
+        path = paths.path(location)
         if not path.is_file():
             raise UserError(f"{where}: template file {path} does not exist")
         text = path.read_text()

@@ -11,12 +11,12 @@ import io
 import logging
 import re
 import os
-import pathlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from jaxtune.errors import UserError
 
@@ -81,7 +81,7 @@ class SentencePieceTokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
-        path = pathlib.Path(path)
+        path = epath.Path(path)
         proto = path.read_bytes()
         try:
             return cls(proto, source=str(path))
@@ -131,7 +131,7 @@ def train_sentencepiece(
     layout. Ids are fixed: pad=0, eos=1, bos=2, unk=3. Same texts and seed give the same
     model. Note that ``seed`` sets SentencePiece's process-wide random seed.
     """
-    prefix = pathlib.Path(model_prefix)
+    prefix = epath.Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     # Empty lines add nothing to training.
     sentences = [t for t in texts if t and not t.isspace()]
@@ -241,7 +241,7 @@ class HFTokenizer:
         """Reads ``tokenizer.json`` and the special tokens of a Hugging Face tokenizer directory."""
         import json
 
-        directory = pathlib.Path(directory)
+        directory = epath.Path(directory)
         file = directory / "tokenizer.json"
         if not file.is_file():
             raise UserError(f"{directory}: no tokenizer.json")
@@ -294,12 +294,12 @@ class HFTokenizer:
         return f"HFTokenizer({self._source}, vocab_size={self.vocab_size})"
 
 
-def _load_tokenizer_json(path: pathlib.Path) -> Tokenizer:
+def _load_tokenizer_json(path: epath.Path) -> Tokenizer:
     return HFTokenizer.from_dir(path.parent)
 
 
 # File suffix -> (kind, loader). Hugging Face `tokenizer.json` joins here.
-_LOADERS: dict[str, tuple[str, Callable[[pathlib.Path], Tokenizer]]] = {
+_LOADERS: dict[str, tuple[str, Callable[[epath.Path], Tokenizer]]] = {
     ".model": ("SentencePiece model", SentencePieceTokenizer.from_file),
     ".json": ("Hugging Face tokenizer.json", _load_tokenizer_json),
 }
@@ -311,7 +311,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     A directory (e.g. a Hugging Face model dir) means its ``tokenizer.json``, else its
     ``tokenizer.model``.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if path.is_dir():
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():
