@@ -6,7 +6,7 @@
 #
 # Steps: (1) reuse the slice NAME if it exists, else create it; (2) copy this checkout (tracked and
 # untracked, not ignored files, so local configs travel too) to every worker and install it with its
-# TPU dependencies into ~/jaxtune-venv (Python from uv: TPU VM images ship an older Python);
+# TPU and gs:// dependencies (jax[tpu], the gcs extra) into ~/jaxtune-venv (Python from uv: TPU VM images ship an older Python);
 # (3) start the command on every worker at once, detached, in ~/jaxtune with its output in
 # ~/jaxtune-run.log; (4) stream worker 0's log until the run ends and exit with worker 0's status;
 # (5) print every worker's exit status; (6) with --delete-after, delete the slice.
@@ -151,7 +151,7 @@ if [[ "$SKIP_INSTALL" == 0 ]]; then
   run "${GCLOUD[@]}" scp "$TARBALL" "$NAME:jaxtune-src.tar.gz" "${WHERE[@]}" --worker=all
   ssh_all "set -e; rm -rf ~/jaxtune && mkdir -p ~/jaxtune && tar -xzf ~/jaxtune-src.tar.gz -C ~/jaxtune; \
 export PATH=\$HOME/.local/bin:\$PATH; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
-uv venv --allow-existing --python $PYTHON_VERSION $VENV; uv pip install --python $VENV/bin/python 'jax[tpu]' -e ~/jaxtune"
+uv venv --allow-existing --python $PYTHON_VERSION $VENV; uv pip install --python $VENV/bin/python 'jax[tpu]' -e \"\$HOME/jaxtune[gcs]\""
 fi
 
 # (3) The command on every worker, detached (it survives a dropped SSH connection; --logs re-attaches).

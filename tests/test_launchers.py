@@ -43,7 +43,7 @@ def test_tpu_pod_dry_run_prints_every_command_for_a_4_host_pod():
     assert cmds[2][:5] + cmds[2][6:] == [*gcloud, "scp", "pod:jaxtune-src.tar.gz", *where, "--worker=all"]
     install, start, stream, status, delete = cmds[3:]
     assert install[:4 + 2 + len(where) + 1] == [*gcloud, "ssh", "pod", *where, "--worker=all"]
-    assert "uv pip install" in install[-1] and "'jax[tpu]' -e ~/jaxtune" in install[-1]
+    assert "uv pip install" in install[-1] and "'jax[tpu]' -e \"$HOME/jaxtune[gcs]\"" in install[-1]
     assert start[-2] == "--worker=all" and shlex.join(TRAIN) in start[-1]  # the same command on every host
     assert stream[-2:] == ["--worker=0", stream[-1]] and stream[-1].startswith("--command=tail -n +1 -F --pid=")
     assert status[-2] == "--worker=all"
