@@ -99,7 +99,7 @@ def load(workdir: str | None = None, *, hf_dir: str | None = None) -> Model:
 def starting_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     """The model `train(config, workdir)` starts from, before any step: `model.hf_dir`, the latest
     checkpoint of `model.init_from`, or the seed's random init (for LoRA/DoRA runs the base, which
-    is what zero-initialised adapters compute). A tokenizer trained on first use is trained into
+    is what zero-initialised adapters compute; QLoRA's base unquantised). A tokenizer trained on first use is trained into
     `workdir` now, exactly as training would, and reused by it.
     """
     import jax
