@@ -119,7 +119,7 @@ delete_slice() { run "${GCLOUD[@]}" delete "$NAME" "${WHERE[@]}" --quiet; }
 case "$ACTION" in
   delete) delete_slice; exit 0 ;;
   logs) stream_worker0; exit $? ;;
-  stop) ssh_all "kill -TERM -- -\$(cat $PID)"; exit 0 ;;
+  stop) ssh_all "pkill -TERM -P \$(cat $PID)"; exit 0 ;;  # the command, not its wrapper shell (it records the status)
 esac
 
 # (1) The slice.

@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -131,6 +132,28 @@ def test_tpu_pod_exit_status_is_worker_0s(fake_pod):
     assert out.returncode == 3
     assert "create" not in (pod / "gcloud.log").read_text()
     assert out.stdout.count("exit status 3") == 4
+
+
+def test_tpu_pod_stop_signals_the_run_on_every_worker(fake_pod):
+    """--stop sends SIGTERM to the command on every worker (jaxtune checkpoints and exits); the
+    streaming launcher then returns worker 0's status."""
+    pod, env = fake_pod
+    for w in range(4):
+        (pod / f"worker{w}" / "jaxtune").mkdir(parents=True)
+    program = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); print('up', flush=True); time.sleep(60)"
+    launcher = subprocess.Popen([TPU_POD, "--name", "pod", "--zone", "z", "--reuse", "--skip-install", "--",
+                                 sys.executable, "-c", program], env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+    try:
+        logs = [pod / f"worker{w}" / "jaxtune-run.log" for w in range(4)]
+        deadline = time.time() + 60
+        while not all(log.is_file() and "up" in log.read_text() for log in logs) and time.time() < deadline:
+            time.sleep(0.2)
+        stop = run([TPU_POD, "--name", "pod", "--zone", "z", "--stop"], env=env)
+        assert stop.returncode == 0, stop.stderr
+        assert launcher.wait(timeout=60) == 7
+    finally:
+        launcher.kill()
+    assert launcher.stdout.read().count("exit status 7") == 4
 
 
 @pytest.mark.parametrize("mode,tasks", [("gpu", 8), ("node", 1)])
