@@ -31,17 +31,17 @@ def _segments(t: int = T) -> jax.Array:
 
 
 def _qkv(t: int = T, s: int | None = None, heads: int = H, kv_heads: int = K, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.key(0), 4)
+    """q, k, v and output weights (numpy draws: no per-shape random compiles in tests)."""
+    rng = np.random.default_rng(0)
     s = t if s is None else s
-    q = jax.random.normal(keys[0], (B, t, heads, D), dtype)
-    k = jax.random.normal(keys[1], (B, s, kv_heads, D), dtype)
-    v = jax.random.normal(keys[2], (B, s, kv_heads, D), dtype)
-    return q, k, v, jax.random.normal(keys[3], (B, t, heads, D), jnp.float32)
+    draw = lambda *shape: rng.standard_normal(shape, np.float32)
+    q, k, v = draw(B, t, heads, D), draw(B, s, kv_heads, D), draw(B, s, kv_heads, D)
+    return (*(jnp.asarray(x, dtype) for x in (q, k, v)), jnp.asarray(draw(B, t, heads, D)))
 
 
 def _prefix():
-    keys = jax.random.split(jax.random.key(1), 2)
-    return jax.random.normal(keys[0], (3, K, D)), jax.random.normal(keys[1], (3, K, D))
+    rng = np.random.default_rng(1)
+    return tuple(jnp.asarray(rng.standard_normal((3, K, D), np.float32)) for _ in range(2))
 
 
 CASES = {
@@ -112,12 +112,14 @@ def test_blockwise_kv_cache_step(small_blocks):
     kv_seg[:, 2:23] = 1  # row contents written so far, 2 left-padding slots
     kv_seg, q_seg = jnp.asarray(kv_seg), jnp.ones((B, 3), jnp.int32)
 
-    def run(impl, q_offset):
-        return attention.attend(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=q_offset,
-                                sliding_window=8, implementation=impl)
+    @jax.jit
+    def run(q_offset):  # traced, as in generate.py
+        kw = dict(q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_offset=q_offset, sliding_window=8)
+        return attention.attend(q, k, v, implementation="blockwise", **kw), attention.attend(
+            q, k, v, implementation="reference", **kw)
 
-    offset = jnp.int32(20)  # traced, as in generate.py
-    np.testing.assert_allclose(run("blockwise", offset), run("reference", offset), atol=TOL, rtol=TOL)
+    got, want = run(jnp.int32(20))
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
 
 
 @pytest.mark.slow
@@ -244,17 +246,16 @@ def test_cudnn_call_matches_reference_on_real_tokens():
     q, k, v, w = _qkv()
     case = dict(sliding_window=6, is_sliding=jnp.asarray(True), scale=0.5)
 
-    def run(impl, seg):
+    @jax.jit
+    def run(seg):
         call = attention.Call(seg, seg, 0, 6, case["is_sliding"], None, 0.5, None)
-        if impl == "cudnn":
-            return attention._cudnn(q, k, v, call, implementation="xla")
-        return attention._reference(q, k, v, call)
+        return attention._cudnn(q, k, v, call, implementation="xla"), attention._reference(q, k, v, call)
 
     right_padded = jnp.asarray(np.arange(T)[None] < np.array([[30], [T]]), jnp.int32)
     for seg in (right_padded, _segments()):
         real = np.asarray(seg != 0)[:, :, None, None]
-        np.testing.assert_allclose(np.where(real, run("cudnn", seg), 0), np.where(real, run("reference", seg), 0),
-                                   atol=TOL, rtol=TOL)
+        got, want = run(seg)
+        np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=TOL, rtol=TOL)
     assert bool(attention._single_segment_lengths(right_padded)[1])
     assert not bool(attention._single_segment_lengths(_segments())[1])
 
@@ -282,9 +283,9 @@ def test_model_logits_same_for_blockwise(family, small_blocks):
     """Whole tiny models on a packed, left-padded batch (Gemma 2: the scanned per-layer traced
     sliding-window switch, soft cap, query_pre_attn_scalar): blockwise logits = reference logits."""
     base = models.get_config(family, "tiny", **({"sliding_window": 6} if family == "gemma2" else {}))
-    tokens = jax.random.randint(jax.random.key(2), (B, T), 0, base.vocab_size)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, base.vocab_size, (B, T)), jnp.int32)
     seg = _segments()
-    params = models.build(base).init(jax.random.key(0), tokens[:, :4])["params"]
+    params = jax.jit(models.build(base).init)(jax.random.key(0), tokens[:, :4])["params"]
 
     def logits(impl):
         model = models.build(base.replace(attention=impl))
