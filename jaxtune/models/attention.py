@@ -435,7 +435,7 @@ def _splash_kernel(heads: int, length: int, window: int | None, soft_cap: float 
 
     shape = (length, length)
     one = sa.CausalMask(shape) if window is None else sa.LocalMask(shape, (window - 1, 0), offset=0)
-    block = min(512, length)
+    block = next(b for b in (512, 256, 128) if length % b == 0)  # length is a multiple of 128
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     return sa.make_splash_mha_single_device(
