@@ -187,7 +187,7 @@ def _call(seg, case):
                           1.0, _prefix() if case.get("prefix") else None)
 
 
-def test_splash_hands_prefix_and_cache_to_blockwise(splash_interpret, caplog):
+def test_splash_hands_prefix_and_cache_to_blockwise(splash_interpret):
     q, k, v, _ = _qkv()
     seg = _segments()
     assert attention.resolve("splash", q, k, _call(seg, {"prefix": True})) == "blockwise"
