@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.errors import UserError
 from jaxtune.peft import prefix as prefix_lib
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ def _log_once(message: str) -> None:
 
 def validate_implementation(name: str, owner: str = "model.attention") -> None:
     if name not in IMPLEMENTATIONS:
-        from jaxtune.errors import UserError
-
         raise UserError(f"{owner}={name!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
 
 
