@@ -11,9 +11,13 @@ import logging
 import os
 import sys
 
+from jaxtune import distributed
 from jaxtune.errors import UserError
 
 EXIT_USER_ERROR = 2
+# Subcommands that use devices: they take the multi-process flags (`parents=[distributed.parent_parser()]`)
+# and start the multi-process runtime before anything else.
+DEVICE_COMMANDS = ("train", "eval", "generate")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train (or resume) a run from a config file")
+    train = commands.add_parser("train", help="train (or resume) a run from a config file",
+                                parents=[distributed.parent_parser()])
     train.add_argument("--config", required=True, help="path/to/config.py[:arg], e.g. configs/quickstart.py")
     train.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, tokenizer")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
@@ -64,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_generate_parser(commands) -> None:
-    gen = commands.add_parser("generate", help="sample from a run's latest checkpoint (--workdir) or an HF dir (--hf_dir)")
+    gen = commands.add_parser("generate", help="sample from a run's latest checkpoint (--workdir) or an HF dir (--hf_dir)",
+                              parents=[distributed.parent_parser()])
     gen.add_argument("--workdir", help="a jaxtune run directory (latest checkpoint, saved config, tokenizer)")
     gen.add_argument("--hf_dir", help="a Hugging Face model dir (config.json, *.safetensors, tokenizer)")
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
@@ -86,7 +92,7 @@ def _add_generate_parser(commands) -> None:
 def _add_eval_parser(commands) -> None:
     ev = commands.add_parser(
         "eval", help="run the configured evaluations (loss, exact match/F1, k-shot, multiple choice); "
-        "writes WORKDIR/eval_results.json and eval/... rows in metrics.jsonl",
+        "writes WORKDIR/eval_results.json and eval/... rows in metrics.jsonl", parents=[distributed.parent_parser()],
     )
     ev.add_argument("--config", help="config file (default: the config saved with the workdir's checkpoint)")
     ev.add_argument("--workdir", required=True, help="run directory: the model (unless --hf_dir) and the results")
@@ -290,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
+        if args.command in DEVICE_COMMANDS:
+            distributed.initialize(distributed.settings_from(args))
+            distributed.quiet_other_processes()
         if args.command == "train":
             return _train(args, overrides)
         if args.command == "convert":
@@ -303,10 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return _data_preview(args, overrides)
     except UserError as e:
+        distributed.fail_all(str(e), EXIT_USER_ERROR)  # the other processes stop too, with this message
         if args.debug:
             raise
         print(f"jaxtune: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as e:
+        distributed.fail_all(f"{type(e).__name__}: {e}", 1)
+        raise
     return 0
 
 
