@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from jaxtune import distributed
 from jaxtune.errors import UserError
@@ -153,8 +154,9 @@ def _eval(args, overrides: list[str]) -> int:
     scores = evaluate.run(loaded.model, loaded.params, loaded.tokenizer, eval_set, config.eval,
                           seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples)
     step = loaded.step or 0
-    path = evaluate.write_results(Path(args.workdir) / "eval_results.json", scores, step=step,
-                                  model=args.hf_dir or str(args.workdir))
+    path = Path(args.workdir) / "eval_results.json"
+    if distributed.process_index() == 0:  # files are written once (a shared workdir)
+        evaluate.write_results(path, scores, step=step, model=args.hf_dir or str(args.workdir))
     writer = metrics.MetricsWriter(args.workdir, resume_step=2**62, tensorboard=False)
     writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
     writer.close()
@@ -312,14 +314,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return _data_preview(args, overrides)
     except UserError as e:
-        distributed.fail_all(str(e), EXIT_USER_ERROR)  # the other processes stop too, with this message
-        if args.debug:
+        if args.debug and not distributed.is_multiprocess():
             raise
+        if args.debug:
+            traceback.print_exc()
         print(f"jaxtune: error: {e}", file=sys.stderr)
+        distributed.fail_all(str(e), EXIT_USER_ERROR)  # several processes: all stop, with this message
         return EXIT_USER_ERROR
     except Exception as e:
+        if not distributed.is_multiprocess():
+            raise
+        traceback.print_exc()
         distributed.fail_all(f"{type(e).__name__}: {e}", 1)
-        raise
     return 0
 
 

@@ -38,6 +38,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,6 +54,7 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 WAIT_TIMEOUT_S = 24 * 3600
 # How long a failing process waits for the others to read its error before it exits.
 FAILURE_ACK_TIMEOUT_S = 10
+_COORDINATOR_GRACE_S = 1.0
 WATCH_INTERVAL_S = 0.5  # how often a process checks whether another one failed
 _FAILURE_KEY = "jaxtune/failure"
 _counters: dict[str, itertools.count] = {}
@@ -273,8 +275,12 @@ def _digest(text: str) -> str:
 
 
 def fail_all(message: str, exit_code: int) -> None:
-    """Tells every other process that this one failed (they print `message` and exit with
-    `exit_code`), and waits briefly so they read it before this process (maybe the coordinator) exits."""
+    """Ends a multi-process run from the process that failed: tells every other process (they print
+    `message` and exit with `exit_code` too), waits briefly until they have read it, and exits.
+
+    The exit skips JAX's shutdown barrier, which would wait for (or abort on) peers that are gone.
+    Returns only in a single-process run, where the caller reports and exits as usual.
+    """
     if not is_multiprocess():
         return
     import jax
@@ -282,14 +288,24 @@ def fail_all(message: str, exit_code: int) -> None:
     me = process_index()
     try:
         _client().key_value_set(_FAILURE_KEY, json.dumps({"process": me, "message": message, "code": exit_code}))
-    except Exception:  # another process failed first; its error stands
-        return
-    for p in range(jax.process_count()):
-        if p != me:
-            try:
-                _client().blocking_key_value_get(f"{_FAILURE_KEY}/ack/{p}", FAILURE_ACK_TIMEOUT_S * 1000)
-            except Exception:  # that process is gone already
-                pass
+    except Exception:  # another process failed first: its watcher here ends this process with its error
+        time.sleep(FAILURE_ACK_TIMEOUT_S)
+    else:
+        for p in range(jax.process_count()):
+            if p != me:
+                try:
+                    _client().blocking_key_value_get(f"{_FAILURE_KEY}/ack/{p}", FAILURE_ACK_TIMEOUT_S * 1000)
+                except Exception:  # that process is gone already
+                    pass
+        if me == 0:  # the coordinator leaves last: the others abort when it disappears under them
+            time.sleep(_COORDINATOR_GRACE_S)
+    _exit(exit_code)
+
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _start_failure_watcher() -> None:
@@ -313,8 +329,10 @@ def _start_failure_watcher() -> None:
                   flush=True)
             try:
                 _client().key_value_set(f"{_FAILURE_KEY}/ack/{process_index()}", "1")
+                if process_index() == 0:
+                    time.sleep(_COORDINATOR_GRACE_S)
             finally:
-                os._exit(failure["code"])
+                _exit(failure["code"])
 
     thread = threading.Thread(target=watch, name="jaxtune-failure-watcher", daemon=True)
     thread.start()
