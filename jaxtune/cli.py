@@ -128,6 +128,8 @@ def _chat(args) -> int:
 
     if args.prompt:
         raise UserError("generate: --chat reads the conversation from stdin; drop --prompt")
+    if distributed.is_multiprocess():
+        raise UserError("generate: --chat is interactive; run it as a single process")
     loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir)
     template = chat_loop.choose_template(args.chat_template, loaded.tokenizer, loaded.config)
     sampling = chat_loop.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.stop)

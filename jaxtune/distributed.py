@@ -188,6 +188,19 @@ def is_multiprocess() -> bool:
     return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
+def to_host(x) -> Any:
+    """A (maybe multi-process) jax.Array as a numpy array on every process: shards that other
+    processes hold are gathered (a collective: every process must call it)."""
+    import jax
+    import numpy as np
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def _client():
     from jax._src import distributed
 
