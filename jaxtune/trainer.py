@@ -440,11 +440,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             batch_sharding = {k: pair_sharding[k] for k in batch_keys}
         data_iter = iter(dataset)
 
-        # Decided by process 0: every process must restore the same step.
-        latest = distributed.share(checkpointer.latest_step, "resume_step")
+        # Process 0's answer wins: every process must restore the same step. (Every process asks:
+        # orbax calls may synchronise processes, so none may be made by process 0 alone.)
+        local_latest = checkpointer.latest_step()
+        latest = distributed.share(lambda: local_latest, "resume_step")
         if latest is not None:
-            changed = distributed.share(lambda: checkpoint_lib.config_differences(
-                checkpointer.saved_config(latest) or config_json, config_json), "resume_config")
+            saved = checkpointer.saved_config(latest)
+            changed = checkpoint_lib.config_differences(saved, config_json) if saved else []
             if changed and jax.process_index() == 0:
                 log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
             saved_state = checkpoint_lib.abstract_with_shardings(abstract_state.replace(frozen=None),
