@@ -49,8 +49,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, on_metrics: Metric
     `on_metrics(row)` receives every row as it is appended to `metrics.jsonl` (train rows: "step",
     "loss", "lr", ...; evaluation rows: "step" and "eval/..." keys), e.g. to draw a live loss curve.
     """
-    from jaxtune import trainer
+    from jaxtune import distributed, trainer
 
+    distributed.initialize()  # multi-host pods/SLURM: before anything touches devices; no-op for one process
     return trainer.train(config, workdir, on_metrics=on_metrics)
 
 

@@ -84,6 +84,24 @@ def latest_checkpoint(workdir: str | Path, command: str) -> tuple[Path, int]:
     return directory, int(step)
 
 
+def local_target(state_dir: str | Path) -> Any | None:
+    """Several processes: the saved tree's shapes on this process's first device, so each process
+    restores the whole tree for itself (generate, eval: every process runs the same computation
+    locally, like the base a PEFT run re-creates on the host). None in one process (orbax then
+    restores as saved)."""
+    if jax.process_count() == 1:
+        return None
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # "no step metadata file" in an item directory: expected
+    try:
+        tree = ocp.StandardCheckpointer().metadata(Path(state_dir).absolute()).item_metadata.tree
+    finally:
+        absl_log.setLevel(level)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+
+
 def restore_params(workdir: str | Path, abstract_params: Any) -> Any:
     """The params of the latest checkpoint in another run's workdir (model.init_from), into their shardings.
 

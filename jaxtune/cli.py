@@ -10,10 +10,15 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
+from jaxtune import distributed
 from jaxtune.errors import UserError
 
 EXIT_USER_ERROR = 2
+# Subcommands that use devices: they take the multi-process flags (`parents=[distributed.parent_parser()]`)
+# and start the multi-process runtime before anything else.
+DEVICE_COMMANDS = ("train", "eval", "generate")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train (or resume) a run from a config file")
+    train = commands.add_parser("train", help="train (or resume) a run from a config file",
+                                parents=[distributed.parent_parser()])
     train.add_argument("--config", required=True, help="path/to/config.py[:arg], e.g. configs/quickstart.py")
     train.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, tokenizer")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
@@ -64,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_generate_parser(commands) -> None:
-    gen = commands.add_parser("generate", help="sample from a run's latest checkpoint (--workdir) or an HF dir (--hf_dir)")
+    gen = commands.add_parser("generate", help="sample from a run's latest checkpoint (--workdir) or an HF dir (--hf_dir)",
+                              parents=[distributed.parent_parser()])
     gen.add_argument("--workdir", help="a jaxtune run directory (latest checkpoint, saved config, tokenizer)")
     gen.add_argument("--hf_dir", help="a Hugging Face model dir (config.json, *.safetensors, tokenizer)")
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
@@ -86,7 +93,7 @@ def _add_generate_parser(commands) -> None:
 def _add_eval_parser(commands) -> None:
     ev = commands.add_parser(
         "eval", help="run the configured evaluations (loss, exact match/F1, k-shot, multiple choice); "
-        "writes WORKDIR/eval_results.json and eval/... rows in metrics.jsonl",
+        "writes WORKDIR/eval_results.json and eval/... rows in metrics.jsonl", parents=[distributed.parent_parser()],
     )
     ev.add_argument("--config", help="config file (default: the config saved with the workdir's checkpoint)")
     ev.add_argument("--workdir", required=True, help="run directory: the model (unless --hf_dir) and the results")
@@ -121,6 +128,8 @@ def _chat(args) -> int:
 
     if args.prompt:
         raise UserError("generate: --chat reads the conversation from stdin; drop --prompt")
+    if distributed.is_multiprocess():
+        raise UserError("generate: --chat is interactive; run it as a single process")
     loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir)
     template = chat_loop.choose_template(args.chat_template, loaded.tokenizer, loaded.config)
     sampling = chat_loop.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.stop)
@@ -145,8 +154,9 @@ def _eval(args, overrides: list[str]) -> int:
     scores = evaluate.run(loaded.model, loaded.params, loaded.tokenizer, eval_set, config.eval,
                           seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples)
     step = loaded.step or 0
-    path = evaluate.write_results(paths.path(args.workdir) / "eval_results.json", scores, step=step,
-                                  model=args.hf_dir or str(args.workdir))
+    path = paths.path(args.workdir) / "eval_results.json"
+    if distributed.process_index() == 0:  # files are written once (a shared workdir)
+        evaluate.write_results(path, scores, step=step, model=args.hf_dir or str(args.workdir))
     writer = metrics.MetricsWriter(args.workdir, resume_step=2**62, tensorboard=False)
     writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
     writer.close()
@@ -286,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
+        if args.command in DEVICE_COMMANDS:
+            distributed.initialize(distributed.settings_from(args))
+            distributed.quiet_other_processes()
         if args.command == "train":
             return _train(args, overrides)
         if args.command == "convert":
@@ -299,10 +312,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return _data_preview(args, overrides)
     except UserError as e:
-        if args.debug:
+        if args.debug and not distributed.is_multiprocess():
             raise
+        if args.debug:
+            traceback.print_exc()
         print(f"jaxtune: error: {e}", file=sys.stderr)
+        distributed.fail_all(str(e), EXIT_USER_ERROR)  # several processes: all stop, with this message
         return EXIT_USER_ERROR
+    except Exception as e:
+        if not distributed.is_multiprocess():
+            raise
+        traceback.print_exc()
+        distributed.fail_all(f"{type(e).__name__}: {e}", 1)
     return 0
 
 

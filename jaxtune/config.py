@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.on_error = "error"  # bad records (malformed JSON, wrong types, empty targets): error | skip (counted)
     c.data.packing_strategy = "first_fit"  # first_fit | best_fit
     c.data.packing_bins = 0  # open bins the packer fills at once; 0 = the per-process batch size
+    # Slices of the data stream, each packed on its own (0 = one per process). A fixed count, divisible
+    # by every process count you use, makes packed batches (and losses) independent of the process count.
+    c.data.shards = 0
     # Preference/KTO records with chat `messages`: a built-in name (llama3, gemma, chatml, qwen, alpaca,
     # plain), a jinja string, a .jinja file or a tokenizer_config.json; "" = the tokenizer's own template.
     c.data.chat_template = ""
@@ -429,6 +432,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         validate_task(name, task)
     if config.data.mixture.cap < 0 or not config.data.mixture.temperature > 0:
         raise UserError("config keys data.mixture.cap must be >= 0 and data.mixture.temperature > 0")
+    if config.data.shards < 0:
+        raise UserError(f"config key 'data.shards' must be >= 0, got {config.data.shards}")
     if config.data.packing_bins < 0:
         raise UserError(f"config key 'data.packing_bins' must be >= 0, got {config.data.packing_bins}")
     single_jsonl = config.data.source == "jsonl" and not config.data.tasks
@@ -575,6 +580,12 @@ def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str
     if batch % process_count:
         raise UserError(
             f"config key 'train.global_batch_size' ({batch}) is not divisible by the process count {process_count}"
+        )
+    shards = config.data.shards
+    if shards and (shards % process_count or batch % shards):
+        raise UserError(
+            f"config key 'data.shards' ({shards}) must be a multiple of the process count {process_count} and "
+            f"divide train.global_batch_size ({batch})"
         )
 
 

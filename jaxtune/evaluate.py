@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import generate as generate_lib, paths
+from jaxtune import distributed, generate as generate_lib, paths
 from jaxtune.data import pipeline, templates as templates_lib
 from jaxtune.data.eval_tasks import EvalTask, load_eval_tasks
 from jaxtune.data.flan import few_shot_prompt
@@ -114,7 +114,7 @@ def score_continuations(
         chunk += [{k: np.zeros(seq_len, np.int32) for k in pipeline.BATCH_KEYS}] * (batch_size - len(chunk))
         batch = {k: np.stack([r[k] for r in chunk]) for k in pipeline.BATCH_KEYS}
         out = _sequence_logprobs(generate_lib.ByRepr(model), variables, batch)
-        results.append(np.stack([np.asarray(x) for x in out])[:, : min(batch_size, len(rows) - start)])
+        results.append(np.stack([distributed.to_host(x) for x in out])[:, : min(batch_size, len(rows) - start)])
     if not results:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     logp, count, hits = np.concatenate(results, axis=1)

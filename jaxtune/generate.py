@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import sharding
+from jaxtune import distributed, sharding
 from jaxtune.errors import UserError
 
 MIN_PROMPT_BUCKET = 8
@@ -217,7 +217,7 @@ def generate(
             jnp.float32(top_p or 1.0), max_new_tokens=max_new_tokens, greedy=greedy,
             top_k=None if greedy else top_k, use_top_p=top_p is not None and not greedy, pad_id=pad_id,
         )
-        for row in np.asarray(new)[: len(chunk)].tolist():
+        for row in distributed.to_host(new)[: len(chunk)].tolist():
             cut = next((i for i, t in enumerate(row) if t in stop_tokens), len(row))
             outputs.append(row[:cut])
     return outputs

@@ -16,7 +16,7 @@ import ml_collections
 
 from jaxtune import config as config_lib
 from jaxtune import models, paths
-from jaxtune.checkpoint import latest_checkpoint, saved_config
+from jaxtune.checkpoint import latest_checkpoint, local_target, saved_config
 from jaxtune.data.datasets import TOKENIZER_FILE
 from jaxtune.data.tokenizers import Tokenizer, load_tokenizer
 from jaxtune.errors import UserError
@@ -73,7 +73,8 @@ def restore_run(workdir: str, what: str, *, config: ml_collections.ConfigDict | 
 
     directory, step = latest_checkpoint(workdir, what)
     with ocp.CheckpointManager(directory) as manager:
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        target = local_target(directory / str(step) / "state")  # several processes: each holds it all
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         saved = saved_config(manager, step)
     if saved is None and config is None:
         raise UserError(f"{what} {workdir}: checkpoint {directory / str(step)} has no saved config; pass --config")

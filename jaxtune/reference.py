@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxtune import paths
+from jaxtune import distributed, paths
 from jaxtune.data import preference
 from jaxtune.errors import UserError
 
@@ -66,6 +66,23 @@ def _chunk(
     return out
 
 
+def _stored(directory: Path, fingerprint: dict, n: int, chunk_records: int) -> dict:
+    """{"complete": bool, "chunks": [indices of finished chunk files]}; refuses a table made for other settings."""
+    done = directory / "done.json"
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        if changed:
+            raise UserError(
+                f"{directory}: precomputed reference log-probs were made for different settings ({', '.join(changed)}); "
+                "delete the directory to recompute them"
+            )
+        return {"complete": True, "chunks": []}
+    directory.mkdir(parents=True, exist_ok=True)
+    chunks = [k for k in range(-(-n // chunk_records)) if (directory / f"chunk_{k:05d}.npy").is_file()]
+    return {"complete": False, "chunks": chunks}
+
+
 def precompute(
     score_fn: Callable[[Any, dict[str, jax.Array]], jax.Array],
     params_fn: Callable[[], Any],
@@ -87,24 +104,19 @@ def precompute(
     directory = paths.path(workdir) / STORE_DIR
     done, table = directory / "done.json", directory / "logps.npy"
     fingerprint = json.loads(json.dumps(dict(fingerprint)))
-    if done.is_file():
-        saved = json.loads(done.read_text())
-        changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-        if changed:
-            raise UserError(
-                f"{directory}: precomputed reference log-probs were made for different settings ({', '.join(changed)}); "
-                "delete the directory to recompute them"
-            )
+    n = len(source)
+    # What is on disk is read once, by process 0: every process must take the same branches (the
+    # computed chunks run collectives). Assumes a workdir all processes share.
+    stored = distributed.share(lambda: _stored(directory, fingerprint, n, chunk_records), "reference_logps")
+    if stored["complete"]:
         with table.open("rb") as f:
             return np.load(f)
-    directory.mkdir(parents=True, exist_ok=True)
     keys = preference.BATCH_KEYS
-    n = len(source)
     chunks = []
     params = None
     for k, start in enumerate(range(0, n, chunk_records)):
         path = directory / f"chunk_{k:05d}.npy"
-        if path.is_file():
+        if k in stored["chunks"]:
             with path.open("rb") as f:
                 chunks.append(np.load(f))
             continue
@@ -117,6 +129,7 @@ def precompute(
         chunks.append(values)
         log.info("reference log-probs: %d / %d records", min(start + chunk_records, n), n)
     logps = np.concatenate(chunks, axis=0)
+    distributed.barrier("reference_logps_read")  # every process has read the chunks process 0 now removes
     if jax.process_index() == 0:
         _save_atomic(table, logps)
         done.write_text(json.dumps(fingerprint, indent=1))

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
-from jaxtune import evaluate, metrics as metrics_lib, models, optim, paths, reference, sharding
+from jaxtune import distributed, evaluate, metrics as metrics_lib, models, optim, paths, reference, sharding
 from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
 from jaxtune.objectives import kto_loss, preference_loss, sequence_logps, sft_loss
@@ -378,6 +378,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     devices = list(devices) if devices is not None else jax.devices()
     mesh_shape = config_lib.resolve_mesh_shape(config, len(devices))
     config_lib.validate_for_devices(config, mesh_shape, process_count)
+    distributed.agree(config_lib.to_json_dict(config), "config")  # every process runs the same command
 
     pairs = config.objective.type != "sft"
     if pairs:
@@ -445,11 +446,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             batch_sharding = {k: pair_sharding[k] for k in batch_keys}
         data_iter = iter(dataset)
 
-        latest = checkpointer.latest_step()
+        # Process 0's answer wins: every process must restore the same step. (Every process asks:
+        # orbax calls may synchronise processes, so none may be made by process 0 alone.)
+        local_latest = checkpointer.latest_step()
+        latest = distributed.share(lambda: local_latest, "resume_step")
         if latest is not None:
             saved = checkpointer.saved_config(latest)
             changed = checkpoint_lib.config_differences(saved, config_json) if saved else []
-            if changed:
+            if changed and jax.process_index() == 0:
                 log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
             saved_state = checkpoint_lib.abstract_with_shardings(abstract_state.replace(frozen=None),
                                                                  state_shardings.replace(frozen=None))

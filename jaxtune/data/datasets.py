@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxtune import paths
+from jaxtune import distributed, paths
 from jaxtune.config import task_config
 from jaxtune.data import chat as chat_lib
 from jaxtune.data import preference
@@ -55,14 +55,20 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: Path, corpus) -> Tokeniz
             raise UserError(f"config key 'data.tokenizer': {path} does not exist")
         return load_tokenizer(path)
     cached = workdir / TOKENIZER_FILE
-    if cached.is_file():
-        return load_tokenizer(cached)
-    log.info("training a %d-piece sentencepiece tokenizer into %s", cfg.tokenizer_vocab_size, cached)
-    workdir.mkdir(parents=True, exist_ok=True)
-    # Read the corpus before sentencepiece sees it, so a bad record raises our own error
-    # (naming its file and line) instead of one wrapped inside the trainer.
-    texts = list(corpus())
-    return train_sentencepiece(texts, cached.with_suffix(""), vocab_size=cfg.tokenizer_vocab_size)
+
+    def train_once():
+        if cached.is_file():
+            return
+        log.info("training a %d-piece sentencepiece tokenizer into %s", cfg.tokenizer_vocab_size, cached)
+        workdir.mkdir(parents=True, exist_ok=True)
+        # Read the corpus before sentencepiece sees it, so a bad record raises our own error
+        # (naming its file and line) instead of one wrapped inside the trainer.
+        texts = list(corpus())
+        train_sentencepiece(texts, cached.with_suffix(""), vocab_size=cfg.tokenizer_vocab_size)
+
+    # Multi-process: process 0 trains it into the (shared) workdir, the others wait and load it.
+    distributed.on_first_process(train_once, "tokenizer")
+    return load_tokenizer(cached)
 
 
 def _tasks_corpus(tasks: Sequence[TaskSpec], seed: int) -> Any:
@@ -155,7 +161,7 @@ def train_dataset(data: SftData, cfg: ml_collections.ConfigDict, *, batch_size: 
         packing=cfg.packing, packing_strategy=cfg.packing_strategy, packing_bins=cfg.packing_bins,
         shuffle=cfg.shuffle, process_index=process_index, process_count=process_count,
         worker_count=cfg.worker_count, read_threads=cfg.read_threads, prefetch=cfg.prefetch,
-        collect_lengths=collect_lengths,
+        collect_lengths=collect_lengths, shards=cfg.shards,
     )
 
 

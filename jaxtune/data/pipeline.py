@@ -156,6 +156,9 @@ def build_dataset(
     packing_strategy: str = "first_fit",
     packing_bins: int = 0,
     collect_lengths: bool = False,
+    shards: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
     **stream_options,
 ) -> tuple[grain.IterDataset, PipelineStats]:
     """An endless, per-process stream of batches of `batch_size` rows (this process's share).
@@ -165,21 +168,39 @@ def build_dataset(
     process's disjoint slice of the mixed stream; optionally fan the example building out to
     worker processes (same order for any count); count; pack (first/best fit) or pad; batch.
     The iterator state of the whole graph (mixture included) checkpoints with Grain.
-    `stream_options` (rates, shuffle, process_index/count, worker_count, read_threads, prefetch)
-    go to `example_stream`.
+    `stream_options` (rates, shuffle, worker_count, read_threads, prefetch) go to `example_stream`.
+
+    `shards` (default: one per process) splits the mixed stream into that many slices, each
+    packed into its own rows; a process builds `shards / process_count` of them and puts their
+    rows side by side. A fixed shard count therefore gives the same global batches (and losses)
+    for any process count that divides it.
     """
-    it = example_stream(tasks, tokenizer, seq_len=seq_len, seed=seed, **stream_options)
+    shards = shards or process_count
+    if shards % process_count or batch_size % (shards // process_count):
+        raise ValueError(f"{shards} data shards do not split over {process_count} processes x {batch_size} rows")
+    per_process = shards // process_count
     stats = PipelineStats({t.name: TaskStats(lengths=[] if collect_lengths else None) for t in tasks})
-    it = it.map(CountExamples(stats.tasks, [t.name for t in tasks])).filter(is_example).map(strip_meta)
-    if packing:
-        packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
-                  "best_fit": grain.experimental.BestFitPackIterDataset}[packing_strategy]
-        lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
-        it = packer(it, length_struct=lengths, num_packing_bins=packing_bins or batch_size, shuffle_bins=False)
-        it = it.map(_from_packed)
-    else:
-        it = it.map(functools.partial(pad_example, seq_len=seq_len))
-    return it.batch(batch_size, drop_remainder=True).map(stats), stats
+    rows = batch_size // per_process
+    parts = []
+    for k in range(per_process):
+        it = example_stream(tasks, tokenizer, seq_len=seq_len, seed=seed, process_index=process_index * per_process + k,
+                            process_count=shards, **stream_options)
+        it = it.map(CountExamples(stats.tasks, [t.name for t in tasks])).filter(is_example).map(strip_meta)
+        if packing:
+            packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
+                      "best_fit": grain.experimental.BestFitPackIterDataset}[packing_strategy]
+            lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
+            it = packer(it, length_struct=lengths, num_packing_bins=packing_bins or rows, shuffle_bins=False)
+            it = it.map(_from_packed)
+        else:
+            it = it.map(functools.partial(pad_example, seq_len=seq_len))
+        parts.append(it.batch(rows, drop_remainder=True))
+    it = parts[0] if per_process == 1 else grain.experimental.ZipIterDataset(parents=parts).map(_concat_rows)
+    return it.map(stats), stats
+
+
+def _concat_rows(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 def train_dataset(

@@ -124,3 +124,19 @@ def test_missing_template_field_is_reported(tmp_path):
     ds, _ = pipeline.train_dataset([{"question": "x", "a": "y"}], TEMPLATES, CharTokenizer(), seq_len=32, batch_size=1, seed=0)
     with pytest.raises(Exception, match="q"):
         next(iter(ds))
+
+
+def test_fixed_shard_count_gives_the_same_global_batches_for_any_process_count():
+    """data.shards=2: one process builds both shards side by side; two processes build one each and
+    their rows, in process order, are the same packed global batch; the state resumes."""
+    make = lambda **kw: pipeline.train_dataset(_records(40), TEMPLATES, CharTokenizer(), seq_len=48, seed=3,
+                                               shards=2, **kw)[0]
+    one, _ = _take(make(batch_size=4), 4)
+    halves = [_take(make(batch_size=2, process_index=p, process_count=2), 4)[0] for p in range(2)]
+    for step, batch in enumerate(one):
+        for k in pipeline.BATCH_KEYS:
+            assert np.array_equal(batch[k], np.concatenate([halves[0][step][k], halves[1][step][k]]))
+    _, it = _take(make(batch_size=4), 2)
+    resumed = iter(make(batch_size=4))
+    resumed.set_state(it.get_state())
+    assert np.array_equal(next(resumed)["inputs"], one[2]["inputs"])

@@ -1,0 +1,261 @@
+"""Multi-process runs on one machine: 2 CPU processes x 2 devices (gloo collectives) against 1 process x 4.
+
+Every process is a real `python -m jaxtune.cli` subprocess started with --coordinator_address on a
+free local port, exactly as on a pod (one process per host). The single-process reference runs in
+this process on 4 of its 8 fake devices, with the same config: the losses must agree per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxtune import cli
+from jaxtune import config as config_lib
+from jaxtune import trainer
+from jaxtune.metrics import read_metrics
+from tests.helpers import write_preference_jsonl, write_sft_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5
+PROCESS_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def launch(args: list[str], num_processes: int = 2, only: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+    """`jaxtune ARGS` as `num_processes` cooperating processes (stdout+stderr captured per process);
+    `only[i]` replaces process i's ARGS."""
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "jaxtune.cli", *(only or {}).get(i, args), "--coordinator_address",
+             f"localhost:{port}", "--num_processes", str(num_processes), "--process_id", str(i)],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        for i in range(num_processes)
+    ]
+
+
+def wait(procs: list[subprocess.Popen], timeout: float = PROCESS_TIMEOUT_S) -> tuple[list[int], list[str]]:
+    deadline = time.time() + timeout
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1.0, deadline - time.time()))[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return [p.returncode for p in procs], outs
+
+
+def run_cli(args: list[str], num_processes: int = 2) -> list[str]:
+    codes, outs = wait(launch(args, num_processes))
+    assert codes == [0] * num_processes, "\n\n".join(outs)
+    return outs
+
+
+def _config_file(tmp_path: Path) -> Path:
+    """A tiny packed-SFT config on a 2 (data) x 2 (fsdp) mesh with 2 data shards (so the same
+    packed batches for 1 or 2 processes), synchronous checkpoints every 2 steps."""
+    train = write_sft_jsonl(tmp_path / "train.jsonl")
+    evals = write_sft_jsonl(tmp_path / "eval.jsonl", n=6)
+    path = tmp_path / "cfg.py"
+    path.write_text(textwrap.dedent(f'''
+        """jaxtune train --config cfg.py --workdir W"""
+        from tests.helpers import tiny_base_config
+
+        def get_config(arg=None):
+            c = tiny_base_config({str(train)!r})
+            c.mesh.rules = "fsdp"
+            c.mesh.data = 2
+            c.mesh.fsdp = 2
+            c.data.shards = 2
+            c.data.eval_path = {str(evals)!r}
+            c.eval.batch_size = 4
+            c.eval.max_new_tokens = 4
+            c.eval.show_examples = 0
+            c.train.steps = 4
+            c.train.checkpoint_every = 2
+            c.train.async_checkpoints = False
+            return c
+    '''))
+    return path
+
+
+DPO_OVERRIDES = [
+    "data.seq_len=24", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2",
+    "data.tokenizer_vocab_size=280", "train.steps=4", "train.global_batch_size=8", "train.log_every=1",
+    "train.checkpoint_every=2", "train.async_checkpoints=False", "train.progress_bar=False", "optim.lr=1e-3",
+    "optim.warmup_steps=0", "mesh.rules=fsdp", "mesh.data=2", "mesh.fsdp=2",
+]
+
+
+def _reference_run(config_spec: str, workdir: Path, overrides=()):
+    """The same config in this process, on 4 devices."""
+    config = config_lib.load_config(config_spec, list(overrides))
+    return trainer.train(config, workdir, devices=jax.devices()[:4])
+
+
+def _train_args(config_spec: str, workdir: Path, overrides=()) -> list[str]:
+    return ["train", "--config", config_spec, "--workdir", str(workdir), *(f"--config.{o}" for o in overrides)]
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(workdir) if "loss" in row}
+
+
+def _assert_same_losses(workdir: Path, reference: Path) -> None:
+    got, want = _losses(workdir), _losses(reference)
+    assert sorted(got) == sorted(want) and want, (got, want)
+    worst = max(abs(got[s] - want[s]) for s in want)
+    assert worst <= TOLERANCE, (got, want)
+
+
+def _compare(tmp_path: Path, config_spec: str, overrides=()) -> list[str]:
+    """2 processes x 2 devices vs 1 process x 4 devices: the same loss at every step."""
+    outs = run_cli(_train_args(config_spec, tmp_path / "multi", overrides))
+    _reference_run(config_spec, tmp_path / "single", overrides)
+    _assert_same_losses(tmp_path / "multi", tmp_path / "single")
+    return outs
+
+
+def test_two_processes_match_one_packed_sft(tmp_path):
+    """The default-suite representative: packed SFT on a data x fsdp mesh spanning 2 processes; the
+    tokenizer is trained once, one process writes metrics and console output, checkpoints are
+    multi-host saves. (No eval set, to keep it short: the LoRA test evaluates across processes.)"""
+    outs = _compare(tmp_path, str(_config_file(tmp_path)), ["data.eval_path="])
+    assert "jaxtune: done: 4 steps" in outs[0]
+    assert "jaxtune: done" not in outs[1] and "step 4:" not in outs[1]  # process 1's stdout is quiet
+    assert sorted(int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_lora(tmp_path):
+    """LoRA (adapters-only checkpoints, the base re-created), with the held-out eval (exact match by
+    KV-cache generation, loss) run across processes before and after training."""
+    outs = _compare(tmp_path, str(_config_file(tmp_path)), ["peft.method=lora", "peft.rank=4", "optim.lr=1e-2"])
+    assert "held-out exact match" in outs[0]
+    single = {r["step"]: r for r in read_metrics(tmp_path / "single") if "eval/exact_match" in r}
+    multi = {r["step"]: r for r in read_metrics(tmp_path / "multi") if "eval/exact_match" in r}
+    assert sorted(multi) == [0, 4]
+    for step in multi:
+        assert multi[step]["eval/loss"] == pytest.approx(single[step]["eval/loss"], abs=1e-5)
+        assert multi[step]["eval/exact_match"] == single[step]["eval/exact_match"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reference", ["copy", "precomputed"])
+def test_two_processes_match_one_dpo(tmp_path, reference):
+    pairs = write_preference_jsonl(tmp_path / "pairs.jsonl", 48)
+    overrides = [*DPO_OVERRIDES, f"data.train_path={pairs}", f"objective.reference={reference}"]
+    outs = _compare(tmp_path, f"{REPO / 'configs' / 'dpo.py'}:loss=sigmoid", overrides)
+    assert "reference:" in outs[0]
+    if reference == "precomputed":
+        assert (tmp_path / "multi" / "reference_logps" / "done.json").is_file()
+
+
+@pytest.mark.slow
+def test_kill_both_processes_then_resume_matches(tmp_path):
+    """SIGKILL both processes mid-run; the same command resumes from the last checkpoint both
+    agree on, and every step's loss still matches the uninterrupted single-process run."""
+    config = str(_config_file(tmp_path))
+    overrides = ["train.steps=40", "train.checkpoint_every=5", "data.eval_path="]
+    workdir = tmp_path / "multi"
+    procs = launch(_train_args(config, workdir, overrides))
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + PROCESS_TIMEOUT_S
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 12):
+        if any(p.poll() is not None for p in procs):
+            pytest.fail("a process ended before it was killed:\n" + "\n".join(wait(procs)[1]))
+        time.sleep(0.05)
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)
+    codes, _ = wait(procs)
+    assert codes == [-signal.SIGKILL] * 2
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and 10 <= saved[-1] < 40
+    outs = run_cli(_train_args(config, workdir, overrides))
+    assert "jaxtune: resuming from step" in outs[0]
+    _reference_run(config, tmp_path / "single", overrides)
+    _assert_same_losses(workdir, tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_eval_and_generate_across_processes(tmp_path, capsys):
+    """`jaxtune eval` and `jaxtune generate` on 2 processes give what one process gives."""
+    config = str(_config_file(tmp_path))
+    workdir = tmp_path / "run"
+    _reference_run(config, workdir)
+    single = tmp_path / "single_eval"
+    shutil.copytree(workdir, single)
+    assert cli.main(["eval", "--workdir", str(single)]) == 0
+    prompts = ["--prompt", "reverse: cat dog =", "--prompt", "reverse: sun =", "--max_new_tokens", "6"]
+    capsys.readouterr()
+    assert cli.main(["generate", "--workdir", str(workdir), *prompts]) == 0
+    expected = capsys.readouterr().out.splitlines()
+    assert len(expected) == 2
+
+    outs = run_cli(["eval", "--workdir", str(workdir)])
+    want = json.loads((single / "eval_results.json").read_text())
+    got = json.loads((workdir / "eval_results.json").read_text())
+    assert "jaxtune: wrote" in outs[0] and "jaxtune: wrote" not in outs[1]
+    assert _numbers(got) == pytest.approx(_numbers(want), rel=1e-5, abs=1e-6)
+    outs = run_cli(["generate", "--workdir", str(workdir), *prompts])
+    assert [line for line in outs[0].splitlines() if not _noise(line)] == expected
+    assert not [line for line in outs[1].splitlines() if not _noise(line)]
+
+
+def _numbers(tree, prefix=""):
+    """{dotted key: value} of the numbers in a JSON tree (results files carry paths and times too)."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _numbers(sub, f"{prefix}{key}.").items()
+                if not k.startswith(("model", "time", "date"))}
+    return {prefix.rstrip("."): tree} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
+
+
+def _noise(line: str) -> bool:
+    """Runtime log lines (gloo, XLA warnings) that are not the command's own output."""
+    return line.startswith(("[Gloo]", "W1", "I1", "E1")) or not line
+
+
+@pytest.mark.slow
+def test_a_failing_process_stops_all_with_its_error(tmp_path):
+    """A config that differs between processes is refused on all of them; a user error on one process
+    (its config file is missing there) ends the other one too, with the same status and the cause."""
+    config = str(_config_file(tmp_path))
+    args = _train_args(config, tmp_path / "a")
+    codes, outs = wait(launch(args, only={1: [*args, "--config.optim.lr=0.5"]}), timeout=120)
+    assert codes == [2, 2], outs
+    for out in outs:
+        assert "jaxtune: error: process 1 runs with a different config than process 0" in out and "optim.lr" in out
+
+    missing = _train_args(str(tmp_path / "missing.py"), tmp_path / "b")
+    t0 = time.time()
+    codes, outs = wait(launch(args, only={1: missing}), timeout=120)
+    assert codes == [2, 2], outs
+    assert "jaxtune: error: --config" in outs[1] and "no such file" in outs[1]
+    assert "jaxtune: error: process 1 failed: --config" in outs[0]
+    assert time.time() - t0 < 60  # not the 100 s heartbeat timeout
