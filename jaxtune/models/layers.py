@@ -438,3 +438,62 @@ def stack_layers(
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+# ----------------------------------------------------------------------------- the decoder LM
+
+
+class CausalLM(nn.Module):
+    """The top level every family shares: embed -> scanned decoder blocks -> final norm -> LM head.
+
+    It is split in two methods so that the loss can run the LM head in token chunks and never
+    hold [B, T, vocab] float32 logits (objectives/logprobs.py): `hidden_states` (everything up
+    to and including the final norm) and `logits_from_hidden` (tied embedding or `lm_head`,
+    then the optional final soft-cap); `__call__` is their composition, inputs[B,T] int ->
+    logits[B,T,vocab] in the compute dtype. positions default to arange(T) and segment_ids to
+    ones (one unpacked sequence per row); attention is causal within equal segment ids only.
+
+    A family sets `decoder_layer` (its scanned block) and overrides the hooks `embed_tokens`
+    (e.g. Gemma's sqrt(hidden) scale) and `layer_inputs` (per-layer scanned inputs such as
+    Gemma's sliding-window flags); `final_norm_unit_offset` picks Gemma's (1 + w) norm.
+    """
+
+    config: Any
+    decoder_layer = None  # type[nn.Module] with signature (x, positions, segment_ids, *layer_inputs)
+    final_norm_unit_offset = False
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        self.embed = token_embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        extra_axes = tuple(0 for _ in self.layer_inputs())  # one entry per layer
+        in_axes = (nn.broadcast, nn.broadcast, *extra_axes) if extra_axes else nn.broadcast
+        self.layers = stack_layers(self.decoder_layer, cfg.num_layers, cfg.remat_policy, in_axes)(cfg, name="layers")
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, unit_offset=self.final_norm_unit_offset, name="final_norm", **kw)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)
+
+    def embed_tokens(self, inputs: Array) -> Array:
+        return self.embed(inputs.astype(jnp.int32))
+
+    def layer_inputs(self) -> tuple[Array, ...]:
+        """Extra block arguments with a leading [num_layers] axis (scanned, one slice per layer)."""
+        return ()
+
+    def hidden_states(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+        """inputs[B,T] -> the final-normed hidden states [B,T,hidden] in the compute dtype."""
+        positions, segment_ids = default_positions_and_segments(inputs, positions, segment_ids)
+        x = nn.with_logical_constraint(self.embed_tokens(inputs), ("act_batch", "act_length", "act_embed"))
+        x, _ = self.layers(x, positions, segment_ids, *self.layer_inputs())
+        return self.final_norm(x)
+
+    def logits_from_hidden(self, x: Array) -> Array:
+        """hidden[..., hidden] -> logits[..., vocab]: the LM head (any number of tokens at a time)."""
+        logits = self.embed.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2+
+        if cap is not None:
+            logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
+        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def __call__(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+        return self.logits_from_hidden(self.hidden_states(inputs, positions=positions, segment_ids=segment_ids))

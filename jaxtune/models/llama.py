@@ -158,8 +158,8 @@ class DecoderLayer(nn.Module):
         return x, None
 
 
-class Llama(nn.Module):
-    """inputs[B,T] int -> logits[B,T,vocab] in the compute dtype.
+class Llama(layers.CausalLM):
+    """inputs[B,T] int -> logits[B,T,vocab] in the compute dtype (see layers.CausalLM).
 
     positions default to arange(T) and segment_ids to ones (one unpacked sequence per row);
     attention is causal within equal segment ids only (0 = padding).
@@ -167,26 +167,6 @@ class Llama(nn.Module):
 
     config: LlamaConfig
     decoder_layer = DecoderLayer  # the scanned block; families built on Llama swap in theirs
-
-    @nn.compact
-    def __call__(self, inputs, *, positions=None, segment_ids=None):
-        cfg = self.config
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        positions, segment_ids = layers.default_positions_and_segments(inputs, positions, segment_ids)
-        embed = layers.token_embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype)
-        x = embed(inputs.astype(jnp.int32))
-        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-
-        stack = layers.stack_layers(self.decoder_layer, cfg.num_layers, cfg.remat_policy)
-        x, _ = stack(cfg, name="layers")(x, positions, segment_ids)
-
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        x = layers.RMSNorm(cfg.rms_norm_eps, name="final_norm", **kw)(x)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
-        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
 
 # ----------------------------------------------------------------------------- Hugging Face
 
