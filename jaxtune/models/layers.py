@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.peft import lora as lora_lib
 from jaxtune.peft import prefix as prefix_lib
@@ -86,7 +87,7 @@ class Projection(nn.Module):
                 self.features, self.param_dtype,
             )
             y = y + bias.astype(self.dtype)
-        return y
+        return checkpoint_name(y, self.name)  # remat policies save/offload projection outputs by name
 
 
 def dense(
@@ -407,12 +408,38 @@ class MLP(nn.Module):
         return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
+# Outputs of these projections (tagged with checkpoint_name in Projection) are what the
+# "projections" and "offload" remat policies keep; everything else in a block is recomputed.
+PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# model.remat_policy -> what the backward pass finds saved from each decoder block's forward pass
+# (README "Memory"). None of them ever saves logits (the LM head is outside the blocks and the
+# loss recomputes it chunk by chunk); only "none" and "dots" keep the [B, heads, T, S] scores.
 REMAT_POLICIES = {
-    "none": None,  # no rematerialisation at all
-    "full": None,  # save nothing, recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,  # no rematerialisation: every activation kept (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # only block inputs; recompute the whole block
+    "projections": jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
+    # the same projection outputs, moved to host memory during the forward pass and back for the
+    # backward (TPU/GPU: backends with a "pinned_host" memory space; see remat_policy_fn)
+    "offload": "offload",
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul incl. attention scores: short T only
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls, not scores
 }
+
+
+def remat_policy_fn(name: str) -> Any:
+    """The jax.checkpoint policy for a REMAT_POLICIES name, checked against the local backend."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {name!r} not in {sorted(REMAT_POLICIES)}.")
+    if name != "offload":
+        return REMAT_POLICIES[name]
+    kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
+    if "pinned_host" not in kinds:
+        raise ValueError(f"remat_policy 'offload' needs a 'pinned_host' memory space; the {jax.default_backend()} "
+                         f"backend has {sorted(kinds)}. Use 'projections' (same saved tensors, kept on the device).")
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=PROJECTION_NAMES,
+        offload_src="device", offload_dst="pinned_host")
 
 
 def stack_layers(
@@ -426,10 +453,9 @@ def stack_layers(
     (nn.broadcast or 0 per argument) to scan some arguments per layer, e.g. a [L] array that
     says which layers use local attention.
     """
-    if remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy {remat_policy!r} not in {sorted(REMAT_POLICIES)}.")
+    policy = remat_policy_fn(remat_policy)  # also validates the name
     if remat_policy != "none":
-        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+        block = nn.remat(block, policy=policy, prevent_cse=False)
     return nn.scan(
         block,
         variable_axes={"params": 0, lora_lib.COLLECTION: 0, "cache": 0},

@@ -39,7 +39,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    remat_policy: str = "none"  # a key of layers.REMAT_POLICIES
     peft: Any = None  # a peft.lora.LoraSpec: adapters on its target projections (None: none)
 
     def __post_init__(self):
