@@ -22,6 +22,7 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxtune.errors import UserError
 from jaxtune.peft import lora as lora_lib
 from jaxtune.peft import prefix as prefix_lib
 from jaxtune.peft import quant
@@ -435,8 +436,9 @@ def remat_policy_fn(name: str) -> Any:
         return REMAT_POLICIES[name]
     kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
     if "pinned_host" not in kinds:
-        raise ValueError(f"remat_policy 'offload' needs a 'pinned_host' memory space; the {jax.default_backend()} "
-                         f"backend has {sorted(kinds)}. Use 'projections' (same saved tensors, kept on the device).")
+        raise UserError(f"model.remat_policy='offload' needs a 'pinned_host' memory space; the "
+                        f"{jax.default_backend()} backend has {sorted(kinds)}. Use 'projections' (the same saved "
+                        "tensors, kept on the device) or 'full'.")
     return jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=(), names_which_can_be_offloaded=PROJECTION_NAMES,
         offload_src="device", offload_dst="pinned_host")
