@@ -13,7 +13,7 @@ from jaxtune.config import base_config, parse_arg
 # Per-variant settings that differ from the base config; everything else is shared.
 _VARIANTS = {
     "tiny": dict(global_batch_size=16, seq_len=128, rules="dp", dtype="float32", remat="none", lr=1e-3),
-    "llama3.2-1b": dict(global_batch_size=64, seq_len=2048, rules="fsdp", dtype="bfloat16", remat="dots", lr=2e-5),
+    "llama3.2-1b": dict(global_batch_size=64, seq_len=2048, rules="fsdp", dtype="bfloat16", remat="full", lr=2e-5),
     "llama3.1-8b": dict(global_batch_size=128, seq_len=4096, rules="fsdp", dtype="bfloat16", remat="full", lr=1e-5),
     "llama3.1-70b": dict(global_batch_size=256, seq_len=4096, rules="fsdp_tp", dtype="bfloat16", remat="full", lr=1e-5),
 }

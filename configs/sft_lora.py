@@ -36,5 +36,5 @@ def get_config(arg=None):
     c.optim.warmup_steps = 20
     if c.model.hf_dir or c.model.variant != "tiny":  # real models: bf16 compute, fp32 adapters
         c.model.dtype = "bfloat16"
-        c.model.remat_policy = "dots"
+        c.model.remat_policy = "full"  # saves no attention scores (README "Memory")
     return c

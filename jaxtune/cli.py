@@ -152,7 +152,8 @@ def _eval(args, overrides: list[str]) -> int:
         raise UserError("eval: nothing to evaluate; set data.eval_path (or data.source=quickstart), eval.mc_path "
                         "or eval.tasks")
     scores = evaluate.run(loaded.model, loaded.params, loaded.tokenizer, eval_set, config.eval,
-                          seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples)
+                          seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples,
+                          logits_chunk=config.train.logits_chunk)
     step = loaded.step or 0
     path = paths.path(args.workdir) / "eval_results.json"
     if distributed.process_index() == 0:  # files are written once (a shared workdir)
