@@ -233,10 +233,15 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     except UserError:
         raise
     except Exception as e:  # a config file is user code: report where it broke
-        raise UserError(f"--config {path}: failed to load: {type(e).__name__}: {e}") from e
+        raise UserError(f"--config {path}: failed to load{_line_in(file, e)}: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise UserError(f"--config {path}: defines no get_config(arg) function")
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"--config {spec}: get_config raised{_line_in(file, e)}: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"--config {path}: get_config must return an ml_collections.ConfigDict")
     config.lock()
@@ -247,6 +252,16 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
         set_value(config, key, value)
     validate(config)
     return config
+
+
+def _line_in(file: Path, error: BaseException) -> str:
+    """' at line N' of the deepest traceback frame (or syntax error) inside the config file, else ''."""
+    import traceback
+
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f" at line {error.lineno}"
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == file.resolve()]
+    return f" at line {lines[-1]}" if lines else ""
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:

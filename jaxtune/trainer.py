@@ -29,6 +29,7 @@ from jaxtune import config as config_lib
 from jaxtune import evaluate, metrics as metrics_lib, models, optim, reference, sharding
 from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
+from jaxtune.models import hf_check
 from jaxtune.objectives import kto_loss, preference_loss, sequence_logps, sft_loss
 from jaxtune.peft import lora, prefix, quant
 
@@ -366,6 +367,8 @@ class RunSummary:
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Sequence[jax.Device] | None = None) -> RunSummary:
     """Runs (or resumes) the SFT job described by `config` in `workdir`, on `devices` (default: all)."""
     wall_start = time.time()
+    if config.model.hf_dir:  # a damaged download fails here, naming the file, before anything is written
+        hf_check.validate_hf_dir(config.model.hf_dir, tokenizer=not config.data.tokenizer)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     process_count = jax.process_count()
@@ -380,9 +383,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         data = datasets.load_sft_data(data_config(config), workdir, seed=config.seed)
     tokenizer = data.tokenizer
     model_config = model_config_from(config, vocab_size=tokenizer.vocab_size)
-    if config.model.hf_dir and tokenizer.vocab_size > model_config.vocab_size:
+    if tokenizer.vocab_size > model_config.vocab_size:  # ids past the embedding would be silently clamped
         raise UserError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}"
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size} "
+            f"({'config.json of model.hf_dir' if config.model.hf_dir else 'model.vocab_size'}); "
+            "use a tokenizer that fits the embedding or a larger vocab_size"
         )
     config_lib.validate_for_model(config, model_config.max_position_embeddings)
     model = models.build(model_config)
@@ -439,15 +444,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             batch_sharding = {k: pair_sharding[k] for k in batch_keys}
         data_iter = iter(dataset)
 
-        latest = checkpointer.latest_step()
-        if latest is not None:
+        saved_state = checkpoint_lib.abstract_with_shardings(abstract_state.replace(frozen=None),
+                                                             state_shardings.replace(frozen=None))
+        restored = checkpointer.restore_latest(saved_state, data_iter)  # damaged steps: the one before
+        if restored is not None:
+            latest, state = restored
             saved = checkpointer.saved_config(latest)
-            changed = checkpoint_lib.config_differences(saved, config_json) if saved else []
-            if changed:
-                log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
-            saved_state = checkpoint_lib.abstract_with_shardings(abstract_state.replace(frozen=None),
-                                                                 state_shardings.replace(frozen=None))
-            state = checkpointer.restore(latest, saved_state, data_iter)
+            for warning in checkpoint_lib.resume_warnings(saved, config_json) if saved else []:
+                log.warning("%s", warning)
             if model_config.peft is not None:  # adapters-only checkpoint: re-create the base
                 state = state.replace(frozen=_frozen_base(config, model_config, init_state, state_shardings,
                                                           mesh, rule_table))
