@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.z_loss = 0.0
     c.train.max_seconds = 0.0  # >0: time budget; stop early, checkpoint, run the final eval
     c.train.progress_bar = True
+    # A step whose loss or gradients are not finite: "halt" saves a diagnostic checkpoint
+    # (WORKDIR/diagnostics/step_N) and exits with status 3; "skip" drops that update and goes on.
+    c.train.nonfinite = "halt"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-4
@@ -367,6 +370,7 @@ _CHOICES = {
     "objective.type": ("sft", "preference", "kto"),
     "objective.loss_type": ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto"),
     "objective.reference": ("auto", "copy", "precomputed", "none"),
+    "train.nonfinite": ("halt", "skip"),
 }
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 

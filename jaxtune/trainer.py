@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
-from jaxtune import evaluate, metrics as metrics_lib, models, optim, reference, sharding
+from jaxtune import evaluate, metrics as metrics_lib, models, nonfinite, optim, reference, sharding
 from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
 from jaxtune.models import hf_check
@@ -279,14 +279,14 @@ def make_loss_fn(apply_fn: Callable, *, z_loss: float, objective=None, reference
 def make_train_step(
     apply_fn: Callable, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *, accum: int,
     z_loss: float, microbatch_sharding: NamedSharding | None = None, seed: int = 0, objective=None,
-    reference_kind: str = "none",
+    reference_kind: str = "none", grad_check: Callable | None = None,
 ) -> Callable:
     """train_step(state, batch, ref_params=None) -> (state, metrics); one optimizer step per call.
 
     Gradients are taken w.r.t. state.params only (LoRA: the adapters); state.frozen is passed to
     apply_fn and returned untouched. Each (step, micro-batch) gets its own dropout rng.
     `ref_params` is the frozen reference copy (objective.reference='copy'): never updated, no
-    optimizer state.
+    optimizer state. `grad_check(grads) -> dict` adds its entries to the metrics (nonfinite.grad_flags).
     """
     dropout_key = jax.random.fold_in(jax.random.key(seed), 0x1d0)
     loss_fn = make_loss_fn(apply_fn, z_loss=z_loss, objective=objective, reference_kind=reference_kind)
@@ -321,6 +321,8 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state.step))
+        if grad_check is not None:
+            metrics.update(grad_check(grads))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -491,7 +493,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
         step_fn = make_train_step(apply_fn, tx, lr_schedule, accum=accum, z_loss=config.train.z_loss,
                                   microbatch_sharding=micro_sharding, seed=config.seed, objective=config.objective,
-                                  reference_kind=reference_kind)
+                                  reference_kind=reference_kind, grad_check=nonfinite.grad_flags)
+        step_fn = nonfinite.guard(step_fn)  # a non-finite update is never applied (train.nonfinite)
+        group_names = nonfinite.group_names(abstract_state.params)
+        skipped = 0
         train_step = jax.jit(
             step_fn, in_shardings=(state_shardings, batch_sharding, state_shardings.params if ref_params is not None else None),
             out_shardings=(state_shardings, replicated), donate_argnums=(0,),
@@ -531,6 +536,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 t0 = time.time()
                 state, step_metrics = train_step(state, batch, ref_params)
                 done = step + 1
+                if step_metrics[nonfinite.FLAG] > 0:  # one scalar read per step
+                    report = nonfinite.describe(done, jax.device_get(step_metrics), group_names)
+                    if config.train.nonfinite == "halt":
+                        checkpointer.wait()  # the last good checkpoint is complete
+                        path = nonfinite.save_diagnostics(workdir, done, state, local, report)
+                        raise nonfinite.NonFiniteError(
+                            f"non-finite loss or gradients at {report}. The update was not applied; the state "
+                            f"before it and the batch are in {path}. Set train.nonfinite='skip' to skip such steps, "
+                            "or lower optim.lr")
+                    skipped += 1
+                    progress.write(f"jaxtune: {report}; update skipped (train.nonfinite='skip', {skipped} so far)")
                 if window_start is None:  # the first step includes compilation: keep it out of tokens/s
                     jax.block_until_ready(step_metrics)
                     log.info("first step (with compile) took %.1fs", time.time() - t0)
@@ -539,7 +555,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 else:
                     window_tokens += int(np.count_nonzero(local["segment_ids"])) * process_count
                 if done % config.train.log_every == 0 or done == config.train.steps:
-                    row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    row = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k not in (nonfinite.GROUPS_KEY, nonfinite.FLAG)}
+                    if skipped:
+                        row["skipped_steps"] = skipped
                     now = time.time()
                     if window_tokens:
                         row["tokens_per_s"] = window_tokens / (now - window_start)
