@@ -1,0 +1,130 @@
+"""Checkpoint faults: a damaged latest checkpoint falls back to the one before (with a warning naming
+it), other model shapes are an error naming the parameter, a changed data config warns, and a save
+that fails (disk full, permission denied) stops with a clear error and leaves the last complete
+checkpoint loadable."""
+
+import errno
+import logging
+import shutil
+import textwrap
+
+import pytest
+from orbax.checkpoint._src.path import atomicity
+
+from jaxtune import checkpoint as checkpoint_lib
+from jaxtune import cli
+from jaxtune.metrics import read_metrics
+from tests.helpers import write_sft_jsonl
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 1, 2 and 4, and its config file."""
+    root = tmp_path_factory.mktemp("ckpt_faults")
+    train = write_sft_jsonl(root / "train.jsonl")
+    config = root / "cfg.py"
+    config.write_text(textwrap.dedent(f'''
+        from tests.helpers import tiny_base_config
+
+        def get_config(arg=None):
+            c = tiny_base_config({str(train)!r})
+            c.train.steps = 4
+            c.train.checkpoint_every = 2
+            c.train.keep_checkpoints = 5
+            return c
+    '''))
+    workdir = root / "run"
+    assert cli.main(["train", "--config", str(config), "--workdir", str(workdir)]) == 0
+    return config, workdir
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+def _largest_file(directory):
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+    data = _largest_file(step_dir / "state")
+    data.write_bytes(data.read_bytes()[:100])
+
+
+def _empty_iterator_state(step_dir):
+    next((step_dir / "data").glob("process_*.json")).write_text("")
+
+
+@pytest.mark.parametrize("damage", [_truncate, pytest.param(_empty_iterator_state, marks=pytest.mark.slow)])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(run, tmp_path, caplog, capsys, damage):
+    config, original = run
+    workdir = tmp_path / "run"
+    shutil.copytree(original, workdir)
+    damage(workdir / "checkpoints" / "4")
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["train", "--config", str(config), "--workdir", str(workdir)]) == 0
+    warning = next(r.getMessage() for r in caplog.records if "is damaged" in r.getMessage())
+    assert str(workdir / "checkpoints" / "4") in warning and "falling back to step 2" in warning
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert len(list((workdir / "corrupt_checkpoints").glob("4-*"))) == 1  # kept for inspection, out of the way
+    assert _losses(workdir) == _losses(original)  # steps 3 and 4 redone exactly
+
+
+def test_every_checkpoint_damaged_is_an_error(run, tmp_path, capsys):
+    config, original = run
+    workdir = tmp_path / "run"
+    shutil.copytree(original, workdir)
+    for step in (1, 2, 4):
+        _truncate(workdir / "checkpoints" / str(step))
+    assert cli.main(["train", "--config", str(config), "--workdir", str(workdir)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("jaxtune: error: no checkpoint in") and "step 4 (" in last and "step 1 (" in last
+
+
+def test_other_model_shapes_name_the_parameter(run, tmp_path, capsys):
+    config, original = run
+    workdir = tmp_path / "run"
+    shutil.copytree(original, workdir)
+    assert cli.main(["train", "--config", str(config), "--workdir", str(workdir), "--config.model.num_heads=8",
+                     "--config.model.num_kv_heads=8", "--config.train.steps=6"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoints/4: parameter" in last and "has shape (2, 32, 2, 8) there but (2, 32, 8, 4)" in last
+
+
+def test_changed_data_config_warns_on_resume(run):
+    saved = {"data": {"train_path": "a.jsonl", "seq_len": 32}, "train": {"steps": 4}}
+    current = {"data": {"train_path": "b.jsonl", "seq_len": 32}, "train": {"steps": 8}}
+    data_warning, other = checkpoint_lib.resume_warnings(saved, current)
+    assert "changed data config: data.train_path: 'a.jsonl' -> 'b.jsonl'" in data_warning
+    assert "batches from here on differ" in data_warning
+    assert other.endswith("train.steps: 4 -> 8")
+
+
+def _failing_commit(monkeypatch, step: int, error: OSError):
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def fail(self):
+        if self.get_final().name == str(step):
+            raise error
+        return await finalize(self)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", fail)
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    pytest.param(PermissionError(errno.EACCES, "Permission denied"), marks=pytest.mark.slow),
+])
+def test_failed_save_stops_cleanly_and_the_last_checkpoint_resumes(run, tmp_path, monkeypatch, capsys, error):
+    config, original = run
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--workdir", str(workdir)]
+    _failing_commit(monkeypatch, 4, error)
+    assert cli.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"jaxtune: error: saving a checkpoint in {workdir / 'checkpoints'} failed: ")
+    assert error.strerror in last and "the last complete checkpoint, step 2, is intact" in last
+    monkeypatch.undo()
+    assert cli.main(argv) == 0  # the disk has room again: the same command resumes
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert _losses(workdir) == _losses(original)
