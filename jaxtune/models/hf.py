@@ -201,7 +201,7 @@ def read_hf_config(path: str | epath.PathLike) -> dict:
     path = epath.Path(path)
     file = path / CONFIG_FILE
     if not path.is_dir():
-        raise UserError(f"{path}: no such directory; expected a Hugging Face model directory")
+        raise UserError(f"{path}: no such directory (looked for {CONFIG_FILE}); expected a Hugging Face model directory")
     if not file.exists():
         raise UserError(f"{path}: no {CONFIG_FILE}; expected a Hugging Face model directory")
     hf = _read_json(file)
