@@ -6,7 +6,6 @@ checkpoint loadable."""
 import errno
 import logging
 import shutil
-import textwrap
 
 import pytest
 from orbax.checkpoint._src.path import atomicity
@@ -14,28 +13,7 @@ from orbax.checkpoint._src.path import atomicity
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import cli
 from jaxtune.metrics import read_metrics
-from tests.helpers import write_sft_jsonl
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A finished 4-step run with checkpoints at steps 1, 2 and 4, and its config file."""
-    root = tmp_path_factory.mktemp("ckpt_faults")
-    train = write_sft_jsonl(root / "train.jsonl")
-    config = root / "cfg.py"
-    config.write_text(textwrap.dedent(f'''
-        from tests.helpers import tiny_base_config
-
-        def get_config(arg=None):
-            c = tiny_base_config({str(train)!r})
-            c.train.steps = 4
-            c.train.checkpoint_every = 2
-            c.train.keep_checkpoints = 5
-            return c
-    '''))
-    workdir = root / "run"
-    assert cli.main(["train", "--config", str(config), "--workdir", str(workdir)]) == 0
-    return config, workdir
+from tests.reference_run import train_argv  # the `reference_run` fixture (conftest): 6 steps, checkpoints 1, 2, 4, 6
 
 
 def _losses(workdir):
@@ -56,42 +34,43 @@ def _empty_iterator_state(step_dir):
 
 
 @pytest.mark.parametrize("damage", [_truncate, pytest.param(_empty_iterator_state, marks=pytest.mark.slow)])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous(run, tmp_path, caplog, capsys, damage):
-    config, original = run
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(reference_run, tmp_path, caplog, capsys, damage):
+    config, original = reference_run
     workdir = tmp_path / "run"
     shutil.copytree(original, workdir)
-    damage(workdir / "checkpoints" / "4")
+    damage(workdir / "checkpoints" / "6")
     with caplog.at_level(logging.WARNING):
-        assert cli.main(["train", "--config", str(config), "--workdir", str(workdir)]) == 0
+        assert cli.main(train_argv(config, workdir)) == 0
     warning = next(r.getMessage() for r in caplog.records if "is damaged" in r.getMessage())
-    assert str(workdir / "checkpoints" / "4") in warning and "falling back to step 2" in warning
-    assert "resuming from step 2" in capsys.readouterr().out
-    assert len(list((workdir / "corrupt_checkpoints").glob("4-*"))) == 1  # kept for inspection, out of the way
-    assert _losses(workdir) == _losses(original)  # steps 3 and 4 redone exactly
+    assert str(workdir / "checkpoints" / "6") in warning and "falling back to step 4" in warning
+    assert "resuming from step 4" in capsys.readouterr().out
+    assert len(list((workdir / "corrupt_checkpoints").glob("6-*"))) == 1  # kept for inspection, out of the way
+    assert (workdir / "checkpoints" / "6").is_dir()  # saved again by the resumed run
+    assert _losses(workdir) == _losses(original)  # steps 5 and 6 redone exactly
 
 
-def test_every_checkpoint_damaged_is_an_error(run, tmp_path, capsys):
-    config, original = run
+def test_every_checkpoint_damaged_is_an_error(reference_run, tmp_path, capsys):
+    config, original = reference_run
     workdir = tmp_path / "run"
     shutil.copytree(original, workdir)
-    for step in (1, 2, 4):
+    for step in (1, 2, 4, 6):
         _truncate(workdir / "checkpoints" / str(step))
-    assert cli.main(["train", "--config", str(config), "--workdir", str(workdir)]) == 2
+    assert cli.main(train_argv(config, workdir)) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("jaxtune: error: no checkpoint in") and "step 4 (" in last and "step 1 (" in last
+    assert last.startswith("jaxtune: error: no checkpoint in") and "step 6 (" in last and "step 1 (" in last
 
 
-def test_other_model_shapes_name_the_parameter(run, tmp_path, capsys):
-    config, original = run
+def test_other_model_shapes_name_the_parameter(reference_run, tmp_path, capsys):
+    config, original = reference_run
     workdir = tmp_path / "run"
     shutil.copytree(original, workdir)
-    assert cli.main(["train", "--config", str(config), "--workdir", str(workdir), "--config.model.num_heads=8",
-                     "--config.model.num_kv_heads=8", "--config.train.steps=6"]) == 2
+    assert cli.main([*train_argv(config, workdir), "--config.model.num_heads=8", "--config.model.num_kv_heads=8",
+                     "--config.train.steps=8"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "checkpoints/4: parameter" in last and "has shape (2, 32, 2, 8) there but (2, 32, 8, 4)" in last
+    assert "checkpoints/6: parameter" in last and "has shape (2, 32, 2, 8) there but (2, 32, 8, 4)" in last
 
 
-def test_changed_data_config_warns_on_resume(run):
+def test_changed_data_config_warns_on_resume():
     saved = {"data": {"train_path": "a.jsonl", "seq_len": 32}, "train": {"steps": 4}}
     current = {"data": {"train_path": "b.jsonl", "seq_len": 32}, "train": {"steps": 8}}
     data_warning, other = checkpoint_lib.resume_warnings(saved, current)
@@ -111,14 +90,13 @@ def _failing_commit(monkeypatch, step: int, error: OSError):
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", fail)
 
 
-@pytest.mark.parametrize("error", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    pytest.param(PermissionError(errno.EACCES, "Permission denied"), marks=pytest.mark.slow),
-])
-def test_failed_save_stops_cleanly_and_the_last_checkpoint_resumes(run, tmp_path, monkeypatch, capsys, error):
-    config, original = run
+@pytest.mark.slow
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   PermissionError(errno.EACCES, "Permission denied")], ids=["ENOSPC", "EACCES"])
+def test_failed_save_stops_cleanly_and_the_last_checkpoint_resumes(reference_run, tmp_path, monkeypatch, capsys, error):
+    config, original = reference_run
     workdir = tmp_path / "run"
-    argv = ["train", "--config", str(config), "--workdir", str(workdir)]
+    argv = train_argv(config, workdir)
     _failing_commit(monkeypatch, 4, error)
     assert cli.main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]

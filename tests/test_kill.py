@@ -7,7 +7,6 @@ never resumed from. SFT in the default run; the other kill points and LoRA / DPO
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -17,43 +16,9 @@ import pytest
 
 from jaxtune import cli
 from jaxtune.metrics import read_metrics
-from tests.helpers import write_preference_jsonl, write_sft_jsonl
+from tests.reference_run import STEPS, train_argv, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 6  # checkpoints at 1 (orbax saves the first step), 2, 4 and 6
-
-RUNS = {
-    "sft": "",
-    "lora": "c.peft.method = 'lora'",
-    "dpo": textwrap.dedent('''
-        c.objective.type = 'preference'
-        c.objective.reference = 'copy'
-        c.data.train_path = PAIRS
-        c.data.templates = (('{prompt}', '{response}'),)
-        c.optim.lr = 1e-3
-    '''),
-}
-
-
-def _config(tmp_path: Path, run: str) -> Path:
-    train = write_sft_jsonl(tmp_path / "train.jsonl")
-    pairs = write_preference_jsonl(tmp_path / "pairs.jsonl", 48)
-    path = tmp_path / "cfg.py"
-    path.write_text(textwrap.dedent(f'''
-        from tests.helpers import tiny_base_config
-        PAIRS = {str(pairs)!r}
-
-        def get_config(arg=None):
-            c = tiny_base_config({str(train)!r})
-            c.train.steps = {STEPS}
-            c.train.checkpoint_every = 2
-            c.train.keep_checkpoints = 10
-    ''') + textwrap.indent(RUNS[run], " " * 4) + "\n    return c\n")
-    return path
-
-
-def _train_argv(config: Path, workdir: Path) -> list[str]:
-    return ["train", "--config", str(config), "--workdir", str(workdir)]
 
 
 def _killed(fault: str, argv: list[str]) -> subprocess.CompletedProcess:
@@ -75,12 +40,15 @@ def _losses(workdir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
-def check_kill_and_resume(tmp_path: Path, run: str, fault: str, capsys) -> None:
-    config = _config(tmp_path, run)
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    assert cli.main(_train_argv(config, reference)) == 0
+def check_kill_and_resume(tmp_path: Path, run: str, fault: str, capsys, reference_run=None) -> None:
+    if reference_run is None:  # LoRA / DPO: their own uninterrupted run
+        config, reference = write_config(tmp_path, run), tmp_path / "reference"
+        assert cli.main(train_argv(config, reference)) == 0
+    else:
+        config, reference = reference_run
+    killed = tmp_path / "killed"
 
-    proc = _killed(fault, _train_argv(config, killed))
+    proc = _killed(fault, train_argv(config, killed))
     assert proc.returncode == -9, proc.stdout + proc.stderr  # really killed, not a clean exit
     kind, _, at = fault.partition(":")
     at = int(at)
@@ -92,7 +60,7 @@ def check_kill_and_resume(tmp_path: Path, run: str, fault: str, capsys) -> None:
         assert max(saved) < at
 
     capsys.readouterr()
-    assert cli.main(_train_argv(config, killed)) == 0  # the same command
+    assert cli.main(train_argv(config, killed)) == 0  # the same command
     out = capsys.readouterr().out
     assert (f"resuming from step {max(saved)}" in out) if saved else ("resuming" not in out)
     assert _losses(killed) == _losses(reference)  # every step, bit for bit (JSON keeps all float digits)
@@ -102,8 +70,8 @@ def check_kill_and_resume(tmp_path: Path, run: str, fault: str, capsys) -> None:
     assert not [p for p in (killed / "checkpoints").iterdir() if "tmp" in p.name]  # cleaned up on reopen
 
 
-def test_sigkill_in_async_save_resumes_bitwise(tmp_path, capsys):
-    check_kill_and_resume(tmp_path, "sft", "kill_in_save:4", capsys)
+def test_sigkill_in_async_save_resumes_bitwise(tmp_path, capsys, reference_run):
+    check_kill_and_resume(tmp_path, "sft", "kill_in_save:4", capsys, reference_run)
 
 
 @pytest.mark.slow
@@ -112,5 +80,5 @@ def test_sigkill_in_async_save_resumes_bitwise(tmp_path, capsys):
     ("lora", "kill_in_save:4"), ("lora", "kill_after_step:3"),
     ("dpo", "kill_in_save:4"), ("dpo", "kill_after_step:5"),
 ])
-def test_sigkill_resumes_bitwise(tmp_path, capsys, run, fault):
-    check_kill_and_resume(tmp_path, run, fault, capsys)
+def test_sigkill_resumes_bitwise(tmp_path, capsys, run, fault, reference_run):
+    check_kill_and_resume(tmp_path, run, fault, capsys, reference_run if run == "sft" else None)
