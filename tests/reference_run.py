@@ -1,7 +1,7 @@
 """One uninterrupted tiny run shared by the fault tests (kill, damaged checkpoint), so the default
 suite pays for its compile once: 6 steps, checkpoints at 1 (orbax saves the first step), 2, 4, 6.
 
-Import the fixture into a test module (`from tests.reference_run import reference_run`).
+The fixture is registered in tests/conftest.py.
 """
 
 from __future__ import annotations
