@@ -78,7 +78,7 @@ CASES = [
     Case("data_empty_target", _data("{files}/empty_response.jsonl"), ("empty_response.jsonl:4", "empty")),
     Case("data_absurdly_long_line", _data("{tmp}/long.jsonl"), ("long.jsonl:2", "invalid JSON"), setup="long_line"),
     Case("data_missing_file", _data("{tmp}/nope.jsonl"), ("nope.jsonl", "no such data file")),
-    Case("data_path_is_directory", _data("{files}"), ("files", "no such data file")),
+    Case("data_path_is_directory", _data("{files}"), ("files", "a directory, not a data file")),
     Case("data_bad_record_after_tokenizer", (*TRAIN_FRESH_TOKENIZER, "--config.data.train_path={tmp}/late_bad.jsonl"),
          ("late_bad.jsonl:65", "invalid JSON"), setup="late_bad_record"),
     # ---- templates
@@ -125,7 +125,7 @@ CASES = [
     Case("hf_config_not_json_generate", _hf("generate", "config_not_json"), ("config.json", "invalid JSON", "line 2")),
     Case("hf_config_not_json_train", _hf("train", "config_not_json"), ("config.json", "invalid JSON")),
     Case("hf_config_missing_field_convert", _hf("convert", "config_missing_field"), ("config.json", "hidden_size")),
-    Case("hf_config_unsupported_type_eval", _hf("eval", "config_unsupported"), ("gpt2", "not supported")),
+    Case("hf_config_unsupported_type_eval", _hf("eval", "config_unsupported"), ("config.json", "gpt2", "not supported")),
     Case("hf_truncated_safetensors_generate", _hf("generate", "truncated"), ("model.safetensors", "truncated")),
     Case("hf_truncated_safetensors_convert", _hf("convert", "truncated"), ("model.safetensors", "truncated")),
     Case("hf_truncated_safetensors_train", _hf("train", "truncated"), ("model.safetensors", "truncated")),

@@ -171,7 +171,8 @@ def check_first_records(data: SftData, *, seq_len: int, seed: int, limit: int = 
             except UserError as e:
                 where = str(record.get("_where", ""))
                 if where and where not in str(e):
-                    raise UserError(f"{where} (task {task.name!r}): {e}") from None
+                    label = "" if f"task {task.name!r}" in str(e) else f" (task {task.name!r})"
+                    raise UserError(f"{where}{label}: {e}") from None
                 raise
 
 

@@ -242,7 +242,10 @@ def config_from_pretrained(path: str | epath.PathLike, **overrides: Any):
     file = epath.Path(path) / CONFIG_FILE
     if "model_type" not in hf:
         raise UserError(f"{file}: no \"model_type\" field; cannot tell the model family")
-    family = models.family_for_hf(hf.get("model_type"))
+    try:
+        family = models.family_for_hf(hf.get("model_type"))
+    except UserError as e:
+        raise UserError(f"{file}: {e}") from None
     if overrides.get("param_dtype") is None:
         torch_dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
         overrides["param_dtype"] = _PARAM_DTYPE_FROM_TORCH.get(torch_dtype, "float32")
