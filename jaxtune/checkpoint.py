@@ -2,12 +2,22 @@
 
 Saves are asynchronous; orbax writes each step into a temporary directory and renames it only
 when complete, so a run killed mid-save leaves the previous checkpoint intact and the next run
-resumes from it. Restores go straight into the target shardings.
+resumes from it (the leftover temporary directory is removed when the manager opens). Restores go
+straight into the target shardings.
+
+Faults: a latest checkpoint that does not restore (damaged or truncated files) is reported, moved
+to `WORKDIR/corrupt_checkpoints/`, and the one before it is used; a checkpoint saved for other
+model shapes is a UserError naming the first mismatching parameter; a save that fails (disk full,
+permission denied) is a UserError naming the last complete checkpoint, which stays loadable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +39,7 @@ class Checkpointer:
             save_interval_steps=every,
             enable_async_checkpointing=use_async,
             create=True,
+            cleanup_tmp_directories=True,  # what a killed save left behind
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -44,7 +55,46 @@ class Checkpointer:
         args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+        with self._save_errors():
+            return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    @contextlib.contextmanager
+    def _save_errors(self) -> Iterator[None]:
+        """An OSError from a save (this one, or an earlier asynchronous one surfacing now) -> UserError."""
+        try:
+            yield
+        except Exception as e:
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            self._manager.reload()
+            last = self._manager.latest_step()
+            kept = f"the last complete checkpoint, step {last}, is intact" if last is not None else "no checkpoint was completed"
+            raise UserError(f"saving a checkpoint in {self.directory} failed: {cause}; {kept}. Free space or fix "
+                            "the permissions, then rerun the same command to resume") from None
+
+    def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores, or None when there is none.
+
+        A checkpoint saved for other model shapes is a UserError; one that fails to restore is
+        reported, moved to `corrupt_checkpoints/` and the next older one tried.
+        """
+        def restore(step: int) -> Any:
+            check_shapes(self.directory / str(step), abstract_state)
+            return self.restore(step, abstract_state, data_iterator)
+
+        found = restore_newest(self._manager.all_steps(), restore, self.directory, on_damaged=self._quarantine)
+        return found
+
+    def _quarantine(self, step: int) -> None:
+        """Moves a damaged step out of the manager's sight (kept for inspection), so it is neither
+        resumed from nor in the way when training saves that step again."""
+        if jax.process_index() == 0:
+            target = self.directory.parent / "corrupt_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+            log.warning("moved the damaged checkpoint to %s", target)
+        self._manager.reload()
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """Restores the state into `abstract_state`'s shardings and the iterator in place."""
@@ -57,11 +107,82 @@ class Checkpointer:
         return saved_config(self._manager, step)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._save_errors():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        with self._save_errors():
+            self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error` (orbax and tensorstore may wrap it), or None."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError):
+            return error
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
+
+
+def restore_newest(steps, restore: Callable[[int], Any], directory: Path,
+                   on_damaged: Callable[[int], None] | None = None) -> tuple[int, Any] | None:
+    """(step, restore(step)) for the newest step that restores, trying older steps after a failure.
+
+    A UserError from `restore` (e.g. a shape mismatch) is the user's to fix and propagates; any other
+    failure means a damaged checkpoint: it is logged as a warning naming it, `on_damaged(step)` runs,
+    and the next older step is tried. None when there are no steps; a UserError when none restores.
+    """
+    failures = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, restore(step)
+        except UserError:
+            raise
+        except Exception as e:  # tensorstore, JSON and pytree errors from damaged files
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            failures.append(f"step {step} ({reason})")
+            older = [s for s in steps if s < step]
+            then = f"falling back to step {max(older)}" if older else "no older checkpoint"
+            log.warning("checkpoint %s is damaged and cannot be restored (%s); %s", directory / str(step), reason, then)
+            if on_damaged is not None:
+                on_damaged(step)
+    if failures:
+        raise UserError(f"no checkpoint in {directory} can be restored: {'; '.join(failures)}; move the directory "
+                        "away to start over")
+    return None
+
+
+def _dotted(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_shapes(step_dir: Path, abstract_state: Any) -> None:
+    """A UserError naming the first parameter whose saved shape differs from this run's model.
+
+    Unreadable metadata raises the underlying error (a damaged checkpoint, see restore_newest).
+    """
+    metadata = ocp.StandardCheckpointer().metadata(step_dir / "state")
+    tree = getattr(metadata, "item_metadata", metadata)
+    saved = {_dotted(path): tuple(m.shape) for path, m in jax.tree_util.tree_flatten_with_path(tree)[0]
+             if hasattr(m, "shape")}
+    current = {"params." + _dotted(path): tuple(x.shape)
+               for path, x in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
+    saved_params = {k for k in saved if k.startswith("params.")}
+    for name, shape in current.items():
+        shown = name.removeprefix("params.").replace(".", "/")
+        if name not in saved:
+            raise UserError(f"checkpoint {step_dir}: has no parameter {shown} (shape {shape}) that this config's model "
+                            "has; resume with the config the run was trained with, or use a new --workdir")
+        if saved[name] != shape:
+            raise UserError(f"checkpoint {step_dir}: parameter {shown} has shape {saved[name]} there but {shape} in "
+                            "this config's model; resume with the config the run was trained with, or use a new --workdir")
+    extra = sorted(saved_params - set(current))
+    if extra:
+        raise UserError(f"checkpoint {step_dir}: has parameter {extra[0].removeprefix('params.').replace('.', '/')} "
+                        "that this config's model does not; resume with the config the run was trained with")
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
@@ -145,3 +266,23 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
         elif a != b:
             diffs.append(f"{name}: {a!r} -> {b!r}")
     return diffs
+
+
+def resume_warnings(saved: dict, current: dict) -> list[str]:
+    """What a resumed run should be told about config changes since the checkpoint.
+
+    Changes under `data` get their own warning: the restored data position counts records of the
+    old data, so the batches after the resume are not those an uninterrupted run would have seen
+    (and records may be repeated or skipped). Other changes (steps, lr, ...) are listed as they are.
+    """
+    changed = config_differences(saved, current)
+    data = [c for c in changed if c.startswith("data.")]
+    other = [c for c in changed if not c.startswith("data.")]
+    warnings = []
+    if data:
+        warnings.append("resuming with a changed data config: " + "; ".join(data) + ". The data position restored "
+                        "from the checkpoint refers to the old data, so the batches from here on differ from an "
+                        "uninterrupted run (records may repeat or be skipped); use a new --workdir to start over")
+    if other:
+        warnings.append("resuming with a config that differs from the checkpoint's: " + "; ".join(other))
+    return warnings

@@ -21,14 +21,23 @@ EXIT_USER_ERROR = 2
 DEVICE_COMMANDS = ("train", "eval", "generate")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other user error: the usage, then one `jaxtune: error:` line."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        command = self.prog.removeprefix("jaxtune").strip()
+        self.exit(EXIT_USER_ERROR, f"jaxtune: error: {command + ': ' if command else ''}{message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jaxtune",
         description="JAX-native post-training for LLMs.",
         epilog="Config overrides: --config.KEY=VALUE, e.g. --config.optim.lr=1e-4 --config.train.steps=500",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser("train", help="train (or resume) a run from a config file",
                                 parents=[distributed.parent_parser()])
     train.add_argument("--config", required=True, help="path/to/config.py[:arg], e.g. configs/quickstart.py")
@@ -57,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_generate_parser(commands)
     _add_eval_parser(commands)
     data = commands.add_parser("data", help="inspect a config's input pipeline")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     preview = data_commands.add_parser(
         "preview", help="print rendered examples (trained span marked) and per-task stats for a config")
     preview.add_argument("--config", required=True, help="path/to/config.py[:arg]")
@@ -181,6 +190,9 @@ def _convert(args) -> int:
     from jaxtune import models, paths
 
     if to_orbax:
+        from jaxtune.models.hf_check import validate_hf_dir
+
+        validate_hf_dir(args.hf_dir, tokenizer=False, param_dtype=args.dtype)
         _, params = models.from_pretrained(args.hf_dir, dtype=args.dtype)
         config = config_lib.base_config()
         config.model.hf_dir = str(paths.absolute(args.hf_dir))
@@ -227,6 +239,10 @@ def _export(args) -> int:
                         "use `jaxtune convert --workdir W --hf_out OUT`")
     if args.merged:
         export.check_mergeable(model_config)
+        if config.model.get("hf_dir"):  # the base is re-read from the run's HF dir
+            from jaxtune.models.hf_check import validate_hf_dir
+
+            validate_hf_dir(config.model.hf_dir, tokenizer=False)
     adapters = state["params"]
     if args.peft:
         export.export_peft(model_config, adapters, args.peft, base_model_name_or_path=config.model.get("hf_dir") or None)
@@ -267,9 +283,11 @@ def _train(args, overrides: list[str]) -> int:
     from jaxtune import config as config_lib
 
     config = config_lib.load_config(args.config, overrides)  # all config errors before JAX starts work
-    from jaxtune import trainer
+    from jaxtune import trainer, workdir
 
-    trainer.train(config, args.workdir)  # a signal-stopped run has saved and exits cleanly too
+    with workdir.undo_on_user_error(args.workdir):  # a failed start leaves the workdir as it was
+        workdir.ensure_workdir(args.workdir)
+        trainer.train(config, args.workdir)  # a signal-stopped run has saved and exits cleanly too
     return 0
 
 
@@ -318,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"jaxtune: error: {e}", file=sys.stderr)
-        distributed.fail_all(str(e), EXIT_USER_ERROR)  # several processes: all stop, with this message
-        return EXIT_USER_ERROR
+        status = getattr(e, "exit_status", EXIT_USER_ERROR)
+        distributed.fail_all(str(e), status)  # several processes: all stop, with this message
+        return status
     except Exception as e:
         if not distributed.is_multiprocess():
             raise

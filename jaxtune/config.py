@@ -109,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.logits_chunk = 512
     c.train.max_seconds = 0.0  # >0: time budget; stop early, checkpoint, run the final eval
     c.train.progress_bar = True
+    # A step whose loss or gradients are not finite: "halt" saves a diagnostic checkpoint
+    # (WORKDIR/diagnostics/step_N) and exits with status 3; "skip" drops that update and goes on.
+    c.train.nonfinite = "halt"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-4
@@ -244,10 +247,15 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
     except UserError:
         raise
     except Exception as e:  # a config file is user code: report where it broke
-        raise UserError(f"--config {path}: failed to load: {type(e).__name__}: {e}") from e
+        raise UserError(f"--config {path}: failed to load{_line_in(file, e)}: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise UserError(f"--config {path}: defines no get_config(arg) function")
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"--config {spec}: get_config raised{_line_in(file, e)}: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"--config {path}: get_config must return an ml_collections.ConfigDict")
     config.lock()
@@ -258,6 +266,16 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
         set_value(config, key, value)
     validate(config)
     return config
+
+
+def _line_in(file: Path, error: BaseException) -> str:
+    """' at line N' of the deepest traceback frame (or syntax error) inside the config file, else ''."""
+    import traceback
+
+    if isinstance(error, SyntaxError) and error.lineno:
+        return f" at line {error.lineno}"
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == file.resolve()]
+    return f" at line {lines[-1]}" if lines else ""
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -364,6 +382,7 @@ _CHOICES = {
     "objective.type": ("sft", "preference", "kto"),
     "objective.loss_type": ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto"),
     "objective.reference": ("auto", "copy", "precomputed", "none"),
+    "train.nonfinite": ("halt", "skip"),
 }
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 

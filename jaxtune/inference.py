@@ -16,7 +16,7 @@ import ml_collections
 
 from jaxtune import config as config_lib
 from jaxtune import models, paths
-from jaxtune.checkpoint import latest_checkpoint, local_target, saved_config
+from jaxtune.checkpoint import latest_checkpoint, local_target, restore_newest, saved_config
 from jaxtune.data.datasets import TOKENIZER_FILE
 from jaxtune.data.tokenizers import Tokenizer, load_tokenizer
 from jaxtune.errors import UserError
@@ -39,9 +39,12 @@ def _tokenizer(path: Path, what: str) -> Tokenizer:
 
 def from_hf_dir(hf_dir: str, config: ml_collections.ConfigDict | None = None) -> Loaded:
     """An HF model dir (config.json, *.safetensors, tokenizer.json or tokenizer.model)."""
+    from jaxtune.models.hf_check import validate_hf_dir
+
     if not paths.path(hf_dir).is_dir():
         raise UserError(f"--hf_dir {hf_dir}: no such directory")
     config = ml_collections.ConfigDict((config or config_lib.base_config()).to_dict())
+    validate_hf_dir(hf_dir, tokenizer=not config.data.tokenizer)
     config.model.hf_dir = str(hf_dir)
     tokenizer = _tokenizer(paths.path(config.data.tokenizer or hf_dir), f"--hf_dir {hf_dir}")
     model, params = models.from_pretrained(hf_dir)
@@ -71,10 +74,13 @@ def restore_run(workdir: str, what: str, *, config: ml_collections.ConfigDict | 
 
     from jaxtune import trainer
 
-    directory, step = latest_checkpoint(workdir, what)
-    with ocp.CheckpointManager(directory) as manager:
-        target = local_target(directory / str(step) / "state")  # several processes: each holds it all
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    directory, _ = latest_checkpoint(workdir, what)
+    with ocp.CheckpointManager(directory) as manager:  # a damaged latest step: the one before (warned)
+        step, state = restore_newest(
+            manager.all_steps(),
+            lambda s: manager.restore(s, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(local_target(directory / str(s) / "state")))).state,  # each process holds it all
+            directory)
         saved = saved_config(manager, step)
     if saved is None and config is None:
         raise UserError(f"{what} {workdir}: checkpoint {directory / str(step)} has no saved config; pass --config")

@@ -26,9 +26,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
-from jaxtune import distributed, evaluate, metrics as metrics_lib, models, optim, paths, reference, sharding
+from jaxtune import distributed, evaluate, metrics as metrics_lib, models, nonfinite, optim, paths, reference, sharding
 from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
+from jaxtune.models import hf_check
 from jaxtune.objectives import (TokenStats, kto_loss, masked_sequence_sums, model_token_stats, preference_loss,
                                 sft_loss_from_stats, token_stats)
 from jaxtune.objectives.logprobs import DEFAULT_CHUNK as DEFAULT_LOGITS_CHUNK
@@ -305,14 +306,14 @@ def make_loss_fn(apply_fn: Callable, *, z_loss: float, objective=None, reference
 def make_train_step(
     apply_fn: Callable, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *, accum: int,
     z_loss: float, microbatch_sharding: NamedSharding | None = None, seed: int = 0, objective=None,
-    reference_kind: str = "none",
+    reference_kind: str = "none", grad_check: Callable | None = None,
 ) -> Callable:
     """train_step(state, batch, ref_params=None) -> (state, metrics); one optimizer step per call.
 
     Gradients are taken w.r.t. state.params only (LoRA: the adapters); state.frozen is passed to
     apply_fn and returned untouched. Each (step, micro-batch) gets its own dropout rng.
     `ref_params` is the frozen reference copy (objective.reference='copy'): never updated, no
-    optimizer state.
+    optimizer state. `grad_check(grads) -> dict` adds its entries to the metrics (nonfinite.grad_flags).
     """
     dropout_key = jax.random.fold_in(jax.random.key(seed), 0x1d0)
     loss_fn = make_loss_fn(apply_fn, z_loss=z_loss, objective=objective, reference_kind=reference_kind)
@@ -347,6 +348,8 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state.step))
+        if grad_check is not None:
+            metrics.update(grad_check(grads))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -396,6 +399,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
 
     `on_metrics(row)` is called with every row written to metrics.jsonl (train and eval rows)."""
     wall_start = time.time()
+    if config.model.hf_dir:  # a damaged download fails here, naming the file, before anything is written
+        hf_check.validate_hf_dir(config.model.hf_dir, tokenizer=not config.data.tokenizer)
     workdir = paths.path(workdir)  # local or gs://...
     workdir.mkdir(parents=True, exist_ok=True)
     process_count = jax.process_count()
@@ -411,9 +416,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         data = datasets.load_sft_data(data_config(config), workdir, seed=config.seed)
     tokenizer = data.tokenizer
     model_config = model_config_from(config, vocab_size=tokenizer.vocab_size)
-    if config.model.hf_dir and tokenizer.vocab_size > model_config.vocab_size:
+    if tokenizer.vocab_size > model_config.vocab_size:  # ids past the embedding would be silently clamped
         raise UserError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}"
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size} "
+            f"({'config.json of model.hf_dir' if config.model.hf_dir else 'model.vocab_size'}); "
+            "use a tokenizer that fits the embedding or a larger vocab_size"
         )
     config_lib.validate_for_model(config, model_config.max_position_embeddings)
     model = models.build(model_config)
@@ -470,18 +477,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             batch_sharding = {k: pair_sharding[k] for k in batch_keys}
         data_iter = iter(dataset)
 
-        # Process 0's answer wins: every process must restore the same step. (Every process asks:
-        # orbax calls may synchronise processes, so none may be made by process 0 alone.)
-        local_latest = checkpointer.latest_step()
-        latest = distributed.share(lambda: local_latest, "resume_step")
-        if latest is not None:
+        saved_state = checkpoint_lib.abstract_with_shardings(abstract_state.replace(frozen=None),
+                                                             state_shardings.replace(frozen=None))
+        # Every process makes the orbax calls (they may synchronise processes) and must land on the
+        # same step: a damaged latest step falls back to the one before (warned, moved aside).
+        restored = checkpointer.restore_latest(saved_state, data_iter)
+        distributed.agree(None if restored is None else restored[0], "resume step")
+        if restored is not None:
+            latest, state = restored
             saved = checkpointer.saved_config(latest)
-            changed = checkpoint_lib.config_differences(saved, config_json) if saved else []
-            if changed and jax.process_index() == 0:
-                log.warning("resuming with a config that differs from the checkpoint's: %s", "; ".join(changed))
-            saved_state = checkpoint_lib.abstract_with_shardings(abstract_state.replace(frozen=None),
-                                                                 state_shardings.replace(frozen=None))
-            state = checkpointer.restore(latest, saved_state, data_iter)
+            if jax.process_index() == 0:
+                for warning in checkpoint_lib.resume_warnings(saved, config_json) if saved else []:
+                    log.warning("%s", warning)
             if model_config.peft is not None:  # adapters-only checkpoint: re-create the base
                 state = state.replace(frozen=_frozen_base(config, model_config, init_state, state_shardings,
                                                           mesh, rule_table))
@@ -521,7 +528,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         micro_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
         step_fn = make_train_step(apply_fn, tx, lr_schedule, accum=accum, z_loss=config.train.z_loss,
                                   microbatch_sharding=micro_sharding, seed=config.seed, objective=config.objective,
-                                  reference_kind=reference_kind)
+                                  reference_kind=reference_kind, grad_check=nonfinite.grad_flags)
+        step_fn = nonfinite.guard(step_fn)  # a non-finite update is never applied (train.nonfinite)
+        group_names = nonfinite.group_names(abstract_state.params)
+        skipped = 0
         train_step = jax.jit(
             step_fn, in_shardings=(state_shardings, batch_sharding, state_shardings.params if ref_params is not None else None),
             out_shardings=(state_shardings, replicated), donate_argnums=(0,),
@@ -562,6 +572,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 t0 = time.time()
                 state, step_metrics = train_step(state, batch, ref_params)
                 done = step + 1
+                if step_metrics[nonfinite.FLAG] > 0:  # one scalar read per step
+                    report = nonfinite.describe(done, jax.device_get(step_metrics), group_names)
+                    if config.train.nonfinite == "halt":
+                        checkpointer.wait()  # the last good checkpoint is complete
+                        path = nonfinite.save_diagnostics(workdir, done, state, local, report)
+                        raise nonfinite.NonFiniteError(
+                            f"non-finite loss or gradients at {report}. The update was not applied; the state "
+                            f"before it and the batch are in {path}. Set train.nonfinite='skip' to skip such steps, "
+                            "or lower optim.lr")
+                    skipped += 1
+                    progress.write(f"jaxtune: {report}; update skipped (train.nonfinite='skip', {skipped} so far)")
                 if window_start is None:  # the first step includes compilation: keep it out of tokens/s
                     jax.block_until_ready(step_metrics)
                     log.info("first step (with compile) took %.1fs", time.time() - t0)
@@ -570,7 +591,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 else:
                     window_tokens += int(np.count_nonzero(local["segment_ids"])) * process_count
                 if done % config.train.log_every == 0 or done == config.train.steps:
-                    row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    row = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k not in (nonfinite.GROUPS_KEY, nonfinite.FLAG)}
+                    if skipped:
+                        row["skipped_steps"] = skipped
                     now = time.time()
                     if window_tokens:
                         row["tokens_per_s"] = window_tokens / (now - window_start)

@@ -111,6 +111,7 @@ def test_sigterm_saves_and_rerun_resumes(config_file, tmp_path):
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] >= 3
     stopped_at = saved[-1]
+    assert max(row["step"] for row in read_metrics(workdir) if "loss" in row) == stopped_at  # saved the current step
     # Rerun the same command with a reachable end: it resumes from the saved step.
     cmd[cmd.index("--config.train.steps=100000")] = f"--config.train.steps={stopped_at + 2}"
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

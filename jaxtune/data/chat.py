@@ -143,7 +143,13 @@ def _compile(source: str):
     try:
         return env.from_string(source)
     except Exception as e:  # jinja2.TemplateSyntaxError
-        raise UserError(f"chat template does not compile: {e}") from None
+        line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        raise UserError(f"chat template does not compile{line}: {e}") from None
+
+
+def check_template(template: str) -> None:
+    """Compiles a chat template (name, jinja text or file) now, so a syntax error stops a run before it starts."""
+    _compile(resolve_template(template))
 
 
 def render_chat(

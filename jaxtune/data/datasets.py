@@ -106,6 +106,10 @@ def task_spec(name: str, t: ml_collections.ConfigDict, *, tokenizer_chat_templat
         if not template:
             raise UserError(f"config key '{where}.chat_template' is empty and the tokenizer has no chat_template; "
                             f"set it to a built-in name ({', '.join(chat_lib.BUILTIN_TEMPLATES)}) or a jinja string")
+        try:
+            chat_lib.check_template(template)
+        except UserError as e:
+            raise UserError(f"config key '{where}.chat_template': {e}") from None
         return TaskSpec(name, records, chat_template=chat_lib.resolve_template(template), **common)
     inversion = tuple(load_template_set(t.inversion_templates, where=f"{where}.inversion_templates")) if t.inversion_templates else ()
     spec = FlanSpec(
@@ -140,7 +144,8 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
         )
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
     given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
-    tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None))
+    tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None),
+                       where="" if cfg.tasks else "data")  # errors name the keys the user set
              for name, t in task_cfgs.items()]
     tokenizer = given or _tokenizer(cfg, workdir, _tasks_corpus(tasks, seed))
     data = SftData(tokenizer=tokenizer, tasks=tasks, mixture=_mixture(cfg, tasks, list(task_cfgs.values())))
@@ -148,7 +153,34 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
         eval_source = JsonlSource(cfg.eval_path)
         data.eval_records = [eval_source[i] for i in range(len(eval_source))]
         data.eval_templates = {DEFAULT_TASK: [tuple(t) for t in cfg.templates]}
+    check_first_records(data, seq_len=cfg.seq_len, seed=seed)
     return data
+
+
+# Records per task rendered and tokenized before a run starts (see check_first_records).
+CHECK_RECORDS = 1000
+
+
+def check_first_records(data: SftData, *, seq_len: int, seed: int, limit: int = CHECK_RECORDS) -> None:
+    """Renders and tokenizes each task's first `limit` records exactly as training will, so a messy
+    file, a template that does not fit the records or a chat template that fails on them stops the run
+    before the model is built and compiled (and before anything is written to the workdir). Tasks
+    with on_error='skip' are left to the pipeline, which counts what it skips. Later records are
+    still checked as they are read, with the same errors."""
+    for i, task in enumerate(data.tasks):
+        if task.on_error == "skip":
+            continue
+        builder = ExampleBuilder(task, i, data.tokenizer, seq_len=seq_len, seed=seed)
+        for index in range(min(len(task.records), limit)):
+            record = task.records[index]
+            try:
+                builder(index, record)
+            except UserError as e:
+                where = str(record.get("_where", ""))
+                if where and where not in str(e):
+                    label = "" if f"task {task.name!r}" in str(e) else f" (task {task.name!r})"
+                    raise UserError(f"{where}{label}: {e}") from None
+                raise
 
 
 def train_dataset(data: SftData, cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int, process_index: int = 0,

@@ -69,7 +69,8 @@ class JsonlSource:
     def __init__(self, path: str | Path):
         self.path = str(path) if _is_remote(path) else Path(path)
         if not _exists(self.path):
-            raise UserError(f"{self.path}: no such data file (expected a JSONL file, one JSON object per line)")
+            what = "a directory, not a data file" if Path(str(self.path)).is_dir() else "no such data file"
+            raise UserError(f"{self.path}: {what} (expected a JSONL file, one JSON object per line)")
         # Remote files (gs://...) are read once into memory; local ones by offset.
         self._data: bytes | None = _epath(self.path).read_bytes() if _is_remote(self.path) else None
         offsets, lengths, line_numbers = [], [], []

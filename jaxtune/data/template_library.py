@@ -84,6 +84,11 @@ def _pairs(value: Any, where: str) -> list[Template]:
                 pair = (pair["input"], pair["target"])
             if not (isinstance(pair, Sequence) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
                 raise UserError(f"{where}: template {i} must be an (input_pattern, target_pattern) pair of strings, got {pair!r}")
+            for pattern in pair:  # unbalanced braces etc. now, not at the first record
+                try:
+                    template_fields(pattern)
+                except UserError as e:
+                    raise UserError(f"{where}: template {i} pattern {pattern!r}: {e}") from None
             pairs.append((pair[0], pair[1]))
         return pairs
     raise UserError(f"{where}: expected a non-empty list of (input_pattern, target_pattern) pairs, got {type(value).__name__}")

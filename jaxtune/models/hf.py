@@ -73,17 +73,65 @@ def llama_params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig) -> 
 # ------------------------------------------------------------------ safetensors files
 
 
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
+
+
+def _read_header(path: epath.Path, f) -> tuple[dict, int]:
+    """The JSON header of an open .safetensors file and where its data starts, checked against the
+    file's size: a truncated download or a file of another kind fails here with its name."""
+    stat = path.stat()
+    size = stat.length if hasattr(stat, "length") else stat.st_size  # epath or pathlib
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise UserError(f"{path}: not a safetensors file ({size} bytes; truncated or empty)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > min(_MAX_HEADER_BYTES, size - 8):
+        raise UserError(f"{path}: corrupt safetensors header (it claims {n} header bytes in a {size}-byte file; "
+                        "truncated or not a safetensors file)")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    data_bytes = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape, dtype, (start, end) = [int(d) for d in info["shape"]], info["dtype"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
+        if dtype not in _ST_DTYPES:
+            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; "
+                            f"supported: {', '.join(_ST_DTYPES)}")
+        if end - start != math.prod(shape) * _ST_DTYPES[dtype].itemsize or start < 0:
+            raise UserError(f"{path}: corrupt safetensors header: tensor {name!r} ({dtype} {shape}) spans bytes "
+                            f"[{start}, {end})")
+        if end > data_bytes:
+            raise UserError(f"{path}: truncated: tensor {name!r} ends at data byte {end} but the file holds "
+                            f"{data_bytes} data bytes")
+    return header, 8 + n
+
+
 class _SafetensorsFile:
     """Header of one .safetensors file; reads single tensors with seek + read."""
 
     def __init__(self, path: epath.Path):
         self.path = path
-        self._f = path.open("rb")
-        (n,) = struct.unpack("<Q", self._f.read(8))
-        header = json.loads(self._f.read(n))
+        if not path.exists():
+            raise UserError(f"{path}: no such file")
+        try:
+            self._f = path.open("rb")
+        except OSError as e:
+            raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+        try:
+            header, self._data_start = _read_header(path, self._f)
+        except Exception:
+            self._f.close()
+            raise
         self.metadata = header.pop("__metadata__", None)
         self.tensors: dict[str, dict] = header
-        self._data_start = 8 + n
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name]["shape"])
@@ -114,18 +162,32 @@ class _Checkpoint:
     def __init__(self, directory: epath.Path):
         self.directory = directory
         index = directory / INDEX_FILE
+        weight_map = None
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_index(index)
             files = sorted(set(weight_map.values()))
+            for tensor, name in sorted(weight_map.items()):
+                if not (directory / name).exists():
+                    raise UserError(f"{index}: tensor {tensor!r} is in {name}, which does not exist")
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
             if not files:
                 raise UserError(f"{directory}: no *.safetensors files (and no {INDEX_FILE})")
-        self.files = {name: _SafetensorsFile(directory / name) for name in files}
+        self.files: dict[str, _SafetensorsFile] = {}
+        try:
+            for name in files:
+                self.files[name] = _SafetensorsFile(directory / name)
+        except Exception:
+            self.close()
+            raise
         self.where: dict[str, _SafetensorsFile] = {}
         for f in self.files.values():
             for tensor in f.tensors:
                 self.where[tensor] = f
+        for tensor, name in sorted((weight_map or {}).items()):
+            if tensor not in self.files[name].tensors:
+                self.close()
+                raise UserError(f"{index}: tensor {tensor!r} is listed in {name}, but that file does not hold it")
 
     def close(self):
         for f in self.files.values():
@@ -138,9 +200,35 @@ class _Checkpoint:
 def read_hf_config(path: str | epath.PathLike) -> dict:
     path = epath.Path(path)
     file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory (looked for {CONFIG_FILE}); expected a Hugging Face model directory")
     if not file.exists():
         raise UserError(f"{path}: no {CONFIG_FILE}; expected a Hugging Face model directory")
-    return json.loads(file.read_text())
+    hf = _read_json(file)
+    if not isinstance(hf, dict):
+        raise UserError(f"{file}: expected a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def _read_json(file: epath.Path) -> Any:
+    """A JSON file's content; unreadable, non-UTF-8 or invalid files are a UserError naming it."""
+    try:
+        return json.loads(file.read_text())
+    except OSError as e:
+        raise UserError(f"{file}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{file}: not UTF-8 text (a binary or damaged file?)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def _read_index(index: epath.Path) -> dict[str, str]:
+    """`weight_map` (tensor -> file name) of a model.safetensors.index.json."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index}: expected an object with a \"weight_map\" of tensor name -> file name")
+    return weight_map
 
 
 def config_from_pretrained(path: str | epath.PathLike, **overrides: Any):
@@ -151,11 +239,32 @@ def config_from_pretrained(path: str | epath.PathLike, **overrides: Any):
     from jaxtune import models  # registry imports this module's package; avoid a cycle
 
     hf = read_hf_config(path)
-    family = models.family_for_hf(hf.get("model_type"))
+    file = epath.Path(path) / CONFIG_FILE
+    if "model_type" not in hf:
+        raise UserError(f"{file}: no \"model_type\" field; cannot tell the model family")
+    try:
+        family = models.family_for_hf(hf.get("model_type"))
+    except UserError as e:
+        raise UserError(f"{file}: {e}") from None
     if overrides.get("param_dtype") is None:
         torch_dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
         overrides["param_dtype"] = _PARAM_DTYPE_FROM_TORCH.get(torch_dtype, "float32")
-    return family.config_from_hf(hf, **overrides)
+    try:
+        config = family.config_from_hf(hf, **overrides)
+    except KeyError as e:
+        raise UserError(f"{file}: missing field {e.args[0]!r} (model_type {hf['model_type']!r})") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise UserError(f"{file}: {e}") from None
+        raise UserError(f"{file}: invalid value ({type(e).__name__}: {e})") from None
+    for field in _POSITIVE_FIELDS:
+        value = getattr(config, field, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{file}: {field} is {value!r}; expected a positive integer")
+    return config
+
+
+_POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
 
 
 def _abstract_boxed_params(model: nn.Module):
@@ -189,6 +298,43 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def check_tensors(ckpt: _Checkpoint, config, abstract: Any | None = None) -> None:
+    """Every tensor the model needs is present with the right shape and a float dtype, and none is
+    left over; `abstract` is the unboxed abstract params (computed when not given)."""
+    from jaxtune import models
+
+    path = ckpt.directory
+    if abstract is None:
+        abstract = sharding_lib.unbox(_abstract_boxed_params(models.build(config)))
+    used = set()
+    for m in models.family_of(config).hf_param_maps(config):
+        shape = tuple(_get(abstract, m.path).shape)
+        expected = _hf_slice_shape(m, shape)
+        for name in m.hf_names:
+            f = ckpt.where.get(name)
+            if f is None:
+                raise UserError(f"{path}: checkpoint has no tensor {name!r} (needed for param {'/'.join(m.path)})")
+            if f.shape(name) != expected:
+                raise UserError(
+                    f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, expected {list(expected)} "
+                    f"for {type(config).__name__} from {path / CONFIG_FILE}"
+                )
+            if f.tensors[name]["dtype"] not in _FLOAT_DTYPES:
+                raise UserError(f"{f.path}: tensor {name!r} has dtype {f.tensors[name]['dtype']}, expected a "
+                                f"floating-point dtype ({', '.join(_FLOAT_DTYPES)})")
+            used.add(name)
+    ignored = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    leftover = sorted(n for n in ckpt.where if n not in used and n not in ignored and not n.endswith("rotary_emb.inv_freq"))
+    if leftover:
+        raise UserError(
+            f"{path}: checkpoint has {len(leftover)} tensors the model does not use, e.g. {leftover[:4]}; "
+            "does config.json (layers, tied embeddings, biases) match the weights?"
+        )
+
+
 def load_params(path: str | epath.PathLike, config, shardings: Any) -> dict:
     """Params of the HF checkpoint in `path`, each built directly in `shardings` (an unboxed tree
     of NamedShardings with the params' structure, e.g. `state_shardings.params`).
@@ -205,28 +351,7 @@ def load_params(path: str | epath.PathLike, config, shardings: Any) -> dict:
     dtype = np.dtype(jnp.dtype(config.param_dtype))
     ckpt = _Checkpoint(path)
     try:
-        used = set()
-        for m in maps:
-            shape = tuple(_get(abstract, m.path).shape)
-            expected = _hf_slice_shape(m, shape)
-            for name in m.hf_names:
-                f = ckpt.where.get(name)
-                if f is None:
-                    raise UserError(f"{path}: checkpoint has no tensor {name!r} (needed for param {'/'.join(m.path)})")
-                if f.shape(name) != expected:
-                    raise UserError(
-                        f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, expected {list(expected)} "
-                        f"for {type(config).__name__} from {path / CONFIG_FILE}"
-                    )
-                used.add(name)
-        ignored = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-        leftover = sorted(n for n in ckpt.where if n not in used and n not in ignored and not n.endswith("rotary_emb.inv_freq"))
-        if leftover:
-            raise UserError(
-                f"{path}: checkpoint has {len(leftover)} tensors the model does not use, e.g. {leftover[:4]}; "
-                "does config.json (layers, tied embeddings, biases) match the weights?"
-            )
-
+        check_tensors(ckpt, config, abstract)
         params: dict = {}
         for m in maps:
             shape = tuple(_get(abstract, m.path).shape)

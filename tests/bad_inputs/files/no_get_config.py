@@ -1,0 +1,3 @@
+"""A Python file without get_config."""
+
+CONFIG = {"train": {"steps": 10}}
