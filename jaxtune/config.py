@@ -129,6 +129,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.rules = "fsdp"  # dp | fsdp | fsdp_tp
+    # Multi-slice TPU jobs (devices on several slices joined by the data-centre network): the sizes
+    # above are per slice (ICI) and these are across slices (DCN); each mesh axis is their product.
+    # -1 takes the slices left over, so by default slices are data parallel. Ignored on one slice.
+    c.mesh.dcn_data = -1
+    c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_tensor = 1
 
     c.objective = ml_collections.ConfigDict()
     # sft | preference ((prompt, chosen, rejected) pairs) | kto ((prompt, completion, label) examples)
@@ -434,12 +440,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_eval(config.eval)
     _validate_eval_tasks(config)
     _validate_objective(config)
-    for axis in ("data", "fsdp", "tensor"):
-        size = config.mesh[axis]
-        if size == 0 or size < -1:
-            raise UserError(f"config key 'mesh.{axis}' must be a positive size or -1, got {size}")
-    if sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
-        raise UserError("config keys mesh.data/fsdp/tensor: at most one axis may be -1")
+    for prefix in ("", "dcn_"):
+        for axis in ("data", "fsdp", "tensor"):
+            size = config.mesh[prefix + axis]
+            if size == 0 or size < -1:
+                raise UserError(f"config key 'mesh.{prefix}{axis}' must be a positive size or -1, got {size}")
+        if sum(config.mesh[prefix + a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
+            raise UserError(f"config keys mesh.{prefix}data/{prefix}fsdp/{prefix}tensor: at most one axis may be -1")
     from jaxtune.peft import lora  # a leaf module: spec parsing and validation
 
     lora.spec_from_config(config.peft)
@@ -581,24 +588,35 @@ def validate_for_model(config: ml_collections.ConfigDict, max_positions: int) ->
         )
 
 
-def resolve_mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
-    """Fills the one -1 axis so the mesh covers all devices; errors when sizes don't multiply out."""
-    shape = {a: config.mesh[a] for a in ("data", "fsdp", "tensor")}
+def resolve_mesh_shape(config: ml_collections.ConfigDict, device_count: int, *, prefix: str = "",
+                       what: str = "devices") -> dict[str, int]:
+    """Fills the one -1 axis so the mesh covers all devices; errors when sizes don't multiply out.
+
+    prefix="dcn_" resolves the across-slice sizes against the slice count (what="slices").
+    """
+    shape = {a: config.mesh[prefix + a] for a in ("data", "fsdp", "tensor")}
+    keys = f"mesh.{prefix}data x mesh.{prefix}fsdp x mesh.{prefix}tensor"
     known = math.prod(v for v in shape.values() if v != -1)
     if any(v == -1 for v in shape.values()):
         if device_count % known:
             raise UserError(
-                f"config keys mesh.*: fixed axes multiply to {known}, which does not divide the {device_count} devices"
+                f"config keys {keys}: fixed axes multiply to {known}, which does not divide the {device_count} {what}"
             )
         for a, v in shape.items():
             if v == -1:
                 shape[a] = device_count // known
     elif known != device_count:
-        raise UserError(
-            f"config keys mesh.data x mesh.fsdp x mesh.tensor = {known}, but there are {device_count} devices; "
-            "set one axis to -1 to fill"
-        )
+        raise UserError(f"config keys {keys} = {known}, but there are {device_count} {what}; set one axis to -1 to fill")
     return shape
+
+
+def resolve_hybrid_mesh_shape(config: ml_collections.ConfigDict, device_count: int,
+                              num_slices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(within-slice, across-slice) axis sizes; one slice gives across-slice sizes of 1."""
+    if num_slices == 1:
+        return resolve_mesh_shape(config, device_count), {a: 1 for a in ("data", "fsdp", "tensor")}
+    ici = resolve_mesh_shape(config, device_count // num_slices, what="devices per slice")
+    return ici, resolve_mesh_shape(config, num_slices, prefix="dcn_", what="slices")
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:
