@@ -225,8 +225,11 @@ def eval_task_config(metric: str = "generative", max_examples: int = 0, **task_k
 # --------------------------------------------------------------------------------------------
 
 
-def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `path.py[:arg]`, applies `a.b=value` overrides, locks and validates it."""
+def load_config(spec: str, overrides: list[str] = (), *, needs_data: bool = True) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]`, applies `a.b=value` overrides, locks and validates it.
+
+    needs_data=False (`jaxtune plan`, which reads no data) accepts a config without data files.
+    """
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.is_file():
@@ -251,7 +254,7 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
         if not sep:
             raise UserError(f"override --config.{item}: expected --config.KEY=VALUE")
         set_value(config, key, value)
-    validate(config)
+    validate(config, needs_data=needs_data)
     return config
 
 
@@ -399,7 +402,7 @@ def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "da
             raise UserError(f"config key '{key}.{k}' must be in [0, 1{']' if k == 'inversion' else ')'}, got {task[k]}")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:
     """Rejects impossible values before any compile; the message names the key and the fix."""
     for key, choices in _CHOICES.items():
         value = config
@@ -433,7 +436,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.packing_bins < 0:
         raise UserError(f"config key 'data.packing_bins' must be >= 0, got {config.data.packing_bins}")
     single_jsonl = config.data.source == "jsonl" and not config.data.tasks
-    if single_jsonl and not config.data.train_path:
+    if needs_data and single_jsonl and not config.data.train_path:
         raise UserError("config key 'data.train_path' is empty; data.source='jsonl' needs a JSONL file")
     if single_jsonl and not config.data.templates:
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
