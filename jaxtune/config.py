@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft.quant_block_size = 64
     c.peft.prefix_length = 16  # prefix: learned key/value slots per layer (PEFT num_virtual_tokens)
     c.peft.prefix_projection = 0  # prefix: >0 trains them through an MLP of this hidden size (0: directly)
+    # dtype the frozen base is held in: "" = model.param_dtype; "bfloat16" halves its memory on
+    # accelerators (adapters and their optimizer state stay in model.param_dtype).
+    c.peft.base_dtype = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 takes the devices left over by the other axes

@@ -122,7 +122,7 @@ def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_ta
         base = base_model(model).init(rng, tokens)["params"]
         adapters = model.init(jax.random.fold_in(rng, 1), tokens)[lora.COLLECTION]
         adapters = prefix.init_trainable(jax.random.fold_in(rng, 2), adapters, spec.prefix_projection)
-        base = quantize_base(base, spec)
+        base = prepare_base(base, spec)
         return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters), frozen=base)
 
     def init(rng):
@@ -141,9 +141,15 @@ def base_model(model: nn.Module) -> nn.Module:
     return models.build(model.config.replace(peft=None))
 
 
-def quantize_base(base, spec):
-    """QLoRA: the decoder projections' kernels as NF4/int8 codes (identity without quantize)."""
-    if spec is None or spec.quantize == "none":
+def prepare_base(base, spec):
+    """A PEFT run's frozen base as it is held: float weights cast to `spec.base_dtype` (when set),
+    then QLoRA's decoder kernels as NF4/int8 codes (when `spec.quantize`)."""
+    if spec is None:
+        return base
+    if spec.base_dtype:
+        dtype = jnp.dtype(spec.base_dtype)
+        base = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, base)
+    if spec.quantize == "none":
         return base
     return quant.quantize_params(base, spec.quantize, spec.quant_block_size)
 
@@ -194,9 +200,9 @@ def load_base(hf_dir: str, model_config, state_shardings, mesh, rule_table):
     plain = base_model(models.build(model_config))
     abstract = jax.eval_shape(plain.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     base = models.load_params(hf_dir, plain.config, sharding.logical_shardings(abstract, mesh, rule_table))
-    if model_config.peft.quantize == "none":
+    if model_config.peft.quantize == "none" and not model_config.peft.base_dtype:
         return base
-    return jax.jit(functools.partial(quantize_base, spec=model_config.peft), out_shardings=state_shardings.frozen)(base)
+    return jax.jit(functools.partial(prepare_base, spec=model_config.peft), out_shardings=state_shardings.frozen)(base)
 
 
 def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -694,7 +700,7 @@ def frozen_base_on_host(config: ml_collections.ConfigDict, model_config):
         plain = base_model(models.build(model_config))
         init = jax.jit(lambda rng: sharding.unbox(plain.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
         base = init(jax.random.key(config.seed))
-    return jax.jit(functools.partial(quantize_base, spec=model_config.peft))(base)
+    return jax.jit(functools.partial(prepare_base, spec=model_config.peft))(base)
 
 
 _REFERENCE_NAMES = {
