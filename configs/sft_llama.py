@@ -13,8 +13,8 @@ from jaxtune.config import base_config, parse_arg
 # Per-variant settings that differ from the base config; everything else is shared.
 _VARIANTS = {
     "tiny": dict(global_batch_size=16, seq_len=128, rules="dp", dtype="float32", remat="none", lr=1e-3),
-    "llama3.2-1b": dict(global_batch_size=64, seq_len=2048, rules="fsdp", dtype="bfloat16", remat="dots", lr=2e-5),
-    "llama3.1-8b": dict(global_batch_size=128, seq_len=4096, rules="fsdp", dtype="bfloat16", remat="full", lr=1e-5),
+    "llama3.2-1b": dict(global_batch_size=32, seq_len=4096, rules="fsdp", dtype="bfloat16", remat="full", lr=2e-5),
+    "llama3.1-8b": dict(global_batch_size=16, seq_len=4096, rules="fsdp", dtype="bfloat16", remat="full", lr=1e-5),
     "llama3.1-70b": dict(global_batch_size=256, seq_len=4096, rules="fsdp_tp", dtype="bfloat16", remat="full", lr=1e-5),
 }
 
@@ -36,6 +36,8 @@ def get_config(arg=None):
     c.data.seq_len = v["seq_len"]
     c.train.global_batch_size = v["global_batch_size"]
     c.mesh.rules = v["rules"]
+    if variant != "tiny":  # 1B and up: weights and optimizer state sharded over every device
+        c.mesh.fsdp, c.mesh.data = -1, 1
     c.optim.lr = v["lr"]
     c.optim.weight_decay = 0.0 if variant != "tiny" else 0.1
     return c

@@ -36,5 +36,9 @@ def get_config(arg=None):
     c.optim.warmup_steps = 20
     if c.model.hf_dir or c.model.variant != "tiny":  # real models: bf16 compute, fp32 adapters
         c.model.dtype = "bfloat16"
-        c.model.remat_policy = "dots"
+        c.model.remat_policy = "full"  # saves no attention scores (README "Memory")
+        c.peft.base_dtype = "bfloat16"  # the frozen base in half the memory; adapters stay fp32
+        c.data.seq_len = 4096
+        c.train.global_batch_size = 32
+        c.mesh.fsdp, c.mesh.data = -1, 1  # base sharded over every device
     return c

@@ -162,3 +162,10 @@ def test_plan_peft_and_preference_objectives(spec, overrides, capsys):
     assert cli.main(["plan", "--config", str(REPO / "configs" / spec), "--topology", "v5p-8", *overrides]) == 0
     summary = _plan_json(capsys)
     assert summary["fits"] and summary["memory_per_device"]["total"] > 0
+
+
+def test_dpo_config_lora_method():
+    c = config_lib.load_config(str(REPO / "configs" / "dpo.py") + ":variant=llama3.1-8b,method=lora", needs_data=False)
+    assert c.peft.method == "lora" and c.peft.base_dtype == "bfloat16" and c.data.seq_len == 2048
+    assert config_lib.resolved_reference(c) == "base"  # the base without adapters: no extra weights
+    assert (c.mesh.data, c.mesh.fsdp) == (1, -1)
