@@ -13,6 +13,10 @@ prefix. Start from an SFT run's workdir (model.init_from) or an HF directory (mo
 Hyperparameters left at None take each paper's default (objective.beta, objective.gamma). The
 reference model is a frozen copy of the starting weights (objective.reference=copy), or one pass
 of log-probs stored in the workdir (objective.reference=precomputed); SimPO and ORPO need none.
+`method=lora` (or dora) trains adapters on a bf16 frozen base, which is also the reference (no
+extra weights). Real-size variants use seq 2048 (a pair is two rows) and half the SFT batch in pairs.
+Planned with `jaxtune plan` (per-device memory; benchmarks/RESULTS.md):
+    jaxtune plan --config configs/dpo.py:variant=llama3.1-8b,method=lora --topology v5p-8   # 11.40 of 95.74 GiB, 8 pairs
 """
 
 import importlib.util

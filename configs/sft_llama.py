@@ -5,7 +5,11 @@
 The argument picks the model variant (tiny, llama3.2-1b, llama3.1-8b, llama3.1-70b); each record
 is rendered through data.templates, e.g. {"prompt": "...", "response": "..."} with the default
 ("{prompt}", "{response}") template. Real-size variants use bf16 compute with fp32 master
-weights, FSDP, and full rematerialisation.
+weights, FSDP over every device (weights and Adam state sharded), and full rematerialisation.
+
+Planned with `jaxtune plan` (per-device memory, XLA's compiled figure; benchmarks/RESULTS.md):
+    jaxtune plan --config configs/sft_llama.py:llama3.2-1b --topology v5e-8   # 7.90 of 15.75 GiB, seq 4096, batch 32
+    jaxtune plan --config configs/sft_llama.py:llama3.1-8b --topology v5p-8   # 47.60 of 95.74 GiB, seq 4096, batch 16
 """
 
 from jaxtune.config import base_config, parse_arg
