@@ -110,16 +110,18 @@ def test_plan_without_libtpu_names_the_extra(monkeypatch, capsys):
     assert '.[tpu]' in _error_line(capsys)
 
 
-def _temporaries(seq_len: int, batch: int) -> int:
+def _largest_temporary(seq_len: int, batch: int, attention: str = "auto") -> int:
     c = config_lib.load_config(SFT_TINY, [f"data.seq_len={seq_len}", f"train.global_batch_size={batch}",
-                                          "model.max_position_embeddings=8192", "model.dtype=bfloat16"],
-                               needs_data=False)
-    p = plan.plan(c, topology="v5e:2x2")
-    return p.memory["temporaries"]
+                                          "model.max_position_embeddings=8192", "model.dtype=bfloat16",
+                                          f"model.attention={attention}"], needs_data=False)
+    return plan.plan(c, topology="v5e:2x2").largest_temporaries[0][0]
 
 
 def test_temporaries_grow_linearly_with_sequence_length():
-    short, long = _temporaries(2048, 8), _temporaries(4096, 8)
+    # The largest buffer, not the total: with a tiny model XLA's TPU scheduler keeps more buffers
+    # live when HBM is plentiful, so the total is no clean measure (the 1B model's is, RESULTS.md).
+    # Attention scores [B, heads, T, T] would make it grow 4x.
+    short, long = _largest_temporary(1024, 8), _largest_temporary(2048, 8)
     assert long <= 2.3 * short, (short, long)
 
 
