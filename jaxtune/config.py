@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
     c.model.param_dtype = "float32"  # master weights
     c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    # How attention is computed (jaxtune/models/attention.py): auto picks splash on TPU, cuDNN on
+    # GPU where it applies (else blockwise), and on CPU the einsum for short rows, blockwise above.
+    c.model.attention = "auto"  # auto | splash | blockwise | cudnn | reference
     # Architecture overrides on top of the variant; None keeps the variant's value.
     # vocab_size None means "take it from the tokenizer" when the variant is trained from scratch.
     c.model.vocab_size = ml_collections.FieldReference(None, field_type=int)
@@ -356,6 +359,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention": ("auto", "splash", "blockwise", "cudnn", "reference"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.on_error": ("error", "skip"),

@@ -56,13 +56,16 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None 
     """The model config: named variant + non-None overrides; a from-scratch vocab comes from the tokenizer."""
     m = config.model
     peft = lora.spec_from_config(config.peft) if "peft" in config else None
+    attention = m.get("attention", "auto")  # configs saved before the setting existed
     if m.hf_dir:
         return models.config_from_pretrained(
-            m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy).replace(peft=peft)
+            m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
+            attention=attention).replace(peft=peft)
     overrides = {k: m[k] for k in _MODEL_OVERRIDE_KEYS if m[k] is not None}
     if "vocab_size" not in overrides and vocab_size is not None:
         overrides["vocab_size"] = vocab_size
-    overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, peft=peft)
+    overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=attention,
+                     peft=peft)
     return models.get_config(m.family, m.variant, **overrides)
 
 

@@ -98,6 +98,7 @@ class GemmaDecoderLayer(nn.Module):
             rope_scaling=cfg.rope_scaling,
             name="attn",
             lora=cfg.peft,
+            implementation=cfg.attention,
             **self.attention_options(),
             **kw,
         )(norm("attn_norm")(x), positions, segment_ids, is_sliding)

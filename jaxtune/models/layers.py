@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxtune.models import attention as attention_lib
 from jaxtune.peft import lora as lora_lib
 from jaxtune.peft import prefix as prefix_lib
 from jaxtune.peft import quant
@@ -215,56 +216,6 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 # ----------------------------------------------------------------------------- attention
 
 
-def make_attention_mask(
-    q_segment_ids: Array, kv_segment_ids: Array | None = None, *, sliding_window: int | None = None,
-    q_offset: Array | int | None = None,
-) -> Array:
-    """[B,T,S] bool: causal by array index AND same segment id (AND within the window).
-
-    Queries sit at key indices q_offset.. (default: the last T of the S keys); a KV cache passes
-    its write index, with unwritten slots carrying segment 0.
-    Index-causal (not position-causal) because packed rows restart positions per segment.
-    Padding (segment 0) attends to padding only, so no row is ever fully masked (no NaNs).
-    sliding_window=W keeps keys with q_index - k_index < W (HF's convention: W keys including
-    the query itself). Segments are contiguous, so index distance = position distance.
-    """
-    kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
-    t, s = q_segment_ids.shape[-1], kv_segment_ids.shape[-1]
-    q_idx = jnp.arange(t)[:, None] + (s - t if q_offset is None else q_offset)
-    k_idx = jnp.arange(s)[None, :]
-    causal = q_idx >= k_idx
-    if sliding_window is not None:
-        causal = causal & (q_idx - k_idx < sliding_window)
-    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return causal[None] & same
-
-
-def dot_product_attention(
-    q: Array, k: Array, v: Array, mask: Array, *, scale: float | None = None,
-    soft_cap: float | None = None,
-) -> Array:
-    """Grouped-query attention: q[B,T,H,D], k/v[B,S,K,D], mask[B,T,S] -> [B,T,H,D].
-
-    Query head h reads kv head h // (H // K), matching HF's repeat_kv. Scores and softmax are
-    float32; the weighted sum runs in the compute dtype of v. soft_cap (Gemma 2) squashes the
-    scaled scores to cap * tanh(scores / cap) before masking.
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    if h % kv:
-        raise ValueError(f"num_heads ({h}) must be a multiple of num_kv_heads ({kv}).")
-    scale = d**-0.5 if scale is None else scale
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * scale
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
-
-
 # KV cache layout [B, S_max, kv_heads, head_dim]: batch over data/fsdp, heads over tensor.
 CACHE_AXES = ("act_batch", "act_length", "act_heads", None)
 
@@ -280,6 +231,7 @@ class Attention(nn.Module):
     `is_sliding` (a traced bool scalar, e.g. a scanned per-layer input) picks sliding vs global
     for alternating-layer models; None means every layer slides when sliding_window is set.
 
+    The attention itself is `attention.attend` with the configured `implementation`.
     Decoding: when `apply` makes the "cache" collection mutable the layer keeps a KV cache (see
     `_cached_kv`), so every family inherits prefill/decode without a copy of this code.
     Prefix tuning (`lora.prefix_length`, peft/prefix.py): learned key/value slots in front of the
@@ -301,6 +253,7 @@ class Attention(nn.Module):
     local_rope_theta: float | None = None
     logit_soft_cap: float | None = None
     query_scale: float | None = None
+    implementation: str = "auto"  # models/attention.py: auto | splash | blockwise | cudnn | reference
     lora: Any = None  # peft.lora.LoraSpec for q/k/v/o
 
     @nn.compact
@@ -337,16 +290,10 @@ class Attention(nn.Module):
         kv_segment_ids, q_offset = None, None
         if self.is_mutable_collection("cache") and not self.is_initializing():  # init never makes a cache
             k, v, kv_segment_ids, q_offset = self._cached_kv(k, v, segment_ids)
-        mask = make_attention_mask(segment_ids, kv_segment_ids, q_offset=q_offset)
-        if self.sliding_window is not None:
-            local = make_attention_mask(
-                segment_ids, kv_segment_ids, q_offset=q_offset, sliding_window=self.sliding_window
-            )
-            mask = local if is_sliding is None else jnp.where(is_sliding, local, mask)
-        if prefix is not None:
-            k, v, mask = prefix_lib.attend_with_prefix(k, v, mask, segment_ids, prefix)
-        out = dot_product_attention(
-            q, k, v, mask, scale=self.query_scale, soft_cap=self.logit_soft_cap
+        out = attention_lib.attend(
+            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_offset=q_offset,
+            sliding_window=self.sliding_window, is_sliding=is_sliding, soft_cap=self.logit_soft_cap,
+            scale=self.query_scale, prefix=prefix, implementation=self.implementation,
         )
         out = nn.with_logical_constraint(out, act)
         o_axes = ("heads", "head_dim", "embed")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxtune.errors import UserError
-from jaxtune.models import hf_mapping, layers
+from jaxtune.models import attention, hf_mapping, layers
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -40,6 +40,7 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    attention: str = "auto"  # models/attention.py: "auto" | "splash" | "blockwise" | "cudnn" | "reference"
     peft: Any = None  # a peft.lora.LoraSpec: adapters on its target projections (None: none)
 
     def __post_init__(self):
@@ -62,6 +63,10 @@ class LlamaConfig:
             raise UserError(
                 f"LlamaConfig: remat_policy={self.remat_policy!r}, expected one of "
                 f"{tuple(layers.REMAT_POLICIES)}."
+            )
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise UserError(
+                f"{type(self).__name__}: attention={self.attention!r}, expected one of {attention.IMPLEMENTATIONS}."
             )
         # Fail at config time, not at first trace, on an unsupported rope_scaling.
         try:
@@ -147,6 +152,7 @@ class DecoderLayer(nn.Module):
             rope_scaling=cfg.rope_scaling,
             name="attn",
             lora=cfg.peft,
+            implementation=cfg.attention,
             **self.attention_options(),
             **kw,
         )(h, positions, segment_ids)
