@@ -177,7 +177,8 @@ def _eval(args, overrides: list[str]) -> int:
         raise UserError("eval: nothing to evaluate; set data.eval_path (or data.source=quickstart), eval.mc_path "
                         "or eval.tasks")
     scores = evaluate.run(loaded.model, loaded.params, loaded.tokenizer, eval_set, config.eval,
-                          seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples)
+                          seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples,
+                          logits_chunk=config.train.logits_chunk)
     step = loaded.step or 0
     path = evaluate.write_results(Path(args.workdir) / "eval_results.json", scores, step=step,
                                   model=args.hf_dir or str(args.workdir))

@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.init_from = ""
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
     c.model.param_dtype = "float32"  # master weights
-    c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    c.model.remat_policy = "none"  # none | full | projections | offload | dots | dots_no_batch (README "Memory")
     # How attention is computed (jaxtune/models/attention.py): auto picks splash on TPU, cuDNN on
     # GPU where it applies (else blockwise), and on CPU the einsum for short rows, blockwise above.
     c.model.attention = "auto"  # auto | splash | blockwise | cudnn | reference
@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2
     c.train.async_checkpoints = True
     c.train.z_loss = 0.0
+    # The loss runs the LM head this many sequence positions at a time (per device it holds
+    # [batch per device, logits_chunk, vocab] float32 logits, never [batch, seq_len, vocab]);
+    # also used by evaluation log-likelihoods. 0 = unchunked (full logits).
+    c.train.logits_chunk = 512
     c.train.max_seconds = 0.0  # >0: time budget; stop early, checkpoint, run the final eval
     c.train.progress_bar = True
 
@@ -358,7 +362,7 @@ _CHOICES = {
     "data.truncation": ("truncate", "drop", "error"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
-    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "model.remat_policy": ("none", "full", "projections", "offload", "dots", "dots_no_batch"),  # models/layers.py
     "model.attention": ("auto", "splash", "blockwise", "cudnn", "reference"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -430,6 +434,10 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
     for key, value in positive.items():
         if not value > 0:
             raise UserError(f"config key '{key}' must be > 0, got {value}")
+    chunk = config.train.logits_chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise UserError(f"config key 'train.logits_chunk' must be an integer >= 0 (sequence positions per LM-head "
+                        f"chunk; 0 = unchunked), got {chunk!r}")
     if config.optim.warmup_steps < 0:
         raise UserError(f"config key 'optim.warmup_steps' must be >= 0, got {config.optim.warmup_steps}")
     if not 0.0 <= config.optim.min_lr_ratio <= 1.0:

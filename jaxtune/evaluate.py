@@ -30,7 +30,8 @@ from jaxtune.data.eval_tasks import EvalTask, load_eval_tasks
 from jaxtune.data.flan import few_shot_prompt
 from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
-from jaxtune.objectives import sequence_logps
+from jaxtune.objectives import masked_sequence_sums, model_token_stats
+from jaxtune.objectives.logprobs import DEFAULT_CHUNK
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -80,18 +81,21 @@ def generative_scores(
 # ----------------------------------------------------------------------------- log-likelihood
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _sequence_logprobs(model, variables, batch):
-    """Per row: summed log p(target) over the loss mask, masked token count, argmax hits."""
-    logits = model.module.apply(variables, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    logp, count = sequence_logps(logits, batch["targets"], batch["loss_mask"])
-    hits = (jnp.argmax(logits, axis=-1) == batch["targets"]) & (batch["loss_mask"] > 0)
-    return logp, count, jnp.sum(hits.astype(jnp.float32), -1)
+@functools.partial(jax.jit, static_argnames=("model", "logits_chunk"))
+def _sequence_logprobs(model, variables, batch, logits_chunk):
+    """Per row: summed log p(target) over the loss mask, masked token count, argmax hits.
+
+    The LM head runs `logits_chunk` positions at a time, as in training (objectives/logprobs.py)."""
+    stats = model_token_stats(model.module, variables, batch["inputs"], batch["targets"], positions=batch["positions"],
+                              segment_ids=batch["segment_ids"], chunk=logits_chunk)
+    logp, count = masked_sequence_sums(stats.logp, batch["loss_mask"])
+    hits = stats.correct * (batch["loss_mask"] > 0)
+    return logp, count, jnp.sum(hits, -1)
 
 
 def score_continuations(
     model, params, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, seq_len: int, batch_size: int,
-    where: Sequence[str] | None = None,
+    where: Sequence[str] | None = None, logits_chunk: int = DEFAULT_CHUNK,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sum log p, token count, greedy hits) of each continuation given its prompt, as [N] arrays.
 
@@ -113,7 +117,7 @@ def score_continuations(
         chunk = rows[start : start + batch_size]
         chunk += [{k: np.zeros(seq_len, np.int32) for k in pipeline.BATCH_KEYS}] * (batch_size - len(chunk))
         batch = {k: np.stack([r[k] for r in chunk]) for k in pipeline.BATCH_KEYS}
-        out = _sequence_logprobs(generate_lib.ByRepr(model), variables, batch)
+        out = _sequence_logprobs(generate_lib.ByRepr(model), variables, batch, logits_chunk)
         results.append(np.stack([np.asarray(x) for x in out])[:, : min(batch_size, len(rows) - start)])
     if not results:
         return np.zeros(0), np.zeros(0), np.zeros(0)
@@ -121,13 +125,15 @@ def score_continuations(
     return logp, count, hits
 
 
-def loss_scores(model, params, tokenizer, examples: Sequence[Mapping[str, str]], *, seq_len: int, batch_size: int) -> dict[str, float]:
+def loss_scores(model, params, tokenizer, examples: Sequence[Mapping[str, str]], *, seq_len: int, batch_size: int,
+                logits_chunk: int = DEFAULT_CHUNK) -> dict[str, float]:
     """Token-weighted loss, perplexity and next-token accuracy on prompt -> answer + EOS (as trained)."""
     pairs = [
         (pipeline.encode_prompt(tokenizer, e["prompt"]), tokenizer.encode(e["answer"]) + [tokenizer.eos_id])
         for e in examples
     ]
-    logp, count, hits = score_continuations(model, params, pairs, seq_len=seq_len, batch_size=batch_size)
+    logp, count, hits = score_continuations(model, params, pairs, seq_len=seq_len, batch_size=batch_size,
+                                            logits_chunk=logits_chunk)
     tokens = max(float(count.sum()), 1.0)
     loss = -float(logp.sum()) / tokens
     return {"loss": loss, "perplexity": float(np.exp(loss)), "token_accuracy": float(hits.sum()) / tokens}
@@ -135,7 +141,7 @@ def loss_scores(model, params, tokenizer, examples: Sequence[Mapping[str, str]],
 
 def multiple_choice_scores(
     model, params, tokenizer, examples: Sequence[Mapping[str, Any]], *, seq_len: int, batch_size: int,
-    prefix: str = "mc/", per_task: bool = True,
+    prefix: str = "mc/", per_task: bool = True, logits_chunk: int = DEFAULT_CHUNK,
 ) -> dict[str, float]:
     """`mc/accuracy` (argmax of summed option log-likelihood), `mc/accuracy_norm` (per-token mean), per task."""
     pairs, where, owner = [], [], []
@@ -145,7 +151,8 @@ def multiple_choice_scores(
             pairs.append((prompt, tokenizer.encode(option)))
             where.append(e.get("where", f"multiple-choice example {i}"))
             owner.append(i)
-    logp, count, _ = score_continuations(model, params, pairs, seq_len=seq_len, batch_size=batch_size, where=where)
+    logp, count, _ = score_continuations(model, params, pairs, seq_len=seq_len, batch_size=batch_size, where=where,
+                                         logits_chunk=logits_chunk)
     owner = np.asarray(owner)
     raw, norm = [], []
     for i, e in enumerate(examples):
@@ -233,11 +240,12 @@ def build_eval_set(eval_records, eval_templates, eval_cfg, *, seed: int) -> Eval
     return EvalSet(generative, mc, load_eval_tasks(eval_cfg.get("tasks") or {}, seed=seed))
 
 
-def run(model, params, tokenizer, eval_set: EvalSet, eval_cfg, *, seq_len: int, seed: int, show: int = 0, printer=print) -> dict[str, float]:
+def run(model, params, tokenizer, eval_set: EvalSet, eval_cfg, *, seq_len: int, seed: int, show: int = 0, printer=print,
+        logits_chunk: int = DEFAULT_CHUNK) -> dict[str, float]:
     """Every configured evaluation -> flat metrics (`loss`, `exact_match`, `2shot/f1`, `mc/accuracy`,
     and per eval task `<task>/exact_match`, `2shot/<task>/f1`, `<task>/accuracy`...)."""
     scores: dict[str, float] = {}
-    kw = dict(seq_len=seq_len, batch_size=eval_cfg.batch_size)
+    kw = dict(seq_len=seq_len, batch_size=eval_cfg.batch_size, logits_chunk=logits_chunk)
     shown = dict(seed=seed, show=show, printer=printer)
     if eval_set.generative:
         scores.update(_generative_metrics(model, params, tokenizer, eval_set.generative, eval_cfg, **kw, **shown))
@@ -254,13 +262,15 @@ def run(model, params, tokenizer, eval_set: EvalSet, eval_cfg, *, seq_len: int, 
 
 
 def _generative_metrics(model, params, tokenizer, examples, eval_cfg, *, seq_len: int, batch_size: int, seed: int,
-                        show: int, printer, name: str = "", separators: tuple[str, str] = ("\n\n", "")) -> dict[str, float]:
+                        show: int, printer, name: str = "", separators: tuple[str, str] = ("\n\n", ""),
+                        logits_chunk: int = DEFAULT_CHUNK) -> dict[str, float]:
     """Loss and zero/k-shot EM/F1 of one generative set: `loss`, `2shot/f1`... (per record task), or
     under a named eval task `<name>/loss`, `2shot/<name>/f1`... (the whole set)."""
     scores: dict[str, float] = {}
     prefix = f"{name}/" if name else ""
     if eval_cfg.loss:
-        result = loss_scores(model, params, tokenizer, examples, seq_len=seq_len, batch_size=batch_size)
+        result = loss_scores(model, params, tokenizer, examples, seq_len=seq_len, batch_size=batch_size,
+                             logits_chunk=logits_chunk)
         scores.update({prefix + metric: value for metric, value in result.items()})
     if eval_cfg.generative:
         for k in eval_cfg.num_shots:

@@ -29,7 +29,9 @@ from jaxtune import config as config_lib
 from jaxtune import evaluate, metrics as metrics_lib, models, optim, reference, sharding
 from jaxtune.data import datasets, pipeline, preference
 from jaxtune.errors import UserError
-from jaxtune.objectives import kto_loss, preference_loss, sequence_logps, sft_loss
+from jaxtune.objectives import (TokenStats, kto_loss, masked_sequence_sums, model_token_stats, preference_loss,
+                                sft_loss_from_stats, token_stats)
+from jaxtune.objectives.logprobs import DEFAULT_CHUNK as DEFAULT_LOGITS_CHUNK
 from jaxtune.peft import lora, prefix, quant
 
 log = logging.getLogger(__name__)
@@ -78,17 +80,39 @@ def peft_base_pointer(config: ml_collections.ConfigDict) -> dict | None:
     return {"family": config.model.family, "variant": config.model.variant, "seed": config.seed}
 
 
-def make_apply_fn(model: nn.Module) -> Callable:
-    """apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None) -> logits.
+class ModelApply:
+    """apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None) -> logits, for a jaxtune model.
 
     Full fine-tuning: params are the weights. LoRA: params are the adapters and `frozen` the base;
     `apply_fn(state.frozen, ...)` (no adapters) is the base model, the free reference for DPO.
+    `token_stats` is what the losses use: per-token log-probs with the LM head run `logits_chunk`
+    sequence positions at a time (objectives/logprobs.py; 0 = full logits).
     """
 
-    def apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None):
-        return model.apply(variables_for(params, frozen), tokens, positions=positions, segment_ids=segment_ids, rngs=rngs)
+    def __init__(self, model: nn.Module, logits_chunk: int = DEFAULT_LOGITS_CHUNK):
+        self.model, self.logits_chunk = model, logits_chunk
 
-    return apply_fn
+    def __call__(self, params, tokens, positions, segment_ids, frozen=None, rngs=None):
+        return self.model.apply(variables_for(params, frozen), tokens, positions=positions, segment_ids=segment_ids,
+                                rngs=rngs)
+
+    def token_stats(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None) -> TokenStats:
+        return model_token_stats(self.model, variables_for(params, frozen), rows["inputs"], rows["targets"],
+                                 positions=rows["positions"], segment_ids=rows["segment_ids"], rngs=rngs,
+                                 chunk=self.logits_chunk)
+
+
+def make_apply_fn(model: nn.Module, logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> ModelApply:
+    """The model's apply function (see ModelApply)."""
+    return ModelApply(model, logits_chunk)
+
+
+def token_stats_of(apply_fn: Callable, params, rows: dict[str, jax.Array], frozen=None, rngs=None) -> TokenStats:
+    """Per-token stats of [N, T] rows: the chunked LM head for a ModelApply, full logits for any other apply_fn."""
+    if isinstance(apply_fn, ModelApply):
+        return apply_fn.token_stats(params, rows, frozen=frozen, rngs=rngs)
+    logits = apply_fn(params, rows["inputs"], rows["positions"], rows["segment_ids"], frozen=frozen, rngs=rngs)
+    return token_stats(logits, rows["targets"])
 
 
 def variables_for(params, frozen=None) -> dict:
@@ -229,8 +253,8 @@ def pair_scores(apply_fn: Callable, params, batch: dict[str, jax.Array], frozen=
     The pair axis is folded into the batch axis next to its pair, so sharding B keeps a pair on one device.
     """
     rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in pipeline.BATCH_KEYS}
-    logits = apply_fn(params, rows["inputs"], rows["positions"], rows["segment_ids"], frozen=frozen, rngs=rngs)
-    logps, lengths = sequence_logps(logits, rows["targets"], rows["loss_mask"])
+    stats = token_stats_of(apply_fn, params, rows, frozen=frozen, rngs=rngs)
+    logps, lengths = masked_sequence_sums(stats.logp, rows["loss_mask"])
     return logps.reshape(-1, 2), lengths.reshape(-1, 2)
 
 
@@ -245,8 +269,8 @@ def make_loss_fn(apply_fn: Callable, *, z_loss: float, objective=None, reference
 
     def sft_loss_fn(params, batch, normalizer, frozen=None, rng=None, ref_params=None):
         rngs = None if rng is None else {"dropout": rng}
-        logits = apply_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"], frozen=frozen, rngs=rngs)
-        return sft_loss(logits, batch, normalizer=normalizer, z_loss=z_loss)
+        stats = token_stats_of(apply_fn, params, batch, frozen=frozen, rngs=rngs)
+        return sft_loss_from_stats(stats, batch, normalizer=normalizer, z_loss=z_loss)
 
     if objective is None or objective.type == "sft":
         return sft_loss_fn
@@ -456,7 +480,7 @@ def build_setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     mesh = sharding.build_mesh(ici_shape, devices, dcn_shape=dcn_shape)
     rule_table = sharding.rules(config.mesh.rules)
     tx, lr_schedule = optim.build(config.optim, config.train.steps)
-    apply_fn = make_apply_fn(model)
+    apply_fn = make_apply_fn(model, logits_chunk=config.train.logits_chunk)
     with nn.logical_axis_rules(rule_table):  # no mesh entered: nothing here may run eagerly on it
         abstract_state, state_shardings, init_state = plan_state(model, tx, mesh, rule_table,
                                                                  seq_len=config.data.seq_len)
@@ -598,7 +622,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             if not eval_set:
                 return {}
             scores = evaluate.run(model, model_variables(state), tokenizer, eval_set, config.eval, seq_len=seq_len,
-                                  seed=config.seed, show=show, printer=_print_fn(progress))
+                                  seed=config.seed, show=show, printer=_print_fn(progress),
+                                  logits_chunk=config.train.logits_chunk)
             writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
             if jax.process_index() == 0:
                 evaluate.write_results(workdir / "eval" / f"step_{step}.json", scores, step=step)

@@ -115,37 +115,20 @@ class GemmaDecoderLayer(nn.Module):
         return x, None
 
 
-class Gemma(nn.Module):
+class Gemma(layers.CausalLM):
     """inputs[B,T] int -> logits[B,T,vocab] in the compute dtype (same contract as llama.Llama)."""
 
     config: GemmaConfig
     decoder_layer = GemmaDecoderLayer  # Gemma 2/3 swap in theirs
+    final_norm_unit_offset = True
 
-    @nn.compact
-    def __call__(self, inputs, *, positions=None, segment_ids=None):
-        cfg = self.config
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        positions, segment_ids = layers.default_positions_and_segments(inputs, positions, segment_ids)
-        embed = layers.token_embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype)
+    def embed_tokens(self, inputs):
         # HF multiplies by sqrt(hidden) rounded to the compute dtype (bf16: sqrt(2048) -> 45.25).
-        x = embed(inputs.astype(jnp.int32)) * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
-        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        scale = jnp.asarray(math.sqrt(self.config.hidden_size), jnp.dtype(self.config.dtype))
+        return super().embed_tokens(inputs) * scale
 
-        is_sliding = jnp.asarray(np.array(cfg.sliding_layers(), dtype=bool))
-        in_axes = (nn.broadcast, nn.broadcast, 0)  # positions, segment ids; one flag per layer
-        stack = layers.stack_layers(self.decoder_layer, cfg.num_layers, cfg.remat_policy, in_axes)
-        x, _ = stack(cfg, name="layers")(x, positions, segment_ids, is_sliding)
-
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        x = layers.RMSNorm(cfg.rms_norm_eps, unit_offset=True, name="final_norm", **kw)(x)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
-        cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2+
-        if cap is not None:
-            logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
-        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+    def layer_inputs(self):
+        return (jnp.asarray(np.array(self.config.sliding_layers(), dtype=bool)),)  # local attention per layer
 
 
 # ----------------------------------------------------------------------------- Hugging Face

@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.models import attention as attention_lib
+from jaxtune.errors import UserError
 from jaxtune.peft import lora as lora_lib
 from jaxtune.peft import prefix as prefix_lib
 from jaxtune.peft import quant
@@ -87,7 +89,7 @@ class Projection(nn.Module):
                 self.features, self.param_dtype,
             )
             y = y + bias.astype(self.dtype)
-        return y
+        return checkpoint_name(y, self.name)  # remat policies save/offload projection outputs by name
 
 
 def dense(
@@ -354,12 +356,39 @@ class MLP(nn.Module):
         return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
+# Outputs of these projections (tagged with checkpoint_name in Projection) are what the
+# "projections" and "offload" remat policies keep; everything else in a block is recomputed.
+PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# model.remat_policy -> what the backward pass finds saved from each decoder block's forward pass
+# (README "Memory"). None of them ever saves logits (the LM head is outside the blocks and the
+# loss recomputes it chunk by chunk); only "none" and "dots" keep the [B, heads, T, S] scores.
 REMAT_POLICIES = {
-    "none": None,  # no rematerialisation at all
-    "full": None,  # save nothing, recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,  # no rematerialisation: every activation kept (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # only block inputs; recompute the whole block
+    "projections": jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
+    # the same projection outputs, moved to host memory during the forward pass and back for the
+    # backward (TPU/GPU: backends with a "pinned_host" memory space; see remat_policy_fn)
+    "offload": "offload",
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul incl. attention scores: short T only
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls, not scores
 }
+
+
+def remat_policy_fn(name: str) -> Any:
+    """The jax.checkpoint policy for a REMAT_POLICIES name, checked against the local backend."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {name!r} not in {sorted(REMAT_POLICIES)}.")
+    if name != "offload":
+        return REMAT_POLICIES[name]
+    kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
+    if "pinned_host" not in kinds:
+        raise UserError(f"model.remat_policy='offload' needs a 'pinned_host' memory space; the "
+                        f"{jax.default_backend()} backend has {sorted(kinds)}. Use 'projections' (the same saved "
+                        "tensors, kept on the device) or 'full'.")
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=PROJECTION_NAMES,
+        offload_src="device", offload_dst="pinned_host")
 
 
 def stack_layers(
@@ -373,10 +402,9 @@ def stack_layers(
     (nn.broadcast or 0 per argument) to scan some arguments per layer, e.g. a [L] array that
     says which layers use local attention.
     """
-    if remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy {remat_policy!r} not in {sorted(REMAT_POLICIES)}.")
+    policy = remat_policy_fn(remat_policy)  # also validates the name
     if remat_policy != "none":
-        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+        block = nn.remat(block, policy=policy, prevent_cse=False)
     return nn.scan(
         block,
         variable_axes={"params": 0, lora_lib.COLLECTION: 0, "cache": 0},
@@ -385,3 +413,62 @@ def stack_layers(
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+# ----------------------------------------------------------------------------- the decoder LM
+
+
+class CausalLM(nn.Module):
+    """The top level every family shares: embed -> scanned decoder blocks -> final norm -> LM head.
+
+    It is split in two methods so that the loss can run the LM head in token chunks and never
+    hold [B, T, vocab] float32 logits (objectives/logprobs.py): `hidden_states` (everything up
+    to and including the final norm) and `logits_from_hidden` (tied embedding or `lm_head`,
+    then the optional final soft-cap); `__call__` is their composition, inputs[B,T] int ->
+    logits[B,T,vocab] in the compute dtype. positions default to arange(T) and segment_ids to
+    ones (one unpacked sequence per row); attention is causal within equal segment ids only.
+
+    A family sets `decoder_layer` (its scanned block) and overrides the hooks `embed_tokens`
+    (e.g. Gemma's sqrt(hidden) scale) and `layer_inputs` (per-layer scanned inputs such as
+    Gemma's sliding-window flags); `final_norm_unit_offset` picks Gemma's (1 + w) norm.
+    """
+
+    config: Any
+    decoder_layer = None  # type[nn.Module] with signature (x, positions, segment_ids, *layer_inputs)
+    final_norm_unit_offset = False
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        self.embed = token_embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        extra_axes = tuple(0 for _ in self.layer_inputs())  # one entry per layer
+        in_axes = (nn.broadcast, nn.broadcast, *extra_axes) if extra_axes else nn.broadcast
+        self.layers = stack_layers(self.decoder_layer, cfg.num_layers, cfg.remat_policy, in_axes)(cfg, name="layers")
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, unit_offset=self.final_norm_unit_offset, name="final_norm", **kw)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)
+
+    def embed_tokens(self, inputs: Array) -> Array:
+        return self.embed(inputs.astype(jnp.int32))
+
+    def layer_inputs(self) -> tuple[Array, ...]:
+        """Extra block arguments with a leading [num_layers] axis (scanned, one slice per layer)."""
+        return ()
+
+    def hidden_states(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+        """inputs[B,T] -> the final-normed hidden states [B,T,hidden] in the compute dtype."""
+        positions, segment_ids = default_positions_and_segments(inputs, positions, segment_ids)
+        x = nn.with_logical_constraint(self.embed_tokens(inputs), ("act_batch", "act_length", "act_embed"))
+        x, _ = self.layers(x, positions, segment_ids, *self.layer_inputs())
+        return self.final_norm(x)
+
+    def logits_from_hidden(self, x: Array) -> Array:
+        """hidden[..., hidden] -> logits[..., vocab]: the LM head (any number of tokens at a time)."""
+        logits = self.embed.attend(x) if self.config.tie_word_embeddings else self.lm_head(x)
+        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2+
+        if cap is not None:
+            logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
+        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def __call__(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+        return self.logits_from_hidden(self.hidden_states(inputs, positions=positions, segment_ids=segment_ids))

@@ -39,7 +39,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    remat_policy: str = "none"  # a key of layers.REMAT_POLICIES
     attention: str = "auto"  # models/attention.py: "auto" | "splash" | "blockwise" | "cudnn" | "reference"
     peft: Any = None  # a peft.lora.LoraSpec: adapters on its target projections (None: none)
 
@@ -164,8 +164,8 @@ class DecoderLayer(nn.Module):
         return x, None
 
 
-class Llama(nn.Module):
-    """inputs[B,T] int -> logits[B,T,vocab] in the compute dtype.
+class Llama(layers.CausalLM):
+    """inputs[B,T] int -> logits[B,T,vocab] in the compute dtype (see layers.CausalLM).
 
     positions default to arange(T) and segment_ids to ones (one unpacked sequence per row);
     attention is causal within equal segment ids only (0 = padding).
@@ -173,26 +173,6 @@ class Llama(nn.Module):
 
     config: LlamaConfig
     decoder_layer = DecoderLayer  # the scanned block; families built on Llama swap in theirs
-
-    @nn.compact
-    def __call__(self, inputs, *, positions=None, segment_ids=None):
-        cfg = self.config
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        positions, segment_ids = layers.default_positions_and_segments(inputs, positions, segment_ids)
-        embed = layers.token_embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype)
-        x = embed(inputs.astype(jnp.int32))
-        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-
-        stack = layers.stack_layers(self.decoder_layer, cfg.num_layers, cfg.remat_policy)
-        x, _ = stack(cfg, name="layers")(x, positions, segment_ids)
-
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        x = layers.RMSNorm(cfg.rms_norm_eps, name="final_norm", **kw)(x)
-        if cfg.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)(x)
-        return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
 
 # ----------------------------------------------------------------------------- Hugging Face
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxtune.objectives.logprobs import token_logprobs
+from jaxtune.objectives.logprobs import token_stats
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -62,8 +62,12 @@ _HPARAMS = ("label_smoothing", "gamma", "desirable_weight", "undesirable_weight"
 
 
 def sequence_logps(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(summed log p of the trained tokens, their count) per sequence, float32 [...]."""
-    logp, _ = token_logprobs(logits, targets)
+    """(summed log p of the trained tokens, their count) per sequence, float32 [...], from full logits."""
+    return masked_sequence_sums(token_stats(logits, targets).logp, loss_mask)
+
+
+def masked_sequence_sums(logp: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of per-token log p [..., T] over the trained tokens, their count) per sequence, float32 [...]."""
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum(logp * mask, axis=-1), jnp.sum(mask, axis=-1)
 

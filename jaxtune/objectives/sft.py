@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxtune.objectives.logprobs import token_logprobs
+from jaxtune.objectives.logprobs import TokenStats, token_stats
 
 
 def sft_loss(
@@ -15,7 +15,19 @@ def sft_loss(
     normalizer: jax.Array | float,
     z_loss: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Cross-entropy summed over `loss_mask` and divided by `normalizer`.
+    """`sft_loss_from_stats` on full logits [B, T, V]."""
+    return sft_loss_from_stats(token_stats(logits, batch["targets"]), batch, normalizer=normalizer, z_loss=z_loss)
+
+
+def sft_loss_from_stats(
+    stats: TokenStats,
+    batch: dict[str, jax.Array],
+    *,
+    normalizer: jax.Array | float,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy summed over `loss_mask` and divided by `normalizer`, from per-token stats
+    (full or chunked LM head, objectives/logprobs.py).
 
     `normalizer` is the number of trained tokens in the whole *global* batch (all micro-batches),
     so packing, padding and gradient accumulation leave the loss unchanged: summing this loss over
@@ -23,11 +35,11 @@ def sft_loss(
     way. The optional z-loss (PaLM) penalises log(Z)^2 to keep the softmax normaliser near 1.
     """
     mask = batch["loss_mask"].astype(jnp.float32)
-    logp, log_z = token_logprobs(logits, batch["targets"])
+    logp, log_z = stats.logp, stats.log_z
     normalizer = jnp.maximum(jnp.asarray(normalizer, jnp.float32), 1.0)
     nll = -jnp.sum(logp * mask) / normalizer
     z_term = jnp.sum(jnp.square(log_z) * mask) / normalizer
-    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    correct = stats.correct
     metrics = {
         "loss": nll,
         "accuracy": jnp.sum(correct * mask) / normalizer,

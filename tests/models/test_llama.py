@@ -9,6 +9,7 @@ import pytest
 from flax import linen as nn
 
 from jaxtune import models
+from jaxtune.errors import UserError
 from jaxtune.models import hf, layers
 from jaxtune.models.llama import Llama, LlamaConfig
 
@@ -203,6 +204,17 @@ def test_remat_policies_identical():
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for got in results.values():
         jax.tree.map(close, got, results["none"])
+
+
+def test_offload_policy_needs_a_pinned_host_memory_space(monkeypatch):
+    class DeviceWithoutHostMemory:
+        def addressable_memories(self):
+            return [type("Memory", (), {"kind": "device"})()]
+
+    assert layers.remat_policy_fn("offload") is not None  # CPU has pinned_host
+    monkeypatch.setattr(jax, "local_devices", lambda: [DeviceWithoutHostMemory()])
+    with pytest.raises(UserError, match="remat_policy='offload'.*pinned_host"):
+        layers.remat_policy_fn("offload")
 
 
 def test_bf16_compute_keeps_fp32_params():
