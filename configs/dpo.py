@@ -13,6 +13,10 @@ prefix. Start from an SFT run's workdir (model.init_from) or an HF directory (mo
 Hyperparameters left at None take each paper's default (objective.beta, objective.gamma). The
 reference model is a frozen copy of the starting weights (objective.reference=copy), or one pass
 of log-probs stored in the workdir (objective.reference=precomputed); SimPO and ORPO need none.
+`method=lora` (or dora) trains adapters on a bf16 frozen base, which is also the reference (no
+extra weights). Real-size variants use seq 2048 (a pair is two rows) and half the SFT batch in pairs.
+Planned with `jaxtune plan` (per-device memory; benchmarks/RESULTS.md):
+    jaxtune plan --config configs/dpo.py:variant=llama3.1-8b,method=lora --topology v5p-8   # 11.40 of 95.74 GiB, 8 pairs
 """
 
 import importlib.util
@@ -37,10 +41,13 @@ def get_config(arg=None):
     args = parse_arg(arg)
     loss = args.pop("loss", "sigmoid")
     variant = args.pop("variant", "tiny")
+    method = args.pop("method", "none")
+    if method not in ("none", "lora", "dora"):
+        raise ValueError(f"configs/dpo.py: unknown method {method!r}; expected none, lora or dora")
     if loss not in LOSSES:
         raise ValueError(f"configs/dpo.py: unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
     if args:
-        raise ValueError(f"configs/dpo.py: unknown arguments {sorted(args)} (expected loss=..., variant=...)")
+        raise ValueError(f"configs/dpo.py: unknown arguments {sorted(args)} (expected loss=..., variant=..., method=...)")
     c = _sft_config(variant)
     c.objective.type = "kto" if loss == "kto" else "preference"
     c.objective.loss_type = "kto" if loss == "kto_pair" else ("sigmoid" if loss == "kto" else loss)
@@ -52,7 +59,14 @@ def get_config(arg=None):
     c.optim.schedule = "linear"
     c.optim.min_lr_ratio = 0.0
     c.optim.weight_decay = 0.0
+    if method != "none":  # LoRA/DoRA-DPO: the base without adapters is the reference (no extra weights)
+        c.peft.method = method
+        c.peft.rank, c.peft.alpha, c.peft.targets = 16, 32.0, "all-linear"
+        c.optim.weight_decay = 0.0
+        if variant != "tiny":
+            c.peft.base_dtype = "bfloat16"
     if variant != "tiny":
-        c.optim.lr = _LR.get(loss, 5e-7)
+        c.optim.lr = _LR.get(loss, 5e-7) * (10 if method != "none" else 1)
+        c.data.seq_len = 2048  # prompt + the longer completion; a pair is two rows
         c.train.global_batch_size = max(c.train.global_batch_size // 2, 8)  # pairs: two rows each
     return c

@@ -8,6 +8,12 @@
 Arguments (comma separated k=v): hf_dir, family, variant, method (lora|dora), quantize
 (none|nf4|int8), rank, targets ("+"-separated here, e.g. q+v, or all-linear). Everything else is a --config override,
 e.g. --config.peft.alpha=32 --config.peft.rslora=true --config.peft.dropout=0.05.
+
+Real-size models (an HF dir or a named variant) train with bf16 compute, a bf16 frozen base
+(peft.base_dtype), fp32 adapters, full rematerialisation, seq 4096, global batch 32 and the base
+sharded over every device. Planned with `jaxtune plan` (per-device memory; benchmarks/RESULTS.md):
+    jaxtune plan --config configs/sft_lora.py:variant=llama3.1-8b --topology v5p-8         # 28.34 of 95.74 GiB
+    jaxtune plan --config configs/sft_lora.py:variant=llama3.1-70b --topology v5p:4x4x2    # 17.17 of 95.74 GiB (v5p-64)
 """
 
 from jaxtune.config import base_config, parse_arg
@@ -37,4 +43,8 @@ def get_config(arg=None):
     if c.model.hf_dir or c.model.variant != "tiny":  # real models: bf16 compute, fp32 adapters
         c.model.dtype = "bfloat16"
         c.model.remat_policy = "full"  # saves no attention scores (README "Memory")
+        c.peft.base_dtype = "bfloat16"  # the frozen base in half the memory; adapters stay fp32
+        c.data.seq_len = 4096
+        c.train.global_batch_size = 32
+        c.mesh.fsdp, c.mesh.data = -1, 1  # base sharded over every device
     return c

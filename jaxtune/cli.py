@@ -18,7 +18,8 @@ from jaxtune.errors import UserError
 EXIT_USER_ERROR = 2
 # Subcommands that use devices: they take the multi-process flags (`parents=[distributed.parent_parser()]`)
 # and start the multi-process runtime before anything else.
-DEVICE_COMMANDS = ("train", "eval", "generate")
+DEVICE_COMMANDS = ("train", "eval", "generate", "plan")
+EXIT_DOES_NOT_FIT = 3  # `jaxtune plan`: the step needs more memory than the devices have
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="path/to/config.py[:arg], e.g. configs/quickstart.py")
     train.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, tokenizer")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    _add_plan_parser(commands)
     convert = commands.add_parser(
         "convert", help="Hugging Face dir -> orbax params checkpoint (--hf_dir, --out), or a run's latest "
         "checkpoint -> Hugging Face dir (--workdir, --hf_out)",
@@ -76,6 +78,36 @@ def _parser() -> argparse.ArgumentParser:
                          help="where a from-scratch tokenizer is trained/cached (default: a temporary directory)")
     preview.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
+
+
+def _add_plan_parser(commands) -> None:
+    plan = commands.add_parser(
+        "plan", help="build a config's run and compile its train step (for the local devices or a TPU topology, "
+        "without TPUs) to report per-device memory, the largest temporaries and a step-time/MFU bound")
+    plan.add_argument("--config", required=True, help="path/to/config.py[:arg], e.g. configs/sft_llama.py:llama3.2-1b")
+    plan.add_argument("--topology", default=None,
+                      help="TPU topology to compile for, e.g. v5p:2x2x1, v5e:2x4 or a cloud name (v5p-8, v5litepod-8, "
+                      "v5e-8, v6e-8, v4-8); needs the tpu extra. Default: the local devices")
+    plan.add_argument("--num_slices", type=int, default=1, help="TPU slices joined over DCN (multi-slice)")
+    plan.add_argument("--headroom", type=float, default=0.9,
+                      help="a plan fits when it needs at most this fraction of a device's memory")
+    plan.add_argument("--dump_dir", default=None, help="keep XLA's dump (HLO, buffer assignment) here")
+    plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+
+def _plan(args, overrides: list[str]) -> int:
+    from jaxtune import config as config_lib
+
+    config = config_lib.load_config(args.config, overrides, needs_data=False)
+    from jaxtune import plan
+
+    try:
+        plan.run(config, config_name=args.config, topology=args.topology, num_slices=args.num_slices,
+                 headroom=args.headroom, dump_dir=args.dump_dir)
+    except plan.DoesNotFit as e:
+        print(f"jaxtune: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DOES_NOT_FIT
+    return 0
 
 
 def _add_generate_parser(commands) -> None:
@@ -320,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             distributed.quiet_other_processes()
         if args.command == "train":
             return _train(args, overrides)
+        if args.command == "plan":
+            return _plan(args, overrides)
         if args.command == "convert":
             return _convert(args)
         if args.command == "generate":

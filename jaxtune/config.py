@@ -137,12 +137,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft.quant_block_size = 64
     c.peft.prefix_length = 16  # prefix: learned key/value slots per layer (PEFT num_virtual_tokens)
     c.peft.prefix_projection = 0  # prefix: >0 trains them through an MLP of this hidden size (0: directly)
+    # dtype the frozen base is held in: "" = model.param_dtype; "bfloat16" halves its memory on
+    # accelerators (adapters and their optimizer state stay in model.param_dtype).
+    c.peft.base_dtype = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 takes the devices left over by the other axes
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.rules = "fsdp"  # dp | fsdp | fsdp_tp
+    # Multi-slice TPU jobs (devices on several slices joined by the data-centre network): the sizes
+    # above are per slice (ICI) and these are across slices (DCN); each mesh axis is their product.
+    # -1 takes the slices left over, so by default slices are data parallel. Ignored on one slice.
+    c.mesh.dcn_data = -1
+    c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_tensor = 1
 
     c.objective = ml_collections.ConfigDict()
     # sft | preference ((prompt, chosen, rejected) pairs) | kto ((prompt, completion, label) examples)
@@ -233,8 +242,11 @@ def eval_task_config(metric: str = "generative", max_examples: int = 0, **task_k
 # --------------------------------------------------------------------------------------------
 
 
-def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Loads `path.py[:arg]`, applies `a.b=value` overrides, locks and validates it."""
+def load_config(spec: str, overrides: list[str] = (), *, needs_data: bool = True) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]`, applies `a.b=value` overrides, locks and validates it.
+
+    needs_data=False (`jaxtune plan`, which reads no data) accepts a config without data files.
+    """
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.is_file():
@@ -264,7 +276,7 @@ def load_config(spec: str, overrides: list[str] = ()) -> ml_collections.ConfigDi
         if not sep:
             raise UserError(f"override --config.{item}: expected --config.KEY=VALUE")
         set_value(config, key, value)
-    validate(config)
+    validate(config, needs_data=needs_data)
     return config
 
 
@@ -424,7 +436,7 @@ def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "da
             raise UserError(f"config key '{key}.{k}' must be in [0, 1{']' if k == 'inversion' else ')'}, got {task[k]}")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:
     """Rejects impossible values before any compile; the message names the key and the fix."""
     for key, choices in _CHOICES.items():
         value = config
@@ -464,19 +476,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.data.packing_bins < 0:
         raise UserError(f"config key 'data.packing_bins' must be >= 0, got {config.data.packing_bins}")
     single_jsonl = config.data.source == "jsonl" and not config.data.tasks
-    if single_jsonl and not config.data.train_path:
+    if needs_data and single_jsonl and not config.data.train_path:
         raise UserError("config key 'data.train_path' is empty; data.source='jsonl' needs a JSONL file")
     if single_jsonl and not config.data.templates:
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
     _validate_eval(config.eval)
     _validate_eval_tasks(config)
     _validate_objective(config)
-    for axis in ("data", "fsdp", "tensor"):
-        size = config.mesh[axis]
-        if size == 0 or size < -1:
-            raise UserError(f"config key 'mesh.{axis}' must be a positive size or -1, got {size}")
-    if sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
-        raise UserError("config keys mesh.data/fsdp/tensor: at most one axis may be -1")
+    for prefix in ("", "dcn_"):
+        for axis in ("data", "fsdp", "tensor"):
+            size = config.mesh[prefix + axis]
+            if size == 0 or size < -1:
+                raise UserError(f"config key 'mesh.{prefix}{axis}' must be a positive size or -1, got {size}")
+        if sum(config.mesh[prefix + a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
+            raise UserError(f"config keys mesh.{prefix}data/{prefix}fsdp/{prefix}tensor: at most one axis may be -1")
     from jaxtune.peft import lora  # a leaf module: spec parsing and validation
 
     lora.spec_from_config(config.peft)
@@ -624,24 +637,35 @@ def validate_for_model(config: ml_collections.ConfigDict, max_positions: int) ->
         )
 
 
-def resolve_mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
-    """Fills the one -1 axis so the mesh covers all devices; errors when sizes don't multiply out."""
-    shape = {a: config.mesh[a] for a in ("data", "fsdp", "tensor")}
+def resolve_mesh_shape(config: ml_collections.ConfigDict, device_count: int, *, prefix: str = "",
+                       what: str = "devices") -> dict[str, int]:
+    """Fills the one -1 axis so the mesh covers all devices; errors when sizes don't multiply out.
+
+    prefix="dcn_" resolves the across-slice sizes against the slice count (what="slices").
+    """
+    shape = {a: config.mesh[prefix + a] for a in ("data", "fsdp", "tensor")}
+    keys = f"mesh.{prefix}data x mesh.{prefix}fsdp x mesh.{prefix}tensor"
     known = math.prod(v for v in shape.values() if v != -1)
     if any(v == -1 for v in shape.values()):
         if device_count % known:
             raise UserError(
-                f"config keys mesh.*: fixed axes multiply to {known}, which does not divide the {device_count} devices"
+                f"config keys {keys}: fixed axes multiply to {known}, which does not divide the {device_count} {what}"
             )
         for a, v in shape.items():
             if v == -1:
                 shape[a] = device_count // known
     elif known != device_count:
-        raise UserError(
-            f"config keys mesh.data x mesh.fsdp x mesh.tensor = {known}, but there are {device_count} devices; "
-            "set one axis to -1 to fill"
-        )
+        raise UserError(f"config keys {keys} = {known}, but there are {device_count} {what}; set one axis to -1 to fill")
     return shape
+
+
+def resolve_hybrid_mesh_shape(config: ml_collections.ConfigDict, device_count: int,
+                              num_slices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(within-slice, across-slice) axis sizes; one slice gives across-slice sizes of 1."""
+    if num_slices == 1:
+        return resolve_mesh_shape(config, device_count), {a: 1 for a in ("data", "fsdp", "tensor")}
+    ici = resolve_mesh_shape(config, device_count // num_slices, what="devices per slice")
+    return ici, resolve_mesh_shape(config, num_slices, prefix="dcn_", what="slices")
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:

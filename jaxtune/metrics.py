@@ -14,30 +14,48 @@ import numpy as np
 
 from jaxtune import paths
 
-# Dense bf16 peak TFLOP/s per device, from vendor datasheets (no sparsity).
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity), keyed by the exact
+# `device_kind` real machines report. Matched whole first, then by the longest known prefix, so
+# "TPU v5" (v5p) never swallows "TPU v5 lite" (v5e). A TPU "device" is one chip (megacore).
 PEAK_TFLOPS = {
-    "h100": 989.0,
-    "h200": 989.0,
-    "a100": 312.0,
-    "l4": 121.0,
-    "tpu v4": 275.0,
-    "tpu v5 lite": 197.0,
-    "tpu v5e": 197.0,
-    "tpu v5p": 459.0,
-    "tpu v6 lite": 918.0,
-    "tpu v6e": 918.0,
+    "TPU v4": 275.0,
+    "TPU v5": 459.0,  # v5p
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5e": 197.0,
+    "TPU v6 lite": 918.0,  # v6e (Trillium)
+    "TPU v6e": 918.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA B200": 2250.0,
+    "NVIDIA L4": 121.0,
 }
 
 
-def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
-    """Peak FLOP/s of one local device, or None when unknown (e.g. CPU): MFU is then not logged."""
+def peak_tflops_for(device_kind: str) -> float | None:
+    """Peak bf16 TFLOP/s of a device kind: exact name, else the longest table name followed by a
+    space or '-' (e.g. "NVIDIA H200 NVL" -> H200); None when unknown (CPU)."""
+    if device_kind in PEAK_TFLOPS:
+        return PEAK_TFLOPS[device_kind]
+    for name in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if device_kind.startswith(name) and device_kind[len(name)] in " -":
+            return PEAK_TFLOPS[name]
+    return None
+
+
+def peak_flops_per_device(override_tflops: float = 0.0, device_kind: str | None = None) -> float | None:
+    """Peak FLOP/s of one device (default: the first local one), or None when unknown (e.g. CPU):
+    MFU is then not logged."""
     if override_tflops:
         return override_tflops * 1e12
-    kind = jax.devices()[0].device_kind.lower()
-    for name, tflops in PEAK_TFLOPS.items():
-        if name in kind:
-            return tflops * 1e12
-    return None
+    tflops = peak_tflops_for(device_kind if device_kind is not None else jax.devices()[0].device_kind)
+    return None if tflops is None else tflops * 1e12
 
 
 def train_flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:

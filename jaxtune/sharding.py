@@ -64,19 +64,36 @@ def rules(preset: str) -> Rules:
         raise ValueError(f"unknown sharding preset {preset!r}; expected one of {', '.join(PRESETS)}") from None
 
 
-def build_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor); `shape` has every axis resolved (no -1)."""
+def build_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None,
+               dcn_shape: dict[str, int] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor); `shape` has every axis resolved (no -1).
+
+    With `dcn_shape` (devices on several TPU slices), `shape` is the part of each axis within a
+    slice and `dcn_shape` the part across slices, so the fast ICI links carry the inner axes
+    (MaxText's layout, through `mesh_utils.create_hybrid_device_mesh`); the axes are their products.
+    """
+    from jax.experimental import mesh_utils
+
     devices = list(devices if devices is not None else jax.devices())
     dims = tuple(shape[a] for a in MESH_AXES)
+    if dcn_shape is not None and math.prod(dcn_shape.values()) > 1:
+        dcn = tuple(dcn_shape[a] for a in MESH_AXES)
+        if math.prod(dims) * math.prod(dcn) != len(devices):
+            raise ValueError(f"mesh {shape} per slice x {dcn_shape} slices needs {math.prod(dims) * math.prod(dcn)} "
+                             f"devices, found {len(devices)}")
+        return Mesh(mesh_utils.create_hybrid_device_mesh(dims, dcn, devices=devices), MESH_AXES)
     if math.prod(dims) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices, found {len(devices)}")
     try:
-        from jax.experimental import mesh_utils
-
         grid = mesh_utils.create_device_mesh(dims, devices=devices)
     except Exception:  # unusual topologies: a plain reshape is always valid
         grid = np.asarray(devices).reshape(dims)
     return Mesh(grid, MESH_AXES)
+
+
+def slice_count(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices the devices span (1 for GPUs, CPUs and single-slice TPUs)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

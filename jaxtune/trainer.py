@@ -150,7 +150,7 @@ def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_ta
         base = base_model(model).init(rng, tokens)["params"]
         adapters = model.init(jax.random.fold_in(rng, 1), tokens)[lora.COLLECTION]
         adapters = prefix.init_trainable(jax.random.fold_in(rng, 2), adapters, spec.prefix_projection)
-        base = quantize_base(base, spec)
+        base = prepare_base(base, spec)
         return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters), frozen=base)
 
     def init(rng):
@@ -169,9 +169,15 @@ def base_model(model: nn.Module) -> nn.Module:
     return models.build(model.config.replace(peft=None))
 
 
-def quantize_base(base, spec):
-    """QLoRA: the decoder projections' kernels as NF4/int8 codes (identity without quantize)."""
-    if spec is None or spec.quantize == "none":
+def prepare_base(base, spec):
+    """A PEFT run's frozen base as it is held: float weights cast to `spec.base_dtype` (when set),
+    then QLoRA's decoder kernels as NF4/int8 codes (when `spec.quantize`)."""
+    if spec is None:
+        return base
+    if spec.base_dtype:
+        dtype = jnp.dtype(spec.base_dtype)
+        base = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, base)
+    if spec.quantize == "none":
         return base
     return quant.quantize_params(base, spec.quantize, spec.quant_block_size)
 
@@ -222,9 +228,9 @@ def load_base(hf_dir: str, model_config, state_shardings, mesh, rule_table):
     plain = base_model(models.build(model_config))
     abstract = jax.eval_shape(plain.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     base = models.load_params(hf_dir, plain.config, sharding.logical_shardings(abstract, mesh, rule_table))
-    if model_config.peft.quantize == "none":
+    if model_config.peft.quantize == "none" and not model_config.peft.base_dtype:
         return base
-    return jax.jit(functools.partial(quantize_base, spec=model_config.peft), out_shardings=state_shardings.frozen)(base)
+    return jax.jit(functools.partial(prepare_base, spec=model_config.peft), out_shardings=state_shardings.frozen)(base)
 
 
 def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -315,7 +321,6 @@ def make_train_step(
     `ref_params` is the frozen reference copy (objective.reference='copy'): never updated, no
     optimizer state. `grad_check(grads) -> dict` adds its entries to the metrics (nonfinite.grad_flags).
     """
-    dropout_key = jax.random.fold_in(jax.random.key(seed), 0x1d0)
     loss_fn = make_loss_fn(apply_fn, z_loss=z_loss, objective=objective, reference_kind=reference_kind)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     pairs = objective is not None and objective.type != "sft"
@@ -326,6 +331,7 @@ def make_train_step(
             normalizer = jnp.asarray(batch["inputs"].shape[0], jnp.float32)
         else:
             normalizer = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        dropout_key = jax.random.fold_in(jax.random.key(seed), 0x1d0)  # traced: no eager array
         step_key = jax.random.fold_in(dropout_key, state.step)
         if accum == 1:
             (_, metrics), grads = grad_fn(state.params, batch, normalizer, state.frozen, step_key, ref_params)
@@ -393,6 +399,115 @@ class RunSummary:
     param_bytes: int = 0  # weights held on the devices: trained + frozen + reference copy
 
 
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything a run builds before it touches weights or data, shared by `train` and `plan`.
+
+    The state and batch are abstract (shapes, dtypes, shardings); `train_step` is the jitted step
+    that `train` runs and `plan` compiles. `init_state(rng)` materialises a seeded state in its shards.
+    """
+
+    model_config: Any
+    model: nn.Module
+    num_params: int
+    mesh: jax.sharding.Mesh
+    mesh_shape: dict[str, int]  # each axis over all devices
+    dcn_shape: dict[str, int]  # the across-slice part of each axis (all 1 on one slice)
+    rule_table: sharding.Rules
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    apply_fn: Callable
+    abstract_state: TrainState
+    state_shardings: TrainState
+    init_state: Callable
+    reference_kind: str
+    batch_shapes: dict[str, jax.ShapeDtypeStruct]  # the global batch, with shardings
+    train_step: Callable  # jitted: (state, batch, ref_params) -> (state, metrics)
+
+    @property
+    def batch_sharding(self) -> dict[str, NamedSharding]:
+        return {k: v.sharding for k, v in self.batch_shapes.items()}
+
+    @property
+    def ref_sharding(self):
+        """Shardings of the frozen reference copy (objective.reference='copy'), else None."""
+        return self.state_shardings.params if self.reference_kind == "copy" else None
+
+    def abstract_args(self) -> tuple:
+        """(state, batch, ref_params) as sharded ShapeDtypeStructs: what `train_step.lower` takes."""
+        def with_sharding(shapes, shardings):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+        state = with_sharding(self.abstract_state, self.state_shardings)
+        ref = with_sharding(self.abstract_state.params, self.ref_sharding) if self.ref_sharding is not None else None
+        return state, self.batch_shapes, ref
+
+
+def batch_shapes(config: ml_collections.ConfigDict, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch a run's data pipeline yields, as sharded shapes: [B, T] rows for SFT,
+    [B, 2, T] pairs (+ per-pair index, KTO label, precomputed reference log-probs) otherwise."""
+    batch, seq_len = config.train.global_batch_size, config.data.seq_len
+
+    def spec(shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+
+    if config.objective.type == "sft":
+        return {k: spec((batch, seq_len)) for k in pipeline.BATCH_KEYS}
+    shapes = {k: spec((batch, 2, seq_len)) for k in pipeline.BATCH_KEYS}
+    shapes[preference.INDEX_KEY] = spec((batch,))
+    if config.objective.type == "kto":
+        shapes[preference.LABEL_KEY] = spec((batch,))
+    if config_lib.resolved_reference(config) == "precomputed":
+        shapes.update({k: spec((batch,), jnp.float32) for k in preference.REF_KEYS})
+    return shapes
+
+
+def build_setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], *,
+                vocab_size: int | None = None, process_count: int = 1) -> TrainSetup:
+    """Mesh, model, optimizer, abstract state + shardings, batch shapes and the jitted train step.
+
+    Allocates nothing and touches no device: the state is `eval_shape`d, and no array is created
+    eagerly, so `devices` may be compile-only TPU devices (deviceless compile). A from-scratch
+    run's vocab comes from its tokenizer (`vocab_size`); None keeps the model's configured vocab.
+    """
+    devices = list(devices)
+    num_slices = sharding.slice_count(devices)
+    ici_shape, dcn_shape = config_lib.resolve_hybrid_mesh_shape(config, len(devices), num_slices)
+    mesh_shape = {a: ici_shape[a] * dcn_shape[a] for a in sharding.MESH_AXES}
+    config_lib.validate_for_devices(config, mesh_shape, process_count)
+    model_config = model_config_from(config, vocab_size=vocab_size)
+    config_lib.validate_for_model(config, model_config.max_position_embeddings)
+    model = models.build(model_config)
+    num_params = models.count_params(model_config)  # the base model's (outside the mesh context)
+
+    mesh = sharding.build_mesh(ici_shape, devices, dcn_shape=dcn_shape)
+    rule_table = sharding.rules(config.mesh.rules)
+    tx, lr_schedule = optim.build(config.optim, config.train.steps)
+    apply_fn = make_apply_fn(model, logits_chunk=config.train.logits_chunk)
+    with nn.logical_axis_rules(rule_table):  # no mesh entered: nothing here may run eagerly on it
+        abstract_state, state_shardings, init_state = plan_state(model, tx, mesh, rule_table,
+                                                                 seq_len=config.data.seq_len)
+    reference_kind = config_lib.resolved_reference(config)
+    shapes = batch_shapes(config, mesh)
+    step_fn = make_train_step(
+        apply_fn, tx, lr_schedule, accum=config.train.grad_accum_steps, z_loss=config.train.z_loss,
+        microbatch_sharding=NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES)), seed=config.seed,
+        objective=config.objective, reference_kind=reference_kind, grad_check=nonfinite.grad_flags,
+    )
+    step_fn = nonfinite.guard(step_fn)  # a non-finite update is never applied (train.nonfinite)
+    ref_sharding = state_shardings.params if reference_kind == "copy" else None
+    train_step = jax.jit(
+        step_fn, in_shardings=(state_shardings, {k: v.sharding for k, v in shapes.items()}, ref_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,),
+    )
+    return TrainSetup(
+        model_config=model_config, model=model, num_params=num_params, mesh=mesh, mesh_shape=mesh_shape,
+        dcn_shape=dcn_shape, rule_table=rule_table, tx=tx, lr_schedule=lr_schedule, apply_fn=apply_fn,
+        abstract_state=abstract_state, state_shardings=state_shardings, init_state=init_state,
+        reference_kind=reference_kind, batch_shapes=shapes, train_step=train_step,
+    )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Sequence[jax.Device] | None = None,
           on_metrics: Callable[[dict], None] | None = None) -> RunSummary:
     """Runs (or resumes) the job described by `config` in `workdir`, on `devices` (default: all).
@@ -405,8 +520,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     workdir.mkdir(parents=True, exist_ok=True)
     process_count = jax.process_count()
     devices = list(devices) if devices is not None else jax.devices()
-    mesh_shape = config_lib.resolve_mesh_shape(config, len(devices))
-    config_lib.validate_for_devices(config, mesh_shape, process_count)
     distributed.agree(config_lib.to_json_dict(config), "config")  # every process runs the same command
 
     pairs = config.objective.type != "sft"
@@ -415,31 +528,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     else:
         data = datasets.load_sft_data(data_config(config), workdir, seed=config.seed)
     tokenizer = data.tokenizer
-    model_config = model_config_from(config, vocab_size=tokenizer.vocab_size)
-    if tokenizer.vocab_size > model_config.vocab_size:  # ids past the embedding would be silently clamped
+    setup = build_setup(config, devices, vocab_size=tokenizer.vocab_size, process_count=process_count)
+    model_config, model, num_params = setup.model_config, setup.model, setup.num_params
+    if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size} "
             f"({'config.json of model.hf_dir' if config.model.hf_dir else 'model.vocab_size'}); "
             "use a tokenizer that fits the embedding or a larger vocab_size"
         )
-    config_lib.validate_for_model(config, model_config.max_position_embeddings)
-    model = models.build(model_config)
-    num_params = models.count_params(model_config)  # the base model's (outside the mesh context)
-
-    mesh = sharding.build_mesh(mesh_shape, devices)
-    rule_table = sharding.rules(config.mesh.rules)
-    tx, lr_schedule = optim.build(config.optim, config.train.steps)
+    mesh, mesh_shape, rule_table, tx = setup.mesh, setup.mesh_shape, setup.rule_table, setup.tx
     seq_len = config.data.seq_len
     replicated = sharding.replicated(mesh)
-
-    apply_fn = make_apply_fn(model, logits_chunk=config.train.logits_chunk)
+    apply_fn = setup.apply_fn
+    batch_sharding = setup.batch_sharding
+    batch_keys = tuple(batch_sharding)
 
     local_batch = config.train.global_batch_size // process_count
     if pairs:
         dataset, data_stats = _preference_dataset(config, data, local_batch)
     else:
-        batch_keys = pipeline.BATCH_KEYS
-        batch_sharding = dict.fromkeys(batch_keys, sharding.batch_sharding(mesh))
         dataset, data_stats = datasets.train_dataset(
             data, config.data, batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
             process_count=process_count,
@@ -456,25 +563,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     progress = None
     writer = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
-        abstract_state, state_shardings, init_state = plan_state(model, tx, mesh, rule_table, seq_len=seq_len)
-        reference_kind = config_lib.resolved_reference(config)
+        abstract_state, state_shardings, init_state = setup.abstract_state, setup.state_shardings, setup.init_state
+        reference_kind = setup.reference_kind
 
         def start_params():
             return initial_params(config, model_config, abstract_state, state_shardings, init_state, mesh, rule_table)
 
-        if pairs:
-            pair_sharding = {k: sharding.batch_sharding(mesh, 3 if k in pipeline.BATCH_KEYS else 1)
-                             for k in preference.batch_keys(data_stats) + preference.REF_KEYS}
         if reference_kind == "precomputed":  # before the data iterator exists: batches carry the result
             data_stats.ref_logps = reference.precompute(
                 jax.jit(lambda p, b: pair_scores(apply_fn, p, b)[0], out_shardings=replicated), start_params,
                 data.train_source, data_stats, workdir, batch_size=config.train.global_batch_size,
-                put=lambda b: {k: jax.device_put(v, pair_sharding[k]) for k, v in b.items()},
+                put=lambda b: {k: jax.device_put(v, batch_sharding[k]) for k, v in b.items()},
                 fingerprint=_reference_fingerprint(config, model_config, len(data.train_source)),
             )
-        if pairs:
-            batch_keys = preference.batch_keys(data_stats)
-            batch_sharding = {k: pair_sharding[k] for k in batch_keys}
+        if pairs and preference.batch_keys(data_stats) != batch_keys:  # the shapes train_step was built for
+            raise AssertionError(f"preference batches carry {preference.batch_keys(data_stats)}, expected {batch_keys}")
         data_iter = iter(dataset)
 
         saved_state = checkpoint_lib.abstract_with_shardings(abstract_state.replace(frozen=None),
@@ -524,18 +627,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             flush=True,
         )
 
-        accum = config.train.grad_accum_steps
-        micro_sharding = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
-        step_fn = make_train_step(apply_fn, tx, lr_schedule, accum=accum, z_loss=config.train.z_loss,
-                                  microbatch_sharding=micro_sharding, seed=config.seed, objective=config.objective,
-                                  reference_kind=reference_kind, grad_check=nonfinite.grad_flags)
-        step_fn = nonfinite.guard(step_fn)  # a non-finite update is never applied (train.nonfinite)
+        train_step = setup.train_step
         group_names = nonfinite.group_names(abstract_state.params)
         skipped = 0
-        train_step = jax.jit(
-            step_fn, in_shardings=(state_shardings, batch_sharding, state_shardings.params if ref_params is not None else None),
-            out_shardings=(state_shardings, replicated), donate_argnums=(0,),
-        )
 
         held_out = (data.eval_records, data.eval_templates) if data.eval_records else ((), {})  # preference data: none
         eval_set = evaluate.build_eval_set(*held_out, config.eval, seed=config.seed)
@@ -664,7 +758,7 @@ def frozen_base_on_host(config: ml_collections.ConfigDict, model_config):
         plain = base_model(models.build(model_config))
         init = jax.jit(lambda rng: sharding.unbox(plain.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
         base = init(jax.random.key(config.seed))
-    return jax.jit(functools.partial(quantize_base, spec=model_config.peft))(base)
+    return jax.jit(functools.partial(prepare_base, spec=model_config.peft))(base)
 
 
 _REFERENCE_NAMES = {

@@ -53,10 +53,14 @@ class LoraSpec:
     quant_block_size: int = 64
     prefix_length: int = 0  # prefix tuning: virtual tokens per layer (0: none)
     prefix_projection: int = 0  # prefix tuning: hidden size of the reparameterising MLP (0: direct)
+    base_dtype: str = ""  # dtype the frozen base is held in ("": the model's param_dtype)
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+BASE_DTYPES = ("", "float32", "bfloat16")
 
 
 def parse_targets(targets: str) -> tuple[str, ...]:
@@ -90,6 +94,9 @@ def spec_from_config(peft_cfg) -> LoraSpec | None:
         return None
     if peft_cfg.quant_block_size <= 0 or peft_cfg.quant_block_size % 2:
         raise UserError(f"config key 'peft.quant_block_size' must be a positive even number, got {peft_cfg.quant_block_size}")
+    if peft_cfg.base_dtype not in BASE_DTYPES:
+        raise UserError(f"config key 'peft.base_dtype' is {peft_cfg.base_dtype!r}; expected one of "
+                        f"{', '.join(repr(d) for d in BASE_DTYPES)} ('' keeps model.param_dtype)")
     if method == "prefix":  # rank/alpha/dropout/rslora/targets are LoRA's and ignored here
         if peft_cfg.prefix_length <= 0:
             raise UserError(f"config key 'peft.prefix_length' must be > 0 for peft.method=prefix, got {peft_cfg.prefix_length}")
@@ -97,7 +104,7 @@ def spec_from_config(peft_cfg) -> LoraSpec | None:
             raise UserError(f"config key 'peft.prefix_projection' must be >= 0 (0: no MLP), got {peft_cfg.prefix_projection}")
         return LoraSpec(rank=0, alpha=0.0, targets=(), quantize=peft_cfg.quantize,
                         quant_block_size=peft_cfg.quant_block_size, prefix_length=peft_cfg.prefix_length,
-                        prefix_projection=peft_cfg.prefix_projection)
+                        prefix_projection=peft_cfg.prefix_projection, base_dtype=peft_cfg.base_dtype)
     if peft_cfg.rank <= 0:
         raise UserError(f"config key 'peft.rank' must be > 0, got {peft_cfg.rank}")
     if peft_cfg.alpha <= 0:
@@ -107,7 +114,7 @@ def spec_from_config(peft_cfg) -> LoraSpec | None:
     return LoraSpec(
         rank=peft_cfg.rank, alpha=float(peft_cfg.alpha), targets=parse_targets(peft_cfg.targets),
         dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.rslora), dora=method == "dora",
-        quantize=peft_cfg.quantize, quant_block_size=peft_cfg.quant_block_size,
+        quantize=peft_cfg.quantize, quant_block_size=peft_cfg.quant_block_size, base_dtype=peft_cfg.base_dtype,
     )
 
 

@@ -54,7 +54,7 @@ def test_cli_generates_and_evaluates_with_base_plus_adapters(run, tmp_path, caps
     model_config = trainer.model_config_from(c, vocab_size=tok.vocab_size)
     plain = models.build(model_config.replace(peft=None))
     base = sharding.unbox(jax.jit(plain.init)(jax.random.key(c.seed), jnp.zeros((1, 1), jnp.int32))["params"])
-    base = trainer.quantize_base(base, model_config.peft)
+    base = trainer.prepare_base(base, model_config.peft)
     with ocp.CheckpointManager(workdir / "checkpoints") as manager:
         adapters = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state["params"]
     tokens = generate(models.build(model_config), trainer.variables_for(adapters, base),
