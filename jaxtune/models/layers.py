@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxtune.models import matmul
 from jaxtune.peft import lora as lora_lib
 from jaxtune.peft import prefix as prefix_lib
 from jaxtune.peft import quant
@@ -76,7 +77,9 @@ class Projection(nn.Module):
             kernel = quant.dequantize(stored, shape, self.dtype)
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=(axis, tuple(range(len(in_dims)))))
+        if axis != tuple(range(x.ndim - len(in_dims), x.ndim)):
+            raise ValueError(f"Projection contracts trailing axes only, got axis={self.axis} for x of rank {x.ndim}.")
+        y = matmul.linear(x.astype(self.dtype), kernel.astype(self.dtype), len(in_dims))
         if self.lora is not None and self.name in self.lora.targets:
             y = lora_lib.adapt(self, x, y, kernel, axis, self.axes, self.lora)
         if self.use_bias:
@@ -254,15 +257,18 @@ def dot_product_attention(
     if h % kv:
         raise ValueError(f"num_heads ({h}) must be a multiple of num_kv_heads ({kv}).")
     scale = d**-0.5 if scale is None else scale
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    g, s = h // kv, k.shape[1]
+    # Batched matmuls in [B, K, rows, cols] layout, so neither pass transposes a [T, S] tensor
+    # (matmul.bmm; only q/k/v/out, T*D-sized, are transposed).
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    scores = matmul.bmm(q, k.transpose(0, 2, 3, 1), jnp.float32).reshape(b, kv, g, t, s)
     scores = scores * scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+    out = matmul.bmm(probs, v.transpose(0, 2, 1, 3), None)  # [B, K, G*T, D]
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 # KV cache layout [B, S_max, kv_heads, head_dim]: batch over data/fsdp, heads over tensor.
