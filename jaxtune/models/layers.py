@@ -242,6 +242,25 @@ def make_attention_mask(
     return causal[None] & same
 
 
+@jax.custom_vjp
+def softmax(x: Array) -> Array:
+    """jax.nn.softmax over the last axis whose backward keeps only the output y (autodiff kept
+    the unnormalised exponentials as well: a second [T, S] array per layer in the scan)."""
+    return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+    y = softmax(x)
+    return y, y
+
+
+def _softmax_bwd(y, dy):
+    return (y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def dot_product_attention(
     q: Array, k: Array, v: Array, mask: Array, *, scale: float | None = None,
     soft_cap: float | None = None,
@@ -261,12 +280,14 @@ def dot_product_attention(
     # Batched matmuls in [B, K, rows, cols] layout, so neither pass transposes a [T, S] tensor
     # (matmul.bmm; only q/k/v/out, T*D-sized, are transposed).
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
-    scores = matmul.bmm(q, k.transpose(0, 2, 3, 1), jnp.float32).reshape(b, kv, g, t, s)
+    scores = matmul.bmm(q, k.transpose(0, 2, 3, 1), jnp.float32)  # [B, K, G*T, S]
     scores = scores * scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+    mask = jnp.broadcast_to(mask[:, None, None], (b, kv, g, t, s)).reshape(b, kv, g * t, s)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    # One [G*T, S] array is both softmax's and the second matmul's residual (float32 models).
+    probs = softmax(scores).astype(v.dtype)
     out = matmul.bmm(probs, v.transpose(0, 2, 1, 3), None)  # [B, K, G*T, D]
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
@@ -394,6 +415,30 @@ ACTIVATIONS = {
 }
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """silu(gate) * up whose backward recomputes the sigmoid from (gate, up), the only
+    residuals (autodiff saved four [tokens, mlp] arrays per layer)."""
+    return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dh):
+    gate, up = residuals
+    g = gate.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    dh = dh.astype(jnp.float32)
+    dgate = dh * up.astype(jnp.float32) * sig * (1.0 + g * (1.0 - sig))
+    dup = dh * g * sig
+    return dgate.astype(gate.dtype), dup.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nn.Module):
     """Gated feed-forward: down(act(gate(x)) * up(x)); SwiGLU by default, GeGLU for Gemma."""
 
@@ -408,8 +453,8 @@ class MLP(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
-        act = ACTIVATIONS[self.activation]
-        h = nn.with_logical_constraint(act(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        h = swiglu(gate, up) if self.activation == "silu" else ACTIVATIONS[self.activation](gate) * up
+        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
         return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
