@@ -5,17 +5,26 @@
     python benchmarks/train_step.py --peft lora      # LoRA (all-linear, rank 16); --quantize nf4 for QLoRA
     python benchmarks/train_step.py --objective dpo [--peft lora]   # --batch pairs: [B, 2, T]
     python benchmarks/train_step.py --compare --repeats 3  # full vs LoRA vs QLoRA, + HF PyTorch/PEFT
+    python benchmarks/train_step.py --shape bench --compare --modes full,lora,torch_full,torch_lora \
+        --rank 8 --steps 2 --repeats 5    # the CPU side-by-side of benchmarks/RESULTS.md
 
 --compare times jaxtune full, LoRA and QLoRA (nf4) steps and Hugging Face PyTorch full and PEFT
-LoRA steps (AdamW, same shape/batch/rank/targets, torch threads = CPU cores) in one run, each the
-median of --repeats timings, and prints their ratios; `xla_gflops` is XLA's cost analysis of the
-compiled step (LoRA skips the frozen weights' gradient matmuls; XLA counts a scanned layer once).
+LoRA steps (AdamW, same shape/batch/rank/targets, torch threads = CPU cores; on a GPU: CUDA,
+bf16 autocast when --dtype bfloat16, fused AdamW) in one run: everything is built and compiled
+first, then the modes are timed in turn, --repeats rounds of --steps steps each, and each mode
+reports the median round, so load that comes and goes on a shared machine hits all modes alike.
+It prints jaxtune/torch tokens/s ratios; `xla_gflops` is XLA's cost analysis of the compiled
+step (LoRA skips the frozen weights' gradient matmuls; XLA counts a scanned layer once).
+--modes picks a subset (full, lora, qlora, torch_full, torch_lora); --attention a,b times each
+jaxtune mode once per attention implementation (model setting `attention`).
 
 DPO counts the tokens of both rows of every pair; its step also runs the reference forward
 (a frozen copy for full fine-tuning, the adapter-free base for LoRA), which MFU does not count.
 
 Prints one JSON line. MFU = achieved model FLOP/s / peak FLOP/s; peak is looked up for known
-accelerators or given with --peak_tflops (per device; pass the measured peak on a CPU).
+accelerators or given with --peak_tflops (per device; pass the measured peak on a CPU);
+--measured_peak_tflops adds `mfu_measured` against a measured matmul rate. --profile DIR writes
+each jaxtune step's optimized HLO and a profiler trace (perfetto JSON) of its timed steps.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ def main() -> None:
     p.add_argument("--variant", default="tiny")
     p.add_argument("--quickstart_shape", action=argparse.BooleanOptionalAction, default=True,
                    help="tiny variant at the quickstart's shape (d128, 4 layers, vocab 512)")
+    p.add_argument("--shape", choices=("", "bench"), default="",
+                   help="bench: the CPU comparison shape (8 layers, d512, MLP 1536, 8/2 heads, vocab 8192, batch 8 x 512)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
@@ -48,6 +59,7 @@ def main() -> None:
     p.add_argument("--remat", default="none")
     p.add_argument("--rules", default="fsdp")
     p.add_argument("--peak_tflops", type=float, default=0.0)
+    p.add_argument("--measured_peak_tflops", type=float, default=0.0, help="a measured matmul peak: adds mfu_measured")
     p.add_argument("--objective", choices=("sft", "dpo"), default="sft")
     p.add_argument("--peft", default="none", choices=lora.METHODS, help="adapter method (none = full fine-tuning)")
     p.add_argument("--quantize", default="none", choices=("none", *quant.KINDS), help="QLoRA base weights")
@@ -56,24 +68,80 @@ def main() -> None:
     p.add_argument("--model", default="{}", help='JSON model config overrides, e.g. \'{"hidden_size": 512}\'')
     p.add_argument("--compare", action="store_true", help="full vs LoRA vs QLoRA, and HF PyTorch full vs PEFT LoRA")
     p.add_argument("--repeats", type=int, default=1, help="timings per mode (the median is reported)")
+    p.add_argument("--modes", default="full,lora,qlora,torch_full,torch_lora", help="--compare: the modes to time")
+    p.add_argument("--attention", default="", help="comma list of model.attention implementations (jaxtune modes)")
+    p.add_argument("--profile", default="", help="directory: write the compiled HLO and a profiler trace of the timed steps")
     args = p.parse_args()
+    if args.shape == "bench":
+        args.quickstart_shape, args.batch, args.seq_len = False, 8, 512
+        args.model = json.dumps({**BENCH_SHAPE, **json.loads(args.model)})
     if not args.compare:
-        print(json.dumps(bench_jaxtune(args, args.peft, args.quantize)))
+        run, info = prepare_jaxtune(args, args.peft, args.quantize)
+        print(json.dumps(dict(info, **throughput(args, info, statistics.median(run() for _ in range(args.repeats))))))
         return
-    rows = {"full": bench_jaxtune(args, "none", "none"), "lora": bench_jaxtune(args, "lora", "none"),
-            "qlora": bench_jaxtune(args, "lora", "nf4")}
-    out = {"shape": {k: rows["full"][k] for k in ("params", "batch", "seq_len", "dtype")}, "rank": args.rank,
-           "targets": args.targets, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()[0]}
-    for name, row in rows.items():
-        out.update({f"{name}_{k}": row[k] for k in ("step_s", "xla_gflops", "opt_state_bytes", "base_bytes")})
-    out["full_over_lora"] = round(rows["full"]["step_s"] / rows["lora"]["step_s"], 3)
-    out["full_over_qlora"] = round(rows["full"]["step_s"] / rows["qlora"]["step_s"], 3)
-    cfg = model_config(args, run_config(args, "none", "none"))
-    torch_full = bench_torch(cfg, args, lora_rank=0)
-    torch_lora = bench_torch(cfg, args, lora_rank=args.rank)
-    out.update(torch_full_step_s=torch_full, torch_lora_step_s=torch_lora,
-               torch_full_over_lora=round(torch_full / torch_lora, 3), torch_threads=os.cpu_count())
-    print(json.dumps(out))
+    print(json.dumps(compare(args)))
+
+
+# The CPU side-by-side shape of issue 11 (benchmarks/RESULTS.md), Llama-style, float32.
+BENCH_SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                   num_kv_heads=2, tie_word_embeddings=False)
+JAXTUNE_MODES = {"full": ("none", "none"), "lora": ("lora", "none"), "qlora": ("lora", "nf4")}
+TORCH_MODES = {"torch_full": 0, "torch_lora": 1}
+
+
+def compare(args) -> dict:
+    """Builds every mode, then times them in turn (--repeats rounds); medians, ratios, one dict."""
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in JAXTUNE_MODES and m not in TORCH_MODES]
+    if unknown:
+        raise SystemExit(f"--modes: unknown {unknown}; expected {sorted(JAXTUNE_MODES) + sorted(TORCH_MODES)}")
+    attentions = [a for a in args.attention.split(",") if a] or [""]
+    runners, infos = {}, {}
+    for mode in modes:
+        if mode in JAXTUNE_MODES:
+            for attention in attentions:
+                name = f"{mode}@{attention}" if attention else mode
+                margs = args
+                if attention:
+                    margs = argparse.Namespace(**vars(args))
+                    margs.model = json.dumps({**json.loads(args.model), "attention": attention})
+                runners[name], infos[name] = prepare_jaxtune(margs, *JAXTUNE_MODES[mode])
+        else:
+            cfg = model_config(args, run_config(args, "none", "none"))
+            runners[mode], infos[mode] = prepare_torch(cfg, args, lora_rank=args.rank * TORCH_MODES[mode])
+    times = {name: [] for name in runners}
+    for _ in range(args.repeats):
+        for name, run in runners.items():
+            times[name].append(run())
+    first = infos[next(iter(infos))]
+    out = {"shape": {k: first[k] for k in ("params", "batch", "seq_len", "dtype")}, "rank": args.rank,
+           "targets": args.targets, "steps": args.steps, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+           "load_avg": os.getloadavg()[0], "device_kind": first["device_kind"]}
+    for name, info in infos.items():
+        row = dict(info, **throughput(args, info, statistics.median(times[name])), rounds_s=[round(t, 4) for t in times[name]])
+        out[name] = {k: v for k, v in row.items() if k not in out["shape"] and k not in ("family", "variant", "device_kind")}
+    for name in infos:
+        mode = name.split("@")[0]
+        torch_name = "torch_" + ("full" if mode == "full" else "lora")
+        if mode in JAXTUNE_MODES and torch_name in infos:
+            out[f"ratio_{name.replace('@', '_')}_over_{torch_name}"] = round(
+                out[name]["tokens_per_s"] / out[torch_name]["tokens_per_s"], 3)
+    return out
+
+
+def throughput(args, info: dict, step_s: float) -> dict:
+    """tokens/s and MFU (6N + attention FLOPs per token) for a median step time."""
+    tokens_per_s = info["tokens_per_step"] / step_s
+    flops = tokens_per_s * metrics.train_flops_per_token(info["params"], info["num_layers"], info["hidden_size"],
+                                                         info["seq_len"])
+    out = {"step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1), "model_tflops_per_s": round(flops / 1e12, 4)}
+    peak = metrics.peak_flops_per_device(args.peak_tflops) if info["framework"] == "jaxtune" else (
+        args.peak_tflops * 1e12 or None)
+    if peak:
+        out["mfu"] = round(flops / (peak * info["devices"]), 4)
+    if args.measured_peak_tflops:
+        out["mfu_measured"] = round(flops / (args.measured_peak_tflops * 1e12 * info["devices"]), 4)
+    return out
 
 
 def run_config(args, method: str, quantize: str):
@@ -92,52 +160,71 @@ def model_config(args, config):
     return models.get_config(args.family, args.variant, **overrides)
 
 
-def bench_torch(cfg, args, lora_rank: int) -> float:
-    """Median step seconds of Hugging Face PyTorch (+ PEFT LoRA when lora_rank) at cfg's shape."""
+def prepare_torch(cfg, args, lora_rank: int):
+    """(run, info): run() times --steps Hugging Face PyTorch (+ PEFT LoRA when lora_rank) steps at
+    cfg's shape and returns seconds per step. CUDA when available (bf16 autocast for a bfloat16
+    --dtype, fused AdamW), else CPU float32 with torch threads = CPU cores."""
     import peft
     import torch
     import transformers
 
-    torch.set_num_threads(os.cpu_count())
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if not cuda:
+        torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     hf = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        tie_word_embeddings=cfg.tie_word_embeddings)
-    model = transformers.LlamaForCausalLM(hf)
+        tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=max(cfg.max_position_embeddings, args.seq_len), attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(hf).to(device)
     if lora_rank:
         targets = [lora.TARGETS.get(t, t) for t in lora.parse_targets(args.targets)]
         model = peft.get_peft_model(model, peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len)))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=cuda)
+    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len))).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and args.dtype == "bfloat16")
 
     def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
+        with autocast:
+            loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    times = []
-    for _ in range(args.repeats):
+    def run() -> float:
         t0 = time.time()
         for _ in range(args.steps):
             step()
-        times.append((time.time() - t0) / args.steps)
-    return round(statistics.median(times), 4)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.time() - t0) / args.steps
+
+    step()  # warm-up (allocations, kernel selection)
+    if cuda:
+        torch.cuda.synchronize()
+    info = {"framework": "torch", "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": "lora" if lora_rank else "none", "params": models.count_params(cfg), "num_layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size, "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype,
+            "devices": 1, "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
+            "tokens_per_step": args.batch * args.seq_len, "threads": None if cuda else torch.get_num_threads(),
+            "trainable_params": sum(p.numel() for p in trainable)}
+    return run, info
 
 
-def bench_jaxtune(args, method: str, quantize: str) -> dict:
+def prepare_jaxtune(args, method: str, quantize: str):
+    """(run, info): builds and compiles jaxtune's train step; run() times --steps steps (seconds
+    per step). With --profile, writes the optimized HLO now and traces the first run()."""
     config = run_config(args, method, quantize)
     cfg = model_config(args, config)
     model = models.build(cfg)
-    ocfg = base_config().optim
-    tx, lr = optim.build(ocfg, 1000)
+    tx, lr = optim.build(base_config().optim, 1000)
     n = jax.device_count()
     mesh = sharding.build_mesh({"data": 1, "fsdp": n, "tensor": 1})
     rules = sharding.rules(args.rules)
-
     apply_fn = trainer.make_apply_fn(model)
     reference_kind = resolved_reference(config)
 
@@ -155,7 +242,7 @@ def bench_jaxtune(args, method: str, quantize: str) -> dict:
         batch["example_index"] = np.arange(B, dtype=np.int32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract, shardings, init = trainer.plan_state(model, tx, mesh, rules, seq_len=T)
-        state = init(jax.random.key(0))
+        holder = {"state": init(jax.random.key(0))}
         ref = init(jax.random.key(0)).params if reference_kind == "copy" else None
         batch_sharding = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
         batch = {k: jax.device_put(v, batch_sharding[k]) for k, v in batch.items()}
@@ -164,40 +251,47 @@ def bench_jaxtune(args, method: str, quantize: str) -> dict:
                        in_shardings=(shardings, batch_sharding, shardings.params if ref is not None else None),
                        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
         t0 = time.time()
-        compiled = step.lower(state, batch, ref).compile()
+        compiled = step.lower(holder["state"], batch, ref).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        state, m = compiled(state, batch, ref)
+        holder["state"], m = compiled(holder["state"], batch, ref)
         jax.block_until_ready(m)
         compile_s = time.time() - t0
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.time()
-            for _ in range(args.steps):
-                state, m = compiled(state, batch, ref)
-            jax.block_until_ready(m)
-            times.append((time.time() - t0) / args.steps)
-        step_s = statistics.median(times)
+    tag = f"{method}_{quantize}_{getattr(cfg, 'attention', 'default')}"
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        with open(os.path.join(args.profile, f"step_{tag}.hlo.txt"), "w") as f:
+            f.write(compiled.as_text())
+    profile = [bool(args.profile)]
+
+    def run() -> float:
+        if profile[0]:
+            jax.profiler.start_trace(os.path.join(args.profile, tag), create_perfetto_trace=True)
+        t0 = time.time()
+        for _ in range(args.steps):
+            holder["state"], m = compiled(holder["state"], batch, ref)
+        jax.block_until_ready(m)
+        seconds = (time.time() - t0) / args.steps
+        if profile[0]:
+            jax.profiler.stop_trace()
+            profile[0] = False
+        return seconds
+
     num_params = models.count_params(cfg)
     nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    tokens_per_s = int(np.prod(rows)) * T / step_s
-    flops_per_token = metrics.train_flops_per_token(num_params, cfg.num_layers, cfg.hidden_size, T)
-    peak = metrics.peak_flops_per_device(args.peak_tflops)
-    out = {
-        "objective": args.objective, "reference": reference_kind,
-        "family": args.family, "variant": args.variant, "params": num_params, "batch": B, "seq_len": T,
-        "dtype": args.dtype, "devices": n, "device_kind": jax.devices()[0].device_kind,
-        "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
-        "model_tflops_per_s": round(tokens_per_s * flops_per_token / 1e12, 4),
+    info = {
+        "framework": "jaxtune", "jax": jax.__version__, "objective": args.objective, "reference": reference_kind,
+        "family": args.family, "variant": args.variant, "params": num_params, "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size, "batch": B, "seq_len": T, "dtype": args.dtype, "remat": args.remat,
+        "attention": getattr(cfg, "attention", None), "devices": n, "device_kind": jax.devices()[0].device_kind,
+        "tokens_per_step": int(np.prod(rows)) * T, "compile_s": round(compile_s, 2),
         "xla_gflops": round(float(cost.get("flops", 0.0)) / 1e9, 3),
         "peft": method, "quantize": quantize, "trainable_params": sum(x.size for x in jax.tree.leaves(abstract.params)),
         "opt_state_bytes": nbytes(abstract.opt_state), "base_bytes": nbytes(abstract.frozen if cfg.peft else abstract.params),
     }
     if cfg.peft is not None and cfg.peft.quantize != "none":
-        out.update({k: round(v, 4) for k, v in quant.bytes_per_param(abstract.frozen).items()})
-    if peak:
-        out["mfu"] = round(tokens_per_s * flops_per_token / (peak * n), 4)
-    return out
+        info.update({k: round(v, 4) for k, v in quant.bytes_per_param(abstract.frozen).items()})
+    return run, info
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Attention: one interface (`attend`), several implementations chosen by `model.attention`.
 
-    reference  the einsum over a [B, kv, group, T, S] float32 score tensor (tests, short T)
+    reference  batched matmuls over a [B, kv, group*T, S] float32 score tensor (tests, short T)
     blockwise  flash-style online softmax in plain JAX, every backend; a custom VJP recomputes
                scores block by block, so forward and backward hold O(T * block), never O(T^2)
     splash     Pallas splash attention on TPU (jax.experimental.pallas.ops.tpu.splash_attention)
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.errors import UserError
+from jaxtune.models import matmul
 from jaxtune.peft import prefix as prefix_lib
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,25 @@ def make_attention_mask(
     return causal[None] & same
 
 
+@jax.custom_vjp
+def softmax(x: Array) -> Array:
+    """jax.nn.softmax over the last axis whose backward keeps only the output y (autodiff kept
+    the unnormalised exponentials as well: a second [T, S] array per layer in the scan)."""
+    return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+    y = softmax(x)
+    return y, y
+
+
+def _softmax_bwd(y, dy):
+    return (y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def dot_product_attention(
     q: Array, k: Array, v: Array, mask: Array, *, scale: float | None = None,
     soft_cap: float | None = None,
@@ -184,15 +204,20 @@ def dot_product_attention(
     b, t, h, d = q.shape
     kv = k.shape[2]
     scale = d**-0.5 if scale is None else scale
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    g, s = h // kv, k.shape[1]
+    # Batched matmuls in [B, K, rows, cols] layout, so neither pass transposes a [T, S] tensor
+    # (matmul.bmm; only q/k/v/out, T*D-sized, are transposed: XLA:CPU pays dearly for those).
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    scores = matmul.bmm(q, k.transpose(0, 2, 3, 1), jnp.float32)  # [B, K, G*T, S]
     scores = scores * scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    mask = jnp.broadcast_to(mask[:, None, None], (b, kv, g, t, s)).reshape(b, kv, g * t, s)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    # One [G*T, S] array is both softmax's and the second matmul's residual (float32 models).
+    probs = softmax(scores).astype(v.dtype)
+    out = matmul.bmm(probs, v.transpose(0, 2, 1, 3), None)  # [B, K, G*T, D]
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def _reference(q: Array, k: Array, v: Array, call: Call) -> Array:

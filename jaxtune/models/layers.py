@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxtune.errors import UserError
 from jaxtune.models import attention as attention_lib
+from jaxtune.models import matmul
 from jaxtune.peft import lora as lora_lib
 from jaxtune.peft import prefix as prefix_lib
 from jaxtune.peft import quant
@@ -79,7 +80,9 @@ class Projection(nn.Module):
             kernel = quant.dequantize(stored, shape, self.dtype)
         else:
             kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=(axis, tuple(range(len(in_dims)))))
+        if axis != tuple(range(x.ndim - len(in_dims), x.ndim)):
+            raise ValueError(f"Projection contracts trailing axes only, got axis={self.axis} for x of rank {x.ndim}.")
+        y = matmul.linear(x.astype(self.dtype), kernel.astype(self.dtype), len(in_dims))
         if self.lora is not None and self.name in self.lora.targets:
             y = lora_lib.adapt(self, x, y, kernel, axis, self.axes, self.lora)
         if self.use_bias:
@@ -337,6 +340,30 @@ ACTIVATIONS = {
 }
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """silu(gate) * up whose backward recomputes the sigmoid from (gate, up), the only
+    residuals (autodiff saved four [tokens, mlp] arrays per layer)."""
+    return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dh):
+    gate, up = residuals
+    g = gate.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    dh = dh.astype(jnp.float32)
+    dgate = dh * up.astype(jnp.float32) * sig * (1.0 + g * (1.0 - sig))
+    dup = dh * g * sig
+    return dgate.astype(gate.dtype), dup.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nn.Module):
     """Gated feed-forward: down(act(gate(x)) * up(x)); SwiGLU by default, GeGLU for Gemma."""
 
@@ -351,8 +378,8 @@ class MLP(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
-        act = ACTIVATIONS[self.activation]
-        h = nn.with_logical_constraint(act(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        h = swiglu(gate, up) if self.activation == "silu" else ACTIVATIONS[self.activation](gate) * up
+        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
         return dense(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
