@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from jaxtune import config as config_lib
@@ -138,3 +139,14 @@ def with_eval_tasks(c, directory: Path, n: int = 6):
         "multiple_choice", path=str(mc), fields={"text": "text", "options": "choices", "answer": "label"},
         templates=(("{text} =", " {answer}"),))
     return c
+
+
+def write_config_file(path: Path, train_path: Path, settings: str, *, preamble: str = "") -> Path:
+    """A config file for the CLI: `tiny_base_config(train_path)`, then `settings` (lines of Python
+    on `c`, e.g. "c.train.steps = 4"); `preamble` goes at module level (a docstring, constants)."""
+    body = textwrap.indent(textwrap.dedent(settings).strip(), "    ")
+    path.write_text(
+        f"{preamble.strip()}\nfrom tests.helpers import tiny_base_config\n\n\n"
+        f"def get_config(arg=None):\n    c = tiny_base_config({str(train_path)!r})\n{body}\n    return c\n"
+    )
+    return path

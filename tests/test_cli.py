@@ -13,7 +13,7 @@ import pytest
 
 from jaxtune import cli
 from jaxtune.metrics import read_metrics
-from tests.helpers import write_sft_jsonl
+from tests.helpers import write_config_file, write_sft_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,17 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def config_file(tmp_path):
     train = write_sft_jsonl(tmp_path / "train.jsonl")
-    path = tmp_path / "cfg.py"
-    path.write_text(textwrap.dedent(f'''
-        """jaxtune train --config cfg.py --workdir W"""
-        from tests.helpers import tiny_base_config
-
-        def get_config(arg=None):
-            c = tiny_base_config({str(train)!r})
-            c.train.steps = 4
-            return c
-    '''))
-    return path
+    return write_config_file(tmp_path / "cfg.py", train, "c.train.steps = 4",
+                             preamble='"""jaxtune train --config cfg.py --workdir W"""')
 
 
 def _error_line(capsys) -> str:

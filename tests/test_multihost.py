@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from jaxtune import cli
 from jaxtune import config as config_lib
 from jaxtune import trainer
 from jaxtune.metrics import read_metrics
-from tests.helpers import write_preference_jsonl, write_sft_jsonl
+from tests.helpers import write_config_file, write_preference_jsonl, write_sft_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -82,27 +81,21 @@ def _config_file(tmp_path: Path) -> Path:
     packed batches for 1 or 2 processes), synchronous checkpoints every 2 steps."""
     train = write_sft_jsonl(tmp_path / "train.jsonl")
     evals = write_sft_jsonl(tmp_path / "eval.jsonl", n=6)
-    path = tmp_path / "cfg.py"
-    path.write_text(textwrap.dedent(f'''
-        """jaxtune train --config cfg.py --workdir W"""
-        from tests.helpers import tiny_base_config
-
-        def get_config(arg=None):
-            c = tiny_base_config({str(train)!r})
-            c.mesh.rules = "fsdp"
-            c.mesh.data = 2
-            c.mesh.fsdp = 2
-            c.data.shards = 2
-            c.data.eval_path = {str(evals)!r}
-            c.eval.batch_size = 4
-            c.eval.max_new_tokens = 4
-            c.eval.show_examples = 0
-            c.train.steps = 4
-            c.train.checkpoint_every = 2
-            c.train.async_checkpoints = False
-            return c
-    '''))
-    return path
+    settings = f"""
+        c.mesh.rules = "fsdp"
+        c.mesh.data = 2
+        c.mesh.fsdp = 2
+        c.data.shards = 2
+        c.data.eval_path = {str(evals)!r}
+        c.eval.batch_size = 4
+        c.eval.max_new_tokens = 4
+        c.eval.show_examples = 0
+        c.train.steps = 4
+        c.train.checkpoint_every = 2
+        c.train.async_checkpoints = False
+    """
+    return write_config_file(tmp_path / "cfg.py", train, settings,
+                             preamble='"""jaxtune train --config cfg.py --workdir W"""')
 
 
 DPO_OVERRIDES = [

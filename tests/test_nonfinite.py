@@ -2,7 +2,6 @@
 logs it and goes on, `halt` saves diagnostics and exits with status 3 naming the step."""
 
 import json
-import textwrap
 
 import flax
 import jax
@@ -13,7 +12,7 @@ import pytest
 
 from jaxtune import cli, nonfinite, trainer
 from jaxtune.metrics import read_metrics
-from tests.helpers import write_sft_jsonl
+from tests.helpers import write_config_file, write_sft_jsonl
 
 POISONED_STEP = 3  # 1-based, as logged
 
@@ -62,18 +61,11 @@ def test_guard_keeps_state_and_names_groups():
 @pytest.fixture
 def config_file(tmp_path):
     train = write_sft_jsonl(tmp_path / "train.jsonl")
-    path = tmp_path / "cfg.py"
-    path.write_text(textwrap.dedent(f'''
-        from tests.helpers import tiny_base_config
-
-        def get_config(arg=None):
-            c = tiny_base_config({str(train)!r})
-            c.train.steps = 4
-            c.train.checkpoint_every = 2
-            c.train.keep_checkpoints = 5
-            return c
-    '''))
-    return path
+    return write_config_file(tmp_path / "cfg.py", train, """
+        c.train.steps = 4
+        c.train.checkpoint_every = 2
+        c.train.keep_checkpoints = 5
+    """)
 
 
 def _params(workdir, step):
