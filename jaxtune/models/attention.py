@@ -46,10 +46,11 @@ Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "splash", "blockwise", "cudnn", "reference")
 
-# CPU `auto`: up to this many keys the einsum and blockwise (a single tile) ran equally fast in
-# benchmarks/attention.py (forward+backward, 8 heads / 2 kv heads / d 64); from 256 keys on,
-# blockwise was faster (512: 1.6x, 2048: 3.5x) and its memory stays linear in T.
-CPU_REFERENCE_MAX_KEYS = 128
+# CPU `auto`: up to this many keys the reference (batched matmuls in the transpose-free layout)
+# beat blockwise in benchmarks/attention.py on an idle 2-core machine (forward+backward, batch 8,
+# 8 heads / 2 kv heads / d 64: 256 keys 1.3x, 512 keys 1.9x, 1024 keys 1.7x faster) and in the
+# bench train step (T 512: 5.80 vs 6.52 s/step); above it blockwise keeps memory linear in T.
+CPU_REFERENCE_MAX_KEYS = 1024
 # blockwise tile sizes (queries x keys); shorter sequences use a single tile.
 BLOCK_Q = 512
 BLOCK_KV = 512
