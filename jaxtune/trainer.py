@@ -520,7 +520,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     workdir.mkdir(parents=True, exist_ok=True)
     process_count = jax.process_count()
     devices = list(devices) if devices is not None else jax.devices()
-    distributed.agree(config_lib.to_json_dict(config), "config")  # every process runs the same command
+    config_json = config_lib.to_json_dict(config)
+    distributed.agree(config_json, "config")  # every process runs the same command
 
     pairs = config.objective.type != "sft"
     if pairs:
@@ -557,7 +558,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
         use_async=config.train.async_checkpoints,
     )
-    config_json = config_lib.to_json_dict(config)
     if peft_base_pointer(config):
         config_json["peft_base"] = peft_base_pointer(config)
     progress = None
