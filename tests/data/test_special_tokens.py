@@ -2,7 +2,8 @@
 
 Tiny byte-level BPE tokenizers are trained here with the `tokenizers` library and saved as Hugging
 Face directories that differ only in what their post-processor adds: BOS (Llama-style), nothing
-although `<s>` is declared (GPT-2-style), no BOS at all, and BOS + EOS. Every jaxtune path that
+although `<s>` is declared (GPT-2-style), no BOS at all, and BOS + EOS (the first also carries
+padding/truncation settings in its tokenizer.json, which `tokenizer(text)` does not apply). Every jaxtune path that
 encodes a prompt (SFT examples, preference pairs, KTO examples, evaluation, `generate`) is compared
 with `transformers`' tokenizer, and chat examples with `apply_chat_template(tokenize=True)`.
 """
@@ -57,6 +58,9 @@ def tokenizer_dirs(tmp_path_factory):
         elif post:
             specials = [(t, tok.token_to_id(t)) for t in (BOS, EOS) if t in post]
             tok.post_processor = processors.TemplateProcessing(single=post, pair=f"{post} $B:1", special_tokens=specials)
+        if kind == "adds_bos":  # settings tokenizer(text) ignores (it pads/truncates only when asked)
+            tok.enable_padding(length=40, pad_id=tok.token_to_id("<pad>"), pad_token="<pad>")
+            tok.enable_truncation(max_length=3)
         directory = root / kind
         directory.mkdir()
         tok.save(str(directory / "tokenizer.json"))
