@@ -2,8 +2,9 @@
 
 Each user line is appended to the conversation, the whole conversation is rendered with the chat
 template (generation prompt added) and tokenized exactly as SFT chat training tokenizes it
-(`encode_with_specials`: BOS/EOS text -> their ids; a BOS added only under data.add_bos='true'), and the reply is sampled until
-EOS or the template's end-of-turn token. The reply then joins the conversation as the assistant turn.
+(`encode_with_specials`: BOS/EOS text -> their ids; a BOS added only under data.add_bos='true'),
+and the reply is sampled until EOS or the template's end-of-turn token. The reply then joins the
+conversation as the assistant turn.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ encodes a prompt (SFT examples, preference pairs, KTO examples, evaluation, `gen
 with `transformers`' tokenizer, and chat examples with `apply_chat_template(tokenize=True)`.
 """
 
+import io
 import json
 import pickle
 import types
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from jaxtune import api, evaluate
+from jaxtune import api, chat_loop, evaluate
 from jaxtune import config as config_lib
 from jaxtune import generate as generate_lib
 from jaxtune.data import chat as chat_lib
@@ -146,9 +147,10 @@ def test_tokenizer_that_adds_eos(tokenizer_dirs, hf):
 
 @pytest.mark.parametrize("kind", THREE)
 @pytest.mark.parametrize("template", ["plain", "chatml"])  # writes {{ bos_token }} / writes no BOS
-def test_chat_matches_apply_chat_template(kind, template, tokenizer_dirs, hf):
-    """Chat examples are the template's text only, as `apply_chat_template(tokenize=True)`: one BOS when the
-    template writes it, none when it does not, whatever the tokenizer adds to plain text."""
+def test_chat_matches_apply_chat_template(kind, template, tokenizer_dirs, hf, monkeypatch):
+    """Chat examples and `generate --chat` prompts are the template's text only, as
+    `apply_chat_template(tokenize=True)`: one BOS when the template writes it, none when it does not,
+    whatever the tokenizer adds to plain text."""
     tok, ref = load_tokenizer(tokenizer_dirs[kind]), hf[kind]
     jinja = chat_lib.resolve_template(template)
     expected = list(ref.apply_chat_template(MESSAGES, chat_template=jinja, tokenize=True)["input_ids"])
@@ -161,6 +163,11 @@ def test_chat_matches_apply_chat_template(kind, template, tokenizer_dirs, hf):
     prompt = list(ref.apply_chat_template(MESSAGES[:1], chat_template=jinja, tokenize=True,
                                           add_generation_prompt=True)["input_ids"])
     assert sequence(rows, 0)[: len(prompt)] == prompt
+
+    seen = []
+    monkeypatch.setattr(generate_lib, "generate", lambda m, p, prompts, **kw: seen.extend(prompts) or [[]])
+    chat_loop.chat(None, None, tok, jinja, stdin=io.StringIO(MESSAGES[0]["content"] + "\n"), stdout=io.StringIO())
+    assert seen == [prompt]
 
 
 def test_add_bos_override(tokenizer_dirs, hf):
