@@ -47,13 +47,14 @@ def tokenizer_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("special_tokens")
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS + ["the", "a", "sat", "on"], size=8)) for _ in range(300)]
+    base = Tokenizer(models.BPE(unk_token="<unk>"))
+    base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    base.decoder = decoders.ByteLevel()
+    base.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", BOS, EOS, "<pad>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     dirs = {}
     for kind, (post, declares_bos) in KINDS.items():
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", BOS, EOS, "<pad>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok = Tokenizer.from_str(base.to_str())
         if post == "bytelevel":
             tok.post_processor = processors.ByteLevel(trim_offsets=False)
         elif post:
