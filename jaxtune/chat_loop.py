@@ -2,8 +2,9 @@
 
 Each user line is appended to the conversation, the whole conversation is rendered with the chat
 template (generation prompt added) and tokenized exactly as SFT chat training tokenizes it
-(`encode_with_specials`: BOS/EOS text -> their ids, no extra BOS), and the reply is sampled until
-EOS or the template's end-of-turn token. The reply then joins the conversation as the assistant turn.
+(`encode_with_specials`: BOS/EOS text -> their ids; a BOS added only under data.add_bos='true'),
+and the reply is sampled until EOS or the template's end-of-turn token. The reply then joins the
+conversation as the assistant turn.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import IO
 
 from jaxtune import generate as generate_lib
 from jaxtune.data import chat as chat_lib
-from jaxtune.data.tokenizers import Tokenizer, encode_with_specials
+from jaxtune.data.tokenizers import Tokenizer, encode_with_specials, start_sequence
 from jaxtune.errors import UserError
 
 EXIT_COMMAND = "/exit"
@@ -77,7 +78,8 @@ def chat(model, params, tokenizer: Tokenizer, template: str, *, stdin: IO[str], 
             show_prompt.write(prompt + "\n")
             show_prompt.flush()
         tokens = generate_lib.generate(
-            model, params, [encode_with_specials(tokenizer, prompt)], max_new_tokens=sampling.max_new_tokens,
+            model, params, [start_sequence(tokenizer, encode_with_specials(tokenizer, prompt), chat=True)],
+            max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, stop_tokens=stops,
             seed=sampling.seed + turn, pad_id=tokenizer.pad_id, batch_size=1,
         )[0]

@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.truncation = "truncate"  # truncate | drop | error
     c.data.tokenizer = ""  # path to a tokenizer file; "" trains one on the data (quickstart)
     c.data.tokenizer_vocab_size = 512
+    # BOS before each prompt: auto = as the tokenizer's own config says (tokenizer.json post-processor,
+    # add_bos_token beside a sentencepiece .model; chat templates write their own) | true | false.
+    c.data.add_bos = "auto"
     c.data.num_train_examples = 100_000  # quickstart: generated training records
     c.data.num_eval_examples = 300  # quickstart: held-out phrasings evaluated by exact match
     c.data.worker_count = 0  # Grain multiprocessing workers (0 = in-process)
@@ -382,6 +385,7 @@ def _convert(raw: str, current: Any, field_type: Any) -> Any:
 _CHOICES = {
     "data.source": ("jsonl", "quickstart"),
     "data.truncation": ("truncate", "drop", "error"),
+    "data.add_bos": ("auto", "true", "false"),  # data/tokenizers.py ADD_BOS_CHOICES
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
     "model.remat_policy": ("none", "full", "projections", "offload", "dots", "dots_no_batch"),  # models/layers.py

@@ -31,10 +31,10 @@ class Loaded:
     step: int | None  # checkpoint step (None for an HF dir)
 
 
-def _tokenizer(path: Path, what: str) -> Tokenizer:
+def _tokenizer(path: Path, what: str, config: ml_collections.ConfigDict) -> Tokenizer:
     if not path.exists():
         raise UserError(f"{what}: no tokenizer at {path}")
-    return load_tokenizer(path)
+    return load_tokenizer(path, add_bos=config.data.get("add_bos", "auto"))  # configs saved before data.add_bos: auto
 
 
 def from_hf_dir(hf_dir: str, config: ml_collections.ConfigDict | None = None) -> Loaded:
@@ -46,7 +46,7 @@ def from_hf_dir(hf_dir: str, config: ml_collections.ConfigDict | None = None) ->
     config = ml_collections.ConfigDict((config or config_lib.base_config()).to_dict())
     validate_hf_dir(hf_dir, tokenizer=not config.data.tokenizer)
     config.model.hf_dir = str(hf_dir)
-    tokenizer = _tokenizer(paths.path(config.data.tokenizer or hf_dir), f"--hf_dir {hf_dir}")
+    tokenizer = _tokenizer(paths.path(config.data.tokenizer or hf_dir), f"--hf_dir {hf_dir}", config)
     model, params = models.from_pretrained(hf_dir)
     return Loaded(config, model, params, tokenizer, None)
 
@@ -90,7 +90,7 @@ def restore_run(workdir: str, what: str, *, config: ml_collections.ConfigDict | 
     tokenizer_path = paths.path(trained.data.get("tokenizer") or trained.model.get("hf_dir")
                                 or paths.path(workdir) / TOKENIZER_FILE)
     needs_vocab = not trained.model.get("hf_dir") and trained.model.get("vocab_size") is None
-    tokenizer = _tokenizer(tokenizer_path, f"{what} {workdir}") if needs_vocab else None
+    tokenizer = _tokenizer(tokenizer_path, f"{what} {workdir}", trained) if needs_vocab else None
     model_config = trainer.model_config_from(trained, vocab_size=tokenizer.vocab_size if tokenizer else None)
     return Run(trained, model_config, state, step, tokenizer, tokenizer_path)
 
@@ -106,7 +106,7 @@ def from_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) 
     from jaxtune import trainer
 
     run = restore_run(workdir, "--workdir", config=config)
-    tokenizer = run.tokenizer or _tokenizer(run.tokenizer_path, f"--workdir {workdir}")
+    tokenizer = run.tokenizer or _tokenizer(run.tokenizer_path, f"--workdir {workdir}", run.config)
     params = run.state["params"]
     if run.model_config.peft is not None:
         params = trainer.variables_for(params, trainer.frozen_base_on_host(run.config, run.model_config))

@@ -53,7 +53,7 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: Path, corpus) -> Tokeniz
         path = paths.path(cfg.tokenizer)
         if not path.exists():  # a tokenizer file, or a directory holding one (HF model dirs)
             raise UserError(f"config key 'data.tokenizer': {path} does not exist")
-        return load_tokenizer(path)
+        return load_tokenizer(path, add_bos=cfg.get("add_bos", "auto"))
     cached = workdir / TOKENIZER_FILE
 
     def train_once():
@@ -68,7 +68,7 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: Path, corpus) -> Tokeniz
 
     # Multi-process: process 0 trains it into the (shared) workdir, the others wait and load it.
     distributed.on_first_process(train_once, "tokenizer")
-    return load_tokenizer(cached)
+    return load_tokenizer(cached, add_bos=cfg.get("add_bos", "auto"))
 
 
 def _tasks_corpus(tasks: Sequence[TaskSpec], seed: int) -> Any:
@@ -143,7 +143,7 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
             eval_templates=quickstart.templates("heldout"),
         )
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
-    given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
+    given = _tokenizer(cfg, workdir, None) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
     tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None),
                        where="" if cfg.tasks else "data")  # errors name the keys the user set
              for name, t in task_cfgs.items()]

@@ -19,7 +19,7 @@ import numpy as np
 from jaxtune.data import chat as chat_lib
 from jaxtune.data.flan import FlanSpec, few_shot_prompt, render_flan
 from jaxtune.data.sources import SourceError
-from jaxtune.data.tokenizers import Tokenizer, encode_with_specials
+from jaxtune.data.tokenizers import Tokenizer, encode_prompt, encode_with_specials, start_sequence
 from jaxtune.errors import UserError
 
 DEFAULT_TASK = "default"
@@ -106,14 +106,6 @@ def shift_and_truncate(tokens: Sequence[int], trained: Sequence[int], *, seq_len
         "targets": np.asarray(tokens[1:], np.int32),
         "loss_mask": np.asarray(trained[1:], np.int32),
     }, truncated
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """BOS (when the tokenizer has one) + prompt tokens: the exact prefix training saw."""
-    ids = tokenizer.encode(prompt)
-    if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
-        ids = [tokenizer.bos_id] + ids
-    return ids
 
 
 class ExampleBuilder:
@@ -223,7 +215,8 @@ class ExampleBuilder:
             ids = encode_with_specials(self.tokenizer, text)
             tokens.extend(ids)
             trained.extend([int(on)] * len(ids))
-        return tokens, trained
+        started = start_sequence(self.tokenizer, tokens, chat=True)  # adds BOS only under data.add_bos='true'
+        return started, [0] * (len(started) - len(tokens)) + trained
 
     def texts(self, record: Mapping[str, Any], index: int) -> list[str]:
         """The text an example shows the model (tokenizer training corpus); no few-shot."""

@@ -45,7 +45,7 @@ from jaxtune.data import templates as templates_lib
 from jaxtune.data.examples import DEFAULT_TASK, TokenizeStats, encode_prompt
 from jaxtune.data.formats import check_message_list
 from jaxtune.data.pipeline import BATCH_KEYS
-from jaxtune.data.tokenizers import Tokenizer, encode_with_specials
+from jaxtune.data.tokenizers import Tokenizer, encode_with_specials, start_sequence
 from jaxtune.errors import UserError
 
 INDEX_KEY = "example_index"  # [B] global source index of each pair: keys precomputed reference log-probs
@@ -354,7 +354,8 @@ class PreferenceTransform:
         pieces, texts = render_chat_completions(
             example.messages, completions, _require_template(self.chat_template, where), bos_token=getattr(tok, "bos_token", None),
             eos_token=getattr(tok, "eos_token", None), where=where)
-        return [i for piece in pieces for i in encode_with_specials(tok, piece)], [encode_with_specials(tok, t) for t in texts]
+        prompt_ids = start_sequence(tok, [i for piece in pieces for i in encode_with_specials(tok, piece)], chat=True)
+        return prompt_ids, [encode_with_specials(tok, t) for t in texts]
 
     def __call__(self, index: int, record: dict) -> dict[str, np.ndarray] | None:
         index = int(record.get("_index", index))
