@@ -5,7 +5,8 @@ The trainer (state builder, jitted step, loop) names no objective. It asks the r
 
 - its config keys (`config_section`, flat under `config.objective`, merged over every registered
   objective; a key two objectives share must have the same default) and `validate(config)`;
-- the reference model it needs (`reference_kind`: none | copy | base | precomputed);
+- the model it trains (`adapt_model_config`, e.g. a scalar head) and the reference model it
+  needs (`reference_kind`: none | copy | base | precomputed);
 - its data: `load_data` (tokenizer + records), `train_dataset` (host batches of the local batch
   size), `batch_shapes` (the global batch the step is compiled for);
 - its loss as *sums* plus a `weight`: the step computes `weight(global batch)` once, splits the
@@ -105,7 +106,12 @@ class Objective:
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         """Raise UserError naming the key and the fix for a config this objective cannot run."""
 
-    # ---- reference model ---------------------------------------------------------------------
+    # ---- model and reference ---------------------------------------------------------------
+
+    def adapt_model_config(self, model_config):
+        """The model config this objective trains (default: as given). E.g. a reward model adds a
+        scalar head here; called wherever a run's model is built (train, plan, export, eval)."""
+        return model_config
 
     def reference_kind(self) -> str:
         """none | copy (a frozen copy of the start weights is passed to `loss` as ref_params) |
