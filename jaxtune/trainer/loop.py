@@ -93,9 +93,9 @@ class Loop:
 
 
 class Hook:
-    """Runs after every step, in the order the loop holds its hooks; `after_step` may return why
+    """Runs after every step (log, eval, checkpoint: in that order); `after_step` may return why
     the run stops now ("signal" or "budget"). `end` runs once after the loop with that reason (None:
-    every step ran)."""
+    every step ran), checkpoint first and evaluation last."""
 
     def after_step(self, loop: Loop, done: int, metrics: dict, batch: dict) -> str | None:
         return None
@@ -142,6 +142,9 @@ class LogHook(Hook):
         loop.progress.update(done, row)
         self.window_tokens, self.window_start = 0, now
         return None
+
+    def end(self, loop, done, stopped):
+        loop.progress.close()
 
 
 class EvalHook(Hook):
@@ -315,11 +318,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         evaluator.begin(loop)
         loop.progress = metrics_lib.Progress(config.train.steps, start.step, enabled=config.train.progress_bar)
         with StopSignal() as stop:
-            hooks = (logger, evaluator, CheckpointHook(config, checkpointer, data_iter, config_json, stop))
-            done, stopped = _run_steps(loop, objective, data_iter, put, ref_params, logger, hooks, checkpointer)
-        loop.progress.close()
-        for hook in hooks:
-            hook.end(loop, done, stopped)
+            saver = CheckpointHook(config, checkpointer, data_iter, config_json, stop)
+            done, stopped = _run_steps(loop, objective, data_iter, put, ref_params, logger,
+                                       (logger, evaluator, saver), checkpointer)
+            for hook in (saver, logger, evaluator):  # the final checkpoint first, the final evaluation last
+                hook.end(loop, done, stopped)
     for line in objective.data_report(data_stats):
         print(f"jaxtune: {line}", flush=True)
     checkpointer.close()
