@@ -78,7 +78,7 @@ class RunContext:
     start_params: Callable[[], Any]
     put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]  # process-local host batch -> global arrays
     device_put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]  # the same full batch on every process
-    model_variables: Callable[[Any], dict] = None  # TrainState -> the model's variables (sampling, scoring)
+    model_variables: Callable[[Any], dict] | None = None  # TrainState -> the model's variables (sampling, scoring)
     print: Callable[[str], None] = print
 
 
