@@ -1,0 +1,62 @@
+"""`rewards(prompts, completions)`: a reward model as a Python function scores exactly what the
+reward objective trains on (the pipeline's pair rows, whole sequence, last non-pad token)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune import models, sharding
+from jaxtune.data import preference
+from jaxtune.data.tokenizers import train_sentencepiece
+from jaxtune.errors import UserError
+from jaxtune.objectives.reward_model import sequence_rewards, whole_sequences
+from jaxtune.scoring import RewardScorer
+from tests.helpers import WORDS, reverse_pair
+
+SEQ_LEN = 24
+TEMPLATES = (("Q: {prompt}", " {response}"),)
+
+
+@pytest.fixture(scope="module")
+def scorer_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scoring")
+    pairs = [reverse_pair(i) for i in range(6)]
+    texts = [p[k] for p in pairs for k in ("prompt", "chosen")] + WORDS
+    tokenizer = train_sentencepiece(texts, root / "spm", vocab_size=300)
+    config = models.get_config("llama", "tiny", vocab_size=tokenizer.vocab_size, num_labels=1,
+                               pad_token_id=tokenizer.pad_id)
+    model = models.build(config)
+    params = sharding.unbox(model.init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))["params"])
+    return pairs, tokenizer, model, {"params": params}
+
+
+def test_rewards_equal_the_training_rows_rewards(scorer_setup):
+    pairs, tokenizer, model, variables = scorer_setup
+    transform = preference.PreferenceTransform(pairs, {"default": list(TEMPLATES)}, tokenizer, seq_len=SEQ_LEN,
+                                               truncation="truncate", seed=0)
+    rows = [transform(i, p) for i, p in enumerate(pairs)]
+    batch = {k: np.stack([r[k] for r in rows]).reshape(-1, SEQ_LEN) for k in ("inputs", "targets", "segment_ids", "positions")}
+    tokens, seg, pos = whole_sequences(*(jnp.asarray(batch[k]) for k in ("inputs", "targets", "segment_ids", "positions")))
+    per_token = model.apply(variables, tokens, positions=pos, segment_ids=seg)
+    trained = np.asarray(sequence_rewards(per_token, tokens, seg, tokenizer.pad_id)).reshape(-1, 2)
+
+    scorer = RewardScorer(model, variables, tokenizer, seq_len=SEQ_LEN, templates=TEMPLATES, batch_size=4)
+    prompts = [p["prompt"] for p in pairs]
+    chosen = scorer(prompts, [p["chosen"] for p in pairs], answer=["unused"] * len(pairs))
+    rejected = scorer(prompts, [p["rejected"] for p in pairs])
+    assert len(chosen) == len(pairs) and all(isinstance(x, float) for x in chosen)
+    np.testing.assert_allclose(np.stack([chosen, rejected], axis=1), trained, atol=1e-5)
+    assert np.ptp(trained) > 1e-3
+
+
+def test_rewards_reject_bad_arguments_and_non_reward_models(scorer_setup):
+    _, tokenizer, model, variables = scorer_setup
+    scorer = RewardScorer(model, variables, tokenizer, seq_len=SEQ_LEN)
+    with pytest.raises(UserError, match="2 prompts but 1 completions"):
+        scorer(["a", "b"], ["c"])
+    with pytest.raises(UserError, match="lists of strings"):
+        scorer("a", "b")
+    lm = models.build(model.config.replace(num_labels=None))
+    with pytest.raises(UserError, match="not a reward model"):
+        RewardScorer(lm, variables, tokenizer, seq_len=SEQ_LEN)
