@@ -52,8 +52,10 @@ kept in `start(run)`).
 """
 
 from jaxtune.objectives.base import Objective, RunContext, build, get, names, register
-from jaxtune.objectives.logprobs import TokenStats, head_token_stats, model_token_stats, token_logprobs, token_stats
-from jaxtune.objectives.preference import kto_loss, masked_sequence_sums, preference_loss, sequence_logps
+from jaxtune.objectives.logprobs import (TokenStats, head_token_stats, masked_sequence_sums, model_token_stats,
+                                         token_logprobs, token_stats)
+from jaxtune.objectives.kto import kto_loss
+from jaxtune.objectives.preference import preference_loss, sequence_logps
 from jaxtune.objectives.sft import sft_loss, sft_loss_from_stats
 
 __all__ = ["Objective", "RunContext", "TokenStats", "build", "get", "head_token_stats", "kto_loss",

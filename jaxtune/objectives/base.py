@@ -66,7 +66,8 @@ class RunContext:
 
     `start_params()` materialises the weights the run started from (model.hf_dir, init_from or the
     seed; LoRA: the frozen base), in their shardings: the frozen reference. `put(batch)` turns a
-    process-local host batch into global sharded arrays (the step's batch layout).
+    process-local host batch into global sharded arrays (the step's batch layout); `device_put`
+    places a global batch that every process holds whole (e.g. a pass over all records).
     """
 
     config: ml_collections.ConfigDict
@@ -75,7 +76,8 @@ class RunContext:
     data: Any  # what load_data returned
     data_stats: Any  # the second value train_dataset returned
     start_params: Callable[[], Any]
-    put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]
+    put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]  # process-local host batch -> global arrays
+    device_put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]  # the same full batch on every process
     print: Callable[[str], None] = print
 
 
