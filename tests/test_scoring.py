@@ -10,7 +10,7 @@ from jaxtune import models, sharding
 from jaxtune.data import preference
 from jaxtune.data.tokenizers import train_sentencepiece
 from jaxtune.errors import UserError
-from jaxtune.objectives.reward_model import sequence_rewards, whole_sequences
+from jaxtune.objectives.reward_model import RewardRows, pair_rewards
 from jaxtune.scoring import RewardScorer
 from tests.helpers import WORDS, reverse_pair
 
@@ -33,13 +33,13 @@ def scorer_setup(tmp_path_factory):
 
 def test_rewards_equal_the_training_rows_rewards(scorer_setup):
     pairs, tokenizer, model, variables = scorer_setup
-    transform = preference.PreferenceTransform(pairs, {"default": list(TEMPLATES)}, tokenizer, seq_len=SEQ_LEN,
-                                               truncation="truncate", seed=0)
+    transform = RewardRows(preference.PreferenceTransform(
+        pairs, {"default": list(TEMPLATES)}, tokenizer, seq_len=SEQ_LEN, truncation="truncate", seed=0), tokenizer.pad_id)
     rows = [transform(i, p) for i, p in enumerate(pairs)]
-    batch = {k: np.stack([r[k] for r in rows]).reshape(-1, SEQ_LEN) for k in ("inputs", "targets", "segment_ids", "positions")}
-    tokens, seg, pos = whole_sequences(*(jnp.asarray(batch[k]) for k in ("inputs", "targets", "segment_ids", "positions")))
-    per_token = model.apply(variables, tokens, positions=pos, segment_ids=seg)
-    trained = np.asarray(sequence_rewards(per_token, tokens, seg, tokenizer.pad_id)).reshape(-1, 2)
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in ("inputs", "positions", "segment_ids", "score_index")}
+    apply = lambda p, tokens, positions, segment_ids, frozen=None, rngs=None: model.apply(
+        p, tokens, positions=positions, segment_ids=segment_ids)
+    trained = np.asarray(pair_rewards(apply, variables, batch))
 
     scorer = RewardScorer(model, variables, tokenizer, seq_len=SEQ_LEN, templates=TEMPLATES, batch_size=4)
     prompts = [p["prompt"] for p in pairs]

@@ -446,17 +446,18 @@ def stack_layers(
 
 
 def last_token_index(inputs: Array, segment_ids: Array | None = None, pad_token_id: int | None = None) -> Array:
-    """inputs[B,T] -> [B]: the rightmost position that is not padding (0 when every position is).
+    """inputs[..., T] -> [...]: the rightmost position that is not padding (0 when every position is).
 
     The rule of transformers' `*ForSequenceClassification`: the rightmost token != pad_token_id,
     so left and right padding both work and a trailing token equal to the pad id (pad = eos) is
     skipped exactly as there; segment id 0 (the batch contract's padding) is padding too.
     """
-    keep = jnp.ones(inputs.shape, bool) if segment_ids is None else segment_ids > 0
+    xp = np if isinstance(inputs, np.ndarray) else jnp  # numpy in host data pipelines, jax in models
+    keep = xp.ones(inputs.shape, bool) if segment_ids is None else segment_ids > 0
     if pad_token_id is not None:
         keep = keep & (inputs != pad_token_id)
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[-1]), inputs.shape)
-    return jnp.argmax(jnp.where(keep, positions, -1), axis=-1)
+    positions = xp.broadcast_to(xp.arange(inputs.shape[-1]), inputs.shape)
+    return xp.argmax(xp.where(keep, positions, -1), axis=-1)
 
 
 class ScoreHead(nn.Module):

@@ -5,8 +5,11 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxtune.objectives.reward_model import bradley_terry_loss, sequence_rewards, whole_sequences
+from jaxtune.errors import UserError
+from jaxtune.models.layers import last_token_index
+from jaxtune.objectives.reward_model import bradley_terry_loss, pair_rewards, record_margin, whole_sequences
 
 RC, RR, M = [1.5, -0.25, 0.3], [0.5, 0.75, 0.3], [0.0, 0.5, 1.0]
 
@@ -33,21 +36,34 @@ def test_bradley_terry_without_margin_or_centering():
 
 
 def test_whole_sequences_append_the_last_target_where_there_is_room():
-    # Row 0: tokens 5 6 7 EOS(2) -> inputs 5 6 7, targets 6 7 2; row 1 fills all 4 inputs.
-    inputs = jnp.asarray([[5, 6, 7, 0], [8, 9, 10, 11]])
-    targets = jnp.asarray([[6, 7, 2, 0], [9, 10, 11, 2]])
-    seg = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1]])
-    pos = jnp.asarray([[0, 1, 2, 0], [0, 1, 2, 3]])
-    tokens, seg2, pos2 = whole_sequences(inputs, targets, seg, pos)
-    np.testing.assert_array_equal(tokens, [[5, 6, 7, 2], [8, 9, 10, 11]])
-    np.testing.assert_array_equal(seg2, [[1, 1, 1, 1], [1, 1, 1, 1]])
-    np.testing.assert_array_equal(pos2, [[0, 1, 2, 3], [0, 1, 2, 3]])
+    # Row 0: tokens 5 6 7 EOS(2) -> inputs 5 6 7, targets 6 7 2; row 1 fills all 4 inputs; row 2 is empty.
+    rows = {"inputs": np.array([[5, 6, 7, 0], [8, 9, 10, 11], [0, 0, 0, 0]]),
+            "targets": np.array([[6, 7, 2, 0], [9, 10, 11, 2], [0, 0, 0, 0]]),
+            "segment_ids": np.array([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]]),
+            "positions": np.array([[0, 1, 2, 0], [0, 1, 2, 3], [0, 0, 0, 0]])}
+    out = whole_sequences(rows)
+    np.testing.assert_array_equal(out["inputs"], [[5, 6, 7, 2], [8, 9, 10, 11], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 3], [0, 1, 2, 3], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["inputs"][0], [5, 6, 7, 0])  # the pipeline's rows are not modified
 
 
-def test_sequence_rewards_pool_the_last_non_pad_token():
-    scores = jnp.arange(8, dtype=jnp.float32).reshape(2, 4, 1)
-    tokens = jnp.asarray([[5, 6, 2, 0], [5, 6, 7, 8]])
-    seg = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1]])
-    np.testing.assert_array_equal(sequence_rewards(scores, tokens, seg, None), [2.0, 7.0])
-    # pad = eos (2): transformers skips the trailing EOS, and so do we
-    np.testing.assert_array_equal(sequence_rewards(scores, tokens, seg, 2), [1.0, 7.0])
+def test_pair_rewards_read_each_sequence_at_its_score_index():
+    scores = jnp.arange(16, dtype=jnp.float32).reshape(4, 4, 1)  # [2B, T, 1] per-token scores, B = 2
+    model = lambda params, tokens, positions, segment_ids, frozen=None, rngs=None: scores
+    rows = jnp.zeros((2, 2, 4), jnp.int32)
+    batch = {"inputs": rows, "positions": rows, "segment_ids": rows, "score_index": jnp.asarray([[2, 3], [0, 1]])}
+    np.testing.assert_array_equal(pair_rewards(model, None, batch), [[2.0, 7.0], [8.0, 13.0]])
+
+
+def test_last_token_index_on_host_arrays_skips_a_trailing_pad_valued_token():
+    tokens, seg = np.array([[5, 6, 2, 0], [5, 6, 7, 8]]), np.array([[1, 1, 1, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(last_token_index(tokens, seg), [2, 3])
+    np.testing.assert_array_equal(last_token_index(tokens, seg, 2), [1, 3])  # pad = eos (2), as transformers
+    assert isinstance(last_token_index(tokens, seg), np.ndarray)
+
+
+def test_bad_margin_is_an_error_naming_the_record():
+    with pytest.raises(UserError, match="pairs.jsonl: record 3: field 'margin' is 'big'"):
+        record_margin({"margin": "big"}, "pairs.jsonl: record 3")
+    assert record_margin({}, "x") == 0.0 and record_margin({"margin": 2}, "x") == 2.0
