@@ -15,7 +15,8 @@ TRL's RewardTrainer (its centering term, Eisenstein et al. 2023, is ``c * mean((
 over the batch). Metrics: ``accuracy`` (r_c > r_r), ``margin`` (r_c - r_r), the mean chosen and
 rejected rewards. Every value is summed per pair; the step divides by the global batch's pairs,
 so gradient accumulation is exact. With LoRA the head is trained in full (peft's
-modules_to_save); the data is the DPO pipeline's (JSONL pairs, templates, chat records).
+modules_to_save); the data is the DPO pipeline's (JSONL pairs, templates, chat records), always
+one padded sequence per row (data.packing does not apply: a reward is read at a row's last token).
 """
 
 from __future__ import annotations
@@ -131,9 +132,6 @@ class RewardModel(pairs.PairObjective):
         if not o.center_rewards_coefficient >= 0:
             raise UserError(f"config key 'objective.center_rewards_coefficient' must be >= 0, got "
                             f"{o.center_rewards_coefficient}")
-        if config.data.get("packing"):
-            raise UserError("config key 'data.packing' is true, but objective.type='reward' reads one sequence per "
-                            "row (its reward is at the row's last token); set data.packing=false")
         if config.peft.method == "prefix":
             raise UserError("config key 'peft.method' is 'prefix': a reward model trains with lora, dora or full "
                             "fine-tuning (its score head is trained in full)")
