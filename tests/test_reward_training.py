@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 TINY = {
     "data.seq_len": 24, "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2,
-    "train.steps": 12, "train.global_batch_size": 8, "train.log_every": 4, "train.checkpoint_every": 100,
+    "train.steps": 8, "train.global_batch_size": 8, "train.log_every": 4, "train.checkpoint_every": 100,
     "train.progress_bar": False, "optim.lr": 3e-3, "optim.warmup_steps": 0, "mesh.rules": "dp",
 }
 
@@ -71,14 +71,20 @@ def test_reward_model_trains_evaluates_and_scores_the_same_in_transformers(files
     assert cli.main(["convert", "--workdir", str(workdir), "--hf_out", str(out)]) == 0
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["architectures"] == ["LlamaForSequenceClassification"]
-    pairs = [reverse_pair(i) for i in range(200, 206)]
+    pairs = [reverse_pair(i) for i in range(200, 216)]  # the held-out pairs
     prompts = [p["prompt"] for p in pairs] * 2
     completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     rewards = reward_fn(str(workdir))
-    ours = np.asarray(rewards(prompts, completions))
+    ours = np.asarray(rewards(prompts, completions, answer=[None] * 32))  # other record fields are ignored
+    # The Python reward function scores what the objective trained and evaluated on ...
+    assert ours[:16].mean() == pytest.approx(summary.eval_after["rewards/chosen"], abs=1e-5)
+    assert ours[16:].mean() == pytest.approx(summary.eval_after["rewards/rejected"], abs=1e-5)
+    # ... and transformers scores the same with the exported model.
     theirs = _hf_scores(out, rewards, prompts, completions)
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
-    assert (ours[:6] > ours[6:]).all()  # it prefers the reversed words
+    assert (ours[:16] > ours[16:]).all()  # it prefers the reversed words
+    with pytest.raises(UserError, match="2 prompts but 1 completions"):
+        rewards(["a", "b"], ["c"])
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ def scorer_setup(tmp_path_factory):
     return pairs, tokenizer, model, {"params": params}
 
 
+@pytest.mark.slow  # the default run checks the same through a trained run (tests/test_reward_training.py)
 def test_rewards_equal_the_training_rows_rewards(scorer_setup):
     pairs, tokenizer, model, variables = scorer_setup
     transform = RewardRows(preference.PreferenceTransform(
@@ -50,6 +51,7 @@ def test_rewards_equal_the_training_rows_rewards(scorer_setup):
     assert np.ptp(trained) > 1e-3
 
 
+@pytest.mark.slow
 def test_rewards_reject_bad_arguments_and_non_reward_models(scorer_setup):
     _, tokenizer, model, variables = scorer_setup
     scorer = RewardScorer(model, variables, tokenizer, seq_len=SEQ_LEN)

@@ -88,6 +88,7 @@ def test_export_loads_as_hf_sequence_classifier_with_equal_scores(tmp_path, fami
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_causal_lm_checkpoint_starts_a_reward_model_with_a_new_head(tmp_path):
     """model.hf_dir on a causal LM + num_labels: decoder weights read, lm_head unused, score new."""
     causal = models.get_config("llama", "tiny")
