@@ -88,15 +88,37 @@ def test_reward_model_trains_evaluates_and_scores_the_same_in_transformers(files
 
 
 @pytest.mark.slow
-def test_lora_reward_model_trains_its_head_and_exports_merged(files, tmp_path):
+def test_lora_reward_model_from_a_causal_lm_exports_merged_and_peft(files, tmp_path):
+    """LoRA on a causal-LM HF dir: the head starts new and trains in full (peft's modules_to_save);
+    the merged export and the PEFT adapters on the causal LM score what reward_fn scores."""
+    import jax
+    import jax.numpy as jnp
+    import peft
+
+    from jaxtune import models, sharding
+    from jaxtune.data.tokenizers import load_tokenizer
+
+    vocab = load_tokenizer(files["tokenizer"]).vocab_size
+    causal = models.get_config("llama", "tiny", vocab_size=vocab, hidden_size=32, intermediate_size=64)
+    params = sharding.unbox(models.build(causal).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    lm_dir = models.save_pretrained(causal, params, tmp_path / "lm")
     workdir = tmp_path / "rm_lora"
-    trainer.train(reward_config(files, "method=lora", **{"train.steps": 6, "data.eval_path": ""}), workdir)
-    out = tmp_path / "merged"
-    assert cli.main(["export", "--workdir", str(workdir), "--merged", str(out)]) == 0
+    trainer.train(reward_config(files, "method=lora", **{"train.steps": 6, "data.eval_path": "",
+                                                         "model.hf_dir": lm_dir}), workdir)
+    merged, adapters = tmp_path / "merged", tmp_path / "peft"
+    assert cli.main(["export", "--workdir", str(workdir), "--merged", str(merged), "--peft", str(adapters)]) == 0
     rewards = reward_fn(str(workdir))
+    assert np.abs(np.asarray(rewards.variables["lora"]["score"]["delta"])).max() > 0  # the head trained
     prompts, completions = ["reverse: a b c ="] * 2, [" c b a", " a b c"]
-    np.testing.assert_allclose(rewards(prompts, completions), _hf_scores(out, rewards, prompts, completions),
-                               atol=1e-4, rtol=0)
+    ours = rewards(prompts, completions)
+    np.testing.assert_allclose(ours, _hf_scores(merged, rewards, prompts, completions), atol=1e-4, rtol=0)
+    assert json.loads((adapters / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(
+        lm_dir, num_labels=1, pad_token_id=rewards.tokenizer.pad_id)
+    with_adapters = peft.PeftModel.from_pretrained(base, str(adapters)).eval()
+    ids = torch.tensor([rewards.tokens(p, c) for p, c in zip(prompts, completions)])
+    with torch.no_grad():
+        np.testing.assert_allclose(ours, with_adapters(ids).logits[:, 0].numpy(), atol=1e-4, rtol=0)
 
 
 def test_bad_reward_settings_are_reported(files):

@@ -161,7 +161,8 @@ def base_params(config: ml_collections.ConfigDict, model_config, setup=None):
     spec = model_config.peft
     if setup is None:
         if config.model.hf_dir:
-            _, base = models.from_pretrained(config.model.hf_dir, dtype=model_config.param_dtype)
+            _, base = models.from_pretrained(config.model.hf_dir, dtype=model_config.param_dtype,
+                                             num_labels=model_config.num_labels)  # a reward model's head
         else:
             plain = base_model(models.build(model_config))
             init = jax.jit(lambda rng: sharding.unbox(plain.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
