@@ -12,7 +12,8 @@ from jaxtune import cli, config as config_lib, trainer
 from jaxtune.data.tokenizers import train_sentencepiece
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
-from jaxtune.scoring import reward_fn
+from jaxtune import generate
+from jaxtune.api import reward_fn
 from tests.helpers import WORDS, reverse_pair, write_preference_jsonl
 
 torch = pytest.importorskip("torch")
@@ -85,6 +86,8 @@ def test_reward_model_trains_evaluates_and_scores_the_same_in_transformers(files
     assert (ours[:16] > ours[16:]).all()  # it prefers the reversed words
     with pytest.raises(UserError, match="2 prompts but 1 completions"):
         rewards(["a", "b"], ["c"])
+    with pytest.raises(UserError, match="reward model .* cannot generate"):
+        generate.generate(rewards.model, rewards.variables, [[5, 6]], max_new_tokens=2)
 
 
 @pytest.mark.slow
