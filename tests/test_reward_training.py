@@ -124,6 +124,16 @@ def test_lora_reward_model_from_a_causal_lm_exports_merged_and_peft(files, tmp_p
         np.testing.assert_allclose(ours, with_adapters(ids).logits[:, 0].numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+def test_reward_model_starts_from_an_sft_run(files, tmp_path):
+    """model.init_from an SFT run (a causal LM): the decoder is read, the head starts from the seed."""
+    sft = reward_config(files, **{"objective.type": "sft", "data.templates": "(('{prompt}', '{chosen}'),)",
+                                  "train.steps": 2, "data.eval_path": ""})
+    trainer.train(sft, tmp_path / "sft")
+    summary = trainer.train(reward_config(files, **{"model.init_from": tmp_path / "sft", "train.steps": 2}), tmp_path / "rm")
+    assert summary.steps == 2 and math.isfinite(summary.metrics["loss"])
+
+
 def test_bad_reward_settings_are_reported(files):
     with pytest.raises(UserError, match="center_rewards_coefficient' must be >= 0"):
         config_lib.validate(reward_config(files, **{"objective.center_rewards_coefficient": -1.0}))
