@@ -14,6 +14,8 @@ are configs/dpo.py's pairs, plus an optional numeric "margin" per pair (the rewa
 chosen completion should win by). objective.center_rewards_coefficient (TRL's, e.g. 0.01) pulls
 rewards towards zero mean. Starting from a causal LM (model.hf_dir or init_from), the decoder
 weights are read and the score head starts from a random init.
+Planned with `jaxtune plan` (per-device memory):
+    jaxtune plan --config configs/reward.py:variant=llama3.2-1b --topology v5p-8   # 9.26 of 95.74 GiB
 """
 
 import importlib.util

@@ -64,6 +64,9 @@ class RewardScorer:
         del fields  # other record fields: not used by a learned reward
         if isinstance(prompts, str) or isinstance(completions, str):
             raise UserError("rewards(prompts, completions): pass lists of strings (one completion per prompt)")
+        if not all(isinstance(x, str) for x in (*prompts, *completions)):
+            raise UserError("rewards(prompts, completions): prompts and completions must be text (chat-message "
+                            "prompts are not supported: render them with the chat template first)")
         if len(prompts) != len(completions):
             raise UserError(f"rewards(prompts, completions): {len(prompts)} prompts but {len(completions)} completions")
         rows = [self.tokens(p, c) for p, c in zip(prompts, completions)]
