@@ -67,3 +67,34 @@ def test_bad_margin_is_an_error_naming_the_record():
     with pytest.raises(UserError, match="pairs.jsonl: record 3: field 'margin' is 'big'"):
         record_margin({"margin": "big"}, "pairs.jsonl: record 3")
     assert record_margin({}, "x") == 0.0 and record_margin({"margin": 2}, "x") == 2.0
+
+
+def test_loss_sums_over_micro_batches_equal_the_global_batch_mean():
+    """Sums + the pair count as weight: two halves add up to the global batch's mean exactly."""
+    from jaxtune import config as config_lib
+    from jaxtune.objectives import base
+    from jaxtune.objectives.reward_model import RewardModel
+
+    config = config_lib.base_config()
+    config.objective.type = "reward"
+    config.objective.center_rewards_coefficient = 0.05
+    objective = RewardModel(config)
+    rng = np.random.default_rng(0)
+    scores = jnp.asarray(rng.normal(size=(8, 5, 1)), jnp.float32)  # [2B, T, 1], B = 4 pairs
+    model = lambda params, tokens, positions, segment_ids, frozen=None, rngs=None: scores[tokens[:, 0]]
+    rows = jnp.broadcast_to(jnp.arange(8).reshape(4, 2, 1), (4, 2, 5))  # row ids pick their scores
+    batch = {"inputs": rows, "positions": rows, "segment_ids": rows, "index": jnp.arange(4),
+             "score_index": jnp.asarray(rng.integers(0, 5, (4, 2))), "margin": jnp.asarray([0.0, 0.5, 0.0, 1.0])}
+    weight = objective.weight(batch)
+    assert float(weight) == 4.0
+    full, full_metrics = base.normalise(*objective.loss(model, None, batch), weight)
+    halves = [base.normalise(*objective.loss(model, None, {k: v[i:i + 2] for k, v in batch.items()}), weight)
+              for i in (0, 2)]
+    np.testing.assert_allclose(halves[0][0] + halves[1][0], full, rtol=1e-6)
+    for key in ("accuracy", "margin", "rewards/chosen"):
+        np.testing.assert_allclose(halves[0][1][key] + halves[1][1][key], full_metrics[key], rtol=1e-6)
+    # the global mean is TRL's formula on the whole batch
+    r = np.asarray(pair_rewards(model, None, batch))
+    trl = np.mean([-_logsig(c - j - m) for (c, j), m in zip(r, [0.0, 0.5, 0.0, 1.0])]) + 0.05 * np.mean(
+        (r[:, 0] + r[:, 1]) ** 2)
+    np.testing.assert_allclose(full, trl, rtol=1e-5)
