@@ -1,12 +1,13 @@
 """jaxtune: JAX-native post-training (SFT, LoRA, preference objectives) for large language models.
 
-The Python API (`jaxtune.load_config`, `train`, `read_metrics`, `load`, `starting_model`, `export`) lives in
+The Python API (`jaxtune.load_config`, `train`, `read_metrics`, `load`, `starting_model`, `export`,
+`reward_fn`) lives in
 `jaxtune.api`; it is imported on first use so `import jaxtune` (and the CLI's error paths) stay light.
 """
 
 __version__ = "0.1.0"
 
-_API = ("load_config", "train", "read_metrics", "load", "starting_model", "export", "Model")
+_API = ("load_config", "train", "read_metrics", "load", "starting_model", "export", "reward_fn", "Model")
 __all__ = list(_API)
 
 

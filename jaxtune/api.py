@@ -6,6 +6,7 @@
     rows = jaxtune.read_metrics("runs/qs")                         # metrics.jsonl as a list of dicts
     model = jaxtune.load("runs/qs")                                # the latest checkpoint
     model.generate(["Give it in uppercase: cat"])
+    rewards = jaxtune.reward_fn("runs/rm")                         # a reward model: rewards(prompts, completions)
 
 Every function takes the same paths as the CLI (local or `gs://...`) and raises
 `jaxtune.errors.UserError` for the mistakes the CLI reports as `jaxtune: error: ...`.
@@ -117,6 +118,15 @@ def starting_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     model_config = state_lib.model_config_from(config, vocab_size=tokenizer.vocab_size).replace(peft=None)
     params = state_lib.base_params(config, model_config)  # the seed's init, as the state builder makes it
     return Model(models.build(model_config), params, tokenizer, config, step=0)
+
+
+def reward_fn(workdir: str | None = None, *, hf_dir: str | None = None, batch_size: int = 16):
+    """A trained reward model as `rewards(prompts, completions, **fields) -> list[float]`: the latest
+    checkpoint of a run with objective.type='reward', or a Hugging Face `*ForSequenceClassification`
+    directory (jaxtune/scoring.py: tokenized and pooled exactly as the reward objective trains)."""
+    from jaxtune import scoring
+
+    return scoring.reward_fn(workdir, hf_dir=hf_dir, batch_size=batch_size)
 
 
 def export(workdir: str, *, peft: str | None = None, merged: str | None = None, dtype: str | None = None,

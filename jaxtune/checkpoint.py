@@ -247,6 +247,12 @@ def restore_params(workdir: str | Path, abstract_params: Any) -> Any:
         ) from None
     finally:
         manager.close()
+    # A partial restore leaves params the checkpoint does not hold as their abstract target.
+    missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(restored["params"])
+               if not isinstance(x, jax.Array)]
+    if missing:
+        raise UserError(f"config key 'model.init_from': the checkpoint at {directory / str(step)} has no "
+                        f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (a different model?)")
     return restored["params"]
 
 

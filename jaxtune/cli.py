@@ -274,11 +274,14 @@ def _export(args) -> int:
 
             validate_hf_dir(config.model.hf_dir, tokenizer=False)
     adapters = state["params"]
+    base = None
+    if args.merged or getattr(model_config, "num_labels", None):  # a reward model's PEFT export writes its head
+        base = state_lib.base_params(config, model_config)  # as training held it, on the host
     if args.peft:
-        export.export_peft(model_config, adapters, args.peft, base_model_name_or_path=config.model.get("hf_dir") or None)
+        export.export_peft(model_config, adapters, args.peft, base_model_name_or_path=config.model.get("hf_dir") or None,
+                           base=base)
         print(f"jaxtune: wrote PEFT adapters (step {step}) to {args.peft}", flush=True)
     if args.merged:
-        base = state_lib.base_params(config, model_config)  # as training held it, on the host
         export.export_merged(model_config, base, adapters, args.merged, dtype=args.dtype,
                              tokenizer_dir=tokenizer_dir, max_shard_size=args.max_shard_size)
         print(f"jaxtune: wrote merged Hugging Face model (step {step}) to {args.merged}", flush=True)

@@ -157,6 +157,9 @@ def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int, pad_id: i
 
 
 def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
+    if getattr(getattr(model, "config", None), "num_labels", None):
+        raise UserError("generate: this model is a reward model (a score head, no LM head) and cannot generate; "
+                        "score texts with jaxtune.reward_fn(workdir)")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise UserError(f"generate: prompt {i} is empty; every prompt needs at least one token")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxtune.errors import UserError
-from jaxtune.models import gemma, gemma2, gemma3, llama, mistral, qwen2, qwen3
+from jaxtune.models import gemma, gemma2, gemma3, hf_mapping, llama, mistral, qwen2, qwen3
 
 
 class Family(NamedTuple):
@@ -33,11 +33,25 @@ class Family(NamedTuple):
 
 
 def _family(module) -> Family:
-    """A family module exposes the same names: config class, VARIANTS, module class, HF hooks."""
+    """A family module exposes the same names: config class, VARIANTS, module class, HF hooks.
+
+    The HF hooks are wrapped with the shared sequence-classification head (hf_mapping): a config
+    with `num_labels` reads and writes its family's `*ForSequenceClassification` checkpoints.
+    """
     config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
     module_cls = next(v for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module) and config_cls.__name__ == k + "Config")
-    return Family(config_cls, module.VARIANTS, module_cls, module.HF_MODEL_TYPES, module.config_from_hf,
-                  module.config_to_hf, module.hf_param_maps)
+
+    def config_from_hf(hf, **overrides):
+        return module.config_from_hf(hf, **{**hf_mapping.head_fields_from_hf(hf), **overrides})
+
+    def config_to_hf(config):
+        return hf_mapping.head_config_to_hf(module.config_to_hf(config), config)
+
+    def hf_param_maps(config):
+        return hf_mapping.head_param_maps(module.hf_param_maps(config), config)
+
+    return Family(config_cls, module.VARIANTS, module_cls, module.HF_MODEL_TYPES, config_from_hf, config_to_hf,
+                  hf_param_maps)
 
 
 FAMILIES: dict[str, Family] = {

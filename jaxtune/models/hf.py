@@ -19,6 +19,7 @@ any `etils.epath` path (local or `gs://`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
@@ -34,8 +35,10 @@ from flax import linen as nn
 
 from jaxtune import sharding as sharding_lib
 from jaxtune.errors import UserError
-from jaxtune.models import hf_mapping, llama
+from jaxtune.models import hf_mapping, layers, llama
 from jaxtune.models.llama import LlamaConfig
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -310,7 +313,8 @@ def check_tensors(ckpt: _Checkpoint, config, abstract: Any | None = None) -> Non
     if abstract is None:
         abstract = sharding_lib.unbox(_abstract_boxed_params(models.build(config)))
     used = set()
-    for m in models.family_of(config).hf_param_maps(config):
+    maps, ignored = _maps_in_checkpoint(ckpt, config)
+    for m in maps:
         shape = tuple(_get(abstract, m.path).shape)
         expected = _hf_slice_shape(m, shape)
         for name in m.hf_names:
@@ -326,7 +330,8 @@ def check_tensors(ckpt: _Checkpoint, config, abstract: Any | None = None) -> Non
                 raise UserError(f"{f.path}: tensor {name!r} has dtype {f.tensors[name]['dtype']}, expected a "
                                 f"floating-point dtype ({', '.join(_FLOAT_DTYPES)})")
             used.add(name)
-    ignored = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if getattr(config, "tie_word_embeddings", False):
+        ignored.add("lm_head.weight")
     leftover = sorted(n for n in ckpt.where if n not in used and n not in ignored and not n.endswith("rotary_emb.inv_freq"))
     if leftover:
         raise UserError(
@@ -335,23 +340,41 @@ def check_tensors(ckpt: _Checkpoint, config, abstract: Any | None = None) -> Non
         )
 
 
-def load_params(path: str | epath.PathLike, config, shardings: Any) -> dict:
+def _new_head(ckpt: _Checkpoint, config) -> bool:
+    """True when `config` has a score head (num_labels) and the checkpoint is a causal LM without
+    one: the head starts from a random init, as transformers' from_pretrained of a causal LM
+    into `*ForSequenceClassification` (TRL's reward trainer) does."""
+    return bool(getattr(config, "num_labels", None)) and hf_mapping.SCORE_TENSOR not in ckpt.where
+
+
+def _maps_in_checkpoint(ckpt: _Checkpoint, config) -> tuple[list[hf_mapping.ParamMap], set[str]]:
+    """The maps to read from `ckpt` and the tensors it may hold unused (a new head's lm_head)."""
+    from jaxtune import models
+
+    maps = models.family_of(config).hf_param_maps(config)
+    if not _new_head(ckpt, config):
+        return maps, set()
+    return [m for m in maps if m.path != hf_mapping.SCORE_PATH], {"lm_head.weight"}
+
+
+def load_params(path: str | epath.PathLike, config, shardings: Any, *, head_seed: int = 0) -> dict:
     """Params of the HF checkpoint in `path`, each built directly in `shardings` (an unboxed tree
     of NamedShardings with the params' structure, e.g. `state_shardings.params`).
 
     Every tensor's presence and shape is checked before any device work; unused tensors are an
-    error too (they would mean a config/checkpoint mismatch).
+    error too (they would mean a config/checkpoint mismatch). A sequence-classification config
+    (num_labels) on a causal-LM checkpoint gets a new score head from `head_seed` (lm_head unused).
     """
     from jaxtune import models
 
     path = epath.Path(path)
-    family = models.family_of(config)
-    maps = family.hf_param_maps(config)
     abstract = sharding_lib.unbox(_abstract_boxed_params(models.build(config)))
     dtype = np.dtype(jnp.dtype(config.param_dtype))
     ckpt = _Checkpoint(path)
     try:
         check_tensors(ckpt, config, abstract)
+        maps, _ = _maps_in_checkpoint(ckpt, config)
+        new_head = _new_head(ckpt, config)
         params: dict = {}
         for m in maps:
             shape = tuple(_get(abstract, m.path).shape)
@@ -382,6 +405,12 @@ def load_params(path: str | epath.PathLike, config, shardings: Any) -> dict:
             array = jax.make_array_from_callback(shape, _get(shardings, m.path), callback)
             cache.clear()
             _set(params, m.path, array)
+        if new_head:
+            log.info("%s is a causal LM: the score head (%d labels) starts from a random init", path, config.num_labels)
+            kernel = _get(abstract, hf_mapping.SCORE_PATH)
+            init = jax.jit(lambda key: layers.default_kernel_init(key, kernel.shape, dtype),
+                           out_shardings=_get(shardings, hf_mapping.SCORE_PATH))
+            _set(params, hf_mapping.SCORE_PATH, init(jax.random.key(head_seed)))
         return params
     finally:
         ckpt.close()

@@ -142,3 +142,48 @@ def state_dict_from_params(maps: Sequence[ParamMap], params: Mapping) -> dict[st
         else:
             out[m.hf_names[0]] = m.to_hf(value)
     return out
+
+
+# ------------------------------------------------------------------ sequence-classification heads
+# A config with `num_labels` is HF's `*ForSequenceClassification` of its family: the same `model.*`
+# tensors, no `lm_head`, a bias-free `score.weight` [num_labels, hidden], and config.json naming
+# that class with `id2label` and the `pad_token_id` that picks the pooled token. The registry
+# (models.FAMILIES) wraps every family's hooks with these, so no family repeats them.
+
+SEQ_CLS_SUFFIX = "ForSequenceClassification"
+SCORE_TENSOR = "score.weight"
+SCORE_PATH = ("score", "kernel")
+# causal-LM class -> its sequence-classification class where the name is not the plain swap.
+_SEQ_CLS_CLASS = {"Gemma3ForCausalLM": "Gemma3TextForSequenceClassification"}
+
+
+def head_param_maps(maps: list[ParamMap], config: Any) -> list[ParamMap]:
+    """The family's maps for `config`: unchanged for a causal LM; with `num_labels`, lm_head
+    swapped for the score head (HF [num_labels, hidden] <-> kernel [hidden, num_labels])."""
+    if not getattr(config, "num_labels", None):
+        return maps
+    return [m for m in maps if m.path != ("lm_head", "kernel")] + [param(SCORE_PATH, SCORE_TENSOR, transpose())]
+
+
+def seq_cls_class(causal_lm_class: str) -> str:
+    """transformers' sequence-classification class of a family (e.g. LlamaForSequenceClassification)."""
+    return _SEQ_CLS_CLASS.get(causal_lm_class, causal_lm_class.removesuffix("ForCausalLM") + SEQ_CLS_SUFFIX)
+
+
+def head_config_to_hf(hf: dict[str, Any], config: Any) -> dict[str, Any]:
+    """config.json of a causal LM turned into its family's sequence classifier when `num_labels` is set."""
+    n = getattr(config, "num_labels", None)
+    if not n:
+        return hf
+    hf = dict(hf, architectures=[seq_cls_class(hf["architectures"][0])], pad_token_id=config.pad_token_id)
+    hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
+    hf["label2id"] = {f"LABEL_{i}": i for i in range(n)}
+    return hf
+
+
+def head_fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """num_labels / pad_token_id of a sequence-classification config.json ({} for a causal LM)."""
+    if not any(str(a).endswith(SEQ_CLS_SUFFIX) for a in hf.get("architectures") or ()):
+        return {}
+    n = hf.get("num_labels") or len(hf.get("id2label") or {"0": "LABEL_0"})
+    return {"num_labels": int(n), "pad_token_id": hf.get("pad_token_id")}

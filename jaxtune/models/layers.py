@@ -444,6 +444,50 @@ def stack_layers(
     )
 
 
+# ----------------------------------------------------------------------------- sequence scores
+
+
+def last_token_index(inputs: Array, segment_ids: Array | None = None, pad_token_id: int | None = None) -> Array:
+    """inputs[..., T] -> [...]: the rightmost position that is not padding (0 when every position is).
+
+    The rule of transformers' `*ForSequenceClassification`: the rightmost token != pad_token_id,
+    so left and right padding both work and a trailing token equal to the pad id (pad = eos) is
+    skipped exactly as there; segment id 0 (the batch contract's padding) is padding too.
+    """
+    xp = np if isinstance(inputs, np.ndarray) else jnp  # numpy in host data pipelines, jax in models
+    keep = xp.ones(inputs.shape, bool) if segment_ids is None else segment_ids > 0
+    if pad_token_id is not None:
+        keep = keep & (inputs != pad_token_id)
+    positions = xp.broadcast_to(xp.arange(inputs.shape[-1]), inputs.shape)
+    return xp.argmax(xp.where(keep, positions, -1), axis=-1)
+
+
+class ScoreHead(nn.Module):
+    """hidden[..., embed] -> scores[..., num_labels]: HF `*ForSequenceClassification`'s bias-free `score`.
+
+    With PEFT (`adapted`) the head is fully trainable, as peft's `modules_to_save` makes it for
+    sequence classification: a zero-initialised `delta` in the adapters' collection is added to
+    the frozen kernel, so the model without adapters is still exactly the base model, training
+    moves the whole head, and merging is kernel + delta (peft/lora.merge).
+    """
+
+    num_labels: int
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    adapted: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape, axes = (x.shape[-1], self.num_labels), ("embed", None)
+        kernel = self.param("kernel", nn.with_logical_partitioning(default_kernel_init, axes), shape, self.param_dtype)
+        if self.adapted and (self.is_initializing() or self.has_variable(lora_lib.COLLECTION, lora_lib.HEAD_DELTA)):
+            init = nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+            delta = self.variable(lora_lib.COLLECTION, lora_lib.HEAD_DELTA,
+                                  lambda: init(self.make_rng("params"), shape, self.param_dtype)).value
+            kernel = kernel.astype(jnp.float32) + delta.astype(jnp.float32)
+        return matmul.linear(x.astype(self.dtype), kernel.astype(self.dtype), 1)
+
+
 # ----------------------------------------------------------------------------- the decoder LM
 
 
@@ -460,6 +504,11 @@ class CausalLM(nn.Module):
     A family sets `decoder_layer` (its scanned block) and overrides the hooks `embed_tokens`
     (e.g. Gemma's sqrt(hidden) scale) and `layer_inputs` (per-layer scanned inputs such as
     Gemma's sliding-window flags); `final_norm_unit_offset` picks Gemma's (1 + w) norm.
+
+    Sequence classification (`config.num_labels` set; a reward model is num_labels=1, HF's
+    `*ForSequenceClassification`): a `score` head replaces the LM head, `__call__` returns
+    per-token scores [B,T,num_labels] (HF's pre-pooling logits) and `sequence_scores` the scores
+    at each row's last non-padding token [B,num_labels] (`last_token_index`).
     """
 
     config: Any
@@ -474,7 +523,9 @@ class CausalLM(nn.Module):
         in_axes = (nn.broadcast, nn.broadcast, *extra_axes) if extra_axes else nn.broadcast
         self.layers = stack_layers(self.decoder_layer, cfg.num_layers, cfg.remat_policy, in_axes)(cfg, name="layers")
         self.final_norm = RMSNorm(cfg.rms_norm_eps, unit_offset=self.final_norm_unit_offset, name="final_norm", **kw)
-        if not cfg.tie_word_embeddings:
+        if cfg.num_labels:
+            self.score = ScoreHead(cfg.num_labels, adapted=cfg.peft is not None, name="score", **kw)
+        elif not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)
 
     def embed_tokens(self, inputs: Array) -> Array:
@@ -500,4 +551,14 @@ class CausalLM(nn.Module):
         return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
 
     def __call__(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
-        return self.logits_from_hidden(self.hidden_states(inputs, positions=positions, segment_ids=segment_ids))
+        hidden = self.hidden_states(inputs, positions=positions, segment_ids=segment_ids)
+        return self.score(hidden) if self.config.num_labels else self.logits_from_hidden(hidden)
+
+    def sequence_scores(self, inputs: Array, *, positions: Array | None = None,
+                        segment_ids: Array | None = None) -> Array:
+        """inputs[B,T] -> scores[B,num_labels] at each row's last non-padding token, in float32
+        (one sequence per row; the pooled hidden state is taken before the head, which is linear)."""
+        hidden = self.hidden_states(inputs, positions=positions, segment_ids=segment_ids)
+        index = last_token_index(inputs, segment_ids, self.config.pad_token_id)
+        pooled = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+        return self.score(pooled).astype(jnp.float32)

@@ -42,6 +42,10 @@ class LlamaConfig:
     remat_policy: str = "none"  # a key of layers.REMAT_POLICIES
     attention: str = "auto"  # models/attention.py: "auto" | "splash" | "blockwise" | "cudnn" | "reference"
     peft: Any = None  # a peft.lora.LoraSpec: adapters on its target projections (None: none)
+    # Sequence classification / reward model (HF *ForSequenceClassification): a `score` head with
+    # num_labels outputs replaces the LM head; pad_token_id picks the pooled (last non-pad) token.
+    num_labels: int | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -54,6 +58,8 @@ class LlamaConfig:
                 f"LlamaConfig: hidden_size ({self.hidden_size}) is not divisible by num_heads "
                 f"({self.num_heads}); set head_dim explicitly."
             )
+        if self.num_labels is not None and self.num_labels < 1:
+            raise UserError(f"{type(self).__name__}: num_labels={self.num_labels}, expected >= 1 or None (a causal LM).")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise UserError(

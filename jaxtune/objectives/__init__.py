@@ -1,8 +1,9 @@
 """Objectives: plug-ins the trainer runs without naming them (interface and registry: base.py).
 
 Each objective module registers an `Objective` subclass: `sft` (sft.py), `dpo` (preference.py:
-the paired preference losses, SimPO, ORPO and paired KTO as loss_type `kto_pair`) and `kto`
-(kto.py: unpaired KTO). Old spellings still load: `objective.type='preference'` is `dpo` and
+the paired preference losses, SimPO, ORPO and paired KTO as loss_type `kto_pair`), `kto`
+(kto.py: unpaired KTO) and `reward` (reward_model.py: Bradley-Terry reward models with a scalar
+head, `bradley_terry_loss`). Old spellings still load: `objective.type='preference'` is `dpo` and
 `loss_type='kto'` is `kto_pair`. The loss math is pure float32 functions of arrays
 (`sft_loss_from_stats`, `preference_loss`, `kto_loss`); log-probs come from logprobs.py.
 

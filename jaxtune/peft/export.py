@@ -39,6 +39,24 @@ def _hf_modules(model_config, path: tuple[str, ...]) -> tuple[str, ...]:
     raise UserError(f"no Hugging Face tensor for adapted projection {'/'.join(path)}")
 
 
+def head_state_dict(model_config, adapters: Mapping, base: Mapping | None) -> dict[str, np.ndarray]:
+    """A reward model's fully trained score head (base kernel + delta) as PEFT saves a
+    `modules_to_save` module: `base_model.model.score.weight`, the whole HF weight."""
+    deltas = list(lora.head_deltas(adapters))
+    if not deltas:
+        return {}
+    if base is None:
+        raise UserError("export --peft: this run trains its score head in full (a reward model); the export needs "
+                        "the base weights to write it")
+    maps = {m.path: m for m in models.family_of(model_config).hf_param_maps(model_config)}
+    out = {}
+    for path, delta in deltas:
+        m = maps[(*path, "kernel")]
+        kernel = np.asarray(jax.device_get(lora._get(base, (*path, "kernel"))), np.float32)
+        out[_PREFIX + m.hf_names[0]] = m.to_hf(kernel + np.asarray(jax.device_get(delta), np.float32))
+    return out
+
+
 def peft_state_dict(model_config, adapters: Mapping) -> dict[str, np.ndarray]:
     """PEFT tensor name -> float32 array, in PEFT's layouts (stacked layers split out)."""
     out = {}
@@ -54,11 +72,15 @@ def peft_state_dict(model_config, adapters: Mapping) -> dict[str, np.ndarray]:
     return dict(sorted(out.items()))
 
 
-def adapter_config(spec: lora.LoraSpec, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-    """The adapter_config.json fields PEFT's LoraConfig reads (everything else takes its default)."""
+def adapter_config(spec: lora.LoraSpec, base_model_name_or_path: str | None = None, *,
+                   seq_cls: bool = False) -> dict[str, Any]:
+    """The adapter_config.json fields PEFT's LoraConfig reads (everything else takes its default).
+    `seq_cls`: a reward model, whose `score` head is saved whole (modules_to_save)."""
+    extra = {"modules_to_save": ["score"]} if seq_cls else {}
     return {
+        **extra,
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": spec.rank,
         "lora_alpha": spec.alpha,
@@ -103,8 +125,10 @@ def prefix_adapter_config(model_config, base_model_name_or_path: str | None = No
     }
 
 
-def export_peft(model_config, adapters: Mapping, out_dir: str | epath.PathLike, *, base_model_name_or_path: str | None = None) -> epath.Path:
-    """Writes a PEFT adapter directory for the adapters of `model_config.peft`."""
+def export_peft(model_config, adapters: Mapping, out_dir: str | epath.PathLike, *, base_model_name_or_path: str | None = None,
+                base: Mapping | None = None) -> epath.Path:
+    """Writes a PEFT adapter directory for the adapters of `model_config.peft` (`base`: the frozen
+    base weights, needed only by a reward model's score head)."""
     if model_config.peft is None:
         raise UserError("export --peft: this run has no adapters (peft.method is 'none'); use --merged or convert")
     out = epath.Path(out_dir)
@@ -112,13 +136,14 @@ def export_peft(model_config, adapters: Mapping, out_dir: str | epath.PathLike, 
     if is_prefix:
         tensors = {"prompt_embeddings": prompt_embeddings(model_config, adapters)}
     else:
-        tensors = peft_state_dict(model_config, adapters)
+        tensors = {**peft_state_dict(model_config, adapters), **head_state_dict(model_config, adapters, base)}
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         if is_prefix:
             config = prefix_adapter_config(model_config, base_model_name_or_path)
         else:
-            config = adapter_config(model_config.peft, base_model_name_or_path)
+            config = adapter_config(model_config.peft, base_model_name_or_path,
+                                    seq_cls=bool(getattr(model_config, "num_labels", None)))
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         hf.write_safetensors(out / WEIGHTS_FILE, tensors)
     return out

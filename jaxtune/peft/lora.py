@@ -30,6 +30,8 @@ from jaxtune.errors import UserError
 from jaxtune.peft import quant
 
 COLLECTION = "lora"
+# A fully trained head under PEFT (layers.ScoreHead; peft's modules_to_save): kernel + delta.
+HEAD_DELTA = "delta"
 # Short target names (config) -> projection module names (also the HF / PEFT module names).
 TARGETS = {
     "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -246,7 +248,20 @@ def merge(base: Mapping, adapters: Mapping, spec: LoraSpec, *, lead: int = 1, dt
             mag = jnp.expand_dims(site["magnitude"].astype(jnp.float32), axes)
             w = w * (mag / norm)
         _get(merged, path)["kernel"] = w.astype(out_dtype)
+    for path, delta in head_deltas(adapters):  # fully trained heads (layers.ScoreHead)
+        old = _get(base, (*path, "kernel"))
+        w = old.astype(jnp.float32) + delta.astype(jnp.float32)
+        _get(merged, path)["kernel"] = w.astype(dtype or old.dtype)
     return merged
+
+
+def head_deltas(adapters: Mapping, path=()):
+    """(path, delta) for every fully trained head (a `HEAD_DELTA` leaf beside no lora_a)."""
+    for key, value in adapters.items():
+        if key == HEAD_DELTA and "lora_a" not in adapters:
+            yield path, value
+        elif isinstance(value, Mapping):
+            yield from head_deltas(value, (*path, key))
 
 
 def base_apply(model: nn.Module, base: Mapping, tokens, **kwargs):

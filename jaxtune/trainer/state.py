@@ -29,6 +29,7 @@ import optax
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import models, sharding
+from jaxtune.errors import UserError
 from jaxtune.peft import lora, prefix, quant
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,8 @@ def base_params(config: ml_collections.ConfigDict, model_config, setup=None):
     spec = model_config.peft
     if setup is None:
         if config.model.hf_dir:
-            _, base = models.from_pretrained(config.model.hf_dir, dtype=model_config.param_dtype)
+            _, base = models.from_pretrained(config.model.hf_dir, dtype=model_config.param_dtype,
+                                             num_labels=model_config.num_labels)  # a reward model's head
         else:
             plain = base_model(models.build(model_config))
             init = jax.jit(lambda rng: sharding.unbox(plain.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
@@ -190,8 +192,21 @@ def start_weights(config: ml_collections.ConfigDict, setup) -> Any:
         return models.load_params(config.model.hf_dir, model_config, shardings.params)
     if config.model.init_from:
         target = checkpoint_lib.abstract_with_shardings(setup.abstract_state.params, shardings.params)
-        return checkpoint_lib.restore_params(config.model.init_from, target)
+        return _restore_init_from(config, setup, target)
     return setup.init_state(jax.random.key(config.seed)).params
+
+
+def _restore_init_from(config: ml_collections.ConfigDict, setup, target) -> Any:
+    """model.init_from's params; a reward model started from a causal-LM run (a checkpoint without
+    the score head) takes the decoder from it and the head from the seed's init."""
+    try:
+        return checkpoint_lib.restore_params(config.model.init_from, target)
+    except UserError:
+        if not getattr(setup.model_config, "num_labels", None) or "score" not in target:
+            raise
+    decoder = checkpoint_lib.restore_params(config.model.init_from, {k: v for k, v in target.items() if k != "score"})
+    head = jax.jit(lambda rng: setup.init_state(rng).params["score"], out_shardings=setup.state_shardings.params["score"])
+    return {**decoder, "score": head(jax.random.key(config.seed))}
 
 
 def state_from_params(params, tx: optax.GradientTransformation, state_shardings) -> TrainState:
