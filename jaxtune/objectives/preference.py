@@ -40,6 +40,10 @@ completion's length-normalised NLL (ORPO already has it with weight 1).
 Rewards (metrics): ``b (c - c0)`` / ``b (r - r0)`` for reference-based losses (with the
 length-averaged logps for ipo and dpo_norm), ``b avg c`` / ``b avg r`` for simpo and orpo (as
 TRL's CPO/ORPO trainers). ``logps/*`` are always the summed log-probs.
+
+``valid`` (optional bool [B]) marks the real pairs of a batch with empty slots (packed pairs have a
+fixed number of pair slots per row): batch means (metrics, KTO reference points) run over the
+real pairs only, and an empty slot's loss is 0 with no gradient. Without it every pair counts.
 """
 
 from __future__ import annotations
@@ -87,16 +91,30 @@ def _average(logps: jax.Array, lengths: jax.Array | None, loss_type: str, which:
     return logps / jnp.maximum(lengths.astype(jnp.float32), 1.0)
 
 
-def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, jax.Array]:
+def _mean(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """Batch mean, over the real pairs only when `valid` is given."""
+    if valid is None:
+        return jnp.mean(x)
+    return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+
+def _fill_empty(x: jax.Array | None, valid: jax.Array | None, fill: float) -> jax.Array | None:
+    """Empty pair slots get a harmless constant (no log(0) in ORPO's odds, no gradient to the slot)."""
+    if x is None or valid is None:
+        return x
+    return jnp.where(valid, x, jnp.asarray(fill, x.dtype))
+
+
+def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, valid=None) -> dict[str, jax.Array]:
     chosen_rewards = jax.lax.stop_gradient(chosen_rewards)
     rejected_rewards = jax.lax.stop_gradient(rejected_rewards)
     return {
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "logps/chosen": jnp.mean(jax.lax.stop_gradient(chosen_logps)),
-        "logps/rejected": jnp.mean(jax.lax.stop_gradient(rejected_logps)),
+        "rewards/chosen": _mean(chosen_rewards, valid),
+        "rewards/rejected": _mean(rejected_rewards, valid),
+        "rewards/accuracies": _mean((chosen_rewards > rejected_rewards).astype(jnp.float32), valid),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards, valid),
+        "logps/chosen": _mean(jax.lax.stop_gradient(chosen_logps), valid),
+        "logps/rejected": _mean(jax.lax.stop_gradient(rejected_logps), valid),
     }
 
 
@@ -110,12 +128,14 @@ def preference_loss(
     chosen_lengths: jax.Array | None = None,
     rejected_lengths: jax.Array | None = None,
     beta: float | None = None,
+    valid: jax.Array | None = None,
     **hparams,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(per-pair loss [B], metrics) for `loss_type`; see the module docstring for each formula.
 
     hparams: label_smoothing (sigmoid/robust/dpo_norm/simpo), gamma (simpo), desirable_weight /
     undesirable_weight (kto), sft_weight (RPO NLL term on chosen; any type). None = default.
+    `valid`: bool [B], the real pairs (module docstring); empty slots lose 0.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown preference loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
@@ -125,9 +145,14 @@ def preference_loss(
     h = {k: v for k, v in hparams.items() if v is not None}
     beta = DEFAULT_BETA[loss_type] if beta is None else beta
     ls = float(h.get("label_smoothing", 0.0))
-    c, r = chosen_logps.astype(jnp.float32), rejected_logps.astype(jnp.float32)
     if loss_type not in REFERENCE_FREE and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"loss_type {loss_type!r} needs reference log-probs (ref_chosen_logps, ref_rejected_logps)")
+    if valid is not None:
+        valid = valid.astype(bool)
+        chosen_logps, rejected_logps = _fill_empty(chosen_logps, valid, -1.0), _fill_empty(rejected_logps, valid, -2.0)
+        ref_chosen_logps, ref_rejected_logps = _fill_empty(ref_chosen_logps, valid, -1.0), _fill_empty(ref_rejected_logps, valid, -2.0)
+        chosen_lengths, rejected_lengths = _fill_empty(chosen_lengths, valid, 1.0), _fill_empty(rejected_lengths, valid, 1.0)
+    c, r = chosen_logps.astype(jnp.float32), rejected_logps.astype(jnp.float32)
     if loss_type in LENGTH_NORMALISED or h.get("sft_weight"):
         avg_c = _average(c, chosen_lengths, loss_type, "chosen")
     if loss_type in LENGTH_NORMALISED:
@@ -143,9 +168,9 @@ def preference_loss(
             log_odds = (avg_c - avg_r) - (_log1m_exp(avg_c) - _log1m_exp(avg_r))
             nll = -avg_c
             losses = nll - beta * jax.nn.log_sigmoid(log_odds)
-            extra = {"nll_loss": jnp.mean(jax.lax.stop_gradient(nll)),
-                     "log_odds_ratio": jnp.mean(jax.lax.stop_gradient(jax.nn.log_sigmoid(log_odds))),
-                     "log_odds_chosen": jnp.mean(jax.lax.stop_gradient(log_odds))}
+            extra = {"nll_loss": _mean(jax.lax.stop_gradient(nll), valid),
+                     "log_odds_ratio": _mean(jax.lax.stop_gradient(jax.nn.log_sigmoid(log_odds)), valid),
+                     "log_odds_chosen": _mean(jax.lax.stop_gradient(log_odds), valid)}
     else:
         c0, r0 = ref_chosen_logps.astype(jnp.float32), ref_rejected_logps.astype(jnp.float32)
         c0, r0 = jax.lax.stop_gradient(c0), jax.lax.stop_gradient(r0)
@@ -168,8 +193,8 @@ def preference_loss(
             losses = jnp.square(logits - 1.0 / (2.0 * beta))
         else:  # kto (paired): each side's reference point is the batch's mean log-ratio of the other
             w_d, w_u = float(h.get("desirable_weight", 1.0)), float(h.get("undesirable_weight", 1.0))
-            kl_chosen = jax.lax.stop_gradient(jnp.maximum(jnp.mean(chosen_logratio), 0.0))
-            kl_rejected = jax.lax.stop_gradient(jnp.maximum(jnp.mean(rejected_logratio), 0.0))
+            kl_chosen = jax.lax.stop_gradient(jnp.maximum(_mean(chosen_logratio, valid), 0.0))
+            kl_rejected = jax.lax.stop_gradient(jnp.maximum(_mean(rejected_logratio, valid), 0.0))
             losses = 0.5 * (w_d * (1.0 - jax.nn.sigmoid(beta * (chosen_logratio - kl_rejected)))
                             + w_u * (1.0 - jax.nn.sigmoid(beta * (kl_chosen - rejected_logratio))))
             extra = {"kl": kl_chosen}
@@ -177,8 +202,11 @@ def preference_loss(
     sft_weight = float(h.get("sft_weight", 0.0))
     if sft_weight:
         losses = losses + sft_weight * (-avg_c)
-    metrics = _metrics(chosen_rewards, rejected_rewards, chosen_logps.astype(jnp.float32), rejected_logps.astype(jnp.float32))
+    metrics = _metrics(chosen_rewards, rejected_rewards, chosen_logps.astype(jnp.float32),
+                       rejected_logps.astype(jnp.float32), valid)
     metrics.update(extra)
+    if valid is not None:
+        losses = jnp.where(valid, losses, 0.0)
     return losses, metrics
 
 
@@ -192,16 +220,18 @@ def kto_loss(
     beta: float | None = None,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    valid: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Unpaired KTO: (per-example loss [B], metrics) from (prompt, completion, label) examples.
 
     `kl_logps`/`ref_kl_logps` score each prompt with a mismatched completion; their mean
     log-ratio (clamped at 0, no gradient) is the reference point z of the KTO value function.
     Reward metrics are means over the desirable (chosen) / undesirable (rejected) examples.
+    `valid`: bool [B], the real examples (module docstring); empty slots lose 0 and count nowhere.
     """
     beta = DEFAULT_BETA["kto"] if beta is None else beta
     logps, ref_logps = logps.astype(jnp.float32), jax.lax.stop_gradient(ref_logps.astype(jnp.float32))
-    kl = jnp.mean(kl_logps.astype(jnp.float32) - ref_kl_logps.astype(jnp.float32))
+    kl = _mean(kl_logps.astype(jnp.float32) - ref_kl_logps.astype(jnp.float32), None if valid is None else valid.astype(bool))
     kl = jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
     logratio = logps - ref_logps
     good = desirable.astype(bool)
@@ -210,16 +240,22 @@ def kto_loss(
         desirable_weight * (1.0 - jax.nn.sigmoid(beta * (logratio - kl))),
         undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (kl - logratio))),
     )
+    if valid is not None:  # an empty slot is neither desirable nor undesirable
+        valid = valid.astype(bool)
+        losses = jnp.where(valid, losses, 0.0)
+        good, bad = good & valid, ~good & valid
+    else:
+        bad = ~good
     rewards = jax.lax.stop_gradient(beta * logratio)
     n_good = jnp.maximum(jnp.sum(good), 1)
-    n_bad = jnp.maximum(jnp.sum(~good), 1)
+    n_bad = jnp.maximum(jnp.sum(bad), 1)
     detached = jax.lax.stop_gradient(logps)
     metrics = {
         "kl": kl,
         "rewards/chosen": jnp.sum(jnp.where(good, rewards, 0.0)) / n_good,
-        "rewards/rejected": jnp.sum(jnp.where(good, 0.0, rewards)) / n_bad,
+        "rewards/rejected": jnp.sum(jnp.where(bad, rewards, 0.0)) / n_bad,
         "logps/chosen": jnp.sum(jnp.where(good, detached, 0.0)) / n_good,
-        "logps/rejected": jnp.sum(jnp.where(good, 0.0, detached)) / n_bad,
+        "logps/rejected": jnp.sum(jnp.where(bad, detached, 0.0)) / n_bad,
     }
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return losses, metrics
