@@ -341,3 +341,33 @@ def preference_train_dataset(data: PreferenceData, cfg: ml_collections.ConfigDic
         process_index=process_index, process_count=process_count, worker_count=cfg.worker_count,
         read_threads=cfg.read_threads, prefetch=cfg.prefetch)
     return it, PairStats(transforms, stats)
+
+
+@dataclasses.dataclass
+class PairEvalSet:
+    """Held-out pairs, rendered and tokenized as training pairs (padded [N, 2, T], source order)."""
+
+    name: str  # "" for data.eval_path (metrics eval/loss, eval/rewards/...), the task name for eval.tasks
+    arrays: dict[str, Any]
+    dropped: int = 0  # pairs the truncation policy removed
+
+
+def preference_eval_sets(data: PreferenceData, cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict | None,
+                         *, seed: int, unpaired: bool) -> list[PairEvalSet]:
+    """data.eval_path and eval.tasks (metric='preference'), each as one PairEvalSet (its first
+    `max_examples` records for an eval task; 0 = all)."""
+    import numpy as np
+
+    limits = {name: t.max_examples for name, t in (eval_cfg.tasks.items() if eval_cfg is not None else ())}
+    out = []
+    for task, transform in zip(data.eval_tasks, pair_transforms(data, data.eval_tasks, cfg, seed=seed, unpaired=unpaired)):
+        keys = preference.batch_keys(transform)
+        count = len(task.records) if not limits.get(task.name) else min(limits[task.name], len(task.records))
+        rows = [transform(i, {**task.records[i], "_index": i}) for i in range(count)]
+        kept = [r for r in rows if r is not None]
+        where = "data.eval_path" if task.name == DEFAULT_TASK else f"eval.tasks.{task.name}"
+        if not kept:
+            raise UserError(f"config key '{where}': no pair fits data.seq_len={cfg.seq_len} (all {count} dropped)")
+        arrays = {k: np.stack([r[k] for r in kept]) for k in keys}
+        out.append(PairEvalSet("" if task.name == DEFAULT_TASK else task.name, arrays, dropped=len(rows) - len(kept)))
+    return out
