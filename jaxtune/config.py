@@ -593,6 +593,9 @@ def _validate_objective(config: ml_collections.ConfigDict) -> None:
     if lora and config.model.init_from:
         raise UserError("config key 'model.init_from' is not supported with LoRA yet; export the SFT model "
                         "(jaxtune export) and start from it with model.hf_dir")
+    if o.reference == "precomputed" and len(config.data.tasks) > 1:
+        raise UserError("config key 'objective.reference' is 'precomputed', which scores one pair source "
+                        "(data.train_path or a single data.tasks entry); with several data.tasks use 'auto' or 'copy'")
     if not reference_free and o.reference == "none":
         kind = "kto" if o.type == "kto" else f"loss_type {o.loss_type!r}"
         raise UserError(f"config key 'objective.reference' is 'none', but {kind} needs a reference model; use auto, copy or precomputed")

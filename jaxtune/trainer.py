@@ -27,11 +27,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
 from jaxtune import distributed, evaluate, metrics as metrics_lib, models, nonfinite, optim, paths, reference, sharding
-from jaxtune.data import datasets, pipeline, preference
+from jaxtune.data import datasets, pair_packing, pipeline, preference
 from jaxtune.errors import UserError
 from jaxtune.models import hf_check
 from jaxtune.objectives import (TokenStats, kto_loss, masked_sequence_sums, model_token_stats, preference_loss,
                                 sft_loss_from_stats, token_stats)
+from jaxtune.objectives import segments
 from jaxtune.objectives.logprobs import DEFAULT_CHUNK as DEFAULT_LOGITS_CHUNK
 from jaxtune.peft import lora, prefix, quant
 
@@ -253,10 +254,9 @@ def pair_scores(apply_fn: Callable, params, batch: dict[str, jax.Array], frozen=
 
     The pair axis is folded into the batch axis next to its pair, so sharding B keeps a pair on one device.
     """
-    rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in pipeline.BATCH_KEYS}
-    stats = token_stats_of(apply_fn, params, rows, frozen=frozen, rngs=rngs)
-    logps, lengths = masked_sequence_sums(stats.logp, rows["loss_mask"])
-    return logps.reshape(-1, 2), lengths.reshape(-1, 2)
+    logps, lengths, _ = segments.pair_logps(
+        lambda rows: token_stats_of(apply_fn, params, rows, frozen=frozen, rngs=rngs), batch, pipeline.BATCH_KEYS)
+    return logps, lengths
 
 
 def make_loss_fn(apply_fn: Callable, *, z_loss: float, objective=None, reference_kind: str = "none") -> Callable:
@@ -282,17 +282,19 @@ def make_loss_fn(apply_fn: Callable, *, z_loss: float, objective=None, reference
         if reference_kind == "base":
             return jax.lax.stop_gradient(pair_scores(apply_fn, frozen, batch)[0])
         if reference_kind == "precomputed":
-            return jnp.stack([batch[k] for k in preference.REF_KEYS], axis=-1)
-        return jnp.zeros(batch[preference.INDEX_KEY].shape + (2,), jnp.float32)  # reference-free losses
+            return jnp.stack([segments.per_pair(batch, k) for k in preference.REF_KEYS], axis=-1)
+        return jnp.zeros(segments.per_pair(batch, preference.INDEX_KEY).shape + (2,), jnp.float32)  # reference-free
 
     def preference_loss_fn(params, batch, normalizer, frozen=None, rng=None, ref_params=None):
         rngs = None if rng is None else {"dropout": rng}
         logps, lengths = pair_scores(apply_fn, params, batch, frozen=frozen, rngs=rngs)
         ref = reference_logps(batch, frozen, ref_params)
+        valid = batch[segments.PAIR_MASK_KEY].reshape(-1) > 0 if segments.is_packed(batch) else None
         if objective.type == "kto":
             losses, metrics = kto_loss(
-                logps[:, 0], ref[:, 0], batch[preference.LABEL_KEY], logps[:, 1], ref[:, 1], beta=objective.beta,
-                desirable_weight=objective.desirable_weight, undesirable_weight=objective.undesirable_weight,
+                logps[:, 0], ref[:, 0], segments.per_pair(batch, preference.LABEL_KEY), logps[:, 1], ref[:, 1],
+                beta=objective.beta, desirable_weight=objective.desirable_weight,
+                undesirable_weight=objective.undesirable_weight, valid=valid,
             )
         else:
             losses, metrics = preference_loss(
@@ -300,9 +302,9 @@ def make_loss_fn(apply_fn: Callable, *, z_loss: float, objective=None, reference
                 chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1], beta=objective.beta,
                 label_smoothing=objective.label_smoothing, gamma=objective.gamma,
                 desirable_weight=objective.desirable_weight, undesirable_weight=objective.undesirable_weight,
-                sft_weight=objective.sft_weight,
+                sft_weight=objective.sft_weight, valid=valid,
             )
-        share = losses.shape[0] / normalizer  # this micro-batch's share of the global batch
+        share = segments.pair_count(batch) / normalizer  # this micro-batch's share of the global batch
         loss = jnp.sum(losses) / normalizer
         return loss, dict({k: v * share for k, v in metrics.items()}, loss=loss)
 
@@ -328,7 +330,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict[str, jax.Array], ref_params=None):
         # Normalise by the trained tokens (pairs) of the whole global batch, so accumulation is exact.
         if pairs:
-            normalizer = jnp.asarray(batch["inputs"].shape[0], jnp.float32)
+            normalizer = jnp.maximum(segments.pair_count(batch), 1.0)
         else:
             normalizer = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         dropout_key = jax.random.fold_in(jax.random.key(seed), 0x1d0)  # traced: no eager array
@@ -453,12 +455,18 @@ def batch_shapes(config: ml_collections.ConfigDict, mesh) -> dict[str, jax.Shape
 
     if config.objective.type == "sft":
         return {k: spec((batch, seq_len)) for k in pipeline.BATCH_KEYS}
-    shapes = {k: spec((batch, 2, seq_len)) for k in pipeline.BATCH_KEYS}
-    shapes[preference.INDEX_KEY] = spec((batch,))
+    if config.data.packing:  # packed pairs: rows of two padded rows' room, [rows, max_pairs] pair slots
+        pair = (batch, config.data.max_pairs_per_row)
+        shapes = {k: spec((batch, pair_packing.row_length(seq_len))) for k in pipeline.BATCH_KEYS}
+        shapes[pair_packing.PAIR_MASK_KEY] = spec(pair)
+    else:
+        pair = (batch,)
+        shapes = {k: spec((batch, 2, seq_len)) for k in pipeline.BATCH_KEYS}
+    shapes[preference.INDEX_KEY] = spec(pair)
     if config.objective.type == "kto":
-        shapes[preference.LABEL_KEY] = spec((batch,))
+        shapes[preference.LABEL_KEY] = spec(pair)
     if config_lib.resolved_reference(config) == "precomputed":
-        shapes.update({k: spec((batch,), jnp.float32) for k in preference.REF_KEYS})
+        shapes.update({k: spec(pair, jnp.float32) for k in preference.REF_KEYS})
     return shapes
 
 
@@ -570,14 +578,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             return initial_params(config, model_config, abstract_state, state_shardings, init_state, mesh, rule_table)
 
         if reference_kind == "precomputed":  # before the data iterator exists: batches carry the result
-            data_stats.ref_logps = reference.precompute(
+            padded = batch_shapes(_padded(config), mesh)  # the reference pass scores padded pairs
+            data_stats.transform.ref_logps = reference.precompute(
                 jax.jit(lambda p, b: pair_scores(apply_fn, p, b)[0], out_shardings=replicated), start_params,
-                data.train_source, data_stats, workdir, batch_size=config.train.global_batch_size,
-                put=lambda b: {k: jax.device_put(v, batch_sharding[k]) for k, v in b.items()},
+                data.train_source, data_stats.transform, workdir, batch_size=config.train.global_batch_size,
+                put=lambda b: {k: jax.device_put(v, padded[k].sharding) for k, v in b.items()},
                 fingerprint=_reference_fingerprint(config, model_config, len(data.train_source)),
             )
-        if pairs and preference.batch_keys(data_stats) != batch_keys:  # the shapes train_step was built for
-            raise AssertionError(f"preference batches carry {preference.batch_keys(data_stats)}, expected {batch_keys}")
+        if pairs:  # the keys train_step was built for
+            keys = preference.batch_keys(data_stats.transform)
+            if config.data.packing:
+                keys = pair_packing.packed_keys(keys[len(pipeline.BATCH_KEYS):])
+            if set(keys) != set(batch_keys):
+                raise AssertionError(f"preference batches carry {keys}, expected {batch_keys}")
         data_iter = iter(dataset)
 
         saved_state = checkpoint_lib.abstract_with_shardings(abstract_state.replace(frozen=None),
@@ -724,12 +737,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                 print(f"jaxtune: held-out {name} {_headline(eval_before)[1]} before -> {value} after training", flush=True)
             else:
                 print(f"jaxtune: held-out {name} after training: {value}", flush=True)
-    if pairs and data_stats.stats.dropped:
-        stats = data_stats.stats
-        print(f"jaxtune: data: {stats.dropped} of {stats.examples} preference pairs dropped (could not fit "
+    counts = data_stats.pipeline if pairs else data_stats
+    dropped = sum(s.dropped for s in counts.tasks.values())
+    if pairs and dropped:
+        seen = dropped + sum(s.examples for s in counts.tasks.values())
+        print(f"jaxtune: data: {dropped} of {seen} preference pairs dropped (could not fit "
               "data.seq_len with a preference left, or data.truncation='drop')", flush=True)
-    elif jax.process_index() == 0 and not pairs and data_stats.slots:
-        print("jaxtune: data (this process):\n  " + "\n  ".join(data_stats.report()), flush=True)
+    if jax.process_index() == 0 and counts.slots:
+        print("jaxtune: data (this process):\n  " + "\n  ".join(counts.report()), flush=True)
     checkpointer.close()
     writer.close()
     summary = RunSummary(
@@ -768,18 +783,18 @@ _REFERENCE_NAMES = {
 
 
 def _preference_dataset(config, data: datasets.PreferenceData, local_batch: int):
-    """Padded [B, 2, T] pair batches, and the transform (which counts truncated/dropped pairs)."""
-    transform = preference.PreferenceTransform(
-        data.train_source, data.train_templates, data.tokenizer, seq_len=config.data.seq_len,
-        truncation=config.data.truncation, seed=config.seed, unpaired=config.objective.type == "kto",
-        chat_template=data.chat_template,
-    )
-    dataset = preference.preference_dataset(
-        data.train_source, transform, batch_size=local_batch, seed=config.seed, shuffle=config.data.shuffle,
-        process_index=jax.process_index(), process_count=jax.process_count(), read_threads=config.data.read_threads,
-        prefetch=config.data.prefetch,
-    )
-    return dataset, transform
+    """Pair batches (padded [B, 2, T], or packed rows with data.packing) and their PairStats."""
+    return datasets.preference_train_dataset(
+        data, config.data, batch_size=local_batch, seed=config.seed, unpaired=config.objective.type == "kto",
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        precomputed_reference=config_lib.resolved_reference(config) == "precomputed")
+
+
+def _padded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with data.packing off (the layout of the precomputed reference pass)."""
+    padded = ml_collections.ConfigDict(config.to_dict())
+    padded.data.packing = False
+    return padded
 
 
 def _reference_fingerprint(config, model_config, num_records: int) -> dict:
@@ -791,6 +806,7 @@ def _reference_fingerprint(config, model_config, num_records: int) -> dict:
         "truncation": config.data.truncation, "seed": config.seed, "tokenizer": config.data.tokenizer,
         "model": repr(model_config), "hf_dir": config.model.hf_dir, "init_from": config.model.init_from,
         "objective": config.objective.type,
+        **({"tasks": config_lib.to_json_dict(config.data)["tasks"]} if config.data.tasks else {}),
     }
 
 

@@ -305,11 +305,11 @@ def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
 
 
 def pair_transforms(data: PreferenceData, tasks: Sequence[PairTask], cfg: ml_collections.ConfigDict, *, seed: int,
-                    unpaired: bool) -> list[preference.PreferenceTransform]:
+                    unpaired: bool, with_reference: bool = False) -> list[preference.PreferenceTransform]:
     """One transform per task: its templates / chat template and truncation, data.seq_len."""
     return [preference.PreferenceTransform(
         task.records, task.templates, data.tokenizer, seq_len=cfg.seq_len, truncation=task.truncation, seed=seed,
-        unpaired=unpaired, chat_template=task.chat_template) for task in tasks]
+        unpaired=unpaired, chat_template=task.chat_template, with_reference=with_reference) for task in tasks]
 
 
 @dataclasses.dataclass
@@ -329,10 +329,14 @@ class PairStats:
 
 
 def preference_train_dataset(data: PreferenceData, cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int,
-                             unpaired: bool, process_index: int = 0, process_count: int = 1):
+                             unpaired: bool, process_index: int = 0, process_count: int = 1,
+                             precomputed_reference: bool = False):
     """(batches, PairStats): the tasks mixed at the mixture's rates, padded [B, 2, T] pairs or, with
-    data.packing, packed rows (data/pair_packing.py); the `data` section's reading settings."""
-    transforms = pair_transforms(data, data.tasks, cfg, seed=seed, unpaired=unpaired)
+    data.packing, packed rows (data/pair_packing.py); the `data` section's reading settings.
+    `precomputed_reference`: batches carry reference log-probs, attached to the transforms
+    (`PairStats.transform.ref_logps`) before the iterator is first read."""
+    transforms = pair_transforms(data, data.tasks, cfg, seed=seed, unpaired=unpaired,
+                                 with_reference=precomputed_reference)
     it, stats = preference.pair_dataset(
         [t.records for t in data.tasks], transforms, names=[t.name for t in data.tasks],
         on_error=[t.on_error for t in data.tasks], rates=data.mixture.rates, batch_size=batch_size, seed=seed,

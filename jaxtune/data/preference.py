@@ -317,6 +317,7 @@ class PreferenceTransform:
         unpaired: bool = False,
         ref_logps: np.ndarray | None = None,
         chat_template: str | None = None,
+        with_reference: bool = False,
     ):
         self.source = source
         self.task_templates = dict(task_templates)
@@ -326,6 +327,9 @@ class PreferenceTransform:
         self.seed = seed
         self.unpaired = unpaired
         self.ref_logps = ref_logps
+        # Batches carry precomputed reference log-probs (REF_KEYS): declared before the table exists,
+        # so the pipeline's layout is fixed when it is built; `ref_logps` is set before reading starts.
+        self.with_reference = with_reference or ref_logps is not None
         self.chat_template = chat_template  # jinja text for chat records (data.chat_template or the tokenizer's)
         self.stats = TokenizeStats()
 
@@ -379,7 +383,7 @@ class PreferenceTransform:
         rows[INDEX_KEY] = np.int32(index)
         if self.unpaired:
             rows[LABEL_KEY] = np.int32(example.label)
-        if self.ref_logps is not None:
+        if self.ref_logps is not None:  # (None while the reference pass itself tokenizes the pairs)
             rows[REF_KEYS[0]], rows[REF_KEYS[1]] = (np.float32(v) for v in self.ref_logps[index])
         return rows
 
@@ -524,7 +528,7 @@ def batch_keys(transform: PreferenceTransform) -> tuple[str, ...]:
     keys = BATCH_KEYS + (INDEX_KEY,)
     if transform.unpaired:
         keys += (LABEL_KEY,)
-    if transform.ref_logps is not None:
+    if transform.with_reference:
         keys += REF_KEYS
     return keys
 
