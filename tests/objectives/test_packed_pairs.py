@@ -135,3 +135,33 @@ def test_packed_pairs_give_the_padded_losses_metrics_and_gradients(model):
                                        err_msg=f"{loss_type} {key}")
         for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-6, err_msg=loss_type)
+
+
+def test_held_out_pair_metrics_match_the_training_loss(model):
+    """evaluate.pair_sequence_scores + pair_eval on an eval set == the loss/metrics of the same pairs as a batch."""
+    from jaxtune import evaluate
+    from jaxtune.data.datasets import PairEvalSet
+    from jaxtune.objectives import pair_eval
+
+    module, params = model
+    padded, _ = _batches(_pairs(7))
+    eval_set = PairEvalSet("heldout", {k: v for k, v in padded.items()})
+
+    def pair_losses(logps, lengths, ref, batch):
+        return preference_loss("sigmoid", logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1])
+
+    def scores(variables):
+        return lambda arrays: evaluate.pair_sequence_scores(module, variables, arrays, batch_size=4, logits_chunk=0)
+
+    ref_params = jax.tree.map(lambda x: x * 0.9, params)
+    same = pair_eval.evaluate_pair_sets([eval_set], scores({"params": params}),
+                                        lambda s: scores({"params": params})(s.arrays)[0], pair_losses)
+    assert same["heldout/loss"] == pytest.approx(np.log(2.0), abs=1e-6)
+    assert same["heldout/rewards/margins"] == 0.0 and same["heldout/rewards/accuracies"] == 0.0
+    got = pair_eval.evaluate_pair_sets([eval_set], scores({"params": params}),
+                                       lambda s: scores({"params": ref_params})(s.arrays)[0], pair_losses)
+    logps, ref = jax.jit(lambda p, q: (_scores(module, p, padded)[0], _scores(module, q, padded)[0]))(params, ref_params)
+    losses, metrics = pair_losses(logps, None, ref, padded)
+    assert got["heldout/loss"] == pytest.approx(float(jnp.mean(losses)), rel=1e-5)
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/rejected"):
+        assert got[f"heldout/{key}"] == pytest.approx(float(metrics[key]), rel=1e-5, abs=1e-6), key
