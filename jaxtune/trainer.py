@@ -533,7 +533,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
 
     pairs = config.objective.type != "sft"
     if pairs:
-        data = datasets.load_preference_data(data_config(config), workdir, unpaired=config.objective.type == "kto")
+        data = datasets.load_preference_data(data_config(config), workdir, unpaired=config.objective.type == "kto",
+                                             eval_cfg=config.eval)
     else:
         data = datasets.load_sft_data(data_config(config), workdir, seed=config.seed)
     tokenizer = data.tokenizer
@@ -646,14 +647,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
 
         held_out = (data.eval_records, data.eval_templates) if data.eval_records else ((), {})  # preference data: none
         eval_set = evaluate.build_eval_set(*held_out, config.eval, seed=config.seed)
+        pair_sets = (datasets.preference_eval_sets(data, config.data, config.eval, seed=config.seed,
+                                                   unpaired=config.objective.type == "kto") if pairs else [])
+        pair_eval_scores = _pair_evaluator(config, model, pair_sets, reference_kind, start_params, ref_params)
 
         def run_eval(step: int, show: int = 0) -> dict[str, float]:
             # Separately jitted, bucketed eval functions: the train step's compile cache is untouched.
-            if not eval_set:
+            if not eval_set and not pair_sets:
                 return {}
             scores = evaluate.run(model, model_variables(state), tokenizer, eval_set, config.eval, seq_len=seq_len,
                                   seed=config.seed, show=show, printer=_print_fn(progress),
-                                  logits_chunk=config.train.logits_chunk)
+                                  logits_chunk=config.train.logits_chunk) if eval_set else {}
+            scores.update(pair_eval_scores(state))
             writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
             if jax.process_index() == 0:
                 evaluate.write_results(workdir / "eval" / f"step_{step}.json", scores, step=step)
@@ -661,7 +666,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
 
         writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, on_write=on_metrics)
         eval_before = None
-        if start_step == 0 and eval_set:
+        if start_step == 0 and (eval_set or pair_sets):
             eval_before = run_eval(0)
             name, value = _headline(eval_before)
             print(f"jaxtune: held-out {name} before training: {value}", flush=True)
@@ -730,7 +735,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         progress.close()
 
         eval_after = None
-        if eval_set and not stopped_early and start_step < done:
+        if (eval_set or pair_sets) and not stopped_early and start_step < done:
             eval_after = run_eval(done, show=config.eval.show_examples)
             name, value = _headline(eval_after)
             if eval_before is not None:
@@ -790,6 +795,52 @@ def _preference_dataset(config, data: datasets.PreferenceData, local_batch: int)
         precomputed_reference=config_lib.resolved_reference(config) == "precomputed")
 
 
+def pair_losses_fn(objective) -> Callable:
+    """pair_losses(logps [N, 2], lengths [N, 2], ref [N, 2], per-pair batch) -> (losses [N], metrics) for
+    config.objective (held-out pair evaluation)."""
+
+    def pair_losses(logps, lengths, ref, batch):
+        if objective.type == "kto":
+            return kto_loss(logps[:, 0], ref[:, 0], batch[preference.LABEL_KEY], logps[:, 1], ref[:, 1],
+                            beta=objective.beta, desirable_weight=objective.desirable_weight,
+                            undesirable_weight=objective.undesirable_weight)
+        return preference_loss(
+            objective.loss_type, logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], chosen_lengths=lengths[:, 0],
+            rejected_lengths=lengths[:, 1], beta=objective.beta, label_smoothing=objective.label_smoothing,
+            gamma=objective.gamma, desirable_weight=objective.desirable_weight,
+            undesirable_weight=objective.undesirable_weight, sft_weight=objective.sft_weight)
+
+    return pair_losses
+
+
+def _pair_evaluator(config, model, pair_sets, reference_kind: str, start_params, ref_params) -> Callable:
+    """state -> held-out pair metrics (objectives/pair_eval.py). The reference's log-probs are computed
+    once, from the run's start weights (copy, precomputed; a PEFT base: its frozen weights)."""
+    if not pair_sets:
+        return lambda state: {}
+    kw = dict(batch_size=config.eval.batch_size, logits_chunk=config.train.logits_chunk)
+    reference: dict[int, np.ndarray] = {}
+
+    def reference_logps(state, s):
+        if id(s) not in reference:
+            if reference_kind == "none":
+                reference[id(s)] = np.zeros((len(s.arrays["inputs"]), 2), np.float32)
+            else:
+                weights = state.frozen if reference_kind == "base" else (ref_params if ref_params is not None
+                                                                         else start_params())
+                reference[id(s)] = evaluate.pair_sequence_scores(model, {"params": weights}, s.arrays, **kw)[0]
+        return reference[id(s)]
+
+    def scores(state):
+        from jaxtune.objectives import pair_eval
+
+        return pair_eval.evaluate_pair_sets(
+            pair_sets, lambda arrays: evaluate.pair_sequence_scores(model, model_variables(state), arrays, **kw),
+            lambda s: reference_logps(state, s), pair_losses_fn(config.objective))
+
+    return scores
+
+
 def _padded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with data.packing off (the layout of the precomputed reference pass)."""
     padded = ml_collections.ConfigDict(config.to_dict())
@@ -820,6 +871,8 @@ def _headline(scores: dict[str, float]) -> tuple[str, str]:
         return "exact match", f"{scores['exact_match']:.1%}"
     if "mc/accuracy" in scores:
         return "multiple-choice accuracy", f"{scores['mc/accuracy']:.1%}"
+    if "rewards/accuracies" in scores:  # held-out preference pairs (data.eval_path)
+        return "reward accuracy", f"{scores['rewards/accuracies']:.1%}"
     named = sorted(k for k in scores if k.count("/") == 1 and k.endswith(("/exact_match", "/accuracy")))
     if named:  # eval.tasks only: the first task's
         return named[0], f"{scores[named[0]]:.1%}"
