@@ -82,6 +82,9 @@ def main() -> None:
     p.add_argument("--pairs", default="", help="DPO on real pairs from this JSONL(.gz) file (see above)")
     p.add_argument("--pair_layouts", default="padded", help="--pairs: padded, packed or padded,packed (side by side)")
     p.add_argument("--max_pairs_per_row", type=int, default=16, help="packed layout: pair slots per row")
+    p.add_argument("--logits_chunk", type=int, default=512,
+                   help="train.logits_chunk: LM-head positions per chunk (0 = unchunked); chunked heads recompute "
+                        "their logits in the backward pass, so compare layouts under the same setting")
     args = p.parse_args()
     if args.shape == "bench":
         args.quickstart_shape, args.batch, args.seq_len = False, 8, 512
@@ -300,7 +303,7 @@ def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np
     n = jax.device_count()
     mesh = sharding.build_mesh({"data": 1, "fsdp": n, "tensor": 1})
     rules = sharding.rules(args.rules)
-    apply_fn = trainer.make_apply_fn(model)
+    apply_fn = trainer.make_apply_fn(model, logits_chunk=args.logits_chunk)
     reference_kind = resolved_reference(config)
 
     rng = np.random.default_rng(0)
