@@ -424,21 +424,31 @@ class PairExamples:
     counts it per task, then it is filtered), so every input yields one output in any worker count.
     """
 
-    def __init__(self, transform: PreferenceTransform, task_index: int = 0, on_error: str = "error"):
+    def __init__(self, transform: PreferenceTransform, task_index: int = 0, on_error: str = "error", name: str = ""):
         self.transform, self.task_index, self.on_error = transform, task_index, on_error
+        self.name = name or DEFAULT_TASK
+        self._failures_in_a_row = 0
+
+    def _marker(self, reason: str) -> dict[str, Any]:
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row > max(1000, 2 * len(self.transform.source)):
+            raise UserError(f"task {self.name!r}: the last {self._failures_in_a_row} preference records were all "
+                            "skipped or dropped; check the data, data.seq_len and data.truncation")
+        return {TASK_KEY: self.task_index, SKIP_KEY: reason}
 
     def __call__(self, index: int, record: dict) -> dict[str, Any]:
         if "_error" in record:  # a source read that failed under on_error=skip (formats.TaskRecords)
-            return {TASK_KEY: self.task_index, SKIP_KEY: "skipped"}
+            return self._marker("skipped")
         truncated = self.transform.stats.truncated
         try:
             rows = self.transform(index, record)
         except UserError:
             if self.on_error != "skip":
                 raise
-            return {TASK_KEY: self.task_index, SKIP_KEY: "skipped"}
+            return self._marker("skipped")
         if rows is None:
-            return {TASK_KEY: self.task_index, SKIP_KEY: "dropped"}
+            return self._marker("dropped")
+        self._failures_in_a_row = 0
         rows[TASK_KEY] = self.task_index
         rows[TRUNCATED_KEY] = int(self.transform.stats.truncated > truncated)
         return rows
@@ -484,7 +494,7 @@ def pair_dataset(
     stats = PipelineStats({name: TaskStats(lengths=[] if collect_lengths else None) for name in names})
     count = CountExamples(stats.tasks, names)
     errors = list(on_error or ["error"] * len(sources))
-    pair_examples = [PairExamples(t, i, errors[i]) for i, t in enumerate(transforms)]
+    pair_examples = [PairExamples(t, i, errors[i], names[i]) for i, t in enumerate(transforms)]
     indexed = [IndexedRecords(s) for s in sources]
 
     def stream(shard: int, num_shards: int) -> grain.IterDataset:

@@ -129,3 +129,12 @@ def test_preference_eval_task_needs_a_pair_objective(files):
     c.eval.tasks.pairs = config_lib.eval_task_config("preference", path=str(files["held_out"]))
     with pytest.raises(UserError, match="eval.tasks.pairs.metric' is 'preference'"):
         config_lib.validate(c)
+
+
+def test_a_task_whose_pairs_never_fit_stops_with_an_error(files, tmp_path):
+    c = _config(files, packing=False, truncation="drop", seq_len=4)
+    c.data.tasks = {"renamed": c.data.tasks.renamed}
+    data = datasets.load_preference_data(c.data, tmp_path, unpaired=False)
+    it, _ = datasets.preference_train_dataset(data, c.data, batch_size=2, seed=0, unpaired=False)
+    with pytest.raises(UserError, match="task 'renamed': the last 1001 preference records were all skipped or dropped"):
+        next(iter(it))
