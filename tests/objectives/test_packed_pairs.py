@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune import models
+from jaxtune import models, sharding
 from jaxtune.data import pair_packing, preference
 from jaxtune.data.pipeline import BATCH_KEYS
 from jaxtune.objectives import model_token_stats, preference_loss, segments
@@ -74,7 +74,10 @@ def model():
     config = models.get_config("llama", "tiny", vocab_size=CharTokenizer.vocab_size, hidden_size=16,
                                intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)
     module = models.build(config)
-    params = module.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    # Random weights of the model's shapes without compiling its init (any weights do for an equality test).
+    shapes = sharding.unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), shapes)
     return module, params
 
 
@@ -124,7 +127,7 @@ def test_packed_pairs_give_the_padded_losses_metrics_and_gradients(model):
                 losses, metrics = _losses(loss_type, x, lengths, ref, valid, labels)
                 return jnp.sum(losses) / segments.pair_count(batch), metrics
 
-            (loss, metrics), d_logps = jax.value_and_grad(mean_loss, has_aux=True)(logps)
+            (loss, metrics), d_logps = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(logps)
             grads = backward(params, batch, d_logps)
             results.setdefault(name, []).append((loss_type, loss, metrics, grads))
     for (loss_type, loss_a, metrics_a, grads_a), (_, loss_b, metrics_b, grads_b) in zip(results["padded"], results["packed"]):
