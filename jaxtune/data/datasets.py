@@ -277,7 +277,7 @@ def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
         raise UserError(f"config key 'data.source' is {cfg.source!r}; preference objectives read JSONL pairs "
                         "(data.source='jsonl') or data.tasks")
     configured = chat_lib.resolve_template(cfg.chat_template) if cfg.chat_template else None
-    given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
+    given = _tokenizer(cfg, paths.path(workdir), None) if cfg.tokenizer else None  # read before the tasks (chat template)
     default_chat = configured or getattr(given, "chat_template", None)
     if cfg.tasks:
         task_cfgs = list(cfg.tasks.items())
