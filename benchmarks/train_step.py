@@ -48,7 +48,8 @@ import jax
 import numpy as np
 
 from jaxtune import metrics, models, optim, sharding, trainer
-from jaxtune.config import base_config, resolved_reference
+from jaxtune import objectives
+from jaxtune.config import base_config
 from jaxtune.peft import lora, quant
 
 
@@ -304,7 +305,8 @@ def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np
     mesh = sharding.build_mesh({"data": 1, "fsdp": n, "tensor": 1})
     rules = sharding.rules(args.rules)
     apply_fn = trainer.make_apply_fn(model, logits_chunk=args.logits_chunk)
-    reference_kind = resolved_reference(config)
+    objective = objectives.build(config)
+    reference_kind = objective.reference_kind()
 
     rng = np.random.default_rng(0)
     B, T = args.batch, args.seq_len
@@ -332,8 +334,7 @@ def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np
         batch = {k: jax.device_put(v, batch_sharding[k]) for k, v in batch.items()}
         placed = [batch] if batches is None else [
             {k: jax.device_put(v, batch_sharding[k]) for k, v in b.items()} for b in batches]
-        step = jax.jit(trainer.make_train_step(apply_fn, tx, lr, accum=1, z_loss=0.0, objective=config.objective,
-                                               reference_kind=reference_kind),
+        step = jax.jit(trainer.make_train_step(objective, apply_fn, tx, lr, accum=1),
                        in_shardings=(shardings, batch_sharding, shardings.params if ref is not None else None),
                        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
         t0 = time.time()

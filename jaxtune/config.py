@@ -156,20 +156,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.dcn_fsdp = 1
     c.mesh.dcn_tensor = 1
 
-    c.objective = ml_collections.ConfigDict()
-    # sft | preference ((prompt, chosen, rejected) pairs) | kto ((prompt, completion, label) examples)
-    c.objective.type = "sft"
-    # preference: sigmoid | robust | hinge | ipo | dpo_norm | simpo | orpo | kto (jaxtune/objectives/preference.py)
-    c.objective.loss_type = "sigmoid"
-    c.objective.beta = ml_collections.FieldReference(None, field_type=float)  # None: the loss type's paper default
-    c.objective.label_smoothing = 0.0  # cDPO (sigmoid, dpo_norm, simpo) / rDPO (robust) label-noise rate
-    c.objective.gamma = ml_collections.FieldReference(None, field_type=float)  # SimPO target margin; None: 1.0
-    c.objective.desirable_weight = 1.0  # KTO
-    c.objective.undesirable_weight = 1.0  # KTO
-    c.objective.sft_weight = 0.0  # RPO: + sft_weight * length-normalised NLL of the chosen completion
-    # auto: none for reference-free losses (simpo, orpo), else a frozen copy of the initial params |
-    # copy | precomputed (one pass over the data before training, stored in the workdir) | none
-    c.objective.reference = "auto"
+    # objective.type: sft | dpo (paired preference losses; objective.loss_type) | kto (unpaired KTO).
+    # Each objective owns its keys, defaults and checks (jaxtune/objectives/); they are merged here.
+    from jaxtune import objectives  # imports jax: only when a config is built
+
+    c.objective = objectives.base.config_defaults()
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 12
@@ -268,7 +259,9 @@ def load_config(spec: str, overrides: list[str] = (), *, needs_data: bool = True
         raise UserError(f"--config {path}: defines no get_config(arg) function")
     try:
         config = module.get_config(arg or None)
-    except UserError:
+    except UserError as e:
+        if str(e).startswith(_ARG_ERROR):  # parse_arg's: name the file
+            raise UserError(f"--config {spec}: {str(e)[len(_ARG_ERROR):]}") from None
         raise
     except Exception as e:
         raise UserError(f"--config {spec}: get_config raised{_line_in(file, e)}: {type(e).__name__}: {e}") from e
@@ -294,19 +287,38 @@ def _line_in(file: Path, error: BaseException) -> str:
     return f" at line {lines[-1]}" if lines else ""
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """Parses a `k=v,k2=v2` config argument (the part after `path.py:`); a bare word is `variant`."""
-    out: dict[str, str] = {}
-    if not arg:
-        return out
-    for part in arg.split(","):
+_ARG_ERROR = "config file argument: "
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
+    """Parses a config file's `k=v,k2=v2` argument (the part after `path.py:`); a bare word is `variant`.
+
+    With `defaults` (`parse_arg(arg, variant="tiny", steps=100)`) the argument is typed: each value
+    is converted to its default's type by the same rules as `--config.KEY=VALUE` overrides, a name
+    not among the defaults is an error naming the closest one, and the result holds every default.
+    Without defaults every value stays a string.
+    """
+    raw: dict[str, str] = {}
+    for part in (arg or "").split(","):
         if not part:
             continue
         k, sep, v = part.partition("=")
-        if sep:
-            out[k.strip()] = v.strip()
-        else:
-            out["variant"] = k.strip()
+        raw[k.strip() if sep else "variant"] = v.strip() if sep else k.strip()
+    if not defaults:
+        return raw
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(defaults), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"{_ARG_ERROR}unknown arguments {unknown} after ':'{hint} "
+                        f"(expected some of {', '.join(defaults)})")
+    out = dict(defaults)
+    for key, value in raw.items():
+        default = defaults[key]
+        try:
+            out[key] = _convert(value, default, str if default is None else type(default))
+        except ValueError as e:
+            raise UserError(f"{_ARG_ERROR}argument '{key}={value}': {e}") from None
     return out
 
 
@@ -383,32 +395,39 @@ def _convert(raw: str, current: Any, field_type: Any) -> Any:
 # Validation that needs no devices and no model
 # --------------------------------------------------------------------------------------------
 
-_CHOICES = {
-    "data.source": ("jsonl", "quickstart"),
-    "data.truncation": ("truncate", "drop", "error"),
-    "optim.schedule": ("cosine", "linear", "constant"),
-    "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
-    "model.remat_policy": ("none", "full", "projections", "offload", "dots", "dots_no_batch"),  # models/layers.py
-    "model.attention": ("auto", "splash", "blockwise", "cudnn", "reference"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "data.on_error": ("error", "skip"),
-    "data.packing_strategy": ("first_fit", "best_fit"),
-    "data.mixture.mode": ("examples_proportional", "weights", "temperature"),
-    "objective.type": ("sft", "preference", "kto"),
-    "objective.loss_type": ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto"),
-    "objective.reference": ("auto", "copy", "precomputed", "none"),
-    "train.nonfinite": ("halt", "skip"),
-}
-REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+def choices() -> dict[str, tuple[str, ...]]:
+    """The keys with a fixed set of values; each list lives in the module that implements it."""
+    from jaxtune import nonfinite, optim, sharding
+    from jaxtune.data import datasets, examples, mixtures, pipeline
+    from jaxtune.models import attention, layers
 
-TASK_CHOICES = {
-    "source": ("jsonl", "json", "parquet", "array_record", "tfds"),
-    "format": ("fields", "alpaca", "self_instruct", "chat"),
-    "options_style": ("deterministic", "random"),
-    "truncation": ("truncate", "drop", "error"),
-    "on_error": ("error", "skip"),
-}
+    return {
+        "data.source": datasets.SOURCES,
+        "data.truncation": examples.TRUNCATION_POLICIES,
+        "optim.schedule": optim.SCHEDULES,
+        "mesh.rules": tuple(sharding.PRESETS),
+        "model.remat_policy": tuple(layers.REMAT_POLICIES),
+        "model.attention": attention.IMPLEMENTATIONS,
+        "model.dtype": layers.COMPUTE_DTYPES,
+        "model.param_dtype": layers.PARAM_DTYPES,
+        "data.on_error": examples.ON_ERROR_POLICIES,
+        "data.packing_strategy": pipeline.PACKING_STRATEGIES,
+        "data.mixture.mode": mixtures.MODES,
+        "train.nonfinite": nonfinite.POLICIES,
+    }
+
+
+def task_choices() -> dict[str, tuple[str, ...]]:
+    """data.tasks / eval.tasks keys with a fixed set of values (owned by the data modules)."""
+    from jaxtune.data import examples, flan, formats, sources
+
+    return {
+        "source": sources.SOURCE_KINDS,
+        "format": formats.FORMATS,
+        "options_style": flan.OPTIONS_STYLES,
+        "truncation": examples.TRUNCATION_POLICIES,
+        "on_error": examples.ON_ERROR_POLICIES,
+    }
 
 
 def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "data.tasks") -> None:
@@ -425,9 +444,9 @@ def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "da
     for k in known:
         if k not in task:
             raise UserError(f"config key '{key}' lacks '{k}'; build tasks with jaxtune.config.{builder}(...)")
-    for k, choices in TASK_CHOICES.items():
-        if task[k] not in choices:
-            raise UserError(f"config key '{key}.{k}' is {task[k]!r}; expected one of {', '.join(choices)}")
+    for k, allowed in task_choices().items():
+        if task[k] not in allowed:
+            raise UserError(f"config key '{key}.{k}' is {task[k]!r}; expected one of {', '.join(allowed)}")
     if not task.path:
         raise UserError(f"config key '{key}.path' is empty; expected a data file (or the TFDS dataset name)")
     if not task.templates and task.format != "chat":
@@ -442,12 +461,12 @@ def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "da
 
 def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:
     """Rejects impossible values before any compile; the message names the key and the fix."""
-    for key, choices in _CHOICES.items():
+    for key, allowed in choices().items():
         value = config
         for part in key.split("."):
             value = value[part]
-        if value not in choices:
-            raise UserError(f"config key '{key}' is {value!r}; expected one of {', '.join(choices)}")
+        if value not in allowed:
+            raise UserError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
     positive = {
         "optim.lr": config.optim.lr,
         "train.steps": config.train.steps,
@@ -488,7 +507,9 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
     _validate_eval(config.eval)
     _validate_eval_tasks(config)
-    _validate_objective(config)
+    from jaxtune import objectives  # each objective checks its own keys
+
+    objectives.base.validate(config)
     for prefix in ("", "dcn_"):
         for axis in ("data", "fsdp", "tensor"):
             size = config.mesh[prefix + axis]
@@ -556,65 +577,6 @@ def _validate_eval_tasks(config: ml_collections.ConfigDict) -> None:
                                 "eval tasks must be held out")
 
 
-def _validate_objective(config: ml_collections.ConfigDict) -> None:
-    o = config.objective
-    if o.type == "sft":
-        if config.data.chat_template:
-            raise UserError("config key 'data.chat_template' is read by preference/KTO runs; an SFT chat task sets "
-                            "its own: data.tasks.<name> = task_config(format='chat', chat_template=...)")
-        return
-    if config.data.chat_template:
-        from jaxtune.data import chat  # a leaf module: resolves names, files and jinja strings
-
-        try:
-            chat.resolve_template(config.data.chat_template)
-        except UserError as e:
-            raise UserError(f"config key 'data.chat_template': {e}") from None
-    if config.model.hf_dir and config.model.init_from:
-        raise UserError("config keys 'model.hf_dir' and 'model.init_from' are both set; pick one starting point")
-    if config.data.source != "jsonl":
-        raise UserError(f"config key 'objective.type' is {o.type!r}: preference data comes from JSONL (data.source='jsonl')")
-    if o.beta is not None and not o.beta > 0:
-        raise UserError(f"config key 'objective.beta' must be > 0, got {o.beta}")
-    if not 0.0 <= o.label_smoothing < 0.5:
-        raise UserError(f"config key 'objective.label_smoothing' must be in [0, 0.5), got {o.label_smoothing}")
-    if o.sft_weight < 0 or o.desirable_weight <= 0 or o.undesirable_weight <= 0:
-        raise UserError("config keys objective.sft_weight must be >= 0 and objective.desirable_weight/undesirable_weight > 0")
-    reference_free = o.type == "preference" and o.loss_type in REFERENCE_FREE_LOSSES
-    if reference_free and o.reference not in ("auto", "none"):
-        raise UserError(
-            f"config key 'objective.reference' is {o.reference!r}, but loss_type {o.loss_type!r} is reference-free; "
-            "use 'auto' or 'none'"
-        )
-    lora = config.peft.method != "none"
-    if lora and o.reference == "copy":
-        raise UserError("config key 'objective.reference' is 'copy', but with LoRA the reference is the base model "
-                        "without its adapters (no extra weights): use 'auto' (or 'precomputed')")
-    if lora and config.model.init_from:
-        raise UserError("config key 'model.init_from' is not supported with LoRA yet; export the SFT model "
-                        "(jaxtune export) and start from it with model.hf_dir")
-    if o.reference == "precomputed" and len(config.data.tasks) > 1:
-        raise UserError("config key 'objective.reference' is 'precomputed', which scores one pair source "
-                        "(data.train_path or a single data.tasks entry); with several data.tasks use 'auto' or 'copy'")
-    if not reference_free and o.reference == "none":
-        kind = "kto" if o.type == "kto" else f"loss_type {o.loss_type!r}"
-        raise UserError(f"config key 'objective.reference' is 'none', but {kind} needs a reference model; use auto, copy or precomputed")
-
-
-def resolved_reference(config: ml_collections.ConfigDict) -> str:
-    """none | copy | base | precomputed: what objective.reference='auto' means for this config.
-
-    auto: none for reference-free losses; with LoRA the base model (adapters off: no extra weights);
-    otherwise a frozen copy of the initial weights.
-    """
-    o = config.objective
-    if o.type == "sft" or (o.type == "preference" and o.loss_type in REFERENCE_FREE_LOSSES):
-        return "none"
-    if o.reference == "auto":
-        return "base" if config.peft.method != "none" else "copy"
-    return o.reference
-
-
 def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], process_count: int) -> None:
     """Batch checks that depend on the mesh: every device and every micro-batch gets whole rows."""
     dp = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -678,6 +640,15 @@ def resolve_hybrid_mesh_shape(config: ml_collections.ConfigDict, device_count: i
         return resolve_mesh_shape(config, device_count), {a: 1 for a in ("data", "fsdp", "tensor")}
     ici = resolve_mesh_shape(config, device_count // num_slices, what="devices per slice")
     return ici, resolve_mesh_shape(config, num_slices, prefix="dcn_", what="slices")
+
+
+def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.data, reading the HF dir's own tokenizer when model.hf_dir is set and data.tokenizer is not."""
+    if not config.model.hf_dir or config.data.tokenizer:
+        return config.data
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.tokenizer = config.model.hf_dir  # load_tokenizer picks tokenizer.json, else tokenizer.model
+    return data_cfg
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:

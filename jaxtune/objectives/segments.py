@@ -24,6 +24,13 @@ def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -
     return jax.vmap(row)(values, segment_ids.astype(jnp.int32))
 
 
+def masked_mean(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """Batch mean, over the real pairs only when `valid` (bool, like x) is given; 0 when there are none."""
+    if valid is None:
+        return jnp.mean(x)
+    return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+
 def padded_pair_sums(logp: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(summed log p, trained-token count), each [B, 2], of [B, 2, T] padded pair rows."""
     mask = loss_mask.astype(jnp.float32)

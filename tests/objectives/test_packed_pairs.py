@@ -10,7 +10,7 @@ from jaxtune import models, sharding
 from jaxtune.data import pair_packing, preference
 from jaxtune.data.pipeline import BATCH_KEYS
 from jaxtune.objectives import model_token_stats, preference_loss, segments
-from jaxtune.objectives.preference import kto_loss
+from jaxtune.objectives.kto import kto_loss
 from tests.data.test_pipeline import CharTokenizer
 
 SEQ = 40
