@@ -4,6 +4,9 @@ import math
 
 import pytest
 
+import json
+
+from jaxtune import cli
 from jaxtune import config as config_lib
 from jaxtune import trainer
 from jaxtune.metrics import read_metrics
@@ -11,7 +14,7 @@ from tests.helpers import write_preference_jsonl
 from tests.test_preference_training import dpo_config, files  # noqa: F401 (the module's data fixture)
 
 
-@pytest.mark.slow  # one tiny DPO run with three held-out evaluations
+@pytest.mark.slow  # one tiny DPO run with three held-out evaluations, then `jaxtune eval` of it
 def test_packed_dpo_with_precomputed_reference_and_held_out_pairs(files, tmp_path):  # noqa: F811
     held_out = write_preference_jsonl(tmp_path / "held_out.jsonl", 10, start=700)
     task = write_preference_jsonl(tmp_path / "task.jsonl", 6, start=900)
@@ -33,3 +36,8 @@ def test_packed_dpo_with_precomputed_reference_and_held_out_pairs(files, tmp_pat
     for key in ("eval/rewards/accuracies", "eval/rewards/margins", "eval/pairs_task/loss", "eval/logps/chosen"):
         assert math.isfinite(evals[2][key]), key
     assert evals[2]["eval/rewards/margins"] != 0.0  # two updates moved the policy away from the reference
+    # `jaxtune eval` of the finished run: the same held-out numbers, its reference rebuilt from the start weights.
+    assert cli.main(["eval", "--workdir", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())["metrics"]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "pairs_task/loss"):
+        assert results[key] == pytest.approx(evals[2][f"eval/{key}"], rel=1e-4, abs=1e-6), key
