@@ -1,8 +1,10 @@
-"""What an SFT run reads, from the `data` section of a config: tokenizer, tasks and their mixture, eval set.
+"""What a run reads, from the `data` section of a config: tokenizer, tasks and their mixture, eval set.
 
 `data.tasks` (several tasks, each a `task_config`) or the single-task keys (`data.train_path` +
-`data.templates`, or the quickstart) become `TaskSpec`s: an opened source with its field mapping
-and record format, a resolved template set or chat template, and the task's policies.
+`data.templates`, or the quickstart) become `TaskSpec`s (SFT) or `PairTask`s (preference pairs and
+KTO records): an opened source with its field mapping and record format, a resolved template set
+or chat template, and the task's policies. Both kinds are mixed with the same `data.mixture` and
+batched on the same Grain skeleton (pipeline.record_stream + sharded_batches).
 """
 
 from __future__ import annotations
