@@ -4,6 +4,8 @@
     python benchmarks/train_step.py --variant llama3.2-1b --batch 8 --seq_len 2048 --dtype bfloat16
     python benchmarks/train_step.py --peft lora      # LoRA (all-linear, rank 16); --quantize nf4 for QLoRA
     python benchmarks/train_step.py --objective dpo [--peft lora]   # --batch pairs: [B, 2, T]
+    python benchmarks/train_step.py --objective dpo --pairs ../shared/data/hh_rlhf_harmless_base_test.jsonl.gz \
+        --pair_layouts padded,packed --seq_len 512 --batch 4 --steps 2 --repeats 3   # packed vs padded DPO
     python benchmarks/train_step.py --compare --repeats 3  # full vs LoRA vs QLoRA, + HF PyTorch/PEFT
     python benchmarks/train_step.py --shape bench --compare --modes full,lora,torch_full,torch_lora \
         --rank 8 --steps 2 --repeats 5    # the CPU side-by-side of benchmarks/RESULTS.md
@@ -20,6 +22,12 @@ jaxtune mode once per attention implementation (model setting `attention`).
 
 DPO counts the tokens of both rows of every pair; its step also runs the reference forward
 (a frozen copy for full fine-tuning, the adapter-free base for LoRA), which MFU does not count.
+--pairs FILE (JSONL, or .jsonl.gz) feeds real pairs through jaxtune's pipeline instead of random
+full rows: a sentencepiece tokenizer of the model's vocab size is trained on them, and batches are
+drawn padded ([batch pairs, 2, seq_len]) or packed ([batch rows, 2 * seq_len], data.packing; same
+token slots per step). Then tokens/s counts real (non-padding) tokens, and pairs/s the pairs
+trained; --pair_layouts padded,packed times both side by side (alternating rounds) and reports
+the packed / padded ratios.
 
 Prints one JSON line. MFU = achieved model FLOP/s / peak FLOP/s; peak is looked up for known
 accelerators or given with --peak_tflops (per device; pass the measured peak on a CPU);
@@ -72,10 +80,19 @@ def main() -> None:
     p.add_argument("--modes", default="full,lora,qlora,torch_full,torch_lora", help="--compare: the modes to time")
     p.add_argument("--attention", default="", help="comma list of model.attention implementations (jaxtune modes)")
     p.add_argument("--profile", default="", help="directory: write the compiled HLO and a profiler trace of the timed steps")
+    p.add_argument("--pairs", default="", help="DPO on real pairs from this JSONL(.gz) file (see above)")
+    p.add_argument("--pair_layouts", default="padded", help="--pairs: padded, packed or padded,packed (side by side)")
+    p.add_argument("--max_pairs_per_row", type=int, default=16, help="packed layout: pair slots per row")
+    p.add_argument("--logits_chunk", type=int, default=512,
+                   help="train.logits_chunk: LM-head positions per chunk (0 = unchunked); chunked heads recompute "
+                        "their logits in the backward pass, so compare layouts under the same setting")
     args = p.parse_args()
     if args.shape == "bench":
         args.quickstart_shape, args.batch, args.seq_len = False, 8, 512
         args.model = json.dumps({**BENCH_SHAPE, **json.loads(args.model)})
+    if args.pairs:
+        print(json.dumps(compare_pair_layouts(args)))
+        return
     if not args.compare:
         run, info = prepare_jaxtune(args, args.peft, args.quantize)
         print(json.dumps(dict(info, **throughput(args, info, statistics.median(run() for _ in range(args.repeats))))))
@@ -216,9 +233,70 @@ def prepare_torch(cfg, args, lora_rank: int):
     return run, info
 
 
-def prepare_jaxtune(args, method: str, quantize: str):
+def pair_batches(args, vocab_size: int, packing: bool, count: int) -> list[dict[str, np.ndarray]]:
+    """`count` batches of real pairs from --pairs, through jaxtune's preference pipeline (mixture,
+    shuffle, truncation, pad or pack), tokenized by a sentencepiece model of `vocab_size` pieces."""
+    import gzip
+    import tempfile
+    from pathlib import Path
+
+    from jaxtune.data import datasets
+    from jaxtune.data.sources import JsonlSource
+    from jaxtune.data import preference
+    from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
+
+    work = Path(tempfile.gettempdir()) / f"jaxtune_pairs_bench_{os.getpid()}"
+    work.mkdir(exist_ok=True)
+    path = Path(args.pairs)
+    if path.suffix == ".gz":
+        plain = work / path.stem
+        if not plain.exists():
+            plain.write_bytes(gzip.decompress(path.read_bytes()))
+        path = plain
+    spm = work / f"spm{vocab_size}.model"
+    if not spm.exists():
+        source = JsonlSource(str(path))
+        train_sentencepiece(list(preference.corpus(source, unpaired=False, limit=len(source))()), spm.with_suffix(""),
+                            vocab_size=vocab_size)
+    config = base_config()
+    config.data.train_path, config.data.tokenizer, config.data.seq_len = str(path), str(spm), args.seq_len
+    config.data.packing, config.data.max_pairs_per_row = packing, args.max_pairs_per_row
+    data = datasets.load_preference_data(config.data, work, unpaired=False)
+    it = iter(datasets.preference_train_dataset(data, config.data, batch_size=args.batch, seed=0, unpaired=False)[0])
+    return [next(it) for _ in range(count)]
+
+
+def compare_pair_layouts(args) -> dict:
+    """DPO steps on real pairs, padded and/or packed (--pair_layouts), timed in alternating rounds."""
+    layouts = [x for x in args.pair_layouts.split(",") if x]
+    if args.objective != "dpo" or not set(layouts) <= {"padded", "packed"}:
+        raise SystemExit("--pairs needs --objective dpo and --pair_layouts from padded,packed")
+    cfg = model_config(args, run_config(args, args.peft, args.quantize))
+    runners, infos = {}, {}
+    for layout in layouts:
+        batches = pair_batches(args, cfg.vocab_size, layout == "packed", args.steps)
+        runners[layout], infos[layout] = prepare_jaxtune(args, args.peft, args.quantize, batches=batches)
+    times = {layout: [] for layout in layouts}
+    for _ in range(args.repeats):
+        for layout, run in runners.items():
+            times[layout].append(run())
+    out = {"pairs_file": os.path.basename(args.pairs), "steps": args.steps, "repeats": args.repeats,
+           "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()[0]}
+    for layout, info in infos.items():
+        step_s = statistics.median(times[layout])
+        row = dict(info, **throughput(args, info, step_s), rounds_s=[round(t, 4) for t in times[layout]])
+        row["pairs_per_s"] = round(info["pairs_per_step"] / step_s, 2)
+        out[layout] = row
+    if len(layouts) == 2:
+        out["packed_over_padded_tokens_per_s"] = round(out["packed"]["tokens_per_s"] / out["padded"]["tokens_per_s"], 3)
+        out["packed_over_padded_pairs_per_s"] = round(out["packed"]["pairs_per_s"] / out["padded"]["pairs_per_s"], 3)
+    return out
+
+
+def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np.ndarray]] | None = None):
     """(run, info): builds and compiles jaxtune's train step; run() times --steps steps (seconds
-    per step). With --profile, writes the optimized HLO now and traces the first run()."""
+    per step). With --profile, writes the optimized HLO now and traces the first run().
+    `batches` (real data, e.g. pair_batches): the steps cycle through them instead of one random batch."""
     config = run_config(args, method, quantize)
     cfg = model_config(args, config)
     model = models.build(cfg)
@@ -226,7 +304,7 @@ def prepare_jaxtune(args, method: str, quantize: str):
     n = jax.device_count()
     mesh = sharding.build_mesh({"data": 1, "fsdp": n, "tensor": 1})
     rules = sharding.rules(args.rules)
-    apply_fn = trainer.make_apply_fn(model)
+    apply_fn = trainer.make_apply_fn(model, logits_chunk=args.logits_chunk)
     objective = objectives.build(config)
     reference_kind = objective.reference_kind()
 
@@ -242,12 +320,20 @@ def prepare_jaxtune(args, method: str, quantize: str):
     }
     if args.objective == "dpo":
         batch["example_index"] = np.arange(B, dtype=np.int32)
+    real_tokens, pairs_per_step = int(np.prod(rows)) * T, B
+    if batches is not None:
+        batch = batches[0]
+        real_tokens = int(np.mean([np.count_nonzero(b["segment_ids"]) for b in batches]))
+        if "pair_mask" in batch:
+            pairs_per_step = float(np.mean([b["pair_mask"].sum() for b in batches]))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract, shardings, init = trainer.plan_state(model, tx, mesh, rules, seq_len=T)
         holder = {"state": init(jax.random.key(0))}
         ref = init(jax.random.key(0)).params if reference_kind == "copy" else None
         batch_sharding = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
         batch = {k: jax.device_put(v, batch_sharding[k]) for k, v in batch.items()}
+        placed = [batch] if batches is None else [
+            {k: jax.device_put(v, batch_sharding[k]) for k, v in b.items()} for b in batches]
         step = jax.jit(trainer.make_train_step(objective, apply_fn, tx, lr, accum=1),
                        in_shardings=(shardings, batch_sharding, shardings.params if ref is not None else None),
                        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -269,8 +355,8 @@ def prepare_jaxtune(args, method: str, quantize: str):
         if profile[0]:
             jax.profiler.start_trace(os.path.join(args.profile, tag), create_perfetto_trace=True)
         t0 = time.time()
-        for _ in range(args.steps):
-            holder["state"], m = compiled(holder["state"], batch, ref)
+        for i in range(args.steps):
+            holder["state"], m = compiled(holder["state"], placed[i % len(placed)], ref)
         jax.block_until_ready(m)
         seconds = (time.time() - t0) / args.steps
         if profile[0]:
@@ -285,7 +371,8 @@ def prepare_jaxtune(args, method: str, quantize: str):
         "family": args.family, "variant": args.variant, "params": num_params, "num_layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size, "batch": B, "seq_len": T, "dtype": args.dtype, "remat": args.remat,
         "attention": getattr(cfg, "attention", None), "devices": n, "device_kind": jax.devices()[0].device_kind,
-        "tokens_per_step": int(np.prod(rows)) * T, "compile_s": round(compile_s, 2),
+        "tokens_per_step": real_tokens, "slots_per_step": int(np.prod(batch["inputs"].shape)),
+        "pairs_per_step": pairs_per_step, "compile_s": round(compile_s, 2),
         "xla_gflops": round(float(cost.get("flops", 0.0)) / 1e9, 3),
         "peft": method, "quantize": quantize, "trainable_params": sum(x.size for x in jax.tree.leaves(abstract.params)),
         "opt_state_bytes": nbytes(abstract.opt_state), "base_bytes": nbytes(abstract.frozen if cfg.peft else abstract.params),

@@ -48,6 +48,9 @@ def get_config(arg=None):
     c.objective.type = "kto" if loss == "kto" else "dpo"  # unpaired KTO | the paired losses
     c.objective.loss_type = "sigmoid" if loss == "kto" else loss
     c.data.templates = (("{prompt}", "{response}"),)
+    # Pairs padded to [B, 2, T] (TRL's layout; B = pairs per step). True packs whole pairs into rows of
+    # 2 * seq_len tokens (padding-free DPO; B = rows, up to data.max_pairs_per_row pairs each).
+    c.data.packing = False
     c.data.shuffle = True
     c.train.steps = 1000
     c.train.checkpoint_every = 250

@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     # per example from a seeded RNG.
     c.data.templates = (("{prompt}", "{response}"),)
     c.data.seq_len = 128
-    c.data.packing = True
+    c.data.packing = True  # preference/KTO: packed pairs (padding-free DPO), see data.max_pairs_per_row
     c.data.shuffle = True
     c.data.word_dropout = 0.0  # drop template (instruction) words in training prompts
     c.data.truncation = "truncate"  # truncate | drop | error
@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Slices of the data stream, each packed on its own (0 = one per process). A fixed count, divisible
     # by every process count you use, makes packed batches (and losses) independent of the process count.
     c.data.shards = 0
+    # Packed preference pairs: rows of 2 * data.seq_len tokens (the room of one padded pair) hold whole
+    # pairs, at most this many; per-pair arrays in a batch are [rows, max_pairs_per_row].
+    c.data.max_pairs_per_row = 16
     # Preference/KTO records with chat `messages`: a built-in name (llama3, gemma, chatml, qwen, alpaca,
     # plain), a jinja string, a .jinja file or a tokenizer_config.json; "" = the tokenizer's own template.
     c.data.chat_template = ""
@@ -219,13 +222,14 @@ def task_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**t.to_dict(), **overrides})
 
 
-EVAL_METRICS = ("generative", "multiple_choice")
+EVAL_METRICS = ("generative", "multiple_choice", "preference")
 
 
 def eval_task_config(metric: str = "generative", max_examples: int = 0, **task_keys) -> ml_collections.ConfigDict:
     """One held-out task of `config.eval.tasks`: a `task_config` (source, fields, templates, options...)
     plus its metric (generative: exact match/F1, zero- and k-shot; multiple_choice: option log-likelihood
-    over the task's options field) and `max_examples` (0 = all records)."""
+    over the task's options field; preference: held-out pairs scored by a pair objective's loss,
+    reward accuracy and margin) and `max_examples` (0 = all records)."""
     t = task_config(**task_keys)
     t.metric, t.max_examples = metric, max_examples
     return t
@@ -498,6 +502,8 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         raise UserError(f"config key 'data.shards' must be >= 0, got {config.data.shards}")
     if config.data.packing_bins < 0:
         raise UserError(f"config key 'data.packing_bins' must be >= 0, got {config.data.packing_bins}")
+    if config.data.max_pairs_per_row < 1:
+        raise UserError(f"config key 'data.max_pairs_per_row' must be >= 1, got {config.data.max_pairs_per_row}")
     single_jsonl = config.data.source == "jsonl" and not config.data.tasks
     if needs_data and single_jsonl and not config.data.train_path:
         raise UserError("config key 'data.train_path' is empty; data.source='jsonl' needs a JSONL file")
@@ -561,9 +567,12 @@ def _validate_eval_tasks(config: ml_collections.ConfigDict) -> None:
         key = f"eval.tasks.{name}"
         if task.metric not in EVAL_METRICS:
             raise UserError(f"config key '{key}.metric' is {task.metric!r}; expected one of {', '.join(EVAL_METRICS)}")
-        if task.format == "chat":
+        if task.format == "chat" and task.metric != "preference":
             raise UserError(f"config key '{key}.format': chat records are not evaluated as a task; "
                             "use a fields/alpaca/self_instruct format")
+        if task.metric == "preference" and config.objective.type == "sft":
+            raise UserError(f"config key '{key}.metric' is 'preference': held-out pairs are scored by a preference "
+                            "objective's loss and rewards; an SFT run evaluates generative or multiple_choice tasks")
         if task.max_examples < 0:
             raise UserError(f"config key '{key}.max_examples' must be >= 0, got {task.max_examples}")
         if name in d.tasks:

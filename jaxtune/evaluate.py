@@ -306,3 +306,30 @@ def write_results(path: str | Path, scores: Mapping[str, float], **info: Any) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**info, "metrics": dict(scores)}, indent=2, sort_keys=True) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+
+def pair_sequence_scores(model, params, arrays: Mapping[str, np.ndarray], *, batch_size: int,
+                         logits_chunk: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """(summed log p, trained-token count), each [N, 2], of padded [N, 2, T] pairs (held-out pair eval).
+
+    `params` are the variables to score with: the policy, or a reference ({"params": start weights},
+    or a PEFT base without adapters). Fixed [batch, 2, T] calls, the last one filled with repeats."""
+    n = len(arrays["inputs"])
+    multiple = generate_lib.batch_multiple()
+    batch_size = -(-batch_size // multiple) * multiple
+    pairs_per_call = max(1, batch_size // 2)
+    if multiple > 1:
+        pairs_per_call = -(-pairs_per_call // multiple) * multiple
+    variables = generate_lib.as_variables(params)
+    logps, counts = [], []
+    for start in range(0, n, pairs_per_call):
+        take = np.minimum(np.arange(start, start + pairs_per_call), n - 1)  # the last call repeats the last pair
+        rows = {k: arrays[k][take].reshape(-1, arrays[k].shape[-1]) for k in pipeline.BATCH_KEYS}
+        logp, count, _ = _sequence_logprobs(generate_lib.ByRepr(model), variables, rows, logits_chunk)
+        keep = min(pairs_per_call, n - start)
+        logps.append(distributed.to_host(logp).reshape(-1, 2)[:keep])
+        counts.append(distributed.to_host(count).reshape(-1, 2)[:keep])
+    return np.concatenate(logps), np.concatenate(counts)

@@ -171,6 +171,15 @@ def test_two_processes_match_one_dpo(tmp_path, reference):
 
 
 @pytest.mark.slow
+def test_two_processes_match_one_packed_dpo(tmp_path):
+    """Packed pairs: a fixed data.shards packs the same rows for one process or two (same losses)."""
+    pairs = write_preference_jsonl(tmp_path / "pairs.jsonl", 48)
+    overrides = [*DPO_OVERRIDES, f"data.train_path={pairs}", "data.packing=True", "data.shards=2",
+                 "data.max_pairs_per_row=4"]
+    _compare(tmp_path, f"{REPO / 'configs' / 'dpo.py'}:loss=sigmoid", overrides)
+
+
+@pytest.mark.slow
 def test_kill_both_processes_then_resume_matches(tmp_path):
     """SIGKILL both processes mid-run; the same command resumes from the last checkpoint both
     agree on, and every step's loss still matches the uninterrupted single-process run."""

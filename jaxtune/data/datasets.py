@@ -1,8 +1,10 @@
-"""What an SFT run reads, from the `data` section of a config: tokenizer, tasks and their mixture, eval set.
+"""What a run reads, from the `data` section of a config: tokenizer, tasks and their mixture, eval set.
 
 `data.tasks` (several tasks, each a `task_config`) or the single-task keys (`data.train_path` +
-`data.templates`, or the quickstart) become `TaskSpec`s: an opened source with its field mapping
-and record format, a resolved template set or chat template, and the task's policies.
+`data.templates`, or the quickstart) become `TaskSpec`s (SFT) or `PairTask`s (preference pairs and
+KTO records): an opened source with its field mapping and record format, a resolved template set
+or chat template, and the task's policies. Both kinds are mixed with the same `data.mixture` and
+batched on the same Grain skeleton (pipeline.record_stream + sharded_batches).
 """
 
 from __future__ import annotations
@@ -199,22 +201,180 @@ def train_dataset(data: SftData, cfg: ml_collections.ConfigDict, *, batch_size: 
 
 
 @dataclasses.dataclass
+class PairTask:
+    """One source of preference pairs (or KTO records): field-mapped records, how they are rendered
+    (a FLAN template set; chat records: a chat template) and the task's policies."""
+
+    name: str
+    records: Sequence[dict]
+    templates: Mapping[str, Sequence[templates_lib.Template]]
+    chat_template: str | None = None  # jinja text for chat records: the task's, data.chat_template, the tokenizer's
+    truncation: str = "truncate"
+    on_error: str = "error"
+
+
+@dataclasses.dataclass
 class PreferenceData:
+    """What a pair-shaped run reads: tokenizer, training tasks and their mixture, held-out pair sets."""
+
     tokenizer: Tokenizer
-    train_source: Sequence[dict]
-    train_templates: Mapping[str, Sequence[templates_lib.Template]]
+    tasks: list[PairTask]
+    mixture: Mixture
+    eval_tasks: list[PairTask] = dataclasses.field(default_factory=list)  # data.eval_path, eval.tasks (metric=preference)
     eval_records: Sequence[dict] = ()  # no generative eval for preference runs
-    chat_template: str | None = None  # jinja text for chat records: data.chat_template, else the tokenizer's
+
+    # The single-source view (reference precompute, older callers): the first task.
+    @property
+    def train_source(self) -> Sequence[dict]:
+        return self.tasks[0].records
+
+    @property
+    def train_templates(self) -> Mapping[str, Sequence[templates_lib.Template]]:
+        return self.tasks[0].templates
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.tasks[0].chat_template
 
 
-def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, unpaired: bool) -> PreferenceData:
-    """Preference pairs (or unpaired KTO examples) from data.train_path, rendered with data.templates
-    (chat records: with data.chat_template, else the tokenizer's chat template)."""
-    if cfg.source != "jsonl":
-        raise UserError(f"config key 'data.source' is {cfg.source!r}; preference objectives read JSONL pairs (data.source='jsonl')")
-    source = JsonlSource(cfg.train_path)
+PAIR_FORMATS = ("fields", "chat")  # pair records hold prompt/chosen/rejected (text or chat messages) either way
+
+
+def _pair_task(name: str, t: ml_collections.ConfigDict, *, default_chat_template: str | None, where: str) -> PairTask:
+    """A data.tasks / eval.tasks entry as a pair task: its source with the field mapping, templates, chat template."""
+    if t.format not in PAIR_FORMATS:
+        raise UserError(f"config key '{where}.format' is {t.format!r}; preference and KTO records are read with "
+                        f"format 'fields' (text or chat messages in prompt/chosen/rejected) or 'chat'")
+    source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=where)
+    records = TaskRecords(source, fmt="fields", fields=dict(t.fields), on_error=t.on_error, task=name)
+    chat_template = default_chat_template
+    if t.chat_template:
+        try:
+            chat_template = chat_lib.resolve_template(t.chat_template)
+        except UserError as e:
+            raise UserError(f"config key '{where}.chat_template': {e}") from None
+    templates = {DEFAULT_TASK: [tuple(x) for x in load_template_set(t.templates, where=f"{where}.templates")]}
+    return PairTask(name, records, templates, chat_template, truncation=t.truncation, on_error=t.on_error)
+
+
+def preference_eval_tasks(cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict | None, *,
+                          chat_template: str | None) -> list[PairTask]:
+    """Held-out pairs: data.eval_path (rendered like data.train_path) and eval.tasks with metric='preference'."""
+    tasks = []
+    if cfg.eval_path:
+        tasks.append(PairTask(DEFAULT_TASK, JsonlSource(cfg.eval_path), {DEFAULT_TASK: [tuple(t) for t in cfg.templates]},
+                              chat_template, truncation=cfg.truncation))
+    for name, t in (eval_cfg.tasks.items() if eval_cfg is not None else ()):
+        if t.metric == "preference":
+            tasks.append(_pair_task(name, t, default_chat_template=chat_template, where=f"eval.tasks.{name}"))
+    return tasks
+
+
+def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, unpaired: bool,
+                         eval_cfg: ml_collections.ConfigDict | None = None) -> PreferenceData:
+    """Preference pairs (or unpaired KTO examples) from data.tasks (mixed like SFT tasks: caps, weights,
+    temperature) or data.train_path with data.templates; chat records are rendered with the task's
+    chat_template, else data.chat_template, else the tokenizer's. Held-out pairs come from
+    data.eval_path and the eval.tasks whose metric is 'preference'."""
+    if cfg.source != "jsonl" and not cfg.tasks:
+        raise UserError(f"config key 'data.source' is {cfg.source!r}; preference objectives read JSONL pairs "
+                        "(data.source='jsonl') or data.tasks")
     configured = chat_lib.resolve_template(cfg.chat_template) if cfg.chat_template else None
-    corpus = preference.corpus(source, unpaired=unpaired, limit=_TOKENIZER_SAMPLE, chat_template=configured)
-    tokenizer = _tokenizer(cfg, paths.path(workdir), corpus)
-    return PreferenceData(tokenizer, source, {DEFAULT_TASK: [tuple(t) for t in cfg.templates]},
-                          chat_template=configured or getattr(tokenizer, "chat_template", None))
+    given = _tokenizer(cfg, paths.path(workdir), None) if cfg.tokenizer else None  # read before the tasks (chat template)
+    default_chat = configured or getattr(given, "chat_template", None)
+    if cfg.tasks:
+        task_cfgs = list(cfg.tasks.items())
+        tasks = [_pair_task(name, t, default_chat_template=default_chat, where=f"data.tasks.{name}") for name, t in task_cfgs]
+        mixture = _mixture(cfg, tasks, [t for _, t in task_cfgs])
+    else:
+        tasks = [PairTask(DEFAULT_TASK, JsonlSource(cfg.train_path), {DEFAULT_TASK: [tuple(t) for t in cfg.templates]},
+                          default_chat, truncation=cfg.truncation)]
+        mixture = mixture_rates([DEFAULT_TASK], [len(tasks[0].records)])
+
+    def corpus():
+        per_task = max(1, _TOKENIZER_SAMPLE // len(tasks))
+        for task in tasks:
+            yield from preference.corpus(task.records, unpaired=unpaired, limit=per_task,
+                                         chat_template=task.chat_template or configured)()
+
+    tokenizer = given or _tokenizer(cfg, paths.path(workdir), corpus)
+    if given is None:  # a tokenizer read from the workdir or trained here may bring its own chat template
+        own = getattr(tokenizer, "chat_template", None)
+        for task in tasks:
+            task.chat_template = task.chat_template or own
+        default_chat = default_chat or own
+    return PreferenceData(tokenizer, tasks, mixture,
+                          eval_tasks=preference_eval_tasks(cfg, eval_cfg, chat_template=default_chat))
+
+
+def pair_transforms(data: PreferenceData, tasks: Sequence[PairTask], cfg: ml_collections.ConfigDict, *, seed: int,
+                    unpaired: bool, with_reference: bool = False) -> list[preference.PreferenceTransform]:
+    """One transform per task: its templates / chat template and truncation, data.seq_len."""
+    return [preference.PreferenceTransform(
+        task.records, task.templates, data.tokenizer, seq_len=cfg.seq_len, truncation=task.truncation, seed=seed,
+        unpaired=unpaired, chat_template=task.chat_template, with_reference=with_reference) for task in tasks]
+
+
+@dataclasses.dataclass
+class PairStats:
+    """A pair run's data bookkeeping: the per-task transforms (precomputed reference log-probs attach
+    to them) and the pipeline's counts (per task; packing efficiency)."""
+
+    transforms: list[preference.PreferenceTransform]
+    pipeline: Any
+
+    @property
+    def transform(self) -> preference.PreferenceTransform:
+        return self.transforms[0]
+
+    def report(self) -> list[str]:
+        return self.pipeline.report()
+
+
+def preference_train_dataset(data: PreferenceData, cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                             unpaired: bool, process_index: int = 0, process_count: int = 1,
+                             precomputed_reference: bool = False):
+    """(batches, PairStats): the tasks mixed at the mixture's rates, padded [B, 2, T] pairs or, with
+    data.packing, packed rows (data/pair_packing.py); the `data` section's reading settings.
+    `precomputed_reference`: batches carry reference log-probs, attached to the transforms
+    (`PairStats.transform.ref_logps`) before the iterator is first read."""
+    transforms = pair_transforms(data, data.tasks, cfg, seed=seed, unpaired=unpaired,
+                                 with_reference=precomputed_reference)
+    it, stats = preference.pair_dataset(
+        [t.records for t in data.tasks], transforms, names=[t.name for t in data.tasks],
+        on_error=[t.on_error for t in data.tasks], rates=data.mixture.rates, batch_size=batch_size, seed=seed,
+        shuffle=cfg.shuffle, packing=cfg.packing, max_pairs=cfg.max_pairs_per_row,
+        packing_strategy=cfg.packing_strategy, packing_bins=cfg.packing_bins, shards=cfg.shards,
+        process_index=process_index, process_count=process_count, worker_count=cfg.worker_count,
+        read_threads=cfg.read_threads, prefetch=cfg.prefetch)
+    return it, PairStats(transforms, stats)
+
+
+@dataclasses.dataclass
+class PairEvalSet:
+    """Held-out pairs, rendered and tokenized as training pairs (padded [N, 2, T], source order)."""
+
+    name: str  # "" for data.eval_path (metrics eval/loss, eval/rewards/...), the task name for eval.tasks
+    arrays: dict[str, Any]
+    dropped: int = 0  # pairs the truncation policy removed
+
+
+def preference_eval_sets(data: PreferenceData, cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict | None,
+                         *, seed: int, unpaired: bool) -> list[PairEvalSet]:
+    """data.eval_path and eval.tasks (metric='preference'), each as one PairEvalSet (its first
+    `max_examples` records for an eval task; 0 = all)."""
+    import numpy as np
+
+    limits = {name: t.max_examples for name, t in (eval_cfg.tasks.items() if eval_cfg is not None else ())}
+    out = []
+    for task, transform in zip(data.eval_tasks, pair_transforms(data, data.eval_tasks, cfg, seed=seed, unpaired=unpaired)):
+        keys = preference.batch_keys(transform)
+        count = len(task.records) if not limits.get(task.name) else min(limits[task.name], len(task.records))
+        rows = [transform(i, {**task.records[i], "_index": i}) for i in range(count)]
+        kept = [r for r in rows if r is not None]
+        where = "data.eval_path" if task.name == DEFAULT_TASK else f"eval.tasks.{task.name}"
+        if not kept:
+            raise UserError(f"config key '{where}': no pair fits data.seq_len={cfg.seq_len} (all {count} dropped)")
+        arrays = {k: np.stack([r[k] for r in kept]) for k in keys}
+        out.append(PairEvalSet("" if task.name == DEFAULT_TASK else task.name, arrays, dropped=len(rows) - len(kept)))
+    return out

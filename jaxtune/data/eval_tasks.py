@@ -33,7 +33,9 @@ class EvalTask:
 
 
 def load_eval_tasks(tasks: Mapping[str, ml_collections.ConfigDict], *, seed: int) -> list[EvalTask]:
-    return [load_eval_task(name, t, seed=seed) for name, t in tasks.items()]
+    """The generative and multiple-choice tasks (held-out pairs, metric='preference', are a pair
+    objective's: datasets.preference_eval_tasks)."""
+    return [load_eval_task(name, t, seed=seed) for name, t in tasks.items() if t.metric != "preference"]
 
 
 def load_eval_task(name: str, t: ml_collections.ConfigDict, *, seed: int) -> EvalTask:

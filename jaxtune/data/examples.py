@@ -241,7 +241,8 @@ class CountExamples:
         if reason is not None:
             setattr(stats, reason, getattr(stats, reason) + 1)
             return example
-        n = len(example["inputs"])
+        # Real tokens: an SFT example is unpadded; a preference pair is two padded rows.
+        n = int(np.count_nonzero(example["segment_ids"])) if "segment_ids" in example else len(example["inputs"])
         stats.examples += 1
         stats.tokens += n
         stats.target_tokens += int(example["loss_mask"].sum())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -111,11 +111,10 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def example_stream(
-    tasks: Sequence[TaskSpec],
-    tokenizer: Tokenizer,
+def record_stream(
+    sources: Sequence[Sequence[dict]],
+    transforms: Sequence[Any],
     *,
-    seq_len: int,
     seed: int,
     rates: Sequence[float] | None = None,
     shuffle: bool = True,
@@ -125,14 +124,19 @@ def example_stream(
     read_threads: int = 0,
     prefetch: int = 0,
 ) -> grain.IterDataset:
-    """The mixed, per-process stream of examples and skip markers (see `build_dataset`)."""
+    """The shared skeleton's front: per source, shuffle (a fresh permutation every epoch), repeat
+    and map the objective's transform `(stream index, record) -> example | marker`; mix the
+    sources at `rates`; take this process's slice; optionally fan the transform out to workers.
+
+    Every objective's data goes through here (SFT examples, preference pairs, KTO examples), so
+    shuffling, mixing, sharding and reading are written once.
+    """
     streams = []
-    for i, task in enumerate(tasks):
-        ds = grain.MapDataset.source(task.records)
+    for i, (records, transform) in enumerate(zip(sources, transforms)):
+        ds = grain.MapDataset.source(records)
         if shuffle:
             ds = ds.shuffle(seed=seed + i)
-        ds = ds.repeat(None)
-        streams.append(ds.map_with_index(ExampleBuilder(task, i, tokenizer, seq_len=seq_len, seed=seed)))
+        streams.append(ds.repeat(None).map_with_index(transform))
     ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights=list(rates or [1.0] * len(streams)))
     ds = ds[process_index::process_count]
     # Grain's defaults (16 threads, 500 prefetched elements) cost more in bookkeeping than the
@@ -144,6 +148,47 @@ def example_stream(
         _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return it
+
+
+def example_stream(
+    tasks: Sequence[TaskSpec],
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    seed: int,
+    **stream_options,
+) -> grain.IterDataset:
+    """The mixed, per-process stream of SFT examples and skip markers (see `build_dataset`)."""
+    builders = [ExampleBuilder(task, i, tokenizer, seq_len=seq_len, seed=seed) for i, task in enumerate(tasks)]
+    return record_stream([t.records for t in tasks], builders, seed=seed, **stream_options)
+
+
+def sharded_batches(
+    stream: Callable[[int, int], grain.IterDataset],
+    finish: Callable[[grain.IterDataset, int], grain.IterDataset],
+    *,
+    batch_size: int,
+    shards: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
+    """The shared skeleton's back: this process's batches of `batch_size` rows.
+
+    `stream(shard, num_shards)` is one slice of the example stream (counted, markers filtered);
+    `finish(it, rows)` packs or pads it into rows (the objective's choice); each slice is batched
+    on its own. `shards` (default: one per process) splits the stream into that many slices, each
+    packed into its own rows; a process builds `shards / process_count` of them and puts their
+    rows side by side. A fixed shard count therefore gives the same global batches (and losses)
+    for any process count that divides it.
+    """
+    shards = shards or process_count
+    if shards % process_count or batch_size % (shards // process_count):
+        raise ValueError(f"{shards} data shards do not split over {process_count} processes x {batch_size} rows")
+    per_process = shards // process_count
+    rows = batch_size // per_process
+    parts = [finish(stream(process_index * per_process + k, shards), rows).batch(rows, drop_remainder=True)
+             for k in range(per_process)]
+    return parts[0] if per_process == 1 else grain.experimental.ZipIterDataset(parents=parts).map(_concat_rows)
 
 
 def build_dataset(
@@ -162,41 +207,33 @@ def build_dataset(
     process_count: int = 1,
     **stream_options,
 ) -> tuple[grain.IterDataset, PipelineStats]:
-    """An endless, per-process stream of batches of `batch_size` rows (this process's share).
+    """An endless, per-process stream of SFT batches of `batch_size` rows (this process's share).
 
-    Graph: per task, shuffle the record indices (a fresh permutation every epoch) and build
+    Graph (`record_stream` + `sharded_batches`): per task, shuffle the record indices and build
     examples; mix the tasks at `rates` (deterministic proportional interleaving); take this
     process's disjoint slice of the mixed stream; optionally fan the example building out to
     worker processes (same order for any count); count; pack (first/best fit) or pad; batch.
     The iterator state of the whole graph (mixture included) checkpoints with Grain.
-    `stream_options` (rates, shuffle, worker_count, read_threads, prefetch) go to `example_stream`.
-
-    `shards` (default: one per process) splits the mixed stream into that many slices, each
-    packed into its own rows; a process builds `shards / process_count` of them and puts their
-    rows side by side. A fixed shard count therefore gives the same global batches (and losses)
-    for any process count that divides it.
+    `stream_options` (rates, shuffle, worker_count, read_threads, prefetch) go to `record_stream`.
     """
-    shards = shards or process_count
-    if shards % process_count or batch_size % (shards // process_count):
-        raise ValueError(f"{shards} data shards do not split over {process_count} processes x {batch_size} rows")
-    per_process = shards // process_count
     stats = PipelineStats({t.name: TaskStats(lengths=[] if collect_lengths else None) for t in tasks})
-    rows = batch_size // per_process
-    parts = []
-    for k in range(per_process):
-        it = example_stream(tasks, tokenizer, seq_len=seq_len, seed=seed, process_index=process_index * per_process + k,
-                            process_count=shards, **stream_options)
-        it = it.map(CountExamples(stats.tasks, [t.name for t in tasks])).filter(is_example).map(strip_meta)
-        if packing:
-            packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
-                      "best_fit": grain.experimental.BestFitPackIterDataset}[packing_strategy]
-            lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
-            it = packer(it, length_struct=lengths, num_packing_bins=packing_bins or rows, shuffle_bins=False)
-            it = it.map(_from_packed)
-        else:
-            it = it.map(functools.partial(pad_example, seq_len=seq_len))
-        parts.append(it.batch(rows, drop_remainder=True))
-    it = parts[0] if per_process == 1 else grain.experimental.ZipIterDataset(parents=parts).map(_concat_rows)
+    count = CountExamples(stats.tasks, [t.name for t in tasks])
+
+    def stream(shard: int, num_shards: int) -> grain.IterDataset:
+        it = example_stream(tasks, tokenizer, seq_len=seq_len, seed=seed, process_index=shard,
+                            process_count=num_shards, **stream_options)
+        return it.map(count).filter(is_example).map(strip_meta)
+
+    def finish(it: grain.IterDataset, rows: int) -> grain.IterDataset:
+        if not packing:
+            return it.map(functools.partial(pad_example, seq_len=seq_len))
+        packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
+                  "best_fit": grain.experimental.BestFitPackIterDataset}[packing_strategy]
+        lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
+        return packer(it, length_struct=lengths, num_packing_bins=packing_bins or rows, shuffle_bins=False).map(_from_packed)
+
+    it = sharded_batches(stream, finish, batch_size=batch_size, shards=shards, process_index=process_index,
+                         process_count=process_count)
     return it.map(stats), stats
 
 

@@ -22,8 +22,8 @@ pattern, ``{response}`` being the completion, then tokenized exactly as SFT exam
 prompt, completion + EOS). The template is chosen from (seed, source index), so an example is
 tokenized identically in every epoch and in the reference-log-prob pass.
 
-A pair becomes two rows that share the prompt, ``[2, T]`` (0 = chosen, 1 = rejected), padded,
-never packed. For KTO row 1 is the same prompt followed by a *mismatched* completion (the next
+A pair becomes two rows that share the prompt, ``[2, T]`` (0 = chosen, 1 = rejected), padded;
+with data.packing, pair_packing.py lays many pairs' rows side by side instead. For KTO row 1 is the same prompt followed by a *mismatched* completion (the next
 source record's), which scores the KL reference point. Truncation keeps the prompt's end and the
 completions' start: when prompt + longest completion exceed the row, the prompt keeps its last
 ``max(row // 2, row - longest completion)`` tokens (BOS stays first) and the completions are cut
@@ -42,9 +42,11 @@ import numpy as np
 
 from jaxtune.data import chat as chat_lib
 from jaxtune.data import templates as templates_lib
-from jaxtune.data.examples import DEFAULT_TASK, TokenizeStats, encode_prompt
+from jaxtune.data import pair_packing
+from jaxtune.data.examples import (DEFAULT_TASK, SKIP_KEY, TASK_KEY, TRUNCATED_KEY, CountExamples, TaskStats,
+                                   TokenizeStats, encode_prompt, is_example)
 from jaxtune.data.formats import check_message_list
-from jaxtune.data.pipeline import BATCH_KEYS
+from jaxtune.data.pipeline import BATCH_KEYS, PipelineStats, record_stream, sharded_batches
 from jaxtune.data.tokenizers import Tokenizer, encode_with_specials, start_sequence
 from jaxtune.errors import UserError
 
@@ -315,6 +317,7 @@ class PreferenceTransform:
         unpaired: bool = False,
         ref_logps: np.ndarray | None = None,
         chat_template: str | None = None,
+        with_reference: bool = False,
     ):
         self.source = source
         self.task_templates = dict(task_templates)
@@ -324,6 +327,9 @@ class PreferenceTransform:
         self.seed = seed
         self.unpaired = unpaired
         self.ref_logps = ref_logps
+        # Batches carry precomputed reference log-probs (REF_KEYS): declared before the table exists,
+        # so the pipeline's layout is fixed when it is built; `ref_logps` is set before reading starts.
+        self.with_reference = with_reference or ref_logps is not None
         self.chat_template = chat_template  # jinja text for chat records (data.chat_template or the tokenizer's)
         self.stats = TokenizeStats()
 
@@ -332,10 +338,13 @@ class PreferenceTransform:
 
     def render(self, index: int, record: Mapping[str, Any], example: Example, completions: Sequence[str]):
         task = record.get("task", DEFAULT_TASK)
-        if task not in self.task_templates:
+        if len(self.task_templates) == 1:  # one template set (as SFT's TaskSpec.flan_spec): for every record
+            templates = next(iter(self.task_templates.values()))
+        elif task in self.task_templates:
+            templates = self.task_templates[task]
+        else:
             raise UserError(f"{_where(record, index)}: no templates for task {task!r}; "
                             f"known tasks: {', '.join(sorted(self.task_templates))}")
-        templates = self.task_templates[task]
         i = templates_lib.choose_template(templates, seed=self.seed, index=index)
         input_pattern, target_pattern = templates[i]
         where = f"{_where(record, index)}, template {i}"
@@ -375,7 +384,7 @@ class PreferenceTransform:
         rows[INDEX_KEY] = np.int32(index)
         if self.unpaired:
             rows[LABEL_KEY] = np.int32(example.label)
-        if self.ref_logps is not None:
+        if self.ref_logps is not None:  # (None while the reference pass itself tokenizes the pairs)
             rows[REF_KEYS[0]], rows[REF_KEYS[1]] = (np.float32(v) for v in self.ref_logps[index])
         return rows
 
@@ -395,17 +404,115 @@ def _completion_like(example: Example, completion):
     return completion["content"] if isinstance(completion, Mapping) else completion
 
 
-def _with_index(index: int, record: dict) -> dict:
-    return {**record, "_index": index}
+class IndexedRecords:
+    """A source whose records carry their source index (`_index`): a pair's template, its KTO
+    mismatched row and its precomputed reference log-probs are keyed by it, not by stream position."""
+
+    def __init__(self, records: Sequence[dict]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.records[index], "_index": int(index)}
 
 
-def _is_example(example) -> bool:
-    return example is not None
+class PairExamples:
+    """The shared skeleton's transform for pairs: (stream index, record) -> [2, T] pair | marker.
+
+    A dropped pair, or a bad record under on_error='skip', becomes a marker (pipeline.CountExamples
+    counts it per task, then it is filtered), so every input yields one output in any worker count.
+    """
+
+    def __init__(self, transform: PreferenceTransform, task_index: int = 0, on_error: str = "error", name: str = ""):
+        self.transform, self.task_index, self.on_error = transform, task_index, on_error
+        self.name = name or DEFAULT_TASK
+        self._failures_in_a_row = 0
+
+    def _marker(self, reason: str) -> dict[str, Any]:
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row > max(1000, 2 * len(self.transform.source)):
+            raise UserError(f"task {self.name!r}: the last {self._failures_in_a_row} preference records were all "
+                            "skipped or dropped; check the data, data.seq_len and data.truncation")
+        return {TASK_KEY: self.task_index, SKIP_KEY: reason}
+
+    def __call__(self, index: int, record: dict) -> dict[str, Any]:
+        if "_error" in record:  # a source read that failed under on_error=skip (formats.TaskRecords)
+            return self._marker("skipped")
+        truncated = self.transform.stats.truncated
+        try:
+            rows = self.transform(index, record)
+        except UserError:
+            if self.on_error != "skip":
+                raise
+            return self._marker("skipped")
+        if rows is None:
+            return self._marker("dropped")
+        self._failures_in_a_row = 0
+        rows[TASK_KEY] = self.task_index
+        rows[TRUNCATED_KEY] = int(self.transform.stats.truncated > truncated)
+        return rows
 
 
-def indexed_examples(source: Sequence[dict], transform: PreferenceTransform) -> grain.MapDataset:
-    """Source order, every record tagged with its source index, tokenized; dropped pairs filtered."""
-    return grain.MapDataset.source(source).map_with_index(_with_index).map_with_index(transform).filter(_is_example)
+class _KeepKeys:
+    def __init__(self, keys: Sequence[str]):
+        self.keys = tuple(keys)
+
+    def __call__(self, example: dict) -> dict[str, np.ndarray]:
+        return {k: example[k] for k in self.keys}
+
+
+def pair_dataset(
+    sources: Sequence[Sequence[dict]],
+    transforms: Sequence[PreferenceTransform],
+    *,
+    batch_size: int,
+    seed: int,
+    names: Sequence[str] | None = None,
+    on_error: Sequence[str] | None = None,
+    packing: bool = False,
+    max_pairs: int = 16,
+    packing_strategy: str = "first_fit",
+    packing_bins: int = 0,
+    shards: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    collect_lengths: bool = False,
+    **stream_options,
+) -> tuple[grain.IterDataset, PipelineStats]:
+    """Endless per-process pair batches on the shared skeleton (pipeline.record_stream + sharded_batches).
+
+    One source per task (mixed at `stream_options['rates']`), each with its transform. Padded:
+    every pair key [batch, 2, T], per-pair keys [batch]. Packed (`packing`): rows [batch, 2T] with
+    up to `max_pairs` pairs each and per-pair keys [batch, max_pairs] (pair_packing.py).
+    """
+    if not names:
+        names = [DEFAULT_TASK] if len(sources) == 1 else [f"task{i}" for i in range(len(sources))]
+    keys = batch_keys(transforms[0])
+    if any(batch_keys(t) != keys for t in transforms):
+        raise ValueError("every task's transform must yield the same batch keys")
+    stats = PipelineStats({name: TaskStats(lengths=[] if collect_lengths else None) for name in names})
+    count = CountExamples(stats.tasks, names)
+    errors = list(on_error or ["error"] * len(sources))
+    pair_examples = [PairExamples(t, i, errors[i], names[i]) for i, t in enumerate(transforms)]
+    indexed = [IndexedRecords(s) for s in sources]
+
+    def stream(shard: int, num_shards: int) -> grain.IterDataset:
+        it = record_stream(indexed, pair_examples, seed=seed, process_index=shard, process_count=num_shards,
+                           **stream_options)
+        return it.map(count).filter(is_example).map(_KeepKeys(keys))
+
+    def finish(it: grain.IterDataset, rows: int) -> grain.IterDataset:
+        if not packing:
+            return it  # the transform pads each pair to [2, T]
+        return pair_packing.pack_pairs(it, seq_len=transforms[0].seq_len, max_pairs=max_pairs,
+                                       pair_keys=keys[len(BATCH_KEYS):], bins=packing_bins or rows,
+                                       strategy=packing_strategy)
+
+    it = sharded_batches(stream, finish, batch_size=batch_size, shards=shards, process_index=process_index,
+                         process_count=process_count)
+    return it.map(stats), stats
 
 
 def preference_dataset(
@@ -420,22 +527,19 @@ def preference_dataset(
     read_threads: int = 0,
     prefetch: int = 0,
 ) -> grain.IterDataset:
-    """Endless per-process batches: every key [batch, 2, T] (pairs) or [batch] (index/label/ref logps)."""
-    ds = grain.MapDataset.source(source).map_with_index(_with_index)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None)[process_index::process_count]
-    ds = ds.map_with_index(transform).filter(_is_example)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
-    return it.batch(batch_size, drop_remainder=True)
+    """Endless per-process padded batches of one source: every key [batch, 2, T] (pairs) or [batch]
+    (index/label/ref logps)."""
+    return pair_dataset([source], [transform], batch_size=batch_size, seed=seed, shuffle=shuffle,
+                        process_index=process_index, process_count=process_count, read_threads=read_threads,
+                        prefetch=prefetch)[0]
 
 
 def batch_keys(transform: PreferenceTransform) -> tuple[str, ...]:
-    """The keys a batch from `transform` carries, in a fixed order."""
+    """The keys a padded batch from `transform` carries, in a fixed order: the rows, then per-pair keys."""
     keys = BATCH_KEYS + (INDEX_KEY,)
     if transform.unpaired:
         keys += (LABEL_KEY,)
-    if transform.ref_logps is not None:
+    if transform.with_reference:
         keys += REF_KEYS
     return keys
 

@@ -1,23 +1,28 @@
-"""What the pair-shaped objectives (dpo, kto) share: [B, 2, T] batches, one forward pass for both
-rows, the reference model (copy, base, precomputed or none), validation of those settings.
+"""What the pair-shaped objectives (dpo, kto) share: pair batches (padded or packed), one forward
+pass for both rows, the reference model (copy, base, precomputed or none), held-out pair
+evaluation, validation of those settings.
 
-Batches carry the pipeline keys with a pair axis (0 = chosen / the completion, 1 = rejected /
-KTO's mismatched completion) plus the per-pair source index, reshaped to [2B, T] for the forward
-pass so a pair stays on one device. The weight is the number of pairs. Subclasses give the loss
-on per-sequence log-probs (`pair_losses`) and their own config keys.
+Padded batches carry the pipeline keys with a pair axis (0 = chosen / the completion, 1 =
+rejected / KTO's mismatched completion) plus the per-pair source index, reshaped to [2B, T] for
+the forward pass so a pair stays on one device. Packed batches (data.packing) are [R, 2T] rows
+holding whole pairs as segments, with [R, max_pairs] pair slots (data/pair_packing.py); log-probs
+are summed per segment (objectives/segments.py). The weight is the number of real pairs. Subclasses
+give the loss on per-sequence log-probs (`pair_losses`, with a `valid` mask for empty pair slots)
+and their own config keys.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxtune.errors import UserError
-from jaxtune.objectives import base
-from jaxtune.objectives.logprobs import masked_sequence_sums
+from jaxtune.objectives import base, segments
 
 REFERENCE_CHOICES = ("auto", "copy", "precomputed", "none")
 REFERENCE_NAMES = {
@@ -27,16 +32,37 @@ REFERENCE_NAMES = {
 
 
 def pair_scores(model: base.ModelFns, params, batch: dict[str, jax.Array], frozen=None, rngs=None):
-    """Summed log-probs and lengths [B, 2] of a [B, 2, T] preference batch, in one [2B, T] forward pass.
+    """Summed log-probs and lengths [P, 2] of a pair batch, in one forward pass over all its rows.
 
-    The pair axis is folded into the batch axis next to its pair, so sharding B keeps a pair on one device.
+    Padded [B, 2, T]: the pair axis is folded into the batch axis next to its pair (P = B), so
+    sharding B keeps a pair on one device. Packed [R, 2T]: sums per segment (P = R * max_pairs;
+    empty slots are 0, see `pair_mask`).
     """
     from jaxtune.data import pipeline
 
-    rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in pipeline.BATCH_KEYS}
-    stats = model.token_stats(params, rows, frozen=frozen, rngs=rngs)
-    logps, lengths = masked_sequence_sums(stats.logp, rows["loss_mask"])
-    return logps.reshape(-1, 2), lengths.reshape(-1, 2)
+    logps, lengths, _ = segments.pair_logps(lambda rows: model.token_stats(params, rows, frozen=frozen, rngs=rngs),
+                                            batch, pipeline.BATCH_KEYS)
+    return logps, lengths
+
+
+def pair_mask(batch) -> jax.Array | None:
+    """[P] bool, the real pairs of a packed batch (None for padded batches: every pair is real)."""
+    return batch[segments.PAIR_MASK_KEY].reshape(-1) > 0 if segments.is_packed(batch) else None
+
+
+per_pair = segments.per_pair  # a per-pair batch key as a flat [P] array aligned with pair_scores
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """A pair run's held-out sets: LM evaluations (eval.mc_path, generative/multiple-choice eval.tasks)
+    and held-out pairs (data.eval_path, eval.tasks with metric='preference')."""
+
+    lm: Any
+    pairs: list
+
+    def __bool__(self) -> bool:
+        return bool(self.lm) or bool(self.pairs)
 
 
 class PairObjective(base.Objective):
@@ -87,6 +113,10 @@ class PairObjective(base.Objective):
         if not reference_free and o.reference == "none":
             raise UserError(f"config key 'objective.reference' is 'none', but {cls._needs_reference_name(o)} needs a "
                             "reference model; use auto, copy or precomputed")
+        if o.reference == "precomputed" and len(config.data.tasks) > 1:
+            raise UserError("config key 'objective.reference' is 'precomputed', which scores one pair source "
+                            "(data.train_path or a single data.tasks entry); with several data.tasks use 'auto' or "
+                            "'copy'")
 
     @classmethod
     def _needs_reference_name(cls, section) -> str:
@@ -106,40 +136,42 @@ class PairObjective(base.Objective):
         from jaxtune import config as config_lib
         from jaxtune.data import datasets
 
-        return datasets.load_preference_data(config_lib.data_config(self.config), workdir, unpaired=self.unpaired)
+        return datasets.load_preference_data(config_lib.data_config(self.config), workdir, unpaired=self.unpaired,
+                                             eval_cfg=self.config.eval)
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
-        """Padded [B, 2, T] pair batches, and the transform (which counts truncated/dropped pairs)."""
-        from jaxtune.data import preference
+        """Pair batches on the shared pipeline (data.tasks mixed; padded, or packed with data.packing),
+        and their datasets.PairStats (per-task counts; the transforms precomputed log-probs attach to)."""
+        from jaxtune.data import datasets
 
         c = self.config
-        transform = preference.PreferenceTransform(
-            data.train_source, data.train_templates, data.tokenizer, seq_len=c.data.seq_len,
-            truncation=c.data.truncation, seed=c.seed, unpaired=self.unpaired, chat_template=data.chat_template,
-        )
-        dataset = preference.preference_dataset(
-            data.train_source, transform, batch_size=batch_size, seed=c.seed, shuffle=c.data.shuffle,
-            process_index=process_index, process_count=process_count, read_threads=c.data.read_threads,
-            prefetch=c.data.prefetch,
-        )
-        return dataset, transform
+        return datasets.preference_train_dataset(
+            data, c.data, batch_size=batch_size, seed=c.seed, unpaired=self.unpaired, process_index=process_index,
+            process_count=process_count, precomputed_reference=self.reference_kind() == "precomputed")
 
-    def batch_shapes(self, batch_size):
-        from jaxtune.data import pipeline, preference
+    def batch_shapes(self, batch_size, *, packed: bool | None = None):
+        """Padded: rows [B, 2, T], per-pair keys [B]. Packed (data.packing): rows [B, 2T], per-pair keys
+        and `pair_mask` [B, data.max_pairs_per_row]."""
+        from jaxtune.data import pair_packing, pipeline, preference
 
-        seq_len = self.config.data.seq_len
-        shapes = {k: jax.ShapeDtypeStruct((batch_size, 2, seq_len), jnp.int32) for k in pipeline.BATCH_KEYS}
-        shapes[preference.INDEX_KEY] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+        d = self.config.data
+        packed = d.packing if packed is None else packed
+        rows = (batch_size, pair_packing.row_length(d.seq_len)) if packed else (batch_size, 2, d.seq_len)
+        pair = (batch_size, d.max_pairs_per_row) if packed else (batch_size,)
+        shapes = {k: jax.ShapeDtypeStruct(rows, jnp.int32) for k in pipeline.BATCH_KEYS}
+        if packed:
+            shapes[pair_packing.PAIR_MASK_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
+        shapes[preference.INDEX_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
         if self.unpaired:
-            shapes[preference.LABEL_KEY] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+            shapes[preference.LABEL_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
         if self.reference_kind() == "precomputed":
-            shapes.update({k: jax.ShapeDtypeStruct((batch_size,), jnp.float32) for k in preference.REF_KEYS})
+            shapes.update({k: jax.ShapeDtypeStruct(pair, jnp.float32) for k in preference.REF_KEYS})
         return shapes
 
     # ---- the loss ----------------------------------------------------------------------------
 
     def weight(self, batch):
-        return jnp.asarray(batch["inputs"].shape[0], jnp.float32)  # pairs (KTO: examples)
+        return segments.pair_count(batch)  # real pairs (KTO: examples)
 
     def reference_logps(self, model, batch, frozen, ref_params):
         """[B, 2] reference log-probs: the frozen copy, the adapter-free base, the batch, or zeros."""
@@ -151,19 +183,20 @@ class PairObjective(base.Objective):
         if kind == "base":
             return jax.lax.stop_gradient(pair_scores(model, frozen, batch)[0])
         if kind == "precomputed":
-            return jnp.stack([batch[k] for k in preference.REF_KEYS], axis=-1)
-        return jnp.zeros(batch[preference.INDEX_KEY].shape + (2,), jnp.float32)  # reference-free losses
+            return jnp.stack([per_pair(batch, k) for k in preference.REF_KEYS], axis=-1)
+        return jnp.zeros(per_pair(batch, preference.INDEX_KEY).shape + (2,), jnp.float32)  # reference-free losses
 
-    def pair_losses(self, logps, lengths, ref, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(per-pair loss [B], metrics as means over the B pairs) from [B, 2] log-probs/lengths."""
+    def pair_losses(self, logps, lengths, ref, batch, valid=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(per-pair loss [P], metrics as means over the real pairs) from [P, 2] log-probs/lengths;
+        `valid` ([P] bool or None) marks the real pairs of a packed batch (empty slots lose 0)."""
         raise NotImplementedError
 
     def loss(self, model, params, batch, *, frozen=None, rng=None, ref_params=None):
         rngs = None if rng is None else {"dropout": rng}
         logps, lengths = pair_scores(model, params, batch, frozen=frozen, rngs=rngs)
         ref = self.reference_logps(model, batch, frozen, ref_params)
-        losses, means = self.pair_losses(logps, lengths, ref, batch)
-        n = losses.shape[0]
+        losses, means = self.pair_losses(logps, lengths, ref, batch, valid=pair_mask(batch))
+        n = segments.pair_count(batch)
         total = jnp.sum(losses)
         return total, dict({k: v * n for k, v in means.items()}, loss=total)
 
@@ -175,18 +208,24 @@ class PairObjective(base.Objective):
         from jaxtune import reference, sharding
         from jaxtune.data import preference
 
-        transform = run.data_stats
-        if self.reference_kind() == "precomputed":
-            model = run.setup.apply_fn
+        from jaxtune.data import pair_packing, pipeline
+
+        transform = run.data_stats.transform
+        self._start_params = run.start_params  # the reference of held-out pair evaluation (copy/precomputed)
+        if self.reference_kind() == "precomputed":  # scored as padded pairs, whatever the training layout
+            model, mesh = run.setup.apply_fn, run.setup.mesh
             transform.ref_logps = reference.precompute(
-                jax.jit(lambda p, b: pair_scores(model, p, b)[0], out_shardings=sharding.replicated(run.setup.mesh)),
+                jax.jit(lambda p, b: pair_scores(model, p, b)[0], out_shardings=sharding.replicated(mesh)),
                 run.start_params, run.data.train_source, transform, run.workdir,
-                batch_size=self.config.train.global_batch_size, put=run.device_put,
+                batch_size=self.config.train.global_batch_size,
+                put=lambda b: {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in b.items()},
                 fingerprint=self.reference_fingerprint(run.setup.model_config, len(run.data.train_source)),
             )
-        if preference.batch_keys(transform) != tuple(self.batch_shapes(1)):  # the shapes the step was built for
-            raise AssertionError(f"preference batches carry {preference.batch_keys(transform)}, "
-                                 f"expected {tuple(self.batch_shapes(1))}")
+        keys = preference.batch_keys(transform)
+        if self.config.data.packing:
+            keys = pair_packing.packed_keys(keys[len(pipeline.BATCH_KEYS):])
+        if set(keys) != set(self.batch_shapes(1)):  # the shapes the step was built for
+            raise AssertionError(f"preference batches carry {keys}, expected {tuple(self.batch_shapes(1))}")
 
     def reference_fingerprint(self, model_config, num_records: int) -> dict:
         """What precomputed reference log-probs depend on; a stored table made for other values is refused."""
@@ -201,17 +240,62 @@ class PairObjective(base.Objective):
             "model": repr(model_config), "hf_dir": c.model.hf_dir, "init_from": c.model.init_from,
             # The names tables were stored under before `dpo` (so they stay valid under either spelling).
             "objective": "kto" if self.unpaired else "preference",
+            **({"tasks": config_lib.to_json_dict(c.data)["tasks"]} if c.data.tasks else {}),
         }
 
     def eval_set(self, data):
+        """eval.mc_path / generative and multiple-choice eval.tasks, and the held-out pairs."""
+        from jaxtune.data import datasets
         from jaxtune.objectives.sft import lm_eval_set
 
-        return lm_eval_set(self.config)  # eval.mc_path / eval.tasks; held-out pairs: not yet
+        pairs = datasets.preference_eval_sets(data, self.config.data, self.config.eval, seed=self.config.seed,
+                                              unpaired=self.unpaired)
+        return HeldOut(lm_eval_set(self.config), pairs)
 
     def evaluate(self, model, variables, tokenizer, eval_set, *, show=0, printer=print):
+        """LM metrics, and for held-out pairs the training loss and rewards (objectives/pair_eval.py)."""
+        from jaxtune import evaluate as evaluate_lib
+        from jaxtune.objectives import pair_eval
         from jaxtune.objectives.sft import lm_evaluate
 
-        return lm_evaluate(self.config, model, variables, tokenizer, eval_set, show=show, printer=printer)
+        lm, pair_sets = (eval_set.lm, eval_set.pairs) if isinstance(eval_set, HeldOut) else (eval_set, [])
+        scores = lm_evaluate(self.config, model, variables, tokenizer, lm, show=show, printer=printer) if lm else {}
+        if pair_sets:
+            kw = dict(batch_size=self.config.eval.batch_size, logits_chunk=self.config.train.logits_chunk)
+            scores.update(pair_eval.evaluate_pair_sets(
+                pair_sets, lambda arrays: evaluate_lib.pair_sequence_scores(model, variables, arrays, **kw),
+                lambda s: self._eval_reference(model, variables, s, kw), self.pair_losses))
+        return scores
+
+    def _eval_reference(self, model, variables, eval_set, kw) -> np.ndarray:
+        """[N, 2] reference log-probs of a held-out pair set, computed once: zeros (reference-free), the
+        PEFT base (the adapters left out), or the run's start weights (copy, precomputed)."""
+        from jaxtune import evaluate as evaluate_lib
+
+        cache = self.__dict__.setdefault("_eval_reference_cache", {})
+        if id(eval_set) not in cache:
+            kind = self.reference_kind()
+            if kind == "none":
+                cache[id(eval_set)] = np.zeros((len(eval_set.arrays["inputs"]), 2), np.float32)
+            else:
+                has_base = isinstance(variables, dict) and "params" in variables and len(variables) > 1
+                weights = {"params": variables["params"]} if has_base else {"params": self._start_weights(model)}
+                cache[id(eval_set)] = evaluate_lib.pair_sequence_scores(model, weights, eval_set.arrays, **kw)[0]
+        return cache[id(eval_set)]
+
+    def _start_weights(self, model):
+        """The run's start weights: from `start` during training; for `jaxtune eval`, rebuilt here
+        (model.hf_dir > model.init_from > seed, as the run built them)."""
+        start = getattr(self, "_start_params", None)
+        if start is not None:
+            return start()
+        import flax.linen as nn
+
+        from jaxtune.trainer import setup as setup_lib, state as state_lib  # jaxtune eval only
+
+        setup = setup_lib.build_setup(self.config, jax.devices(), vocab_size=model.config.vocab_size)
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rule_table):
+            return state_lib.start_weights(self.config, setup)
 
     def describe(self):
         from jaxtune import reference
@@ -223,7 +307,12 @@ class PairObjective(base.Objective):
         return self.name
 
     def data_report(self, stats):
-        if not stats.stats.dropped:
-            return []
-        return [f"data: {stats.stats.dropped} of {stats.stats.examples} preference pairs dropped (could not fit "
-                "data.seq_len with a preference left, or data.truncation='drop')"]
+        counts = stats.pipeline.tasks.values()
+        dropped = sum(s.dropped for s in counts)
+        lines = []
+        if dropped:
+            lines.append(f"data: {dropped} of {dropped + sum(s.examples for s in counts)} preference pairs dropped "
+                         "(could not fit data.seq_len with a preference left, or data.truncation='drop')")
+        if jax.process_index() == 0 and stats.pipeline.slots:
+            lines.append("data (this process):\n  " + "\n  ".join(stats.report()))
+        return lines

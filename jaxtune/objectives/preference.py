@@ -39,6 +39,10 @@ completion's length-normalised NLL (ORPO already has it with weight 1).
 Rewards (metrics): ``b (c - c0)`` / ``b (r - r0)`` for reference-based losses (with the
 length-averaged logps for ipo and dpo_norm), ``b avg c`` / ``b avg r`` for simpo and orpo (as
 TRL's CPO/ORPO trainers). ``logps/*`` are always the summed log-probs.
+
+``valid`` (optional bool [B]) marks the real pairs of a batch with empty slots (packed pairs have a
+fixed number of pair slots per row): batch means (metrics, KTO reference points) run over the
+real pairs only, and an empty slot's loss is 0 with no gradient. Without it every pair counts.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import ml_collections
 from jaxtune.errors import UserError
 from jaxtune.objectives import base, pairs
 from jaxtune.objectives.logprobs import masked_sequence_sums, token_stats
+from jaxtune.objectives.segments import masked_mean
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto_pair")
 LOSS_ALIASES = {"kto": "kto_pair"}  # old spellings (configs saved by earlier versions)
@@ -84,16 +89,23 @@ def _average(logps: jax.Array, lengths: jax.Array | None, loss_type: str, which:
     return logps / jnp.maximum(lengths.astype(jnp.float32), 1.0)
 
 
-def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, jax.Array]:
+def _fill_empty(x: jax.Array | None, valid: jax.Array | None, fill: float) -> jax.Array | None:
+    """Empty pair slots get a harmless constant (no log(0) in ORPO's odds, no gradient to the slot)."""
+    if x is None or valid is None:
+        return x
+    return jnp.where(valid, x, jnp.asarray(fill, x.dtype))
+
+
+def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, valid=None) -> dict[str, jax.Array]:
     chosen_rewards = jax.lax.stop_gradient(chosen_rewards)
     rejected_rewards = jax.lax.stop_gradient(rejected_rewards)
     return {
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "logps/chosen": jnp.mean(jax.lax.stop_gradient(chosen_logps)),
-        "logps/rejected": jnp.mean(jax.lax.stop_gradient(rejected_logps)),
+        "rewards/chosen": masked_mean(chosen_rewards, valid),
+        "rewards/rejected": masked_mean(rejected_rewards, valid),
+        "rewards/accuracies": masked_mean((chosen_rewards > rejected_rewards).astype(jnp.float32), valid),
+        "rewards/margins": masked_mean(chosen_rewards - rejected_rewards, valid),
+        "logps/chosen": masked_mean(jax.lax.stop_gradient(chosen_logps), valid),
+        "logps/rejected": masked_mean(jax.lax.stop_gradient(rejected_logps), valid),
     }
 
 
@@ -107,12 +119,14 @@ def preference_loss(
     chosen_lengths: jax.Array | None = None,
     rejected_lengths: jax.Array | None = None,
     beta: float | None = None,
+    valid: jax.Array | None = None,
     **hparams,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(per-pair loss [B], metrics) for `loss_type`; see the module docstring for each formula.
 
     hparams: label_smoothing (sigmoid/robust/dpo_norm/simpo), gamma (simpo), desirable_weight /
     undesirable_weight (kto_pair), sft_weight (RPO NLL term on chosen; any type). None = default.
+    `valid`: bool [B], the real pairs (module docstring); empty slots lose 0.
     """
     loss_type = LOSS_ALIASES.get(loss_type, loss_type)
     if loss_type not in LOSS_TYPES:
@@ -123,9 +137,14 @@ def preference_loss(
     h = {k: v for k, v in hparams.items() if v is not None}
     beta = DEFAULT_BETA[loss_type] if beta is None else beta
     ls = float(h.get("label_smoothing", 0.0))
-    c, r = chosen_logps.astype(jnp.float32), rejected_logps.astype(jnp.float32)
     if loss_type not in REFERENCE_FREE and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"loss_type {loss_type!r} needs reference log-probs (ref_chosen_logps, ref_rejected_logps)")
+    if valid is not None:
+        valid = valid.astype(bool)
+        chosen_logps, rejected_logps = _fill_empty(chosen_logps, valid, -1.0), _fill_empty(rejected_logps, valid, -2.0)
+        ref_chosen_logps, ref_rejected_logps = _fill_empty(ref_chosen_logps, valid, -1.0), _fill_empty(ref_rejected_logps, valid, -2.0)
+        chosen_lengths, rejected_lengths = _fill_empty(chosen_lengths, valid, 1.0), _fill_empty(rejected_lengths, valid, 1.0)
+    c, r = chosen_logps.astype(jnp.float32), rejected_logps.astype(jnp.float32)
     if loss_type in LENGTH_NORMALISED or h.get("sft_weight"):
         avg_c = _average(c, chosen_lengths, loss_type, "chosen")
     if loss_type in LENGTH_NORMALISED:
@@ -141,9 +160,9 @@ def preference_loss(
             log_odds = (avg_c - avg_r) - (_log1m_exp(avg_c) - _log1m_exp(avg_r))
             nll = -avg_c
             losses = nll - beta * jax.nn.log_sigmoid(log_odds)
-            extra = {"nll_loss": jnp.mean(jax.lax.stop_gradient(nll)),
-                     "log_odds_ratio": jnp.mean(jax.lax.stop_gradient(jax.nn.log_sigmoid(log_odds))),
-                     "log_odds_chosen": jnp.mean(jax.lax.stop_gradient(log_odds))}
+            extra = {"nll_loss": masked_mean(jax.lax.stop_gradient(nll), valid),
+                     "log_odds_ratio": masked_mean(jax.lax.stop_gradient(jax.nn.log_sigmoid(log_odds)), valid),
+                     "log_odds_chosen": masked_mean(jax.lax.stop_gradient(log_odds), valid)}
     else:
         c0, r0 = ref_chosen_logps.astype(jnp.float32), ref_rejected_logps.astype(jnp.float32)
         c0, r0 = jax.lax.stop_gradient(c0), jax.lax.stop_gradient(r0)
@@ -166,8 +185,8 @@ def preference_loss(
             losses = jnp.square(logits - 1.0 / (2.0 * beta))
         else:  # kto_pair: each side's reference point is the batch's mean log-ratio of the other
             w_d, w_u = float(h.get("desirable_weight", 1.0)), float(h.get("undesirable_weight", 1.0))
-            kl_chosen = jax.lax.stop_gradient(jnp.maximum(jnp.mean(chosen_logratio), 0.0))
-            kl_rejected = jax.lax.stop_gradient(jnp.maximum(jnp.mean(rejected_logratio), 0.0))
+            kl_chosen = jax.lax.stop_gradient(jnp.maximum(masked_mean(chosen_logratio, valid), 0.0))
+            kl_rejected = jax.lax.stop_gradient(jnp.maximum(masked_mean(rejected_logratio, valid), 0.0))
             losses = 0.5 * (w_d * (1.0 - jax.nn.sigmoid(beta * (chosen_logratio - kl_rejected)))
                             + w_u * (1.0 - jax.nn.sigmoid(beta * (kl_chosen - rejected_logratio))))
             extra = {"kl": kl_chosen}
@@ -175,8 +194,11 @@ def preference_loss(
     sft_weight = float(h.get("sft_weight", 0.0))
     if sft_weight:
         losses = losses + sft_weight * (-avg_c)
-    metrics = _metrics(chosen_rewards, rejected_rewards, chosen_logps.astype(jnp.float32), rejected_logps.astype(jnp.float32))
+    metrics = _metrics(chosen_rewards, rejected_rewards, chosen_logps.astype(jnp.float32),
+                       rejected_logps.astype(jnp.float32), valid)
     metrics.update(extra)
+    if valid is not None:
+        losses = jnp.where(valid, losses, 0.0)
     return losses, metrics
 
 
@@ -223,13 +245,13 @@ class DPO(pairs.PairObjective):
     def loss_name(self):
         return self.loss_type(self.section)
 
-    def pair_losses(self, logps, lengths, ref, batch):
+    def pair_losses(self, logps, lengths, ref, batch, valid=None):
         o = self.section
         return preference_loss(
             self.loss_type(o), logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1],
             chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1], beta=o.beta,
             label_smoothing=o.label_smoothing, gamma=o.gamma, desirable_weight=o.desirable_weight,
-            undesirable_weight=o.undesirable_weight, sft_weight=o.sft_weight,
+            undesirable_weight=o.undesirable_weight, sft_weight=o.sft_weight, valid=valid,
         )
 
 

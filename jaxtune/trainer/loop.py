@@ -377,6 +377,8 @@ def headline(scores: dict[str, float]) -> tuple[str, str]:
         return "exact match", f"{scores['exact_match']:.1%}"
     if "mc/accuracy" in scores:
         return "multiple-choice accuracy", f"{scores['mc/accuracy']:.1%}"
+    if "rewards/accuracies" in scores:  # held-out preference pairs (data.eval_path)
+        return "reward accuracy", f"{scores['rewards/accuracies']:.1%}"
     named = sorted(k for k in scores if k.count("/") == 1 and k.endswith(("/exact_match", "/accuracy")))
     if named:  # eval.tasks only: the first task's
         return named[0], f"{scores[named[0]]:.1%}"
