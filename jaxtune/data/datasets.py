@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -333,17 +333,23 @@ class PairStats:
 
 def preference_train_dataset(data: PreferenceData, cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int,
                              unpaired: bool, process_index: int = 0, process_count: int = 1,
-                             precomputed_reference: bool = False):
+                             precomputed_reference: bool = False, wrap: Callable | None = None,
+                             packing: bool | None = None):
     """(batches, PairStats): the tasks mixed at the mixture's rates, padded [B, 2, T] pairs or, with
     data.packing, packed rows (data/pair_packing.py); the `data` section's reading settings.
     `precomputed_reference`: batches carry reference log-probs, attached to the transforms
-    (`PairStats.transform.ref_logps`) before the iterator is first read."""
+    (`PairStats.transform.ref_logps`) before the iterator is first read. `wrap(transform, task)`
+    turns each task's pair transform into the objective's own (e.g. a reward model's whole-sequence
+    rows); `packing` overrides data.packing (False: an objective that cannot pack)."""
     transforms = pair_transforms(data, data.tasks, cfg, seed=seed, unpaired=unpaired,
                                  with_reference=precomputed_reference)
+    if wrap is not None:
+        transforms = [wrap(t, task) for t, task in zip(transforms, data.tasks)]
+    packing = cfg.packing if packing is None else packing
     it, stats = preference.pair_dataset(
         [t.records for t in data.tasks], transforms, names=[t.name for t in data.tasks],
         on_error=[t.on_error for t in data.tasks], rates=data.mixture.rates, batch_size=batch_size, seed=seed,
-        shuffle=cfg.shuffle, packing=cfg.packing, max_pairs=cfg.max_pairs_per_row,
+        shuffle=cfg.shuffle, packing=packing, max_pairs=cfg.max_pairs_per_row,
         packing_strategy=cfg.packing_strategy, packing_bins=cfg.packing_bins, shards=cfg.shards,
         process_index=process_index, process_count=process_count, worker_count=cfg.worker_count,
         read_threads=cfg.read_threads, prefetch=cfg.prefetch)

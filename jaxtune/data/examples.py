@@ -245,7 +245,8 @@ class CountExamples:
         n = int(np.count_nonzero(example["segment_ids"])) if "segment_ids" in example else len(example["inputs"])
         stats.examples += 1
         stats.tokens += n
-        stats.target_tokens += int(example["loss_mask"].sum())
+        if "loss_mask" in example:  # reward-model rows train no token targets
+            stats.target_tokens += int(example["loss_mask"].sum())
         stats.truncated += example[TRUNCATED_KEY]
         if stats.lengths is not None:
             stats.lengths.append(n)

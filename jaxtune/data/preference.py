@@ -534,8 +534,12 @@ def preference_dataset(
                         prefetch=prefetch)[0]
 
 
-def batch_keys(transform: PreferenceTransform) -> tuple[str, ...]:
-    """The keys a padded batch from `transform` carries, in a fixed order: the rows, then per-pair keys."""
+def batch_keys(transform) -> tuple[str, ...]:
+    """The keys a padded batch from `transform` carries, in a fixed order: the rows, then per-pair keys.
+    A wrapping transform (e.g. the reward model's whole-sequence rows) declares its own `batch_keys`."""
+    declared = getattr(transform, "batch_keys", None)
+    if declared is not None:
+        return tuple(declared)
     keys = BATCH_KEYS + (INDEX_KEY,)
     if transform.unpaired:
         keys += (LABEL_KEY,)

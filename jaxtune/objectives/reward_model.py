@@ -86,8 +86,11 @@ class RewardRows:
     """
 
     def __init__(self, transform, pad_id: int, path: str = ""):
+        from jaxtune.data import preference
+
         self.transform, self.pad_id, self.path = transform, pad_id, path
-        self.stats = transform.stats
+        self.stats, self.source, self.seq_len = transform.stats, transform.source, transform.seq_len
+        self.batch_keys = ROW_KEYS + (preference.INDEX_KEY, SCORE_INDEX_KEY, MARGIN_KEY)  # what __call__ yields
 
     def __call__(self, index: int, record: dict) -> dict[str, np.ndarray] | None:
         from jaxtune.data import preference
@@ -146,19 +149,15 @@ class RewardModel(pairs.PairObjective):
     # ---- data --------------------------------------------------------------------------------
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
-        from jaxtune.data import preference
+        """The pair tasks (data.tasks mixed, or data.train_path) as whole-sequence reward rows, padded:
+        a reward is read at a row's last token, so data.packing does not apply."""
+        from jaxtune.data import datasets
 
         c = self.config
-        transform = RewardRows(preference.PreferenceTransform(
-            data.train_source, data.train_templates, data.tokenizer, seq_len=c.data.seq_len,
-            truncation=c.data.truncation, seed=c.seed, chat_template=data.chat_template), data.tokenizer.pad_id,
-            c.data.train_path)
-        dataset = preference.preference_dataset(
-            data.train_source, transform, batch_size=batch_size, seed=c.seed, shuffle=c.data.shuffle,
-            process_index=process_index, process_count=process_count, read_threads=c.data.read_threads,
-            prefetch=c.data.prefetch,
-        )
-        return dataset, transform
+        return datasets.preference_train_dataset(
+            data, c.data, batch_size=batch_size, seed=c.seed, unpaired=False, process_index=process_index,
+            process_count=process_count, packing=False,
+            wrap=lambda transform, task: RewardRows(transform, data.tokenizer.pad_id, c.data.train_path or task.name))
 
     def batch_shapes(self, batch_size):
         from jaxtune.data import preference
