@@ -1,0 +1,55 @@
+"""Reward functions loaded by name or module path and summed with weights."""
+
+import pytest
+
+from jaxtune.errors import UserError
+from jaxtune.rewards import RewardSet, load_reward_fn, math_answer
+
+
+def length_penalty(prompts, completions, **fields):
+    return [-len(c) / 10 for c in completions]
+
+
+def wrong_length(prompts, completions, **fields):
+    return [1.0]
+
+
+def not_finite(prompts, completions, **fields):
+    return [float("nan")] * len(completions)
+
+
+def test_weighted_sum_and_parts():
+    rewards = RewardSet.from_specs(["math", "tests.rewards.test_reward_set:length_penalty"], [2.0, 0.5])
+    totals, parts = rewards(["q", "q"], ["#### 4", "#### 5"], {"answer": ["4", "4"], "id": [0, 1]})
+    assert rewards.names == ["math", "length_penalty"]
+    assert parts == {"math": [1.0, 0.0], "length_penalty": [-0.6, -0.6]}
+    assert totals == pytest.approx([2.0 - 0.3, -0.3])
+
+
+def test_dotted_path_and_builtins():
+    assert load_reward_fn("math") is math_answer
+    assert load_reward_fn("tests.rewards.test_reward_set.length_penalty") is length_penalty
+
+
+@pytest.mark.parametrize("specs, weights, message", [
+    ([], (), "at least one"),
+    (["math"], [1.0, 2.0], "1 reward functions but 2 weights"),
+    (["no_such_module_xyz:f"], (), "cannot import module"),
+    (["tests.rewards.test_reward_set:missing"], (), "no callable 'missing'"),
+    (["nonsense"], (), "expected a built-in"),
+    (["math", "math"], (), "share a name"),
+])
+def test_bad_specs(specs, weights, message):
+    with pytest.raises(UserError, match=message):
+        RewardSet.from_specs(specs, weights)
+
+
+@pytest.mark.parametrize("spec, fields, message", [
+    ("math", {"question": ["q"]}, "records have fields \\['question'\\]"),
+    ("tests.rewards.test_reward_set:wrong_length", {}, "returned 1 rewards for 2"),
+    ("tests.rewards.test_reward_set:not_finite", {}, "non-finite"),
+])
+def test_bad_reward_outputs(spec, fields, message):
+    rewards = RewardSet.from_specs([spec])
+    with pytest.raises(UserError, match=message):
+        rewards(["q", "q"], ["a", "b"], {k: v * 2 for k, v in fields.items()})
