@@ -1,7 +1,9 @@
 """Reward functions for RL with verifiable rewards.
 
 The contract (the one TRL's GRPOTrainer uses): ``reward_fn(prompts, completions, **fields) ->
-list[float]``, one float per completion; ``fields`` holds every other field of the records, one
+list[float | None]``, one float per completion (None where the function does not apply to
+that record, e.g. a math reward on an instruction prompt: it then counts as 0 in the sum and
+is left out of that function's metrics); ``fields`` holds every other field of the records, one
 list per field aligned with ``prompts`` (so a math reward reads ``answer``, an instruction reward
 ``constraints``). A config names reward functions by built-in name or by module path
 (``my_pkg.rewards:brevity``); several are summed with weights (`RewardSet`).
@@ -77,19 +79,20 @@ class RewardSet:
         return cls(names, [load_reward_fn(s) for s in specs], [float(w) for w in weights])
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-                 fields: Mapping[str, Sequence[Any]]) -> tuple[list[float], dict[str, list[float]]]:
-        """(total reward per completion, {name: that function's rewards})."""
+                 fields: Mapping[str, Sequence[Any]]) -> tuple[list[float], dict[str, list[float | None]]]:
+        """(total reward per completion, {name: that function's rewards, None where it does not apply})."""
         parts: dict[str, list[float]] = {}
         for name, fn in zip(self.names, self.fns):
             try:
                 values = fn(list(prompts), list(completions), **fields)
             except TypeError as e:
                 raise UserError(f"reward function {name!r}: {e} (records have fields {sorted(fields)})") from None
-            values = [float(v) for v in values]
+            values = [None if v is None else float(v) for v in values]
             if len(values) != len(completions):
                 raise UserError(f"reward function {name!r} returned {len(values)} rewards for {len(completions)} completions")
-            if not all(math.isfinite(v) for v in values):
+            if not all(v is None or math.isfinite(v) for v in values):
                 raise UserError(f"reward function {name!r} returned a non-finite reward: {values}")
             parts[name] = values
-        totals = [sum(w * parts[n][i] for n, w in zip(self.names, self.weights)) for i in range(len(completions))]
+        totals = [sum(w * (parts[n][i] or 0.0) for n, w in zip(self.names, self.weights))
+                  for i in range(len(completions))]
         return totals, parts

@@ -143,21 +143,24 @@ def satisfied(text: str, constraints: Sequence[Mapping[str, Any]]) -> list[bool]
     return [bool(CHECKERS[c["type"]][1](text, c)) for c in constraints]
 
 
-def _scores(completions, constraints, reduce) -> list[float]:
+def _scores(completions, constraints, reduce) -> list[float | None]:
     out = []
     for i, (text, value) in enumerate(zip(completions, constraints, strict=True)):
+        if value is None:  # a record without constraints: not applicable
+            out.append(None)
+            continue
         ok = satisfied(text, as_constraints(value, f"record {i}: field 'constraints'"))
         out.append(reduce(ok))
     return out
 
 
 def instruction_fraction(prompts: Sequence[str], completions: Sequence[str], *, constraints: Sequence[Any],
-                         **_: Any) -> list[float]:
-    """The fraction of each record's constraints the completion satisfies."""
+                         **_: Any) -> list[float | None]:
+    """The fraction of each record's constraints the completion satisfies (None: no constraints)."""
     return _scores(completions, constraints, lambda ok: sum(ok) / len(ok))
 
 
 def instruction_all(prompts: Sequence[str], completions: Sequence[str], *, constraints: Sequence[Any],
-                    **_: Any) -> list[float]:
-    """1.0 when the completion satisfies every constraint of its record, else 0.0."""
+                    **_: Any) -> list[float | None]:
+    """1.0 when the completion satisfies every constraint of its record, else 0.0 (None: no constraints)."""
     return _scores(completions, constraints, lambda ok: float(all(ok)))

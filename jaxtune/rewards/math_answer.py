@@ -119,6 +119,9 @@ def answers_match(predicted: str | None, reference: Any) -> bool:
         return False
 
 
-def math_answer(prompts: Sequence[str], completions: Sequence[str], *, answer: Sequence[Any], **_: Any) -> list[float]:
-    """1.0 where the completion's final answer equals the record's ``answer`` field, else 0.0."""
-    return [float(answers_match(extract_answer(c), a)) for c, a in zip(completions, answer, strict=True)]
+def math_answer(prompts: Sequence[str], completions: Sequence[str], *, answer: Sequence[Any],
+                **_: Any) -> list[float | None]:
+    """1.0 where the completion's final answer equals the record's ``answer`` field, else 0.0;
+    None (not applicable) for records whose ``answer`` is None."""
+    return [None if a is None else float(answers_match(extract_answer(c), a))
+            for c, a in zip(completions, answer, strict=True)]

@@ -53,3 +53,11 @@ def test_bad_reward_outputs(spec, fields, message):
     rewards = RewardSet.from_specs([spec])
     with pytest.raises(UserError, match=message):
         rewards(["q", "q"], ["a", "b"], {k: v * 2 for k, v in fields.items()})
+
+
+def test_not_applicable_rewards_count_as_zero_in_the_sum():
+    rewards = RewardSet.from_specs(["math", "instructions"])
+    fields = {"answer": ["4", None], "constraints": [None, [{"type": "lowercase"}]]}
+    totals, parts = rewards(["q", "p"], ["#### 4", "all lower"], fields)
+    assert parts == {"math": [1.0, None], "instructions": [None, 1.0]}
+    assert totals == [1.0, 1.0]
