@@ -78,6 +78,33 @@ def _per_sequence(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return sums[ids].reshape(b, t)
 
 
+def _inverse_lengths(loss_mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Per trained token, 1 / (its completion's trained-token count); 0 elsewhere."""
+    mask = loss_mask.astype(jnp.float32)
+    seg = jnp.where(mask > 0, segment_ids, 0)  # segment 0 collects padding/prompt tokens
+    return jnp.where(mask > 0, 1.0 / jnp.maximum(_per_sequence(mask, seg), 1.0), 0.0)
+
+
+def _weight(num_sequences, num_tokens, aggregation: str, max_completion_len: int | None) -> jax.Array:
+    if aggregation == "sequence_mean":
+        return num_sequences
+    if aggregation == "token_mean":
+        return num_tokens
+    if aggregation == "constant":
+        if not max_completion_len:
+            raise ValueError("aggregation 'constant' (Dr. GRPO) needs max_completion_len")
+        return num_sequences * max_completion_len
+    raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+
+
+def aggregation_weight(loss_mask: jax.Array, segment_ids: jax.Array, aggregation: str,
+                       max_completion_len: int | None = None) -> jax.Array:
+    """What the aggregated loss is a mean over, from the batch alone: completions, trained tokens
+    or completions * L_max (the trainer divides the summed loss by it)."""
+    num_sequences = jnp.sum(_inverse_lengths(loss_mask, segment_ids))
+    return _weight(num_sequences, jnp.sum(loss_mask.astype(jnp.float32)), aggregation, max_completion_len)
+
+
 def kl_penalty(lp: jax.Array, lp_ref: jax.Array, estimator: str) -> jax.Array:
     """Per-token estimate of KL(policy || reference) from sampled tokens (k1 or k3)."""
     if estimator == "k1":
@@ -118,9 +145,8 @@ def policy_loss(
     mask = loss_mask.astype(jnp.float32)
     adv = advantages.astype(jnp.float32)
     lp_old = jax.lax.stop_gradient(lp) if lp_old is None else lp_old.astype(jnp.float32)
-    seg = jnp.where(mask > 0, segment_ids, 0)  # segment 0 collects padding/prompt tokens
-    seq_tokens = _per_sequence(mask, seg)
-    inv_len = jnp.where(mask > 0, 1.0 / jnp.maximum(seq_tokens, 1.0), 0.0)
+    seg = jnp.where(mask > 0, segment_ids, 0)
+    inv_len = _inverse_lengths(loss_mask, segment_ids)
     log_ratio = (lp - lp_old) * mask
     if importance == "sequence":
         seq_log_ratio = jax.lax.stop_gradient(_per_sequence(log_ratio, seg) * inv_len)
@@ -135,14 +161,8 @@ def policy_loss(
         metrics["kl"] = jnp.sum(jax.lax.stop_gradient(kl) * mask)
     num_sequences = jnp.sum(inv_len)  # each completion's tokens sum to 1
     num_tokens = jnp.sum(mask)
-    if aggregation == "sequence_mean":
-        loss_sum, weight = jnp.sum(per_token * inv_len), num_sequences
-    elif aggregation == "token_mean":
-        loss_sum, weight = jnp.sum(per_token * mask), num_tokens
-    else:
-        if not max_completion_len:
-            raise ValueError("aggregation 'constant' (Dr. GRPO) needs max_completion_len")
-        loss_sum, weight = jnp.sum(per_token * mask), num_sequences * max_completion_len
+    weight = _weight(num_sequences, num_tokens, aggregation, max_completion_len)
+    loss_sum = jnp.sum(per_token * (inv_len if aggregation == "sequence_mean" else mask))
     r = jax.lax.stop_gradient(ratio)
     metrics.update(
         tokens=num_tokens,

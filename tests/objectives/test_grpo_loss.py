@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.objectives.grpo_loss import group_advantages, kl_penalty, overlong_penalty, policy_loss
+from jaxtune.objectives.grpo_loss import aggregation_weight, group_advantages, kl_penalty, overlong_penalty, policy_loss
 
 
 def test_group_advantages_by_hand():
@@ -119,3 +119,10 @@ def test_packed_equals_padded_and_accumulation_is_exact(aggregation, importance)
         assert float(a[0]) == pytest.approx(float(b[0]), rel=1e-6) and float(a[1]) == float(b[1])
     total = sum(float(m[0]) for m in micro) / sum(float(m[1]) for m in micro)
     assert total == pytest.approx(float(packed[0]) / float(packed[1]), rel=1e-6)
+
+
+@pytest.mark.parametrize("aggregation, expected", [("sequence_mean", 2.0), ("token_mean", 3.0), ("constant", 10.0)])
+def test_aggregation_weight_from_the_batch_alone(aggregation, expected):
+    assert float(aggregation_weight(MASK, SEG, aggregation, 5)) == expected
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        aggregation_weight(MASK, SEG, "median")
