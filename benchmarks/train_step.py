@@ -40,7 +40,8 @@ import jax
 import numpy as np
 
 from jaxtune import metrics, models, optim, sharding, trainer
-from jaxtune.config import base_config, resolved_reference
+from jaxtune import objectives
+from jaxtune.config import base_config
 from jaxtune.peft import lora, quant
 
 
@@ -226,7 +227,8 @@ def prepare_jaxtune(args, method: str, quantize: str):
     mesh = sharding.build_mesh({"data": 1, "fsdp": n, "tensor": 1})
     rules = sharding.rules(args.rules)
     apply_fn = trainer.make_apply_fn(model)
-    reference_kind = resolved_reference(config)
+    objective = objectives.build(config)
+    reference_kind = objective.reference_kind()
 
     rng = np.random.default_rng(0)
     B, T = args.batch, args.seq_len
@@ -246,8 +248,7 @@ def prepare_jaxtune(args, method: str, quantize: str):
         ref = init(jax.random.key(0)).params if reference_kind == "copy" else None
         batch_sharding = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
         batch = {k: jax.device_put(v, batch_sharding[k]) for k, v in batch.items()}
-        step = jax.jit(trainer.make_train_step(apply_fn, tx, lr, accum=1, z_loss=0.0, objective=config.objective,
-                                               reference_kind=reference_kind),
+        step = jax.jit(trainer.make_train_step(objective, apply_fn, tx, lr, accum=1),
                        in_shardings=(shardings, batch_sharding, shardings.params if ref is not None else None),
                        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
         t0 = time.time()

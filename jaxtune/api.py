@@ -103,11 +103,8 @@ def starting_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     is what zero-initialised adapters compute; QLoRA's base unquantised). A tokenizer trained on first use is trained into
     `workdir` now, exactly as training would, and reused by it.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from jaxtune import models, sharding, trainer
-    from jaxtune.data import datasets
+    from jaxtune import models, objectives
+    from jaxtune.trainer import state as state_lib
 
     if config.model.hf_dir:
         return load(hf_dir=config.model.hf_dir)
@@ -116,15 +113,10 @@ def starting_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     if config.peft.method == "prefix":
         raise UserError("starting_model: prefix tuning changes the model from its first step; "
                         "use load(workdir) after training")
-    data_cfg = trainer.data_config(config)
-    if config.objective.type == "sft":
-        tokenizer = datasets.load_sft_data(data_cfg, workdir, seed=config.seed).tokenizer
-    else:
-        tokenizer = datasets.load_preference_data(data_cfg, workdir, unpaired=config.objective.type == "kto").tokenizer
-    model_config = trainer.model_config_from(config, vocab_size=tokenizer.vocab_size).replace(peft=None)
-    model = models.build(model_config)
-    init = jax.jit(lambda rng: sharding.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
-    return Model(model, init(jax.random.key(config.seed)), tokenizer, config, step=0)
+    tokenizer = objectives.build(config).load_data(workdir).tokenizer
+    model_config = state_lib.model_config_from(config, vocab_size=tokenizer.vocab_size).replace(peft=None)
+    params = state_lib.base_params(config, model_config)  # the seed's init, as the state builder makes it
+    return Model(models.build(model_config), params, tokenizer, config, step=0)
 
 
 def export(workdir: str, *, peft: str | None = None, merged: str | None = None, dtype: str | None = None,

@@ -181,20 +181,18 @@ def _chat(args) -> int:
 
 def _eval(args, overrides: list[str]) -> int:
     from jaxtune import config as config_lib
-    from jaxtune import evaluate, inference, metrics, paths, trainer
-    from jaxtune.data import datasets
+    from jaxtune import evaluate, inference, metrics, objectives, paths
 
     config = config_lib.load_config(args.config, overrides) if args.config else None
     loaded = inference.from_hf_dir(args.hf_dir, config) if args.hf_dir else inference.from_workdir(args.workdir, config)
     config = loaded.config
-    data = datasets.load_sft_data(trainer.data_config(config), args.workdir, seed=config.seed)
-    eval_set = evaluate.build_eval_set(data.eval_records, data.eval_templates, config.eval, seed=config.seed)
+    objective = objectives.build(config)  # the run's objective decides what its held-out evaluation is
+    eval_set = objective.eval_set(objective.load_data(args.workdir))
     if not eval_set:
         raise UserError("eval: nothing to evaluate; set data.eval_path (or data.source=quickstart), eval.mc_path "
                         "or eval.tasks")
-    scores = evaluate.run(loaded.model, loaded.params, loaded.tokenizer, eval_set, config.eval,
-                          seq_len=config.data.seq_len, seed=config.seed, show=config.eval.show_examples,
-                          logits_chunk=config.train.logits_chunk)
+    scores = objective.evaluate(loaded.model, loaded.params, loaded.tokenizer, eval_set,
+                                show=config.eval.show_examples)
     step = loaded.step or 0
     path = paths.path(args.workdir) / "eval_results.json"
     if distributed.process_index() == 0:  # files are written once (a shared workdir)
@@ -262,8 +260,8 @@ def _export(args) -> int:
     """A LoRA run's adapters -> PEFT dir and/or merged HF dir (the base re-created from its pointer)."""
     if not (args.peft or args.merged):
         raise UserError("export: give --peft OUT and/or --merged OUT")
-    from jaxtune import trainer
     from jaxtune.peft import export
+    from jaxtune.trainer import state as state_lib
 
     config, model_config, state, step, tokenizer_dir = _load_run("export", args.workdir)
     if model_config.peft is None:
@@ -280,7 +278,7 @@ def _export(args) -> int:
         export.export_peft(model_config, adapters, args.peft, base_model_name_or_path=config.model.get("hf_dir") or None)
         print(f"jaxtune: wrote PEFT adapters (step {step}) to {args.peft}", flush=True)
     if args.merged:
-        base = trainer.frozen_base_on_host(config, model_config)
+        base = state_lib.base_params(config, model_config)  # as training held it, on the host
         export.export_merged(model_config, base, adapters, args.merged, dtype=args.dtype,
                              tokenizer_dir=tokenizer_dir, max_shard_size=args.max_shard_size)
         print(f"jaxtune: wrote merged Hugging Face model (step {step}) to {args.merged}", flush=True)
@@ -329,8 +327,8 @@ def _data_preview(args, overrides: list[str]) -> int:
     from jaxtune import config as config_lib
 
     config = config_lib.load_config(args.config, overrides)
+    from jaxtune.config import data_config
     from jaxtune.data.preview import preview
-    from jaxtune.trainer import data_config
 
     config.unlock()
     config.data = data_config(config)  # a model.hf_dir's own tokenizer, as training uses

@@ -153,20 +153,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.dcn_fsdp = 1
     c.mesh.dcn_tensor = 1
 
-    c.objective = ml_collections.ConfigDict()
-    # sft | preference ((prompt, chosen, rejected) pairs) | kto ((prompt, completion, label) examples)
-    c.objective.type = "sft"
-    # preference: sigmoid | robust | hinge | ipo | dpo_norm | simpo | orpo | kto (jaxtune/objectives/preference.py)
-    c.objective.loss_type = "sigmoid"
-    c.objective.beta = ml_collections.FieldReference(None, field_type=float)  # None: the loss type's paper default
-    c.objective.label_smoothing = 0.0  # cDPO (sigmoid, dpo_norm, simpo) / rDPO (robust) label-noise rate
-    c.objective.gamma = ml_collections.FieldReference(None, field_type=float)  # SimPO target margin; None: 1.0
-    c.objective.desirable_weight = 1.0  # KTO
-    c.objective.undesirable_weight = 1.0  # KTO
-    c.objective.sft_weight = 0.0  # RPO: + sft_weight * length-normalised NLL of the chosen completion
-    # auto: none for reference-free losses (simpo, orpo), else a frozen copy of the initial params |
-    # copy | precomputed (one pass over the data before training, stored in the workdir) | none
-    c.objective.reference = "auto"
+    # objective.type: sft | dpo (paired preference losses; objective.loss_type) | kto (unpaired KTO).
+    # Each objective owns its keys, defaults and checks (jaxtune/objectives/); they are merged here.
+    from jaxtune import objectives  # imports jax: only when a config is built
+
+    c.objective = objectives.base.config_defaults()
 
     c.eval = ml_collections.ConfigDict()
     c.eval.max_new_tokens = 12
@@ -391,12 +382,8 @@ _CHOICES = {
     "data.on_error": ("error", "skip"),
     "data.packing_strategy": ("first_fit", "best_fit"),
     "data.mixture.mode": ("examples_proportional", "weights", "temperature"),
-    "objective.type": ("sft", "preference", "kto"),
-    "objective.loss_type": ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto"),
-    "objective.reference": ("auto", "copy", "precomputed", "none"),
     "train.nonfinite": ("halt", "skip"),
 }
-REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 
 TASK_CHOICES = {
     "source": ("jsonl", "json", "parquet", "array_record", "tfds"),
@@ -482,7 +469,9 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
     _validate_eval(config.eval)
     _validate_eval_tasks(config)
-    _validate_objective(config)
+    from jaxtune import objectives  # each objective checks its own keys
+
+    objectives.base.validate(config)
     for prefix in ("", "dcn_"):
         for axis in ("data", "fsdp", "tensor"):
             size = config.mesh[prefix + axis]
@@ -545,62 +534,6 @@ def _validate_eval_tasks(config: ml_collections.ConfigDict) -> None:
                 where = trained_name if trained_name == "data.train_path" else f"data.tasks.{trained_name}"
                 raise UserError(f"config key '{key}.path': {task.path!r} is also trained on ({where}); "
                                 "eval tasks must be held out")
-
-
-def _validate_objective(config: ml_collections.ConfigDict) -> None:
-    o = config.objective
-    if o.type == "sft":
-        if config.data.chat_template:
-            raise UserError("config key 'data.chat_template' is read by preference/KTO runs; an SFT chat task sets "
-                            "its own: data.tasks.<name> = task_config(format='chat', chat_template=...)")
-        return
-    if config.data.chat_template:
-        from jaxtune.data import chat  # a leaf module: resolves names, files and jinja strings
-
-        try:
-            chat.resolve_template(config.data.chat_template)
-        except UserError as e:
-            raise UserError(f"config key 'data.chat_template': {e}") from None
-    if config.model.hf_dir and config.model.init_from:
-        raise UserError("config keys 'model.hf_dir' and 'model.init_from' are both set; pick one starting point")
-    if config.data.source != "jsonl":
-        raise UserError(f"config key 'objective.type' is {o.type!r}: preference data comes from JSONL (data.source='jsonl')")
-    if o.beta is not None and not o.beta > 0:
-        raise UserError(f"config key 'objective.beta' must be > 0, got {o.beta}")
-    if not 0.0 <= o.label_smoothing < 0.5:
-        raise UserError(f"config key 'objective.label_smoothing' must be in [0, 0.5), got {o.label_smoothing}")
-    if o.sft_weight < 0 or o.desirable_weight <= 0 or o.undesirable_weight <= 0:
-        raise UserError("config keys objective.sft_weight must be >= 0 and objective.desirable_weight/undesirable_weight > 0")
-    reference_free = o.type == "preference" and o.loss_type in REFERENCE_FREE_LOSSES
-    if reference_free and o.reference not in ("auto", "none"):
-        raise UserError(
-            f"config key 'objective.reference' is {o.reference!r}, but loss_type {o.loss_type!r} is reference-free; "
-            "use 'auto' or 'none'"
-        )
-    lora = config.peft.method != "none"
-    if lora and o.reference == "copy":
-        raise UserError("config key 'objective.reference' is 'copy', but with LoRA the reference is the base model "
-                        "without its adapters (no extra weights): use 'auto' (or 'precomputed')")
-    if lora and config.model.init_from:
-        raise UserError("config key 'model.init_from' is not supported with LoRA yet; export the SFT model "
-                        "(jaxtune export) and start from it with model.hf_dir")
-    if not reference_free and o.reference == "none":
-        kind = "kto" if o.type == "kto" else f"loss_type {o.loss_type!r}"
-        raise UserError(f"config key 'objective.reference' is 'none', but {kind} needs a reference model; use auto, copy or precomputed")
-
-
-def resolved_reference(config: ml_collections.ConfigDict) -> str:
-    """none | copy | base | precomputed: what objective.reference='auto' means for this config.
-
-    auto: none for reference-free losses; with LoRA the base model (adapters off: no extra weights);
-    otherwise a frozen copy of the initial weights.
-    """
-    o = config.objective
-    if o.type == "sft" or (o.type == "preference" and o.loss_type in REFERENCE_FREE_LOSSES):
-        return "none"
-    if o.reference == "auto":
-        return "base" if config.peft.method != "none" else "copy"
-    return o.reference
 
 
 def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], process_count: int) -> None:
@@ -666,6 +599,15 @@ def resolve_hybrid_mesh_shape(config: ml_collections.ConfigDict, device_count: i
         return resolve_mesh_shape(config, device_count), {a: 1 for a in ("data", "fsdp", "tensor")}
     ici = resolve_mesh_shape(config, device_count // num_slices, what="devices per slice")
     return ici, resolve_mesh_shape(config, num_slices, prefix="dcn_", what="slices")
+
+
+def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """config.data, reading the HF dir's own tokenizer when model.hf_dir is set and data.tokenizer is not."""
+    if not config.model.hf_dir or config.data.tokenizer:
+        return config.data
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.tokenizer = config.model.hf_dir  # load_tokenizer picks tokenizer.json, else tokenizer.model
+    return data_cfg
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:

@@ -72,7 +72,7 @@ def restore_run(workdir: str, what: str, *, config: ml_collections.ConfigDict | 
     """
     import orbax.checkpoint as ocp
 
-    from jaxtune import trainer
+    from jaxtune.trainer import state as state_lib
 
     directory, _ = latest_checkpoint(workdir, what)
     with ocp.CheckpointManager(directory) as manager:  # a damaged latest step: the one before (warned)
@@ -91,7 +91,7 @@ def restore_run(workdir: str, what: str, *, config: ml_collections.ConfigDict | 
                                 or paths.path(workdir) / TOKENIZER_FILE)
     needs_vocab = not trained.model.get("hf_dir") and trained.model.get("vocab_size") is None
     tokenizer = _tokenizer(tokenizer_path, f"{what} {workdir}") if needs_vocab else None
-    model_config = trainer.model_config_from(trained, vocab_size=tokenizer.vocab_size if tokenizer else None)
+    model_config = state_lib.model_config_from(trained, vocab_size=tokenizer.vocab_size if tokenizer else None)
     return Run(trained, model_config, state, step, tokenizer, tokenizer_path)
 
 
@@ -103,13 +103,13 @@ def from_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) 
     (model.hf_dir or the seed's init, quantised for QLoRA) and `params` is the variables dict of
     base + adapters.
     """
-    from jaxtune import trainer
+    from jaxtune.trainer import state as state_lib
 
     run = restore_run(workdir, "--workdir", config=config)
     tokenizer = run.tokenizer or _tokenizer(run.tokenizer_path, f"--workdir {workdir}")
     params = run.state["params"]
-    if run.model_config.peft is not None:
-        params = trainer.variables_for(params, trainer.frozen_base_on_host(run.config, run.model_config))
+    if run.model_config.peft is not None:  # the base as training held it, re-created by the state builder
+        params = state_lib.variables_for(params, state_lib.base_params(run.config, run.model_config))
     return Loaded(config or run.config, models.build(run.model_config), params, tokenizer, run.step)
 
 

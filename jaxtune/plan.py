@@ -269,7 +269,7 @@ def step_flops(config: ml_collections.ConfigDict, setup: trainer.TrainSetup) -> 
     base gets no weight gradients (-1/3 of the weight FLOPs), and a reference model runs a forward.
     """
     cfg = setup.model_config
-    tokens = config.train.global_batch_size * config.data.seq_len * (1 if config.objective.type == "sft" else 2)
+    tokens = math.prod(setup.batch_shapes["inputs"].shape)  # rows x seq_len (a pair is two rows)
     weights = 6.0 * setup.num_params
     attention = 12.0 * cfg.num_layers * cfg.hidden_size * config.data.seq_len
     per_token = metrics.train_flops_per_token(setup.num_params, cfg.num_layers, cfg.hidden_size, config.data.seq_len)

@@ -21,7 +21,7 @@ POISONED_STEP = 3  # 1-based, as logged
 def poison(monkeypatch):
     """Makes the train step see NaN weights on step POISONED_STEP, so its loss and every gradient are NaN
     (the guard sits outside and still holds the real state)."""
-    real = trainer.make_train_step
+    real = trainer.step.make_train_step
 
     def make(*args, **kwargs):
         step = real(*args, **kwargs)
@@ -33,7 +33,7 @@ def poison(monkeypatch):
 
         return poisoned
 
-    monkeypatch.setattr(trainer, "make_train_step", make)
+    monkeypatch.setattr(trainer.step, "make_train_step", make)
 
 
 def test_guard_keeps_state_and_names_groups():

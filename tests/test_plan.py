@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune import cli, metrics, plan, sharding, trainer
+from jaxtune import cli, metrics, objectives, plan, sharding, trainer
 from jaxtune import config as config_lib
 from jaxtune.errors import UserError
 
@@ -169,5 +169,5 @@ def test_plan_peft_and_preference_objectives(spec, overrides, capsys):
 def test_dpo_config_lora_method():
     c = config_lib.load_config(str(REPO / "configs" / "dpo.py") + ":variant=llama3.1-8b,method=lora", needs_data=False)
     assert c.peft.method == "lora" and c.peft.base_dtype == "bfloat16" and c.data.seq_len == 2048
-    assert config_lib.resolved_reference(c) == "base"  # the base without adapters: no extra weights
+    assert objectives.build(c).reference_kind() == "base"  # the base without adapters: no extra weights
     assert (c.mesh.data, c.mesh.fsdp) == (1, -1)

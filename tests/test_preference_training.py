@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import optax
 
 from jaxtune import config as config_lib
-from jaxtune import cli, models, optim, reference, sharding, trainer
+from jaxtune import cli, models, objectives, optim, reference, sharding, trainer
 from jaxtune.data import preference
 from jaxtune.data.sources import JsonlSource
 from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
 from jaxtune.errors import UserError
 from jaxtune.objectives import preference_loss
+from jaxtune.objectives.pairs import pair_scores
 from jaxtune.metrics import read_metrics
 from tests.helpers import WORDS, reverse_pair, write_preference_jsonl
 
@@ -77,9 +78,8 @@ class Setup:
             _, shardings, init = trainer.plan_state(self.model, self.tx, self.mesh, self.rules, seq_len=8)
             return init(jax.random.key(seed))
 
-    def step_fn(self, objective, reference_kind="copy"):
-        return trainer.make_train_step(self.apply_fn, self.tx, self.lr, accum=1, z_loss=0.0, objective=objective,
-                                       reference_kind=reference_kind)
+    def step_fn(self, config):
+        return trainer.make_train_step(objectives.build(config), self.apply_fn, self.tx, self.lr, accum=1)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,7 @@ def test_every_loss_type_takes_a_step(setup):
     tx = optax.sgd(0.1)
     for loss in LOSSES:
         c = dpo_config(setup.files, loss)
-        step = jax.jit(trainer.make_train_step(bigram, tx, optax.constant_schedule(0.1), accum=2, z_loss=0.0,
-                                               objective=c.objective, reference_kind=config_lib.resolved_reference(c)))
+        step = jax.jit(trainer.make_train_step(objectives.build(c), bigram, tx, optax.constant_schedule(0.1), accum=2))
         state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
         new, metrics = step(state, batches[loss == "kto"], params)
         assert np.isfinite(float(metrics["loss"])), loss
@@ -117,17 +116,16 @@ def test_dpo_learns_a_held_out_preference(setup, files, tmp_path):
         held_out, {"default": [("{prompt}", "{response}")]}, load_tokenizer(files["tokenizer"]), seq_len=24,
         truncation="truncate", seed=0)
     eval_batch = next(iter(preference.preference_dataset(held_out, transform, batch_size=32, seed=0, shuffle=False)))
-    objective = dpo_config(files, **{"objective.beta": 0.5}).objective
+    objective = objectives.build(dpo_config(files, **{"objective.beta": 0.5}))  # reference: a frozen copy
     state, ref = setup.state(), setup.state().params
     tx = optax.adam(3e-3)
     state = trainer.TrainState(step=state.step, params=state.params, opt_state=tx.init(state.params))
-    step = jax.jit(trainer.make_train_step(setup.apply_fn, tx, optax.constant_schedule(3e-3), accum=1, z_loss=0.0,
-                                           objective=objective, reference_kind="copy"))
+    step = jax.jit(trainer.make_train_step(objective, setup.apply_fn, tx, optax.constant_schedule(3e-3), accum=1))
 
     @jax.jit
     def held_out_accuracy(params):
-        logps, _ = trainer.pair_scores(setup.apply_fn, params, eval_batch)
-        ref_logps, _ = trainer.pair_scores(setup.apply_fn, ref, eval_batch)
+        logps, _ = pair_scores(setup.apply_fn, params, eval_batch)
+        ref_logps, _ = pair_scores(setup.apply_fn, ref, eval_batch)
         return preference_loss("sigmoid", logps[:, 0], logps[:, 1], ref_logps[:, 0], ref_logps[:, 1])[1]["rewards/accuracies"]
 
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):

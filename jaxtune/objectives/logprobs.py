@@ -47,6 +47,12 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, ja
     return stats.logp, stats.log_z
 
 
+def masked_sequence_sums(logp: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of per-token log p [..., T] over the trained tokens, their count) per sequence, float32 [...]."""
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum(logp * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
 def head_token_stats(
     head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, *, chunk: int = DEFAULT_CHUNK,
 ) -> TokenStats:

@@ -1,4 +1,5 @@
-"""Preference objectives on per-sequence log-probs: the DPO family, SimPO, ORPO and KTO.
+"""The `dpo` objective: paired preference losses on per-sequence log-probs (the DPO family,
+SimPO, ORPO, paired KTO), selected by `objective.loss_type`.
 
 Everything here is a pure float32 function of per-sequence *summed* log-probs (and lengths, for
 the length-normalised losses), so the trainer computes one forward pass and every loss reuses it.
@@ -23,16 +24,14 @@ simpo      SimPO (Meng et al. 2024), reference-free:                           b
 orpo       ORPO (Hong et al. 2024), reference-free, lambda = beta (as TRL):    b=0.1
            ``-avg c - b log s(log_odds)``, ``log_odds = (avg c - avg r) -
            (log(1 - exp(avg c)) - log(1 - exp(avg r)))``
-kto        paired KTO (Ethayarajh et al. 2024; TRL's former ``kto_pair``):     b=0.1, w_d=w_u=1
+kto_pair   paired KTO (Ethayarajh et al. 2024; TRL's former ``kto_pair``;     b=0.1, w_d=w_u=1
+           ``kto`` is accepted as its old name):
            ``(w_d (1 - s(b((c-c0) - z_r))) + w_u (1 - s(b(z_c - (r-r0))))) / 2``
            with reference points ``z_c = max(0, mean(c-c0))``,
            ``z_r = max(0, mean(r-r0))`` over the batch, detached
 =========  ==================================================================  ==================
 
-Unpaired KTO (``kto_loss``, prompt/completion/label data, TRL's KTOTrainer) uses one reference
-point for every example: ``z = max(0, mean(kl_logps - kl_ref_logps))`` over completions paired
-with a *mismatched* prompt (the estimate of KL(policy || reference)), detached; desirable
-examples cost ``w_d (1 - s(b((x - x0) - z)))`` and undesirable ones ``w_u (1 - s(b(z - (x - x0))))``.
+Unpaired KTO (prompt/completion/label records) is its own objective: kto.py.
 
 ``sft_weight > 0`` adds the RPO term (Pang et al. 2024) ``sft_weight * (-avg c)``: the chosen
 completion's length-normalised NLL (ORPO already has it with weight 1).
@@ -46,17 +45,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from jaxtune.objectives.logprobs import token_stats
+from jaxtune.errors import UserError
+from jaxtune.objectives import base, pairs
+from jaxtune.objectives.logprobs import masked_sequence_sums, token_stats
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto")
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto_pair")
+LOSS_ALIASES = {"kto": "kto_pair"}  # old spellings (configs saved by earlier versions)
 REFERENCE_FREE = ("simpo", "orpo")
 # Length-normalised losses: they need chosen_lengths / rejected_lengths.
 LENGTH_NORMALISED = ("ipo", "dpo_norm", "simpo", "orpo")
 
 # Paper / TRL defaults, used when a hyperparameter is left as None.
 DEFAULT_BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "dpo_norm": 5.0, "simpo": 2.0,
-                "orpo": 0.1, "kto": 0.1}
+                "orpo": 0.1, "kto_pair": 0.1}
 DEFAULT_SIMPO_GAMMA = 1.0
 _HPARAMS = ("label_smoothing", "gamma", "desirable_weight", "undesirable_weight", "sft_weight")
 
@@ -64,12 +67,6 @@ _HPARAMS = ("label_smoothing", "gamma", "desirable_weight", "undesirable_weight"
 def sequence_logps(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(summed log p of the trained tokens, their count) per sequence, float32 [...], from full logits."""
     return masked_sequence_sums(token_stats(logits, targets).logp, loss_mask)
-
-
-def masked_sequence_sums(logp: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of per-token log p [..., T] over the trained tokens, their count) per sequence, float32 [...]."""
-    mask = loss_mask.astype(jnp.float32)
-    return jnp.sum(logp * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
 def _smoothed_sigmoid_loss(x: jax.Array, label_smoothing: float) -> jax.Array:
@@ -115,8 +112,9 @@ def preference_loss(
     """(per-pair loss [B], metrics) for `loss_type`; see the module docstring for each formula.
 
     hparams: label_smoothing (sigmoid/robust/dpo_norm/simpo), gamma (simpo), desirable_weight /
-    undesirable_weight (kto), sft_weight (RPO NLL term on chosen; any type). None = default.
+    undesirable_weight (kto_pair), sft_weight (RPO NLL term on chosen; any type). None = default.
     """
+    loss_type = LOSS_ALIASES.get(loss_type, loss_type)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown preference loss_type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
     unknown = sorted(set(hparams) - set(_HPARAMS))
@@ -166,7 +164,7 @@ def preference_loss(
             losses = jax.nn.relu(1.0 - beta * logits)
         elif loss_type == "ipo":
             losses = jnp.square(logits - 1.0 / (2.0 * beta))
-        else:  # kto (paired): each side's reference point is the batch's mean log-ratio of the other
+        else:  # kto_pair: each side's reference point is the batch's mean log-ratio of the other
             w_d, w_u = float(h.get("desirable_weight", 1.0)), float(h.get("undesirable_weight", 1.0))
             kl_chosen = jax.lax.stop_gradient(jnp.maximum(jnp.mean(chosen_logratio), 0.0))
             kl_rejected = jax.lax.stop_gradient(jnp.maximum(jnp.mean(rejected_logratio), 0.0))
@@ -182,44 +180,59 @@ def preference_loss(
     return losses, metrics
 
 
-def kto_loss(
-    logps: jax.Array,
-    ref_logps: jax.Array,
-    desirable: jax.Array,
-    kl_logps: jax.Array,
-    ref_kl_logps: jax.Array,
-    *,
-    beta: float | None = None,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Unpaired KTO: (per-example loss [B], metrics) from (prompt, completion, label) examples.
+@base.register("dpo", aliases=("preference",))
+class DPO(pairs.PairObjective):
+    """Paired preference losses on (prompt, chosen, rejected) records; `objective.loss_type` picks one."""
 
-    `kl_logps`/`ref_kl_logps` score each prompt with a mismatched completion; their mean
-    log-ratio (clamped at 0, no gradient) is the reference point z of the KTO value function.
-    Reward metrics are means over the desirable (chosen) / undesirable (rejected) examples.
-    """
-    beta = DEFAULT_BETA["kto"] if beta is None else beta
-    logps, ref_logps = logps.astype(jnp.float32), jax.lax.stop_gradient(ref_logps.astype(jnp.float32))
-    kl = jnp.mean(kl_logps.astype(jnp.float32) - ref_kl_logps.astype(jnp.float32))
-    kl = jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
-    logratio = logps - ref_logps
-    good = desirable.astype(bool)
-    losses = jnp.where(
-        good,
-        desirable_weight * (1.0 - jax.nn.sigmoid(beta * (logratio - kl))),
-        undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (kl - logratio))),
-    )
-    rewards = jax.lax.stop_gradient(beta * logratio)
-    n_good = jnp.maximum(jnp.sum(good), 1)
-    n_bad = jnp.maximum(jnp.sum(~good), 1)
-    detached = jax.lax.stop_gradient(logps)
-    metrics = {
-        "kl": kl,
-        "rewards/chosen": jnp.sum(jnp.where(good, rewards, 0.0)) / n_good,
-        "rewards/rejected": jnp.sum(jnp.where(good, 0.0, rewards)) / n_bad,
-        "logps/chosen": jnp.sum(jnp.where(good, detached, 0.0)) / n_good,
-        "logps/rejected": jnp.sum(jnp.where(good, 0.0, detached)) / n_bad,
-    }
-    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    return losses, metrics
+    @classmethod
+    def config_section(cls):
+        c = super().config_section()
+        # sigmoid | robust | hinge | ipo | dpo_norm | simpo | orpo | kto_pair (the table above)
+        c.loss_type = "sigmoid"
+        c.label_smoothing = 0.0  # cDPO (sigmoid, dpo_norm, simpo) / rDPO (robust) label-noise rate
+        c.gamma = ml_collections.FieldReference(None, field_type=float)  # SimPO target margin; None: 1.0
+        c.desirable_weight = 1.0  # kto_pair
+        c.undesirable_weight = 1.0  # kto_pair
+        c.sft_weight = 0.0  # RPO: + sft_weight * length-normalised NLL of the chosen completion
+        return c
+
+    @classmethod
+    def loss_type(cls, section) -> str:
+        return LOSS_ALIASES.get(section.loss_type, section.loss_type)
+
+    @classmethod
+    def reference_free(cls, section):
+        return cls.loss_type(section) in REFERENCE_FREE
+
+    @classmethod
+    def _needs_reference_name(cls, section):
+        return f"loss_type {section.loss_type!r}"
+
+    @classmethod
+    def validate(cls, config):
+        o = config.objective
+        if o.loss_type not in LOSS_TYPES + tuple(LOSS_ALIASES):
+            raise UserError(f"config key 'objective.loss_type' is {o.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+        super().validate(config)
+        if not 0.0 <= o.label_smoothing < 0.5:
+            raise UserError(f"config key 'objective.label_smoothing' must be in [0, 0.5), got {o.label_smoothing}")
+        if o.sft_weight < 0 or o.desirable_weight <= 0 or o.undesirable_weight <= 0:
+            raise UserError("config keys objective.sft_weight must be >= 0 and objective.desirable_weight/"
+                            "undesirable_weight > 0")
+
+    def loss_name(self):
+        return self.loss_type(self.section)
+
+    def pair_losses(self, logps, lengths, ref, batch):
+        o = self.section
+        return preference_loss(
+            self.loss_type(o), logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1],
+            chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1], beta=o.beta,
+            label_smoothing=o.label_smoothing, gamma=o.gamma, desirable_weight=o.desirable_weight,
+            undesirable_weight=o.undesirable_weight, sft_weight=o.sft_weight,
+        )
+
+
+__all__ = ["DEFAULT_BETA", "DPO", "LOSS_TYPES", "REFERENCE_FREE", "masked_sequence_sums", "preference_loss",
+           "sequence_logps"]
+

@@ -1,10 +1,18 @@
-"""Supervised fine-tuning: next-token cross-entropy over the trained (loss-masked) tokens."""
+"""Supervised fine-tuning: next-token cross-entropy over the trained (loss-masked) tokens.
+
+The `sft` objective: [B, T] rows from the shared SFT pipeline (tasks, mixtures, packing), the
+global batch's trained tokens as the weight, held-out loss / generative / multiple-choice
+evaluation (evaluate.py). Its loss math is `sft_sums` (sums) / `sft_loss_from_stats` (normalised).
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from jaxtune.errors import UserError
+from jaxtune.objectives import base
 from jaxtune.objectives.logprobs import TokenStats, token_stats
 
 
@@ -17,6 +25,23 @@ def sft_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`sft_loss_from_stats` on full logits [B, T, V]."""
     return sft_loss_from_stats(token_stats(logits, batch["targets"]), batch, normalizer=normalizer, z_loss=z_loss)
+
+
+def sft_sums(stats: TokenStats, loss_mask: jax.Array, *, z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) summed over the trained tokens (`loss_mask`) of per-token stats.
+
+    The optional z-loss (PaLM) penalises log(Z)^2 to keep the softmax normaliser near 1.
+    `trained_tokens` is a count (SFT.summed_metrics), the rest are sums to be divided by it.
+    """
+    mask = loss_mask.astype(jnp.float32)
+    nll = -jnp.sum(stats.logp * mask)
+    metrics = {"loss": nll, "accuracy": jnp.sum(stats.correct * mask), "trained_tokens": jnp.sum(mask)}
+    loss = nll
+    if z_loss:
+        z_term = jnp.sum(jnp.square(stats.log_z) * mask)
+        loss = loss + z_loss * z_term
+        metrics["z_loss"] = z_term
+    return loss, metrics
 
 
 def sft_loss_from_stats(
@@ -32,21 +57,76 @@ def sft_loss_from_stats(
     `normalizer` is the number of trained tokens in the whole *global* batch (all micro-batches),
     so packing, padding and gradient accumulation leave the loss unchanged: summing this loss over
     micro-batches gives the token-mean over the global batch. Every metric is additive in the same
-    way. The optional z-loss (PaLM) penalises log(Z)^2 to keep the softmax normaliser near 1.
+    way (`trained_tokens` is this batch's count).
     """
-    mask = batch["loss_mask"].astype(jnp.float32)
-    logp, log_z = stats.logp, stats.log_z
-    normalizer = jnp.maximum(jnp.asarray(normalizer, jnp.float32), 1.0)
-    nll = -jnp.sum(logp * mask) / normalizer
-    z_term = jnp.sum(jnp.square(log_z) * mask) / normalizer
-    correct = stats.correct
-    metrics = {
-        "loss": nll,
-        "accuracy": jnp.sum(correct * mask) / normalizer,
-        "trained_tokens": jnp.sum(mask),
-    }
-    loss = nll
-    if z_loss:
-        loss = loss + z_loss * z_term
-        metrics["z_loss"] = z_term
-    return loss, metrics
+    loss, sums = sft_sums(stats, batch["loss_mask"], z_loss=z_loss)
+    return base.normalise(loss, sums, normalizer, SFT.summed_metrics)
+
+
+def lm_eval_set(config: ml_collections.ConfigDict, records=(), templates=None):
+    """Held-out LM evaluation of a run: `records` rendered with `templates` (loss, generative exact
+    match), plus eval.mc_path and eval.tasks (every objective's model is a causal LM)."""
+    from jaxtune import evaluate
+
+    return evaluate.build_eval_set(records, templates or {}, config.eval, seed=config.seed)
+
+
+def lm_evaluate(config: ml_collections.ConfigDict, model, variables, tokenizer, eval_set, *, show=0, printer=print):
+    from jaxtune import evaluate
+
+    return evaluate.run(model, variables, tokenizer, eval_set, config.eval, seq_len=config.data.seq_len,
+                        seed=config.seed, show=show, printer=printer, logits_chunk=config.train.logits_chunk)
+
+
+@base.register("sft")
+class SFT(base.Objective):
+    """Next-token cross-entropy on [B, T] rows (packed or padded), mean over the trained tokens;
+    `train.z_loss` adds the z-loss."""
+
+    summed_metrics = ("trained_tokens",)
+
+    @classmethod
+    def validate(cls, config):
+        if config.data.chat_template:
+            raise UserError("config key 'data.chat_template' is read by preference/KTO runs; an SFT chat task sets "
+                            "its own: data.tasks.<name> = task_config(format='chat', chat_template=...)")
+
+    def load_data(self, workdir):
+        from jaxtune import config as config_lib
+        from jaxtune.data import datasets
+
+        return datasets.load_sft_data(config_lib.data_config(self.config), workdir, seed=self.config.seed)
+
+    def train_dataset(self, data, *, batch_size, process_index, process_count):
+        from jaxtune.data import datasets
+
+        if len(data.tasks) > 1 and process_index == 0:
+            print(f"jaxtune: data mixture ({data.mixture.mode}):\n{data.mixture.describe()}", flush=True)
+        return datasets.train_dataset(data, self.config.data, batch_size=batch_size, seed=self.config.seed,
+                                      process_index=process_index, process_count=process_count)
+
+    def batch_shapes(self, batch_size):
+        from jaxtune.data import pipeline
+
+        return {k: jax.ShapeDtypeStruct((batch_size, self.config.data.seq_len), jnp.int32) for k in pipeline.BATCH_KEYS}
+
+    def weight(self, batch):
+        return jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+    def loss(self, model, params, batch, *, frozen=None, rng=None, ref_params=None):
+        rngs = None if rng is None else {"dropout": rng}
+        stats = model.token_stats(params, batch, frozen=frozen, rngs=rngs)
+        return sft_sums(stats, batch["loss_mask"], z_loss=self.config.train.z_loss)
+
+    def eval_set(self, data):
+        if not data.eval_records:
+            return lm_eval_set(self.config)
+        return lm_eval_set(self.config, data.eval_records, data.eval_templates)
+
+    def evaluate(self, model, variables, tokenizer, eval_set, *, show=0, printer=print):
+        return lm_evaluate(self.config, model, variables, tokenizer, eval_set, show=show, printer=printer)
+
+    def data_report(self, stats):
+        if jax.process_index() != 0 or not stats.slots:
+            return []
+        return ["data (this process):\n  " + "\n  ".join(stats.report())]

@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 from jaxtune import config as config_lib
-from jaxtune import evaluate, models, trainer
+from jaxtune import evaluate, models, objectives, trainer
 from jaxtune.errors import UserError
 from jaxtune.objectives import head_token_stats, token_stats
 from jaxtune.peft import lora
@@ -65,13 +65,16 @@ def test_sft_with_z_loss_and_dpo_chunked_equal_full():
     pairs = {k: v.reshape(2, 2, -1) for k, v in rows.items()}
     variables = jax.jit(model.init)(jax.random.key(0), rows["inputs"])
     adapters = jax.tree.map(lambda x: x + 0.05, variables[lora.COLLECTION])  # non-zero B: policy != reference
-    dpo = config_lib.base_config().objective
-    dpo.type = "preference"
+    sft_config = config_lib.base_config()
+    sft_config.train.z_loss = 1e-2
+    dpo_config = config_lib.base_config()
+    dpo_config.objective.type, dpo_config.peft.method = "dpo", "lora"  # reference: the base without adapters
+    sft, dpo = objectives.build(sft_config), objectives.build(dpo_config)
+    assert dpo.reference_kind() == "base"
     fns = {}
     for c in (0, CHUNK):
         apply_fn = trainer.make_apply_fn(model, logits_chunk=c)
-        fns[c] = (trainer.make_loss_fn(apply_fn, z_loss=1e-2),
-                  trainer.make_loss_fn(apply_fn, z_loss=0.0, objective=dpo, reference_kind="base"))
+        fns[c] = (trainer.make_loss_fn(sft, apply_fn), trainer.make_loss_fn(dpo, apply_fn))
 
     @jax.jit
     def both(adapters, base):
@@ -101,8 +104,10 @@ def _train_step_temp_bytes(vocab: int, *, batch: int, seq_len: int, chunk: int) 
     config = models.get_config("llama", "tiny", vocab_size=vocab, num_layers=1, tie_word_embeddings=True)
     model = models.build(config)
     tx = optax.sgd(1e-3)
-    step = trainer.make_train_step(trainer.make_apply_fn(model, logits_chunk=chunk), tx, optax.constant_schedule(1e-3),
-                                   accum=1, z_loss=1e-4)
+    sft_config = config_lib.base_config()
+    sft_config.train.z_loss = 1e-4
+    step = trainer.make_train_step(objectives.build(sft_config), trainer.make_apply_fn(model, logits_chunk=chunk), tx,
+                                   optax.constant_schedule(1e-3), accum=1)
     params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32))["params"])
     state = trainer.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                                opt_state=jax.eval_shape(tx.init, params))

@@ -44,7 +44,7 @@ def _hand(loss_type, i, beta, ls=0.0, gamma=1.0, w_d=1.0, w_u=1.0):
         ac, ar = c / lc, r / lr
         log_odds = (ac - ar) - (math.log(1 - math.exp(ac)) - math.log(1 - math.exp(ar)))
         return -ac - beta * logsig(log_odds)
-    if loss_type == "kto":
+    if loss_type == "kto_pair":
         kl_c = max(0.0, sum(C[j] - C0[j] for j in range(2)) / 2)
         kl_r = max(0.0, sum(R[j] - R0[j] for j in range(2)) / 2)
         return 0.5 * (w_d * (1 - sig(beta * ((c - c0) - kl_r))) + w_u * (1 - sig(beta * (kl_c - (r - r0)))))
@@ -69,8 +69,13 @@ CASES = [
     ("simpo", dict(), dict(gamma=1.0)),
     ("simpo", dict(beta=2.5, gamma=1.4), dict(gamma=1.4)),
     ("orpo", dict(), {}),
-    ("kto", dict(beta=0.2, desirable_weight=1.5, undesirable_weight=0.7), dict(w_d=1.5, w_u=0.7)),
+    ("kto_pair", dict(beta=0.2, desirable_weight=1.5, undesirable_weight=0.7), dict(w_d=1.5, w_u=0.7)),
 ]
+
+
+def test_old_loss_type_name_kto_is_kto_pair():
+    kw = dict(beta=0.2, desirable_weight=1.5, undesirable_weight=0.7)
+    np.testing.assert_array_equal(np.asarray(_call("kto", **kw)[0]), np.asarray(_call("kto_pair", **kw)[0]))
 
 
 @pytest.mark.parametrize("loss_type,kwargs,hand_kw", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import linen as nn
 
-from jaxtune import cli, models, sharding, trainer
+from jaxtune import cli, models, objectives, sharding, trainer
 from jaxtune.errors import UserError
 from jaxtune.generate import generate
 from jaxtune.peft import export, lora, prefix
@@ -149,7 +149,8 @@ def test_train_step_leaves_the_base_bit_identical():
         _, shardings, init = trainer.plan_state(model, tx, mesh, sharding.rules("dp"), seq_len=8)
         state = init(jax.random.key(0))
         before = jax.device_get(state)
-        step = jax.jit(trainer.make_train_step(trainer.make_apply_fn(model), tx, lr, accum=1, z_loss=0.0))
+        sft = objectives.build(helpers.tiny_base_config("unused"))
+        step = jax.jit(trainer.make_train_step(sft, trainer.make_apply_fn(model), tx, lr, accum=1))
         state, _ = step(state, {k: v[:1].repeat(8, 0) for k, v in batch.items()})
     jax.tree.map(np.testing.assert_array_equal, before.frozen, jax.device_get(state.frozen))
     changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before.params, jax.device_get(state.params))

@@ -11,7 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtune import cli, models, optim, sharding, trainer
+from jaxtune import cli, models, objectives, optim, sharding, trainer
+from jaxtune import config as config_lib
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
 from jaxtune.peft import lora
@@ -44,7 +45,8 @@ def test_train_step_updates_adapters_only():
         jax.tree.map(np.testing.assert_array_equal, base_before, jax.device_get(plain["params"]))
         assert shardings.frozen["layers"]["attn"]["q_proj"]["kernel"].spec[1] == "fsdp"  # base sharded like full FT
         assert shardings.params["layers"]["attn"]["q_proj"]["lora_a"].spec[1] == "fsdp"  # adapters like their base
-        step = jax.jit(trainer.make_train_step(trainer.make_apply_fn(model), tx, lr, accum=2, z_loss=0.0),
+        sft = objectives.build(config_lib.base_config())
+        step = jax.jit(trainer.make_train_step(sft, trainer.make_apply_fn(model), tx, lr, accum=2),
                        in_shardings=(shardings, sharding.batch_sharding(mesh)), donate_argnums=(0,))
         for _ in range(3):
             state, metrics = step(state, {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in batch.items()})

@@ -1,0 +1,93 @@
+"""The `kto` objective: unpaired KTO (Ethayarajh et al. 2024; TRL's KTOTrainer) on
+(prompt, completion, label) records.
+
+One reference point for every example: ``z = max(0, mean(kl_logps - kl_ref_logps))`` over
+completions paired with a *mismatched* prompt (the estimate of KL(policy || reference)),
+detached; desirable examples cost ``w_d (1 - s(b((x - x0) - z)))`` and undesirable ones
+``w_u (1 - s(b(z - (x - x0))))`` (``x``/``x0``: the policy's/reference's summed log-probs of the
+completion, ``b`` = beta, default 0.1). The data layer builds each example's mismatched row
+(data/preference.py, `unpaired=True`): row 0 of the pair axis is the example, row 1 its KL row.
+Paired KTO (on chosen/rejected pairs) is the `dpo` objective's loss_type `kto_pair`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxtune.errors import UserError
+from jaxtune.objectives import base, pairs
+
+DEFAULT_BETA = 0.1
+
+
+def kto_loss(
+    logps: jax.Array,
+    ref_logps: jax.Array,
+    desirable: jax.Array,
+    kl_logps: jax.Array,
+    ref_kl_logps: jax.Array,
+    *,
+    beta: float | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Unpaired KTO: (per-example loss [B], metrics) from (prompt, completion, label) examples.
+
+    `kl_logps`/`ref_kl_logps` score each prompt with a mismatched completion; their mean
+    log-ratio (clamped at 0, no gradient) is the reference point z of the KTO value function.
+    Reward metrics are means over the desirable (chosen) / undesirable (rejected) examples.
+    """
+    beta = DEFAULT_BETA if beta is None else beta
+    logps, ref_logps = logps.astype(jnp.float32), jax.lax.stop_gradient(ref_logps.astype(jnp.float32))
+    kl = jnp.mean(kl_logps.astype(jnp.float32) - ref_kl_logps.astype(jnp.float32))
+    kl = jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
+    logratio = logps - ref_logps
+    good = desirable.astype(bool)
+    losses = jnp.where(
+        good,
+        desirable_weight * (1.0 - jax.nn.sigmoid(beta * (logratio - kl))),
+        undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (kl - logratio))),
+    )
+    rewards = jax.lax.stop_gradient(beta * logratio)
+    n_good = jnp.maximum(jnp.sum(good), 1)
+    n_bad = jnp.maximum(jnp.sum(~good), 1)
+    detached = jax.lax.stop_gradient(logps)
+    metrics = {
+        "kl": kl,
+        "rewards/chosen": jnp.sum(jnp.where(good, rewards, 0.0)) / n_good,
+        "rewards/rejected": jnp.sum(jnp.where(good, 0.0, rewards)) / n_bad,
+        "logps/chosen": jnp.sum(jnp.where(good, detached, 0.0)) / n_good,
+        "logps/rejected": jnp.sum(jnp.where(good, 0.0, detached)) / n_bad,
+    }
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return losses, metrics
+
+
+@base.register("kto")
+class KTO(pairs.PairObjective):
+    """Unpaired KTO; the batch's `label` says desirable (1) or undesirable (0)."""
+
+    unpaired = True
+
+    @classmethod
+    def config_section(cls):
+        c = super().config_section()
+        c.desirable_weight = 1.0
+        c.undesirable_weight = 1.0
+        return c
+
+    @classmethod
+    def validate(cls, config):
+        super().validate(config)
+        o = config.objective
+        if o.desirable_weight <= 0 or o.undesirable_weight <= 0:
+            raise UserError("config keys objective.desirable_weight/undesirable_weight must be > 0")
+
+    def pair_losses(self, logps, lengths, ref, batch):
+        from jaxtune.data import preference
+
+        o = self.section
+        return kto_loss(logps[:, 0], ref[:, 0], batch[preference.LABEL_KEY], logps[:, 1], ref[:, 1], beta=o.beta,
+                        desirable_weight=o.desirable_weight, undesirable_weight=o.undesirable_weight)
