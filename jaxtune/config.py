@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tie_word_embeddings = ml_collections.FieldReference(None, field_type=bool)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "jsonl"  # jsonl | quickstart
+    c.data.source = "jsonl"  # jsonl | quickstart | verifiable (built-in RL problems, builtin/verifiable.py)
     c.data.train_path = ""
     c.data.eval_path = ""
     # FLAN-style (input_pattern, target_pattern) pairs with {field} placeholders; one is chosen
@@ -371,7 +371,7 @@ def _convert(raw: str, current: Any, field_type: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 _CHOICES = {
-    "data.source": ("jsonl", "quickstart"),
+    "data.source": ("jsonl", "quickstart", "verifiable"),
     "data.truncation": ("truncate", "drop", "error"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "mesh.rules": ("dp", "fsdp", "fsdp_tp"),

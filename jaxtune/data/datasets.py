@@ -142,6 +142,8 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
             eval_records=quickstart.generate_records(cfg.num_eval_examples, seed=seed + 1_000_003),
             eval_templates=quickstart.templates("heldout"),
         )
+    if cfg.source == "verifiable" and not cfg.tasks:
+        return _verifiable_sft_data(cfg, workdir, seed=seed)
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
     given = load_tokenizer(cfg.tokenizer) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
     tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None),
@@ -155,6 +157,21 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
         data.eval_templates = {DEFAULT_TASK: [tuple(t) for t in cfg.templates]}
     check_first_records(data, seq_len=cfg.seq_len, seed=seed)
     return data
+
+
+def _verifiable_sft_data(cfg: ml_collections.ConfigDict, workdir: Path, *, seed: int) -> SftData:
+    """The built-in verifiable problems (builtin/verifiable.py) with their worked solutions, rendered
+    with data.templates: the SFT warm start of a GRPO run; evaluated on the held-out problems."""
+    from jaxtune.data.builtin import verifiable
+
+    tokenizer = _tokenizer(cfg, workdir, lambda: verifiable.tokenizer_corpus(seed=seed))
+    templates = [tuple(t) for t in cfg.templates]
+    task = TaskSpec(DEFAULT_TASK, verifiable.generate_records(cfg.num_train_examples, split="train", seed=seed),
+                    flan={DEFAULT_TASK: FlanSpec(tuple(templates), word_dropout=cfg.word_dropout)},
+                    truncation=cfg.truncation, on_error=cfg.on_error)
+    return SftData(tokenizer=tokenizer, tasks=[task], mixture=mixture_rates([task.name], [len(task.records)]),
+                   eval_records=verifiable.generate_records(cfg.num_eval_examples, split="heldout", seed=seed),
+                   eval_templates={DEFAULT_TASK: templates})
 
 
 # Records per task rendered and tokenized before a run starts (see check_first_records).
