@@ -105,6 +105,7 @@ class GRPO(base.Objective):
         c.max_resample_rounds = 3
         c.overlong_cache = 0  # DAPO soft overlong punishment over the last N tokens (0 = off)
         c.sample_every = 0  # write sampled completions to WORKDIR/samples/step_N.jsonl every N steps
+        c.eval_samples = 4  # held-out eval: sampled completions per prompt (plus one greedy)
         return c
 
     @classmethod
@@ -114,6 +115,7 @@ class GRPO(base.Objective):
             (s.prompts in PROMPT_SOURCES, "prompts", f"one of {', '.join(PROMPT_SOURCES)}"),
             (s.num_generations >= 2, "num_generations", ">= 2 (advantages are relative to the group)"),
             (s.num_prompts >= 1, "num_prompts", ">= 1"),
+            (s.eval_samples >= 1, "eval_samples", ">= 1"),
             (s.max_completion_tokens >= 1, "max_completion_tokens", ">= 1"),
             (s.temperature > 0, "temperature", "> 0 (rollouts are sampled)"),
             (0 < s.top_p <= 1, "top_p", "in (0, 1]"),
@@ -260,8 +262,8 @@ class GRPO(base.Objective):
         self.run = run
         self.tokenizer = run.data.tokenizer
         self._cache: list[dict[str, np.ndarray]] | None = None
-        self._last_return: float | None = None
-        self._last_tokens = 0
+        self._rollout_done: float | None = None  # when the last rollout batch was ready
+        self._learned_tokens = 0  # tokens of the batches handed to the step since then
         model = run.setup.apply_fn
         self._logps = jax.jit(lambda params, frozen, rows: model.token_stats(params, rows, frozen=frozen).logp)
 
@@ -272,8 +274,7 @@ class GRPO(base.Objective):
         if self._cache is None or step % cycle == 0:
             self._cache = self._rollout_batches(state, data_iter, rng, step)
         batch = self._cache[(step % cycle) % s.steps_per_rollout]
-        self._last_return = time.perf_counter()
-        self._last_tokens = int(np.count_nonzero(batch["segment_ids"]))
+        self._learned_tokens += int(np.count_nonzero(batch["segment_ids"]))
         return batch
 
     def _variables(self, state):
@@ -304,7 +305,10 @@ class GRPO(base.Objective):
         from jaxtune.rollouts import build_rows, rollout_example
 
         s, g = self.section, self.section.num_generations
-        learner_s = time.perf_counter() - self._last_return if self._last_return is not None else 0.0
+        jax.block_until_ready(state.params)  # the dispatched step finishes here: it counts as learning
+        # Since the last rollout: the train steps on it (and the loop's hooks), measured on the host.
+        learner_s = time.perf_counter() - self._rollout_done if self._rollout_done is not None else 0.0
+        learned_tokens, self._learned_tokens = self._learned_tokens, 0
         t0 = time.perf_counter()
         variables = self._variables(state)
         key = jax.random.fold_in(rng, jax.process_index())
@@ -353,7 +357,7 @@ class GRPO(base.Objective):
             "truncated": np.mean([r.truncated for r in rollouts]),
             "rollout_tokens_per_s": sampled_tokens / max(sample_s, 1e-9), "sampling_time_s": sample_s,
             "sampling_fraction": sample_s / (sample_s + learner_s) if learner_s else 1.0,
-            "learner_tokens_per_s": self._last_tokens / learner_s if learner_s else 0.0,
+            "learner_tokens_per_s": learned_tokens / learner_s if learner_s else 0.0,
         }
         for name in self.rewards.names:
             values = [v for grp in kept for v in grp[3][name] if v is not None]
@@ -361,6 +365,7 @@ class GRPO(base.Objective):
             stats[f"reward_std/{name}"] = float(np.std(values)) if values else 0.0
         if s.sample_every and step % s.sample_every == 0 and jax.process_index() == 0:
             self._dump(step, kept)
+        self._rollout_done = time.perf_counter()
         return self._split(rows, local_rows, stats)
 
     def _old_logps(self, state, rows) -> np.ndarray:
@@ -401,11 +406,12 @@ class GRPO(base.Objective):
         return EvalSet(list(data.heldout))
 
     def evaluate(self, model, variables, tokenizer, eval_set, *, show=0, printer=print):
-        """Mean reward and accuracy of greedy and of sampled completions of the held-out prompts."""
+        """Mean reward and accuracy of greedy completions and of `eval_samples` sampled completions per
+        prompt of the held-out prompts (never trained on)."""
         scores = {}
         records = eval_set.records
-        for mode, temperature in (("greedy", 0.0), ("sampled", self.section.temperature)):
-            rollouts, prompts, totals, parts = self.sample(model, variables, tokenizer, records, group_size=1,
+        for mode, temperature, n in (("greedy", 0.0, 1), ("sampled", self.section.temperature, self.section.eval_samples)):
+            rollouts, prompts, totals, parts = self.sample(model, variables, tokenizer, records, group_size=n,
                                                            seed=self.config.seed, temperature=temperature)
             scores[f"{mode}/reward"] = float(totals.mean())
             scores[f"{mode}/accuracy"] = _accuracy([parts])
