@@ -10,8 +10,10 @@ Two families, each record carrying what its reward function reads:
 Every record has the same keys (``task``, ``prompt``, ``solution``, ``answer``, ``constraints``;
 the field a family does not use is None, and reward functions return None there), so one batch
 can mix both families. The held-out split is disjoint by *problem*, not only by seed: a
-problem's inputs (numbers and operations, or constraint and count) hash to a split, so no
-held-out prompt is ever trained on, and held-out records are also phrased by held-out wordings.
+problem's inputs (numbers and operations, or constraint, category and count) hash to a split, so
+no held-out problem is ever trained on. Both splits use the same phrasings: what RL is measured
+on is solving unseen problems, not reading unseen wordings (a from-scratch SFT model of this
+size does not transfer to a question phrasing it never saw).
 
 Sized for a ~1M-parameter model trained from scratch on the SFT targets for a few CPU minutes:
 numbers stay single-digit per step (the quickstart calibration found multi-digit addition out of
@@ -33,20 +35,18 @@ ITEMS = ("apples", "pens", "cards", "coins", "books", "shells", "eggs", "cups")
 # (verb phrase, sign); "{n}" is the amount.
 GAINS = ("buys {n} more", "finds {n} more", "gets {n} more")
 LOSSES = ("gives away {n}", "loses {n}", "sells {n}")
-QUESTIONS = {
-    "train": ("How many {items} does {name} have now?", "How many {items} are left?"),
-    "heldout": ("How many {items} does {name} have at the end?",),
-}
-# Constraint prompts: (kind, train wordings, held-out wordings). {n} = count, {category} = word category.
+QUESTIONS = ("How many {items} does {name} have now?", "How many {items} are left?",
+             "How many {items} does {name} have at the end?")
+# Constraint prompts: kind -> wordings. {n} = count, {category} = word category.
 _CONSTRAINT_KINDS = {
-    "lowercase": (("List {n} {category}s in lowercase.", "Name {n} {category}s in small letters."),
-                  ("Write {n} {category}s, all lowercase.",)),
-    "uppercase": (("List {n} {category}s in capital letters.", "Name {n} {category}s in uppercase."),
-                  ("Write {n} {category}s, all in capitals.",)),
-    "bullets": (("List {n} {category}s as bullet points.", "Give {n} {category}s, one bullet each."),
-                ("Write {n} {category}s as a bulleted list.",)),
-    "ends_with": (("Name {n} {category}s and end with the word done.", "List {n} {category}s, then say done."),
-                  ("Write {n} {category}s and finish with done.",)),
+    "lowercase": ("List {n} {category}s in lowercase.", "Name {n} {category}s in small letters.",
+                  "Write {n} {category}s, all lowercase."),
+    "uppercase": ("List {n} {category}s in capital letters.", "Name {n} {category}s in uppercase.",
+                  "Write {n} {category}s, all in capitals."),
+    "bullets": ("List {n} {category}s as bullet points.", "Give {n} {category}s, one bullet each.",
+                "Write {n} {category}s as a bulleted list."),
+    "ends_with": ("Name {n} {category}s and end with the word done.", "List {n} {category}s, then say done.",
+                  "Write {n} {category}s and finish with done."),
 }
 SPLITS = ("train", "heldout")
 HELDOUT_FRACTION = 0.2
@@ -82,8 +82,7 @@ def _arithmetic(rng: np.random.Generator, split: str, max_steps: int) -> dict | 
         new = current + n if sign == "+" else current - n
         work.append(f"{current} {sign} {n} = {new}.")
         current = new
-    questions = QUESTIONS[split]
-    sentences.append(questions[int(rng.integers(len(questions)))].format(items=items, name=name))
+    sentences.append(QUESTIONS[int(rng.integers(len(QUESTIONS)))].format(items=items, name=name))
     return {"task": "arithmetic", "prompt": " ".join(sentences), "solution": " ".join(work) + f" #### {value}",
             "answer": str(value), "constraints": None}
 
@@ -94,8 +93,7 @@ def _constraint(rng: np.random.Generator, split: str) -> dict | None:
     n = int(rng.integers(2, 5))
     if _split_of(("constraints", kind, category, n)) != split:
         return None
-    train_wordings, heldout_wordings = _CONSTRAINT_KINDS[kind]
-    wordings = train_wordings if split == "train" else heldout_wordings
+    wordings = _CONSTRAINT_KINDS[kind]
     prompt = wordings[int(rng.integers(len(wordings)))].format(n=n, category=category)
     chosen = [CATEGORIES[category][int(i)] for i in rng.choice(len(CATEGORIES[category]), size=n, replace=False)]
     count = {"type": "word_count", "relation": "exactly", "n": n}
