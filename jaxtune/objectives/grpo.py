@@ -373,7 +373,8 @@ class GRPO(base.Objective):
         out = []
         local = self.config.train.global_batch_size // jax.process_count()
         for start in range(0, len(rows["inputs"]), local):
-            chunk = self.run.put({k: rows[k][start : start + local] for k in keys})
+            sharding = self.run.setup.batch_sharding
+            chunk = {k: jax.make_array_from_process_local_data(sharding[k], rows[k][start : start + local]) for k in keys}
             logp = self._logps(state.params, state.frozen, chunk)
             out.append(_local_rows(logp, local))
         return np.concatenate(out).astype(np.float32)
