@@ -9,7 +9,9 @@ list per field aligned with ``prompts`` (so a math reward reads ``answer``, an i
 (``my_pkg.rewards:brevity``); several are summed with weights (`RewardSet`).
 
 Built-ins: ``math`` (final answer vs the record's ``answer``), ``instructions`` (fraction of
-the record's IFEval-style ``constraints`` satisfied), ``instructions_all`` (1 only if all are).
+the record's IFEval-style ``constraints`` satisfied), ``instructions_all`` (1 only if all are),
+and ``reward_model:<dir>``: a reward model trained with ``objective.type=reward`` (its workdir)
+or exported as ``*ForSequenceClassification`` (an HF directory).
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ BUILTIN: dict[str, RewardFn] = {
 }
 
 
+REWARD_MODEL_PREFIX = "reward_model:"
+
+
 def load_reward_fn(spec: str) -> RewardFn:
-    """A built-in name, or ``package.module:function`` (``package.module.function`` also works)."""
+    """A built-in name, ``reward_model:<workdir or HF directory>`` (a trained reward model, scored
+    by `jaxtune.scoring.reward_fn`), or ``package.module:function`` (``package.module.function`` too)."""
     if spec in BUILTIN:
         return BUILTIN[spec]
+    if spec.startswith(REWARD_MODEL_PREFIX):
+        return _reward_model(spec[len(REWARD_MODEL_PREFIX):], spec)
     module_name, sep, attr = spec.partition(":")
     if not sep:
         module_name, _, attr = spec.rpartition(".")
@@ -52,8 +60,24 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
+def _reward_model(path: str, spec: str) -> RewardFn:
+    from pathlib import Path
+
+    from jaxtune import scoring  # the reward-model objective's scorer
+
+    directory = Path(path)
+    if not path or not directory.is_dir():
+        raise UserError(f"reward function {spec!r}: {path!r} is not a directory (a reward run's workdir or an "
+                        "exported *ForSequenceClassification directory)")
+    if (directory / "checkpoints").is_dir():
+        return scoring.reward_fn(str(directory))
+    return scoring.reward_fn(hf_dir=str(directory))
+
+
 def reward_name(spec: str) -> str:
-    """The metric name of a reward spec: the built-in name or the function's name."""
+    """The metric name of a reward spec: the built-in name, `reward_model`, or the function's name."""
+    if spec.startswith(REWARD_MODEL_PREFIX):
+        return "reward_model"
     return spec if spec in BUILTIN else spec.replace(":", ".").rpartition(".")[2]
 
 

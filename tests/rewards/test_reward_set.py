@@ -61,3 +61,23 @@ def test_not_applicable_rewards_count_as_zero_in_the_sum():
     totals, parts = rewards(["q", "p"], ["#### 4", "all lower"], fields)
     assert parts == {"math": [1.0, None], "instructions": [None, 1.0]}
     assert totals == [1.0, 1.0]
+
+
+def test_reward_model_spec_loads_a_run_or_an_hf_directory(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("jaxtune.scoring")
+    fake.reward_fn = lambda workdir=None, *, hf_dir=None: calls.append((workdir, hf_dir)) or (
+        lambda prompts, completions, **fields: [float(len(c)) for c in completions])
+    monkeypatch.setitem(sys.modules, "jaxtune.scoring", fake)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hf").mkdir()
+    rewards = RewardSet.from_specs([f"reward_model:{tmp_path / 'run'}"])
+    assert rewards.names == ["reward_model"]
+    assert rewards(["p"], ["abc"], {})[0] == [3.0]
+    load_reward_fn(f"reward_model:{tmp_path / 'hf'}")
+    assert calls == [(str(tmp_path / "run"), None), (None, str(tmp_path / "hf"))]
+    with pytest.raises(UserError, match="is not a directory"):
+        load_reward_fn(f"reward_model:{tmp_path / 'missing'}")
