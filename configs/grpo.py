@@ -11,7 +11,7 @@ Arguments (comma-separated): `stage=sft|grpo` (default grpo), `init_from=WORKDIR
 `hf_dir=DIR` (start from a Hugging Face model instead; set data.tokenizer too), `lora=RANK`
 (train LoRA adapters; the KL reference is then the base without adapters, no copy),
 `variant=grpo|dr_grpo|dapo|gspo` (the loss family; see jaxtune/objectives/grpo.py),
-`steps=N`. Every 25 steps the held-out prompts (never trained on) are answered greedily and by
+`steps=N`. Every 50 steps the held-out prompts (never trained on) are answered greedily and by
 sampling, and their mean reward / accuracy logged (`eval/greedy/accuracy`, ...); sampled
 completions are written to WORKDIR/samples/ every 50 steps.
 """
@@ -64,17 +64,20 @@ def get_config(arg=None):
     else:
         c.objective.type = "grpo"
         c.objective.rewards = ("math",)
-        c.objective.num_prompts = 16
+        c.objective.num_prompts = 8
         c.objective.num_generations = 8
-        c.objective.max_completion_tokens = 24
+        c.objective.max_completion_tokens = 40  # worked solutions are up to ~33 tokens
         c.objective.temperature = 1.0
         c.objective.sample_every = 50
+        c.objective.eval_samples = 2
         for key, value in VARIANTS[args.get("variant", "grpo")].items():
             c.objective[key] = value
         c.data.num_train_examples = 100_000
-        c.train.global_batch_size = 64  # 128 completions packed 2+ per 128-token row
+        # 64 completions of ~80 tokens (prompt included) packed ~3 per 256-token row.
+        c.data.seq_len = 256
+        c.train.global_batch_size = 24
         c.train.steps = 300
-        c.train.eval_every = 25
+        c.train.eval_every = 50
         c.train.checkpoint_every = 50
         c.train.max_seconds = 600.0
         c.optim.lr = 3e-4

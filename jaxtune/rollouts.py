@@ -8,8 +8,8 @@ exact policy the learner is updating, on the same devices and mesh.
 Completions keep their stop token (the model is trained to stop); a completion that reached
 `max_new_tokens` without one is `truncated`. Each becomes one example, prompt tokens untrained
 and completion tokens trained, with its advantage on every trained token; examples are padded
-one per row or packed several per row with segment ids (`data.packing`), into a fixed number of
-rows so the train step compiles once.
+one per row or packed first-fit several per row with segment ids (`data.packing`), into a fixed
+number of rows so the train step compiles once.
 """
 
 from __future__ import annotations
@@ -75,26 +75,31 @@ def rows_needed(num_examples: int, *, example_len: int, seq_len: int, packing: b
 
 
 def build_rows(examples: Sequence[dict[str, np.ndarray]], *, rows: int, seq_len: int, packing: bool) -> dict[str, np.ndarray]:
-    """[rows, seq_len] arrays (ROLLOUT_KEYS): one example per row, or packed in order with segment ids 1, 2, ...
+    """[rows, seq_len] arrays (ROLLOUT_KEYS): one example per row, or packed first-fit (each example
+    into the first row with room, in order) with segment ids 1, 2, ... per row.
 
     Unused rows are all padding (segment 0, nothing trained). Raises ValueError when the examples
     do not fit (callers size `rows` with `rows_needed`).
     """
     out = {k: np.zeros((rows, seq_len), np.float32 if k == "advantages" else np.int32) for k in ROLLOUT_KEYS}
-    row, pos, segment = 0, 0, 0
-    for example in examples:
+    used = [0] * rows  # tokens per row
+    segments = [0] * rows
+    for index, example in enumerate(examples):
         n = len(example["inputs"])
         if n > seq_len:
             raise ValueError(f"an example of {n} tokens does not fit rows of {seq_len}")
-        if segment and (not packing or pos + n > seq_len):
-            row, pos, segment = row + 1, 0, 0
-        if row >= rows:
+        if packing:
+            row = next((r for r in range(rows) if used[r] + n <= seq_len), None)
+        else:
+            row = index if index < rows else None
+        if row is None:
             raise ValueError(f"{len(examples)} examples do not fit in {rows} rows of {seq_len} tokens")
-        segment += 1
+        pos = used[row]
+        segments[row] += 1
         sl = slice(pos, pos + n)
         for key in ("inputs", "targets", "loss_mask", "advantages"):
             out[key][row, sl] = example[key]
-        out["segment_ids"][row, sl] = segment
+        out["segment_ids"][row, sl] = segments[row]
         out["positions"][row, sl] = np.arange(n)
-        pos += n
+        used[row] += n
     return out

@@ -19,7 +19,9 @@ The rollout randomness is a pure function of (`seed`, step, process), and the pr
 the checkpointed data iterator, so a resumed run samples what the uninterrupted run sampled
 (exactly so when the checkpoint falls at the start of a rollout cycle; see `validate`).
 Rollout metrics (rewards per function, accuracy, lengths, zero-spread groups, sampling time and
-throughput) ride in the batch as per-row shares and come out of the step as plain totals.
+throughput) ride in the batch as per-row shares and come out of the step as plain totals; the
+reward/accuracy/length metrics describe the first round of sampling (the policy as it is), not
+the groups dynamic sampling kept.
 """
 
 from __future__ import annotations
@@ -291,7 +293,8 @@ class GRPO(base.Objective):
         s = self.section
         prompts = [self.prompt_text(r) for r in records]
         rollouts = sample_groups(
-            model, variables, [encode_prompt(tokenizer, p) for p in prompts], decode=tokenizer.decode, group_size=group_size, max_new_tokens=s.max_completion_tokens,
+            model, variables, [encode_prompt(tokenizer, p) for p in prompts], decode=tokenizer.decode,
+            group_size=group_size, max_new_tokens=s.max_completion_tokens,
             temperature=temperature, top_p=s.top_p if s.top_p < 1 else None, top_k=s.top_k or None,
             stop_tokens=(tokenizer.eos_id,), seed=seed, pad_id=tokenizer.pad_id,
         )
@@ -315,6 +318,7 @@ class GRPO(base.Objective):
         kept: list[tuple] = []  # (rollouts, prompts, totals, parts, records) per group
         zero_groups, sampled_tokens, rounds = 0, 0, 0
         spare: list[tuple] = []
+        first: list[tuple] = []  # the first round's groups: an unbiased sample of the policy (metrics)
         while len(kept) < s.num_prompts and rounds <= (s.max_resample_rounds if s.dynamic_sampling else 0):
             records = next(data_iter)
             seed = int(jax.random.randint(jax.random.fold_in(key, rounds), (), 0, 2**31 - 1))
@@ -330,6 +334,8 @@ class GRPO(base.Objective):
                 flat = np.all(totals[sl] == totals[sl][0])
                 zero_groups += int(flat) if rounds == 0 else 0
                 (spare if flat and s.dynamic_sampling else kept).append(group)
+                if rounds == 0:
+                    first.append(group)
             rounds += 1
         kept = (kept + spare)[: s.num_prompts]
         sample_s = time.perf_counter() - t0
@@ -349,18 +355,19 @@ class GRPO(base.Objective):
                 f"(one per row without data.packing): raise those or lower num_prompts") from None
         if s.num_iterations > 1:  # the sampling policy's log-probs, kept for every pass
             rows["old_logps"] = self._old_logps(state, rows)
-        accuracy = _accuracy([grp[3] for grp in kept])
-        lengths = np.array([len(r.completion_ids) for r in rollouts])
+        accuracy = _accuracy([grp[3] for grp in first])
+        sampled = np.concatenate([grp[2] for grp in first])
+        lengths = np.array([len(r.completion_ids) for grp in first for r in grp[0]])
         stats = {
-            "reward": totals.mean(), "reward_std": totals.std(), "accuracy": accuracy,
+            "reward": sampled.mean(), "reward_std": sampled.std(), "accuracy": accuracy,
             "zero_spread_groups": zero_groups, "completion_len": lengths.mean(), "completion_len_max": lengths.max(),
-            "truncated": np.mean([r.truncated for r in rollouts]),
+            "truncated": np.mean([r.truncated for grp in first for r in grp[0]]),
             "rollout_tokens_per_s": sampled_tokens / max(sample_s, 1e-9), "sampling_time_s": sample_s,
             "sampling_fraction": sample_s / (sample_s + learner_s) if learner_s else 1.0,
             "learner_tokens_per_s": learned_tokens / learner_s if learner_s else 0.0,
         }
         for name in self.rewards.names:
-            values = [v for grp in kept for v in grp[3][name] if v is not None]
+            values = [v for grp in first for v in grp[3][name] if v is not None]
             stats[f"reward/{name}"] = float(np.mean(values)) if values else 0.0
             stats[f"reward_std/{name}"] = float(np.std(values)) if values else 0.0
         if s.sample_every and step % s.sample_every == 0 and jax.process_index() == 0:
