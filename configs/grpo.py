@@ -69,13 +69,13 @@ def get_config(arg=None):
         c.objective.max_completion_tokens = 40  # worked solutions are up to ~33 tokens
         c.objective.temperature = 1.0
         c.objective.sample_every = 50
-        c.objective.eval_samples = 2
+        c.objective.eval_samples = 1
         for key, value in VARIANTS[args.get("variant", "grpo")].items():
             c.objective[key] = value
         c.data.num_train_examples = 100_000
-        # 64 completions of ~80 tokens (prompt included) packed ~3 per 256-token row.
+        # 64 completions of up to ~115 tokens (prompt included), packed two or more per 256-token row.
         c.data.seq_len = 256
-        c.train.global_batch_size = 24
+        c.train.global_batch_size = 32
         c.train.steps = 300
         c.train.eval_every = 50
         c.train.checkpoint_every = 50

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxtune import generate as generate_lib
 from jaxtune import models
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.objectives.grpo_loss import policy_loss
@@ -23,10 +24,13 @@ def tiny(peft=None):
     return model, dict(variables)
 
 
-def test_groups_are_prompt_major_seeded_and_keep_the_stop_token():
+def test_groups_are_prompt_major_seeded_and_keep_the_stop_token(monkeypatch):
     spec = LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj"))
     model, variables = tiny(spec)
     assert "lora" in variables  # the sampler runs base + adapters exactly as training holds them
+    seen = []
+    original = generate_lib._sample_loop
+    monkeypatch.setattr(generate_lib, "_sample_loop", lambda m, v, *a, **k: seen.append(v) or original(m, v, *a, **k))
     prompts = [[1, 5, 6], [1, 7, 8, 9, 10]]
     kw = dict(decode=lambda ids: " ".join(map(str, ids)), group_size=4, max_new_tokens=6, temperature=1.0,
               stop_tokens=(STOP,))
@@ -34,6 +38,8 @@ def test_groups_are_prompt_major_seeded_and_keep_the_stop_token():
     assert [r.prompt_index for r in rollouts] == [0] * 4 + [1] * 4
     assert [r.prompt_ids for r in rollouts] == [prompts[0]] * 4 + [prompts[1]] * 4
     assert len({tuple(r.completion_ids) for r in rollouts}) > 2  # sampled, not one greedy answer
+    # No copy: the sampler was handed the very arrays the caller (the train state) holds.
+    assert all(x is y for x, y in zip(jax.tree.leaves(seen[0]), jax.tree.leaves(variables)))
     again = sample_groups(model, variables, prompts, seed=3, **kw)
     assert [r.completion_ids for r in again] == [r.completion_ids for r in rollouts]
     for r in rollouts:

@@ -266,8 +266,29 @@ class GRPO(base.Objective):
         self._cache: list[dict[str, np.ndarray]] | None = None
         self._rollout_done: float | None = None  # when the last rollout batch was ready
         self._learned_tokens = 0  # tokens of the batches handed to the step since then
+        self._check_fit(run.data.train[:1000])
         model = run.setup.apply_fn
         self._logps = jax.jit(lambda params, frozen, rows: model.token_stats(params, rows, frozen=frozen).logp)
+
+    def _check_fit(self, records) -> None:
+        """Fails before anything runs when the longest prompt seen plus a full-length completion, for
+        every completion of a rollout, cannot fit the rollout's rows."""
+        from jaxtune.data.examples import encode_prompt
+        from jaxtune.rollouts import rows_needed
+
+        s, d = self.section, self.config.data
+        longest = max((len(encode_prompt(self.tokenizer, self.prompt_text(r))) for r in records), default=0)
+        example_len = longest + s.max_completion_tokens - 1
+        rows = self._rows_per_rollout(self.config.train.global_batch_size // jax.process_count())
+        need = rows_needed(s.num_prompts * s.num_generations, example_len=example_len, seq_len=d.seq_len,
+                           packing=d.packing)
+        if example_len > d.seq_len or need > rows:
+            raise UserError(
+                f"GRPO: {s.num_prompts} prompts x {s.num_generations} completions of up to {example_len} tokens "
+                f"(longest prompt {longest} + objective.max_completion_tokens {s.max_completion_tokens}) need "
+                f"{need} rows of data.seq_len={d.seq_len} tokens{' (packed)' if d.packing else ' (one per row)'}, "
+                f"but a rollout has train.global_batch_size * objective.steps_per_rollout = {rows}; raise those, "
+                "data.seq_len, or lower objective.num_prompts / num_generations")
 
     def next_batch(self, state, data_iter, rng):
         s = self.section
