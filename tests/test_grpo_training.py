@@ -88,3 +88,22 @@ def test_resume_mid_run_is_exact(tmp_path, overrides):
 def test_config_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         grpo_config(**overrides)
+
+
+def test_rollouts_that_cannot_fit_their_rows_fail_at_start():
+    from types import SimpleNamespace
+
+    from jaxtune.data.builtin import verifiable
+    from jaxtune.objectives.grpo import GRPO
+
+    objective = GRPO(grpo_config(**{"objective.num_prompts": 4, "data.packing": False}))  # 16 completions, 8 rows
+    objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * (len(text) // 4), bos_id=2)
+    records = verifiable.generate_records(20, families=("arithmetic",))
+    with pytest.raises(UserError, match=r"4 prompts x 4 completions .* need 16 rows .* \(one per row\), but a rollout has"):
+        objective._check_fit(records)
+    objective = GRPO(grpo_config())
+    objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * 200, bos_id=2)
+    with pytest.raises(UserError, match="need 8 rows of data.seq_len=64"):
+        objective._check_fit(records)
+    objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * 10, bos_id=2)
+    objective._check_fit(records)  # fits: no error
