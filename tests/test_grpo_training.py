@@ -37,6 +37,7 @@ def grpo_config(**overrides):
     return c
 
 
+@pytest.mark.slow  # ~40 s of compiles (sampler, step, eval) on 2 cores; the default run covers the parts
 def test_grpo_trains_logs_metrics_and_dumps_samples(tmp_path):
     summary = trainer.train(grpo_config(), tmp_path)
     rows = [r for r in read_metrics(tmp_path) if "loss" in r]
