@@ -108,3 +108,20 @@ def test_rollouts_that_cannot_fit_their_rows_fail_at_start():
         objective._check_fit(records)
     objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * 10, bos_id=2)
     objective._check_fit(records)  # fits: no error
+
+
+def test_gsm8k_prompts_load_with_their_answers_and_templates(tmp_path):
+    from jaxtune.objectives.grpo import GRPO
+
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"})
+                            + "\n" for i in range(40)))
+    config = grpo_config(**{"objective.prompts": "gsm8k", "data.train_path": str(path), "data.eval_path": str(path),
+                            "objective.prompt_template": "Question: {prompt}\nAnswer:"})
+    data = GRPO(config).load_data(tmp_path)
+    assert len(data.train) == len(data.heldout) == 40 and data.train[3]["answer"] == "6"
+    assert GRPO(config).prompt_text(data.train[3]) == "Question: What is 3 plus 3?\nAnswer:"
+    assert data.tokenizer.decode(data.tokenizer.encode("What is 3")) == "What is 3"
+    bad = grpo_config(**{"objective.prompts": "gsm8k", "data.train_path": str(path), "objective.prompt_template": "{query}"})
+    with pytest.raises(UserError, match="uses field 'query'"):
+        GRPO(bad).load_data(tmp_path / "bad")
