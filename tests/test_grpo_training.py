@@ -85,6 +85,7 @@ def test_resume_mid_run_is_exact(tmp_path, overrides):
     ({"objective.rewards": ("no_such_module_q:f",)}, "cannot import module"),
     ({"objective.num_iterations": 2, "train.checkpoint_every": 3}, "must be a multiple of"),
     ({"objective.prompts": "gsm8k"}, "reads config key 'data.train_path'"),
+    ({"data.verifiable_families": ("poetry",)}, "config key 'data.verifiable_families' must be"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(UserError, match=message):

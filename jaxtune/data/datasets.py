@@ -166,11 +166,14 @@ def _verifiable_sft_data(cfg: ml_collections.ConfigDict, workdir: Path, *, seed:
 
     tokenizer = _tokenizer(cfg, workdir, lambda: verifiable.tokenizer_corpus(seed=seed))
     templates = [tuple(t) for t in cfg.templates]
-    task = TaskSpec(DEFAULT_TASK, verifiable.generate_records(cfg.num_train_examples, split="train", seed=seed),
+    families = verifiable.check_families(cfg.verifiable_families)
+    task = TaskSpec(DEFAULT_TASK, verifiable.generate_records(cfg.num_train_examples, split="train", seed=seed,
+                                                              families=families),
                     flan={DEFAULT_TASK: FlanSpec(tuple(templates), word_dropout=cfg.word_dropout)},
                     truncation=cfg.truncation, on_error=cfg.on_error)
     return SftData(tokenizer=tokenizer, tasks=[task], mixture=mixture_rates([task.name], [len(task.records)]),
-                   eval_records=verifiable.generate_records(cfg.num_eval_examples, split="heldout", seed=seed),
+                   eval_records=verifiable.generate_records(cfg.num_eval_examples, split="heldout", seed=seed,
+                                                            families=families),
                    eval_templates={DEFAULT_TASK: templates})
 
 

@@ -84,9 +84,8 @@ class GRPO(base.Objective):
         c = ml_collections.ConfigDict()
         c.beta = ml_collections.FieldReference(None, field_type=float)  # GRPO: KL weight; None = 0 (no reference)
         c.reference = "auto"
-        c.prompts = "verifiable"  # verifiable (built-in) | jsonl (data.train_path/eval_path) | gsm8k
+        c.prompts = "verifiable"  # verifiable (built-in, data.verifiable_families) | jsonl (data.train_path/eval_path) | gsm8k
         c.prompt_template = "{prompt}"  # how a record becomes the prompt text ({field} placeholders)
-        c.verifiable_families = ("arithmetic", "constraints")
         c.rewards = ("math", "instructions")  # built-in names or 'module.path:function'
         c.reward_weights = ()  # () = 1.0 each
         c.num_generations = 8  # G: completions per prompt
@@ -141,6 +140,10 @@ class GRPO(base.Objective):
                 f"config key 'train.checkpoint_every' ({config.train.checkpoint_every}) must be a multiple of "
                 f"objective.num_iterations * objective.steps_per_rollout ({cycle}) so a resumed run restarts at "
                 "a fresh rollout batch")
+        if s.prompts == "verifiable":
+            from jaxtune.data.builtin import verifiable
+
+            verifiable.check_families(config.data.verifiable_families)
         if s.prompts in ("jsonl", "gsm8k") and not config.data.train_path:
             raise UserError(f"objective.prompts={s.prompts!r} reads config key 'data.train_path', which is empty")
         from jaxtune.rewards import RewardSet
@@ -169,7 +172,7 @@ class GRPO(base.Objective):
 
         s, d = self.section, self.config.data
         if s.prompts == "verifiable":
-            families = tuple(s.verifiable_families)
+            families = verifiable.check_families(d.verifiable_families)
             train = verifiable.generate_records(d.num_train_examples, split="train", seed=self.config.seed, families=families)
             heldout = verifiable.generate_records(d.num_eval_examples, split="heldout", seed=self.config.seed, families=families)
             corpus = lambda: verifiable.tokenizer_corpus(seed=self.config.seed)  # noqa: E731

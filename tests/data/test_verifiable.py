@@ -59,3 +59,23 @@ def test_gsm8k_reader(tmp_path):
     bad.write_text(json.dumps({"question": "q"}) + "\n")
     with pytest.raises(UserError, match=r"bad.jsonl:1: expected a non-empty string field 'answer'"):
         read_gsm8k(bad)
+
+
+def test_sft_data_source_renders_worked_solutions(tmp_path):
+    from jaxtune import config as config_lib
+    from jaxtune.data.datasets import load_sft_data
+    from jaxtune.data.examples import ExampleBuilder
+
+    c = config_lib.base_config()
+    c.data.source = "verifiable"
+    c.data.verifiable_families = ("arithmetic",)
+    c.data.templates = (("{prompt} A:", " {solution}"),)
+    c.data.num_train_examples, c.data.num_eval_examples = 50, 10
+    data = load_sft_data(c.data, tmp_path, seed=0)
+    assert {r["task"] for r in data.tasks[0].records} == {"arithmetic"} and len(data.eval_records) == 10
+    builder = ExampleBuilder(data.tasks[0], 0, data.tokenizer, seq_len=128, seed=0)
+    prompt, target = builder.render(data.tasks[0].records[0], 0)
+    assert prompt.endswith(" A:") and target.endswith("#### " + data.tasks[0].records[0]["answer"])
+    c.data.verifiable_families = ("poetry",)
+    with pytest.raises(UserError, match="data.verifiable_families"):
+        load_sft_data(c.data, tmp_path, seed=0)

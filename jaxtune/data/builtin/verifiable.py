@@ -112,6 +112,16 @@ def _constraint(rng: np.random.Generator, split: str) -> dict | None:
 FAMILIES = ("arithmetic", "constraints")
 
 
+def check_families(families, key: str = "data.verifiable_families") -> tuple[str, ...]:
+    """The configured families, or a UserError naming the config key."""
+    from jaxtune.errors import UserError
+
+    families = tuple(families)
+    if not families or any(f not in FAMILIES for f in families):
+        raise UserError(f"config key '{key}' must be a non-empty tuple of {', '.join(FAMILIES)}; got {families!r}")
+    return families
+
+
 def generate_records(num_examples: int, *, split: str = "train", seed: int = 0, families=FAMILIES,
                      max_steps: int = 2) -> list[dict]:
     """``num_examples`` records of ``split`` ("train" or "heldout"), families in turn.
