@@ -174,7 +174,7 @@ def _verifiable_sft_data(cfg: ml_collections.ConfigDict, workdir: Path, *, seed:
     return SftData(tokenizer=tokenizer, tasks=[task], mixture=mixture_rates([task.name], [len(task.records)]),
                    eval_records=verifiable.generate_records(cfg.num_eval_examples, split="heldout", seed=seed,
                                                             families=families),
-                   eval_templates={DEFAULT_TASK: templates})
+                   eval_templates={family: templates for family in families})  # eval rows keep their "task"
 
 
 # Records per task rendered and tokenized before a run starts (see check_first_records).

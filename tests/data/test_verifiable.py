@@ -76,6 +76,10 @@ def test_sft_data_source_renders_worked_solutions(tmp_path):
     builder = ExampleBuilder(data.tasks[0], 0, data.tokenizer, seq_len=128, seed=0)
     prompt, target = builder.render(data.tasks[0].records[0], 0)
     assert prompt.endswith(" A:") and target.endswith("#### " + data.tasks[0].records[0]["answer"])
+    from jaxtune.data.pipeline import render_eval_set
+
+    rendered = render_eval_set(data.eval_records, data.eval_templates, seed=0)
+    assert rendered[0]["task"] == "arithmetic" and rendered[0]["answer"].startswith(" ")
     c.data.verifiable_families = ("poetry",)
     with pytest.raises(UserError, match="data.verifiable_families"):
         load_sft_data(c.data, tmp_path, seed=0)
