@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jaxtune.config import parse_arg
 
-LOSSES = ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto_pair", "kto")
+LOSSES = ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto_pair", "kto")  # kto: unpaired
 # Learning rates per loss type at real scale (papers / TRL examples); the tiny variant uses its own.
 _LR = {"simpo": 5e-7, "orpo": 5e-6, "ipo": 5e-7, "kto": 5e-7, "dpo_norm": 5e-7}
 
@@ -38,19 +38,15 @@ def _sft_config(variant):
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
-    loss = args.pop("loss", "sigmoid")
-    variant = args.pop("variant", "tiny")
-    method = args.pop("method", "none")
+    args = parse_arg(arg, loss="sigmoid", variant="tiny", method="none")
+    loss, variant, method = args["loss"], args["variant"], args["method"]
     if method not in ("none", "lora", "dora"):
         raise ValueError(f"configs/dpo.py: unknown method {method!r}; expected none, lora or dora")
     if loss not in LOSSES:
         raise ValueError(f"configs/dpo.py: unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-    if args:
-        raise ValueError(f"configs/dpo.py: unknown arguments {sorted(args)} (expected loss=..., variant=..., method=...)")
     c = _sft_config(variant)
-    c.objective.type = "kto" if loss == "kto" else "preference"
-    c.objective.loss_type = "kto" if loss == "kto_pair" else ("sigmoid" if loss == "kto" else loss)
+    c.objective.type = "kto" if loss == "kto" else "dpo"  # unpaired KTO | the paired losses
+    c.objective.loss_type = "sigmoid" if loss == "kto" else loss
     c.data.templates = (("{prompt}", "{response}"),)
     c.data.shuffle = True
     c.train.steps = 1000

@@ -17,6 +17,7 @@ completions are written to WORKDIR/samples/ every 50 steps.
 """
 
 from jaxtune.config import base_config, parse_arg
+from jaxtune.errors import UserError
 
 VARIANTS = {
     "grpo": {},
@@ -27,10 +28,10 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
-    unknown = set(args) - {"stage", "init_from", "hf_dir", "lora", "variant", "steps"}
-    if unknown:
-        raise ValueError(f"configs/grpo.py: unknown arguments {sorted(unknown)}")
+    args = parse_arg(arg, stage="grpo", init_from="", hf_dir="", lora=0, variant="grpo", steps=0)
+    if args["stage"] not in ("sft", "grpo") or args["variant"] not in VARIANTS:
+        raise UserError(f"configs/grpo.py: stage must be sft or grpo and variant one of {', '.join(VARIANTS)}; "
+                        f"got stage={args['stage']!r}, variant={args['variant']!r}")
     c = base_config()
     # The quickstart's model shape: small and fast on a CPU.
     c.model.family = "llama"
@@ -51,7 +52,7 @@ def get_config(arg=None):
     c.data.num_eval_examples = 200
     c.data.source = "verifiable"
 
-    if args.get("stage", "grpo") == "sft":
+    if args["stage"] == "sft":
         # Supervised warm start: worked solutions of the training problems ("3 + 4 = 7. #### 7").
         c.data.templates = (("{prompt} A:", " {solution}"),)
         c.data.num_train_examples = 100_000
@@ -70,7 +71,7 @@ def get_config(arg=None):
         c.objective.temperature = 1.0
         c.objective.sample_every = 50
         c.objective.eval_samples = 1
-        for key, value in VARIANTS[args.get("variant", "grpo")].items():
+        for key, value in VARIANTS[args["variant"]].items():
             c.objective[key] = value
         c.data.num_train_examples = 100_000
         # 64 completions of up to ~115 tokens (prompt included), packed two or more per 256-token row.
@@ -83,11 +84,11 @@ def get_config(arg=None):
         c.optim.lr = 3e-4
         c.optim.schedule = "constant"
         c.optim.warmup_steps = 0
-        c.model.init_from = args.get("init_from", "")
-        c.model.hf_dir = args.get("hf_dir", "")
-    if "lora" in args:
+        c.model.init_from = args["init_from"]
+        c.model.hf_dir = args["hf_dir"]
+    if args["lora"]:
         c.peft.method = "lora"
-        c.peft.rank = int(args["lora"])
-    if "steps" in args:
-        c.train.steps = int(args["steps"])
+        c.peft.rank = args["lora"]
+    if args["steps"]:
+        c.train.steps = args["steps"]
     return c

@@ -47,8 +47,5 @@ def get_config(arg=None):
     c.eval.max_new_tokens = 10
     c.eval.batch_size = 150
 
-    for key, value in parse_arg(arg).items():  # configs/quickstart.py:steps=100
-        if key != "steps":
-            raise ValueError(f"configs/quickstart.py: unknown argument {key!r} (expected steps=N)")
-        c.train.steps = int(value)
+    c.train.steps = parse_arg(arg, steps=c.train.steps)["steps"]  # configs/quickstart.py:steps=100
     return c

@@ -24,12 +24,9 @@ _VARIANTS = {
 
 
 def get_config(arg=None):
-    args = parse_arg(arg)
-    variant = args.pop("variant", "tiny")
+    variant = parse_arg(arg, variant="tiny")["variant"]
     if variant not in _VARIANTS:
         raise ValueError(f"configs/sft_llama.py: unknown variant {variant!r}; expected one of {', '.join(_VARIANTS)}")
-    if args:
-        raise ValueError(f"configs/sft_llama.py: unknown arguments {sorted(args)}")
     v = _VARIANTS[variant]
     c = base_config()
     c.model.family = "llama"

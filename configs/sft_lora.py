@@ -18,24 +18,19 @@ sharded over every device. Planned with `jaxtune plan` (per-device memory; bench
 
 from jaxtune.config import base_config, parse_arg
 
-_ARGS = ("hf_dir", "family", "variant", "method", "quantize", "rank", "targets")
-
-
 def get_config(arg=None):
-    args = parse_arg(arg)
-    unknown = sorted(set(args) - set(_ARGS))
-    if unknown:
-        raise ValueError(f"configs/sft_lora.py: unknown arguments {unknown}; expected some of {', '.join(_ARGS)}")
+    args = parse_arg(arg, hf_dir="", family="llama", variant="tiny", method="lora", quantize="none", rank=16,
+                     targets="all-linear")
     c = base_config()
-    c.model.hf_dir = args.get("hf_dir", "")
-    c.model.family = args.get("family", "llama")
-    c.model.variant = args.get("variant", "tiny")
+    c.model.hf_dir = args["hf_dir"]
+    c.model.family = args["family"]
+    c.model.variant = args["variant"]
     c.data.source = "jsonl"
-    c.peft.method = args.get("method", "lora")
-    c.peft.quantize = args.get("quantize", "none")
-    c.peft.rank = int(args.get("rank", 16))
+    c.peft.method = args["method"]
+    c.peft.quantize = args["quantize"]
+    c.peft.rank = args["rank"]
     c.peft.alpha = 2.0 * c.peft.rank
-    c.peft.targets = args.get("targets", "all-linear").replace("+", ",")
+    c.peft.targets = args["targets"].replace("+", ",")
     # Adapter learning rates are ~10x full fine-tuning's; no weight decay on the small adapters.
     c.optim.lr = 2e-4
     c.optim.weight_decay = 0.0

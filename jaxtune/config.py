@@ -256,7 +256,9 @@ def load_config(spec: str, overrides: list[str] = (), *, needs_data: bool = True
         raise UserError(f"--config {path}: defines no get_config(arg) function")
     try:
         config = module.get_config(arg or None)
-    except UserError:
+    except UserError as e:
+        if str(e).startswith(_ARG_ERROR):  # parse_arg's: name the file
+            raise UserError(f"--config {spec}: {str(e)[len(_ARG_ERROR):]}") from None
         raise
     except Exception as e:
         raise UserError(f"--config {spec}: get_config raised{_line_in(file, e)}: {type(e).__name__}: {e}") from e
@@ -282,19 +284,38 @@ def _line_in(file: Path, error: BaseException) -> str:
     return f" at line {lines[-1]}" if lines else ""
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """Parses a `k=v,k2=v2` config argument (the part after `path.py:`); a bare word is `variant`."""
-    out: dict[str, str] = {}
-    if not arg:
-        return out
-    for part in arg.split(","):
+_ARG_ERROR = "config file argument: "
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
+    """Parses a config file's `k=v,k2=v2` argument (the part after `path.py:`); a bare word is `variant`.
+
+    With `defaults` (`parse_arg(arg, variant="tiny", steps=100)`) the argument is typed: each value
+    is converted to its default's type by the same rules as `--config.KEY=VALUE` overrides, a name
+    not among the defaults is an error naming the closest one, and the result holds every default.
+    Without defaults every value stays a string.
+    """
+    raw: dict[str, str] = {}
+    for part in (arg or "").split(","):
         if not part:
             continue
         k, sep, v = part.partition("=")
-        if sep:
-            out[k.strip()] = v.strip()
-        else:
-            out["variant"] = k.strip()
+        raw[k.strip() if sep else "variant"] = v.strip() if sep else k.strip()
+    if not defaults:
+        return raw
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(defaults), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"{_ARG_ERROR}unknown arguments {unknown} after ':'{hint} "
+                        f"(expected some of {', '.join(defaults)})")
+    out = dict(defaults)
+    for key, value in raw.items():
+        default = defaults[key]
+        try:
+            out[key] = _convert(value, default, str if default is None else type(default))
+        except ValueError as e:
+            raise UserError(f"{_ARG_ERROR}argument '{key}={value}': {e}") from None
     return out
 
 
@@ -371,28 +392,39 @@ def _convert(raw: str, current: Any, field_type: Any) -> Any:
 # Validation that needs no devices and no model
 # --------------------------------------------------------------------------------------------
 
-_CHOICES = {
-    "data.source": ("jsonl", "quickstart", "verifiable"),
-    "data.truncation": ("truncate", "drop", "error"),
-    "optim.schedule": ("cosine", "linear", "constant"),
-    "mesh.rules": ("dp", "fsdp", "fsdp_tp"),
-    "model.remat_policy": ("none", "full", "projections", "offload", "dots", "dots_no_batch"),  # models/layers.py
-    "model.attention": ("auto", "splash", "blockwise", "cudnn", "reference"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "data.on_error": ("error", "skip"),
-    "data.packing_strategy": ("first_fit", "best_fit"),
-    "data.mixture.mode": ("examples_proportional", "weights", "temperature"),
-    "train.nonfinite": ("halt", "skip"),
-}
+def choices() -> dict[str, tuple[str, ...]]:
+    """The keys with a fixed set of values; each list lives in the module that implements it."""
+    from jaxtune import nonfinite, optim, sharding
+    from jaxtune.data import datasets, examples, mixtures, pipeline
+    from jaxtune.models import attention, layers
 
-TASK_CHOICES = {
-    "source": ("jsonl", "json", "parquet", "array_record", "tfds"),
-    "format": ("fields", "alpaca", "self_instruct", "chat"),
-    "options_style": ("deterministic", "random"),
-    "truncation": ("truncate", "drop", "error"),
-    "on_error": ("error", "skip"),
-}
+    return {
+        "data.source": datasets.SOURCES,
+        "data.truncation": examples.TRUNCATION_POLICIES,
+        "optim.schedule": optim.SCHEDULES,
+        "mesh.rules": tuple(sharding.PRESETS),
+        "model.remat_policy": tuple(layers.REMAT_POLICIES),
+        "model.attention": attention.IMPLEMENTATIONS,
+        "model.dtype": layers.COMPUTE_DTYPES,
+        "model.param_dtype": layers.PARAM_DTYPES,
+        "data.on_error": examples.ON_ERROR_POLICIES,
+        "data.packing_strategy": pipeline.PACKING_STRATEGIES,
+        "data.mixture.mode": mixtures.MODES,
+        "train.nonfinite": nonfinite.POLICIES,
+    }
+
+
+def task_choices() -> dict[str, tuple[str, ...]]:
+    """data.tasks / eval.tasks keys with a fixed set of values (owned by the data modules)."""
+    from jaxtune.data import examples, flan, formats, sources
+
+    return {
+        "source": sources.SOURCE_KINDS,
+        "format": formats.FORMATS,
+        "options_style": flan.OPTIONS_STYLES,
+        "truncation": examples.TRUNCATION_POLICIES,
+        "on_error": examples.ON_ERROR_POLICIES,
+    }
 
 
 def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "data.tasks") -> None:
@@ -409,9 +441,9 @@ def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "da
     for k in known:
         if k not in task:
             raise UserError(f"config key '{key}' lacks '{k}'; build tasks with jaxtune.config.{builder}(...)")
-    for k, choices in TASK_CHOICES.items():
-        if task[k] not in choices:
-            raise UserError(f"config key '{key}.{k}' is {task[k]!r}; expected one of {', '.join(choices)}")
+    for k, allowed in task_choices().items():
+        if task[k] not in allowed:
+            raise UserError(f"config key '{key}.{k}' is {task[k]!r}; expected one of {', '.join(allowed)}")
     if not task.path:
         raise UserError(f"config key '{key}.path' is empty; expected a data file (or the TFDS dataset name)")
     if not task.templates and task.format != "chat":
@@ -426,12 +458,12 @@ def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "da
 
 def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:
     """Rejects impossible values before any compile; the message names the key and the fix."""
-    for key, choices in _CHOICES.items():
+    for key, allowed in choices().items():
         value = config
         for part in key.split("."):
             value = value[part]
-        if value not in choices:
-            raise UserError(f"config key '{key}' is {value!r}; expected one of {', '.join(choices)}")
+        if value not in allowed:
+            raise UserError(f"config key '{key}' is {value!r}; expected one of {', '.join(allowed)}")
     positive = {
         "optim.lr": config.optim.lr,
         "train.steps": config.train.steps,

@@ -27,6 +27,7 @@ from jaxtune.errors import UserError
 FLAG = "nonfinite"
 GROUPS_KEY = "nonfinite_groups"  # per-leaf flags; popped from the metrics before logging
 EXIT_STATUS = 3
+POLICIES = ("halt", "skip")  # train.nonfinite
 
 
 class NonFiniteError(UserError):

@@ -8,6 +8,8 @@ import jax
 import ml_collections
 import optax
 
+SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule
+
 # Parameters whose path contains one of these names are never weight-decayed: decaying norm
 # scales pulls them to 0 (not to their neutral 1), and decaying embeddings/biases hurts rare tokens.
 NO_DECAY_NAMES = ("embedding", "scale", "bias")

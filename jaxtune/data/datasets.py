@@ -33,6 +33,7 @@ from jaxtune.errors import UserError
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.model"
+SOURCES = ("jsonl", "quickstart", "verifiable")  # data.source (several tasks: data.tasks)
 # Records rendered to train a from-scratch tokenizer on user JSONL data.
 _TOKENIZER_SAMPLE = 20_000
 

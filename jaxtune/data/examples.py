@@ -23,6 +23,8 @@ from jaxtune.data.tokenizers import Tokenizer, encode_with_specials
 from jaxtune.errors import UserError
 
 DEFAULT_TASK = "default"
+TRUNCATION_POLICIES = ("truncate", "drop", "error")  # an over-long example
+ON_ERROR_POLICIES = ("error", "skip")  # a bad record
 EXAMPLE_KEYS = ("inputs", "targets", "loss_mask")
 TASK_KEY, SKIP_KEY, TRUNCATED_KEY = "_task", "_skip", "_truncated"
 _FEW_SHOT_STREAM = 0x0F1C

@@ -73,6 +73,9 @@ def render_options(fields: Mapping[str, Any], *, style: str, options_field: str,
     return out
 
 
+OPTIONS_STYLES = ("deterministic", "random")
+
+
 @dataclasses.dataclass(frozen=True)
 class FlanSpec:
     """How a task renders: its template set and the FLAN variations applied on top."""

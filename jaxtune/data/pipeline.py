@@ -24,6 +24,7 @@ from jaxtune.data.flan import FlanSpec
 from jaxtune.data.tokenizers import Tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+PACKING_STRATEGIES = ("first_fit", "best_fit")  # data.packing_strategy
 
 
 def tokenize_pair(

@@ -390,6 +390,8 @@ PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 # model.remat_policy -> what the backward pass finds saved from each decoder block's forward pass
 # (README "Memory"). None of them ever saves logits (the LM head is outside the blocks and the
 # loss recomputes it chunk by chunk); only "none" and "dots" keep the [B, heads, T, S] scores.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype
+PARAM_DTYPES = ("float32", "bfloat16")  # model.param_dtype
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: every activation kept (fastest, most memory)
     "full": jax.checkpoint_policies.nothing_saveable,  # only block inputs; recompute the whole block

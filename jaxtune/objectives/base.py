@@ -13,7 +13,7 @@ The trainer (state builder, jitted step, loop) names no objective. It asks the r
   batch into micro-batches, adds up each micro-batch's `loss` sums and divides by the weight
   (`normalise`), so gradient accumulation is exact whatever the objective counts (tokens, pairs,
   completions);
-- hooks in the loop: `start(run)` once before the data iterator exists (precompute a reference,
+- hooks in the loop: `start(run)` once before the data iterator and the state exist (precompute a reference,
   keep handles for rollouts), `next_batch(state, data_iter, rng)` every step (default: the next
   data batch; an RL objective samples from the current policy here), `eval_set` / `evaluate`
   (held-out metrics during training and in `jaxtune eval`), `describe` and `data_report` (lines
@@ -156,7 +156,9 @@ class Objective:
     # ---- loop hooks --------------------------------------------------------------------------
 
     def start(self, run: RunContext) -> None:
-        """Called once before the data iterator is created (after the state exists)."""
+        """Called once inside the run's mesh, before the data iterator and the train state exist
+        (the data position and the state are restored after it): precompute what batches carry,
+        keep `run.setup` (model, apply_fn, mesh) and `run.data.tokenizer` for `next_batch`."""
 
     def next_batch(self, state, data_iter: Iterator, rng: jax.Array) -> dict[str, np.ndarray]:
         """The process-local host batch of this step. `state` is the current TrainState (its params
