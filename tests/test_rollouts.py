@@ -72,6 +72,7 @@ def test_rows_mask_the_prompt_and_carry_advantages():
         build_rows(examples, rows=2, seq_len=8, packing=False)
 
 
+@pytest.mark.slow  # the pure-function version is in tests/objectives/test_grpo_loss.py
 def test_packed_rollouts_give_the_padded_loss_through_the_model():
     model, variables = tiny()
 

@@ -86,8 +86,8 @@ def test_single_pass_gradient_is_the_policy_gradient():
     np.testing.assert_allclose(grad, [[-0.5, -0.5, 1.0, 0.0]], rtol=1e-6)
 
 
-@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "constant"])
-@pytest.mark.parametrize("importance", ["token", "sequence"])
+@pytest.mark.parametrize("aggregation, importance", [("sequence_mean", "token"), ("token_mean", "token"),
+                                                     ("constant", "sequence")])
 def test_packed_equals_padded_and_accumulation_is_exact(aggregation, importance):
     rng = np.random.default_rng(0)
     lengths, adv_values = [3, 2, 4], [0.7, -1.2, 0.4]
