@@ -11,9 +11,9 @@ Arguments (comma-separated): `stage=sft|grpo` (default grpo), `init_from=WORKDIR
 `hf_dir=DIR` (start from a Hugging Face model instead; set data.tokenizer too), `lora=RANK`
 (train LoRA adapters; the KL reference is then the base without adapters, no copy),
 `variant=grpo|dr_grpo|dapo|gspo` (the loss family; see jaxtune/objectives/grpo.py),
-`steps=N`. Every 50 steps the held-out prompts (never trained on) are answered greedily and by
-sampling, and their mean reward / accuracy logged (`eval/greedy/accuracy`, ...); sampled
-completions are written to WORKDIR/samples/ every 50 steps.
+`steps=N`. Before and after training 300 held-out prompts (never trained on) are answered greedily
+and twice by sampling, and their mean reward / accuracy logged (`eval/greedy/accuracy`,
+`eval/sampled/reward`, ...); sampled completions are written to WORKDIR/samples/ every 50 steps.
 """
 
 from jaxtune.config import base_config, parse_arg
@@ -49,7 +49,7 @@ def get_config(arg=None):
     c.objective.prompts = "verifiable"
     c.data.verifiable_families = ("arithmetic",)
     c.objective.prompt_template = "{prompt} A:"
-    c.data.num_eval_examples = 200
+    c.data.num_eval_examples = 300
     c.data.source = "verifiable"
 
     if args["stage"] == "sft":
@@ -61,7 +61,7 @@ def get_config(arg=None):
         c.train.max_seconds = 300.0
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 50
-        c.eval.max_new_tokens = 24
+        c.eval.max_new_tokens = 40
     else:
         c.objective.type = "grpo"
         c.objective.rewards = ("math",)
@@ -70,7 +70,7 @@ def get_config(arg=None):
         c.objective.max_completion_tokens = 40  # worked solutions are up to ~33 tokens
         c.objective.temperature = 1.0
         c.objective.sample_every = 50
-        c.objective.eval_samples = 1
+        c.objective.eval_samples = 2
         for key, value in VARIANTS[args["variant"]].items():
             c.objective[key] = value
         c.data.num_train_examples = 100_000
@@ -78,9 +78,9 @@ def get_config(arg=None):
         c.data.seq_len = 256
         c.train.global_batch_size = 32
         c.train.steps = 300
-        c.train.eval_every = 50
+        c.train.eval_every = 0  # held-out reward before and after (each ~1-2 CPU minutes)
         c.train.checkpoint_every = 50
-        c.train.max_seconds = 600.0
+        c.train.max_seconds = 720.0  # ~10 minutes of GRPO steps after the first held-out evaluation
         c.optim.lr = 3e-4
         c.optim.schedule = "constant"
         c.optim.warmup_steps = 0

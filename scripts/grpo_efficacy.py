@@ -4,8 +4,9 @@
 
 1. SFT (configs/grpo.py:stage=sft): the quickstart-sized model learns the built-in arithmetic
    word problems' worked solutions from scratch (--sft-seconds, default 300).
-2. GRPO (configs/grpo.py:init_from=<sft run>) for --grpo-seconds (default 600): held-out problems
-   (never trained on) are answered greedily and by sampling every train.eval_every steps.
+2. GRPO (configs/grpo.py:init_from=<sft run>) for --grpo-seconds (default 720, the first held-out
+   evaluation included): 300 held-out problems (never trained on) are answered greedily and twice
+   by sampling before and after.
 3. Prints the held-out mean reward / accuracy at the start and the end of GRPO, the gain in
    points, and the time split (sampling vs learning) and throughputs from metrics.jsonl.
 Rerunning resumes both stages where they stopped. Extra --config.* overrides go to the GRPO stage.
@@ -27,7 +28,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/grpo_efficacy")
     parser.add_argument("--sft-seconds", type=float, default=300.0)
-    parser.add_argument("--grpo-seconds", type=float, default=600.0)
+    parser.add_argument("--grpo-seconds", type=float, default=720.0,
+                        help="GRPO stage time budget, the first held-out evaluation included")
     parser.add_argument("--variant", default="grpo", help="grpo | dr_grpo | dapo | gspo")
     args, overrides = parser.parse_known_args(argv)
     workdir = Path(args.workdir)
@@ -42,13 +44,14 @@ def main(argv=None) -> int:
         key, _, value = item.removeprefix("--config.").partition("=")
         grpo_overrides[key] = value
     grpo = jaxtune.load_config(f"configs/grpo.py:init_from={sft_dir},variant={args.variant}", grpo_overrides)
-    jaxtune.train(grpo, str(grpo_dir))
+    summary = jaxtune.train(grpo, str(grpo_dir))
 
     rows = read_metrics(grpo_dir)
     evals = [r for r in rows if "eval/greedy/reward" in r]
     train = [r for r in rows if "rollout/reward" in r]
     first, last = evals[0], evals[-1]
-    print(f"\nGRPO ({args.variant}) held-out, {len(evals)} evaluations, step {first['step']} -> {last['step']}:")
+    print(f"\nGRPO ({args.variant}) held-out, {len(evals)} evaluations, step {first['step']} -> {last['step']} "
+          f"({summary.train_s:.0f}s of training steps, {summary.wall_s:.0f}s wall with evaluations):")
     for key in ("sampled/reward", "sampled/accuracy", "greedy/reward", "greedy/accuracy"):
         a, b = first[f"eval/{key}"], last[f"eval/{key}"]
         print(f"  {key:18s} {a:6.1%} -> {b:6.1%}  ({100 * (b - a):+.1f} points)")
