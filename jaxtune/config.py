@@ -502,6 +502,11 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
     _validate_eval(config.eval)
     _validate_eval_tasks(config)
+    if config.model.hf_dir and config.model.init_from:
+        raise UserError("config keys 'model.hf_dir' and 'model.init_from' are both set; pick one starting point")
+    if config.peft.method != "none" and config.model.init_from:
+        raise UserError("config key 'model.init_from' is not supported with LoRA yet; export the SFT model "
+                        "(jaxtune export) and start from it with model.hf_dir")
     from jaxtune import objectives  # each objective checks its own keys
 
     objectives.base.validate(config)

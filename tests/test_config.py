@@ -67,6 +67,14 @@ def test_impossible_values_rejected(config_file, override, message):
         config_lib.load_config(str(config_file), [override])
 
 
+def test_starting_points_that_cannot_combine(config_file):
+    """Checked for every objective (the state builder has one precedence, no silent choice)."""
+    with pytest.raises(UserError, match="'model.hf_dir' and 'model.init_from' are both set"):
+        config_lib.load_config(str(config_file), ["model.hf_dir=/m", "model.init_from=runs/sft"])
+    with pytest.raises(UserError, match="'model.init_from' is not supported with LoRA"):
+        config_lib.load_config(str(config_file), ["peft.method=lora", "model.init_from=runs/sft"])
+
+
 def test_missing_file_and_missing_get_config(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         config_lib.load_config(str(tmp_path / "nope.py"))

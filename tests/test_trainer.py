@@ -1,10 +1,11 @@
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune import trainer
+from jaxtune import sharding, trainer
 from jaxtune.metrics import read_metrics
 from tests.helpers import tiny_config, tiny_mixture_config
 
@@ -138,3 +139,19 @@ def test_sharded_init_never_materialises_full_replicas():
     adam = [x for x in mu if hasattr(x, "mu")][0]
     assert adam.mu["layers"]["attn"]["q_proj"]["kernel"].sharding.spec == q.sharding.spec  # optimizer state follows
     assert state.params["embed"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
+
+
+def test_next_batch_may_give_host_rows_or_global_arrays():
+    """What an objective's next_batch returns becomes the step's global batch: host rows (this
+    process's share) or jax.Arrays made on the devices (rollouts), placed in the batch shardings."""
+    from jaxtune.trainer import loop
+
+    mesh = sharding.build_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    shardings = {"segment_ids": sharding.batch_sharding(mesh, 2), "advantages": sharding.batch_sharding(mesh, 1)}
+    host = {"segment_ids": np.tile([1, 1, 0], (8, 1)).astype(np.int32), "advantages": np.arange(8, dtype=np.float32)}
+    device = {k: jnp.asarray(v) for k, v in host.items()}
+    for batch in (host, device):
+        placed = loop.global_batch(batch, shardings)
+        assert all(placed[k].sharding == shardings[k] for k in shardings)
+        np.testing.assert_array_equal(np.asarray(placed["advantages"]), host["advantages"])
+        assert loop.batch_tokens(batch) == 16

@@ -78,6 +78,7 @@ class RunContext:
     start_params: Callable[[], Any]
     put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]  # process-local host batch -> global arrays
     device_put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]  # the same full batch on every process
+    model_variables: Callable[[Any], dict] | None = None  # TrainState -> the model's variables (sampling, scoring)
     print: Callable[[str], None] = print
 
 
@@ -160,9 +161,11 @@ class Objective:
         (the data position and the state are restored after it): precompute what batches carry,
         keep `run.setup` (model, apply_fn, mesh) and `run.data.tokenizer` for `next_batch`."""
 
-    def next_batch(self, state, data_iter: Iterator, rng: jax.Array) -> dict[str, np.ndarray]:
-        """The process-local host batch of this step. `state` is the current TrainState (its params
-        are the current policy); `rng` is this step's key (same on every process)."""
+    def next_batch(self, state, data_iter: Iterator, rng: jax.Array) -> dict[str, Any]:
+        """This step's batch with the keys of `batch_shapes`: process-local host arrays (this
+        process's rows, as data iterators give them) or global jax.Arrays (e.g. rollouts sampled on
+        the devices with `run.model_variables(state)`). `state` is the current TrainState (its
+        params are the current policy); `rng` is this step's key (the same on every process)."""
         del state, rng
         return next(data_iter)
 

@@ -71,8 +71,6 @@ class PairObjective(base.Objective):
                 chat.resolve_template(config.data.chat_template)
             except UserError as e:
                 raise UserError(f"config key 'data.chat_template': {e}") from None
-        if config.model.hf_dir and config.model.init_from:
-            raise UserError("config keys 'model.hf_dir' and 'model.init_from' are both set; pick one starting point")
         if config.data.source != "jsonl":
             raise UserError(f"config key 'objective.type' is {o.type!r}: preference data comes from JSONL "
                             "(data.source='jsonl')")
@@ -86,9 +84,6 @@ class PairObjective(base.Objective):
         if lora and o.reference == "copy":
             raise UserError("config key 'objective.reference' is 'copy', but with LoRA the reference is the base model "
                             "without its adapters (no extra weights): use 'auto' (or 'precomputed')")
-        if lora and config.model.init_from:
-            raise UserError("config key 'model.init_from' is not supported with LoRA yet; export the SFT model "
-                            "(jaxtune export) and start from it with model.hf_dir")
         if not reference_free and o.reference == "none":
             raise UserError(f"config key 'objective.reference' is 'none', but {cls._needs_reference_name(o)} needs a "
                             "reference model; use auto, copy or precomputed")

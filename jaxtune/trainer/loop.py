@@ -19,6 +19,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -92,9 +93,9 @@ class Loop:
 
 
 class Hook:
-    """Runs after every step, in the order the loop holds its hooks; `after_step` may return why
+    """Runs after every step (log, eval, checkpoint: in that order); `after_step` may return why
     the run stops now ("signal" or "budget"). `end` runs once after the loop with that reason (None:
-    every step ran)."""
+    every step ran), checkpoint first and evaluation last."""
 
     def after_step(self, loop: Loop, done: int, metrics: dict, batch: dict) -> str | None:
         return None
@@ -125,7 +126,7 @@ class LogHook(Hook):
             self.train_time += time.time() - loop.step_started
             self.window_start = time.time()
         else:
-            self.window_tokens += int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+            self.window_tokens += batch_tokens(batch)
         if done % self.config.train.log_every and done != self.config.train.steps:
             return None
         row = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in (nonfinite.GROUPS_KEY, nonfinite.FLAG)}
@@ -141,6 +142,9 @@ class LogHook(Hook):
         loop.progress.update(done, row)
         self.window_tokens, self.window_start = 0, now
         return None
+
+    def end(self, loop, done, stopped):
+        loop.progress.close()
 
 
 class EvalHook(Hook):
@@ -212,6 +216,22 @@ class CheckpointHook(Hook):
             self.checkpointer.save(done, loop.state, self.data_iter, self.config_json, force=True)
 
 
+def global_batch(batch: dict, shardings: dict) -> dict[str, jax.Array]:
+    """The step's global batch from `next_batch`'s: process-local host arrays (each process its rows)
+    are assembled across processes; jax.Arrays (e.g. rollouts sampled on the devices) are global
+    already and only placed in the step's shardings."""
+    return {k: jax.device_put(batch[k], s) if isinstance(batch[k], jax.Array)
+            else jax.make_array_from_process_local_data(s, np.asarray(batch[k])) for k, s in shardings.items()}
+
+
+def batch_tokens(batch: dict) -> int:
+    """Non-padding tokens of the global batch (tokens/s): a host batch holds this process's share."""
+    segments = batch["segment_ids"]
+    if isinstance(segments, jax.Array):
+        return int(jnp.count_nonzero(segments))
+    return int(np.count_nonzero(segments)) * jax.process_count()
+
+
 def _check_vocab(config, tokenizer, model_config) -> None:
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(
@@ -257,15 +277,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rule_table):
 
         def put(local):
-            return {k: jax.make_array_from_process_local_data(batch_sharding[k], np.asarray(local[k]))
-                    for k in batch_sharding}
+            return global_batch(local, batch_sharding)
 
         def device_put(batch):
             return {k: jax.device_put(v, batch_sharding[k]) for k, v in batch.items()}
 
         objective.start(objectives.RunContext(
             config=config, workdir=workdir, setup=setup, data=data, data_stats=data_stats,
-            start_params=lambda: state_lib.start_weights(config, setup), put=put, device_put=device_put))
+            start_params=lambda: state_lib.start_weights(config, setup), put=put, device_put=device_put,
+            model_variables=state_lib.model_variables))
         data_iter = iter(dataset)
         start = state_lib.build_state(config, setup, checkpointer=checkpointer, data_iter=data_iter)
         if start.step:
@@ -298,11 +318,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         evaluator.begin(loop)
         loop.progress = metrics_lib.Progress(config.train.steps, start.step, enabled=config.train.progress_bar)
         with StopSignal() as stop:
-            hooks = (logger, evaluator, CheckpointHook(config, checkpointer, data_iter, config_json, stop))
-            done, stopped = _run_steps(loop, objective, data_iter, put, ref_params, logger, hooks, checkpointer)
-        loop.progress.close()
-        for hook in hooks:
-            hook.end(loop, done, stopped)
+            saver = CheckpointHook(config, checkpointer, data_iter, config_json, stop)
+            done, stopped = _run_steps(loop, objective, data_iter, put, ref_params, logger,
+                                       (logger, evaluator, saver), checkpointer)
+            for hook in (saver, logger, evaluator):  # the final checkpoint first, the final evaluation last
+                hook.end(loop, done, stopped)
     for line in objective.data_report(data_stats):
         print(f"jaxtune: {line}", flush=True)
     checkpointer.close()
