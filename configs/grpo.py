@@ -9,7 +9,8 @@
 
 Arguments (comma-separated): `stage=sft|grpo` (default grpo), `init_from=WORKDIR`,
 `hf_dir=DIR` (start from a Hugging Face model instead; set data.tokenizer too), `lora=RANK`
-(train LoRA adapters; the KL reference is then the base without adapters, no copy),
+(train LoRA adapters; the KL reference is then the base without adapters, no copy; LoRA starts
+from `hf_dir`: export the SFT run first with `jaxtune export`, as for LoRA-DPO),
 `variant=grpo|dr_grpo|dapo|gspo` (the loss family; see jaxtune/objectives/grpo.py),
 `steps=N`. Before and after training 300 held-out prompts (never trained on) are answered greedily
 and twice by sampling, and their mean reward / accuracy logged (`eval/greedy/accuracy`,

@@ -303,11 +303,6 @@ class GRPO(base.Objective):
         self._learned_tokens += int(np.count_nonzero(batch["segment_ids"]))
         return batch
 
-    def _variables(self, state):
-        from jaxtune.trainer import state as state_lib  # the trainer's own definition of "the policy"
-
-        return state_lib.model_variables(state)
-
     def sample(self, model, variables, tokenizer, records: Sequence[dict], *, group_size: int, seed: int,
                temperature: float):
         """(rollouts, prompts, total rewards, {name: rewards}) for G completions of each record."""
@@ -337,7 +332,7 @@ class GRPO(base.Objective):
         learner_s = time.perf_counter() - self._rollout_done if self._rollout_done is not None else 0.0
         learned_tokens, self._learned_tokens = self._learned_tokens, 0
         t0 = time.perf_counter()
-        variables = self._variables(state)
+        variables = self.run.model_variables(state)  # the policy as the state holds it (LoRA: base + adapters)
         key = jax.random.fold_in(rng, jax.process_index())
         kept: list[tuple] = []  # (rollouts, prompts, totals, parts, records) per group
         zero_groups, sampled_tokens, rounds = 0, 0, 0
