@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tie_word_embeddings = ml_collections.FieldReference(None, field_type=bool)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "jsonl"  # jsonl | quickstart
+    c.data.source = "jsonl"  # jsonl | quickstart | verifiable (built-in RL problems, builtin/verifiable.py)
     c.data.train_path = ""
     c.data.eval_path = ""
     # FLAN-style (input_pattern, target_pattern) pairs with {field} placeholders; one is chosen
@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.add_bos = "auto"
     c.data.num_train_examples = 100_000  # quickstart: generated training records
     c.data.num_eval_examples = 300  # quickstart: held-out phrasings evaluated by exact match
+    c.data.verifiable_families = ("arithmetic", "constraints")  # data.source=verifiable: problem families
     c.data.worker_count = 0  # Grain multiprocessing workers (0 = in-process)
     c.data.read_threads = 0  # Grain reader threads (0 = read in the training thread)
     c.data.prefetch = 0  # elements prefetched by the reader threads

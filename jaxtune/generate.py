@@ -193,8 +193,10 @@ def generate(
     seed: int = 0,
     pad_id: int = 0,
     batch_size: int = 64,
+    keep_stop: bool = False,
 ) -> list[list[int]]:
-    """Continuations of each prompt (prompt excluded; cut before, and excluding, the first stop token).
+    """Continuations of each prompt (prompt excluded; cut before, and excluding, the first stop token;
+    `keep_stop` keeps that stop token, so RL rollouts train the model to stop).
 
     `params`: the params tree or a variables dict ({"params": ..., "lora": ...}). temperature 0 is
     greedy. Prompts are processed in chunks of `batch_size` rows. Sampling is seeded per chunk
@@ -221,7 +223,7 @@ def generate(
             top_k=None if greedy else top_k, use_top_p=top_p is not None and not greedy, pad_id=pad_id,
         )
         for row in distributed.to_host(new)[: len(chunk)].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stop_tokens), len(row))
+            cut = next((i + int(keep_stop) for i, t in enumerate(row) if t in stop_tokens), len(row))
             outputs.append(row[:cut])
     return outputs
 

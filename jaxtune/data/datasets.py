@@ -35,7 +35,7 @@ from jaxtune.errors import UserError
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.model"
-SOURCES = ("jsonl", "quickstart")  # data.source (several tasks: data.tasks)
+SOURCES = ("jsonl", "quickstart", "verifiable")  # data.source (several tasks: data.tasks)
 # Records rendered to train a from-scratch tokenizer on user JSONL data.
 _TOKENIZER_SAMPLE = 20_000
 
@@ -145,6 +145,8 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
             eval_records=quickstart.generate_records(cfg.num_eval_examples, seed=seed + 1_000_003),
             eval_templates=quickstart.templates("heldout"),
         )
+    if cfg.source == "verifiable" and not cfg.tasks:
+        return _verifiable_sft_data(cfg, workdir, seed=seed)
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
     given = _tokenizer(cfg, workdir, None) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
     tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None),
@@ -158,6 +160,24 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
         data.eval_templates = {DEFAULT_TASK: [tuple(t) for t in cfg.templates]}
     check_first_records(data, seq_len=cfg.seq_len, seed=seed)
     return data
+
+
+def _verifiable_sft_data(cfg: ml_collections.ConfigDict, workdir: Path, *, seed: int) -> SftData:
+    """The built-in verifiable problems (builtin/verifiable.py) with their worked solutions, rendered
+    with data.templates: the SFT warm start of a GRPO run; evaluated on the held-out problems."""
+    from jaxtune.data.builtin import verifiable
+
+    tokenizer = _tokenizer(cfg, workdir, lambda: verifiable.tokenizer_corpus(seed=seed))
+    templates = [tuple(t) for t in cfg.templates]
+    families = verifiable.check_families(cfg.verifiable_families)
+    task = TaskSpec(DEFAULT_TASK, verifiable.generate_records(cfg.num_train_examples, split="train", seed=seed,
+                                                              families=families),
+                    flan={DEFAULT_TASK: FlanSpec(tuple(templates), word_dropout=cfg.word_dropout)},
+                    truncation=cfg.truncation, on_error=cfg.on_error)
+    return SftData(tokenizer=tokenizer, tasks=[task], mixture=mixture_rates([task.name], [len(task.records)]),
+                   eval_records=verifiable.generate_records(cfg.num_eval_examples, split="heldout", seed=seed,
+                                                            families=families),
+                   eval_templates={family: templates for family in families})  # eval rows keep their "task"
 
 
 # Records per task rendered and tokenized before a run starts (see check_first_records).

@@ -1,0 +1,481 @@
+"""GRPO and its variants (Dr. GRPO, DAPO, GSPO): RL with verifiable rewards on sampled completions.
+
+Every `objective.steps_per_rollout * objective.num_iterations` steps, `next_batch` takes
+`objective.num_prompts` prompts from the data, samples `objective.num_generations` completions
+of each with the *current* policy (the train state's own variables: LoRA adapters and a
+quantised base included, nothing copied), scores them with the reward functions
+(`objective.rewards`, summed with `objective.reward_weights`), turns rewards into group-relative
+advantages and the completions into training rows (packed with segment ids when
+`data.packing`). The rows are split into `steps_per_rollout` mini-batches of
+`train.global_batch_size` rows, each trained on `num_iterations` times; with more than one pass
+the sampling policy's log-probs are kept (`old_logps`) for the clipped ratio. The loss math and
+its formula table are in grpo_loss.py.
+
+Variants are settings: GRPO (defaults), Dr. GRPO (`scale_rewards=False, aggregation='constant'`),
+DAPO (`clip_high=0.28, aggregation='token_mean', dynamic_sampling=True, overlong_cache=...`),
+GSPO (`importance='sequence'` with a small clip range, e.g. 3e-4 / 4e-4).
+
+The rollout randomness is a pure function of (`seed`, step, process), and the prompt stream is
+the checkpointed data iterator, so a resumed run samples what the uninterrupted run sampled
+(exactly so when the checkpoint falls at the start of a rollout cycle; see `validate`).
+Rollout metrics (rewards per function, accuracy, lengths, zero-spread groups, sampling time and
+throughput) ride in the batch as per-row shares and come out of the step as plain totals; the
+reward/accuracy/length metrics describe the first round of sampling (the policy as it is), not
+the groups dynamic sampling kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxtune.errors import UserError
+from jaxtune.objectives import base, grpo_loss
+
+PROMPT_SOURCES = ("verifiable", "jsonl", "gsm8k")
+# Host-side rollout metrics, carried as per-row shares in batch["rollout_stats"] (column order).
+ROLLOUT_STATS = (
+    "reward", "reward_std", "accuracy", "zero_spread_groups", "completion_len", "completion_len_max",
+    "truncated", "rollout_tokens_per_s", "sampling_time_s", "sampling_fraction", "learner_tokens_per_s",
+)
+_TOKEN_METRICS = ("kl", "clip_low", "clip_high", "ratio", "entropy")
+
+
+@dataclasses.dataclass
+class PromptData:
+    tokenizer: Any
+    train: list[dict]
+    heldout: list[dict]
+
+
+@dataclasses.dataclass
+class EvalSet:
+    records: list[dict]
+
+    def __bool__(self):
+        return bool(self.records)
+
+
+@base.register("grpo")
+class GRPO(base.Objective):
+    """Group-relative policy optimisation on rollouts of the current policy (see module docstring)."""
+
+    def __init__(self, config):
+        from jaxtune.rewards import RewardSet
+
+        super().__init__(config)
+        self.rewards = RewardSet.from_specs(list(self.section.rewards), list(self.section.reward_weights))
+        # Per reward function: mean and std over the completions it applies to.
+        self.stat_names = ROLLOUT_STATS + tuple(f"{stat}/{n}" for n in self.rewards.names for stat in ("reward", "reward_std"))
+        self.summed_metrics = ("trained_tokens", "completions", *_TOKEN_METRICS, *(f"rollout/{k}" for k in self.stat_names))
+
+    @classmethod
+    def config_section(cls):
+        c = ml_collections.ConfigDict()
+        c.beta = ml_collections.FieldReference(None, field_type=float)  # GRPO: KL weight; None = 0 (no reference)
+        c.reference = "auto"
+        c.prompts = "verifiable"  # verifiable (built-in, data.verifiable_families) | jsonl (data.train_path/eval_path) | gsm8k
+        c.prompt_template = "{prompt}"  # how a record becomes the prompt text ({field} placeholders)
+        c.rewards = ("math", "instructions")  # built-in names or 'module.path:function'
+        c.reward_weights = ()  # () = 1.0 each
+        c.num_generations = 8  # G: completions per prompt
+        c.num_prompts = 8  # prompts per rollout (per process)
+        c.max_completion_tokens = 32
+        c.temperature = 1.0
+        c.top_p = 1.0
+        c.top_k = 0  # 0 = off
+        c.scale_rewards = True  # divide advantages by the group std (Dr. GRPO: False)
+        c.aggregation = "sequence_mean"  # sequence_mean (GRPO) | token_mean (DAPO) | constant (Dr. GRPO)
+        c.importance = "token"  # token (GRPO) | sequence (GSPO)
+        c.clip_low = 0.2
+        c.clip_high = 0.2  # DAPO clip-higher: 0.28
+        c.kl_estimator = "k3"
+        c.num_iterations = 1  # optimisation passes over each rollout batch
+        c.steps_per_rollout = 1  # mini-batches (optimizer steps) per rollout batch
+        c.dynamic_sampling = False  # DAPO: replace zero-spread groups by groups of new prompts
+        c.max_resample_rounds = 3
+        c.overlong_cache = 0  # DAPO soft overlong punishment over the last N tokens (0 = off)
+        c.sample_every = 0  # write sampled completions to WORKDIR/samples/step_N.jsonl every N steps
+        c.eval_samples = 4  # held-out eval: sampled completions per prompt (plus one greedy)
+        return c
+
+    @classmethod
+    def validate(cls, config):
+        s = config.objective
+        checks = [
+            (s.prompts in PROMPT_SOURCES, "prompts", f"one of {', '.join(PROMPT_SOURCES)}"),
+            (s.num_generations >= 2, "num_generations", ">= 2 (advantages are relative to the group)"),
+            (s.num_prompts >= 1, "num_prompts", ">= 1"),
+            (s.eval_samples >= 1, "eval_samples", ">= 1"),
+            (s.max_completion_tokens >= 1, "max_completion_tokens", ">= 1"),
+            (s.temperature > 0, "temperature", "> 0 (rollouts are sampled)"),
+            (0 < s.top_p <= 1, "top_p", "in (0, 1]"),
+            (s.top_k >= 0, "top_k", ">= 0"),
+            (s.aggregation in grpo_loss.AGGREGATIONS, "aggregation", f"one of {', '.join(grpo_loss.AGGREGATIONS)}"),
+            (s.importance in grpo_loss.IMPORTANCE_LEVELS, "importance", f"one of {', '.join(grpo_loss.IMPORTANCE_LEVELS)}"),
+            (s.kl_estimator in grpo_loss.KL_ESTIMATORS, "kl_estimator", f"one of {', '.join(grpo_loss.KL_ESTIMATORS)}"),
+            (0 <= s.clip_low < 1 and s.clip_high >= 0, "clip_low", "in [0, 1) with clip_high >= 0"),
+            (s.num_iterations >= 1, "num_iterations", ">= 1"),
+            (s.steps_per_rollout >= 1, "steps_per_rollout", ">= 1"),
+            (0 <= s.overlong_cache < s.max_completion_tokens, "overlong_cache", "in [0, max_completion_tokens)"),
+            ((s.beta or 0.0) >= 0, "beta", ">= 0"),
+            (s.reference in ("auto", "none", "copy", "base"), "reference", "auto, none, copy or base"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise UserError(f"config key 'objective.{key}' must be {expected}, got {s[key]!r}")
+        cycle = s.num_iterations * s.steps_per_rollout
+        if cycle > 1 and config.train.checkpoint_every % cycle:
+            raise UserError(
+                f"config key 'train.checkpoint_every' ({config.train.checkpoint_every}) must be a multiple of "
+                f"objective.num_iterations * objective.steps_per_rollout ({cycle}) so a resumed run restarts at "
+                "a fresh rollout batch")
+        if s.prompts == "verifiable":
+            from jaxtune.data.builtin import verifiable
+
+            verifiable.check_families(config.data.verifiable_families)
+        if s.prompts in ("jsonl", "gsm8k") and not config.data.train_path:
+            raise UserError(f"objective.prompts={s.prompts!r} reads config key 'data.train_path', which is empty")
+        from jaxtune.rewards import RewardSet
+
+        RewardSet.from_specs(list(s.rewards), list(s.reward_weights))  # names and weights resolve now
+
+    # ---- reference -------------------------------------------------------------------------
+
+    @property
+    def beta(self) -> float:
+        return float(self.section.beta or 0.0)
+
+    def reference_kind(self):
+        if self.beta == 0.0 or self.section.reference == "none":
+            return "none"
+        if self.section.reference != "auto":
+            return self.section.reference
+        return "base" if self.config.peft.method != "none" else "copy"
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def load_data(self, workdir):
+        from jaxtune.data.builtin import verifiable
+        from jaxtune.data.gsm8k import read_gsm8k
+        from jaxtune.data.sources import JsonlSource
+
+        s, d = self.section, self.config.data
+        if s.prompts == "verifiable":
+            families = verifiable.check_families(d.verifiable_families)
+            train = verifiable.generate_records(d.num_train_examples, split="train", seed=self.config.seed, families=families)
+            heldout = verifiable.generate_records(d.num_eval_examples, split="heldout", seed=self.config.seed, families=families)
+            corpus = lambda: verifiable.tokenizer_corpus(seed=self.config.seed)  # noqa: E731
+        else:
+            def read(path):
+                if not path:
+                    return []
+                if s.prompts == "gsm8k":
+                    return read_gsm8k(path)
+                source = JsonlSource(path)
+                return [source[i] for i in range(len(source))]
+
+            train, heldout = read(d.train_path), read(d.eval_path)
+            corpus = lambda: (self.prompt_text(r) for r in train[:20_000])  # noqa: E731
+        for i, record in enumerate(train[:1000] + heldout[:1000]):
+            self.prompt_text(record, where=str(record.get("_where", f"record {i}")))  # bad templates fail now
+        return PromptData(self._tokenizer(workdir, corpus), train, heldout)
+
+    def _tokenizer(self, workdir, corpus):
+        from jaxtune import paths
+        from jaxtune.data import datasets
+        from jaxtune.data.tokenizers import load_tokenizer
+
+        start = self.config.model.init_from
+        if not self.config.data.tokenizer and start and (paths.path(start) / datasets.TOKENIZER_FILE).is_file():
+            return load_tokenizer(paths.path(start) / datasets.TOKENIZER_FILE)  # the SFT run's own tokenizer
+        return datasets._tokenizer(self.config.data, paths.path(workdir), corpus)
+
+    def prompt_text(self, record: dict, where: str = "") -> str:
+        from jaxtune.data.templates import render
+
+        return render(self.section.prompt_template, record, where=where or "objective.prompt_template")
+
+    def train_dataset(self, data, *, batch_size, process_index, process_count):
+        if not data.train:
+            raise UserError("objective.prompts: no training prompts")
+        records = data.train
+        ds = grain.MapDataset.range(len(records))
+        if self.config.data.shuffle:
+            ds = ds.shuffle(seed=self.config.seed)
+        ds = ds.repeat()[process_index::process_count].map(lambda i: records[int(i)])
+        ds = ds.batch(self.section.num_prompts, batch_fn=list)
+        return ds.to_iter_dataset(), None
+
+    def _rows_per_rollout(self, batch_size: int) -> int:
+        return batch_size * self.section.steps_per_rollout
+
+    def batch_shapes(self, batch_size):
+        t = self.config.data.seq_len
+        shapes = {k: jax.ShapeDtypeStruct((batch_size, t), jnp.int32)
+                  for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
+        shapes["advantages"] = jax.ShapeDtypeStruct((batch_size, t), jnp.float32)
+        if self.section.num_iterations > 1:
+            shapes["old_logps"] = jax.ShapeDtypeStruct((batch_size, t), jnp.float32)
+        shapes["inv_tokens"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+        shapes["rollout_stats"] = jax.ShapeDtypeStruct((batch_size, len(self.stat_names)), jnp.float32)
+        return shapes
+
+    # ---- loss ------------------------------------------------------------------------------
+
+    def weight(self, batch):
+        return grpo_loss.aggregation_weight(batch["loss_mask"], batch["segment_ids"], self.section.aggregation,
+                                            self.section.max_completion_tokens)
+
+    def loss(self, model, params, batch, *, frozen=None, rng=None, ref_params=None):
+        s = self.section
+        rngs = None if rng is None else {"dropout": rng}
+        stats = model.token_stats(params, batch, frozen=frozen, rngs=rngs)
+        lp_ref = None
+        kind = self.reference_kind()
+        if kind == "copy":
+            lp_ref = jax.lax.stop_gradient(model.token_stats(ref_params, batch).logp)
+        elif kind == "base":
+            lp_ref = jax.lax.stop_gradient(model.token_stats(frozen, batch).logp)
+        loss_sum, _, m = grpo_loss.policy_loss(
+            stats.logp, batch["advantages"], batch["loss_mask"], batch["segment_ids"], lp_old=batch.get("old_logps"),
+            lp_ref=lp_ref, beta=self.beta, kl_estimator=s.kl_estimator, clip_low=s.clip_low, clip_high=s.clip_high,
+            importance=s.importance, aggregation=s.aggregation, max_completion_len=s.max_completion_tokens,
+        )
+        mask = batch["loss_mask"].astype(jnp.float32)
+        inv_tokens = batch["inv_tokens"][0]  # 1 / trained tokens of the global batch (same in every row)
+        m["entropy"] = jnp.sum(-jax.lax.stop_gradient(stats.logp) * mask)  # sampled tokens' NLL: entropy estimate
+        metrics = {k: m[k] * inv_tokens for k in _TOKEN_METRICS if k in m}
+        metrics.update(loss=loss_sum, trained_tokens=m["tokens"], completions=m["sequences"])
+        rollout = jnp.sum(batch["rollout_stats"], axis=0)
+        metrics.update({f"rollout/{k}": rollout[i] for i, k in enumerate(self.stat_names)})
+        return loss_sum, metrics
+
+    # ---- rollouts --------------------------------------------------------------------------
+
+    def start(self, run):
+        self.run = run
+        self.tokenizer = run.data.tokenizer
+        self._cache: list[dict[str, np.ndarray]] | None = None
+        self._rollout_done: float | None = None  # when the last rollout batch was ready
+        self._learned_tokens = 0  # tokens of the batches handed to the step since then
+        self._check_fit(run.data.train[:1000])
+        model = run.setup.apply_fn
+        self._logps = jax.jit(lambda params, frozen, rows: model.token_stats(params, rows, frozen=frozen).logp)
+
+    def _check_fit(self, records) -> None:
+        """Fails before anything runs when the longest prompt seen plus a full-length completion, for
+        every completion of a rollout, cannot fit the rollout's rows."""
+        from jaxtune.data.examples import encode_prompt
+        from jaxtune.rollouts import rows_needed
+
+        s, d = self.section, self.config.data
+        longest = max((len(encode_prompt(self.tokenizer, self.prompt_text(r))) for r in records), default=0)
+        example_len = longest + s.max_completion_tokens - 1
+        rows = self._rows_per_rollout(self.config.train.global_batch_size // jax.process_count())
+        need = rows_needed(s.num_prompts * s.num_generations, example_len=example_len, seq_len=d.seq_len,
+                           packing=d.packing)
+        if example_len > d.seq_len or need > rows:
+            raise UserError(
+                f"GRPO: {s.num_prompts} prompts x {s.num_generations} completions of up to {example_len} tokens "
+                f"(longest prompt {longest} + objective.max_completion_tokens {s.max_completion_tokens}) need "
+                f"{need} rows of data.seq_len={d.seq_len} tokens{' (packed)' if d.packing else ' (one per row)'}, "
+                f"but a rollout has train.global_batch_size * objective.steps_per_rollout = {rows}; raise those, "
+                "data.seq_len, or lower objective.num_prompts / num_generations")
+
+    def next_batch(self, state, data_iter, rng):
+        s = self.section
+        step = int(jax.device_get(state.step))
+        cycle = s.num_iterations * s.steps_per_rollout
+        if self._cache is None or step % cycle == 0:
+            self._cache = self._rollout_batches(state, data_iter, rng, step)
+        batch = self._cache[(step % cycle) % s.steps_per_rollout]
+        self._learned_tokens += int(np.count_nonzero(batch["segment_ids"]))
+        return batch
+
+    def sample(self, model, variables, tokenizer, records: Sequence[dict], *, group_size: int, seed: int,
+               temperature: float):
+        """(rollouts, prompts, total rewards, {name: rewards}) for G completions of each record."""
+        from jaxtune.data.examples import encode_prompt
+        from jaxtune.rollouts import sample_groups
+
+        s = self.section
+        prompts = [self.prompt_text(r) for r in records]
+        rollouts = sample_groups(
+            model, variables, [encode_prompt(tokenizer, p) for p in prompts], decode=tokenizer.decode,
+            group_size=group_size, max_new_tokens=s.max_completion_tokens,
+            temperature=temperature, top_p=s.top_p if s.top_p < 1 else None, top_k=s.top_k or None,
+            stop_tokens=(tokenizer.eos_id,), seed=seed, pad_id=tokenizer.pad_id,
+        )
+        fields = {k: [r.get(k) for r in records for _ in range(group_size)]
+                  for k in sorted({k for r in records for k in r}) if not k.startswith("_")}
+        repeated = [p for p in prompts for _ in range(group_size)]
+        totals, parts = self.rewards(repeated, [r.text for r in rollouts], fields)
+        return rollouts, repeated, np.asarray(totals, np.float64), parts
+
+    def _rollout_batches(self, state, data_iter, rng, step) -> list[dict[str, np.ndarray]]:
+        from jaxtune.rollouts import build_rows, rollout_example
+
+        s, g = self.section, self.section.num_generations
+        jax.block_until_ready(state.params)  # the dispatched step finishes here: it counts as learning
+        # Since the last rollout: the train steps on it (and the loop's hooks), measured on the host.
+        learner_s = time.perf_counter() - self._rollout_done if self._rollout_done is not None else 0.0
+        learned_tokens, self._learned_tokens = self._learned_tokens, 0
+        t0 = time.perf_counter()
+        variables = self.run.model_variables(state)  # the policy as the state holds it (LoRA: base + adapters)
+        key = jax.random.fold_in(rng, jax.process_index())
+        kept: list[tuple] = []  # (rollouts, prompts, totals, parts, records) per group
+        zero_groups, sampled_tokens, rounds = 0, 0, 0
+        spare: list[tuple] = []
+        first: list[tuple] = []  # the first round's groups: an unbiased sample of the policy (metrics)
+        while len(kept) < s.num_prompts and rounds <= (s.max_resample_rounds if s.dynamic_sampling else 0):
+            records = next(data_iter)
+            seed = int(jax.random.randint(jax.random.fold_in(key, rounds), (), 0, 2**31 - 1))
+            rollouts, prompts, totals, parts = self.sample(self.run.setup.model, variables, self.tokenizer, records,
+                                                           group_size=g, seed=seed, temperature=s.temperature)
+            sampled_tokens += sum(len(r.completion_ids) for r in rollouts)
+            if s.overlong_cache:
+                totals = totals + grpo_loss.overlong_penalty([len(r.completion_ids) for r in rollouts],
+                                                             max_len=s.max_completion_tokens, cache_len=s.overlong_cache)
+            for i in range(len(records)):
+                sl = slice(i * g, (i + 1) * g)
+                group = (rollouts[sl], prompts[sl], totals[sl], {k: v[sl] for k, v in parts.items()}, records[i])
+                flat = np.all(totals[sl] == totals[sl][0])
+                zero_groups += int(flat) if rounds == 0 else 0
+                (spare if flat and s.dynamic_sampling else kept).append(group)
+                if rounds == 0:
+                    first.append(group)
+            rounds += 1
+        kept = (kept + spare)[: s.num_prompts]
+        sample_s = time.perf_counter() - t0
+        rollouts = [r for grp in kept for r in grp[0]]
+        totals = np.concatenate([grp[2] for grp in kept])
+        advantages, _ = grpo_loss.group_advantages(totals, g, scale_rewards=s.scale_rewards)
+        examples = [rollout_example(r, a, seq_len=self.config.data.seq_len) for r, a in zip(rollouts, advantages)]
+        examples = [e for e in examples if e is not None]
+        local_rows = self.config.train.global_batch_size // jax.process_count()
+        try:
+            rows = build_rows(examples, rows=self._rows_per_rollout(local_rows), seq_len=self.config.data.seq_len,
+                              packing=self.config.data.packing)
+        except ValueError as e:
+            raise UserError(
+                f"GRPO rollouts: {e}. objective.num_prompts * num_generations completions must fit in "
+                f"train.global_batch_size * objective.steps_per_rollout rows of data.seq_len tokens "
+                f"(one per row without data.packing): raise those or lower num_prompts") from None
+        if s.num_iterations > 1:  # the sampling policy's log-probs, kept for every pass
+            rows["old_logps"] = self._old_logps(state, rows)
+        accuracy = _accuracy([grp[3] for grp in first])
+        sampled = np.concatenate([grp[2] for grp in first])
+        lengths = np.array([len(r.completion_ids) for grp in first for r in grp[0]])
+        stats = {
+            "reward": sampled.mean(), "reward_std": sampled.std(), "accuracy": accuracy,
+            "zero_spread_groups": zero_groups, "completion_len": lengths.mean(), "completion_len_max": lengths.max(),
+            "truncated": np.mean([r.truncated for grp in first for r in grp[0]]),
+            "rollout_tokens_per_s": sampled_tokens / max(sample_s, 1e-9), "sampling_time_s": sample_s,
+            "sampling_fraction": sample_s / (sample_s + learner_s) if learner_s else 1.0,
+            "learner_tokens_per_s": learned_tokens / learner_s if learner_s else 0.0,
+        }
+        for name in self.rewards.names:
+            values = [v for grp in first for v in grp[3][name] if v is not None]
+            stats[f"reward/{name}"] = float(np.mean(values)) if values else 0.0
+            stats[f"reward_std/{name}"] = float(np.std(values)) if values else 0.0
+        if s.sample_every and step % s.sample_every == 0 and jax.process_index() == 0:
+            self._dump(step, kept)
+        self._rollout_done = time.perf_counter()
+        return self._split(rows, local_rows, stats)
+
+    def _old_logps(self, state, rows) -> np.ndarray:
+        keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+        out = []
+        local = self.config.train.global_batch_size // jax.process_count()
+        for start in range(0, len(rows["inputs"]), local):
+            sharding = self.run.setup.batch_sharding
+            chunk = {k: jax.make_array_from_process_local_data(sharding[k], rows[k][start : start + local]) for k in keys}
+            logp = self._logps(state.params, state.frozen, chunk)
+            out.append(_local_rows(logp, local))
+        return np.concatenate(out).astype(np.float32)
+
+    def _split(self, rows, local_rows, stats) -> list[dict[str, np.ndarray]]:
+        """The rollout rows as steps_per_rollout mini-batches, each with its metric shares."""
+        batches = []
+        share = np.array([stats[k] for k in self.stat_names], np.float32) / (local_rows * jax.process_count())
+        for i in range(self.section.steps_per_rollout):
+            batch = {k: v[i * local_rows : (i + 1) * local_rows] for k, v in rows.items()}
+            tokens = max(1, int(batch["loss_mask"].sum()) * jax.process_count())
+            batch["inv_tokens"] = np.full((local_rows,), 1.0 / tokens, np.float32)
+            batch["rollout_stats"] = np.tile(share, (local_rows, 1))
+            batches.append(batch)
+        return batches
+
+    def _dump(self, step, groups) -> None:
+        path = self.run.workdir / "samples" / f"step_{step}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for rollouts, prompts, totals, parts, _ in groups:
+                for i, r in enumerate(rollouts):
+                    f.write(json.dumps({"step": step, "prompt": prompts[i], "completion": r.text,
+                                        "reward": float(totals[i]), "rewards": {k: v[i] for k, v in parts.items()},
+                                        "truncated": r.truncated}) + "\n")
+
+    # ---- evaluation ------------------------------------------------------------------------
+
+    def eval_set(self, data):
+        return EvalSet(list(data.heldout))
+
+    def evaluate(self, model, variables, tokenizer, eval_set, *, show=0, printer=print):
+        """Mean reward and accuracy of greedy completions and of `eval_samples` sampled completions per
+        prompt of the held-out prompts (never trained on)."""
+        scores = {}
+        records = eval_set.records
+        for mode, temperature, n in (("greedy", 0.0, 1), ("sampled", self.section.temperature, self.section.eval_samples)):
+            rollouts, prompts, totals, parts = self.sample(model, variables, tokenizer, records, group_size=n,
+                                                           seed=self.config.seed, temperature=temperature)
+            scores[f"{mode}/reward"] = float(totals.mean())
+            scores[f"{mode}/accuracy"] = _accuracy([parts])
+            for name, values in parts.items():
+                applicable = [v for v in values if v is not None]
+                if applicable:
+                    scores[f"{mode}/{name}"] = float(np.mean(applicable))
+            if mode == "greedy":
+                for i in range(min(show, len(records))):
+                    printer(f"  {prompts[i]!r} -> {rollouts[i].text!r} (reward {totals[i]:g})")
+        return scores
+
+    def describe(self):
+        s = self.section
+        variant = (f"clip ({s.clip_low:g}, {s.clip_high:g}), {s.importance}-level ratios, {s.aggregation} loss, "
+                   f"advantages {'/ group std' if s.scale_rewards else 'centred only'}")
+        reference = f"KL {s.kl_estimator} beta={self.beta:g} to the {self.reference_kind()} reference" if self.beta else "no KL"
+        return (f"GRPO: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {variant}, {reference}; "
+                f"rewards {', '.join(self.rewards.names)}")
+
+
+def _accuracy(parts_per_group: Sequence[dict[str, list]]) -> float:
+    """Fraction of completions whose every applicable reward is 1 (meaningful for 0/1 rewards)."""
+    hits = []
+    for parts in parts_per_group:
+        columns = list(parts.values())
+        for i in range(len(columns[0])):
+            applicable = [c[i] for c in columns if c[i] is not None]
+            hits.append(bool(applicable) and all(math.isclose(v, 1.0) for v in applicable))
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def _local_rows(x: jax.Array, local: int) -> np.ndarray:
+    """This process's rows of a global batch-sharded array (all of it on one process)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return full[jax.process_index() * local : (jax.process_index() + 1) * local]

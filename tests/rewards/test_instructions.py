@@ -1,0 +1,85 @@
+"""IFEval-style instruction checkers: each one on passing, failing and adversarial outputs."""
+
+import json
+import time
+
+import pytest
+
+from jaxtune.errors import UserError
+from jaxtune.rewards.instructions import CHECKERS, as_constraints, instruction_all, instruction_fraction, satisfied
+
+HUGE = "word " * 200_000
+UNICODE = "ünïcödé wörds ☃ 東京"
+
+# (constraint, passing outputs, failing outputs)
+CASES = [
+    ({"type": "lowercase"}, ["all lower case here", UNICODE], ["Not lower", "12345", "ÜNÏCÖDÉ"]),
+    ({"type": "uppercase"}, ["ALL CAPS", "ÜNÏCÖDÉ 1"], ["ALL CAPs", "123"]),
+    ({"type": "no_commas"}, ["no commas at all", UNICODE], ["one, two", "東京，大阪", "a、b"]),
+    ({"type": "word_count", "relation": "at least", "n": 3}, ["one two three", "a b c d", HUGE], ["one two", "...,,,"]),
+    ({"type": "word_count", "relation": "at most", "n": 3}, ["one two three", "東京 is big"], ["one two three four", HUGE]),
+    ({"type": "word_count", "relation": "exactly", "n": 2}, ["two words.", "ünïcödé wörds"], ["one", "three words here"]),
+    ({"type": "sentence_count", "relation": "exactly", "n": 2}, ["First one. Second one!", "Is it? Yes"],
+     ["Only one.", "One. Two. Three.", "... !!! ???"]),
+    ({"type": "include_keywords", "keywords": ["cat", "Dog"]}, ["The dog saw a CAT."], ["The cat sat.", "catalogue dogma"]),
+    ({"type": "forbidden_words", "words": ["bad"]}, ["good things", "badge badly"], ["This is BAD.", "bad"]),
+    ({"type": "keyword_frequency", "keyword": "red", "relation": "at least", "n": 2}, ["red and red"],
+     ["red and reddish", "red"]),
+    ({"type": "json_format"}, ['{"a": 1}', '```json\n{"a": [1, 2]}\n```', "[1, 2]"],
+     ["{a: 1}", '{"a": 1} and some text', "```\n{oops}\n```", "[" * 100_000]),
+    ({"type": "bullet_count", "n": 2}, ["* one\n* two", "- a\n- b\nend"], ["* one", "* a\n* b\n* c", "*not a bullet\n*either"]),
+    ({"type": "starts_with", "phrase": "Dear friend"}, ["dear friend, hello"], ["Hello dear friend", " "]),
+    ({"type": "ends_with", "phrase": "Is there anything else?"}, ["Done. is there anything else?  "],
+     ["Is there anything else? Yes.", "anything else?"]),
+    ({"type": "quoted"}, ['"wrapped"', '  "a" and "b"  '], ['"open', "none", '"']),
+    ({"type": "paragraph_count", "n": 2}, ["one\n***\ntwo", "a *** b"], ["one", "a *** b *** c", "*** a ***"]),
+]
+
+
+def test_every_checker_has_cases():
+    assert {c["type"] for c, _, _ in CASES} == set(CHECKERS)
+    assert len(CHECKERS) >= 10
+
+
+@pytest.mark.parametrize("constraint, good, bad", CASES, ids=[c["type"] + str(i) for i, (c, _, _) in enumerate(CASES)])
+def test_checker(constraint, good, bad):
+    [c] = as_constraints(constraint)
+    for text in good:
+        assert satisfied(text, [c]) == [True], text[:60]
+    for text in bad + ["", "   \n"]:  # empty and blank outputs satisfy nothing
+        assert satisfied(text, [c]) == [False], text[:60]
+
+
+def test_huge_outputs_are_fast():
+    constraints = as_constraints([{"type": t, **extra} for t, extra in [
+        ("sentence_count", {"relation": "at most", "n": 3}), ("word_count", {"relation": "at least", "n": 1}),
+        ("include_keywords", {"keywords": ["zebra"]}), ("bullet_count", {"n": 0}), ("json_format", {})]])
+    start = time.perf_counter()
+    satisfied(" " * 100_000 + HUGE, constraints)
+    assert time.perf_counter() - start < 3.0
+
+
+def test_rewards_read_constraints_from_records():
+    constraints = [
+        [{"type": "lowercase"}, {"type": "no_commas"}],
+        json.dumps({"type": "ends_with", "phrase": "bye"}),  # JSON text and a single dict are accepted
+    ]
+    completions = ["hello, world", "Good bye"]
+    assert instruction_fraction(["p", "p"], completions, constraints=constraints) == [0.5, 1.0]
+    assert instruction_all(["p", "p"], completions, constraints=constraints) == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"kind": "lowercase"}, "'type' key"),
+    ({"type": "shout"}, "unknown constraint type 'shout'"),
+    ({"type": "word_count", "n": 3}, "needs relation"),
+    ({"type": "word_count", "relation": "around", "n": 3}, "relation must be one of"),
+    ({"type": "bullet_count", "n": -1}, "non-negative integer"),
+    ({"type": "include_keywords", "keywords": "cat"}, "list of non-empty strings"),
+    ({"type": "ends_with", "phrase": " "}, "non-empty string"),
+    ([], "non-empty list"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_constraints_are_user_errors(bad, message):
+    with pytest.raises(UserError, match=message):
+        instruction_fraction(["p"], ["text"], constraints=[bad])

@@ -1,0 +1,128 @@
+"""GRPO end to end on a tiny model: rollouts from the policy, metrics, sample dumps, held-out eval,
+exact resume, LoRA with the adapter-free base as KL reference, and config errors."""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxtune import config as config_lib
+from jaxtune import trainer
+from jaxtune.errors import UserError
+from jaxtune.metrics import read_metrics
+
+
+def grpo_config(**overrides):
+    c = config_lib.load_config("configs/grpo.py", ())
+    c.unlock()
+    small = {
+        "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
+        "model.num_kv_heads": 2, "data.seq_len": 64, "data.num_train_examples": 64,
+        "data.num_eval_examples": 4, "data.packing": False, "objective.num_prompts": 2,
+        "objective.num_generations": 4, "objective.max_completion_tokens": 6, "objective.sample_every": 2,
+        "train.global_batch_size": 8, "train.steps": 2, "train.eval_every": 0, "train.checkpoint_every": 2,
+        "train.log_every": 1, "train.max_seconds": 0.0, "train.progress_bar": False, "optim.lr": 1e-2,
+        "eval.show_examples": 0,
+    }
+    for key, value in {**small, **overrides}.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    c.lock()
+    config_lib.validate(c)
+    return c
+
+
+@pytest.mark.slow  # ~40 s of compiles (sampler, step, eval) on 2 cores; the default run covers the parts
+def test_grpo_trains_logs_metrics_and_dumps_samples(tmp_path):
+    summary = trainer.train(grpo_config(), tmp_path)
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("rollout/reward", "rollout/reward/math", "rollout/accuracy", "rollout/zero_spread_groups",
+                "rollout/completion_len", "rollout/truncated", "rollout/rollout_tokens_per_s",
+                "rollout/sampling_fraction", "clip_low", "clip_high", "entropy", "completions"):
+        assert key in rows[0], key
+    assert rows[0]["completions"] == 8 and 0 <= rows[0]["rollout/accuracy"] <= 1
+    assert rows[0]["rollout/completion_len_max"] <= 6
+    samples = [json.loads(line) for line in (tmp_path / "samples" / "step_0.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and set(samples[0]) >= {"prompt", "completion", "reward", "rewards"}
+    assert samples[0]["prompt"] == samples[3]["prompt"] != samples[4]["prompt"]  # groups of G=4
+    assert set(summary.eval_after) >= {"greedy/reward", "greedy/accuracy", "sampled/reward", "sampled/accuracy"}
+
+
+def _params(workdir, step):
+    with ocp.CheckpointManager(workdir / "checkpoints") as m:
+        return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"objective.num_iterations": 2, "objective.beta": 0.05, "objective.aggregation": "token_mean",
+     "objective.clip_high": 0.28},
+    {"peft.method": "lora", "peft.rank": 4, "objective.beta": 0.05, "objective.importance": "sequence"},
+])
+def test_resume_mid_run_is_exact(tmp_path, overrides):
+    overrides = {"train.steps": 4, "train.checkpoint_every": 2, "data.num_eval_examples": 0, **overrides}
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    trainer.train(grpo_config(**overrides), reference)
+    trainer.train(grpo_config(**{**overrides, "train.steps": 2}), resumed)  # stops at a checkpoint
+    trainer.train(grpo_config(**overrides), resumed)  # the same run, resumed at step 2
+    losses = {r["step"]: (r["loss"], r["rollout/reward"]) for r in read_metrics(reference) if "loss" in r}
+    again = {r["step"]: (r["loss"], r["rollout/reward"]) for r in read_metrics(resumed) if "loss" in r}
+    assert again == losses
+    for a, b in zip(jax.tree.leaves(_params(reference, 4)), jax.tree.leaves(_params(resumed, 4))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"objective.num_generations": 1}, "objective.num_generations' must be >= 2"),
+    ({"objective.aggregation": "median"}, "objective.aggregation' must be one of"),
+    ({"objective.rewards": ("no_such_module_q:f",)}, "cannot import module"),
+    ({"objective.num_iterations": 2, "train.checkpoint_every": 3}, "must be a multiple of"),
+    ({"objective.prompts": "gsm8k"}, "reads config key 'data.train_path'"),
+    ({"data.verifiable_families": ("poetry",)}, "config key 'data.verifiable_families' must be"),
+])
+def test_config_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        grpo_config(**overrides)
+
+
+def test_rollouts_that_cannot_fit_their_rows_fail_at_start():
+    from types import SimpleNamespace
+
+    from jaxtune.data.builtin import verifiable
+    from jaxtune.objectives.grpo import GRPO
+
+    objective = GRPO(grpo_config(**{"objective.num_prompts": 4, "data.packing": False}))  # 16 completions, 8 rows
+    objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * (len(text) // 4), bos_id=2)
+    records = verifiable.generate_records(20, families=("arithmetic",))
+    with pytest.raises(UserError, match=r"4 prompts x 4 completions .* need 16 rows .* \(one per row\), but a rollout has"):
+        objective._check_fit(records)
+    objective = GRPO(grpo_config())
+    objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * 200, bos_id=2)
+    with pytest.raises(UserError, match="need 8 rows of data.seq_len=64"):
+        objective._check_fit(records)
+    objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * 10, bos_id=2)
+    objective._check_fit(records)  # fits: no error
+
+
+def test_gsm8k_prompts_load_with_their_answers_and_templates(tmp_path):
+    from jaxtune.objectives.grpo import GRPO
+
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"})
+                            + "\n" for i in range(40)))
+    config = grpo_config(**{"objective.prompts": "gsm8k", "data.train_path": str(path), "data.eval_path": str(path),
+                            "objective.prompt_template": "Question: {prompt}\nAnswer:"})
+    data = GRPO(config).load_data(tmp_path)
+    assert len(data.train) == len(data.heldout) == 40 and data.train[3]["answer"] == "6"
+    assert GRPO(config).prompt_text(data.train[3]) == "Question: What is 3 plus 3?\nAnswer:"
+    assert data.tokenizer.decode(data.tokenizer.encode("What is 3")) == "What is 3"
+    bad = grpo_config(**{"objective.prompts": "gsm8k", "data.train_path": str(path), "objective.prompt_template": "{query}"})
+    with pytest.raises(UserError, match="uses field 'query'"):
+        GRPO(bad).load_data(tmp_path / "bad")
