@@ -57,9 +57,10 @@ def get_config(arg=None):
         # Supervised warm start: worked solutions of the training problems ("3 + 4 = 7. #### 7").
         c.data.templates = (("{prompt} A:", " {solution}"),)
         c.data.num_train_examples = 100_000
-        c.train.steps = 900
+        # 300 steps (~4 CPU minutes) put the model at ~45% greedy / ~35% sampled held-out accuracy:
+        # inside the band where GRPO's samples sometimes succeed and there is room to gain.
+        c.train.steps = 300
         c.train.global_batch_size = 16
-        c.train.max_seconds = 300.0
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 50
         c.eval.max_new_tokens = 40

@@ -242,7 +242,7 @@ def _convert(args) -> int:
         raise UserError(f"convert: {args.workdir} is a {config.peft.method} run whose checkpoints hold adapters "
                         "only; use `jaxtune export --workdir W --merged OUT` (or --peft OUT)")
     models.save_pretrained(model_config, state["params"], args.hf_out, max_shard_size=args.max_shard_size,
-                           tokenizer_dir=tokenizer_dir)
+                           tokenizer_dir=tokenizer_dir, add_bos=config.data.get("add_bos", "auto"))
     print(f"jaxtune: wrote Hugging Face model (step {step}) to {args.hf_out}", flush=True)
     return 0
 
@@ -283,7 +283,8 @@ def _export(args) -> int:
         print(f"jaxtune: wrote PEFT adapters (step {step}) to {args.peft}", flush=True)
     if args.merged:
         export.export_merged(model_config, base, adapters, args.merged, dtype=args.dtype,
-                             tokenizer_dir=tokenizer_dir, max_shard_size=args.max_shard_size)
+                             tokenizer_dir=tokenizer_dir, max_shard_size=args.max_shard_size,
+                             add_bos=config.data.get("add_bos", "auto"))
         print(f"jaxtune: wrote merged Hugging Face model (step {step}) to {args.merged}", flush=True)
     return 0
 

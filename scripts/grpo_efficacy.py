@@ -3,8 +3,9 @@
     python scripts/grpo_efficacy.py --workdir runs/grpo_efficacy
 
 1. SFT (configs/grpo.py:stage=sft): the quickstart-sized model learns the built-in arithmetic
-   word problems' worked solutions from scratch (--sft-seconds, default 300).
-2. GRPO (configs/grpo.py:init_from=<sft run>) for --grpo-seconds (default 720, the first held-out
+   word problems' worked solutions from scratch (--sft-steps, default 300: a fixed step count, so
+   every machine starts GRPO from the same model, ~45% greedy / ~35% sampled held-out accuracy).
+2. GRPO (configs/grpo.py:init_from=<sft run>) for --grpo-seconds (default 600, the first held-out
    evaluation included): 300 held-out problems (never trained on) are answered greedily and twice
    by sampling before and after.
 3. Prints the held-out mean reward / accuracy at the start and the end of GRPO, the gain in
@@ -27,15 +28,15 @@ from jaxtune.metrics import read_metrics
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/grpo_efficacy")
-    parser.add_argument("--sft-seconds", type=float, default=300.0)
-    parser.add_argument("--grpo-seconds", type=float, default=720.0,
+    parser.add_argument("--sft-steps", type=int, default=300, help="SFT warm-start steps (configs/grpo.py:stage=sft)")
+    parser.add_argument("--grpo-seconds", type=float, default=600.0,
                         help="GRPO stage time budget, the first held-out evaluation included")
     parser.add_argument("--variant", default="grpo", help="grpo | dr_grpo | dapo | gspo")
     args, overrides = parser.parse_known_args(argv)
     workdir = Path(args.workdir)
     sft_dir, grpo_dir = workdir / "sft", workdir / f"grpo_{args.variant}"
 
-    sft = jaxtune.load_config("configs/grpo.py:stage=sft", {"train.max_seconds": args.sft_seconds,
+    sft = jaxtune.load_config("configs/grpo.py:stage=sft", {"train.steps": args.sft_steps,
                                                            "train.progress_bar": False})
     if not (sft_dir / "checkpoints").is_dir() or not any(read_metrics(sft_dir)):
         jaxtune.train(sft, str(sft_dir))

@@ -486,7 +486,7 @@ def write_safetensors(path: str | epath.PathLike, tensors: Mapping[str, np.ndarr
 
 def save_pretrained(
     model_or_config, params: Mapping, out_dir: str | epath.PathLike, *, max_shard_size: int | str = "2GB",
-    tokenizer_dir: str | epath.PathLike | None = None, dtype: str | None = None,
+    tokenizer_dir: str | epath.PathLike | None = None, dtype: str | None = None, add_bos: str = "auto",
 ) -> epath.Path:
     """Writes an HF directory `transformers` loads: config.json, safetensors (+ index), tokenizer.
 
@@ -556,12 +556,17 @@ def save_pretrained(
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer_dir:
-            copy_tokenizer_files(tokenizer_dir, out)
+            copy_tokenizer_files(tokenizer_dir, out, add_bos=add_bos)
     return out
 
 
-def copy_tokenizer_files(src: str | epath.PathLike, dst: str | epath.PathLike) -> list[str]:
-    """Copies the HF tokenizer files that exist in `src` (tokenizer.json, configs, ...) into `dst`."""
+def copy_tokenizer_files(src: str | epath.PathLike, dst: str | epath.PathLike, *, add_bos: str = "auto") -> list[str]:
+    """Copies the HF tokenizer files that exist in `src` (tokenizer.json, configs, ...) into `dst`.
+
+    A bare sentencepiece `tokenizer.model` (a from-scratch run's) gets a tokenizer_config.json that
+    says what training did, BOS first unless data.add_bos='false': transformers adds no BOS to a
+    bare .model, so without it an exported model would see its prompts without BOS.
+    """
     src, dst = epath.Path(src), epath.Path(dst)
     if not src.is_dir():
         raise UserError(f"tokenizer_dir {src} is not a directory")
@@ -571,4 +576,21 @@ def copy_tokenizer_files(src: str | epath.PathLike, dst: str | epath.PathLike) -
             if str(src) != str(dst):
                 (src / name).copy(dst / name, overwrite=True)
             copied.append(name)
+    if copied == ["tokenizer.model"]:
+        (dst / "tokenizer_config.json").write_text(
+            json.dumps(sentencepiece_tokenizer_config(src / "tokenizer.model", add_bos=add_bos != "false"), indent=2))
+        copied.append("tokenizer_config.json")
     return copied
+
+
+def sentencepiece_tokenizer_config(model_path: epath.Path, *, add_bos: bool) -> dict:
+    """tokenizer_config.json for a bare sentencepiece model: its special pieces, and whether BOS is added."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model_path.read_bytes())
+    config = {"add_bos_token": add_bos, "add_eos_token": False}
+    for name, index in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()),
+                        ("pad_token", sp.pad_id())):
+        if index >= 0:
+            config[name] = sp.id_to_piece(index)
+    return config

@@ -156,11 +156,12 @@ def check_mergeable(model_config) -> None:
 
 
 def export_merged(model_config, base: Mapping, adapters: Mapping, out_dir: str | epath.PathLike, *,
-                  dtype: str | None = None, tokenizer_dir: str | None = None, max_shard_size: int | str = "2GB") -> epath.Path:
+                  dtype: str | None = None, tokenizer_dir: str | None = None, max_shard_size: int | str = "2GB",
+                  add_bos: str = "auto") -> epath.Path:
     """A full HF checkpoint of the adapted model: W + scaling * A B (DoRA: rescaled to the learned
     magnitude) in float32, cast to `dtype` (default: the model's param dtype) when written."""
     check_mergeable(model_config)
     merged = jax.jit(lambda b, a: lora.merge(b, a, model_config.peft))(base, adapters)
     plain = model_config.replace(peft=None)
     return models.save_pretrained(plain, merged, out_dir, dtype=dtype or plain.param_dtype,
-                                  tokenizer_dir=tokenizer_dir, max_shard_size=max_shard_size)
+                                  tokenizer_dir=tokenizer_dir, max_shard_size=max_shard_size, add_bos=add_bos)

@@ -218,3 +218,19 @@ def test_config_reaches_the_tokenizer(tokenizer_dirs, tmp_path):
     example = ExampleBuilder(data.tasks[0], 0, data.tokenizer, seq_len=96, seed=0)(0, data.tasks[0].records[0])
     assert data.tokenizer.add_bos == "false" and example["inputs"][0] != data.tokenizer.bos_id
     assert pipeline.tokenize_prompts(data.tokenizer, [PROMPT]) == [encode_prompt(data.tokenizer, PROMPT)]
+
+
+def test_exported_sentencepiece_model_adds_bos_as_training_did(tmp_path):
+    """convert/export write a tokenizer_config.json beside a bare .model (transformers would add no
+    BOS to it), so the exported tokenizer encodes prompts as the run did, data.add_bos included."""
+    from jaxtune.models import hf as hf_lib
+
+    (tmp_path / "run").mkdir()
+    train_sentencepiece([" ".join(WORDS)] * 20, tmp_path / "run" / "tokenizer", vocab_size=300)
+    for add_bos in ("auto", "false"):
+        out = tmp_path / add_bos
+        out.mkdir()
+        assert hf_lib.copy_tokenizer_files(tmp_path / "run", out, add_bos=add_bos) == [
+            "tokenizer.model", "tokenizer_config.json"]
+        trained = load_tokenizer(tmp_path / "run" / "tokenizer.model", add_bos=add_bos)
+        assert encode_prompt(trained, PROMPT) == ids(from_pretrained(out), PROMPT)
