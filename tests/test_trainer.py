@@ -88,8 +88,9 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
 @pytest.mark.parametrize(
     "mesh",
     [
-        {"mesh.rules": "dp", "mesh.data": 8},
-        {"mesh.rules": "fsdp", "mesh.data": 2, "mesh.fsdp": 4},
+        # fsdp_tp (every axis in use) is the default-run representative; dp and fsdp run with -m slow.
+        pytest.param({"mesh.rules": "dp", "mesh.data": 8}, marks=pytest.mark.slow),
+        pytest.param({"mesh.rules": "fsdp", "mesh.data": 2, "mesh.fsdp": 4}, marks=pytest.mark.slow),
         {"mesh.rules": "fsdp_tp", "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
     ],
     ids=["dp", "fsdp", "fsdp_tp"],

@@ -109,6 +109,7 @@ PREFIX_RUN = {"peft.method": "prefix", "peft.prefix_length": 4, "peft.prefix_pro
               "train.global_batch_size": 8, "optim.lr": 1e-2}
 
 
+@pytest.mark.slow  # slow: prefix export parity stays in the default run (test_peft_loads_exported_prefixes_with_equal_logits)
 def test_prefix_run_trains_prefixes_only_checkpoints_and_resumes_exactly(tmp_path):
     c = helpers.tiny_config(tmp_path, **PREFIX_RUN)
     full = tmp_path / "full"

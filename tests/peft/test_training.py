@@ -64,6 +64,7 @@ LORA_RUN = {"peft.method": "dora", "peft.targets": "all-linear", "peft.quantize"
             "train.global_batch_size": 8}
 
 
+@pytest.mark.slow  # slow: LoRA training/export stays in the default run (test_lora_run_from_hf_dir_exports_peft_and_merged)
 def test_qlora_dora_run_checkpoints_adapters_only_and_resumes_exactly(tmp_path):
     c = helpers.tiny_config(tmp_path, **LORA_RUN)
     full = tmp_path / "full"

@@ -64,14 +64,13 @@ def test_not_applicable_rewards_count_as_zero_in_the_sum():
 
 
 def test_reward_model_spec_loads_a_run_or_an_hf_directory(tmp_path, monkeypatch):
-    import sys
-    import types
+    """The spec routes a run directory and an HF directory to jaxtune.scoring.reward_fn (stood in for
+    here; tests/test_reward_training.py checks the real scorer against transformers)."""
+    from jaxtune import scoring
 
     calls = []
-    fake = types.ModuleType("jaxtune.scoring")
-    fake.reward_fn = lambda workdir=None, *, hf_dir=None: calls.append((workdir, hf_dir)) or (
-        lambda prompts, completions, **fields: [float(len(c)) for c in completions])
-    monkeypatch.setitem(sys.modules, "jaxtune.scoring", fake)
+    monkeypatch.setattr(scoring, "reward_fn", lambda workdir=None, *, hf_dir=None: calls.append((workdir, hf_dir)) or (
+        lambda prompts, completions, **fields: [float(len(c)) for c in completions]))
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "hf").mkdir()
     rewards = RewardSet.from_specs([f"reward_model:{tmp_path / 'run'}"])
