@@ -17,6 +17,9 @@ and twice by sampling, and their mean reward / accuracy logged (`eval/greedy/acc
 `eval/sampled/reward`, ...); sampled completions are written to WORKDIR/samples/ every 50 steps.
 """
 
+import importlib.util
+from pathlib import Path
+
 from jaxtune.config import base_config, parse_arg
 from jaxtune.errors import UserError
 
@@ -34,16 +37,7 @@ def get_config(arg=None):
         raise UserError(f"configs/grpo.py: stage must be sft or grpo and variant one of {', '.join(VARIANTS)}; "
                         f"got stage={args['stage']!r}, variant={args['variant']!r}")
     c = base_config()
-    # The quickstart's model shape: small and fast on a CPU.
-    c.model.family = "llama"
-    c.model.variant = "tiny"
-    c.model.hidden_size = 128
-    c.model.intermediate_size = 384
-    c.model.num_layers = 4
-    c.model.num_heads = 4
-    c.model.num_kv_heads = 2
-    c.model.tie_word_embeddings = True
-    c.model.max_position_embeddings = 512
+    c.model = _quickstart_config().model  # the quickstart's model shape: small and fast on a CPU
     c.mesh.rules = "dp"
     c.data.seq_len = 128
     c.data.tokenizer_vocab_size = 512
@@ -94,3 +88,11 @@ def get_config(arg=None):
     if args["steps"]:
         c.train.steps = args["steps"]
     return c
+
+
+def _quickstart_config():
+    """configs/quickstart.py's config (this file's neighbour, wherever the configs are)."""
+    spec = importlib.util.spec_from_file_location("jaxtune_quickstart_config", Path(__file__).with_name("quickstart.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
