@@ -243,7 +243,7 @@ def pair_batches(args, vocab_size: int, packing: bool, count: int) -> list[dict[
     from jaxtune.data import datasets
     from jaxtune.data.sources import JsonlSource
     from jaxtune.data import preference
-    from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
+    from jaxtune.data.tokenizers import train_sentencepiece
 
     work = Path(tempfile.gettempdir()) / f"jaxtune_pairs_bench_{os.getpid()}"
     work.mkdir(exist_ok=True)

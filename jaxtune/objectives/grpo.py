@@ -198,7 +198,8 @@ class GRPO(base.Objective):
 
         start = self.config.model.init_from
         if not self.config.data.tokenizer and start and (paths.path(start) / datasets.TOKENIZER_FILE).is_file():
-            return load_tokenizer(paths.path(start) / datasets.TOKENIZER_FILE, add_bos=self.config.data.add_bos)  # the SFT run's own tokenizer
+            # the SFT run's own tokenizer
+            return load_tokenizer(paths.path(start) / datasets.TOKENIZER_FILE, add_bos=self.config.data.add_bos)
         return datasets._tokenizer(self.config.data, paths.path(workdir), corpus)
 
     def prompt_text(self, record: dict, where: str = "") -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from jaxtune.errors import UserError
 from jaxtune.objectives import base, pairs

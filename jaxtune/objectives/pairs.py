@@ -206,9 +206,7 @@ class PairObjective(base.Objective):
         """objective.reference='precomputed': score every training pair once with the start weights
         (stored in the workdir, resumable) and attach the numbers to the batches."""
         from jaxtune import reference, sharding
-        from jaxtune.data import preference
-
-        from jaxtune.data import pair_packing, pipeline
+        from jaxtune.data import pair_packing, pipeline, preference
 
         transform = run.data_stats.transform
         self._start_params = run.start_params  # the reference of held-out pair evaluation (copy/precomputed)

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
-from jaxtune import distributed, evaluate, metrics as metrics_lib, nonfinite, objectives, paths, sharding
+from jaxtune import distributed, evaluate, metrics as metrics_lib, nonfinite, objectives, paths
 from jaxtune.errors import UserError
 from jaxtune.models import hf_check
 from jaxtune.trainer import setup as setup_lib
