@@ -99,6 +99,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mixture.mode = "examples_proportional"  # examples_proportional | weights | temperature
     c.data.mixture.cap = 0  # examples_proportional/temperature: examples counted per task at most (0 = no cap)
     c.data.mixture.temperature = 1.0  # temperature mode: rate ~ min(n, cap) ** (1 / temperature)
+    # Before training, drop training records that share a word n-gram with an evaluation set
+    # (jaxtune/datatools/screen.py; report in WORKDIR/data_screen.json). The evaluation sets are the
+    # config's own (eval.tasks, data.eval_path, eval.mc_path) plus eval_files / eval_tfds.
+    c.data.decontaminate = ml_collections.ConfigDict()
+    c.data.decontaminate.enabled = False
+    c.data.decontaminate.n = 13  # words per n-gram (GPT-3, Tulu 3)
+    c.data.decontaminate.fraction = 0.0  # 0: one shared n-gram contaminates; > 0: this fraction of a record's n-grams
+    c.data.decontaminate.fields = ()  # training fields compared; () = every string in the record
+    c.data.decontaminate.eval_fields = ()  # evaluation fields compared; () = every string
+    c.data.decontaminate.eval_files = ()  # more evaluation sets: JSONL files
+    c.data.decontaminate.eval_tfds = ()  # more evaluation sets: prepared TFDS splits, "name:split"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -217,6 +228,9 @@ def task_config(**overrides) -> ml_collections.ConfigDict:
     t.on_error = "error"  # error | skip (counted)
     t.weight = 1.0  # mixture.mode=weights
     t.cap = 0  # this task's examples-proportional cap (0 = data.mixture.cap)
+    # Quality filters applied before training (datatools/quality.py QualityFilters keys), e.g.
+    # {"min_words": 3, "nonempty": ("output",), "max_duplicate_line_fraction": 0.3}; {} = none.
+    t.filters = {}
     for key in overrides:
         if key not in t:
             raise _unknown_key(t, key)
@@ -462,6 +476,13 @@ def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "da
     for k in ("inversion", "word_dropout"):
         if not 0.0 <= task[k] < 1.0 + (k == "inversion"):
             raise UserError(f"config key '{key}.{k}' must be in [0, 1{']' if k == 'inversion' else ')'}, got {task[k]}")
+    if task.filters:
+        if section == "eval.tasks":
+            raise UserError(f"config key '{key}.filters': filters apply to training tasks (data.tasks), "
+                            "not to held-out tasks")
+        from jaxtune.datatools.quality import QualityFilters
+
+        QualityFilters.from_dict(task.filters, f"{key}.filters")
 
 
 def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> None:
@@ -497,6 +518,7 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         raise UserError(f"config key 'data.word_dropout' must be in [0, 1), got {config.data.word_dropout}")
     for name, task in config.data.tasks.items():
         validate_task(name, task)
+    _validate_decontaminate(config)
     if config.data.mixture.cap < 0 or not config.data.mixture.temperature > 0:
         raise UserError("config keys data.mixture.cap must be >= 0 and data.mixture.temperature > 0")
     if config.data.shards < 0:
@@ -530,6 +552,19 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
     from jaxtune.peft import lora  # a leaf module: spec parsing and validation
 
     lora.spec_from_config(config.peft)
+
+
+def _validate_decontaminate(config: ml_collections.ConfigDict) -> None:
+    d = config.data.decontaminate
+    from jaxtune.datatools.screen import settings_from
+
+    settings_from(d)  # n, fraction
+    for key in ("fields", "eval_fields", "eval_files", "eval_tfds"):
+        if not isinstance(d[key], (tuple, list)) or not all(isinstance(v, str) and v for v in d[key]):
+            raise UserError(f"config key 'data.decontaminate.{key}' must be a tuple of non-empty strings, got {d[key]!r}")
+    if d.enabled and not config.data.tasks and config.data.source != "jsonl":
+        raise UserError(f"config key 'data.decontaminate.enabled': data.source={config.data.source!r} generates its "
+                        "own records; decontamination screens data.tasks or data.train_path files")
 
 
 def _validate_eval(e: ml_collections.ConfigDict) -> None:

@@ -96,10 +96,13 @@ def _single_task(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def task_spec(name: str, t: ml_collections.ConfigDict, *, tokenizer_chat_template: str | None = None,
-              where: str = "") -> TaskSpec:
-    """Opens a task's source and resolves its templates (errors name `where`, default `data.tasks.<name>`)."""
+              where: str = "", screen: Callable | None = None) -> TaskSpec:
+    """Opens a task's source and resolves its templates (errors name `where`, default `data.tasks.<name>`).
+    `screen(name, t, source)` (datatools.screen: filters, decontamination) narrows the source first."""
     where = where or f"data.tasks.{name}"
     source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=where)
+    if screen is not None:
+        source = screen(name, t, source)
     records = TaskRecords(source, fmt=t.format, fields=dict(t.fields), on_error=t.on_error, task=name)
     common = dict(few_shot=t.few_shot, few_shot_separator=t.few_shot_separator,
                   few_shot_target_separator=t.few_shot_target_separator, few_shot_max_tokens=t.few_shot_max_tokens,
@@ -132,7 +135,16 @@ def _mixture(cfg: ml_collections.ConfigDict, tasks: Sequence[TaskSpec], task_cfg
     )
 
 
-def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: int) -> SftData:
+def _screen(cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict | None):
+    """The pre-training data screen (data.decontaminate, data.tasks.<t>.filters), or None when not configured."""
+    from jaxtune.datatools.screen import Screen
+
+    return Screen.from_config(cfg, eval_cfg)
+
+
+def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: int,
+                  eval_cfg: ml_collections.ConfigDict | None = None) -> SftData:
+    """An SFT run's tokenizer, tasks (screened: datatools.screen), mixture and held-out records."""
     workdir = paths.path(workdir)
     if cfg.source == "quickstart" and not cfg.tasks:
         tokenizer = _tokenizer(cfg, workdir, lambda: quickstart.tokenizer_corpus(seed=seed))
@@ -149,9 +161,12 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
         return _verifiable_sft_data(cfg, workdir, seed=seed)
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
     given = _tokenizer(cfg, workdir, None) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
+    screen = _screen(cfg, eval_cfg)
     tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None),
-                       where="" if cfg.tasks else "data")  # errors name the keys the user set
+                       where="" if cfg.tasks else "data", screen=screen)  # errors name the keys the user set
              for name, t in task_cfgs.items()]
+    if screen is not None:
+        screen.finish(workdir)
     tokenizer = given or _tokenizer(cfg, workdir, _tasks_corpus(tasks, seed))
     data = SftData(tokenizer=tokenizer, tasks=tasks, mixture=_mixture(cfg, tasks, list(task_cfgs.values())))
     if cfg.eval_path and not cfg.tasks:
@@ -260,12 +275,15 @@ class PreferenceData:
 PAIR_FORMATS = ("fields", "chat")  # pair records hold prompt/chosen/rejected (text or chat messages) either way
 
 
-def _pair_task(name: str, t: ml_collections.ConfigDict, *, default_chat_template: str | None, where: str) -> PairTask:
+def _pair_task(name: str, t: ml_collections.ConfigDict, *, default_chat_template: str | None, where: str,
+               screen: Callable | None = None) -> PairTask:
     """A data.tasks / eval.tasks entry as a pair task: its source with the field mapping, templates, chat template."""
     if t.format not in PAIR_FORMATS:
         raise UserError(f"config key '{where}.format' is {t.format!r}; preference and KTO records are read with "
                         f"format 'fields' (text or chat messages in prompt/chosen/rejected) or 'chat'")
     source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=where)
+    if screen is not None:
+        source = screen(name, t, source)
     records = TaskRecords(source, fmt="fields", fields=dict(t.fields), on_error=t.on_error, task=name)
     chat_template = default_chat_template
     if t.chat_template:
@@ -302,14 +320,21 @@ def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     configured = chat_lib.resolve_template(cfg.chat_template) if cfg.chat_template else None
     given = _tokenizer(cfg, paths.path(workdir), None) if cfg.tokenizer else None  # read before the tasks (chat template)
     default_chat = configured or getattr(given, "chat_template", None)
+    screen = _screen(cfg, eval_cfg)
     if cfg.tasks:
         task_cfgs = list(cfg.tasks.items())
-        tasks = [_pair_task(name, t, default_chat_template=default_chat, where=f"data.tasks.{name}") for name, t in task_cfgs]
+        tasks = [_pair_task(name, t, default_chat_template=default_chat, where=f"data.tasks.{name}", screen=screen)
+                 for name, t in task_cfgs]
         mixture = _mixture(cfg, tasks, [t for _, t in task_cfgs])
     else:
-        tasks = [PairTask(DEFAULT_TASK, JsonlSource(cfg.train_path), {DEFAULT_TASK: [tuple(t) for t in cfg.templates]},
+        source = JsonlSource(cfg.train_path)
+        if screen is not None:
+            source = screen(DEFAULT_TASK, _single_task(cfg), source)
+        tasks = [PairTask(DEFAULT_TASK, source, {DEFAULT_TASK: [tuple(t) for t in cfg.templates]},
                           default_chat, truncation=cfg.truncation)]
         mixture = mixture_rates([DEFAULT_TASK], [len(tasks[0].records)])
+    if screen is not None:
+        screen.finish(workdir)
 
     def corpus():
         per_task = max(1, _TOKENIZER_SAMPLE // len(tasks))

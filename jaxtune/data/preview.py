@@ -43,7 +43,7 @@ def _percentiles(lengths: Sequence[int]) -> str:
 def preview(config: ml_collections.ConfigDict, workdir: str | Path, *, num: int = 5, batches: int = 20) -> list[str]:
     """Lines to print: mixture, `num` marked examples, stats over `batches` batches of the global batch size."""
     cfg = config.data
-    data = datasets.load_sft_data(cfg, workdir, seed=config.seed)
+    data = datasets.load_sft_data(cfg, workdir, seed=config.seed, eval_cfg=config.eval)
     lines = [f"mixture ({data.mixture.mode}):", data.mixture.describe(), ""]
     stream = example_stream(data.tasks, data.tokenizer, rates=data.mixture.rates, seq_len=cfg.seq_len,
                             seed=config.seed, shuffle=cfg.shuffle)

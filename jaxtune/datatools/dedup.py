@@ -93,12 +93,10 @@ class MinHasher:
     def __init__(self, num_perm: int, seed: int):
         from datasketch import MinHash
 
-        self._minhash = MinHash
-        self.num_perm, self.seed = num_perm, seed
-        self._permutations = MinHash(num_perm=num_perm, seed=seed).permutations
+        self._empty = MinHash(num_perm=num_perm, seed=seed)
 
     def __call__(self, shingles: set[str]):
-        m = self._minhash(num_perm=self.num_perm, seed=self.seed, permutations=self._permutations)
+        m = self._empty.copy()  # shares the permutations instead of drawing them again
         m.update_batch([s.encode("utf-8") for s in sorted(shingles)])
         return m
 

@@ -54,13 +54,13 @@ class QualityFilters:
         """From a config mapping (`data.tasks.<t>.filters`); `regex` may be a {field: pattern} mapping."""
         known = [f.name for f in dataclasses.fields(cls)]
         kwargs = {}
-        for key, value in dict(values).items():
+        for key, value in values.items():
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
                 raise UserError(f"config key '{where}.{key}' is not a filter" + (f"; did you mean '{close[0]}'?" if close else "")
                                 + f" (filters: {', '.join(known)})")
             if key == "regex":
-                value = tuple(value.items()) if isinstance(value, Mapping) else tuple(tuple(p) for p in value)
+                value = tuple(value.items()) if hasattr(value, "items") else tuple(tuple(p) for p in value)
             elif key in ("scripts", "nonempty", "fields"):
                 value = (value,) if isinstance(value, str) else tuple(value)
             kwargs[key] = value
@@ -94,32 +94,32 @@ class QualityFilters:
                 raise UserError(f"{where}: regex for field {field!r} does not compile: {e} ({pattern!r})") from None
 
     def reason(self, record: Mapping[str, Any]) -> str | None:
-        """Why `record` is dropped (the first rule it fails), or None to keep it."""
+        """Why `record` is dropped ("rule: detail", the first rule it fails), or None to keep it."""
         for field in self.nonempty:
             if not "".join(ngrams.text_fields(record, (field,))).strip():
-                return f"empty field {field!r}"
+                return f"nonempty: field {field!r} is blank"
         for field, pattern in self.regex:
             if not re.search(pattern, "\n".join(ngrams.text_fields(record, (field,)))):
-                return f"field {field!r} does not match {pattern!r}"
+                return f"regex: field {field!r} does not match {pattern!r}"
         texts = ngrams.text_fields(record, self.fields)
         text = "\n".join(texts)
         tokens = ngrams.words(text)
         for name, value, low, high in (("words", len(tokens), self.min_words, self.max_words),
                                        ("chars", len(text), self.min_chars, self.max_chars)):
             if value < low or (high and value > high):
-                return f"{value} {name} outside [{low}, {high or 'inf'}]"
+                return f"{name}: {value} outside [{low}, {high or 'inf'}]"
         if self.scripts:
             fraction = script_fraction(text, self.scripts)
             if fraction < self.min_script_fraction:
-                return f"{fraction:.2f} of letters in scripts {'/'.join(self.scripts)} (< {self.min_script_fraction})"
+                return f"scripts: {fraction:.2f} of letters in {'/'.join(self.scripts)} (< {self.min_script_fraction})"
         if self.max_duplicate_line_fraction < 1.0:
             fraction = duplicate_line_fraction(texts)
             if fraction > self.max_duplicate_line_fraction:
-                return f"{fraction:.2f} of lines repeated (> {self.max_duplicate_line_fraction})"
+                return f"duplicate_lines: {fraction:.2f} of lines repeated (> {self.max_duplicate_line_fraction})"
         if self.max_top_ngram_fraction < 1.0:
             fraction = top_ngram_fraction(tokens, self.top_ngram)
             if fraction > self.max_top_ngram_fraction:
-                return f"top {self.top_ngram}-gram covers {fraction:.2f} of characters (> {self.max_top_ngram_fraction})"
+                return f"top_ngram: the top {self.top_ngram}-gram covers {fraction:.2f} of characters (> {self.max_top_ngram_fraction})"
         return None
 
 

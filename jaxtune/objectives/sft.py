@@ -95,7 +95,8 @@ class SFT(base.Objective):
         from jaxtune import config as config_lib
         from jaxtune.data import datasets
 
-        return datasets.load_sft_data(config_lib.data_config(self.config), workdir, seed=self.config.seed)
+        return datasets.load_sft_data(config_lib.data_config(self.config), workdir, seed=self.config.seed,
+                                      eval_cfg=self.config.eval)
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
         from jaxtune.data import datasets
