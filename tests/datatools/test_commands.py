@@ -1,0 +1,124 @@
+"""`jaxtune data dedup | decontaminate | filter` end to end through `jaxtune.cli.main`, and their bad inputs."""
+
+import json
+import textwrap
+
+import pytest
+
+from jaxtune import cli
+from tests.datatools.planted import dedup_set, write_jsonl
+from tests.datatools.test_decontaminate import planted
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_dedup_writes_cleaned_files_and_report(tmp_path, capsys):
+    records, exact, near = dedup_set()
+    a = write_jsonl(tmp_path / "a.jsonl", records)
+    b = write_jsonl(tmp_path / "b.jsonl", [records[0], {"instruction": "new", "input": "", "output": "x"}])
+    out = tmp_path / "out"
+    assert cli.main(["data", "dedup", str(a), str(b), "--out_dir", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("jaxtune: dedup: 52 records in 2 set(s), removed 6 exact and 4 near duplicates, kept 42")
+    dropped = set(exact) | set(near)
+    assert _lines(out / "a.jsonl") == [r for i, r in enumerate(records) if i + 1 not in dropped]  # as read, no _where
+    assert _lines(out / "b.jsonl") == [{"instruction": "new", "input": "", "output": "x"}]
+    report = json.loads((out / "dedup_report.json").read_text())
+    assert report["sets"]["b"]["removed"] == [{"id": f"{b}:1", "kind": "exact", "duplicate_of": f"{a}:1",
+                                               "duplicate_of_set": "a", "jaccard": 1.0}]
+    assert report["settings"]["threshold"] == 0.8 and report["outputs"]["a"] == str(out / "a.jsonl")
+
+
+def _config(tmp_path, train, heldout):
+    path = tmp_path / "cfg.py"
+    path.write_text(textwrap.dedent(f"""
+        from jaxtune import config as config_lib
+
+        def get_config(arg=None):
+            c = config_lib.base_config()
+            c.data.tasks.alpaca = config_lib.task_config(path={str(train)!r}, format="alpaca")
+            c.eval.tasks.heldout = config_lib.eval_task_config(path={str(heldout)!r}, fields={{"prompt": "question",
+                "response": "answer"}})
+            return c
+    """))
+    return path
+
+
+def test_decontaminate_reads_a_configs_tasks_and_eval_sets(tmp_path, capsys):
+    train, evals = planted()
+    train_path, heldout = write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "heldout.jsonl", evals)
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"text": train[0]["instruction"]}])
+    out = tmp_path / "clean"
+    argv = ["data", "decontaminate", "--config", str(_config(tmp_path, train_path, heldout)), "--eval", str(extra),
+            "--out_dir", str(out), "--report", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 0
+    assert "4 of 50 training records share a 13-gram with 2 eval set(s) (11 examples); kept 46" in capsys.readouterr().out
+    assert len(_lines(out / "alpaca.jsonl")) == 46
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["eval"]["heldout"]["training_records_contaminated"] == 3
+    assert report["eval"]["extra"]["eval_ids_matched"] == [f"{extra}:1"]
+    # --config overrides apply; --n and --fraction override data.decontaminate
+    assert cli.main([*argv, "--config.data.decontaminate.n=12", "--fraction", "0"]) == 0
+    assert "5 of 50 training records share a 12-gram" in capsys.readouterr().out
+
+
+def test_filter_and_select_diverse(tmp_path, capsys):
+    records = [{"instruction": "say hi", "input": "", "output": "hi"},
+               {"instruction": "say nothing", "input": "", "output": " "},
+               {"instruction": "repeat", "input": "", "output": "spam\nspam\nspam"},
+               {"instruction": "count to three", "input": "", "output": "1 2 3"},
+               {"instruction": "say hi please", "input": "", "output": "hi"}]
+    path = write_jsonl(tmp_path / "alpaca.jsonl", records)
+    out = tmp_path / "f"
+    assert cli.main(["data", "filter", str(path), "--out_dir", str(out), "--nonempty", "output",
+                     "--max_duplicate_line_fraction", "0.3", "--min_words", "4"]) == 0
+    assert "dropped 3 by the filters, kept 2" in capsys.readouterr().out
+    assert _lines(out / "alpaca.jsonl") == [records[3], records[4]]
+    report = json.loads((out / "filter_report.json").read_text())["sets"]["alpaca"]
+    assert [r["reason"].split(":")[0] for r in report["dropped_records"]] == ["words", "nonempty", "duplicate_lines"]
+    assert cli.main(["data", "filter", str(path), "--out_dir", str(out), "--select_diverse", "2"]) == 0
+    assert "3 not among the 2 most diverse per set, kept 2" in capsys.readouterr().out
+    assert len(_lines(out / "alpaca.jsonl")) == 2
+
+
+BAD = [
+    (["dedup", "{tmp}/nope.jsonl"], "nope.jsonl: no such data file"),
+    (["dedup", "{bad}"], "bad.jsonl:3: invalid JSON"),
+    (["dedup", "{good}", "--fields", "instruction,answer"], "good.jsonl:1: no field 'answer'; available fields: "),
+    (["dedup", "{good}", "--threshold", "1.5"], "data dedup: argument --threshold: expected a number in [0, 1], got 1.5"),
+    (["dedup", "{good}", "--num_perm", "x"], "argument --num_perm: expected an integer >= 16, got 'x'"),
+    (["dedup"], "data dedup: nothing to read; give JSONL files and/or --config"),
+    (["dedup", "{good}", "{tmp}/sub/good.jsonl"], "two inputs are named 'good'"),
+    (["dedup", "{good}", "--config.seed=1"], "--config.seed=1 given without --config"),
+    (["decontaminate", "{good}"], "no evaluation sets to compare against"),
+    (["decontaminate", "{good}", "--eval", "{bad}"], "bad.jsonl:3: invalid JSON"),
+    (["decontaminate", "{good}", "--eval", "{good}", "--eval_fields", "question"], "good.jsonl:1: no field 'question'"),
+    (["decontaminate", "{good}", "--eval_tfds", "no_such_set:test", "--tfds_data_dir", "{tmp}"],
+     "tfds dataset 'no_such_set' split 'test'"),
+    (["filter", "{good}"], "data filter: no filter given"),
+    (["filter", "{good}", "--regex", "output"], "--regex 'output': expected FIELD=PATTERN"),
+    (["filter", "{good}", "--regex", "output=("], "regex for field 'output' does not compile"),
+    (["filter", "{good}", "--min_words", "5", "--max_words", "2"], "min_words=5 is above max_words=2"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", BAD, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(BAD)])
+def test_bad_inputs_end_in_one_error_line(tmp_path, capsys, argv, expected):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"instruction": "a", "input": "", "output": "b"}] * 2)
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "sub" / "good.jsonl", [{"x": "y"}])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": "x"}\n{"a": "y"}\n{"a": \n')
+    names = {"tmp": tmp_path, "good": good, "bad": bad}
+    try:
+        status = cli.main(["data", *[a.format(**names) for a in argv], "--out_dir", str(tmp_path / "out")])
+    except SystemExit as e:  # argparse's usage errors
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2
+    error_lines = [line for line in err.splitlines() if line.startswith("jaxtune: error: ")]
+    assert len(error_lines) == 1 and expected in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written on a user error
