@@ -562,6 +562,10 @@ def _validate_decontaminate(config: ml_collections.ConfigDict) -> None:
     for key in ("fields", "eval_fields", "eval_files", "eval_tfds"):
         if not isinstance(d[key], (tuple, list)) or not all(isinstance(v, str) and v for v in d[key]):
             raise UserError(f"config key 'data.decontaminate.{key}' must be a tuple of non-empty strings, got {d[key]!r}")
+    screened = d.enabled or any(t.get("filters") for t in config.data.tasks.values())
+    if screened and config.objective.type == "grpo":
+        raise UserError("config keys 'data.decontaminate' / 'data.tasks.<t>.filters': a GRPO run reads its prompts from "
+                        "objective.grpo; clean them first with `jaxtune data decontaminate` / `jaxtune data filter`")
     if d.enabled and not config.data.tasks and config.data.source != "jsonl":
         raise UserError(f"config key 'data.decontaminate.enabled': data.source={config.data.source!r} generates its "
                         "own records; decontamination screens data.tasks or data.train_path files")

@@ -97,3 +97,24 @@ def test_no_eval_sets_and_generated_sources_are_errors(tmp_path):
     q.data.decontaminate.enabled = True
     with pytest.raises(UserError, match="generates its own records"):
         config_lib.validate(q)
+    q.data.source = "jsonl"
+    q.objective.type = "grpo"
+    with pytest.raises(UserError, match="a GRPO run reads its prompts from objective.grpo"):
+        config_lib.validate(q)
+
+
+def test_preference_pairs_are_screened_too(tmp_path, capsys):
+    _, evals = planted()
+    pairs = [{"prompt": f"question {i} please answer", "chosen": "yes indeed", "rejected": "no"} for i in range(12)]
+    pairs[3]["prompt"] = evals[0]["question"]  # a held-out question as a training prompt
+    c = tiny_base_config(str(write_jsonl(tmp_path / "pairs.jsonl", pairs)))
+    c.objective.type = "dpo"
+    c.data.tokenizer_vocab_size = 512
+    c.data.templates = (("{prompt}", "{response}"),)
+    c.data.decontaminate.enabled = True
+    c.data.decontaminate.eval_files = (str(write_jsonl(tmp_path / "heldout.jsonl", evals)),)
+    c.lock()
+    config_lib.validate(c)
+    data = datasets.load_preference_data(c.data, tmp_path / "run", unpaired=False, eval_cfg=c.eval)
+    assert len(data.tasks[0].records) == 11 and data.mixture.sizes == (11,)
+    assert "dropped 1 of 12 records sharing a 13-gram with an eval set (file:heldout: 1)" in capsys.readouterr().out
