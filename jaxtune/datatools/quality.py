@@ -33,6 +33,9 @@ import numpy as np
 from jaxtune.datatools import ngrams
 from jaxtune.errors import UserError
 
+_LETTER = re.compile(r"[^\W\d_]")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+
 
 @dataclasses.dataclass(frozen=True)
 class QualityFilters:
@@ -132,10 +135,12 @@ def script_of(char: str) -> str:
 def script_fraction(text: str, scripts: Sequence[str]) -> float:
     """Fraction of the letters of `text` in `scripts` ("ascii": ASCII letters); 1.0 when it has no letters."""
     allowed = {s.lower() for s in scripts}
-    letters = [c for c in text if unicodedata.category(c).startswith("L")]
+    letters = _LETTER.findall(text)  # \w minus digits and _: letters (and combining marks) of any script
     if not letters:
         return 1.0
-    ok = sum(("ascii" in allowed and c.isascii()) or script_of(c) in allowed for c in letters)
+    ascii_letters = len(_ASCII_LETTER.findall(text))
+    ok = ascii_letters if allowed & {"ascii", "latin"} else 0  # ASCII letters are Latin: counted without lookups
+    ok += sum(script_of(c) in allowed for c in letters if not c.isascii())
     return ok / len(letters)
 
 
