@@ -26,7 +26,8 @@ class RecordSet:
     origin: str  # where it was read from (a path, "tfds name[split]")
 
 
-def _read(source) -> list[dict]:
+def read_all(source) -> list[dict]:
+    """Every record of a random-access source, in order (bad records raise, naming file and line)."""
     return [source[i] for i in range(len(source))]
 
 
@@ -42,7 +43,7 @@ def read_files(paths: Sequence[str]) -> list[RecordSet]:
         name = Path(path).stem
         if any(s.name == name for s in sets):
             raise UserError(f"{path}: two inputs are named {name!r}; their cleaned files would overwrite each other")
-        sets.append(RecordSet(name, _read(open_source(_kind(path), path)), path))
+        sets.append(RecordSet(name, read_all(open_source(_kind(path), path)), path))
     return sets
 
 
@@ -54,7 +55,7 @@ def read_tfds(specs: Sequence[str], data_dir: str = "") -> list[RecordSet]:
         if not name:
             raise UserError(f"--eval_tfds {spec!r}: expected NAME[:SPLIT], e.g. glue/mrpc:validation")
         split = split or "test"
-        sets.append(RecordSet(f"{name}:{split}", _read(open_source("tfds", name, split=split, data_dir=data_dir)),
+        sets.append(RecordSet(f"{name}:{split}", read_all(open_source("tfds", name, split=split, data_dir=data_dir)),
                               f"tfds {name}[{split}]"))
     return sets
 
@@ -62,7 +63,7 @@ def read_tfds(specs: Sequence[str], data_dir: str = "") -> list[RecordSet]:
 def _task_set(name: str, t: ml_collections.ConfigDict, where: str) -> RecordSet:
     source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=where)
     origin = f"tfds {t.path}[{t.split}]" if t.source == "tfds" else t.path
-    return RecordSet(name, _read(source), origin)
+    return RecordSet(name, read_all(source), origin)
 
 
 def config_train_sets(config: ml_collections.ConfigDict) -> list[RecordSet]:
@@ -71,18 +72,8 @@ def config_train_sets(config: ml_collections.ConfigDict) -> list[RecordSet]:
     if d.tasks:
         return [_task_set(name, t, f"data.tasks.{name}") for name, t in d.tasks.items()]
     if d.source == "jsonl" and d.train_path:
-        return [RecordSet("train", _read(open_source("jsonl", d.train_path, where="data.train_path")), d.train_path)]
+        return [RecordSet("train", read_all(open_source("jsonl", d.train_path, where="data.train_path")), d.train_path)]
     raise UserError(f"--config: no training data files to read (data.source={d.source!r} and data.tasks is empty)")
-
-
-def config_eval_sets(config: ml_collections.ConfigDict) -> list[RecordSet]:
-    """The held-out sets a config evaluates on: eval.tasks, data.eval_path and eval.mc_path."""
-    sets = [_task_set(name, t, f"eval.tasks.{name}") for name, t in config.eval.tasks.items()]
-    if config.data.eval_path:
-        sets.append(RecordSet("data.eval_path", _read(open_source("jsonl", config.data.eval_path)), config.data.eval_path))
-    if config.eval.mc_path:
-        sets.append(RecordSet("eval.mc_path", _read(open_source("jsonl", config.eval.mc_path)), config.eval.mc_path))
-    return sets
 
 
 def record_id(record: dict) -> str:

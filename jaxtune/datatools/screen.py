@@ -43,7 +43,7 @@ def config_eval_sets(data: ml_collections.ConfigDict, eval_cfg: ml_collections.C
     if eval_cfg is not None:
         for name, t in eval_cfg.tasks.items():
             source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=f"eval.tasks.{name}")
-            sets.append(records_lib.RecordSet(name, records_lib._read(source), t.path))
+            sets.append(records_lib.RecordSet(name, records_lib.read_all(source), t.path))
         if eval_cfg.mc_path:
             sets += [records_lib.RecordSet("eval.mc_path", s.records, s.origin)
                      for s in records_lib.read_files([eval_cfg.mc_path])]

@@ -122,3 +122,33 @@ def test_bad_inputs_end_in_one_error_line(tmp_path, capsys, argv, expected):
     assert len(error_lines) == 1 and expected in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()  # nothing written on a user error
+
+
+def test_decontaminate_against_a_prepared_tfds_split(tmp_path, capsys):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import numpy as np
+
+    train, evals = planted()
+
+    class TinyHeldout(tfds.core.GeneratorBasedBuilder):
+        __module__ = "tiny_heldout_builder"  # tfds resolves a dotted module's code path via importlib_resources
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"question": tfds.features.Text(), "answer": tfds.features.Text(), "label": np.int64}))
+
+        def _split_generators(self, dl_manager):
+            return {"test": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, e in enumerate(evals):
+                yield i, {**e, "label": i}
+
+    TinyHeldout(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    path = write_jsonl(tmp_path / "train.jsonl", train)
+    assert cli.main(["data", "decontaminate", str(path), "--eval_tfds", "tiny_heldout", "--tfds_data_dir",
+                     str(tmp_path / "tfds"), "--out_dir", str(tmp_path / "out")]) == 0
+    assert "3 of 50 training records share a 13-gram with 1 eval set(s) (10 examples)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "decontaminate_report.json").read_text())
+    assert report["eval"]["tiny_heldout:test"]["training_records_contaminated"] == 3
