@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--workdir", default=None,
                          help="where a from-scratch tokenizer is trained/cached (default: a temporary directory)")
     preview.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    from jaxtune.datatools import generation_commands
+
+    generation_commands.add_commands(data_commands)  # self-instruct, evolve
     return parser
 
 
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         if args.command == "data":
-            return _data_preview(args, overrides)
+            return getattr(args, "data_handler", _data_preview)(args, overrides)
     except UserError as e:
         if args.debug and not distributed.is_multiprocess():
             raise

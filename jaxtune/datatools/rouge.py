@@ -84,6 +84,10 @@ class RougePool:
         self._bags.append(Counter(tokens))
         return len(self.texts) - 1
 
+    def truncate(self, size: int) -> None:
+        """Keeps the first `size` texts (undoes tentative `add`s)."""
+        del self.texts[size:], self._tokens[size:], self._bags[size:]
+
     def max_similarity(self, text: str) -> Match:
         """The pool text most similar to `text` (the first one on ties) and its ROUGE-L F."""
         tokens = TOKENIZER.tokenize(text)
