@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from jaxtune import distributed
+from jaxtune.datatools.evolve import MUTATIONS
 from jaxtune.errors import UserError
 
 
@@ -48,6 +49,23 @@ def add_commands(data_commands) -> None:
     _model_flags(si)
     si.set_defaults(top_p=0.5, data_handler=_self_instruct)
 
+    ev = data_commands.add_parser(
+        "evolve", parents=[distributed.parent_parser()],
+        help="rewrite instructions into harder/new ones over rounds with a model (Evol-Instruct); resumable")
+    ev.add_argument("--input", required=True,
+                    help="JSONL with 'instruction' (+ optional 'input', 'id'): Alpaca, Self-Instruct seeds or output")
+    ev.add_argument("--rounds", type=int, default=4, help="evolution rounds (a rerun with more continues)")
+    ev.add_argument("--mutations", default=",".join(MUTATIONS),
+                    help=f"comma-separated, drawn uniformly per item and round: {', '.join(MUTATIONS)}")
+    ev.add_argument("--response_max_new_tokens", type=int, default=256)
+    ev.add_argument("--response_temperature", type=float, default=0.0, help="responses (0 = greedy)")
+    ev.add_argument("--no_gain_threshold", type=float, default=0.9,
+                    help="eliminate when ROUGE-L F against the parent >= this (no information gain)")
+    ev.add_argument("--judge", action="store_true", help="also ask the model whether parent and child are equal")
+    ev.add_argument("--limit", type=int, default=0, help="evolve only the first N instructions (0 = all)")
+    _model_flags(ev)
+    ev.set_defaults(data_handler=_evolve)
+
 
 def _load_sampler(args):
     from jaxtune import inference
@@ -79,4 +97,26 @@ def _self_instruct(args, overrides: list[str]) -> int:
                                     num_instructions=args.num_instructions, settings=settings,
                                     max_requests=args.max_requests)
     print(f"jaxtune: self-instruct: {result.summary()}; wrote {args.output}", flush=True)
+    return 0
+
+
+def _evolve(args, overrides: list[str]) -> int:
+    from jaxtune.datatools import evolve
+
+    if overrides:
+        raise UserError(f"data evolve: takes no --config overrides, got --config.{overrides[0]}")
+    distributed.initialize(distributed.settings_from(args))
+    settings = evolve.Settings(
+        mutations=tuple(m.strip() for m in args.mutations.split(",") if m.strip()), batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, response_max_new_tokens=args.response_max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, response_temperature=args.response_temperature,
+        no_gain_threshold=args.no_gain_threshold, judge=args.judge, limit=args.limit, seed=args.seed)
+    settings.check()
+    if args.rounds < 1:
+        raise UserError(f"data evolve: --rounds must be >= 1, got {args.rounds}")
+    inputs = evolve.read_instructions(args.input, settings.limit)
+    sampler = _load_sampler(args)
+    result = evolve.evolve(sampler, inputs, output=args.output, report=args.report, rounds=args.rounds,
+                           settings=settings)
+    print(f"jaxtune: evolve: {result.summary()}; wrote {args.output}", flush=True)
     return 0
