@@ -8,6 +8,7 @@ import zlib
 from pathlib import Path
 
 from jaxtune.datatools.sampling import Completion
+from jaxtune.generate import truncate_at_stop_strings
 
 TOPICS = "apples rivers taxes poems chess sleep rockets tea bridges volcanoes jazz glaciers".split()
 VERBS = "Explain Summarize Compare Describe List Rewrite Critique Outline Translate Evaluate".split()
@@ -46,11 +47,22 @@ class FakeSampler:
         if self.fail_after is not None and self.calls > self.fail_after:
             raise KeyboardInterrupt("killed")
         self.seen += prompts
-        return [self._one(p, seed) for p in prompts]
+        out = [self._one(p, seed) for p in prompts]
+        return [Completion(truncate_at_stop_strings(c.text, stop), c.num_tokens, c.truncated) for c in out]
 
     def _one(self, prompt: str, seed: int) -> Completion:
         rng = random.Random(zlib.crc32(prompt.encode()) ^ seed)
         last = prompt.rsplit("Task:", 1)[-1]
+        if prompt.endswith(("Rewritten task:\n", "New task:\n")):
+            return self._evolved(prompt, rng)
+        if prompt.endswith("Response:\n"):
+            text = rng.choice(["Here is a careful answer with three numbered points and one example each.", "",
+                               "First, mix flour and water. Second, knead. Third, bake for forty minutes.",
+                               "Tides follow the moon's pull on the oceans.",
+                               "Sorry, I cannot help with that.", "it is the , .", "A full, specific answer follows."])
+            return Completion(text, len(text.split()) + 1, truncated=False)
+        if prompt.endswith("Answer:"):
+            return Completion(" Different", 1, truncated=False)
         if prompt.endswith("Classification:"):
             text = " Yes" if "Classify" in last or "Decide" in last else " No"
         elif prompt.endswith("Class label:"):
@@ -65,6 +77,18 @@ class FakeSampler:
             text = " " + "\n".join(f"{n + i}. {item}" if i else item for i, item in enumerate(items))
             return Completion(text + f"\n{n + len(items)}. Unfinished task about", 40, truncated=True)
         return Completion(text, len(text.split()), truncated=False)
+
+    def _evolved(self, prompt: str, rng: random.Random) -> Completion:
+        parent = prompt.split("\nTask:\n", 1)[1].rsplit("\n\n", 1)[0]
+        if prompt.endswith("New task:\n"):
+            text = self._instruction(rng)
+        else:
+            text = rng.choice([f"{parent} Use exactly {rng.randint(3, 9)} bullet points, each citing a {rng.choice(TOPICS)} "
+                               f"source, and finish with a one-line summary for {rng.choice(AUDIENCES)}.",
+                               f"{parent} Explain each step for {rng.choice(AUDIENCES)} and give {rng.randint(2, 5)} "
+                               f"examples about {rng.choice(TOPICS)}.",
+                               parent, f"Rewritten task: {parent} but as the given prompt says, longer."])
+        return Completion(f" {text}\n\n\nTask: more", 30, truncated=False)
 
     @staticmethod
     def _instruction(rng: random.Random) -> str:
