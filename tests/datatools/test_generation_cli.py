@@ -12,6 +12,7 @@ from jaxtune import cli, generate, inference, models, sharding
 from jaxtune.data import pipeline
 from jaxtune.data.tokenizers import train_sentencepiece
 from jaxtune.datatools.sampling import ModelSampler
+from jaxtune.datatools.self_instruct import instruction_prompt
 from tests.datatools.fakes import SEED_TASKS, write_seed_file
 
 
@@ -34,18 +35,20 @@ def hf_dir(tmp_path_factory):
 
 def test_model_sampler_is_generate_with_stop_strings(hf_dir):
     loaded = inference.load(workdir=None, hf_dir=str(hf_dir))
-    prompts = ["Task: Give three tips", "Example 1\nInput:"]
+    # Prompts and sampling as the self-instruct test's first stage, so the two share one compiled loop.
+    seeds = [t["instruction"] for t in SEED_TASKS]
+    prompts = [instruction_prompt(seeds[:3]), instruction_prompt(seeds[1:])]
+    sampling = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=4)
     tok = loaded.tokenizer
-    raw = generate.generate(loaded.model, loaded.params, pipeline.tokenize_prompts(tok, prompts), max_new_tokens=6,
-                            stop_tokens=(tok.eos_id,), pad_id=tok.pad_id, temperature=0.0)
-    got = ModelSampler(loaded, batch_size=2).complete(prompts, max_new_tokens=6, temperature=0.0, top_p=None, seed=0)
+    raw = generate.generate(loaded.model, loaded.params, pipeline.tokenize_prompts(tok, prompts), **sampling,
+                            stop_tokens=(tok.eos_id,), pad_id=tok.pad_id)
+    got = ModelSampler(loaded, batch_size=2).complete(prompts, **sampling)
     for row, completion in zip(raw, got):
         assert completion.text == tok.decode(row) and completion.num_tokens == len(row)
-        assert completion.truncated == (len(row) == 6)
+        assert completion.truncated == (len(row) == 12)
     stops = [c.text.strip()[:1] for c in got if c.text.strip()]
     if stops:  # a stop string cuts the text and the completion no longer counts as truncated (same shapes: no compile)
-        cut = ModelSampler(loaded, batch_size=2).complete(prompts, max_new_tokens=6, temperature=0.0, top_p=None,
-                                                          seed=0, stop=stops[:1])
+        cut = ModelSampler(loaded, batch_size=2).complete(prompts, **sampling, stop=stops[:1])
         for full, short in zip(got, cut):
             assert short.text == full.text.split(stops[0])[0]
             assert short.truncated == (full.truncated and stops[0] not in full.text)
@@ -78,6 +81,21 @@ def test_self_instruct_command_end_to_end_and_resume(hf_dir, tmp_path, capsys):
         assert {"instruction", "input", "output", "id", "request", "batch"} <= set(record)
 
 
+def test_evolve_command_end_to_end(hf_dir, tmp_path, capsys):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps({"instruction": t["instruction"]}) + "\n" for t in SEED_TASKS[:2]))
+    out = tmp_path / "ev.jsonl"
+    argv = ["data", "evolve", "--hf_dir", str(hf_dir), "--input", str(inputs), "--output", str(out), "--rounds", "1",
+            "--batch_size", "2", "--max_new_tokens", "12", "--response_max_new_tokens", "12", "--no_gain_threshold", "1.0"]
+    status, captured = _run(capsys, argv)
+    assert status == 0, captured.err
+    assert "evolved instructions" in captured.out and "generated tokens/s" in captured.out
+    report = [json.loads(line) for line in (tmp_path / "ev.jsonl.report.jsonl").read_text().splitlines()]
+    assert [r.get("batch") for r in report] == [None, 0]
+    assert sum(r["kept"] + len(r["dropped"]) for r in report[1:]) == 2
+    assert len(out.read_text().splitlines()) == sum(r["kept"] for r in report[1:])
+
+
 @pytest.mark.parametrize("setup, args, message", [
     (None, ["--seed_file", "{tmp}/none.jsonl"], "seed file {tmp}/none.jsonl: no such file"),
     ('{"instruction": "a", "instances": [{"input": "", "output": "b"}]}\n{oops\n', ["--seed_file", "{tmp}/s.jsonl"],
@@ -89,12 +107,28 @@ def test_self_instruct_command_end_to_end_and_resume(hf_dir, tmp_path, capsys):
     ("seeds", ["--seed_file", "{tmp}/s.jsonl", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
 ])
 def test_self_instruct_command_errors(tmp_path, capsys, setup, args, message):
+    _check_error(tmp_path, capsys, "self-instruct", setup, args, message)
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    (None, ["--input", "{tmp}/none.jsonl"], "input file {tmp}/none.jsonl: no such file"),
+    ('{"instruction": "a"}\n{"instruction": 3}\n', ["--input", "{tmp}/s.jsonl"],
+     "{tmp}/s.jsonl:2: field 'instruction' is empty or not text"),
+    ('{"instruction": "a"}\n', ["--input", "{tmp}/s.jsonl", "--workdir", "{tmp}/empty_run"], "empty_run"),
+    ('{"instruction": "a"}\n', ["--input", "{tmp}/s.jsonl", "--mutations", "deepen,shrink"], "--mutations: unknown shrink"),
+    ('{"instruction": "a"}\n', ["--input", "{tmp}/s.jsonl", "--rounds", "0"], "--rounds must be >= 1"),
+])
+def test_evolve_command_errors(tmp_path, capsys, setup, args, message):
+    _check_error(tmp_path, capsys, "evolve", setup, args, message)
+
+
+def _check_error(tmp_path, capsys, command, setup, args, message):
     if setup == "seeds":
         write_seed_file(tmp_path / "s.jsonl")
     elif setup:
         (tmp_path / "s.jsonl").write_text(setup)
     (tmp_path / "empty_run").mkdir()
-    argv = ["data", "self-instruct", "--output", str(tmp_path / "o.jsonl"), *[a.format(tmp=tmp_path) for a in args]]
+    argv = ["data", command, "--output", str(tmp_path / "o.jsonl"), *[a.format(tmp=tmp_path) for a in args]]
     status, captured = _run(capsys, argv)
     assert status == 2
     assert captured.err.startswith("jaxtune: error: ") and message.format(tmp=tmp_path) in captured.err
