@@ -252,7 +252,8 @@ def evolve(sampler: Sampler, inputs: Sequence[Item], *, output: str, report: str
     if rounds < 1:
         raise UserError(f"{COMMAND}: --rounds must be >= 1, got {rounds}")
     book = progress.BatchLog(output, report, command=COMMAND, settings={
-        **dataclasses.asdict(settings), "mutations": list(settings.mutations), "inputs": [it.id for it in inputs]})
+        **dataclasses.asdict(settings), "mutations": list(settings.mutations), "inputs": len(inputs),
+        "inputs_sha256": progress.digest([f"{it.id}\t{it.text}" for it in inputs])})
     records, batches = book.resume()
     per_round = math.ceil(len(inputs) / settings.batch_size)
     children = {(r["round"], r["index"]): Item(r["id"], r["root_id"], r["instruction"]) for r in records}

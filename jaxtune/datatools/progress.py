@@ -24,6 +24,13 @@ from jaxtune.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def digest(texts: list[str]) -> str:
+    """A short fingerprint of the inputs a run started from (recorded in the report's settings)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
 def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) of every non-blank line; a malformed line is a UserError naming it."""
     path = Path(path)

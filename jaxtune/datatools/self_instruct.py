@@ -381,7 +381,8 @@ def generate(sampler: Sampler, seeds: Sequence[SeedTask], *, output: str, report
     max_requests = max_requests or 20 * num_instructions
     book = progress.BatchLog(output, report, command=COMMAND,
                              settings={**dataclasses.asdict(settings), "blacklist": list(blacklist),
-                                       "seed_tasks": [t.instruction for t in seeds]})
+                                       "seed_tasks": len(seeds),
+                                       "seed_tasks_sha256": progress.digest([t.instruction for t in seeds])})
     records, batches = book.resume()
     pool = _Pool(seeds)
     for instruction in _instructions(records):

@@ -130,6 +130,8 @@ def test_resume_refuses_other_settings_and_foreign_files(tmp_path, seeds):
     other = si.Settings(**{**SETTINGS.__dict__, "temperature": 1.0})
     with pytest.raises(UserError, match=r"other settings \(temperature: 0.7 -> 1.0\)"):
         si.generate(FakeSampler(), seeds, output=str(out), num_instructions=2, settings=other)
+    with pytest.raises(UserError, match=r"other settings \(seed_tasks: 4 -> 3, seed_tasks_sha256: "):
+        si.generate(FakeSampler(), seeds[:3], output=str(out), num_instructions=2, settings=SETTINGS)
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"instruction": "x", "input": "", "output": "y"}\n')
     with pytest.raises(UserError, match="exists but has no report"):
