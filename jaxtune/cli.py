@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     _add_generate_parser(commands)
     _add_eval_parser(commands)
-    data = commands.add_parser("data", help="inspect a config's input pipeline")
+    data = commands.add_parser("data", help="inspect a config's input pipeline; build and clean instruction data")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     preview = data_commands.add_parser(
         "preview", help="print rendered examples (trained span marked) and per-task stats for a config")
@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         if args.command == "data":
-            return getattr(args, "data_handler", _data_preview)(args, overrides)
+            run = getattr(args, "run", None)  # subcommands set their handler; preview is the default
+            return run(args, overrides) if run else _data_preview(args, overrides)
     except UserError as e:
         if args.debug and not distributed.is_multiprocess():
             raise

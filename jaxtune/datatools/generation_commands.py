@@ -1,7 +1,7 @@
 """`jaxtune data self-instruct` and `jaxtune data evolve`: argparse setup and handlers.
 
-`add_commands(data_commands)` registers both under `jaxtune data`; each parser sets `data_handler`
-(called by cli.main with the parsed args). The model comes from `inference.load`, as for
+`add_commands(data_commands)` registers both under `jaxtune data`; each parser sets `run`
+(cli.main calls it with the parsed args and the --config overrides). The model comes from `inference.load`, as for
 `jaxtune generate`: a run's latest checkpoint (--workdir) or a Hugging Face dir (--hf_dir). Input
 files are read and checked before the model is loaded, so a bad file fails fast.
 """
@@ -47,7 +47,7 @@ def add_commands(data_commands) -> None:
     si.add_argument("--max_requests", type=int, default=None,
                     help="give up after this many requests in all (default 20 x --num_instructions)")
     _model_flags(si)
-    si.set_defaults(top_p=0.5, data_handler=_self_instruct)
+    si.set_defaults(top_p=0.5, run=_self_instruct)
 
     ev = data_commands.add_parser(
         "evolve", parents=[distributed.parent_parser()],
@@ -64,7 +64,7 @@ def add_commands(data_commands) -> None:
     ev.add_argument("--judge", action="store_true", help="also ask the model whether parent and child are equal")
     ev.add_argument("--limit", type=int, default=0, help="evolve only the first N instructions (0 = all)")
     _model_flags(ev)
-    ev.set_defaults(data_handler=_evolve)
+    ev.set_defaults(run=_evolve)
 
 
 def _load_sampler(args):

@@ -133,3 +133,4 @@ def _check_error(tmp_path, capsys, command, setup, args, message):
     assert status == 2
     assert captured.err.startswith("jaxtune: error: ") and message.format(tmp=tmp_path) in captured.err
     assert len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.jsonl").exists()  # nothing written: a corrected rerun starts clean
