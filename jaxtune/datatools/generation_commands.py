@@ -26,6 +26,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat_template", default=None,
+                        help="send each prompt as a user turn of this chat template (built-in name, jinja string, "
+                        "file, tokenizer_config.json, or 'auto': the run's / tokenizer's); default: plain text")
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
 
@@ -73,7 +76,8 @@ def _load_sampler(args):
 
     if args.device_batch_size < 1:
         raise UserError(f"--device_batch_size must be >= 1, got {args.device_batch_size}")
-    return ModelSampler(inference.load(workdir=args.workdir, hf_dir=args.hf_dir), batch_size=args.device_batch_size)
+    return ModelSampler(inference.load(workdir=args.workdir, hf_dir=args.hf_dir), batch_size=args.device_batch_size,
+                        chat_template=args.chat_template)
 
 
 def _self_instruct(args, overrides: list[str]) -> int:

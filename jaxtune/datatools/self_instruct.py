@@ -194,7 +194,7 @@ def classification_instance_prompt(demos: Sequence[SeedTask], instruction: str) 
 
 
 _EXAMPLE = re.compile(r"\n\s*Example \d+\s*\n")
-_LABEL = re.compile(r"\n\s*Class label:")
+_LABEL = re.compile(r"(?:^|\n)\s*Class label:")
 
 
 def parse_instances(completion: str) -> list[tuple[str, str]]:

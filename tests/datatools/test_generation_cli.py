@@ -54,6 +54,15 @@ def test_model_sampler_is_generate_with_stop_strings(hf_dir):
             assert short.truncated == (full.truncated and stops[0] not in full.text)
 
 
+def test_model_sampler_chat_template_wraps_prompts_in_a_user_turn(hf_dir):
+    loaded = inference.load(workdir=None, hf_dir=str(hf_dir))
+    sampler = ModelSampler(loaded, chat_template="chatml")
+    text = loaded.tokenizer.decode(sampler.encode(["List three colors."])[0])
+    assert text.endswith("<|im_start|>user\nList three colors.<|im_end|>\n<|im_start|>assistant\n")
+    assert sampler.end_text == "<|im_end|>" and loaded.tokenizer.eos_id in sampler.stop_ids
+    assert ModelSampler(loaded).encode(["x"]) == pipeline.tokenize_prompts(loaded.tokenizer, ["x"])
+
+
 def _run(capsys, argv):
     capsys.readouterr()
     status = cli.main(argv)
@@ -86,7 +95,8 @@ def test_evolve_command_end_to_end(hf_dir, tmp_path, capsys):
     inputs.write_text("".join(json.dumps({"instruction": t["instruction"]}) + "\n" for t in SEED_TASKS[:2]))
     out = tmp_path / "ev.jsonl"
     argv = ["data", "evolve", "--hf_dir", str(hf_dir), "--input", str(inputs), "--output", str(out), "--rounds", "1",
-            "--batch_size", "2", "--max_new_tokens", "12", "--response_max_new_tokens", "12", "--no_gain_threshold", "1.0"]
+            "--batch_size", "2", "--max_new_tokens", "12", "--response_max_new_tokens", "12", "--no_gain_threshold", "1.0",
+            "--chat_template", "chatml"]
     status, captured = _run(capsys, argv)
     assert status == 0, captured.err
     assert "evolved instructions" in captured.out and "generated tokens/s" in captured.out

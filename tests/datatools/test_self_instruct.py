@@ -38,6 +38,9 @@ def test_parsing_of_lists_labels_and_instances():
     assert si.parse_instances(" no output marker") == []
     assert si.parse_classification_instances(" yes\nInput: I agree\nClass label: no\nInput: never") == [
         ("I agree", "yes"), ("never", "no")]
+    assert si.parse_classification_instances("Class label: yes\nInput: ok") == [("ok", "yes")]  # a chat reply
+    assert si.parse_instances("Example 1\nInput: x\nOutput: y") == [("x", "y")]
+    assert si.parse_instructions("9. Sort a list.\n10. Name a color.", truncated=False) == ["Sort a list.", "Name a color."]
     assert si.parse_classification(" Yes, it is") and not si.parse_classification(" No")
     assert si.clean_instances([("a", "b"), ("a", "b"), ("x", "x"), ("y", ""), ("c", "d")], 5) == [("a", "b"), ("c", "d")]
     assert si.clean_instances([("a", "b"), ("c", "d")], 1) == [("a", "b")]
