@@ -5,7 +5,8 @@ ones drawn at random; the paper uses 6 human + 2 machine, and seeds fill in whil
 pool is smaller than k) and lets it continue the list. The new instructions are filtered - too
 short or long, a blacklisted keyword (tasks a text model cannot do: images, files, plots...),
 starting with punctuation or a non-ASCII character, ROUGE-L >= 0.7 against any instruction in the
-pool (seeds, kept ones, earlier ones of the same batch) - then the model decides whether each is
+pool (seeds, kept ones, and the earlier candidates of the same batch, even one that later gets no
+valid instance: instances are only generated for the survivors) - then the model decides whether each is
 a classification task and writes instances for it: input first for ordinary tasks, label (output)
 first for classification tasks, so the labels stay balanced. Instructions left without a valid
 instance are dropped.
@@ -323,7 +324,7 @@ def run_batch(batch: int, sampler: Sampler, seeds: Sequence[SeedTask], pool: _Po
     lists = sampler.complete(prompts, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                              top_p=settings.top_p, seed=derived_seed(settings.seed, batch, 0), stop=("\n\n",))
     dropped: Counter = Counter()
-    candidates = []  # (request, index in its list, instruction, match)
+    candidates = []  # (request, index in its list, instruction, (max ROUGE-L, most similar text))
     for request, completion in zip(requests, lists):
         items = parse_instructions(completion.text, truncated=completion.truncated)
         if not items:
@@ -332,8 +333,9 @@ def run_batch(batch: int, sampler: Sampler, seeds: Sequence[SeedTask], pool: _Po
             reason = rejection_reason(instruction, settings, blacklist)
             if reason is None:
                 added, match = pool.rouge.add_if_novel(instruction, settings.similarity_threshold)
-                if added:
-                    candidates.append((request, j, instruction, match))
+                if added:  # the most similar text is read now: the tentative entries are undone below
+                    similar = pool.rouge.texts[match.index] if match.index >= 0 else ""
+                    candidates.append((request, j, instruction, (round(match.score, 4), similar)))
                     continue
                 reason = "similar_to_pool"
             dropped[reason] += 1
@@ -355,12 +357,11 @@ def run_batch(batch: int, sampler: Sampler, seeds: Sequence[SeedTask], pool: _Po
         if not pairs:
             dropped["no_valid_instance"] += 1
             continue
-        similar = pool.rouge.texts[match.index] if match.index >= 0 else ""
         pool.add_machine(instruction)
         for i, (inp, out) in enumerate(pairs):
             records.append({"instruction": instruction, "input": inp, "output": out, "id": f"si-{request}-{j}-{i}",
                             "instruction_id": f"si-{request}-{j}", "request": request, "is_classification": cls,
-                            "max_rouge_l": round(match.score, 4), "most_similar": similar, "source": COMMAND})
+                            "max_rouge_l": match[0], "most_similar": match[1], "source": COMMAND})
     return records, dropped
 
 

@@ -69,6 +69,8 @@ class FakeSampler:
             text = " positive\nInput: a great day\nClass label: negative\nInput: a sad day\nClass label: positive\nInput: a great day"
         elif prompt.endswith("Input:"):
             text = f" {rng.choice(TOPICS)}\nOutput: an answer\nExample 2\nInput: same\nOutput: same\n\nTask: next"
+            if rng.random() < 0.25:
+                text = " rambling without any output"
         else:  # a numbered task list to continue
             n = int(prompt.rsplit("\n", 1)[-1].rstrip("."))
             items = [self._instruction(rng) for _ in range(3)] + [rng.choice(BAD)]

@@ -83,10 +83,13 @@ def test_loop_filters_orders_instances_and_loads_as_a_data_task(tmp_path, seeds)
         assert max(rouge_l(p, text) for p in pool) < 0.7
         pool.append(text)
     assert all(si.rejection_reason(t, SETTINGS) is None for t in instructions)
+    for r in records:  # provenance: the closest text at the check (a seed, a kept or a same-batch candidate)
+        assert r["most_similar"] != r["instruction"]
+        assert r["max_rouge_l"] == round(rouge_l(r["most_similar"], r["instruction"]), 4) < 0.7
     report = _lines(tmp_path / "si.jsonl.report.jsonl")
     assert report[0]["command"] == "self-instruct" and [b["batch"] for b in report[1:]] == list(range(len(report) - 1))
     dropped = {k for b in report[1:] for k in b["dropped"]}
-    assert {"blacklisted_keyword", "similar_to_pool"} <= dropped
+    assert {"blacklisted_keyword", "similar_to_pool", "no_valid_instance"} <= dropped
     assert sum(b["kept"] for b in report[1:]) == len(instructions)
     # Classification tasks were asked label first, the others input first.
     cls = [r for r in records if r["is_classification"]]
