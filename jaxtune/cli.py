@@ -78,8 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="where a from-scratch tokenizer is trained/cached (default: a temporary directory)")
     preview.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     from jaxtune.datatools import commands as datatools_commands  # dedup, decontaminate, filter
+    from jaxtune.datatools import generation_commands  # self-instruct, evolve
 
     datatools_commands.add_commands(data_commands)
+    generation_commands.add_commands(data_commands)
     return parser
 
 
