@@ -143,6 +143,25 @@ def satisfied(text: str, constraints: Sequence[Mapping[str, Any]]) -> list[bool]
     return [bool(CHECKERS[c["type"]][1](text, c)) for c in constraints]
 
 
+def loose_variants(text: str) -> list[str]:
+    """IFEval's loose-evaluation variants of a response (Zhou et al. 2023, `evaluation_lib`): the
+    response; it with every ``*`` removed; it without its first line, without its last line, and
+    without both (each stripped); and those three with ``*`` removed: eight texts in all."""
+    lines = text.split("\n")
+    cut = ["\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    return [text, text.replace("*", ""), *cut, *(t.replace("*", "") for t in cut)]
+
+
+def satisfied_loose(text: str, constraints: Sequence[Mapping[str, Any]]) -> list[bool]:
+    """Per constraint, whether any of IFEval's loose variants of `text` satisfies it (blank ones never do)."""
+    held = [False] * len(constraints)
+    for variant in loose_variants(text):
+        held = [h or s for h, s in zip(held, satisfied(variant, constraints))]
+        if all(held):
+            break
+    return held
+
+
 def _scores(completions, constraints, reduce) -> list[float | None]:
     out = []
     for i, (text, value) in enumerate(zip(completions, constraints, strict=True)):
