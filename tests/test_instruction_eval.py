@@ -1,0 +1,153 @@
+"""Instruction-following evaluation (eval.tasks metric 'instructions'): IFEval's strict/loose
+scores on canned responses (hand-computed), IFEval's own record format mapped onto jaxtune's
+checkers, record and config errors, and one run through `evaluate.run` on a tiny random model."""
+
+import json
+
+import pytest
+
+from jaxtune import config as config_lib
+from jaxtune import evaluate
+from jaxtune.data.eval_tasks import load_eval_task
+from jaxtune.errors import UserError
+from jaxtune.rewards.instructions import loose_variants, satisfied
+from tests.test_evaluate import tiny  # noqa: F401 (the tiny model + byte tokenizer fixture)
+
+# (response, constraints, strict per constraint, loose per constraint)
+CANNED = [
+    ("Sure! here it is:\nhello world", [{"type": "lowercase"}, {"type": "no_commas"}],
+     [False, True], [True, True]),  # the preamble line breaks lowercase; loose drops the first line
+    ("* **a**\n* b\n\nHope this helps", [{"type": "bullet_count", "n": 2}, {"type": "word_count", "relation": "at most", "n": 4}],
+     [True, False], [True, True]),  # the closing line adds 3 words; loose drops the last line
+    ("no quotes", [{"type": "quoted"}], [False], [False]),
+    ('{"A": 1}', [{"type": "json_format"}, {"type": "uppercase"}], [True, True], [True, True]),
+    ("all **done**", [{"type": "ends_with", "phrase": "done"}], [False], [True]),  # loose removes the markdown '*'
+]
+
+
+def test_strict_and_loose_scores_by_hand():
+    for response, constraints, strict, loose in CANNED:
+        assert satisfied(response, constraints) == strict, response
+    scores = evaluate.instruction_scores([r for r, *_ in CANNED], [c for _, c, *_ in CANNED])
+    # strict: only the JSON prompt holds all; 4 of 8 constraints hold. loose: 4 of 5 prompts, 7 of 8 constraints
+    assert scores["prompt_level_strict_acc"] == pytest.approx(1 / 5)
+    assert scores["inst_level_strict_acc"] == pytest.approx(4 / 8)
+    assert scores["prompt_level_loose_acc"] == pytest.approx(4 / 5)
+    assert scores["inst_level_loose_acc"] == pytest.approx(7 / 8)
+    per_type = {k.split("/")[1]: (scores[k], scores[k.replace("strict", "loose")])
+                for k in scores if k.startswith("inst_level_strict_acc/")}
+    assert per_type == {"lowercase": (0, 1), "no_commas": (1, 1), "bullet_count": (1, 1), "word_count": (0, 1),
+                        "quoted": (0, 0), "json_format": (1, 1), "uppercase": (1, 1), "ends_with": (0, 1)}
+
+
+def test_loose_variants_are_ifevals_eight():
+    assert loose_variants("Intro:\n*x* y\n**end**") == [
+        "Intro:\n*x* y\n**end**", "Intro:\nx y\nend",  # the response, '*' removed
+        "*x* y\n**end**", "Intro:\n*x* y", "*x* y",  # first line, last line, both removed (stripped)
+        "x y\nend", "Intro:\nx y", "x y",  # and those with '*' removed
+    ]
+    assert evaluate.instruction_scores(["", "   "], [[{"type": "no_commas"}], [{"type": "lowercase"}]])[
+        "inst_level_loose_acc"] == 0.0  # blank responses satisfy nothing, loosely either
+
+
+IFEVAL_RECORDS = [
+    {"key": 1, "prompt": "Write a limerick about cats.",
+     "instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words", "keywords:existence"],
+     "kwargs": [{}, {"relation": "less than", "num_words": 40}, {"keywords": ["whisker", "moon"]}]},
+    {"key": 2, "prompt": "Describe Paris.",  # the Hugging Face copy fills every kwarg, null where unused
+     "instruction_id_list": ["keywords:frequency", "language:response_language", "startend:end_checker"],
+     "kwargs": [{"keyword": "river", "frequency": 3, "relation": "at least", "language": None, "end_phrase": None},
+                {"language": "fr", "keyword": None}, {"end_phrase": "Any other questions?"}]},
+    {"key": 3, "prompt": "Say hello in Hindi.", "instruction_id_list": ["language:response_language"],
+     "kwargs": [{"language": "hi"}]},
+    {"key": 4, "prompt": "List fruits.",
+     "instruction_id_list": ["detectable_format:number_bullet_lists", "change_case:english_lowercase",
+                             "change_case:english_capital", "detectable_format:json_format", "startend:quotation",
+                             "length_constraints:number_sentences", "length_constraints:number_paragraphs",
+                             "keywords:forbidden_words", "combination:repeat_prompt", "detectable_format:title"],
+     "kwargs": [{"num_bullets": 3}, {}, None, {}, {}, {"relation": "at least", "num_sentences": 2},
+                {"num_paragraphs": 2}, {"forbidden_words": ["apple"]}, {"prompt_to_repeat": "List fruits."}, {}]},
+]
+
+
+def _ifeval_task(tmp_path, records, name="ifeval.jsonl", **keys):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return config_lib.eval_task_config("instructions", path=str(path), **keys)
+
+
+def test_ifeval_records_map_onto_jaxtune_checkers(tmp_path):
+    task = load_eval_task("ifeval", _ifeval_task(tmp_path, IFEVAL_RECORDS), seed=0)
+    assert [e["prompt"] for e in task.examples] == ["Write a limerick about cats.", "Describe Paris.", "List fruits."]
+    assert [e["constraints"] for e in task.examples] == [
+        [{"type": "no_commas"}, {"type": "word_count", "relation": "at most", "n": 39},  # less than 40
+         {"type": "include_keywords", "keywords": ["whisker", "moon"]}],
+        [{"type": "keyword_frequency", "keyword": "river", "relation": "at least", "n": 3},
+         {"type": "ends_with", "phrase": "Any other questions?"}],
+        [{"type": "bullet_count", "n": 3}, {"type": "lowercase"}, {"type": "uppercase"}, {"type": "json_format"},
+         {"type": "quoted"}, {"type": "sentence_count", "relation": "at least", "n": 2},
+         {"type": "paragraph_count", "n": 2}, {"type": "forbidden_words", "words": ["apple"]},
+         {"type": "starts_with", "phrase": "List fruits."}],
+    ]
+    # never silent: the ids without a checker are counted, and a prompt left with none is left out and counted
+    assert dict(task.unsupported) == {"language:response_language": 2, "detectable_format:title": 1}
+    assert task.unsupported_prompts == 1
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"prompt": "p"}, r"ifeval.jsonl:2: eval task 'ifeval' \(metric 'instructions'\): the record has no 'constraints'"),
+    ({"prompt": "p", "constraints": []}, r"ifeval.jsonl:2: .*field 'constraints': expected a non-empty list"),
+    ({"prompt": "p", "constraints": [{"type": "rhymes"}]}, r"ifeval.jsonl:2: .*unknown constraint type 'rhymes'"),
+    ({"prompt": "p", "constraints": [{"type": "word_count", "n": 3}]}, r"ifeval.jsonl:2: .*'word_count' needs relation"),
+    ({"prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}, r"ifeval.jsonl:2: .*one entry per"),
+    ({"prompt": "p", "instruction_id_list": ["keywords:frequency"], "kwargs": [{"keyword": "x", "frequency": 2}]},
+     r"ifeval.jsonl:2: .*instruction 0 \('keywords:frequency'\): kwargs lack relation"),
+    ({"prompt": "p", "instruction_id_list": ["length_constraints:number_words"],
+      "kwargs": [{"relation": "at most", "num_words": 5}]}, r"relation must be one of less than, at least"),
+    ({"prompt": "p", "instruction_id_list": ["length_constraints:number_words"],
+      "kwargs": [{"relation": "less than", "num_words": 0}]}, r"integer >= 1 for relation 'less than'"),
+])
+def test_bad_instruction_records_name_file_line_and_task(tmp_path, record, needle):
+    good = {"prompt": "q", "constraints": [{"type": "lowercase"}]}
+    t = _ifeval_task(tmp_path, [good, record])
+    with pytest.raises(UserError, match=needle):
+        load_eval_task("ifeval", t, seed=0)
+    t.on_error = "skip"  # the task's on_error policy applies to these records as to any other
+    assert len(load_eval_task("ifeval", t, seed=0).examples) == 1
+
+
+def test_instruction_task_config_errors(tmp_path):
+    from tests.helpers import tiny_base_config, write_sft_jsonl
+
+    c = tiny_base_config(write_sft_jsonl(tmp_path / "train.jsonl"))
+    c.eval.tasks.ifeval = _ifeval_task(tmp_path, IFEVAL_RECORDS)
+    config_lib.validate(c)
+    for key, value, needle in [("few_shot", 2, "'eval.tasks.ifeval.few_shot' is 2: an 'instructions' task is scored "
+                                                "zero-shot"), ("cot", True, "'eval.tasks.ifeval.cot'"),
+                               ("metric", "instruction", "expected one of .*instructions")]:
+        bad = c.copy_and_resolve_references()
+        bad.eval.tasks.ifeval[key] = value
+        with pytest.raises(UserError, match=needle):
+            config_lib.validate(bad)
+
+
+def test_evaluate_run_scores_greedy_responses(tiny, tmp_path):  # noqa: F811
+    model, params, tok = tiny
+    records = [{"instruction": f"say {w}", "constraints": [{"type": "lowercase"}, {"type": "word_count",
+                "relation": "at most", "n": 3}]} for w in ("hi", "yes", "a word")]
+    only_unsupported = {**IFEVAL_RECORDS[2], "instruction": "hindi"}  # left out, counted
+    t = _ifeval_task(tmp_path, records[:2] + [only_unsupported] + records[2:], templates=(("Q: {instruction}", ""),))
+    task = load_eval_task("ifeval", t, seed=0)
+    eval_cfg = config_lib.base_config().eval
+    eval_cfg.update(max_new_tokens=6, batch_size=4, generative=False, loss=False)
+    printed = []
+    scores = evaluate.run(model, params, tok, evaluate.EvalSet(tasks=[task]), eval_cfg, seq_len=32, seed=0, show=1,
+                          printer=printed.append)
+    responses = evaluate.generate_answers(model, params, tok, task.examples, eval_cfg)  # greedy: the same responses
+    assert [e["prompt"] for e in task.examples] == ["Q: say hi", "Q: say yes", "Q: say a word"]
+    expected = evaluate.instruction_scores(responses, [e["constraints"] for e in task.examples])
+    assert scores == {**{f"ifeval/{k}": v for k, v in expected.items()}, "ifeval/unsupported_instructions": 1.0,
+                      "ifeval/unsupported_prompts": 1.0}
+    assert set(evaluate.INSTRUCTION_METRICS) <= {k.split("/")[1] for k in scores}
+    assert "1 instructions of unsupported types skipped: language:response_language (1)" in printed[0]
+    assert printed[1].startswith("  [") and "Q: say hi" in printed[1] and len(printed) == 2
