@@ -16,11 +16,11 @@ from tests.helpers import write_sft_jsonl
 PROMPT = "reverse: cat dog ="
 _LOWER, _NO_COMMA = ("change_case:english_lowercase", {}), ("punctuation:no_comma", {})
 _SHORT = ("length_constraints:number_words", {"relation": "less than", "num_words": 4})
-_TITLE = ("detectable_format:title", {})  # no jaxtune checker: skipped and counted
+_LANGUAGE = ("language:response_language", {"language": "en"})  # no jaxtune checker: skipped and counted
 # IFEval's own format; 6 prompts like the eval set's, so generation reuses its compiled shapes
 IFEVAL_RECORDS = [
     {"key": i, "prompt": f"reverse: {words}", "instruction_id_list": [n for n, _ in ins], "kwargs": [k for _, k in ins]}
-    for i, (words, ins) in enumerate([("cat dog", [_LOWER, _SHORT]), ("sun moon", [_LOWER, _TITLE]),
+    for i, (words, ins) in enumerate([("cat dog", [_LOWER, _SHORT]), ("sun moon", [_LOWER, _LANGUAGE]),
                                       ("red blue", [_NO_COMMA]), ("one two", [_LOWER]), ("up down", [_SHORT]),
                                       ("left right", [_LOWER, _NO_COMMA])])
 ]
@@ -99,7 +99,7 @@ def test_eval_from_workdir_and_hf_dir(run, tmp_path, capsys):
     ifeval = {k: v for k, v in result["metrics"].items() if k.startswith("ifeval/")}  # metric 'instructions'
     assert {f"ifeval/{m}" for m in evaluate.INSTRUCTION_METRICS} <= set(ifeval) and "ifeval/inst_level_loose_acc/lowercase" in ifeval
     assert ifeval["ifeval/unsupported_instructions"] == 1.0 and all(0.0 <= v <= 1.0 for k, v in ifeval.items() if "unsup" not in k)
-    assert "ifeval/prompt_level_strict_acc:" in out and "1 instructions of unsupported types skipped: detectable_format:title" in out
+    assert "ifeval/prompt_level_strict_acc:" in out and "1 instructions of unsupported types skipped: language:response_language" in out
     assert {k: from_hf[k] for k in ifeval} == ifeval  # greedy responses of the same weights
 
 

@@ -67,6 +67,16 @@ IFEVAL_RECORDS = [
                              "keywords:forbidden_words", "combination:repeat_prompt", "detectable_format:title"],
      "kwargs": [{"num_bullets": 3}, {}, None, {}, {}, {"relation": "at least", "num_sentences": 2},
                 {"num_paragraphs": 2}, {"forbidden_words": ["apple"]}, {"prompt_to_repeat": "List fruits."}, {}]},
+    {"key": 5, "prompt": "Plan a trip.",
+     "instruction_id_list": ["keywords:letter_frequency", "change_case:capital_word_frequency",
+                             "detectable_content:number_placeholders", "detectable_content:postscript",
+                             "detectable_format:number_highlighted_sections", "detectable_format:multiple_sections",
+                             "detectable_format:constrained_response", "combination:two_responses",
+                             "length_constraints:nth_paragraph_first_word"],
+     "kwargs": [{"letter": "q", "let_frequency": 2, "let_relation": "less than"},
+                {"capital_frequency": 3, "capital_relation": "at least"}, {"num_placeholders": 2},
+                {"postscript_marker": "P.P.S"}, {"num_highlights": 1}, {"section_spliter": "SECTION", "num_sections": 3},
+                {}, {}, {"num_paragraphs": 3, "nth_paragraph": 2, "first_word": "then"}]},
 ]
 
 
@@ -78,7 +88,8 @@ def _ifeval_task(tmp_path, records, name="ifeval.jsonl", **keys):
 
 def test_ifeval_records_map_onto_jaxtune_checkers(tmp_path):
     task = load_eval_task("ifeval", _ifeval_task(tmp_path, IFEVAL_RECORDS), seed=0)
-    assert [e["prompt"] for e in task.examples] == ["Write a limerick about cats.", "Describe Paris.", "List fruits."]
+    assert [e["prompt"] for e in task.examples] == ["Write a limerick about cats.", "Describe Paris.", "List fruits.",
+                                                    "Plan a trip."]
     assert [e["constraints"] for e in task.examples] == [
         [{"type": "no_commas"}, {"type": "word_count", "relation": "at most", "n": 39},  # less than 40
          {"type": "include_keywords", "keywords": ["whisker", "moon"]}],
@@ -87,10 +98,20 @@ def test_ifeval_records_map_onto_jaxtune_checkers(tmp_path):
         [{"type": "bullet_count", "n": 3}, {"type": "lowercase"}, {"type": "uppercase"}, {"type": "json_format"},
          {"type": "quoted"}, {"type": "sentence_count", "relation": "at least", "n": 2},
          {"type": "paragraph_count", "n": 2}, {"type": "forbidden_words", "words": ["apple"]},
-         {"type": "starts_with", "phrase": "List fruits."}],
+         {"type": "starts_with", "phrase": "List fruits."}, {"type": "title"}],
+        [{"type": "letter_frequency", "letter": "q", "relation": "at most", "n": 1},
+         {"type": "capital_word_count", "relation": "at least", "n": 3},
+         {"type": "placeholder_count", "relation": "at least", "n": 2}, {"type": "postscript", "marker": "P.P.S"},
+         {"type": "highlight_count", "relation": "at least", "n": 1},
+         {"type": "section_count", "splitter": "SECTION", "relation": "at least", "n": 3},
+         {"type": "contains_any", "phrases": ["My answer is yes.", "My answer is no.", "My answer is maybe."]},
+         {"type": "two_responses"}, {"type": "paragraph_first_word", "n": 3, "nth": 2, "word": "then"}],
     ]
     # never silent: the ids without a checker are counted, and a prompt left with none is left out and counted
-    assert dict(task.unsupported) == {"language:response_language": 2, "detectable_format:title": 1}
+    assert dict(task.unsupported) == {"language:response_language": 2}
+    from jaxtune.data.ifeval import SUPPORTED  # every IFEval instruction type is mapped but the language one
+    assert {i for r in IFEVAL_RECORDS for i in r["instruction_id_list"]} == {*SUPPORTED, "language:response_language"}
+    assert len(SUPPORTED) == 24
     assert task.unsupported_prompts == 1
 
 

@@ -6,11 +6,13 @@ as in the Hugging Face copy). `constraints_from_ifeval` maps each instruction on
 checker (`jaxtune.rewards.instructions`, the one implementation RL rewards use too) and returns
 the ids it cannot check, which the evaluation counts and reports, never drops silently.
 
-IFEval's relations are ``less than`` and ``at least``; ``less than n`` is ``at most n - 1`` (counts
-are integers). The checkers are jaxtune's, so a few edge cases differ from IFEval's code: keywords
-match as whole words (IFEval: a case-insensitive regex search, so "cat" also matches "catalog"),
-``english_lowercase``/``english_capital`` do not run a language detector, and a bullet needs a space
-after its ``*``/``-``.
+Every IFEval instruction type maps except ``language:response_language`` (it needs a language
+detector). IFEval's relations are ``less than`` and ``at least``; ``less than n`` is ``at most n - 1``
+(counts are integers). The checkers are jaxtune's, so some edge cases differ from IFEval's code:
+keywords match as whole words (IFEval: a case-insensitive regex search, so "cat" also matches
+"catalog"), ``english_lowercase``/``english_capital`` run no language detector, a bullet needs a
+space after its ``*``/``-``, capital words are letter runs (IFEval: NLTK tokens), and paragraphs
+for ``nth_paragraph_first_word`` are counted without empty ones.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from jaxtune.data.sources import SourceError
 
 IFEVAL_RELATIONS = ("less than", "at least")
+CONSTRAINED_RESPONSES = ("My answer is yes.", "My answer is no.", "My answer is maybe.")  # IFEval's fixed options
 
 
 def _relation(where: str, relation: Any, n: Any) -> dict[str, Any]:
@@ -58,6 +61,26 @@ SUPPORTED: dict[str, tuple[tuple[str, ...], Builder]] = {
     "startend:end_checker": (("end_phrase",), lambda k, w: {"type": "ends_with", "phrase": k["end_phrase"]}),
     "startend:quotation": ((), lambda k, w: {"type": "quoted"}),
     "combination:repeat_prompt": (("prompt_to_repeat",), lambda k, w: {"type": "starts_with", "phrase": k["prompt_to_repeat"]}),
+    "combination:two_responses": ((), lambda k, w: {"type": "two_responses"}),
+    "keywords:letter_frequency": (
+        ("letter", "let_relation", "let_frequency"),
+        lambda k, w: {"type": "letter_frequency", "letter": k["letter"], **_relation(w, k["let_relation"], k["let_frequency"])}),
+    "change_case:capital_word_frequency": (
+        ("capital_relation", "capital_frequency"),
+        lambda k, w: {"type": "capital_word_count", **_relation(w, k["capital_relation"], k["capital_frequency"])}),
+    "detectable_content:number_placeholders": (
+        ("num_placeholders",), lambda k, w: {"type": "placeholder_count", **_relation(w, "at least", k["num_placeholders"])}),
+    "detectable_content:postscript": (("postscript_marker",), lambda k, w: {"type": "postscript", "marker": k["postscript_marker"]}),
+    "detectable_format:number_highlighted_sections": (
+        ("num_highlights",), lambda k, w: {"type": "highlight_count", **_relation(w, "at least", k["num_highlights"])}),
+    "detectable_format:multiple_sections": (
+        ("section_spliter", "num_sections"),  # sic: IFEval's spelling
+        lambda k, w: {"type": "section_count", "splitter": k["section_spliter"], **_relation(w, "at least", k["num_sections"])}),
+    "detectable_format:title": ((), lambda k, w: {"type": "title"}),
+    "detectable_format:constrained_response": ((), lambda k, w: {"type": "contains_any", "phrases": list(CONSTRAINED_RESPONSES)}),
+    "length_constraints:nth_paragraph_first_word": (
+        ("num_paragraphs", "nth_paragraph", "first_word"),
+        lambda k, w: {"type": "paragraph_first_word", "n": k["num_paragraphs"], "nth": k["nth_paragraph"], "word": k["first_word"]}),
 }
 
 
