@@ -319,7 +319,8 @@ def _generative_metrics(model, params, tokenizer, examples, eval_cfg, *, seq_len
 
 def _instruction_metrics(model, params, tokenizer, task: EvalTask, eval_cfg, *, show: int, printer) -> dict[str, float]:
     """`<task>/prompt_level_strict_acc`... of greedy responses (zero-shot: there are no reference
-    responses to show), plus `<task>/unsupported_instructions` when IFEval instructions were left out."""
+    responses to show); what was left out is counted and printed (`<task>/unsupported_instructions`,
+    `<task>/unsupported_prompts`, `<task>/skipped_records`)."""
     responses = generate_answers(model, params, tokenizer, task.examples, eval_cfg)
     result = instruction_scores(responses, [e["constraints"] for e in task.examples])
     scores = {f"{task.name}/{metric}": value for metric, value in result.items()}
@@ -331,6 +332,9 @@ def _instruction_metrics(model, params, tokenizer, task: EvalTask, eval_cfg, *, 
             if task.unsupported_prompts else ""
         printer(f"jaxtune: eval task {task.name!r}: {sum(task.unsupported.values())} instructions of unsupported "
                 f"types skipped: {listed}{without}")
+    if task.skipped_records:
+        scores[f"{task.name}/skipped_records"] = float(task.skipped_records)
+        printer(f"jaxtune: eval task {task.name!r}: {task.skipped_records} bad records skipped (on_error='skip')")
     for example, response in list(zip(task.examples, responses))[:show]:
         mark = "ok " if all(satisfied(response, example["constraints"])) else "bad"
         kinds = ", ".join(c["type"] for c in example["constraints"])

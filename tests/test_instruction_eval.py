@@ -133,8 +133,9 @@ def test_bad_instruction_records_name_file_line_and_task(tmp_path, record, needl
     t = _ifeval_task(tmp_path, [good, record])
     with pytest.raises(UserError, match=needle):
         load_eval_task("ifeval", t, seed=0)
-    t.on_error = "skip"  # the task's on_error policy applies to these records as to any other
-    assert len(load_eval_task("ifeval", t, seed=0).examples) == 1
+    t.on_error = "skip"  # the task's on_error policy applies to these records as to any other (counted)
+    task = load_eval_task("ifeval", t, seed=0)
+    assert len(task.examples) == 1 and task.skipped_records == 1
 
 
 def test_instruction_task_config_errors(tmp_path):

@@ -41,6 +41,7 @@ class EvalTask:
     # prompts left with no checkable instruction at all (left out of the prompt-level numbers)
     unsupported: Counter = dataclasses.field(default_factory=Counter)
     unsupported_prompts: int = 0
+    skipped_records: int = 0  # bad records left out under on_error="skip"
 
 
 def load_eval_tasks(tasks: Mapping[str, ml_collections.ConfigDict], *, seed: int) -> list[EvalTask]:
@@ -56,7 +57,7 @@ def load_eval_task(name: str, t: ml_collections.ConfigDict, *, seed: int) -> Eva
     count = len(spec.records) if not t.max_examples else min(t.max_examples, len(spec.records))
     render = {"multiple_choice": _render_choices, "instructions": _render_instructions}.get(t.metric, _render_answer)
     builder = ExampleBuilder(spec, 0, None, seq_len=0, seed=seed)
-    examples, unsupported, unsupported_prompts = [], Counter(), 0
+    examples, unsupported, unsupported_prompts, skipped = [], Counter(), 0, 0
     for index in range(count):
         record = spec.records[index]
         try:
@@ -67,6 +68,7 @@ def load_eval_task(name: str, t: ml_collections.ConfigDict, *, seed: int) -> Eva
         except (SourceError, EmptyTarget):
             if t.on_error != "skip":
                 raise
+            skipped += 1
             continue
         unsupported.update(example.pop("unsupported", ()))
         if t.metric == "instructions" and not example["constraints"]:
@@ -77,7 +79,7 @@ def load_eval_task(name: str, t: ml_collections.ConfigDict, *, seed: int) -> Eva
         detail = f" ({unsupported_prompts} prompts have only unsupported instruction types)" if unsupported_prompts else ""
         raise UserError(f"config key '{where}': no examples to evaluate in {t.path!r}{detail}")
     return EvalTask(name, t.metric, examples, t.few_shot_separator, t.few_shot_target_separator,
-                    unsupported, unsupported_prompts)
+                    unsupported, unsupported_prompts, skipped)
 
 
 def _render_answer(builder: ExampleBuilder, record: Mapping, index: int) -> dict:
