@@ -575,7 +575,8 @@ def _validate_eval_tasks(config: ml_collections.ConfigDict) -> None:
                             "use a fields/alpaca/self_instruct format")
         if task.metric == "preference" and config.objective.type == "sft":
             raise UserError(f"config key '{key}.metric' is 'preference': held-out pairs are scored by a preference "
-                            "objective's loss and rewards; an SFT run evaluates generative, multiple_choice or instructions tasks")
+                            "objective's loss and rewards; an SFT run evaluates generative, multiple_choice or "
+                            "instructions tasks")
         if task.max_examples < 0:
             raise UserError(f"config key '{key}.max_examples' must be >= 0, got {task.max_examples}")
         if task.metric == "instructions" and (task.few_shot or task.cot):

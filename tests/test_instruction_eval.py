@@ -4,14 +4,17 @@ checkers, record and config errors, and one run through `evaluate.run` on a tiny
 
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
+from flax import linen as nn
 
 from jaxtune import config as config_lib
-from jaxtune import evaluate
+from jaxtune import evaluate, models
 from jaxtune.data.eval_tasks import load_eval_task
 from jaxtune.errors import UserError
 from jaxtune.rewards.instructions import loose_variants, satisfied
-from tests.test_evaluate import tiny  # noqa: F401 (the tiny model + byte tokenizer fixture)
+from tests.data.test_pipeline import CharTokenizer
 
 # (response, constraints, strict per constraint, loose per constraint)
 CANNED = [
@@ -153,8 +156,12 @@ def test_instruction_task_config_errors(tmp_path):
             config_lib.validate(bad)
 
 
-def test_evaluate_run_scores_greedy_responses(tiny, tmp_path):  # noqa: F811
-    model, params, tok = tiny
+def test_evaluate_run_scores_greedy_responses(tmp_path):
+    """The tiny random Llama and byte tokenizer the evaluate tests use; greedy responses are noise,
+    what is checked is that they are scored as `instruction_scores` scores them."""
+    model = models.build(models.get_config("llama", "tiny", vocab_size=CharTokenizer.vocab_size))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    tok = CharTokenizer()
     records = [{"instruction": f"say {w}", "constraints": [{"type": "lowercase"}, {"type": "word_count",
                 "relation": "at most", "n": 3}]} for w in ("hi", "yes", "a word")]
     only_unsupported = {**IFEVAL_RECORDS[2], "instruction": "hindi"}  # left out, counted

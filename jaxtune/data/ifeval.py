@@ -17,7 +17,7 @@ for ``nth_paragraph_first_word`` are counted without empty ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxtune.data.sources import SourceError
