@@ -138,7 +138,8 @@ def _add_generate_parser(commands) -> None:
 
 def _add_eval_parser(commands) -> None:
     ev = commands.add_parser(
-        "eval", help="run the configured evaluations (loss, exact match/F1, k-shot, multiple choice); "
+        "eval", help="run the configured evaluations (loss, exact match/F1, k-shot, multiple choice, "
+        "instruction following); "
         "writes WORKDIR/eval_results.json and eval/... rows in metrics.jsonl", parents=[distributed.parent_parser()],
     )
     ev.add_argument("--config", help="config file (default: the config saved with the workdir's checkpoint)")
@@ -205,7 +206,8 @@ def _eval(args, overrides: list[str]) -> int:
     writer = metrics.MetricsWriter(args.workdir, resume_step=2**62, tensorboard=False)
     writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
     writer.close()
-    summary = ("loss", "perplexity", "token_accuracy", "exact_match", "f1", "accuracy", "accuracy_norm")
+    summary = ("loss", "perplexity", "token_accuracy", "exact_match", "f1", "accuracy", "accuracy_norm",
+               *evaluate.INSTRUCTION_METRICS)
     for name, value in sorted(scores.items()):
         if name.rsplit("/", 1)[-1] in summary:  # per-task rows are in the JSON file
             print(f"{name}: {value:.4f}", flush=True)

@@ -237,14 +237,16 @@ def task_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**t.to_dict(), **overrides})
 
 
-EVAL_METRICS = ("generative", "multiple_choice", "preference")
+EVAL_METRICS = ("generative", "multiple_choice", "preference", "instructions")
 
 
 def eval_task_config(metric: str = "generative", max_examples: int = 0, **task_keys) -> ml_collections.ConfigDict:
     """One held-out task of `config.eval.tasks`: a `task_config` (source, fields, templates, options...)
     plus its metric (generative: exact match/F1, zero- and k-shot; multiple_choice: option log-likelihood
     over the task's options field; preference: held-out pairs scored by a pair objective's loss,
-    reward accuracy and margin) and `max_examples` (0 = all records)."""
+    reward accuracy and margin; instructions: IFEval-style prompt/instruction-level strict/loose
+    accuracy of greedy responses against each record's `constraints`, or IFEval's own records; the
+    prompt is the template's input pattern) and `max_examples` (0 = all records)."""
     t = task_config(**task_keys)
     t.metric, t.max_examples = metric, max_examples
     return t
@@ -612,9 +614,15 @@ def _validate_eval_tasks(config: ml_collections.ConfigDict) -> None:
                             "use a fields/alpaca/self_instruct format")
         if task.metric == "preference" and config.objective.type == "sft":
             raise UserError(f"config key '{key}.metric' is 'preference': held-out pairs are scored by a preference "
-                            "objective's loss and rewards; an SFT run evaluates generative or multiple_choice tasks")
+                            "objective's loss and rewards; an SFT run evaluates generative, multiple_choice or "
+                            "instructions tasks")
         if task.max_examples < 0:
             raise UserError(f"config key '{key}.max_examples' must be >= 0, got {task.max_examples}")
+        if task.metric == "instructions" and (task.few_shot or task.cot):
+            bad = "few_shot" if task.few_shot else "cot"
+            raise UserError(f"config key '{key}.{bad}' is {task[bad]!r}: an 'instructions' task is scored zero-shot "
+                            "on the response to its prompt alone (its records have no reference responses); "
+                            f"set it to {0 if bad == 'few_shot' else False}")
         if name in d.tasks:
             raise UserError(f"config key '{key}': '{name}' is also a training task (data.tasks.{name}); "
                             "eval tasks must be held out")

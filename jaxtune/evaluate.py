@@ -1,4 +1,5 @@
-"""Evaluation: held-out loss/perplexity, multiple-choice log-likelihood, generative EM/F1, few-shot.
+"""Evaluation: held-out loss/perplexity, multiple-choice log-likelihood, generative EM/F1, few-shot,
+and IFEval-style instruction following (strict/loose, prompt/instruction level).
 
 The model runs in two jitted functions, each compiled once per (model, bucketed shape) and
 separate from the train step: `_sequence_logprobs` (teacher-forced log-likelihood per row, fixed
@@ -32,6 +33,7 @@ from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
 from jaxtune.objectives import masked_sequence_sums, model_token_stats
 from jaxtune.objectives.logprobs import DEFAULT_CHUNK
+from jaxtune.rewards.instructions import satisfied, satisfied_loose
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -76,6 +78,35 @@ def generative_scores(
     pairs = list(zip(predictions, references))
     hits = [float(normalize_answer(p) == normalize_answer(r)) for p, r in pairs]
     return {**_with_per_task("exact_match", hits, tasks), **_with_per_task("f1", [token_f1(p, r) for p, r in pairs], tasks)}
+
+
+INSTRUCTION_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
+                       "inst_level_loose_acc")
+
+
+def instruction_scores(responses: Sequence[str], constraints: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, float]:
+    """IFEval's four numbers (Zhou et al. 2023) for responses to prompts with checked constraints.
+
+    ``prompt_level_*_acc``: the fraction of prompts whose every constraint holds;
+    ``inst_level_*_acc``: the fraction of all constraints (over all prompts) that hold. *strict*
+    checks the response as generated; *loose* counts a constraint as held when it holds on any of
+    IFEval's eight variants of the response (`rewards.instructions.loose_variants`: the response,
+    it without its first line, its last line or both, and each of those four with every ``*``
+    removed), which forgives a preamble ("Sure, here it is:"), a closing remark and markdown
+    emphasis. Also ``inst_level_strict_acc/<type>`` and ``inst_level_loose_acc/<type>`` per
+    constraint type. A blank response satisfies nothing (as in IFEval). Names as lm-eval-harness's.
+    """
+    if len(responses) != len(constraints):
+        raise ValueError(f"{len(responses)} responses for {len(constraints)} constraint lists")
+    scores: dict[str, float] = {}
+    for mode, check in (("strict", satisfied), ("loose", satisfied_loose)):
+        held = [check(text, cs) for text, cs in zip(responses, constraints)]
+        flat = [h for row in held for h in row]
+        types = [c["type"] for cs in constraints for c in cs]
+        scores[f"prompt_level_{mode}_acc"] = float(np.mean([all(row) for row in held])) if held else 0.0
+        per_type = _with_per_task(f"inst_level_{mode}_acc", [float(h) for h in flat], types)
+        scores.update(per_type)
+    return scores
 
 
 # ----------------------------------------------------------------------------- log-likelihood
@@ -255,6 +286,8 @@ def run(model, params, tokenizer, eval_set: EvalSet, eval_cfg, *, seq_len: int, 
         if task.metric == "multiple_choice":
             scores.update(multiple_choice_scores(model, params, tokenizer, task.examples, **kw, prefix=f"{task.name}/",
                                                  per_task=False))
+        elif task.metric == "instructions":
+            scores.update(_instruction_metrics(model, params, tokenizer, task, eval_cfg, show=show, printer=printer))
         else:
             scores.update(_generative_metrics(model, params, tokenizer, task.examples, eval_cfg, **kw, **shown,
                                               name=task.name, separators=(task.separator, task.target_separator)))
@@ -281,6 +314,31 @@ def _generative_metrics(model, params, tokenizer, examples, eval_cfg, *, seq_len
             scores.update({(f"{k}shot/" if k else "") + prefix + metric: value for metric, value in result.items()})
             if k == eval_cfg.num_shots[0]:
                 _show(prompted, predictions, show, printer)
+    return scores
+
+
+def _instruction_metrics(model, params, tokenizer, task: EvalTask, eval_cfg, *, show: int, printer) -> dict[str, float]:
+    """`<task>/prompt_level_strict_acc`... of greedy responses (zero-shot: there are no reference
+    responses to show); what was left out is counted and printed (`<task>/unsupported_instructions`,
+    `<task>/unsupported_prompts`, `<task>/skipped_records`)."""
+    responses = generate_answers(model, params, tokenizer, task.examples, eval_cfg)
+    result = instruction_scores(responses, [e["constraints"] for e in task.examples])
+    scores = {f"{task.name}/{metric}": value for metric, value in result.items()}
+    if task.unsupported:
+        scores[f"{task.name}/unsupported_instructions"] = float(sum(task.unsupported.values()))
+        scores[f"{task.name}/unsupported_prompts"] = float(task.unsupported_prompts)
+        listed = ", ".join(f"{k} ({v})" for k, v in sorted(task.unsupported.items()))
+        without = f"; {task.unsupported_prompts} prompts had no supported instruction and were left out" \
+            if task.unsupported_prompts else ""
+        printer(f"jaxtune: eval task {task.name!r}: {sum(task.unsupported.values())} instructions of unsupported "
+                f"types skipped: {listed}{without}")
+    if task.skipped_records:
+        scores[f"{task.name}/skipped_records"] = float(task.skipped_records)
+        printer(f"jaxtune: eval task {task.name!r}: {task.skipped_records} bad records skipped (on_error='skip')")
+    for example, response in list(zip(task.examples, responses))[:show]:
+        mark = "ok " if all(satisfied(response, example["constraints"])) else "bad"
+        kinds = ", ".join(c["type"] for c in example["constraints"])
+        printer(f"  [{mark}] {example['prompt']!r} -> {response!r} ({kinds})")
     return scores
 
 

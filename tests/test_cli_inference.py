@@ -7,13 +7,23 @@ import textwrap
 
 import pytest
 
-from jaxtune import cli, inference
+from jaxtune import cli, evaluate, inference
 from jaxtune.data import pipeline
 from jaxtune.generate import decode_completion, generate
 from jaxtune.metrics import read_metrics
 from tests.helpers import write_sft_jsonl
 
 PROMPT = "reverse: cat dog ="
+_LOWER, _NO_COMMA = ("change_case:english_lowercase", {}), ("punctuation:no_comma", {})
+_SHORT = ("length_constraints:number_words", {"relation": "less than", "num_words": 4})
+_LANGUAGE = ("language:response_language", {"language": "en"})  # no jaxtune checker: skipped and counted
+# IFEval's own format; 6 prompts like the eval set's, so generation reuses its compiled shapes
+IFEVAL_RECORDS = [
+    {"key": i, "prompt": f"reverse: {words}", "instruction_id_list": [n for n, _ in ins], "kwargs": [k for _, k in ins]}
+    for i, (words, ins) in enumerate([("cat dog", [_LOWER, _SHORT]), ("sun moon", [_LOWER, _LANGUAGE]),
+                                      ("red blue", [_NO_COMMA]), ("one two", [_LOWER]), ("up down", [_SHORT]),
+                                      ("left right", [_LOWER, _NO_COMMA])])
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +32,17 @@ def run(tmp_path_factory):
     its config file, and its export as an HF dir."""
     root = tmp_path_factory.mktemp("cli")
     train, evals = write_sft_jsonl(root / "train.jsonl"), write_sft_jsonl(root / "eval.jsonl", n=6)
+    ifeval = root / "ifeval.jsonl"  # IFEval's own format, one instruction type jaxtune has no checker for
+    ifeval.write_text("".join(json.dumps(r) + "\n" for r in IFEVAL_RECORDS))
     config = root / "cfg.py"
     config.write_text(textwrap.dedent(f'''
+        from jaxtune import config as config_lib
         from tests.helpers import tiny_base_config, with_eval_tasks
 
         def get_config(arg=None):
             c = with_eval_tasks(tiny_base_config({str(train)!r}), {str(root)!r})
+            c.eval.tasks.ifeval = config_lib.eval_task_config("instructions", path={str(ifeval)!r},
+                                                              templates=(("{{prompt}} =", ""),))
             c.train.steps = 4
             c.data.eval_path = {str(evals)!r}
             c.eval.batch_size = 8
@@ -81,11 +96,17 @@ def test_eval_from_workdir_and_hf_dir(run, tmp_path, capsys):
     from_hf = json.loads((other / "eval_results.json").read_text())["metrics"]
     assert from_hf["loss"] == pytest.approx(result["metrics"]["loss"], rel=1e-5)  # same weights, same numbers
     assert from_hf["exact_match"] == result["metrics"]["exact_match"]
+    ifeval = {k: v for k, v in result["metrics"].items() if k.startswith("ifeval/")}  # metric 'instructions'
+    assert {f"ifeval/{m}" for m in evaluate.INSTRUCTION_METRICS} <= set(ifeval) and "ifeval/inst_level_loose_acc/lowercase" in ifeval
+    assert ifeval["ifeval/unsupported_instructions"] == 1.0 and all(0.0 <= v <= 1.0 for k, v in ifeval.items() if "unsup" not in k)
+    assert "ifeval/prompt_level_strict_acc:" in out and "1 instructions of unsupported types skipped: language:response_language" in out
+    assert {k: from_hf[k] for k in ifeval} == ifeval  # greedy responses of the same weights
 
 
 def test_eval_tasks_scored_before_and_after_training(run, capsys):
     config, workdir, _ = run
-    named = {"heldout_qa/exact_match", "heldout_qa/f1", "heldout_qa/loss", "heldout_mc/accuracy", "heldout_mc/accuracy_norm"}
+    named = {"heldout_qa/exact_match", "heldout_qa/f1", "heldout_qa/loss", "heldout_mc/accuracy", "heldout_mc/accuracy_norm",
+             "ifeval/prompt_level_strict_acc", "ifeval/inst_level_loose_acc"}
     rows = {r["step"]: r for r in read_metrics(workdir) if "eval/heldout_mc/accuracy" in r}
     for step in (0, 4):  # before and after training, in metrics.jsonl and eval/step_<n>.json
         saved = json.loads((workdir / "eval" / f"step_{step}.json").read_text())["metrics"]
@@ -97,6 +118,7 @@ def test_eval_tasks_scored_before_and_after_training(run, capsys):
     _stdout(capsys, ["eval", "--workdir", str(workdir), "--config", str(config), "--config.eval.num_shots=(0, 1)"])
     evaluated = json.loads((workdir / "eval_results.json").read_text())["metrics"]
     assert evaluated["heldout_mc/accuracy"] == pytest.approx(rows[4]["eval/heldout_mc/accuracy"])
+    assert evaluated["ifeval/inst_level_loose_acc"] == rows[4]["eval/ifeval/inst_level_loose_acc"]  # zero-shot only
     for key in ("1shot/heldout_qa/exact_match", "1shot/heldout_qa/f1", "1shot/exact_match"):  # k-shot prompts
         assert 0.0 <= evaluated[key] <= 1.0
 
@@ -126,6 +148,13 @@ def test_errors(run, tmp_path, capsys):
     shutil.copytree(workdir, no_config)
     shutil.rmtree(no_config / "checkpoints" / "4" / "config")
     assert "no saved config; pass --config" in _error(capsys, ["generate", "--workdir", str(no_config), "--prompt", "x"])
+    config = run[0]
+    bad = tmp_path / "bad_ifeval.jsonl"  # an instructions task's record of an unknown constraint type
+    bad.write_text(json.dumps(IFEVAL_RECORDS[0]) + "\n" + json.dumps({"prompt": "p", "constraints": [{"type": "rhyme"}]}) + "\n")
+    eval_args = ["eval", "--workdir", str(workdir), "--config", str(config)]
+    err = _error(capsys, [*eval_args, f"--config.eval.tasks.ifeval.path={bad}"])
+    assert "bad_ifeval.jsonl:2: eval task 'ifeval'" in err and "unknown constraint type 'rhyme'" in err
+    assert "'eval.tasks.ifeval.few_shot' is 1" in _error(capsys, [*eval_args, "--config.eval.tasks.ifeval.few_shot=1"])
 
 
 # ----------------------------------------------------------------------------- generate --chat

@@ -379,7 +379,8 @@ def headline(scores: dict[str, float]) -> tuple[str, str]:
         return "multiple-choice accuracy", f"{scores['mc/accuracy']:.1%}"
     if "rewards/accuracies" in scores:  # held-out preference pairs (data.eval_path)
         return "reward accuracy", f"{scores['rewards/accuracies']:.1%}"
-    named = sorted(k for k in scores if k.count("/") == 1 and k.endswith(("/exact_match", "/accuracy")))
+    named = sorted(k for k in scores if k.count("/") == 1
+                   and k.endswith(("/exact_match", "/accuracy", "/prompt_level_strict_acc")))
     if named:  # eval.tasks only: the first task's
         return named[0], f"{scores[named[0]]:.1%}"
     return "loss", f"{scores.get('loss', float('nan')):.3f}"

@@ -33,6 +33,24 @@ CASES = [
      ["Is there anything else? Yes.", "anything else?"]),
     ({"type": "quoted"}, ['"wrapped"', '  "a" and "b"  '], ['"open', "none", '"']),
     ({"type": "paragraph_count", "n": 2}, ["one\n***\ntwo", "a *** b"], ["one", "a *** b *** c", "*** a ***"]),
+    # IFEval's remaining instruction types
+    ({"type": "letter_frequency", "letter": "e", "relation": "at least", "n": 3}, ["EeE", "tree see"], ["ee", UNICODE]),
+    ({"type": "letter_frequency", "letter": "z", "relation": "at most", "n": 0}, ["no such letter", UNICODE], ["Zoo"]),
+    ({"type": "capital_word_count", "relation": "at least", "n": 2}, ["NASA and ESA", "I SAW it"],
+     ["NASA only", "A1 B2 c", "ÜNÏCÖDÉ"]),
+    ({"type": "placeholder_count", "relation": "at least", "n": 2}, ["[name] at [address]", "[a][b]"],
+     ["[only one]", "[a\nb] [c", "[" * 100_000]),
+    ({"type": "highlight_count", "relation": "at least", "n": 2}, ["*one* and **two**", "*a* *b*"],
+     ["**one**", "* * and ** **", "*a\nb* *c", "*" * 100_000]),
+    ({"type": "section_count", "splitter": "Section", "relation": "at least", "n": 2},
+     ["Section 1\nx\nSection 2\ny", "Section1 a Section 2 b"], ["Section 1 only", "SECTION 1 SECTION 2", "Subsection 1 Section 2"]),
+    ({"type": "title"}, ["<<A Poem>>\nroses", "text <<t>>"], ["<< >>", "<<broken\ntitle>>", "<a>", "<<" * 50_000]),
+    ({"type": "postscript", "marker": "P.S."}, ["Hi.\nP.S. bye", "hi\np. s. later"], ["PS bye", "P.P bye"]),
+    ({"type": "contains_any", "phrases": ["My answer is yes.", "My answer is no."]}, ["Well. My answer is no."],
+     ["my answer is yes.", "My answer is maybe."]),
+    ({"type": "two_responses"}, ["one\n******\ntwo", "a ****** b ******"], ["a ****** a", "a ****** ****** b", "only one"]),
+    ({"type": "paragraph_first_word", "n": 2, "nth": 2, "word": "then"}, ["First.\n\n\"Then, more", "a\n  \nthen b"],
+     ["First.\n\nNow then", "then\n\nthen\n\nthen", "one paragraph then"]),
 ]
 
 
@@ -53,7 +71,10 @@ def test_checker(constraint, good, bad):
 def test_huge_outputs_are_fast():
     constraints = as_constraints([{"type": t, **extra} for t, extra in [
         ("sentence_count", {"relation": "at most", "n": 3}), ("word_count", {"relation": "at least", "n": 1}),
-        ("include_keywords", {"keywords": ["zebra"]}), ("bullet_count", {"n": 0}), ("json_format", {})]])
+        ("include_keywords", {"keywords": ["zebra"]}), ("bullet_count", {"n": 0}), ("json_format", {}),
+        ("placeholder_count", {"relation": "at least", "n": 1}), ("highlight_count", {"relation": "at least", "n": 1}),
+        ("title", {}), ("postscript", {"marker": "P.S."}), ("paragraph_first_word", {"n": 1, "nth": 1, "word": "a"}),
+        ("section_count", {"splitter": "Section", "relation": "at least", "n": 1})]])
     start = time.perf_counter()
     satisfied(" " * 100_000 + HUGE, constraints)
     assert time.perf_counter() - start < 3.0
@@ -77,6 +98,10 @@ def test_rewards_read_constraints_from_records():
     ({"type": "bullet_count", "n": -1}, "non-negative integer"),
     ({"type": "include_keywords", "keywords": "cat"}, "list of non-empty strings"),
     ({"type": "ends_with", "phrase": " "}, "non-empty string"),
+    ({"type": "letter_frequency", "letter": "ab", "relation": "at least", "n": 1}, "one letter"),
+    ({"type": "paragraph_first_word", "n": 2, "nth": 3, "word": "x"}, r"nth must be an integer in 1..n \(2\)"),
+    ({"type": "contains_any", "phrases": []}, "phrases must be a list of non-empty strings"),
+    ({"type": "section_count", "splitter": "", "relation": "at least", "n": 1}, "splitter must be a non-empty string"),
     ([], "non-empty list"),
     ("{not json", "not valid JSON"),
 ])
