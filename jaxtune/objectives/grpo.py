@@ -15,9 +15,15 @@ Variants are settings: GRPO (defaults), Dr. GRPO (`scale_rewards=False, aggregat
 DAPO (`clip_high=0.28, aggregation='token_mean', dynamic_sampling=True, overlong_cache=...`),
 GSPO (`importance='sequence'` with a small clip range, e.g. 3e-4 / 4e-4).
 
-The rollout randomness is a pure function of (`seed`, step, process), and the prompt stream is
-the checkpointed data iterator, so a resumed run samples what the uninterrupted run sampled
-(exactly so when the checkpoint falls at the start of a rollout cycle; see `validate`).
+The rollout randomness is a pure function of (`seed`, step), and the prompt stream is the
+checkpointed data iterator, so a resumed run samples what the uninterrupted run sampled (exactly
+so when the checkpoint falls at the start of a rollout cycle; see `validate`).
+
+Several processes (multi-host): each process draws its own `num_prompts` prompts (its shard of
+the data), the prompts of all processes are gathered and sampled in one SPMD call on the whole
+mesh (the sampler's input must be identical everywhere), and each process keeps, scores and
+normalises its own groups: a group never spans processes, so advantages need no communication.
+Each process then packs its groups into its rows of the global batch.
 Rollout metrics (rewards per function, accuracy, lengths, zero-spread groups, sampling time and
 throughput) ride in the batch as per-row shares and come out of the step as plain totals; the
 reward/accuracy/length metrics describe the first round of sampling (the policy as it is), not
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxtune import distributed
 from jaxtune.errors import UserError
 from jaxtune.objectives import base, grpo_loss
 
@@ -305,19 +312,30 @@ class GRPO(base.Objective):
         return batch
 
     def sample(self, model, variables, tokenizer, records: Sequence[dict], *, group_size: int, seed: int,
-               temperature: float):
-        """(rollouts, prompts, total rewards, {name: rewards}) for G completions of each record."""
+               temperature: float, per_process: bool = False):
+        """(rollouts, prompts, total rewards, {name: rewards}) for G completions of each record.
+
+        `per_process`: every process brings its own records (training prompts). The sampler is one
+        SPMD program over all processes' devices, so its input must be the same everywhere: the
+        prompts of all processes are gathered, sampled together with one seed, and each process
+        keeps (and scores) its own groups. Otherwise the records are the same on every process
+        (held-out evaluation)."""
         from jaxtune.data.examples import encode_prompt
         from jaxtune.rollouts import sample_groups
 
         s = self.section
         prompts = [self.prompt_text(r) for r in records]
+        ids = [encode_prompt(tokenizer, p) for p in prompts]
+        everyone = distributed.all_gather(ids, "grpo/prompts") if per_process else [ids]
+        offset = sum(len(part) for part in everyone[: jax.process_index()]) if per_process else 0
         rollouts = sample_groups(
-            model, variables, [encode_prompt(tokenizer, p) for p in prompts], decode=tokenizer.decode,
+            model, variables, [p for part in everyone for p in part], decode=tokenizer.decode,
             group_size=group_size, max_new_tokens=s.max_completion_tokens,
             temperature=temperature, top_p=s.top_p if s.top_p < 1 else None, top_k=s.top_k or None,
             stop_tokens=(tokenizer.eos_id,), seed=seed, pad_id=tokenizer.pad_id,
         )
+        rollouts = [dataclasses.replace(r, prompt_index=r.prompt_index - offset)
+                    for r in rollouts[offset * group_size : (offset + len(ids)) * group_size]]
         fields = {k: [r.get(k) for r in records for _ in range(group_size)]
                   for k in sorted({k for r in records for k in r}) if not k.startswith("_")}
         repeated = [p for p in prompts for _ in range(group_size)]
@@ -334,16 +352,18 @@ class GRPO(base.Objective):
         learned_tokens, self._learned_tokens = self._learned_tokens, 0
         t0 = time.perf_counter()
         variables = self.run.model_variables(state)  # the policy as the state holds it (LoRA: base + adapters)
-        key = jax.random.fold_in(rng, jax.process_index())
         kept: list[tuple] = []  # (rollouts, prompts, totals, parts, records) per group
         zero_groups, sampled_tokens, rounds = 0, 0, 0
         spare: list[tuple] = []
         first: list[tuple] = []  # the first round's groups: an unbiased sample of the policy (metrics)
-        while len(kept) < s.num_prompts and rounds <= (s.max_resample_rounds if s.dynamic_sampling else 0):
+        # Sampling is collective: every process takes part in each round until all have their groups.
+        while rounds <= (s.max_resample_rounds if s.dynamic_sampling else 0) and any(
+                distributed.all_gather(len(kept) < s.num_prompts, "grpo/need")):
             records = next(data_iter)
-            seed = int(jax.random.randint(jax.random.fold_in(key, rounds), (), 0, 2**31 - 1))
+            seed = int(jax.random.randint(jax.random.fold_in(rng, rounds), (), 0, 2**31 - 1))
             rollouts, prompts, totals, parts = self.sample(self.run.setup.model, variables, self.tokenizer, records,
-                                                           group_size=g, seed=seed, temperature=s.temperature)
+                                                           group_size=g, seed=seed, temperature=s.temperature,
+                                                           per_process=True)
             sampled_tokens += sum(len(r.completion_ids) for r in rollouts)
             if s.overlong_cache:
                 totals = totals + grpo_loss.overlong_penalty([len(r.completion_ids) for r in rollouts],
@@ -410,9 +430,12 @@ class GRPO(base.Objective):
         """The rollout rows as steps_per_rollout mini-batches, each with its metric shares."""
         batches = []
         share = np.array([stats[k] for k in self.stat_names], np.float32) / (local_rows * jax.process_count())
+        local_tokens = [int(rows["loss_mask"][i * local_rows : (i + 1) * local_rows].sum())
+                        for i in range(self.section.steps_per_rollout)]
+        global_tokens = np.sum(distributed.all_gather(local_tokens, "grpo/tokens"), axis=0)
         for i in range(self.section.steps_per_rollout):
             batch = {k: v[i * local_rows : (i + 1) * local_rows] for k, v in rows.items()}
-            tokens = max(1, int(batch["loss_mask"].sum()) * jax.process_count())
+            tokens = max(1, int(global_tokens[i]))
             batch["inv_tokens"] = np.full((local_rows,), 1.0 / tokens, np.float32)
             batch["rollout_stats"] = np.tile(share, (local_rows, 1))
             batches.append(batch)
