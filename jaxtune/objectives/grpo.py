@@ -151,6 +151,13 @@ class GRPO(base.Objective):
             from jaxtune.data.builtin import verifiable
 
             verifiable.check_families(config.data.verifiable_families)
+        if config.data.chat_template:
+            from jaxtune.data import chat
+
+            try:
+                chat.check_template(config.data.chat_template)
+            except UserError as e:
+                raise UserError(f"config key 'data.chat_template': {e}") from None
         if s.prompts in ("jsonl", "gsm8k") and not config.data.train_path:
             raise UserError(f"objective.prompts={s.prompts!r} reads config key 'data.train_path', which is empty")
         from jaxtune.rewards import RewardSet
@@ -210,9 +217,34 @@ class GRPO(base.Objective):
         return datasets._tokenizer(self.config.data, paths.path(workdir), corpus)
 
     def prompt_text(self, record: dict, where: str = "") -> str:
+        """The prompt as the reward functions read it: `objective.prompt_template` rendered with the
+        record's fields, or for a record with chat `messages` its last (user) message."""
         from jaxtune.data.templates import render
 
+        messages = _conversation(record, where)
+        if messages:
+            return messages[-1]["content"]
         return render(self.section.prompt_template, record, where=where or "objective.prompt_template")
+
+    def prompt_ids(self, tokenizer, record: dict) -> list[int]:
+        """The prompt's token ids, ready for the completion. Plain text, or a conversation when
+        `data.chat_template` is set (the prompt text as the user turn) or the record has `messages`
+        (rendered with data.chat_template or the tokenizer's own): the chat template's text up to
+        its generation prompt (add_generation_prompt=True), as `transformers` renders it."""
+        from jaxtune.data import chat
+        from jaxtune.data.tokenizers import encode_prompt, encode_with_specials, start_sequence
+
+        messages = _conversation(record)
+        template = self.config.data.chat_template or (getattr(tokenizer, "chat_template", None) if messages else None)
+        if not template:
+            if messages:
+                raise UserError(f"{record.get('_where', 'a prompt record')}: chat 'messages' need a chat template; the "
+                                "tokenizer has none, so set config key 'data.chat_template' (e.g. 'chatml')")
+            return encode_prompt(tokenizer, self.prompt_text(record))
+        text = chat.render_chat(messages or [{"role": "user", "content": self.prompt_text(record)}], template,
+                                bos_token=getattr(tokenizer, "bos_token", None),
+                                eos_token=getattr(tokenizer, "eos_token", None), add_generation_prompt=True)
+        return start_sequence(tokenizer, encode_with_specials(tokenizer, text), chat=True)
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
         if not data.train:
@@ -284,11 +316,10 @@ class GRPO(base.Objective):
     def _check_fit(self, records) -> None:
         """Fails before anything runs when the longest prompt seen plus a full-length completion, for
         every completion of a rollout, cannot fit the rollout's rows."""
-        from jaxtune.data.examples import encode_prompt
         from jaxtune.rollouts import rows_needed
 
         s, d = self.section, self.config.data
-        longest = max((len(encode_prompt(self.tokenizer, self.prompt_text(r))) for r in records), default=0)
+        longest = max((len(self.prompt_ids(self.tokenizer, r)) for r in records), default=0)
         example_len = longest + s.max_completion_tokens - 1
         rows = self._rows_per_rollout(self.config.train.global_batch_size // jax.process_count())
         need = rows_needed(s.num_prompts * s.num_generations, example_len=example_len, seq_len=d.seq_len,
@@ -320,12 +351,11 @@ class GRPO(base.Objective):
         prompts of all processes are gathered, sampled together with one seed, and each process
         keeps (and scores) its own groups. Otherwise the records are the same on every process
         (held-out evaluation)."""
-        from jaxtune.data.examples import encode_prompt
         from jaxtune.rollouts import sample_groups
 
         s = self.section
         prompts = [self.prompt_text(r) for r in records]
-        ids = [encode_prompt(tokenizer, p) for p in prompts]
+        ids = [self.prompt_ids(tokenizer, r) for r in records]
         everyone = distributed.all_gather(ids, "grpo/prompts") if per_process else [ids]
         offset = sum(len(part) for part in everyone[: jax.process_index()]) if per_process else 0
         rollouts = sample_groups(
@@ -482,6 +512,23 @@ class GRPO(base.Objective):
         reference = f"KL {s.kl_estimator} beta={self.beta:g} to the {self.reference_kind()} reference" if self.beta else "no KL"
         return (f"GRPO: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {variant}, {reference}; "
                 f"rewards {', '.join(self.rewards.names)}")
+
+
+def _conversation(record: dict, where: str = "") -> list[dict] | None:
+    """A record's chat `messages` (None without them), checked: role/content strings, ending with a
+    user (or system) turn that the model answers."""
+    messages = record.get("messages")
+    if messages is None:
+        return None
+    where = where or str(record.get("_where", "a prompt record"))
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} strings")
+    if messages[-1]["role"] == "assistant":
+        raise UserError(f"{where}: 'messages' ends with an assistant turn; a prompt ends with the turn the model "
+                        "answers (the completion is sampled)")
+    return messages
 
 
 def _accuracy(parts_per_group: Sequence[dict[str, list]]) -> float:
