@@ -88,8 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Packed preference pairs: rows of 2 * data.seq_len tokens (the room of one padded pair) hold whole
     # pairs, at most this many; per-pair arrays in a batch are [rows, max_pairs_per_row].
     c.data.max_pairs_per_row = 16
-    # Preference/KTO records with chat `messages`: a built-in name (llama3, gemma, chatml, qwen, alpaca,
+    # Preference/KTO/GRPO records with chat `messages`: a built-in name (llama3, gemma, chatml, qwen, alpaca,
     # plain), a jinja string, a .jinja file or a tokenizer_config.json; "" = the tokenizer's own template.
+    # GRPO: when set, plain prompts are sent as the user turn through it too.
     c.data.chat_template = ""
     # Several tasks (FLAN-style templated files, TFDS, chat), mixed: a ConfigDict keyed by task name
     # whose values come from task_config(...). When empty, the single task above (data.train_path +

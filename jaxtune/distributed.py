@@ -254,6 +254,22 @@ def barrier(name: str) -> None:
         _client().wait_at_barrier(_key(name), WAIT_TIMEOUT_S * 1000)
 
 
+def all_gather(value: Any, name: str) -> list[Any]:
+    """Every process's JSON-able `value`, in process order (one process: ``[value]``).
+
+    Through the coordination service, for small host-side values (prompt token lists, counts,
+    flags): every process must make the same calls in the same order.
+    """
+    if not is_multiprocess():
+        return [value]
+    import jax
+
+    key = _key("gather/" + name)
+    _client().key_value_set(f"{key}/{process_index()}", json.dumps(value))
+    return [json.loads(_client().blocking_key_value_get(f"{key}/{p}", WAIT_TIMEOUT_S * 1000))
+            for p in range(jax.process_count())]
+
+
 def agree(value: Any, what: str) -> None:
     """Raises the same UserError on every process unless all hold the same JSON-able `value`.
 
@@ -261,12 +277,7 @@ def agree(value: Any, what: str) -> None:
     """
     if not is_multiprocess():
         return
-    import jax
-
-    key = _key("agree/" + what)
-    text = json.dumps(value, sort_keys=True)
-    _client().key_value_set(f"{key}/{process_index()}", text)
-    values = [_client().blocking_key_value_get(f"{key}/{p}", WAIT_TIMEOUT_S * 1000) for p in range(jax.process_count())]
+    values = [json.dumps(v, sort_keys=True) for v in all_gather(value, "agree/" + what)]
     for p, other in enumerate(values):
         if other != values[0]:
             diffs = _differences(json.loads(values[0]), json.loads(other))

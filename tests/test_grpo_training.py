@@ -126,3 +126,48 @@ def test_gsm8k_prompts_load_with_their_answers_and_templates(tmp_path):
     bad = grpo_config(**{"objective.prompts": "gsm8k", "data.train_path": str(path), "objective.prompt_template": "{query}"})
     with pytest.raises(UserError, match="uses field 'query'"):
         GRPO(bad).load_data(tmp_path / "bad")
+
+
+def test_chat_prompts_render_through_the_chat_template(tmp_path):
+    """data.chat_template: a plain prompt becomes the user turn, a record's `messages` are used as they
+    are; either way the ids end with the template's generation prompt (the assistant's header)."""
+    from jaxtune.data.tokenizers import encode_with_specials, start_sequence
+    from jaxtune.objectives.grpo import GRPO
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2 plus 2?", "answer": "4"}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 plus 3?"}],
+         "answer": "6"}) + "\n")
+    config = grpo_config(**{"objective.prompts": "jsonl", "data.train_path": str(path), "data.chat_template": "chatml",
+                            "objective.prompt_template": "Q: {prompt}"})
+    objective = GRPO(config)
+    data = objective.load_data(tmp_path)
+    tok = data.tokenizer
+    plain, conversation = data.train
+    assert objective.prompt_text(conversation) == "What is 3 plus 3?"  # what the rewards read
+    want = {
+        0: "<|im_start|>user\nQ: What is 2 plus 2?<|im_end|>\n<|im_start|>assistant\n",
+        1: "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 3 plus 3?<|im_end|>\n"
+           "<|im_start|>assistant\n",
+    }
+    for i, record in enumerate((plain, conversation)):
+        assert objective.prompt_ids(tok, record) == start_sequence(tok, encode_with_specials(tok, want[i]), chat=True)
+    without = GRPO(grpo_config(**{"objective.prompts": "jsonl", "data.train_path": str(path)}))
+    assert without.prompt_ids(tok, plain) == start_sequence(tok, tok.encode("What is 2 plus 2? A:"))
+    with pytest.raises(UserError, match="chat 'messages' need a chat template"):
+        without.prompt_ids(tok, conversation)
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "ends with an assistant turn"),
+    ([{"role": "user"}], "must be a non-empty list"),
+    ([], "must be a non-empty list"),
+])
+def test_bad_chat_prompts_name_the_record(tmp_path, messages, message):
+    from jaxtune.objectives.grpo import GRPO
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "x", "answer": "1"}) + "\n" + json.dumps({"messages": messages, "answer": "1"}) + "\n")
+    config = grpo_config(**{"objective.prompts": "jsonl", "data.train_path": str(path), "data.chat_template": "chatml"})
+    with pytest.raises(UserError, match=rf"prompts.jsonl:2.*{message}"):
+        GRPO(config).load_data(tmp_path)

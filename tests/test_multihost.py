@@ -179,6 +179,40 @@ def test_two_processes_match_one_packed_dpo(tmp_path):
     _compare(tmp_path, f"{REPO / 'configs' / 'dpo.py'}:loss=sigmoid", overrides)
 
 
+GRPO_OVERRIDES = [
+    "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
+    "model.num_kv_heads=2", "data.seq_len=48", "data.packing=False", "data.tokenizer_vocab_size=300",
+    "objective.prompts=jsonl", "objective.rewards=('instructions',)", "objective.num_generations=4",
+    "objective.max_completion_tokens=8", "objective.sample_every=0", "train.global_batch_size=8",
+    "train.steps=3", "train.eval_every=0", "train.checkpoint_every=3", "train.log_every=1",
+    "train.max_seconds=0.0", "train.async_checkpoints=False", "train.progress_bar=False", "optim.lr=1e-2",
+    "mesh.rules=fsdp", "mesh.data=2", "mesh.fsdp=2",
+]
+
+
+@pytest.mark.slow
+def test_two_processes_sample_their_own_prompts_and_match_one_grpo(tmp_path):
+    """GRPO across 2 processes: each draws its own prompt (1 per process), the sampler runs once on
+    both processes' prompts, each keeps and scores its own group. With every training prompt the
+    same, that is exactly one process drawing 2 prompts: the same completions, rewards and losses."""
+    words = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota"]
+    train = tmp_path / "prompts.jsonl"
+    train.write_text("".join(json.dumps({"prompt": "Say a few words.", "words": words[i % 3], "constraints": [
+        {"type": "word_count", "relation": "at most", "n": 3}]}) + "\n" for i in range(32)))
+    overrides = [*GRPO_OVERRIDES, f"data.train_path={train}"]
+    config = str(REPO / "configs" / "grpo.py")
+    run_cli(_train_args(config, tmp_path / "multi", [*overrides, "objective.num_prompts=1"]))
+    _reference_run(config, tmp_path / "single", [*overrides, "objective.num_prompts=2"])
+    single = {r["step"]: r for r in read_metrics(tmp_path / "single") if "loss" in r}
+    multi = {r["step"]: r for r in read_metrics(tmp_path / "multi") if "loss" in r}
+    assert sorted(multi) == sorted(single) == [1, 2, 3]
+    assert len({r["rollout/reward"] for r in single.values()} | {0.0}) > 1  # rewards vary: a real test
+    for step, row in single.items():
+        assert multi[step]["completions"] == row["completions"] == 8
+        for key in ("loss", "rollout/reward", "rollout/completion_len", "entropy"):
+            assert multi[step][key] == pytest.approx(row[key], abs=TOLERANCE), (step, key)
+
+
 @pytest.mark.slow
 def test_kill_both_processes_then_resume_matches(tmp_path):
     """SIGKILL both processes mid-run; the same command resumes from the last checkpoint both

@@ -15,9 +15,15 @@ Variants are settings: GRPO (defaults), Dr. GRPO (`scale_rewards=False, aggregat
 DAPO (`clip_high=0.28, aggregation='token_mean', dynamic_sampling=True, overlong_cache=...`),
 GSPO (`importance='sequence'` with a small clip range, e.g. 3e-4 / 4e-4).
 
-The rollout randomness is a pure function of (`seed`, step, process), and the prompt stream is
-the checkpointed data iterator, so a resumed run samples what the uninterrupted run sampled
-(exactly so when the checkpoint falls at the start of a rollout cycle; see `validate`).
+The rollout randomness is a pure function of (`seed`, step), and the prompt stream is the
+checkpointed data iterator, so a resumed run samples what the uninterrupted run sampled (exactly
+so when the checkpoint falls at the start of a rollout cycle; see `validate`).
+
+Several processes (multi-host): each process draws its own `num_prompts` prompts (its shard of
+the data), the prompts of all processes are gathered and sampled in one SPMD call on the whole
+mesh (the sampler's input must be identical everywhere), and each process keeps, scores and
+normalises its own groups: a group never spans processes, so advantages need no communication.
+Each process then packs its groups into its rows of the global batch.
 Rollout metrics (rewards per function, accuracy, lengths, zero-spread groups, sampling time and
 throughput) ride in the batch as per-row shares and come out of the step as plain totals; the
 reward/accuracy/length metrics describe the first round of sampling (the policy as it is), not
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxtune import distributed
 from jaxtune.errors import UserError
 from jaxtune.objectives import base, grpo_loss
 
@@ -144,6 +151,13 @@ class GRPO(base.Objective):
             from jaxtune.data.builtin import verifiable
 
             verifiable.check_families(config.data.verifiable_families)
+        if config.data.chat_template:
+            from jaxtune.data import chat
+
+            try:
+                chat.check_template(config.data.chat_template)
+            except UserError as e:
+                raise UserError(f"config key 'data.chat_template': {e}") from None
         if s.prompts in ("jsonl", "gsm8k") and not config.data.train_path:
             raise UserError(f"objective.prompts={s.prompts!r} reads config key 'data.train_path', which is empty")
         from jaxtune.rewards import RewardSet
@@ -203,9 +217,34 @@ class GRPO(base.Objective):
         return datasets._tokenizer(self.config.data, paths.path(workdir), corpus)
 
     def prompt_text(self, record: dict, where: str = "") -> str:
+        """The prompt as the reward functions read it: `objective.prompt_template` rendered with the
+        record's fields, or for a record with chat `messages` its last (user) message."""
         from jaxtune.data.templates import render
 
+        messages = _conversation(record, where)
+        if messages:
+            return messages[-1]["content"]
         return render(self.section.prompt_template, record, where=where or "objective.prompt_template")
+
+    def prompt_ids(self, tokenizer, record: dict) -> list[int]:
+        """The prompt's token ids, ready for the completion. Plain text, or a conversation when
+        `data.chat_template` is set (the prompt text as the user turn) or the record has `messages`
+        (rendered with data.chat_template or the tokenizer's own): the chat template's text up to
+        its generation prompt (add_generation_prompt=True), as `transformers` renders it."""
+        from jaxtune.data import chat
+        from jaxtune.data.tokenizers import encode_prompt, encode_with_specials, start_sequence
+
+        messages = _conversation(record)
+        template = self.config.data.chat_template or (getattr(tokenizer, "chat_template", None) if messages else None)
+        if not template:
+            if messages:
+                raise UserError(f"{record.get('_where', 'a prompt record')}: chat 'messages' need a chat template; the "
+                                "tokenizer has none, so set config key 'data.chat_template' (e.g. 'chatml')")
+            return encode_prompt(tokenizer, self.prompt_text(record))
+        text = chat.render_chat(messages or [{"role": "user", "content": self.prompt_text(record)}], template,
+                                bos_token=getattr(tokenizer, "bos_token", None),
+                                eos_token=getattr(tokenizer, "eos_token", None), add_generation_prompt=True)
+        return start_sequence(tokenizer, encode_with_specials(tokenizer, text), chat=True)
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
         if not data.train:
@@ -277,11 +316,10 @@ class GRPO(base.Objective):
     def _check_fit(self, records) -> None:
         """Fails before anything runs when the longest prompt seen plus a full-length completion, for
         every completion of a rollout, cannot fit the rollout's rows."""
-        from jaxtune.data.examples import encode_prompt
         from jaxtune.rollouts import rows_needed
 
         s, d = self.section, self.config.data
-        longest = max((len(encode_prompt(self.tokenizer, self.prompt_text(r))) for r in records), default=0)
+        longest = max((len(self.prompt_ids(self.tokenizer, r)) for r in records), default=0)
         example_len = longest + s.max_completion_tokens - 1
         rows = self._rows_per_rollout(self.config.train.global_batch_size // jax.process_count())
         need = rows_needed(s.num_prompts * s.num_generations, example_len=example_len, seq_len=d.seq_len,
@@ -305,19 +343,29 @@ class GRPO(base.Objective):
         return batch
 
     def sample(self, model, variables, tokenizer, records: Sequence[dict], *, group_size: int, seed: int,
-               temperature: float):
-        """(rollouts, prompts, total rewards, {name: rewards}) for G completions of each record."""
-        from jaxtune.data.examples import encode_prompt
+               temperature: float, per_process: bool = False):
+        """(rollouts, prompts, total rewards, {name: rewards}) for G completions of each record.
+
+        `per_process`: every process brings its own records (training prompts). The sampler is one
+        SPMD program over all processes' devices, so its input must be the same everywhere: the
+        prompts of all processes are gathered, sampled together with one seed, and each process
+        keeps (and scores) its own groups. Otherwise the records are the same on every process
+        (held-out evaluation)."""
         from jaxtune.rollouts import sample_groups
 
         s = self.section
         prompts = [self.prompt_text(r) for r in records]
+        ids = [self.prompt_ids(tokenizer, r) for r in records]
+        everyone = distributed.all_gather(ids, "grpo/prompts") if per_process else [ids]
+        offset = sum(len(part) for part in everyone[: jax.process_index()]) if per_process else 0
         rollouts = sample_groups(
-            model, variables, [encode_prompt(tokenizer, p) for p in prompts], decode=tokenizer.decode,
+            model, variables, [p for part in everyone for p in part], decode=tokenizer.decode,
             group_size=group_size, max_new_tokens=s.max_completion_tokens,
             temperature=temperature, top_p=s.top_p if s.top_p < 1 else None, top_k=s.top_k or None,
             stop_tokens=(tokenizer.eos_id,), seed=seed, pad_id=tokenizer.pad_id,
         )
+        rollouts = [dataclasses.replace(r, prompt_index=r.prompt_index - offset)
+                    for r in rollouts[offset * group_size : (offset + len(ids)) * group_size]]
         fields = {k: [r.get(k) for r in records for _ in range(group_size)]
                   for k in sorted({k for r in records for k in r}) if not k.startswith("_")}
         repeated = [p for p in prompts for _ in range(group_size)]
@@ -334,16 +382,18 @@ class GRPO(base.Objective):
         learned_tokens, self._learned_tokens = self._learned_tokens, 0
         t0 = time.perf_counter()
         variables = self.run.model_variables(state)  # the policy as the state holds it (LoRA: base + adapters)
-        key = jax.random.fold_in(rng, jax.process_index())
         kept: list[tuple] = []  # (rollouts, prompts, totals, parts, records) per group
         zero_groups, sampled_tokens, rounds = 0, 0, 0
         spare: list[tuple] = []
         first: list[tuple] = []  # the first round's groups: an unbiased sample of the policy (metrics)
-        while len(kept) < s.num_prompts and rounds <= (s.max_resample_rounds if s.dynamic_sampling else 0):
+        # Sampling is collective: every process takes part in each round until all have their groups.
+        while rounds <= (s.max_resample_rounds if s.dynamic_sampling else 0) and any(
+                distributed.all_gather(len(kept) < s.num_prompts, "grpo/need")):
             records = next(data_iter)
-            seed = int(jax.random.randint(jax.random.fold_in(key, rounds), (), 0, 2**31 - 1))
+            seed = int(jax.random.randint(jax.random.fold_in(rng, rounds), (), 0, 2**31 - 1))
             rollouts, prompts, totals, parts = self.sample(self.run.setup.model, variables, self.tokenizer, records,
-                                                           group_size=g, seed=seed, temperature=s.temperature)
+                                                           group_size=g, seed=seed, temperature=s.temperature,
+                                                           per_process=True)
             sampled_tokens += sum(len(r.completion_ids) for r in rollouts)
             if s.overlong_cache:
                 totals = totals + grpo_loss.overlong_penalty([len(r.completion_ids) for r in rollouts],
@@ -410,9 +460,12 @@ class GRPO(base.Objective):
         """The rollout rows as steps_per_rollout mini-batches, each with its metric shares."""
         batches = []
         share = np.array([stats[k] for k in self.stat_names], np.float32) / (local_rows * jax.process_count())
+        local_tokens = [int(rows["loss_mask"][i * local_rows : (i + 1) * local_rows].sum())
+                        for i in range(self.section.steps_per_rollout)]
+        global_tokens = np.sum(distributed.all_gather(local_tokens, "grpo/tokens"), axis=0)
         for i in range(self.section.steps_per_rollout):
             batch = {k: v[i * local_rows : (i + 1) * local_rows] for k, v in rows.items()}
-            tokens = max(1, int(batch["loss_mask"].sum()) * jax.process_count())
+            tokens = max(1, int(global_tokens[i]))
             batch["inv_tokens"] = np.full((local_rows,), 1.0 / tokens, np.float32)
             batch["rollout_stats"] = np.tile(share, (local_rows, 1))
             batches.append(batch)
@@ -459,6 +512,23 @@ class GRPO(base.Objective):
         reference = f"KL {s.kl_estimator} beta={self.beta:g} to the {self.reference_kind()} reference" if self.beta else "no KL"
         return (f"GRPO: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {variant}, {reference}; "
                 f"rewards {', '.join(self.rewards.names)}")
+
+
+def _conversation(record: dict, where: str = "") -> list[dict] | None:
+    """A record's chat `messages` (None without them), checked: role/content strings, ending with a
+    user (or system) turn that the model answers."""
+    messages = record.get("messages")
+    if messages is None:
+        return None
+    where = where or str(record.get("_where", "a prompt record"))
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} strings")
+    if messages[-1]["role"] == "assistant":
+        raise UserError(f"{where}: 'messages' ends with an assistant turn; a prompt ends with the turn the model "
+                        "answers (the completion is sampled)")
+    return messages
 
 
 def _accuracy(parts_per_group: Sequence[dict[str, list]]) -> float:
