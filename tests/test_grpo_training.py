@@ -171,3 +171,27 @@ def test_bad_chat_prompts_name_the_record(tmp_path, messages, message):
     config = grpo_config(**{"objective.prompts": "jsonl", "data.train_path": str(path), "data.chat_template": "chatml"})
     with pytest.raises(UserError, match=rf"prompts.jsonl:2.*{message}"):
         GRPO(config).load_data(tmp_path)
+
+
+def test_learner_scores_rollouts_at_the_sampling_temperature():
+    """objective.temperature is the sampler's and the learner's: the loss's log-probs (here read back
+    through the entropy estimate, -mean log p of the sampled tokens) are of softmax(logits / T)."""
+    import jax.numpy as jnp
+
+    from jaxtune import trainer as trainer_lib
+    from jaxtune.objectives.grpo import GRPO
+    from jaxtune.objectives.logprobs import token_stats
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 6, 11)) * 3, jnp.float32)
+    fns = trainer_lib.model_fns(lambda p, tokens, positions, segment_ids, frozen=None, rngs=None: logits * p)
+    shapes = GRPO(grpo_config()).batch_shapes(2)
+    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+    batch.update(targets=jnp.asarray(rng.integers(0, 11, (2, 6)), jnp.int32), loss_mask=jnp.ones((2, 6), jnp.int32),
+                 segment_ids=jnp.ones((2, 6), jnp.int32), advantages=jnp.ones((2, 6), jnp.float32),
+                 inv_tokens=jnp.full((2,), 1 / 12, jnp.float32))
+    for temperature in (0.5, 1.0):
+        objective = GRPO(grpo_config(**{"objective.temperature": temperature}))
+        _, metrics = objective.loss(fns, jnp.float32(1.0), batch)
+        want = -token_stats(logits / temperature, batch["targets"]).logp.mean()
+        assert float(metrics["entropy"]) == pytest.approx(float(want), rel=1e-5)

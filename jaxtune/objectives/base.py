@@ -53,8 +53,9 @@ class ModelFns(Protocol):
     def __call__(self, params, tokens, positions, segment_ids, frozen=None, rngs=None) -> jax.Array:
         """Logits [N, T, V] (tests and small models; losses use token_stats)."""
 
-    def token_stats(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None):
-        """objectives.logprobs.TokenStats [N, T] (float32; the LM head chunked, never [N, T, V] at once)."""
+    def token_stats(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None, temperature=1.0):
+        """objectives.logprobs.TokenStats [N, T] (float32; the LM head chunked, never [N, T, V] at once),
+        of softmax(logits / temperature)."""
 
     def hidden_states(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None) -> jax.Array:
         """Final hidden states [N, T, D] (after the final norm): for heads other than the LM head."""

@@ -98,7 +98,7 @@ class GRPO(base.Objective):
         c.num_generations = 8  # G: completions per prompt
         c.num_prompts = 8  # prompts per rollout (per process)
         c.max_completion_tokens = 32
-        c.temperature = 1.0
+        c.temperature = 1.0  # rollout sampling; the learner's log-probs are of softmax(logits / temperature) too
         c.top_p = 1.0
         c.top_k = 0  # 0 = off
         c.scale_rewards = True  # divide advantages by the group std (Dr. GRPO: False)
@@ -280,13 +280,14 @@ class GRPO(base.Objective):
     def loss(self, model, params, batch, *, frozen=None, rng=None, ref_params=None):
         s = self.section
         rngs = None if rng is None else {"dropout": rng}
-        stats = model.token_stats(params, batch, frozen=frozen, rngs=rngs)
+        t = s.temperature  # the distribution the rollouts were sampled from (TRL does the same)
+        stats = model.token_stats(params, batch, frozen=frozen, rngs=rngs, temperature=t)
         lp_ref = None
         kind = self.reference_kind()
         if kind == "copy":
-            lp_ref = jax.lax.stop_gradient(model.token_stats(ref_params, batch).logp)
+            lp_ref = jax.lax.stop_gradient(model.token_stats(ref_params, batch, temperature=t).logp)
         elif kind == "base":
-            lp_ref = jax.lax.stop_gradient(model.token_stats(frozen, batch).logp)
+            lp_ref = jax.lax.stop_gradient(model.token_stats(frozen, batch, temperature=t).logp)
         loss_sum, _, m = grpo_loss.policy_loss(
             stats.logp, batch["advantages"], batch["loss_mask"], batch["segment_ids"], lp_old=batch.get("old_logps"),
             lp_ref=lp_ref, beta=self.beta, kl_estimator=s.kl_estimator, clip_low=s.clip_low, clip_high=s.clip_high,
@@ -311,7 +312,9 @@ class GRPO(base.Objective):
         self._learned_tokens = 0  # tokens of the batches handed to the step since then
         self._check_fit(run.data.train[:1000])
         model = run.setup.apply_fn
-        self._logps = jax.jit(lambda params, frozen, rows: model.token_stats(params, rows, frozen=frozen).logp)
+        temperature = self.section.temperature
+        self._logps = jax.jit(lambda params, frozen, rows: model.token_stats(params, rows, frozen=frozen,
+                                                                              temperature=temperature).logp)
 
     def _check_fit(self, records) -> None:
         """Fails before anything runs when the longest prompt seen plus a full-length completion, for

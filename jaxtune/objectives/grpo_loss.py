@@ -3,7 +3,8 @@
 Notation, per completion ``i`` of a group of ``G`` completions of one prompt and per completion
 token ``t``: ``r_i`` the total reward, ``A_i`` the advantage, ``lp`` the policy's log-prob of the
 sampled token, ``lp_old`` the log-prob under the policy that sampled it (a constant),
-``lp_ref`` the reference model's, ``ratio = exp(lp - lp_old)``, ``|y_i|`` the completion's
+``lp_ref`` the reference model's (all three of softmax(logits / T), T the rollouts' sampling
+temperature, as TRL computes them), ``ratio = exp(lp - lp_old)``, ``|y_i|`` the completion's
 trained-token count, ``eps_lo``/``eps_hi`` the clip range, ``b`` = beta, ``sg`` = stop-gradient.
 
 ===================  =====================================================================

@@ -85,10 +85,20 @@ def head_token_stats(
 
 def model_token_stats(
     module: Any, variables: Any, inputs: jax.Array, targets: jax.Array, *, positions: jax.Array | None = None,
-    segment_ids: jax.Array | None = None, rngs: Any = None, chunk: int = DEFAULT_CHUNK,
+    segment_ids: jax.Array | None = None, rngs: Any = None, chunk: int = DEFAULT_CHUNK, temperature: float = 1.0,
 ) -> TokenStats:
-    """TokenStats of a Flax decoder with `hidden_states` and `logits_from_hidden` methods, LM head chunked."""
+    """TokenStats of a Flax decoder with `hidden_states` and `logits_from_hidden` methods, LM head chunked.
+
+    `temperature`: the statistics of softmax(logits / temperature), the distribution a sampler at
+    that temperature draws from (RL on rollouts sampled at T != 1)."""
     hidden = module.apply(variables, inputs, positions=positions, segment_ids=segment_ids, rngs=rngs,
                           method="hidden_states")
-    return head_token_stats(lambda h: module.apply(variables, h, method="logits_from_hidden"), hidden, targets,
-                            chunk=chunk)
+    return head_token_stats(with_temperature(lambda h: module.apply(variables, h, method="logits_from_hidden"),
+                                             temperature), hidden, targets, chunk=chunk)
+
+
+def with_temperature(head: Callable[[jax.Array], jax.Array], temperature: float) -> Callable[[jax.Array], jax.Array]:
+    """`head` with its logits divided by `temperature` (the same function at 1.0)."""
+    if temperature == 1.0:
+        return head
+    return lambda h: head(h) / temperature

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 
 from jaxtune.objectives import TokenStats, base, model_token_stats, token_stats
 from jaxtune.objectives.logprobs import DEFAULT_CHUNK as DEFAULT_LOGITS_CHUNK
+from jaxtune.objectives.logprobs import with_temperature
 from jaxtune.trainer.state import TrainState, variables_for
 
 
@@ -37,10 +38,10 @@ class ModelApply:
         return self.model.apply(variables_for(params, frozen), tokens, positions=positions, segment_ids=segment_ids,
                                 rngs=rngs)
 
-    def token_stats(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None) -> TokenStats:
+    def token_stats(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None, temperature=1.0) -> TokenStats:
         return model_token_stats(self.model, variables_for(params, frozen), rows["inputs"], rows["targets"],
                                  positions=rows["positions"], segment_ids=rows["segment_ids"], rngs=rngs,
-                                 chunk=self.logits_chunk)
+                                 chunk=self.logits_chunk, temperature=temperature)
 
     def hidden_states(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None) -> jax.Array:
         return self.model.apply(variables_for(params, frozen), rows["inputs"], positions=rows["positions"],
@@ -57,9 +58,10 @@ class LogitsApply:
     def __call__(self, params, tokens, positions, segment_ids, frozen=None, rngs=None):
         return self.apply_fn(params, tokens, positions, segment_ids, frozen=frozen, rngs=rngs)
 
-    def token_stats(self, params, rows, frozen=None, rngs=None) -> TokenStats:
-        return token_stats(self(params, rows["inputs"], rows["positions"], rows["segment_ids"], frozen=frozen,
-                                rngs=rngs), rows["targets"])
+    def token_stats(self, params, rows, frozen=None, rngs=None, temperature=1.0) -> TokenStats:
+        head = with_temperature(lambda rows: self(params, rows["inputs"], rows["positions"], rows["segment_ids"],
+                                                  frozen=frozen, rngs=rngs), temperature)
+        return token_stats(head(rows), rows["targets"])
 
     def hidden_states(self, params, rows, frozen=None, rngs=None):
         raise NotImplementedError("a plain apply function has no hidden states; use ModelApply")

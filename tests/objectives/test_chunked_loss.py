@@ -135,3 +135,21 @@ def test_logits_chunk_is_validated():
     config.train.logits_chunk = -1
     with pytest.raises(UserError, match="train.logits_chunk"):
         config_lib.validate(config)
+
+
+def test_token_stats_at_a_temperature_are_those_of_the_scaled_logits():
+    """GRPO's learner scores rollouts under the distribution they were sampled from: softmax(logits / T),
+    chunked or from full logits (temperature 1 is the plain path)."""
+    config = models.get_config("llama", "tiny", num_layers=1)
+    model = models.build(config)
+    rows = _batch(3, 13, config.vocab_size)
+    params = jax.jit(model.init)(jax.random.key(0), rows["inputs"])["params"]
+    logits = model.apply({"params": params}, rows["inputs"], positions=rows["positions"], segment_ids=rows["segment_ids"])
+    full = trainer.model_fns(lambda p, tokens, positions, segment_ids, frozen=None, rngs=None: model.apply(
+        {"params": p}, tokens, positions=positions, segment_ids=segment_ids))
+    for temperature in (0.7, 1.0, 1.5):
+        want = token_stats(logits / temperature, rows["targets"])
+        for fns in (trainer.make_apply_fn(model, logits_chunk=CHUNK), full):
+            got = fns.token_stats(params, rows, temperature=temperature)
+            _close(got.logp, want.logp)
+            _close(got.log_z, want.log_z)
