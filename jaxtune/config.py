@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_train_examples = 100_000  # quickstart: generated training records
     c.data.num_eval_examples = 300  # quickstart: held-out phrasings evaluated by exact match
     c.data.verifiable_families = ("arithmetic", "constraints")  # data.source=verifiable: problem families
+    c.data.verifiable_max_steps = 2  # arithmetic problems take 1..N operations (more: far more distinct problems)
     c.data.worker_count = 0  # Grain multiprocessing workers (0 = in-process)
     c.data.read_threads = 0  # Grain reader threads (0 = read in the training thread)
     c.data.prefetch = 0  # elements prefetched by the reader threads

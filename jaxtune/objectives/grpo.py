@@ -187,9 +187,12 @@ class GRPO(base.Objective):
         s, d = self.section, self.config.data
         if s.prompts == "verifiable":
             families = verifiable.check_families(d.verifiable_families)
-            train = verifiable.generate_records(d.num_train_examples, split="train", seed=self.config.seed, families=families)
-            heldout = verifiable.generate_records(d.num_eval_examples, split="heldout", seed=self.config.seed, families=families)
-            corpus = lambda: verifiable.tokenizer_corpus(seed=self.config.seed)  # noqa: E731
+            seed, steps = self.config.seed, d.verifiable_max_steps
+            train = verifiable.generate_records(d.num_train_examples, split="train", seed=seed, families=families,
+                                                max_steps=steps)
+            heldout = verifiable.generate_records(d.num_eval_examples, split="heldout", seed=seed, families=families,
+                                                  max_steps=steps)
+            corpus = lambda: verifiable.tokenizer_corpus(seed=seed, max_steps=steps)  # noqa: E731
         else:
             def read(path):
                 if not path:

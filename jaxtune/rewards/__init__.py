@@ -8,7 +8,9 @@ list per field aligned with ``prompts`` (so a math reward reads ``answer``, an i
 ``constraints``). A config names reward functions by built-in name or by module path
 (``my_pkg.rewards:brevity``); several are summed with weights (`RewardSet`).
 
-Built-ins: ``math`` (final answer vs the record's ``answer``), ``instructions`` (fraction of
+Built-ins: ``math`` (final answer vs the record's ``answer``), ``worked_steps`` (the share of the
+record's reference ``solution`` equations reproduced in order, the answer counted only after all
+of them: no credit for a right number reached by wrong steps), ``instructions`` (fraction of
 the record's IFEval-style ``constraints`` satisfied), ``instructions_all`` (1 only if all are),
 and ``reward_model:<dir>``: a reward model trained with ``objective.type=reward`` (its workdir)
 or exported as ``*ForSequenceClassification`` (an HF directory).
@@ -25,6 +27,7 @@ from typing import Any
 from jaxtune.errors import UserError
 from jaxtune.rewards.instructions import instruction_all, instruction_fraction
 from jaxtune.rewards.math_answer import math_answer
+from jaxtune.rewards.worked_steps import worked_steps
 
 RewardFn = Callable[..., list[float]]
 
@@ -32,6 +35,7 @@ BUILTIN: dict[str, RewardFn] = {
     "math": math_answer,
     "instructions": instruction_fraction,
     "instructions_all": instruction_all,
+    "worked_steps": worked_steps,
 }
 
 

@@ -143,9 +143,9 @@ def generate_records(num_examples: int, *, split: str = "train", seed: int = 0, 
     return records
 
 
-def tokenizer_corpus(seed: int = 0, num_examples: int = 4000):
+def tokenizer_corpus(seed: int = 0, num_examples: int = 4000, max_steps: int = 2):
     """Prompts and solutions of both splits (so every word of a held-out wording is in-vocab)."""
     for split in SPLITS:
-        for record in generate_records(num_examples // 2, split=split, seed=seed):
+        for record in generate_records(num_examples // 2, split=split, seed=seed, max_steps=max_steps):
             yield record["prompt"]
             yield record["solution"]
