@@ -527,6 +527,8 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         raise UserError("config keys data.mixture.cap must be >= 0 and data.mixture.temperature > 0")
     if config.data.shards < 0:
         raise UserError(f"config key 'data.shards' must be >= 0, got {config.data.shards}")
+    if not 1 <= config.data.verifiable_max_steps <= 8:
+        raise UserError(f"config key 'data.verifiable_max_steps' must be in 1..8, got {config.data.verifiable_max_steps}")
     if config.data.packing_bins < 0:
         raise UserError(f"config key 'data.packing_bins' must be >= 0, got {config.data.packing_bins}")
     if config.data.max_pairs_per_row < 1:

@@ -86,6 +86,8 @@ def test_resume_mid_run_is_exact(tmp_path, overrides):
     ({"objective.num_iterations": 2, "train.checkpoint_every": 3}, "must be a multiple of"),
     ({"objective.prompts": "gsm8k"}, "reads config key 'data.train_path'"),
     ({"data.verifiable_families": ("poetry",)}, "config key 'data.verifiable_families' must be"),
+    ({"objective.negative_advantage_scale": -0.5}, "negative_advantage_scale' must be in \\[0, 1\\]"),
+    ({"data.verifiable_max_steps": 0}, "data.verifiable_max_steps' must be"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(UserError, match=message):

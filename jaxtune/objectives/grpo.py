@@ -102,6 +102,7 @@ class GRPO(base.Objective):
         c.top_p = 1.0
         c.top_k = 0  # 0 = off
         c.scale_rewards = True  # divide advantages by the group std (Dr. GRPO: False)
+        c.negative_advantage_scale = 1.0  # weight of negative advantages; 0 = positive only (RAFT-style)
         c.aggregation = "sequence_mean"  # sequence_mean (GRPO) | token_mean (DAPO) | constant (Dr. GRPO)
         c.importance = "token"  # token (GRPO) | sequence (GSPO)
         c.clip_low = 0.2
@@ -132,6 +133,7 @@ class GRPO(base.Objective):
             (s.importance in grpo_loss.IMPORTANCE_LEVELS, "importance", f"one of {', '.join(grpo_loss.IMPORTANCE_LEVELS)}"),
             (s.kl_estimator in grpo_loss.KL_ESTIMATORS, "kl_estimator", f"one of {', '.join(grpo_loss.KL_ESTIMATORS)}"),
             (0 <= s.clip_low < 1 and s.clip_high >= 0, "clip_low", "in [0, 1) with clip_high >= 0"),
+            (0 <= s.negative_advantage_scale <= 1, "negative_advantage_scale", "in [0, 1]"),
             (s.num_iterations >= 1, "num_iterations", ">= 1"),
             (s.steps_per_rollout >= 1, "steps_per_rollout", ">= 1"),
             (0 <= s.overlong_cache < s.max_completion_tokens, "overlong_cache", "in [0, max_completion_tokens)"),
@@ -417,7 +419,8 @@ class GRPO(base.Objective):
         sample_s = time.perf_counter() - t0
         rollouts = [r for grp in kept for r in grp[0]]
         totals = np.concatenate([grp[2] for grp in kept])
-        advantages, _ = grpo_loss.group_advantages(totals, g, scale_rewards=s.scale_rewards)
+        advantages, _ = grpo_loss.group_advantages(totals, g, scale_rewards=s.scale_rewards,
+                                                   negative_scale=s.negative_advantage_scale)
         examples = [rollout_example(r, a, seq_len=self.config.data.seq_len) for r, a in zip(rollouts, advantages)]
         examples = [e for e in examples if e is not None]
         local_rows = self.config.train.global_batch_size // jax.process_count()

@@ -14,6 +14,11 @@ advantage            ``A_i = r_i - mean_G(r)``, divided by ``std_G(r) + 1e-4`` w
                      ``scale_rewards`` (GRPO; Dr. GRPO leaves it out). ``std`` is the sample std
                      (ddof=1, as TRL); a group whose rewards are all equal has zero spread: its
                      advantages are 0, it is counted (``zero_spread_groups``)
+negative advantages  ``A_i <- w A_i`` where ``A_i < 0`` (``negative_advantage_scale`` w; 1 = GRPO).
+                     w = 0 trains only on the completions better than their group's mean
+                     (filtered behaviour cloning, as RAFT / ReST): no push away from sampled
+                     tokens, which on a small low-entropy policy spreads probability mass and
+                     raised the entropy in our CPU runs (README, RL section)
 token ratio (GRPO)   ``ratio_t = exp(lp_t - lp_old_t)``
 sequence ratio       GSPO (Zheng et al. 2025): ``s_i = exp(mean_t (lp_t - lp_old_t))``, applied
                      per token as ``sg(s_i) * exp(lp_t - sg(lp_t))`` (same value, per-token
@@ -48,8 +53,10 @@ IMPORTANCE_LEVELS = ("token", "sequence")
 STD_EPS = 1e-4
 
 
-def group_advantages(rewards, group_size: int, *, scale_rewards: bool = True) -> tuple[np.ndarray, int]:
-    """(advantage per completion [N], number of zero-spread groups) for rewards [N] in groups of G."""
+def group_advantages(rewards, group_size: int, *, scale_rewards: bool = True,
+                     negative_scale: float = 1.0) -> tuple[np.ndarray, int]:
+    """(advantage per completion [N], number of zero-spread groups) for rewards [N] in groups of G;
+    negative advantages are multiplied by `negative_scale` (see the table)."""
     r = np.asarray(rewards, np.float64)
     if group_size < 1 or r.size % group_size:
         raise ValueError(f"{r.size} rewards do not split into groups of {group_size}")
@@ -59,6 +66,7 @@ def group_advantages(rewards, group_size: int, *, scale_rewards: bool = True) ->
     zero = np.all(groups == groups[:, :1], axis=1)
     adv = centred / (spread + STD_EPS) if scale_rewards else centred
     adv[zero] = 0.0
+    adv = np.where(adv < 0, adv * negative_scale, adv)
     return adv.reshape(-1).astype(np.float32), int(zero.sum())
 
 

@@ -19,6 +19,10 @@ def test_group_advantages_by_hand():
     adv, zero = group_advantages([3, 1, 5, 5], 2, scale_rewards=False)  # Dr. GRPO: centred only
     np.testing.assert_allclose(adv, [1, -1, 0, 0])
     assert zero == 1
+    adv, _ = group_advantages([3, 1, 5, 5], 2, scale_rewards=False, negative_scale=0.0)  # positive only
+    np.testing.assert_allclose(adv, [1, 0, 0, 0])
+    adv, _ = group_advantages([1, 0, 0, 1], 4, negative_scale=0.25)
+    np.testing.assert_allclose(adv, [a, -a / 4, -a / 4, a], rtol=1e-6)
     with pytest.raises(ValueError, match="groups of 3"):
         group_advantages([1, 2, 3, 4], 3)
 
