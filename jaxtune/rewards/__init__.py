@@ -10,7 +10,8 @@ list per field aligned with ``prompts`` (so a math reward reads ``answer``, an i
 
 Built-ins: ``math`` (final answer vs the record's ``answer``), ``worked_steps`` (the share of the
 record's reference ``solution`` equations reproduced in order, the answer counted only after all
-of them: no credit for a right number reached by wrong steps), ``instructions`` (fraction of
+of them: no credit for a right number reached by wrong steps) and ``worked_solution`` (1 only when all
+of them and the answer are right), ``instructions`` (fraction of
 the record's IFEval-style ``constraints`` satisfied), ``instructions_all`` (1 only if all are),
 and ``reward_model:<dir>``: a reward model trained with ``objective.type=reward`` (its workdir)
 or exported as ``*ForSequenceClassification`` (an HF directory).
@@ -27,7 +28,7 @@ from typing import Any
 from jaxtune.errors import UserError
 from jaxtune.rewards.instructions import instruction_all, instruction_fraction
 from jaxtune.rewards.math_answer import math_answer
-from jaxtune.rewards.worked_steps import worked_steps
+from jaxtune.rewards.worked_steps import worked_solution, worked_steps
 
 RewardFn = Callable[..., list[float]]
 
@@ -36,6 +37,7 @@ BUILTIN: dict[str, RewardFn] = {
     "instructions": instruction_fraction,
     "instructions_all": instruction_all,
     "worked_steps": worked_steps,
+    "worked_solution": worked_solution,
 }
 
 

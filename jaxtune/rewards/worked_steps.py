@@ -16,6 +16,11 @@ completion reproduces *in order from the first* (equations compare after removin
 ``op`` one of ``+ - * / x ×``). A right answer after a wrong step earns nothing for the answer;
 the first wrong step ends the credit. Records without a ``solution`` (or whose solution has no
 equation) are not applicable: the reward is None there.
+
+``worked_solution`` is its all-or-nothing form: 1 only when every step and the answer are right.
+Partial credit is denser, but with group-relative advantages the least-wrong completion of a
+group (first step right, then wrong) gets a positive advantage and its wrong steps are
+reinforced; on the built-in problems the binary form trained better (README, RL section).
 """
 
 from __future__ import annotations
@@ -54,3 +59,10 @@ def worked_steps(prompts: Sequence[str], completions: Sequence[str], solution: S
             k += 1
         rewards.append((k + float(k == len(steps) and final == 1.0)) / (len(steps) + 1))
     return rewards
+
+
+def worked_solution(prompts: Sequence[str], completions: Sequence[str], solution: Sequence[Any] = (),
+                    answer: Sequence[Any] = (), **_: Any) -> list[float | None]:
+    """1.0 when the completion reproduces every step of the reference working and the answer, else 0."""
+    return [None if r is None else float(r == 1.0)
+            for r in worked_steps(prompts, completions, solution=solution, answer=answer)]

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from jaxtune.rewards import RewardSet
-from jaxtune.rewards.worked_steps import equations, worked_steps
+from jaxtune.rewards.worked_steps import equations, worked_solution, worked_steps
 
 SOLUTION = "5 - 1 = 4. 4 + 7 = 11. 11 - 4 = 7. #### 7"  # 3 equations + the answer: quarters
 
@@ -49,3 +49,10 @@ def test_by_name_in_a_reward_set_beside_math():
     totals, parts = rewards(["p"] * 2, [" 5 - 1 = 7. 7 + 7 = 14. 14 - 5 = 7. #### 7", SOLUTION],
                             {"solution": [SOLUTION] * 2, "answer": ["7"] * 2})
     assert parts == {"math": [1.0, 1.0], "worked_steps": [0.0, 1.0]} and totals == [0.0, 1.0]
+
+
+def test_worked_solution_is_all_or_nothing():
+    completions = [" 5 - 1 = 4. 4 + 7 = 11. 11 - 4 = 7. #### 7", " 5 - 1 = 7. 7 + 7 = 14. 14 - 5 = 7. #### 7",
+                   " 5 - 1 = 4. 4 + 7 = 11. 11 - 4 = 7. #### 8", ""]
+    assert worked_solution(["p"] * 5, completions + ["x"], solution=[SOLUTION] * 4 + [None], answer=["7"] * 5) == [
+        1.0, 0.0, 0.0, 0.0, None]
