@@ -11,7 +11,9 @@ Arguments (comma-separated): `stage=sft|grpo` (default grpo), `init_from=WORKDIR
 `hf_dir=DIR` (start from a Hugging Face model instead; set data.tokenizer too), `lora=RANK`
 (train LoRA adapters; the KL reference is then the base without adapters, no copy; LoRA starts
 from `hf_dir`: export the SFT run first with `jaxtune export`, as for LoRA-DPO),
-`variant=grpo|dr_grpo|dapo|gspo` (the loss family; see jaxtune/objectives/grpo.py),
+`variant=positive|grpo|dr_grpo|dapo|gspo` (the loss family, see jaxtune/objectives/grpo.py; the
+default `positive` is GRPO trained on each group's better-than-average completions only: pushing
+away from the worse ones raised this small policy's entropy and lost held-out accuracy),
 `steps=N`. Before and after training 300 held-out prompts (never trained on) are answered greedily
 and twice by sampling, and their mean reward / accuracy logged (`eval/greedy/accuracy`,
 `eval/sampled/reward`, ...); sampled completions are written to WORKDIR/samples/ every 50 steps.
@@ -24,6 +26,9 @@ from jaxtune.config import base_config, parse_arg
 from jaxtune.errors import UserError
 
 VARIANTS = {
+    # GRPO with the negative advantages dropped and centred advantages: trains on each group's
+    # better-than-average completions (RAFT-style). The default: the best of the family on this task.
+    "positive": {"negative_advantage_scale": 0.0, "scale_rewards": False},
     "grpo": {},
     "dr_grpo": {"scale_rewards": False, "aggregation": "constant"},
     "dapo": {"clip_high": 0.28, "aggregation": "token_mean", "dynamic_sampling": True, "overlong_cache": 8},
@@ -32,7 +37,7 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, stage="grpo", init_from="", hf_dir="", lora=0, variant="grpo", steps=0)
+    args = parse_arg(arg, stage="grpo", init_from="", hf_dir="", lora=0, variant="positive", steps=0)
     if args["stage"] not in ("sft", "grpo") or args["variant"] not in VARIANTS:
         raise UserError(f"configs/grpo.py: stage must be sft or grpo and variant one of {', '.join(VARIANTS)}; "
                         f"got stage={args['stage']!r}, variant={args['variant']!r}")
@@ -43,6 +48,7 @@ def get_config(arg=None):
     c.data.tokenizer_vocab_size = 512
     c.objective.prompts = "verifiable"
     c.data.verifiable_families = ("arithmetic",)
+    c.data.verifiable_max_steps = 3
     c.objective.prompt_template = "{prompt} A:"
     c.data.num_eval_examples = 300
     c.data.source = "verifiable"
@@ -51,35 +57,44 @@ def get_config(arg=None):
         # Supervised warm start: worked solutions of the training problems ("3 + 4 = 7. #### 7").
         c.data.templates = (("{prompt} A:", " {solution}"),)
         c.data.num_train_examples = 100_000
-        # 300 steps (~4 CPU minutes) put the model at ~45% greedy / ~35% sampled held-out accuracy:
-        # inside the band where GRPO's samples sometimes succeed and there is room to gain.
+        # Problems of 1-3 operations. 300 steps (~2-4 CPU minutes) put the model at ~40% greedy / ~30%
+        # sampled held-out accuracy overall and ~28% / ~20% on 3-operation problems (GRPO's): inside
+        # the band where GRPO's samples sometimes succeed and there is room to gain.
         c.train.steps = 300
         c.train.global_batch_size = 16
         c.optim.lr = 3e-3
         c.optim.warmup_steps = 50
-        c.eval.max_new_tokens = 40
+        c.eval.max_new_tokens = 48
     else:
         c.objective.type = "grpo"
-        c.objective.rewards = ("math",)
-        c.objective.num_prompts = 8
-        c.objective.num_generations = 8
-        c.objective.max_completion_tokens = 40  # worked solutions are up to ~33 tokens
+        # 3-operation problems only: ~50k distinct ones, so a rollout's prompts are new and a gain must
+        # come from better arithmetic, not from memorising problems (with 1-2 operations the ~2k
+        # problems repeat, and GRPO's training reward rose while held-out accuracy fell).
+        c.data.verifiable_min_steps = 3
+        # Reward the working, not only the answer: `math` alone pays right answers reached by wrong
+        # steps (a quarter of the SFT model's rewarded samples) and GRPO then reinforces those steps.
+        # `math` (answer accuracy) is still computed and logged, with weight 0.
+        c.objective.rewards = ("math", "worked_steps")
+        c.objective.reward_weights = (0.0, 1.0)
+        c.objective.num_prompts = 16
+        c.objective.num_generations = 4
+        c.objective.max_completion_tokens = 48  # worked solutions are up to ~45 tokens
         c.objective.temperature = 1.0
         c.objective.sample_every = 50
         c.objective.eval_samples = 2
         for key, value in VARIANTS[args["variant"]].items():
             c.objective[key] = value
         c.data.num_train_examples = 100_000
-        # 64 completions of up to ~115 tokens (prompt included), packed two or more per 256-token row.
+        # 64 completions of up to ~120 tokens (prompt included), packed two or more per 256-token row.
         c.data.seq_len = 256
         c.train.global_batch_size = 32
         c.train.steps = 300
         c.train.eval_every = 0  # held-out reward before and after (each ~1-2 CPU minutes)
         c.train.checkpoint_every = 50
         c.train.max_seconds = 720.0  # ~10 minutes of GRPO steps after the first held-out evaluation
-        c.optim.lr = 3e-4
+        c.optim.lr = 2e-4
         c.optim.schedule = "constant"
-        c.optim.warmup_steps = 0
+        c.optim.warmup_steps = 10
         c.model.init_from = args["init_from"]
         c.model.hf_dir = args["hf_dir"]
     if args["lora"]:

@@ -76,7 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_train_examples = 100_000  # quickstart: generated training records
     c.data.num_eval_examples = 300  # quickstart: held-out phrasings evaluated by exact match
     c.data.verifiable_families = ("arithmetic", "constraints")  # data.source=verifiable: problem families
-    c.data.verifiable_max_steps = 2  # arithmetic problems take 1..N operations (more: far more distinct problems)
+    # Built-in arithmetic problems take min..max operations (3 operations: ~20x more distinct problems,
+    # too many to memorise; RL then has to improve the arithmetic itself, see README's RL section).
+    c.data.verifiable_min_steps = 1
+    c.data.verifiable_max_steps = 2
     c.data.worker_count = 0  # Grain multiprocessing workers (0 = in-process)
     c.data.read_threads = 0  # Grain reader threads (0 = read in the training thread)
     c.data.prefetch = 0  # elements prefetched by the reader threads
@@ -527,8 +530,9 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         raise UserError("config keys data.mixture.cap must be >= 0 and data.mixture.temperature > 0")
     if config.data.shards < 0:
         raise UserError(f"config key 'data.shards' must be >= 0, got {config.data.shards}")
-    if not 1 <= config.data.verifiable_max_steps <= 8:
-        raise UserError(f"config key 'data.verifiable_max_steps' must be in 1..8, got {config.data.verifiable_max_steps}")
+    if not 1 <= config.data.verifiable_min_steps <= config.data.verifiable_max_steps <= 8:
+        raise UserError("config keys 'data.verifiable_min_steps' and 'data.verifiable_max_steps' must satisfy "
+                        f"1 <= min <= max <= 8, got {config.data.verifiable_min_steps} and {config.data.verifiable_max_steps}")
     if config.data.packing_bins < 0:
         raise UserError(f"config key 'data.packing_bins' must be >= 0, got {config.data.packing_bins}")
     if config.data.max_pairs_per_row < 1:

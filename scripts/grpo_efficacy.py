@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT warm-start steps (configs/grpo.py:stage=sft)")
     parser.add_argument("--grpo-seconds", type=float, default=600.0,
                         help="GRPO stage time budget, the first held-out evaluation included")
-    parser.add_argument("--variant", default="grpo", help="grpo | dr_grpo | dapo | gspo")
+    parser.add_argument("--variant", default="positive", help="positive | grpo | dr_grpo | dapo | gspo")
     args, overrides = parser.parse_known_args(argv)
     workdir = Path(args.workdir)
     sft_dir, grpo_dir = workdir / "sft", workdir / f"grpo_{args.variant}"
@@ -53,9 +53,11 @@ def main(argv=None) -> int:
     first, last = evals[0], evals[-1]
     print(f"\nGRPO ({args.variant}) held-out, {len(evals)} evaluations, step {first['step']} -> {last['step']} "
           f"({summary.train_s:.0f}s of training steps, {summary.wall_s:.0f}s wall with evaluations):")
-    for key in ("sampled/reward", "sampled/accuracy", "greedy/reward", "greedy/accuracy"):
+    # reward (the weighted sum), accuracy and each reward function's mean, greedy and sampled
+    keys = sorted(k.removeprefix("eval/") for k in first if k.startswith("eval/") and k in last)
+    for key in sorted(keys, key=lambda k: (not k.startswith("sampled"), k)):
         a, b = first[f"eval/{key}"], last[f"eval/{key}"]
-        print(f"  {key:18s} {a:6.1%} -> {b:6.1%}  ({100 * (b - a):+.1f} points)")
+        print(f"  {key:24s} {a:6.1%} -> {b:6.1%}  ({100 * (b - a):+.1f} points)")
     if train:
         mean = {k: float(np.mean([r[k] for r in train[1:] or train])) for k in (
             "rollout/sampling_fraction", "rollout/rollout_tokens_per_s", "rollout/learner_tokens_per_s",

@@ -82,12 +82,14 @@ def test_resume_mid_run_is_exact(tmp_path, overrides):
 @pytest.mark.parametrize("overrides, message", [
     ({"objective.num_generations": 1}, "objective.num_generations' must be >= 2"),
     ({"objective.aggregation": "median"}, "objective.aggregation' must be one of"),
-    ({"objective.rewards": ("no_such_module_q:f",)}, "cannot import module"),
+    ({"objective.rewards": ("no_such_module_q:f",), "objective.reward_weights": ()}, "cannot import module"),
+    ({"objective.rewards": ("math",)}, "1 reward functions but 2 weights"),
     ({"objective.num_iterations": 2, "train.checkpoint_every": 3}, "must be a multiple of"),
     ({"objective.prompts": "gsm8k"}, "reads config key 'data.train_path'"),
     ({"data.verifiable_families": ("poetry",)}, "config key 'data.verifiable_families' must be"),
     ({"objective.negative_advantage_scale": -0.5}, "negative_advantage_scale' must be in \\[0, 1\\]"),
-    ({"data.verifiable_max_steps": 0}, "data.verifiable_max_steps' must be"),
+    ({"data.verifiable_max_steps": 0}, "1 <= min <= max <= 8"),
+    ({"data.verifiable_min_steps": 4}, "1 <= min <= max <= 8, got 4 and 3"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(UserError, match=message):

@@ -182,17 +182,17 @@ def _verifiable_sft_data(cfg: ml_collections.ConfigDict, workdir: Path, *, seed:
     with data.templates: the SFT warm start of a GRPO run; evaluated on the held-out problems."""
     from jaxtune.data.builtin import verifiable
 
-    steps = cfg.verifiable_max_steps
-    tokenizer = _tokenizer(cfg, workdir, lambda: verifiable.tokenizer_corpus(seed=seed, max_steps=steps))
+    steps = {"min_steps": cfg.verifiable_min_steps, "max_steps": cfg.verifiable_max_steps}
+    tokenizer = _tokenizer(cfg, workdir, lambda: verifiable.tokenizer_corpus(seed=seed, **steps))
     templates = [tuple(t) for t in cfg.templates]
     families = verifiable.check_families(cfg.verifiable_families)
     task = TaskSpec(DEFAULT_TASK, verifiable.generate_records(cfg.num_train_examples, split="train", seed=seed,
-                                                              families=families, max_steps=steps),
+                                                              families=families, **steps),
                     flan={DEFAULT_TASK: FlanSpec(tuple(templates), word_dropout=cfg.word_dropout)},
                     truncation=cfg.truncation, on_error=cfg.on_error)
     return SftData(tokenizer=tokenizer, tasks=[task], mixture=mixture_rates([task.name], [len(task.records)]),
                    eval_records=verifiable.generate_records(cfg.num_eval_examples, split="heldout", seed=seed,
-                                                            families=families, max_steps=steps),
+                                                            families=families, **steps),
                    eval_templates={family: templates for family in families})  # eval rows keep their "task"
 
 

@@ -189,12 +189,13 @@ class GRPO(base.Objective):
         s, d = self.section, self.config.data
         if s.prompts == "verifiable":
             families = verifiable.check_families(d.verifiable_families)
-            seed, steps = self.config.seed, d.verifiable_max_steps
+            seed = self.config.seed
+            steps = {"min_steps": d.verifiable_min_steps, "max_steps": d.verifiable_max_steps}
             train = verifiable.generate_records(d.num_train_examples, split="train", seed=seed, families=families,
-                                                max_steps=steps)
+                                                **steps)
             heldout = verifiable.generate_records(d.num_eval_examples, split="heldout", seed=seed, families=families,
-                                                  max_steps=steps)
-            corpus = lambda: verifiable.tokenizer_corpus(seed=seed, max_steps=steps)  # noqa: E731
+                                                  **steps)
+            corpus = lambda: verifiable.tokenizer_corpus(seed=seed, **steps)  # noqa: E731
         else:
             def read(path):
                 if not path:

@@ -57,8 +57,8 @@ def _split_of(key: tuple) -> str:
     return "heldout" if digest[0] < HELDOUT_FRACTION * 256 else "train"
 
 
-def _arithmetic(rng: np.random.Generator, split: str, max_steps: int) -> dict | None:
-    steps = int(rng.integers(1, max_steps + 1))
+def _arithmetic(rng: np.random.Generator, split: str, max_steps: int, min_steps: int = 1) -> dict | None:
+    steps = int(rng.integers(min_steps, max_steps + 1))
     start = int(rng.integers(1, 10))
     ops, value = [], start
     for _ in range(steps):
@@ -123,7 +123,7 @@ def check_families(families, key: str = "data.verifiable_families") -> tuple[str
 
 
 def generate_records(num_examples: int, *, split: str = "train", seed: int = 0, families=FAMILIES,
-                     max_steps: int = 2) -> list[dict]:
+                     max_steps: int = 2, min_steps: int = 1) -> list[dict]:
     """``num_examples`` records of ``split`` ("train" or "heldout"), families in turn.
 
     Deterministic for (split, seed); problems of one split never occur in the other.
@@ -137,15 +137,16 @@ def generate_records(num_examples: int, *, split: str = "train", seed: int = 0, 
     records: list[dict] = []
     while len(records) < num_examples:
         family = families[len(records) % len(families)]
-        record = _arithmetic(rng, split, max_steps) if family == "arithmetic" else _constraint(rng, split)
+        record = _arithmetic(rng, split, max_steps, min_steps) if family == "arithmetic" else _constraint(rng, split)
         if record is not None:
             records.append(record)
     return records
 
 
-def tokenizer_corpus(seed: int = 0, num_examples: int = 4000, max_steps: int = 2):
+def tokenizer_corpus(seed: int = 0, num_examples: int = 4000, max_steps: int = 2, min_steps: int = 1):
     """Prompts and solutions of both splits (so every word of a held-out wording is in-vocab)."""
     for split in SPLITS:
-        for record in generate_records(num_examples // 2, split=split, seed=seed, max_steps=max_steps):
+        for record in generate_records(num_examples // 2, split=split, seed=seed, max_steps=max_steps,
+                                       min_steps=min_steps):
             yield record["prompt"]
             yield record["solution"]
