@@ -19,8 +19,11 @@ FORMATS = ("fields", "alpaca", "self_instruct", "chat")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
-def _lookup(record: Mapping[str, Any], path: str, where: str) -> Any:
-    """`a.b.0` reads nested columns (e.g. SQuAD's answers.text.0)."""
+MISSING = object()  # what nested_value returns for a path the record does not have
+
+
+def nested_value(record: Mapping[str, Any], path: str) -> Any:
+    """The value at `a.b.0` (nested columns, e.g. SQuAD's answers.text.0), or MISSING."""
     value: Any = record
     for part in path.split("."):
         if isinstance(value, Mapping) and part in value:
@@ -28,8 +31,15 @@ def _lookup(record: Mapping[str, Any], path: str, where: str) -> Any:
         elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
             value = value[int(part)]
         else:
-            available = ", ".join(sorted(k for k in record if k != "_where")) or "(none)"
-            raise SourceError(f"{where}: field mapping names {path!r}, which the record does not have; available fields: {available}")
+            return MISSING
+    return value
+
+
+def _lookup(record: Mapping[str, Any], path: str, where: str) -> Any:
+    value = nested_value(record, path)
+    if value is MISSING:
+        available = ", ".join(sorted(k for k in record if k != "_where")) or "(none)"
+        raise SourceError(f"{where}: field mapping names {path!r}, which the record does not have; available fields: {available}")
     return value
 
 

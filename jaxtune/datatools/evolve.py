@@ -195,12 +195,11 @@ class Result:
     dropped: Counter
 
     def summary(self) -> str:
-        rate = self.new_records / self.seconds if self.seconds else 0.0
-        tps = self.generated_tokens / self.sampler_seconds if self.sampler_seconds else 0.0
-        dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        rates, dropped = progress.run_rates(self.new_records, self.seconds, self.generated_tokens,
+                                            self.sampler_seconds, self.dropped)
         return (f"{self.records} evolved instructions in the output after {self.rounds_done} rounds; this run: "
-                f"{self.new_records} kept of {self.evolutions} evolutions in {self.seconds:.1f}s ({rate:.2f} "
-                f"instructions/s, {tps:.1f} generated tokens/s while sampling); eliminated: {dropped}")
+                f"{self.new_records} kept of {self.evolutions} evolutions in {self.seconds:.1f}s ({rates}); "
+                f"eliminated: {dropped}")
 
 
 def _mutation(settings: Settings, round_: int, index: int) -> str:

@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from jaxtune.data.formats import MISSING, nested_value
 from jaxtune.data.sources import SourceError
 
 _WORD = re.compile(r"\w+")
@@ -56,16 +57,11 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def _lookup(record: Mapping[str, Any], path: str) -> Any:
-    value: Any = record
-    for part in path.split("."):
-        if isinstance(value, Mapping) and part in value:
-            value = value[part]
-        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
-            value = value[int(part)]
-        else:
-            where = record.get("_where", "record")
-            available = ", ".join(sorted(k for k in record if k not in _NOT_TEXT)) or "(none)"
-            raise SourceError(f"{where}: no field {path!r}; available fields: {available}")
+    value = nested_value(record, path)
+    if value is MISSING:
+        where = record.get("_where", "record")
+        available = ", ".join(sorted(k for k in record if k not in _NOT_TEXT)) or "(none)"
+        raise SourceError(f"{where}: no field {path!r}; available fields: {available}")
     return value
 
 

@@ -24,6 +24,14 @@ from jaxtune.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def run_rates(kept: int, seconds: float, tokens: int, sampler_seconds: float, dropped: Mapping[str, int]) -> tuple[str, str]:
+    """("R instructions/s, T generated tokens/s while sampling", "reason n, ...") of a generation run's summary."""
+    rate = kept / seconds if seconds else 0.0
+    tps = tokens / sampler_seconds if sampler_seconds else 0.0
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"
+    return f"{rate:.2f} instructions/s, {tps:.1f} generated tokens/s while sampling", reasons
+
+
 def digest(texts: list[str]) -> str:
     """A short fingerprint of the inputs a run started from (recorded in the report's settings)."""
     import hashlib

@@ -275,12 +275,11 @@ class Result:
     dropped: Counter  # this run's drop reasons
 
     def summary(self) -> str:
-        rate = self.new_instructions / self.seconds if self.seconds else 0.0
-        tps = self.generated_tokens / self.sampler_seconds if self.sampler_seconds else 0.0
-        dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        rates, dropped = progress.run_rates(self.new_instructions, self.seconds, self.generated_tokens,
+                                            self.sampler_seconds, self.dropped)
         return (f"{self.instructions} instructions ({self.records} instances) in the output; this run: "
                 f"{self.new_instructions} new from {self.requests} requests in {self.seconds:.1f}s "
-                f"({rate:.2f} instructions/s, {tps:.1f} generated tokens/s while sampling); dropped: {dropped}")
+                f"({rates}); dropped: {dropped}")
 
 
 class _Pool:
