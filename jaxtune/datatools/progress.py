@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxtune import distributed
+from jaxtune.data.sources import parse_json_record
 from jaxtune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,8 @@ def read_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dict]]
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise UserError(f"{what} {path}:{number}: invalid JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{what} {path}:{number}: expected a JSON object, found {type(record).__name__}")
+            record = parse_json_record(raw, f"{what} {path}:{number}")  # the data sources' parser and errors
+            record.pop("_where")
             yield number, record
 
 
