@@ -530,11 +530,15 @@ def _conversation(record: dict, where: str = "") -> list[dict] | None:
     messages = record.get("messages")
     if messages is None:
         return None
+    from jaxtune.data.formats import check_message_list
+    from jaxtune.data.sources import SourceError
+
     where = where or str(record.get("_where", "a prompt record"))
-    if (not isinstance(messages, list) or not messages
-            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                       for m in messages)):
-        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} strings")
+    try:
+        messages = check_message_list(messages, where)  # the chat records' own check
+    except SourceError as e:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role': ..., 'content': ...}} strings "
+                        f"({str(e).removeprefix(where + ': ')})") from None
     if messages[-1]["role"] == "assistant":
         raise UserError(f"{where}: 'messages' ends with an assistant turn; a prompt ends with the turn the model "
                         "answers (the completion is sampled)")
