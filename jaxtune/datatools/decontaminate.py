@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from jaxtune.datatools import ngrams
-from jaxtune.datatools.records import RecordSet, record_id
+from jaxtune.datatools.records import KeptSets, RecordSet, record_id
 from jaxtune.errors import UserError
 
 
@@ -76,16 +76,12 @@ def contamination(record: dict, index: EvalIndex, settings: DecontaminationSetti
 
 
 @dataclasses.dataclass
-class DecontaminationResult:
+class DecontaminationResult(KeptSets):
     sets: list[RecordSet]
     index: EvalIndex
     kept: dict[str, list[int]]
     contaminated: list[Contaminated]
     index_n: int = 13  # n, for the summary line
-
-    def kept_records(self, name: str) -> list[dict]:
-        records = next(s.records for s in self.sets if s.name == name)
-        return [records[i] for i in self.kept[name]]
 
     def report(self, settings: DecontaminationSettings) -> dict:
         train = {}

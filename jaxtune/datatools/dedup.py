@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Sequence
 
 from jaxtune.datatools import ngrams
-from jaxtune.datatools.records import RecordSet, record_id
+from jaxtune.datatools.records import KeptSets, RecordSet, record_id
 from jaxtune.errors import UserError
 
 
@@ -62,14 +62,10 @@ class Duplicate:
 
 
 @dataclasses.dataclass
-class DedupResult:
+class DedupResult(KeptSets):
     sets: list[RecordSet]
     kept: dict[str, list[int]]  # per set: indices kept, in order
     removed: list[Duplicate]
-
-    def kept_records(self, name: str) -> list[dict]:
-        records = next(s.records for s in self.sets if s.name == name)
-        return [records[i] for i in self.kept[name]]
 
     def report(self, settings: DedupSettings) -> dict:
         per_set = {}

@@ -26,6 +26,14 @@ class RecordSet:
     origin: str  # where it was read from (a path, "tfds name[split]")
 
 
+class KeptSets:
+    """Mixin of a cleaning result with `sets` and `kept` (per set name: the indices kept, in order)."""
+
+    def kept_records(self, name: str) -> list[dict]:
+        records = next(s.records for s in self.sets if s.name == name)
+        return [records[i] for i in self.kept[name]]
+
+
 def read_all(source) -> list[dict]:
     """Every record of a random-access source, in order (bad records raise, naming file and line)."""
     return [source[i] for i in range(len(source))]
