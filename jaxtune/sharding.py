@@ -1,6 +1,6 @@
 """The only place that names mesh axes: mesh building and logical -> mesh rule presets.
 
-Models label weights and activations with logical names (DESIGN.md); a preset maps those names
+Models label weights and activations with logical names (docs/architecture.md); a preset maps those names
 to the mesh axes `data, fsdp, tensor`. A dimension that does not divide its mesh axes is
 replicated (with one logged warning) instead of failing, so odd vocabularies and small head
 counts still run on any mesh.
