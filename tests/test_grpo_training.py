@@ -132,6 +132,30 @@ def test_gsm8k_prompts_load_with_their_answers_and_templates(tmp_path):
         GRPO(bad).load_data(tmp_path / "bad")
 
 
+def test_prompts_use_the_hf_models_own_tokenizer(tmp_path):
+    """model.hf_dir without data.tokenizer: the model's tokenizer, as SFT and DPO use it (no new
+    tokenizer trained into the workdir)."""
+    import jax.numpy as jnp
+
+    from jaxtune import models, sharding
+    from jaxtune.data.datasets import TOKENIZER_FILE
+    from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
+    from jaxtune.objectives.grpo import GRPO
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    words = [f"What is {i} plus {j}? The answer is {i + j}." for i in range(20) for j in range(20)]
+    train_sentencepiece(words, hf_dir / "tokenizer", vocab_size=400)  # the corpus caps it below 400
+    vocab = load_tokenizer(hf_dir / "tokenizer.model").vocab_size
+    cfg = models.get_config("llama", "tiny", vocab_size=vocab, hidden_size=32, intermediate_size=64)
+    params = sharding.unbox(models.build(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    models.save_pretrained(cfg, params, hf_dir)
+    workdir = tmp_path / "run"
+    data = GRPO(grpo_config(**{"model.hf_dir": str(hf_dir)})).load_data(workdir)
+    assert data.tokenizer.vocab_size == vocab != grpo_config().data.tokenizer_vocab_size
+    assert not (workdir / TOKENIZER_FILE).exists()
+
+
 def test_chat_prompts_render_through_the_chat_template(tmp_path):
     """data.chat_template: a plain prompt becomes the user turn, a record's `messages` are used as they
     are; either way the ids end with the template's generation prompt (the assistant's header)."""
