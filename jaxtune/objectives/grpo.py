@@ -195,7 +195,7 @@ class GRPO(base.Objective):
                                                 **steps)
             heldout = verifiable.generate_records(d.num_eval_examples, split="heldout", seed=seed, families=families,
                                                   **steps)
-            corpus = lambda: verifiable.tokenizer_corpus(seed=seed, **steps)  # noqa: E731
+            corpus = lambda: verifiable.tokenizer_corpus(seed=seed, **steps)
         else:
             def read(path):
                 if not path:
@@ -206,7 +206,7 @@ class GRPO(base.Objective):
                 return [source[i] for i in range(len(source))]
 
             train, heldout = read(d.train_path), read(d.eval_path)
-            corpus = lambda: (self.prompt_text(r) for r in train[:20_000])  # noqa: E731
+            corpus = lambda: (self.prompt_text(r) for r in train[:20_000])
         for i, record in enumerate(train[:1000] + heldout[:1000]):
             self.prompt_text(record, where=str(record.get("_where", f"record {i}")))  # bad templates fail now
         return PromptData(self._tokenizer(workdir, corpus), train, heldout)
