@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from jaxtune import distributed
+from jaxtune import distributed, platforms
 from jaxtune.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    platforms.cpu_only_without_accelerators()  # no libtpu start-up noise on a machine without TPUs
     try:
         if args.command in DEVICE_COMMANDS:
             distributed.initialize(distributed.settings_from(args))

@@ -367,7 +367,7 @@ def set_value(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
     """Sets `a.b.c` from a command-line string, converted to the type the key already has."""
     parts = key.split(".")
     node = config
-    for i, part in enumerate(parts[:-1]):
+    for part in parts[:-1]:
         if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
             raise _unknown_key(config, key)
         node = node[part]

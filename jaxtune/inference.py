@@ -95,7 +95,7 @@ def restore_run(workdir: str, what: str, *, config: ml_collections.ConfigDict | 
     if getattr(model_config, "num_labels", None) and model_config.pad_token_id is None:
         # A sequence classifier (reward model) pools its last non-pad token: transformers needs the
         # tokenizer's pad id in config.json, and our own scoring uses the same rule.
-        tokenizer = tokenizer or _tokenizer(tokenizer_path, f"{what} {workdir}")
+        tokenizer = tokenizer or _tokenizer(tokenizer_path, f"{what} {workdir}", trained)
         model_config = model_config.replace(pad_token_id=tokenizer.pad_id)
     return Run(trained, model_config, state, step, tokenizer, tokenizer_path)
 

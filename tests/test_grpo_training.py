@@ -19,7 +19,7 @@ def grpo_config(**overrides):
     c.unlock()
     small = {
         "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
-        "model.num_kv_heads": 2, "data.seq_len": 64, "data.num_train_examples": 64,
+        "model.num_kv_heads": 2, "data.seq_len": 96, "data.num_train_examples": 64,
         "data.num_eval_examples": 4, "data.packing": False, "objective.num_prompts": 2,
         "objective.num_generations": 4, "objective.max_completion_tokens": 6, "objective.sample_every": 2,
         "train.global_batch_size": 8, "train.steps": 2, "train.eval_every": 0, "train.checkpoint_every": 2,
@@ -67,7 +67,10 @@ def _params(workdir, step):
     {"peft.method": "lora", "peft.rank": 4, "objective.beta": 0.05, "objective.importance": "sequence"},
 ])
 def test_resume_mid_run_is_exact(tmp_path, overrides):
-    overrides = {"train.steps": 4, "train.checkpoint_every": 2, "data.num_eval_examples": 0, **overrides}
+    # The first half stops by train.steps=2, so the learning rate must not depend on train.steps
+    # (configs/grpo.py warms up over min(warmup_steps, steps - 1) steps): constant, no warmup.
+    overrides = {"train.steps": 4, "train.checkpoint_every": 2, "data.num_eval_examples": 0,
+                 "optim.warmup_steps": 0, **overrides}
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     trainer.train(grpo_config(**overrides), reference)
     trainer.train(grpo_config(**{**overrides, "train.steps": 2}), resumed)  # stops at a checkpoint
@@ -109,7 +112,7 @@ def test_rollouts_that_cannot_fit_their_rows_fail_at_start():
         objective._check_fit(records)
     objective = GRPO(grpo_config())
     objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * 200, bos_id=2)
-    with pytest.raises(UserError, match="need 8 rows of data.seq_len=64"):
+    with pytest.raises(UserError, match="need 8 rows of data.seq_len=96"):
         objective._check_fit(records)
     objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * 10, bos_id=2)
     objective._check_fit(records)  # fits: no error
@@ -130,6 +133,30 @@ def test_gsm8k_prompts_load_with_their_answers_and_templates(tmp_path):
     bad = grpo_config(**{"objective.prompts": "gsm8k", "data.train_path": str(path), "objective.prompt_template": "{query}"})
     with pytest.raises(UserError, match="uses field 'query'"):
         GRPO(bad).load_data(tmp_path / "bad")
+
+
+def test_prompts_use_the_hf_models_own_tokenizer(tmp_path):
+    """model.hf_dir without data.tokenizer: the model's tokenizer, as SFT and DPO use it (no new
+    tokenizer trained into the workdir)."""
+    import jax.numpy as jnp
+
+    from jaxtune import models, sharding
+    from jaxtune.data.datasets import TOKENIZER_FILE
+    from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
+    from jaxtune.objectives.grpo import GRPO
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    words = [f"What is {i} plus {j}? The answer is {i + j}." for i in range(20) for j in range(20)]
+    train_sentencepiece(words, hf_dir / "tokenizer", vocab_size=400)  # the corpus caps it below 400
+    vocab = load_tokenizer(hf_dir / "tokenizer.model").vocab_size
+    cfg = models.get_config("llama", "tiny", vocab_size=vocab, hidden_size=32, intermediate_size=64)
+    params = sharding.unbox(models.build(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    models.save_pretrained(cfg, params, hf_dir)
+    workdir = tmp_path / "run"
+    data = GRPO(grpo_config(**{"model.hf_dir": str(hf_dir)})).load_data(workdir)
+    assert data.tokenizer.vocab_size == vocab != grpo_config().data.tokenizer_vocab_size
+    assert not (workdir / TOKENIZER_FILE).exists()
 
 
 def test_chat_prompts_render_through_the_chat_template(tmp_path):

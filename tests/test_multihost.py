@@ -182,7 +182,8 @@ def test_two_processes_match_one_packed_dpo(tmp_path):
 GRPO_OVERRIDES = [
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
     "model.num_kv_heads=2", "data.seq_len=48", "data.packing=False", "data.tokenizer_vocab_size=300",
-    "objective.prompts=jsonl", "objective.rewards=('instructions',)", "objective.num_generations=4",
+    "objective.prompts=jsonl", "objective.rewards=('instructions',)", "objective.reward_weights=(1.0,)",
+    "objective.num_generations=4",
     "objective.max_completion_tokens=8", "objective.sample_every=0", "train.global_batch_size=8",
     "train.steps=3", "train.eval_every=0", "train.checkpoint_every=3", "train.log_every=1",
     "train.max_seconds=0.0", "train.async_checkpoints=False", "train.progress_bar=False", "optim.lr=1e-2",

@@ -195,7 +195,7 @@ class GRPO(base.Objective):
                                                 **steps)
             heldout = verifiable.generate_records(d.num_eval_examples, split="heldout", seed=seed, families=families,
                                                   **steps)
-            corpus = lambda: verifiable.tokenizer_corpus(seed=seed, **steps)  # noqa: E731
+            corpus = lambda: verifiable.tokenizer_corpus(seed=seed, **steps)
         else:
             def read(path):
                 if not path:
@@ -206,12 +206,13 @@ class GRPO(base.Objective):
                 return [source[i] for i in range(len(source))]
 
             train, heldout = read(d.train_path), read(d.eval_path)
-            corpus = lambda: (self.prompt_text(r) for r in train[:20_000])  # noqa: E731
+            corpus = lambda: (self.prompt_text(r) for r in train[:20_000])
         for i, record in enumerate(train[:1000] + heldout[:1000]):
             self.prompt_text(record, where=str(record.get("_where", f"record {i}")))  # bad templates fail now
         return PromptData(self._tokenizer(workdir, corpus), train, heldout)
 
     def _tokenizer(self, workdir, corpus):
+        from jaxtune import config as config_lib
         from jaxtune import paths
         from jaxtune.data import datasets
         from jaxtune.data.tokenizers import load_tokenizer
@@ -220,7 +221,8 @@ class GRPO(base.Objective):
         if not self.config.data.tokenizer and start and (paths.path(start) / datasets.TOKENIZER_FILE).is_file():
             # the SFT run's own tokenizer
             return load_tokenizer(paths.path(start) / datasets.TOKENIZER_FILE, add_bos=self.config.data.add_bos)
-        return datasets._tokenizer(self.config.data, paths.path(workdir), corpus)
+        # model.hf_dir's own tokenizer when data.tokenizer is unset, as SFT and DPO resolve it
+        return datasets._tokenizer(config_lib.data_config(self.config), paths.path(workdir), corpus)
 
     def prompt_text(self, record: dict, where: str = "") -> str:
         """The prompt as the reward functions read it: `objective.prompt_template` rendered with the
