@@ -120,7 +120,7 @@ class RewardModel(pairs.PairObjective):
 
     @classmethod
     def config_section(cls):
-        c = ml_collections.ConfigDict()
+        c = super().config_section()  # reference: auto or none (a reward model needs none)
         c.center_rewards_coefficient = 0.0  # TRL's reward centering (0: off; Eisenstein et al. suggest 0.01)
         return c
 
@@ -131,9 +131,9 @@ class RewardModel(pairs.PairObjective):
     @classmethod
     def validate(cls, config):
         super().validate(config)
-        o = config.objective
+        o = cls.section_of(config)
         if not o.center_rewards_coefficient >= 0:
-            raise UserError(f"config key 'objective.center_rewards_coefficient' must be >= 0, got "
+            raise UserError(f"config key '{cls.key('center_rewards_coefficient')}' must be >= 0, got "
                             f"{o.center_rewards_coefficient}")
         if config.peft.method == "prefix":
             raise UserError("config key 'peft.method' is 'prefix': a reward model trains with lora, dora or full "
