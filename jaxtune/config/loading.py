@@ -266,7 +266,8 @@ def upgrade_saved(config: ml_collections.ConfigDict, sections: ObjectiveSections
     data = config.get("data")
     if data is not None and "source" in data:
         with data.unlocked():
-            source = data.pop("source")
+            source = data.source
+            del data["source"]
             data.builtin = "" if source == "jsonl" else source
     if sections is None or "objective" not in config:
         return
