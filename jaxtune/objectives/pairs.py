@@ -208,7 +208,7 @@ class PairObjective(base.Objective):
     # ---- hooks -------------------------------------------------------------------------------
 
     def start(self, run):
-        """objective.reference='precomputed': score every training pair once with the start weights
+        """reference='precomputed': score every training pair once with the start weights
         (stored in the workdir, resumable) and attach the numbers to the batches."""
         from jaxtune import reference, sharding
         from jaxtune.data import pair_packing, pipeline, preference

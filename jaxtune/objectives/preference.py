@@ -1,5 +1,5 @@
 """The `dpo` objective: paired preference losses on per-sequence log-probs (the DPO family,
-SimPO, ORPO, paired KTO), selected by `objective.loss_type`.
+SimPO, ORPO, paired KTO), selected by `objective.dpo.loss_type`.
 
 Everything here is a pure float32 function of per-sequence *summed* log-probs (and lengths, for
 the length-normalised losses), so the trainer computes one forward pass and every loss reuses it.
@@ -204,7 +204,7 @@ def preference_loss(
 
 @base.register("dpo", aliases=("preference",))
 class DPO(pairs.PairObjective):
-    """Paired preference losses on (prompt, chosen, rejected) records; `objective.loss_type` picks one."""
+    """Paired preference losses on (prompt, chosen, rejected) records; `objective.dpo.loss_type` picks one."""
 
     @classmethod
     def config_section(cls):

@@ -7,7 +7,7 @@ reward ``r`` is the head's output at its last non-padding token over the whole t
 prompt + completion + EOS, the token transformers pools (the rightmost one that is not the
 tokenizer's pad id; layers.last_token_index). Per pair, with ``r_c``/``r_r`` the chosen/rejected
 rewards, ``m`` the record's optional ``margin`` field (0 when absent) and ``c`` =
-objective.center_rewards_coefficient::
+objective.reward.center_rewards_coefficient::
 
     loss = -log sigmoid(r_c - r_r - m) + c * (r_c + r_r)^2
 
