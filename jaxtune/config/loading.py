@@ -45,8 +45,14 @@ class ObjectiveSections:
 
 
 def load_config(spec: str, overrides: Sequence[str] = (), *,
-                sections: ObjectiveSections) -> ml_collections.ConfigDict:
-    """Loads `path.py[:arg]`, selects its objective and applies `a.b=value` overrides; locked, not validated."""
+                sections: ObjectiveSections | None = None) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]`, selects its objective and applies `a.b=value` overrides; locked, not validated.
+
+    `sections` come from the objective registry (objectives.base.config_sections()); in Python,
+    `jaxtune.load_config(spec, overrides)` passes them and validates the result."""
+    if sections is None:
+        raise UserError("jaxtune.config.load_config needs the objectives' config sections; load configs with "
+                        "jaxtune.load_config(spec, overrides), which also validates them")
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.is_file():
