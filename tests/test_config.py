@@ -195,3 +195,9 @@ def test_saved_configs_of_older_runs_are_upgraded():
     assert c.data.builtin == "" and "source" not in c.data
     objective = objectives.build(c)
     assert c.objective.dpo.beta == 0.3 and objective.loss_name() == "ipo" and set(c.objective) == {"type", "dpo"}
+
+
+def test_the_leaf_loader_alone_points_to_jaxtune_load_config(config_file):
+    """jaxtune.config sits below the objectives, so it cannot know their sections by itself."""
+    with pytest.raises(UserError, match=r"load configs with jaxtune\.load_config\(spec, overrides\)"):
+        config_lib.load_config(str(config_file))
