@@ -101,9 +101,9 @@ def _add_plan_parser(commands) -> None:
 
 
 def _plan(args, overrides: list[str]) -> int:
-    from jaxtune import config as config_lib
+    from jaxtune import validation
 
-    config = config_lib.load_config(args.config, overrides, needs_data=False)
+    config = validation.load_config(args.config, overrides, needs_data=False)
     from jaxtune import plan
 
     try:
@@ -186,16 +186,15 @@ def _chat(args) -> int:
 
 
 def _eval(args, overrides: list[str]) -> int:
-    from jaxtune import config as config_lib
-    from jaxtune import evaluate, inference, metrics, objectives, paths
+    from jaxtune import evaluate, inference, metrics, objectives, paths, validation
 
-    config = config_lib.load_config(args.config, overrides) if args.config else None
+    config = validation.load_config(args.config, overrides) if args.config else None
     loaded = inference.from_hf_dir(args.hf_dir, config) if args.hf_dir else inference.from_workdir(args.workdir, config)
     config = loaded.config
     objective = objectives.build(config)  # the run's objective decides what its held-out evaluation is
     eval_set = objective.eval_set(objective.load_data(args.workdir))
     if not eval_set:
-        raise UserError("eval: nothing to evaluate; set data.eval_path (or data.source=quickstart), eval.mc_path "
+        raise UserError("eval: nothing to evaluate; set data.eval_path (or data.builtin=quickstart), eval.mc_path "
                         "or eval.tasks")
     scores = objective.evaluate(loaded.model, loaded.params, loaded.tokenizer, eval_set,
                                 show=config.eval.show_examples)
@@ -321,9 +320,9 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _train(args, overrides: list[str]) -> int:
-    from jaxtune import config as config_lib
+    from jaxtune import validation
 
-    config = config_lib.load_config(args.config, overrides)  # all config errors before JAX starts work
+    config = validation.load_config(args.config, overrides)  # all config errors before JAX starts work
     from jaxtune import trainer, workdir
 
     with workdir.undo_on_user_error(args.workdir):  # a failed start leaves the workdir as it was
@@ -335,9 +334,9 @@ def _train(args, overrides: list[str]) -> int:
 def _data_preview(args, overrides: list[str]) -> int:
     import tempfile
 
-    from jaxtune import config as config_lib
+    from jaxtune import validation
 
-    config = config_lib.load_config(args.config, overrides)
+    config = validation.load_config(args.config, overrides)
     from jaxtune.config import data_config
     from jaxtune.data.preview import preview
 

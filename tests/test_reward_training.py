@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxtune import cli, config as config_lib, trainer
+from jaxtune import cli, trainer, validation
 from jaxtune.data.tokenizers import train_sentencepiece
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
@@ -41,7 +41,7 @@ def files(tmp_path_factory):
 def reward_config(files, arg="", **overrides):
     values = {**TINY, "data.train_path": files["pairs"], "data.eval_path": files["eval"],
               "data.tokenizer": files["tokenizer"], **overrides}
-    return config_lib.load_config(f"configs/reward.py:{arg}", [f"{k}={v}" for k, v in values.items()])
+    return validation.load_config(f"configs/reward.py:{arg}", [f"{k}={v}" for k, v in values.items()])
 
 
 def _hf_scores(hf_dir, rewards, prompts, completions):
@@ -58,7 +58,7 @@ def _hf_scores(hf_dir, rewards, prompts, completions):
 
 def test_reward_model_trains_evaluates_and_scores_the_same_in_transformers(files, tmp_path, capsys):
     workdir = tmp_path / "rm"
-    summary = trainer.train(reward_config(files, **{"objective.center_rewards_coefficient": 0.01}), workdir)
+    summary = trainer.train(reward_config(files, **{"objective.reward.center_rewards_coefficient": 0.01}), workdir)
     rows = [r for r in read_metrics(workdir) if "loss" in r]
     assert rows[0]["loss"] > rows[-1]["loss"] and all(math.isfinite(r["margin"]) for r in rows)
     assert rows[-1]["accuracy"] == 1.0
@@ -158,6 +158,6 @@ def test_reward_model_starts_from_an_sft_run(files, tmp_path):
 
 def test_bad_reward_settings_are_reported(files):
     with pytest.raises(UserError, match="center_rewards_coefficient' must be >= 0"):
-        config_lib.validate(reward_config(files, **{"objective.center_rewards_coefficient": -1.0}))
+        validation.validate(reward_config(files, **{"objective.reward.center_rewards_coefficient": -1.0}))
     with pytest.raises(UserError, match="reference-free"):
-        config_lib.validate(reward_config(files, **{"objective.reference": "copy"}))
+        validation.validate(reward_config(files, **{"objective.reward.reference": "copy"}))

@@ -120,9 +120,9 @@ def _load_config(args, overrides):
         if overrides:
             raise UserError(f"data {args.data_command}: --config.{overrides[0]} given without --config")
         return None
-    from jaxtune import config as config_lib
+    from jaxtune import validation
 
-    return config_lib.load_config(args.config, overrides)
+    return validation.load_config(args.config, overrides)
 
 
 def _train_sets(args, config):
