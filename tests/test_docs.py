@@ -223,7 +223,7 @@ def test_text_objective_trains_every_token_of_its_records(text_objective, tmp_pa
             seen.add(tok.decode(batch["targets"][row, : n - 1]))
     assert seen and seen <= set(texts)
 
-    _, _, no_eos = _text_run(text_objective, tmp_path, [{"text": t} for t in texts], **{"objective.text_eos": "false"})
+    _, _, no_eos = _text_run(text_objective, tmp_path, [{"text": t} for t in texts], **{"objective.text.text_eos": "false"})
     row = next(iter(no_eos))
     n = int(row["segment_ids"][0].sum())
     assert row["targets"][0, n - 1] != tok.eos_id

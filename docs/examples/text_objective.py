@@ -7,7 +7,7 @@ objective and a config, so it runs as it is:
     jaxtune train --config docs/examples/text_objective.py --workdir runs/text
 
 Loading this file registers the objective (`@base.register`) before `base_config()` lists the
-config keys, so `objective.text_eos` is an ordinary key (`--config.objective.text_eos=false`).
+config keys, so `objective.text.text_eos` is an ordinary key (`--config.objective.text.text_eos=false`).
 """
 
 import dataclasses
@@ -36,7 +36,7 @@ class PlainText(SFT):
     @classmethod
     def config_section(cls):
         c = ml_collections.ConfigDict()
-        c.text_eos = True  # -> config.objective.text_eos: end each text with EOS
+        c.text_eos = True  # -> config.objective.text.text_eos: end each text with EOS
         return c
 
     def load_data(self, workdir):

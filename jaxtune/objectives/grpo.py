@@ -5,10 +5,10 @@ settings: the built-in verifiable problems (`data.builtin='verifiable'`) or JSON
 (`data.train_path`, held out: `data.eval_path`; `objective.grpo.format='gsm8k'` for GSM8K records).
 
 Every `objective.steps_per_rollout * objective.num_iterations` steps, `next_batch` takes
-`objective.num_prompts` prompts from the data, samples `objective.num_generations` completions
+`objective.grpo.num_prompts` prompts from the data, samples `objective.grpo.num_generations` completions
 of each with the *current* policy (the train state's own variables: LoRA adapters and a
 quantised base included, nothing copied), scores them with the reward functions
-(`objective.rewards`, summed with `objective.reward_weights`), turns rewards into group-relative
+(`objective.grpo.rewards`, summed with `objective.grpo.reward_weights`), turns rewards into group-relative
 advantages and the completions into training rows (packed with segment ids when
 `data.packing`). The rows are split into `steps_per_rollout` mini-batches of
 `train.global_batch_size` rows, each trained on `num_iterations` times; with more than one pass
