@@ -69,8 +69,10 @@ def test_readme_is_a_front_page_that_keeps_the_newcomer_commands():
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 300
     assert "pip install -e . && jaxtune train --config configs/quickstart.py --workdir runs/quickstart" in readme
-    ci_command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci_command == 'pip install -e ".[test]" && pytest -n 2' and ci_command in readme
+    test_command = 'pip install -e ".[test]" && pytest -n 2'
+    assert test_command in readme
+    ci_steps = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert any(line.startswith(test_command) for line in ci_steps)  # CI runs the README's command as written
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
         if "://" not in target:
             assert (REPO / target).exists(), f"README links to a missing file: {target}"
@@ -183,15 +185,13 @@ def text_objective():
 
 
 def _text_run(module, tmp_path, lines, **overrides):
-    from jaxtune import config as config_lib
-    from jaxtune import objectives
+    from jaxtune import objectives, validation
 
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps(x) + "\n" for x in lines))
     config = module.get_config(f"train_path={data}")
-    for key, value in overrides.items():
-        config_lib.set_value(config, key, value)
-    config_lib.validate(config)
+    validation.apply_overrides(config, [f"{key}={value}" for key, value in overrides.items()])  # selects 'text'
+    validation.validate(config)
     objective = objectives.build(config)
     loaded = objective.load_data(tmp_path / "run")
     batches, _ = objective.train_dataset(loaded, batch_size=4, process_index=0, process_count=1)

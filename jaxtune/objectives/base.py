@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Protocol
 
 import jax
@@ -265,9 +265,23 @@ def build(config: ml_collections.ConfigDict) -> Objective:
     return cls(config)
 
 
+class _LiveSections(Mapping):
+    """name -> section factory, read from the registry at each use: an objective registered while the
+    config file loads (one defined in that file) has its section like the built-in ones."""
+
+    def __getitem__(self, name: str):
+        return get(name).config_section
+
+    def __iter__(self):
+        return iter(names())
+
+    def __len__(self) -> int:
+        return len(names())
+
+
 def config_sections() -> config_lib.ObjectiveSections:
     """Every registered objective's section (`config.objective.<name>`) for the config loader."""
-    return config_lib.ObjectiveSections({name: get(name).config_section for name in names()}, canonical)
+    return config_lib.ObjectiveSections(_LiveSections(), canonical)
 
 
 def select(config: ml_collections.ConfigDict) -> None:
