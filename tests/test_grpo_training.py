@@ -8,8 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtune import validation
-from jaxtune import trainer
+from jaxtune import trainer, validation
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
 
