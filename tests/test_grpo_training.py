@@ -8,8 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtune import validation
-from jaxtune import trainer
+from jaxtune import trainer, validation
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
 
@@ -88,7 +87,8 @@ def test_resume_mid_run_is_exact(tmp_path, overrides):
     ({"objective.grpo.rewards": ("no_such_module_q:f",), "objective.grpo.reward_weights": ()}, "cannot import module"),
     ({"objective.grpo.rewards": ("math",)}, "1 reward functions but 2 weights"),
     ({"objective.grpo.num_iterations": 2, "train.checkpoint_every": 3}, "must be a multiple of"),
-    ({"data.builtin": ""}, "config key 'data.train_path' is empty: GRPO reads its prompts from it"),
+    ({"data.builtin": ""}, "config key 'data.train_path' is empty"),
+    ({"data.builtin": "quickstart"}, "prompts come from data.builtin='verifiable' or data.train_path"),
     ({"data.verifiable_families": ("poetry",)}, "config key 'data.verifiable_families' must be"),
     ({"objective.grpo.negative_advantage_scale": -0.5}, "negative_advantage_scale' must be in \\[0, 1\\]"),
     ({"data.verifiable_max_steps": 0}, "1 <= min <= max <= 8"),

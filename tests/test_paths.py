@@ -15,8 +15,7 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.local import LocalFileSystem
 
 from jaxtune import config as config_lib
-from jaxtune import validation
-from jaxtune import evaluate, inference, metrics, models, paths, reference
+from jaxtune import evaluate, inference, metrics, models, paths, reference, validation
 from jaxtune.data import chat, datasets
 from jaxtune.data.tokenizers import load_tokenizer
 from jaxtune.errors import UserError

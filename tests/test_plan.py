@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune import cli, metrics, objectives, plan, sharding, trainer
+from jaxtune import cli, metrics, objectives, plan, sharding, trainer, validation
 from jaxtune import config as config_lib
-from jaxtune import validation
 from jaxtune.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,10 +6,8 @@ import pytest
 
 import json
 
-from jaxtune import cli
+from jaxtune import cli, trainer, validation
 from jaxtune import config as config_lib
-from jaxtune import validation
-from jaxtune import trainer
 from jaxtune.metrics import read_metrics
 from tests.helpers import write_preference_jsonl
 from tests.test_preference_training import dpo_config, files  # noqa: F401 (the module's data fixture)

@@ -19,8 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from jaxtune import api, chat_loop, evaluate
 from jaxtune import config as config_lib
-from jaxtune import validation
 from jaxtune import generate as generate_lib
+from jaxtune import validation
 from jaxtune.data import chat as chat_lib
 from jaxtune.data import datasets, pipeline, preference
 from jaxtune.data.examples import DEFAULT_TASK, ExampleBuilder, TaskSpec

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from jaxtune import config as config_lib
-from jaxtune import validation
-from jaxtune import models
+from jaxtune import models, validation
 from jaxtune.errors import UserError
 from jaxtune.models import attention
 

@@ -9,8 +9,7 @@ import pytest
 from flax import linen as nn
 
 from jaxtune import config as config_lib
-from jaxtune import validation
-from jaxtune import evaluate, models, objectives, trainer
+from jaxtune import evaluate, models, objectives, trainer, validation
 from jaxtune.errors import UserError
 from jaxtune.objectives import head_token_stats, token_stats
 from jaxtune.peft import lora

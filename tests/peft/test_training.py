@@ -11,9 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtune import cli, models, objectives, optim, sharding, trainer
+from jaxtune import cli, models, objectives, optim, sharding, trainer, validation
 from jaxtune import config as config_lib
-from jaxtune import validation
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
 from jaxtune.peft import lora
