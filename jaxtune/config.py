@@ -559,9 +559,9 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
                 raise UserError(f"config key 'mesh.{prefix}{axis}' must be a positive size or -1, got {size}")
         if sum(config.mesh[prefix + a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
             raise UserError(f"config keys mesh.{prefix}data/{prefix}fsdp/{prefix}tensor: at most one axis may be -1")
-    from jaxtune.peft import lora  # a leaf module: spec parsing and validation
+    from jaxtune.peft import base as peft_base  # the PEFT registry: each method checks its own keys
 
-    lora.spec_from_config(config.peft)
+    peft_base.spec_from_config(config.peft)
 
 
 def _validate_decontaminate(config: ml_collections.ConfigDict) -> None:
