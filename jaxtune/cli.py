@@ -275,6 +275,8 @@ def _export(args) -> int:
     if spec is None:
         raise UserError(f"export: {args.workdir} is a full fine-tuning run (peft.method='none'); "
                         "use `jaxtune convert --workdir W --hf_out OUT`")
+    if args.peft:
+        export.check_exportable(spec)
     if args.merged:
         export.check_mergeable(spec)
         if config.model.get("hf_dir"):  # the base is re-read from the run's HF dir

@@ -27,6 +27,8 @@ from jaxtune.models import hf
 from jaxtune.peft import base as peft_base
 from jaxtune.peft import heads, lora, prefix
 
+PEFT_FORMAT_METHODS = ("lora", "dora", "prefix")  # methods with a PEFT on-disk format here
+MERGEABLE_METHODS = ("lora", "dora")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -132,6 +134,7 @@ def export_peft(model_config, spec: peft_base.Spec | None, adapters: Mapping, ou
     weights, needed only by a reward model's score head)."""
     if spec is None:
         raise UserError("export --peft: this run has no adapters (peft.method is 'none'); use --merged or convert")
+    check_exportable(spec)
     out = epath.Path(out_dir)
     is_prefix = spec.prefix_length > 0
     if is_prefix:
@@ -150,7 +153,16 @@ def export_peft(model_config, spec: peft_base.Spec | None, adapters: Mapping, ou
     return out
 
 
+def check_exportable(spec: peft_base.Spec) -> None:
+    if spec.method not in PEFT_FORMAT_METHODS:
+        raise UserError(f"export --peft: peft.method={spec.method!r} has no PEFT-format export; jaxtune writes "
+                        f"{', '.join(PEFT_FORMAT_METHODS)} adapters")
+
+
 def check_mergeable(spec: peft_base.Spec | None) -> None:
+    if spec is not None and spec.method not in (*MERGEABLE_METHODS, "prefix"):
+        raise UserError(f"export --merged: peft.method={spec.method!r} cannot be merged; jaxtune merges "
+                        f"{', '.join(MERGEABLE_METHODS)} adapters")
     if spec is not None and spec.prefix_length > 0:
         raise UserError("export --merged: prefix tuning adds key/value slots to attention and cannot be merged "
                         "into the weights; use --peft OUT (PEFT's PREFIX_TUNING format)")
