@@ -50,7 +50,8 @@ import numpy as np
 from jaxtune import metrics, models, optim, sharding, trainer
 from jaxtune import objectives
 from jaxtune.config import base_config
-from jaxtune.peft import lora, quant
+from jaxtune.peft import base as peft_base
+from jaxtune.peft import quant
 
 
 def main() -> None:
@@ -70,7 +71,7 @@ def main() -> None:
     p.add_argument("--peak_tflops", type=float, default=0.0)
     p.add_argument("--measured_peak_tflops", type=float, default=0.0, help="a measured matmul peak: adds mfu_measured")
     p.add_argument("--objective", choices=("sft", "dpo"), default="sft")
-    p.add_argument("--peft", default="none", choices=lora.METHODS, help="adapter method (none = full fine-tuning)")
+    p.add_argument("--peft", default="none", choices=("none", *peft_base.names()), help="adapter method (none = full fine-tuning)")
     p.add_argument("--quantize", default="none", choices=("none", *quant.KINDS), help="QLoRA base weights")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--targets", default="all-linear")
@@ -170,7 +171,7 @@ def run_config(args, method: str, quantize: str):
 
 
 def model_config(args, config):
-    overrides = dict(dtype=args.dtype, remat_policy=args.remat, peft=lora.spec_from_config(config.peft))
+    overrides = dict(dtype=args.dtype, remat_policy=args.remat)
     if args.variant == "tiny" and args.quickstart_shape:
         overrides.update(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                          num_kv_heads=2, tie_word_embeddings=True)
@@ -198,7 +199,7 @@ def prepare_torch(cfg, args, lora_rank: int):
         max_position_embeddings=max(cfg.max_position_embeddings, args.seq_len), attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(hf).to(device)
     if lora_rank:
-        targets = [lora.TARGETS.get(t, t) for t in lora.parse_targets(args.targets)]
+        targets = list(peft_base.parse_targets(args.targets))
         model = peft.get_peft_model(model, peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -299,7 +300,8 @@ def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np
     `batches` (real data, e.g. pair_batches): the steps cycle through them instead of one random batch."""
     config = run_config(args, method, quantize)
     cfg = model_config(args, config)
-    model = models.build(cfg)
+    model = trainer.build_model(config, cfg)
+    spec = trainer.peft_spec(config)
     tx, lr = optim.build(base_config().optim, 1000)
     n = jax.device_count()
     mesh = sharding.build_mesh({"data": 1, "fsdp": n, "tensor": 1})
@@ -375,9 +377,9 @@ def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np
         "pairs_per_step": pairs_per_step, "compile_s": round(compile_s, 2),
         "xla_gflops": round(float(cost.get("flops", 0.0)) / 1e9, 3),
         "peft": method, "quantize": quantize, "trainable_params": sum(x.size for x in jax.tree.leaves(abstract.params)),
-        "opt_state_bytes": nbytes(abstract.opt_state), "base_bytes": nbytes(abstract.frozen if cfg.peft else abstract.params),
+        "opt_state_bytes": nbytes(abstract.opt_state), "base_bytes": nbytes(abstract.frozen if spec else abstract.params),
     }
-    if cfg.peft is not None and cfg.peft.quantize != "none":
+    if spec is not None and spec.quantize != "none":
         info.update({k: round(v, 4) for k, v in quant.bytes_per_param(abstract.frozen).items()})
     return run, info
 

@@ -115,8 +115,8 @@ def starting_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
         raise UserError("starting_model: prefix tuning changes the model from its first step; "
                         "use load(workdir) after training")
     tokenizer = objectives.build(config).load_data(workdir).tokenizer
-    model_config = state_lib.model_config_from(config, vocab_size=tokenizer.vocab_size).replace(peft=None)
-    params = state_lib.base_params(config, model_config)  # the seed's init, as the state builder makes it
+    model_config = state_lib.model_config_from(config, vocab_size=tokenizer.vocab_size)
+    params = state_lib.base_params(config, model_config, as_held=False)  # the seed's init, as the state builder makes it
     return Model(models.build(model_config), params, tokenizer, config, step=0)
 
 

@@ -244,7 +244,7 @@ def _convert(args) -> int:
         return 0
 
     config, model_config, state, step, tokenizer_dir = _load_run("convert", args.workdir, args.dtype)
-    if model_config.peft is not None:
+    if config.peft.method != "none":
         raise UserError(f"convert: {args.workdir} is a {config.peft.method} run whose checkpoints hold adapters "
                         "only; use `jaxtune export --workdir W --merged OUT` (or --peft OUT)")
     models.save_pretrained(model_config, state["params"], args.hf_out, max_shard_size=args.max_shard_size,
@@ -270,11 +270,14 @@ def _export(args) -> int:
     from jaxtune.trainer import state as state_lib
 
     config, model_config, state, step, tokenizer_dir = _load_run("export", args.workdir)
-    if model_config.peft is None:
+    spec = state_lib.peft_spec(config)
+    if spec is None:
         raise UserError(f"export: {args.workdir} is a full fine-tuning run (peft.method='none'); "
                         "use `jaxtune convert --workdir W --hf_out OUT`")
+    if args.peft:
+        export.check_exportable(spec)
     if args.merged:
-        export.check_mergeable(model_config)
+        export.check_mergeable(spec)
         if config.model.get("hf_dir"):  # the base is re-read from the run's HF dir
             from jaxtune.models.hf_check import validate_hf_dir
 
@@ -284,11 +287,11 @@ def _export(args) -> int:
     if args.merged or getattr(model_config, "num_labels", None):  # a reward model's PEFT export writes its head
         base = state_lib.base_params(config, model_config)  # as training held it, on the host
     if args.peft:
-        export.export_peft(model_config, adapters, args.peft, base_model_name_or_path=config.model.get("hf_dir") or None,
+        export.export_peft(model_config, spec, adapters, args.peft, base_model_name_or_path=config.model.get("hf_dir") or None,
                            base=base)
         print(f"jaxtune: wrote PEFT adapters (step {step}) to {args.peft}", flush=True)
     if args.merged:
-        export.export_merged(model_config, base, adapters, args.merged, dtype=args.dtype,
+        export.export_merged(model_config, spec, base, adapters, args.merged, dtype=args.dtype,
                              tokenizer_dir=tokenizer_dir, max_shard_size=args.max_shard_size,
                              add_bos=config.data.get("add_bos", "auto"))
         print(f"jaxtune: wrote merged Hugging Face model (step {step}) to {args.merged}", flush=True)

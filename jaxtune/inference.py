@@ -114,9 +114,9 @@ def from_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) 
     run = restore_run(workdir, "--workdir", config=config)
     tokenizer = run.tokenizer or _tokenizer(run.tokenizer_path, f"--workdir {workdir}", run.config)
     params = run.state["params"]
-    if run.model_config.peft is not None:  # the base as training held it, re-created by the state builder
+    if state_lib.peft_spec(run.config) is not None:  # the base as training held it, re-created by the state builder
         params = state_lib.variables_for(params, state_lib.base_params(run.config, run.model_config))
-    return Loaded(config or run.config, models.build(run.model_config), params, tokenizer, run.step)
+    return Loaded(config or run.config, state_lib.build_model(run.config, run.model_config), params, tokenizer, run.step)
 
 
 def load(*, workdir: str | None, hf_dir: str | None, config: ml_collections.ConfigDict | None = None) -> Loaded:

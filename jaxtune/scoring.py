@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import models
+from jaxtune.peft import wrapper
 from jaxtune.errors import UserError
 
 _MIN_BUCKET = 16
@@ -39,7 +40,7 @@ class RewardScorer:
                             "(a reward model is trained with objective.type='reward' or exported as "
                             "*ForSequenceClassification with one label)")
         if config.pad_token_id != tokenizer.pad_id:  # the pooled token is chosen with the tokenizer's pad id
-            model = models.build(config.replace(pad_token_id=tokenizer.pad_id))
+            model = wrapper.wrap(models.build(config.replace(pad_token_id=tokenizer.pad_id)), wrapper.spec_of(model))
         self.model, self.variables, self.tokenizer = model, variables, tokenizer
         self.seq_len, self.batch_size = seq_len, batch_size
         self.template = tuple(templates[0]) if templates else ("{prompt}", "{response}")

@@ -21,7 +21,7 @@ from jaxtune.datatools.quality import QualityFilters
 from jaxtune.datatools.screen import settings_from
 from jaxtune.errors import UserError
 from jaxtune.models import attention, layers
-from jaxtune.peft import lora
+from jaxtune.peft import base as peft_base
 
 
 def load_config(spec: str, overrides=(), *, needs_data: bool = True) -> ml_collections.ConfigDict:
@@ -174,7 +174,7 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
                 raise UserError(f"config key 'mesh.{prefix}{axis}' must be a positive size or -1, got {size}")
         if sum(config.mesh[prefix + a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
             raise UserError(f"config keys mesh.{prefix}data/{prefix}fsdp/{prefix}tensor: at most one axis may be -1")
-    lora.spec_from_config(config.peft)
+    peft_base.spec_from_config(config.peft)
 
 
 def _validate_decontaminate(config: ml_collections.ConfigDict) -> None:

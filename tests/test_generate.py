@@ -141,19 +141,21 @@ def test_bad_arguments(tiny, kwargs, needle):
 
 
 def test_lora_adapters_generate_like_merged_weights():
-    from jaxtune.peft import lora
+    from jaxtune.peft import base as peft_base
+    from jaxtune.peft import lora, wrapper
 
-    spec = lora.LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
-    config = models.get_config("llama", "tiny", peft=spec)
-    variables = nn.meta.unbox(jax.jit(models.build(config).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
-    leaves, tree = jax.tree.flatten(variables[lora.COLLECTION])  # B starts at zero: make the adapters matter
+    spec = peft_base.Spec("lora", rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    config = models.get_config("llama", "tiny")
+    model = wrapper.wrap(models.build(config), spec)
+    variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    leaves, tree = jax.tree.flatten(variables[peft_base.COLLECTION])  # B starts at zero: make the adapters matter
     keys = jax.random.split(jax.random.key(1), len(leaves))
     adapters = jax.tree.unflatten(tree, [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
     prompts = [[5, 9, 13], [7] * 9]
-    adapted = generate(models.build(config), {"params": variables["params"], lora.COLLECTION: adapters}, prompts,
+    adapted = generate(model, {"params": variables["params"], peft_base.COLLECTION: adapters}, prompts,
                        max_new_tokens=6)
     merged_params = lora.merge(variables["params"], adapters, spec)
-    merged = generate(models.build(config.replace(peft=None)), merged_params, prompts, max_new_tokens=6)
+    merged = generate(models.build(config), merged_params, prompts, max_new_tokens=6)
     assert adapted == merged
     q = ("layers", "attn", "q_proj", "kernel")
     get = lambda tree: functools.reduce(lambda t, k: t[k], q, tree)

@@ -10,7 +10,8 @@ from jaxtune import models
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.objectives.grpo_loss import policy_loss
 from jaxtune.objectives.logprobs import token_stats
-from jaxtune.peft.lora import LoraSpec
+from jaxtune.peft import base as peft_base
+from jaxtune.peft import wrapper
 from jaxtune.rollouts import Rollout, build_rows, rollout_example, rows_needed, sample_groups
 
 VOCAB, STOP = 37, 2
@@ -18,14 +19,14 @@ VOCAB, STOP = 37, 2
 
 def tiny(peft=None):
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, max_position_embeddings=64, peft=peft)
-    model = models.build(config)
+                         num_kv_heads=2, max_position_embeddings=64)
+    model = wrapper.wrap(models.build(config), peft)
     variables = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
     return model, dict(variables)
 
 
 def test_groups_are_prompt_major_seeded_and_keep_the_stop_token(monkeypatch):
-    spec = LoraSpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj"))
+    spec = peft_base.Spec("lora", rank=2, alpha=4.0, targets=("q_proj", "v_proj"))
     model, variables = tiny(spec)
     assert "lora" in variables  # the sampler runs base + adapters exactly as training holds them
     seen = []

@@ -19,8 +19,8 @@ Every implementation computes the same function (tests/models/test_attention.py)
   cap * tanh(scores / cap) (Gemma 2) before masking; softmax in float32;
 - `is_sliding` (a traced bool scalar, the scanned per-layer flag of Gemma 2/3) switches the
   window on and off per layer;
-- prefix tuning (peft/prefix.py): P learned key/value slots in front of the keys, seen by every
-  non-padding query whatever its segment or window.
+- `prefix` slots: P extra key/value pairs in front of the keys (no segment, no position), seen
+  by every non-padding query whatever its segment or window (`layers.Attention.prefix_slots`).
 An implementation that cannot express a call (e.g. splash with prefix slots) hands it to
 blockwise and logs that once.
 """
@@ -38,7 +38,6 @@ import numpy as np
 
 from jaxtune.errors import UserError
 from jaxtune.models import matmul
-from jaxtune.peft import prefix as prefix_lib
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +228,19 @@ def _reference(q: Array, k: Array, v: Array, call: Call) -> Array:
         )
         mask = local if call.is_sliding is None else jnp.where(call.is_sliding, local, mask)
     if call.prefix is not None:
-        k, v, mask = prefix_lib.attend_with_prefix(k, v, mask, call.q_segment_ids, call.prefix)
+        k, v, mask = _with_prefix_slots(k, v, mask, call.q_segment_ids, call.prefix)
     return dot_product_attention(q, k, v, mask, scale=call.scale, soft_cap=call.soft_cap)
+
+
+def _with_prefix_slots(k: Array, v: Array, mask: Array, q_segment_ids: Array,
+                       prefix: tuple[Array, Array]) -> tuple[Array, Array, Array]:
+    """k/v [B,S,K,D] and mask [B,T,S] with the P prefix slots in front (seen by every real query)."""
+    pk, pv = prefix
+    b, length = k.shape[0], pk.shape[0]
+    k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), (b, *pk.shape)), k], axis=1)
+    v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), (b, *pv.shape)), v], axis=1)
+    seen = jnp.broadcast_to((q_segment_ids != 0)[:, :, None], (*q_segment_ids.shape, length))
+    return k, v, jnp.concatenate([seen, mask], axis=-1)
 
 
 # ----------------------------------------------------------------------------- blockwise
@@ -449,7 +459,7 @@ def _splash_blocker(call: Call) -> str | None:
     if target_platform() != "tpu" and not SPLASH_INTERPRET:
         return f"splash is a TPU kernel, platform is {target_platform()}"
     if call.prefix is not None:
-        return "prefix-tuning slots need a per-query 'any non-padding segment' rule splash masks cannot express"
+        return "prefix slots need a per-query 'any non-padding segment' rule splash masks cannot express"
     if call.cached:
         return "KV-cache decoding (a traced query offset)"
     return None
@@ -549,7 +559,7 @@ def _cudnn_blocker(q: Array, call: Call) -> str | None:
     if call.soft_cap is not None:
         return "logit soft-capping"
     if call.prefix is not None:
-        return "prefix-tuning slots"
+        return "prefix slots"
     if call.cached:
         return "KV-cache decoding"
     return None

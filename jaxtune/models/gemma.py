@@ -97,7 +97,6 @@ class GemmaDecoderLayer(nn.Module):
             rope_theta=cfg.rope_theta,
             rope_scaling=cfg.rope_scaling,
             name="attn",
-            lora=cfg.peft,
             implementation=cfg.attention,
             **self.attention_options(),
             **kw,
@@ -106,7 +105,7 @@ class GemmaDecoderLayer(nn.Module):
             h = norm("post_attn_norm")(h)
         x = nn.with_logical_constraint(x + h, residual)
 
-        h = layers.MLP(cfg.intermediate_size, activation=cfg.hidden_activation, name="mlp", lora=cfg.peft, **kw)(
+        h = layers.MLP(cfg.intermediate_size, activation=cfg.hidden_activation, name="mlp", **kw)(
             norm("mlp_norm")(x)
         )
         if self.post_norms:

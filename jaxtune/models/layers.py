@@ -25,9 +25,6 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtune.errors import UserError
 from jaxtune.models import attention as attention_lib
 from jaxtune.models import matmul
-from jaxtune.peft import lora as lora_lib
-from jaxtune.peft import prefix as prefix_lib
-from jaxtune.peft import quant
 
 Array = jax.Array
 DType = Any
@@ -50,10 +47,13 @@ class Projection(nn.Module):
 
     The kernel is created at its full logical shape (DenseGeneral creates it flat and reshapes,
     which breaks the logical sharding constraint under a mesh), initialised like a 2-D matrix of
-    shape (prod(in_dims), prod(features)). This is also the hook where LoRA adapters attach:
-    with `lora` (a peft.lora.LoraSpec naming this module's name as a target) the "lora"
-    collection's adapters are applied when present (peft/lora.py); a quantised kernel (a dict of
-    codes, peft/quant.py) is dequantised to the compute dtype here.
+    shape (prod(in_dims), prod(features)).
+
+    Two methods are stable hook points for code that wraps the model from outside (Flax method
+    interception, `nn.intercept_methods`), so that code never needs a change here: `get_kernel`
+    (the float kernel this call multiplies by; a wrapper may read it from another storage format)
+    and `contract` (x . kernel, before the bias; a wrapper may add to it). The module's `name`
+    (q_proj, ..., down_proj: also the Hugging Face module names) and `axes` say what it projects.
     """
 
     features: tuple[int, ...]
@@ -63,28 +63,14 @@ class Projection(nn.Module):
     param_dtype: DType = jnp.float32
     kernel_init: nn.initializers.Initializer = default_kernel_init
     use_bias: bool = False  # a zero-initialised bias [*features] (Qwen2 q/k/v)
-    lora: Any = None  # peft.lora.LoraSpec or None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         axis = tuple(a % x.ndim for a in self.axis)
-        in_dims = tuple(x.shape[a] for a in axis)
-        shape = in_dims + self.features
-
-        def init(key, full_shape, dtype):
-            flat = (math.prod(in_dims), math.prod(self.features))
-            return self.kernel_init(key, flat, dtype).reshape(full_shape)
-
-        stored = self.get_variable("params", "kernel")
-        if quant.is_quantized(stored):  # QLoRA base: codes + absmax, dequantised per call
-            kernel = quant.dequantize(stored, shape, self.dtype)
-        else:
-            kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
-        if axis != tuple(range(x.ndim - len(in_dims), x.ndim)):
+        if axis != tuple(range(x.ndim - len(axis), x.ndim)):
             raise ValueError(f"Projection contracts trailing axes only, got axis={self.axis} for x of rank {x.ndim}.")
-        y = matmul.linear(x.astype(self.dtype), kernel.astype(self.dtype), len(in_dims))
-        if self.lora is not None and self.name in self.lora.targets:
-            y = lora_lib.adapt(self, x, y, kernel, axis, self.axes, self.lora)
+        in_dims = tuple(x.shape[a] for a in axis)
+        y = self.contract(x, self.get_kernel(in_dims + self.features))
         if self.use_bias:
             bias_axes = self.axes[len(in_dims):]
             bias = self.param(
@@ -93,6 +79,21 @@ class Projection(nn.Module):
             )
             y = y + bias.astype(self.dtype)
         return checkpoint_name(y, self.name)  # remat policies save/offload projection outputs by name
+
+    def get_kernel(self, shape: tuple[int, ...]) -> Array:
+        """The kernel [*in_dims, *features] ("params"/"kernel", created on init)."""
+        in_dims = shape[: len(shape) - len(self.features)]
+
+        def init(key, full_shape, dtype):
+            flat = (math.prod(in_dims), math.prod(self.features))
+            return self.kernel_init(key, flat, dtype).reshape(full_shape)
+
+        return self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype)
+
+    def contract(self, x: Array, kernel: Array) -> Array:
+        """x[..., *in_dims] . kernel -> [..., *features] in the compute dtype (no bias)."""
+        n_in = kernel.ndim - len(self.features)
+        return matmul.linear(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
 
 
 def dense(
@@ -105,7 +106,6 @@ def dense(
     name: str,
     kernel_init: nn.initializers.Initializer = default_kernel_init,
     use_bias: bool = False,
-    lora: Any = None,
 ) -> Projection:
     """A projection (bias-free by default) whose kernel carries the logical `axes` (inputs then outputs)."""
     return Projection(
@@ -116,7 +116,6 @@ def dense(
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=kernel_init,
-        lora=lora,
         name=name,
     )
 
@@ -239,8 +238,9 @@ class Attention(nn.Module):
     The attention itself is `attention.attend` with the configured `implementation`.
     Decoding: when `apply` makes the "cache" collection mutable the layer keeps a KV cache (see
     `_cached_kv`), so every family inherits prefill/decode without a copy of this code.
-    Prefix tuning (`lora.prefix_length`, peft/prefix.py): learned key/value slots in front of the
-    (cached) keys, seen by every real query; real tokens then sit at positions P.. as in PEFT.
+    Hook points for code that wraps the model from outside (Flax method interception): the q/k/v/o
+    `Projection`s (see there), and `prefix_slots`, which supplies key/value slots placed in front
+    of the (cached) keys, seen by every non-padding query (`attention.attend`'s `prefix`).
     """
 
     num_heads: int
@@ -259,7 +259,6 @@ class Attention(nn.Module):
     logit_soft_cap: float | None = None
     query_scale: float | None = None
     implementation: str = "auto"  # models/attention.py: auto | splash | blockwise | cudnn | reference
-    lora: Any = None  # peft.lora.LoraSpec for q/k/v/o
 
     @nn.compact
     def __call__(
@@ -267,7 +266,7 @@ class Attention(nn.Module):
     ) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q_shape, kv_shape = (self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
-        qkv = dict(use_bias=self.qkv_bias, lora=self.lora, **kw)
+        qkv = dict(use_bias=self.qkv_bias, **kw)
         q = dense(q_shape, ("embed", "heads", "head_dim"), name="q_proj", **qkv)(x)
         k = dense(kv_shape, ("embed", "kv_heads", "head_dim"), name="k_proj", **qkv)(x)
         v = dense(kv_shape, ("embed", "kv_heads", "head_dim"), name="v_proj", **qkv)(x)
@@ -280,11 +279,9 @@ class Attention(nn.Module):
             q = RMSNorm(name="q_norm", **norm)(q)
             k = RMSNorm(name="k_norm", **norm)(k)
 
-        prefix = None
-        if self.lora is not None and self.lora.prefix_length:
-            prefix = prefix_lib.prefix_kv(self, kv_shape, self.lora.prefix_length)
-        if prefix is not None:
-            positions = positions + self.lora.prefix_length
+        prefix = self.prefix_slots(kv_shape)
+        if prefix is not None:  # real tokens follow the slots, as they would follow a cached prefix
+            positions = positions + prefix[0].shape[0]
         inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
         if self.local_rope_theta is not None and is_sliding is not None:
             local_inv_freq = rope_inv_freq(self.head_dim, self.local_rope_theta)
@@ -302,7 +299,18 @@ class Attention(nn.Module):
         )
         out = nn.with_logical_constraint(out, act)
         o_axes = ("heads", "head_dim", "embed")
-        return dense(x.shape[-1], o_axes, axis=(-2, -1), name="o_proj", lora=self.lora, **kw)(out)
+        return dense(x.shape[-1], o_axes, axis=(-2, -1), name="o_proj", **kw)(out)
+
+    def prefix_slots(self, kv_shape: tuple[int, int]) -> tuple[Array, Array] | None:
+        """(keys, values) [P, kv_heads, head_dim] placed in front of this layer's keys, or None.
+
+        The model itself has none. Code wrapping the model may intercept this method and return P
+        slots (e.g. learned ones in a variable collection of this module): every non-padding query
+        sees all of them whatever its segment or window, they get no RoPE, and real tokens then sit
+        at positions P.., as if the slots were an already cached prefix.
+        """
+        del kv_shape
+        return None
 
     def _cached_kv(self, k: Array, v: Array, segment_ids: Array) -> tuple[Array, Array, Array | None, Array | None]:
         """KV cache [B, S_max, kv_heads, head_dim] + per-slot segment ids + a write index.
@@ -371,11 +379,10 @@ class MLP(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     activation: str = "silu"  # a key of ACTIVATIONS
-    lora: Any = None  # peft.lora.LoraSpec for gate/up/down
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
         h = swiglu(gate, up) if self.activation == "silu" else ACTIVATIONS[self.activation](gate) * up
@@ -425,7 +432,7 @@ def stack_layers(
 ) -> type[nn.Module]:
     """Wraps `block(x, *args) -> (x, None)` in remat + scan over a leading "layers" axis.
 
-    scan keeps compile time independent of depth (params and LoRA adapters both get the leading
+    scan keeps compile time independent of depth (every variable collection gets the leading
     axis; each layer draws its own dropout rng); by default every block argument after the
     carry is broadcast (same positions/segment ids for each layer). Pass a tuple `in_axes`
     (nn.broadcast or 0 per argument) to scan some arguments per layer, e.g. a [L] array that
@@ -436,7 +443,7 @@ def stack_layers(
         block = nn.remat(block, policy=policy, prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0, lora_lib.COLLECTION: 0, "cache": 0},
+        variable_axes={True: 0},  # every collection: weights, the KV cache, whatever a wrapper adds
         split_rngs={"params": True, "dropout": True},
         in_axes=in_axes,
         length=num_layers,
@@ -465,27 +472,23 @@ def last_token_index(inputs: Array, segment_ids: Array | None = None, pad_token_
 class ScoreHead(nn.Module):
     """hidden[..., embed] -> scores[..., num_labels]: HF `*ForSequenceClassification`'s bias-free `score`.
 
-    With PEFT (`adapted`) the head is fully trainable, as peft's `modules_to_save` makes it for
-    sequence classification: a zero-initialised `delta` in the adapters' collection is added to
-    the frozen kernel, so the model without adapters is still exactly the base model, training
-    moves the whole head, and merging is kernel + delta (peft/lora.merge).
+    `get_kernel` is a hook point for code that wraps the model from outside (as in `Projection`):
+    e.g. a wrapper that trains the whole head while its "params" stay frozen.
     """
 
     num_labels: int
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
-    adapted: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        shape, axes = (x.shape[-1], self.num_labels), ("embed", None)
-        kernel = self.param("kernel", nn.with_logical_partitioning(default_kernel_init, axes), shape, self.param_dtype)
-        if self.adapted and (self.is_initializing() or self.has_variable(lora_lib.COLLECTION, lora_lib.HEAD_DELTA)):
-            init = nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-            delta = self.variable(lora_lib.COLLECTION, lora_lib.HEAD_DELTA,
-                                  lambda: init(self.make_rng("params"), shape, self.param_dtype)).value
-            kernel = kernel.astype(jnp.float32) + delta.astype(jnp.float32)
+        kernel = self.get_kernel((x.shape[-1], self.num_labels))
         return matmul.linear(x.astype(self.dtype), kernel.astype(self.dtype), 1)
+
+    def get_kernel(self, shape: tuple[int, int]) -> Array:
+        """The kernel [embed, num_labels] ("params"/"kernel", created on init)."""
+        return self.param("kernel", nn.with_logical_partitioning(default_kernel_init, ("embed", None)), shape,
+                          self.param_dtype)
 
 
 # ----------------------------------------------------------------------------- the decoder LM
@@ -524,7 +527,7 @@ class CausalLM(nn.Module):
         self.layers = stack_layers(self.decoder_layer, cfg.num_layers, cfg.remat_policy, in_axes)(cfg, name="layers")
         self.final_norm = RMSNorm(cfg.rms_norm_eps, unit_offset=self.final_norm_unit_offset, name="final_norm", **kw)
         if cfg.num_labels:
-            self.score = ScoreHead(cfg.num_labels, adapted=cfg.peft is not None, name="score", **kw)
+            self.score = ScoreHead(cfg.num_labels, name="score", **kw)
         elif not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)
 

@@ -1,6 +1,6 @@
 """Llama 2/3 decoder: config dataclass -> named variants -> Flax modules.
 
-Params layout (HF conversion, LoRA and the optimizer's decay mask key on these names):
+Params layout (HF conversion, adapters and the optimizer's decay mask key on these names):
   embed/embedding, layers/{attn_norm,mlp_norm}/scale, layers/attn/{q,k,v,o}_proj/kernel,
   layers/mlp/{gate,up,down}_proj/kernel, final_norm/scale, lm_head/kernel (untied only).
 Everything under `layers` has a leading "layers" axis (nn.scan).
@@ -41,7 +41,6 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"  # a key of layers.REMAT_POLICIES
     attention: str = "auto"  # models/attention.py: "auto" | "splash" | "blockwise" | "cudnn" | "reference"
-    peft: Any = None  # a peft.lora.LoraSpec: adapters on its target projections (None: none)
     # Sequence classification / reward model (HF *ForSequenceClassification): a `score` head with
     # num_labels outputs replaces the LM head; pad_token_id picks the pooled (last non-pad) token.
     num_labels: int | None = None
@@ -157,7 +156,6 @@ class DecoderLayer(nn.Module):
             rope_theta=cfg.rope_theta,
             rope_scaling=cfg.rope_scaling,
             name="attn",
-            lora=cfg.peft,
             implementation=cfg.attention,
             **self.attention_options(),
             **kw,
@@ -165,7 +163,7 @@ class DecoderLayer(nn.Module):
         x = nn.with_logical_constraint(x + h, residual)
 
         h = layers.RMSNorm(cfg.rms_norm_eps, name="mlp_norm", **kw)(x)
-        h = layers.MLP(cfg.intermediate_size, name="mlp", lora=cfg.peft, **kw)(h)
+        h = layers.MLP(cfg.intermediate_size, name="mlp", **kw)(h)
         x = nn.with_logical_constraint(x + h, residual)
         return x, None
 

@@ -24,8 +24,11 @@ from etils import epath
 from jaxtune import models
 from jaxtune.errors import UserError
 from jaxtune.models import hf
-from jaxtune.peft import lora, prefix
+from jaxtune.peft import base as peft_base
+from jaxtune.peft import heads, lora, prefix
 
+PEFT_FORMAT_METHODS = ("lora", "dora", "prefix")  # methods with a PEFT on-disk format here
+MERGEABLE_METHODS = ("lora", "dora")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -42,7 +45,7 @@ def _hf_modules(model_config, path: tuple[str, ...]) -> tuple[str, ...]:
 def head_state_dict(model_config, adapters: Mapping, base: Mapping | None) -> dict[str, np.ndarray]:
     """A reward model's fully trained score head (base kernel + delta) as PEFT saves a
     `modules_to_save` module: `base_model.model.score.weight`, the whole HF weight."""
-    deltas = list(lora.head_deltas(adapters))
+    deltas = list(heads.head_deltas(adapters))
     if not deltas:
         return {}
     if base is None:
@@ -72,7 +75,7 @@ def peft_state_dict(model_config, adapters: Mapping) -> dict[str, np.ndarray]:
     return dict(sorted(out.items()))
 
 
-def adapter_config(spec: lora.LoraSpec, base_model_name_or_path: str | None = None, *,
+def adapter_config(spec: peft_base.Spec, base_model_name_or_path: str | None = None, *,
                    seq_cls: bool = False) -> dict[str, Any]:
     """The adapter_config.json fields PEFT's LoraConfig reads (everything else takes its default).
     `seq_cls`: a reward model, whose `score` head is saved whole (modules_to_save)."""
@@ -106,10 +109,10 @@ def prompt_embeddings(model_config, adapters: Mapping) -> np.ndarray:
     return stacked.reshape(stacked.shape[0], -1)
 
 
-def prefix_adapter_config(model_config, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+def prefix_adapter_config(model_config, spec: peft_base.Spec, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """adapter_config.json of PEFT's PrefixTuningConfig (token_dim = kv_heads * head_dim, as PEFT
     sets it for grouped-query models)."""
-    spec, token_dim = model_config.peft, model_config.num_kv_heads * model_config.resolved_head_dim
+    token_dim = model_config.num_kv_heads * model_config.resolved_head_dim
     return {
         "peft_type": "PREFIX_TUNING",
         "task_type": "CAUSAL_LM",
@@ -125,14 +128,15 @@ def prefix_adapter_config(model_config, base_model_name_or_path: str | None = No
     }
 
 
-def export_peft(model_config, adapters: Mapping, out_dir: str | epath.PathLike, *, base_model_name_or_path: str | None = None,
-                base: Mapping | None = None) -> epath.Path:
-    """Writes a PEFT adapter directory for the adapters of `model_config.peft` (`base`: the frozen
-    base weights, needed only by a reward model's score head)."""
-    if model_config.peft is None:
+def export_peft(model_config, spec: peft_base.Spec | None, adapters: Mapping, out_dir: str | epath.PathLike, *,
+                base_model_name_or_path: str | None = None, base: Mapping | None = None) -> epath.Path:
+    """Writes a PEFT adapter directory for the adapters `spec` describes (`base`: the frozen base
+    weights, needed only by a reward model's score head)."""
+    if spec is None:
         raise UserError("export --peft: this run has no adapters (peft.method is 'none'); use --merged or convert")
+    check_exportable(spec)
     out = epath.Path(out_dir)
-    is_prefix = model_config.peft.prefix_length > 0
+    is_prefix = spec.prefix_length > 0
     if is_prefix:
         tensors = {"prompt_embeddings": prompt_embeddings(model_config, adapters)}
     else:
@@ -140,28 +144,36 @@ def export_peft(model_config, adapters: Mapping, out_dir: str | epath.PathLike, 
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         if is_prefix:
-            config = prefix_adapter_config(model_config, base_model_name_or_path)
+            config = prefix_adapter_config(model_config, spec, base_model_name_or_path)
         else:
-            config = adapter_config(model_config.peft, base_model_name_or_path,
+            config = adapter_config(spec, base_model_name_or_path,
                                     seq_cls=bool(getattr(model_config, "num_labels", None)))
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         hf.write_safetensors(out / WEIGHTS_FILE, tensors)
     return out
 
 
-def check_mergeable(model_config) -> None:
-    if model_config.peft is not None and model_config.peft.prefix_length > 0:
+def check_exportable(spec: peft_base.Spec) -> None:
+    if spec.method not in PEFT_FORMAT_METHODS:
+        raise UserError(f"export --peft: peft.method={spec.method!r} has no PEFT-format export; jaxtune writes "
+                        f"{', '.join(PEFT_FORMAT_METHODS)} adapters")
+
+
+def check_mergeable(spec: peft_base.Spec | None) -> None:
+    if spec is not None and spec.method not in (*MERGEABLE_METHODS, "prefix"):
+        raise UserError(f"export --merged: peft.method={spec.method!r} cannot be merged; jaxtune merges "
+                        f"{', '.join(MERGEABLE_METHODS)} adapters")
+    if spec is not None and spec.prefix_length > 0:
         raise UserError("export --merged: prefix tuning adds key/value slots to attention and cannot be merged "
                         "into the weights; use --peft OUT (PEFT's PREFIX_TUNING format)")
 
 
-def export_merged(model_config, base: Mapping, adapters: Mapping, out_dir: str | epath.PathLike, *,
+def export_merged(model_config, spec: peft_base.Spec, base: Mapping, adapters: Mapping, out_dir: str | epath.PathLike, *,
                   dtype: str | None = None, tokenizer_dir: str | None = None, max_shard_size: int | str = "2GB",
                   add_bos: str = "auto") -> epath.Path:
     """A full HF checkpoint of the adapted model: W + scaling * A B (DoRA: rescaled to the learned
     magnitude) in float32, cast to `dtype` (default: the model's param dtype) when written."""
-    check_mergeable(model_config)
-    merged = jax.jit(lambda b, a: lora.merge(b, a, model_config.peft))(base, adapters)
-    plain = model_config.replace(peft=None)
-    return models.save_pretrained(plain, merged, out_dir, dtype=dtype or plain.param_dtype,
+    check_mergeable(spec)
+    merged = jax.jit(lambda b, a: lora.merge(b, a, spec))(base, adapters)
+    return models.save_pretrained(model_config, merged, out_dir, dtype=dtype or model_config.param_dtype,
                                   tokenizer_dir=tokenizer_dir, max_shard_size=max_shard_size, add_bos=add_bos)

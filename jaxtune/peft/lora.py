@@ -1,9 +1,9 @@
-"""LoRA / rsLoRA / DoRA adapters: the spec, the adapter math inside `layers.Projection`, merge.
+"""LoRA / rsLoRA / DoRA: the methods (interceptors of `layers.Projection.contract`), merge.
 
-Adapters live in the "lora" variable collection beside the frozen "params":
-`model.apply({"params": base, "lora": adapters}, ...)` is the adapted model and
-`model.apply({"params": base}, ...)` is exactly the base model (`base_apply`; the free DPO
-reference). For a projection with kernel [*in, *out] (logical axes in_axes + out_axes):
+Adapters live in the "lora" variable collection beside the frozen "params", in each target
+projection's own scope: `wrapped.apply({"params": base, "lora": adapters}, ...)` is the adapted
+model and `wrapped.apply({"params": base}, ...)` is exactly the base model (`base_apply`; the free
+DPO reference). For a projection with kernel [*in, *out] (logical axes in_axes + out_axes):
 
     lora_a [*in, r]   axes (*in_axes, None)   uniform(+-1/sqrt(prod(in)))  (PEFT's Kaiming init)
     lora_b [r, *out]  axes (None, *out_axes)  zeros
@@ -17,7 +17,6 @@ Under nn.scan every adapter gets the leading "layers" axis like its base weight.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -27,97 +26,37 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxtune.errors import UserError
-from jaxtune.peft import quant
-
-COLLECTION = "lora"
-# A fully trained head under PEFT (layers.ScoreHead; peft's modules_to_save): kernel + delta.
-HEAD_DELTA = "delta"
-# Short target names (config) -> projection module names (also the HF / PEFT module names).
-TARGETS = {
-    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
-}
-METHODS = ("none", "lora", "dora", "prefix")
+from jaxtune.models import layers
+from jaxtune.peft import base, heads, quant
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """Static adapter settings; a model config's `peft` field carries one to every Projection and
-    Attention. Prefix tuning (peft/prefix.py) sets prefix_length > 0 and adapts no projection."""
+@base.register("lora")
+class Lora(base.Method):
+    """LoRA (rsLoRA with `peft.rslora`) on the target projections: adds to `Projection.contract`."""
 
-    rank: int
-    alpha: float
-    targets: tuple[str, ...]  # projection module names, e.g. ("q_proj", "v_proj")
-    dropout: float = 0.0
-    rslora: bool = False
-    dora: bool = False
-    quantize: str = "none"  # none | nf4 | int8 (the base kernels; see peft.quant)
-    quant_block_size: int = 64
-    prefix_length: int = 0  # prefix tuning: virtual tokens per layer (0: none)
-    prefix_projection: int = 0  # prefix tuning: hidden size of the reparameterising MLP (0: direct)
-    base_dtype: str = ""  # dtype the frozen base is held in ("": the model's param_dtype)
+    @classmethod
+    def settings(cls, peft_cfg) -> dict[str, Any]:
+        if peft_cfg.rank <= 0:
+            raise UserError(f"config key 'peft.rank' must be > 0, got {peft_cfg.rank}")
+        if peft_cfg.alpha <= 0:
+            raise UserError(f"config key 'peft.alpha' must be > 0, got {peft_cfg.alpha}")
+        if not 0.0 <= peft_cfg.dropout < 1.0:
+            raise UserError(f"config key 'peft.dropout' must be in [0, 1), got {peft_cfg.dropout}")
+        return dict(rank=peft_cfg.rank, alpha=float(peft_cfg.alpha), targets=base.parse_targets(peft_cfg.targets),
+                    dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.rslora))
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-
-BASE_DTYPES = ("", "float32", "bfloat16")
-
-
-def parse_targets(targets: str) -> tuple[str, ...]:
-    """"q,k,v,o" / "q_proj,v_proj" / "all-linear" -> projection module names, in TARGETS order."""
-    if targets.strip() == "all-linear":
-        return tuple(TARGETS.values())
-    names = [t.strip() for t in targets.split(",") if t.strip()]
-    if not names:
-        raise UserError("config key 'peft.targets' is empty; expected e.g. 'q,k,v,o' or 'all-linear'")
-    chosen = set()
-    for name in names:
-        full = TARGETS.get(name, name)
-        if full not in TARGETS.values():
-            valid = ", ".join(list(TARGETS) + ["all-linear"])
-            raise UserError(f"config key 'peft.targets': unknown target {name!r}; valid targets: {valid} (or the *_proj names)")
-        chosen.add(full)
-    return tuple(t for t in TARGETS.values() if t in chosen)
+    def intercept(self, next_fun, args, kwargs, context):
+        module = context.module
+        if not (context.method_name == "contract" and isinstance(module, layers.Projection)
+                and module.name in self.spec.targets):
+            return next_fun(*args, **kwargs)
+        x, kernel = args
+        return adapt(module, x, next_fun(x, kernel), kernel, self.spec)
 
 
-def spec_from_config(peft_cfg) -> LoraSpec | None:
-    """The LoraSpec of a config's `peft` section (None when method is 'none'), validated."""
-    method = peft_cfg.method
-    if method not in METHODS:
-        raise UserError(f"config key 'peft.method' is {method!r}; expected one of {', '.join(METHODS)}")
-    if peft_cfg.quantize not in ("none", *quant.KINDS):
-        raise UserError(f"config key 'peft.quantize' is {peft_cfg.quantize!r}; expected one of none, {', '.join(quant.KINDS)}")
-    if method == "none":
-        if peft_cfg.quantize != "none":
-            raise UserError("config key 'peft.quantize' needs an adapter method (peft.method=lora, dora or prefix): "
-                            "a quantised base cannot be fully fine-tuned")
-        return None
-    if peft_cfg.quant_block_size <= 0 or peft_cfg.quant_block_size % 2:
-        raise UserError(f"config key 'peft.quant_block_size' must be a positive even number, got {peft_cfg.quant_block_size}")
-    if peft_cfg.base_dtype not in BASE_DTYPES:
-        raise UserError(f"config key 'peft.base_dtype' is {peft_cfg.base_dtype!r}; expected one of "
-                        f"{', '.join(repr(d) for d in BASE_DTYPES)} ('' keeps model.param_dtype)")
-    if method == "prefix":  # rank/alpha/dropout/rslora/targets are LoRA's and ignored here
-        if peft_cfg.prefix_length <= 0:
-            raise UserError(f"config key 'peft.prefix_length' must be > 0 for peft.method=prefix, got {peft_cfg.prefix_length}")
-        if peft_cfg.prefix_projection < 0:
-            raise UserError(f"config key 'peft.prefix_projection' must be >= 0 (0: no MLP), got {peft_cfg.prefix_projection}")
-        return LoraSpec(rank=0, alpha=0.0, targets=(), quantize=peft_cfg.quantize,
-                        quant_block_size=peft_cfg.quant_block_size, prefix_length=peft_cfg.prefix_length,
-                        prefix_projection=peft_cfg.prefix_projection, base_dtype=peft_cfg.base_dtype)
-    if peft_cfg.rank <= 0:
-        raise UserError(f"config key 'peft.rank' must be > 0, got {peft_cfg.rank}")
-    if peft_cfg.alpha <= 0:
-        raise UserError(f"config key 'peft.alpha' must be > 0, got {peft_cfg.alpha}")
-    if not 0.0 <= peft_cfg.dropout < 1.0:
-        raise UserError(f"config key 'peft.dropout' must be in [0, 1), got {peft_cfg.dropout}")
-    return LoraSpec(
-        rank=peft_cfg.rank, alpha=float(peft_cfg.alpha), targets=parse_targets(peft_cfg.targets),
-        dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.rslora), dora=method == "dora",
-        quantize=peft_cfg.quantize, quant_block_size=peft_cfg.quant_block_size, base_dtype=peft_cfg.base_dtype,
-    )
+@base.register("dora")
+class Dora(Lora):
+    """DoRA: LoRA plus a learned magnitude per output feature (`Spec.dora`, read by `adapt`)."""
 
 
 def _kaiming_uniform(fan_in: int):
@@ -126,23 +65,22 @@ def _kaiming_uniform(fan_in: int):
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def adapt(module: nn.Module, x: jax.Array, y: jax.Array, kernel: jax.Array, axis: tuple[int, ...],
-          axes: tuple[str, ...], spec: LoraSpec) -> jax.Array:
-    """The adapted output of a Projection (called from its compact __call__; y = x . kernel).
+def adapt(module: layers.Projection, x: jax.Array, y: jax.Array, kernel: jax.Array, spec: base.Spec) -> jax.Array:
+    """The adapted output of a Projection whose `contract(x, kernel)` gave y (the interceptor).
 
     Creates the adapters at init; at apply time a model without the "lora" collection is the
     base model, unchanged.
     """
-    if not (module.is_initializing() or module.has_variable(COLLECTION, "lora_a")):
+    if not base.has_adapters(module, "lora_a"):
         return y
-    n_in = len(axis)
+    n_in = kernel.ndim - len(module.features)
+    axis = tuple(range(x.ndim - n_in, x.ndim))
     in_dims, out_dims = kernel.shape[:n_in], kernel.shape[n_in:]
-    in_axes, out_axes = axes[:n_in], axes[n_in:]
-    param_dtype, dtype = module.param_dtype, y.dtype
+    in_axes, out_axes = module.axes[:n_in], module.axes[n_in:]
+    dtype = y.dtype
 
     def variable(name, init, shape, names):
-        boxed = nn.with_logical_partitioning(init, names)
-        return module.variable(COLLECTION, name, lambda: boxed(module.make_rng("params"), shape, param_dtype)).value
+        return base.adapter(module, name, init, shape, names)
 
     a = variable("lora_a", _kaiming_uniform(math.prod(in_dims)), (*in_dims, spec.rank), (*in_axes, None))
     b = variable("lora_b", nn.initializers.zeros_init(), (spec.rank, *out_dims), (None, *out_axes))
@@ -220,7 +158,7 @@ def _delta(site: Mapping, lead: int) -> jax.Array:
     return out.reshape(*a.shape[:-1], *b.shape[2:])
 
 
-def init_magnitudes(base: Mapping, adapters: Mapping, spec: LoraSpec, *, lead: int = 1) -> Mapping:
+def init_magnitudes(base: Mapping, adapters: Mapping, spec: base.Spec, *, lead: int = 1) -> Mapping:
     """DoRA's magnitude init, m = ||W + scaling * A B|| (B = 0 at init, so the column norm of W),
     computed from the actual base weights (random init or loaded from HF)."""
     if not spec.dora:
@@ -234,7 +172,7 @@ def init_magnitudes(base: Mapping, adapters: Mapping, spec: LoraSpec, *, lead: i
     return out
 
 
-def merge(base: Mapping, adapters: Mapping, spec: LoraSpec, *, lead: int = 1, dtype: Any = None) -> dict:
+def merge(base: Mapping, adapters: Mapping, spec: base.Spec, *, lead: int = 1, dtype: Any = None) -> dict:
     """Base params with the adapters folded into the kernels (fp32 math, then cast to `dtype` or
     the base kernel's float dtype); quantised kernels come out dequantised."""
     merged = jax.tree.map(lambda x: x, base, is_leaf=quant.is_quantized)
@@ -248,20 +186,11 @@ def merge(base: Mapping, adapters: Mapping, spec: LoraSpec, *, lead: int = 1, dt
             mag = jnp.expand_dims(site["magnitude"].astype(jnp.float32), axes)
             w = w * (mag / norm)
         _get(merged, path)["kernel"] = w.astype(out_dtype)
-    for path, delta in head_deltas(adapters):  # fully trained heads (layers.ScoreHead)
+    for path, delta in heads.head_deltas(adapters):  # fully trained heads (layers.ScoreHead)
         old = _get(base, (*path, "kernel"))
         w = old.astype(jnp.float32) + delta.astype(jnp.float32)
         _get(merged, path)["kernel"] = w.astype(dtype or old.dtype)
     return merged
-
-
-def head_deltas(adapters: Mapping, path=()):
-    """(path, delta) for every fully trained head (a `HEAD_DELTA` leaf beside no lora_a)."""
-    for key, value in adapters.items():
-        if key == HEAD_DELTA and "lora_a" not in adapters:
-            yield path, value
-        elif isinstance(value, Mapping):
-            yield from head_deltas(value, (*path, key))
 
 
 def base_apply(model: nn.Module, base: Mapping, tokens, **kwargs):

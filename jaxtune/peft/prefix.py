@@ -1,8 +1,9 @@
 """Prefix tuning (PEFT's PREFIX_TUNING for decoders): learned key/value prefixes per layer.
 
-Every attention layer attends to P extra key/value slots before the sequence's own. They live
-in the "lora" collection beside LoRA's adapters (so the trainer, optimizer masking, checkpoints
-and `apply({"params": base})` = base model are shared), created by `layers.Attention`:
+Every attention layer attends to P extra key/value slots before the sequence's own: the method
+intercepts `layers.Attention.prefix_slots` and returns learned ones. They live in the "lora"
+collection beside LoRA's adapters, in each attention layer's scope (so the trainer, optimizer
+masking, checkpoints and `apply({"params": base})` = base model are shared):
 
     prefix_key, prefix_value [P, kv_heads, head_dim]   N(0, 1) (PEFT's nn.Embedding init)
 
@@ -31,34 +32,35 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxtune.peft.lora import COLLECTION
+from jaxtune.errors import UserError
+from jaxtune.models import layers
+from jaxtune.peft import base
 
 ENCODER = "prefix_encoder"
 KEYS = ("prefix_key", "prefix_value")
 
 
-def prefix_kv(module: nn.Module, kv_shape: tuple[int, int], length: int) -> tuple[jax.Array, jax.Array] | None:
-    """The layer's (key, value) prefixes [P, kv, hd] (created at init; None when the model is
-    applied without them, i.e. the base model). Called from Attention's compact __call__."""
-    if not (module.is_initializing() or module.has_variable(COLLECTION, KEYS[0])):
-        return None
-    boxed = nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "kv_heads", "head_dim"))
-    shape = (length, *kv_shape)
-    return tuple(
-        module.variable(COLLECTION, name, lambda: boxed(module.make_rng("params"), shape, module.param_dtype)).value
-        for name in KEYS
-    )
+@base.register("prefix")
+class Prefix(base.Method):
+    """Prefix tuning: learned key/value slots from `Attention.prefix_slots` (LoRA's keys ignored)."""
 
+    @classmethod
+    def settings(cls, peft_cfg) -> dict[str, Any]:
+        if peft_cfg.prefix_length <= 0:
+            raise UserError(f"config key 'peft.prefix_length' must be > 0 for peft.method=prefix, got {peft_cfg.prefix_length}")
+        if peft_cfg.prefix_projection < 0:
+            raise UserError(f"config key 'peft.prefix_projection' must be >= 0 (0: no MLP), got {peft_cfg.prefix_projection}")
+        return dict(prefix_length=peft_cfg.prefix_length, prefix_projection=peft_cfg.prefix_projection)
 
-def attend_with_prefix(k: jax.Array, v: jax.Array, mask: jax.Array, q_segment_ids: jax.Array,
-                       prefix: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """k/v [B,S,K,D] and mask [B,T,S] with the P prefix slots in front (seen by every real query)."""
-    pk, pv = prefix
-    b, length = k.shape[0], pk.shape[0]
-    k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), (b, *pk.shape)), k], axis=1)
-    v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype), (b, *pv.shape)), v], axis=1)
-    seen = jnp.broadcast_to((q_segment_ids != 0)[:, :, None], (*q_segment_ids.shape, length))
-    return k, v, jnp.concatenate([seen, mask], axis=-1)
+    def intercept(self, next_fun, args, kwargs, context):
+        module = context.module
+        if not (context.method_name == "prefix_slots" and isinstance(module, layers.Attention)
+                and base.has_adapters(module, KEYS[0])):
+            return next_fun(*args, **kwargs)
+        (kv_shape,) = args
+        shape = (self.spec.prefix_length, *kv_shape)
+        return tuple(base.adapter(module, name, nn.initializers.normal(1.0), shape, (None, "kv_heads", "head_dim"))
+                     for name in KEYS)
 
 
 # ------------------------------------------------------------------ the MLP reparameterisation

@@ -2,9 +2,10 @@
 
 A quantised kernel is a dict `{"nf4": uint8[..., blocks, block/2], "absmax": f32[..., blocks]}`
 (two 4-bit codes per byte, high nibble first) or `{"int8": int8[..., blocks, block],
-"absmax": ...}`, stored in the params tree where the float kernel was. `layers.Projection`
-sees the dict and dequantises it to the compute dtype for its one matmul, so only one layer's
-float kernel exists at a time. Leading axes (the scanned "layers" axis) are kept so nn.scan
+"absmax": ...}`, stored in the params tree where the float kernel was. `dequantizing` (an
+interceptor of `layers.Projection.get_kernel`, part of every PEFT wrapper with a quantised base)
+sees the dict and dequantises it to the compute dtype for the projection's one matmul, so only
+one layer's float kernel exists at a time. Leading axes (the scanned "layers" axis) are kept so nn.scan
 slices codes like any other stacked param. Storage: NF4 0.5 + 4/block bytes/param (0.5625 at
 block 64), int8 1 + 4/block.
 """
@@ -20,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxtune.models import layers
+from jaxtune.peft.base import QUANT_KINDS as KINDS
+
 # The 16 NormalFloat-4 levels (QLoRA paper, Dettmers et al. 2023; the bitsandbytes table).
 NF4_LEVELS = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -27,7 +31,6 @@ NF4_LEVELS = np.array([
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 ], dtype=np.float32)
-KINDS = ("nf4", "int8")
 
 
 def is_quantized(kernel: Any) -> bool:
@@ -72,6 +75,18 @@ def dequantize(q: Mapping[str, jax.Array], shape: tuple[int, ...], dtype: Any) -
         values = jnp.asarray(NF4_LEVELS)[codes]
     flat = (values * absmax).reshape(*absmax.shape[:-2], -1)
     return flat[..., : math.prod(shape)].reshape(*absmax.shape[:-2], *shape).astype(dtype)
+
+
+def dequantizing(next_fun, args, kwargs, context):
+    """The interceptor: a Projection whose stored kernel is quantised gets it dequantised to
+    its compute dtype instead of reading (or creating) a float "params" kernel."""
+    module = context.module
+    if context.method_name == "get_kernel" and isinstance(module, layers.Projection):
+        stored = module.get_variable("params", "kernel")
+        if is_quantized(stored):
+            (shape,) = args
+            return dequantize(stored, shape, module.dtype)
+    return next_fun(*args, **kwargs)
 
 
 def max_block_error(q: Mapping[str, jax.Array]) -> jax.Array:

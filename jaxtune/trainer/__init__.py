@@ -14,16 +14,16 @@ from jaxtune import models  # noqa: F401  (kept as trainer.models for callers)
 from jaxtune.config import data_config
 from jaxtune.trainer.loop import Hook, Loop, RunSummary, StopSignal, headline, train
 from jaxtune.trainer.setup import TrainSetup, batch_shapes, build_setup
-from jaxtune.trainer.state import (Start, TrainState, base_model, base_params, build_state, fresh_state,
-                                   model_config_from, model_variables, peft_base_pointer, plan_state, prepare_base,
-                                   start_weights, state_from_params, variables_for)
+from jaxtune.trainer.state import (Start, TrainState, base_model, base_params, build_model, build_state, fresh_state,
+                                   model_config_from, model_variables, peft_base_pointer, peft_spec, plan_state,
+                                   prepare_base, start_weights, state_from_params, variables_for)
 from jaxtune.trainer.step import (LogitsApply, ModelApply, make_apply_fn, make_loss_fn, make_train_step, model_fns,
                                   split_microbatches)
 
 __all__ = [
     "Hook", "LogitsApply", "Loop", "ModelApply", "RunSummary", "Start", "StopSignal", "TrainSetup", "TrainState",
-    "base_model", "base_params", "batch_shapes", "build_setup", "build_state", "data_config", "fresh_state",
+    "base_model", "base_params", "batch_shapes", "build_model", "build_setup", "build_state", "data_config", "fresh_state",
     "headline", "make_apply_fn", "make_loss_fn", "make_train_step", "model_config_from", "model_fns",
-    "model_variables", "peft_base_pointer", "plan_state", "prepare_base", "split_microbatches", "start_weights",
+    "model_variables", "peft_base_pointer", "peft_spec", "plan_state", "prepare_base", "split_microbatches", "start_weights",
     "state_from_params", "train", "variables_for",
 ]

@@ -299,7 +299,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         param_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.frozen, ref_params)))
         if objective.describe():
             print(f"jaxtune: {objective.describe()}", flush=True)
-        if model_config.peft is not None:
+        if config.peft.method != "none":
             adapters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
             print(f"jaxtune: {config.peft.method} adapters {adapters / 1e6:.3f}M trainable params "
                   f"({adapters / num_params:.2%} of the base)", flush=True)

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune import models, nonfinite, objectives, optim, sharding, validation
 from jaxtune.trainer import step as step_lib
-from jaxtune.trainer.state import TrainState, model_config_from, plan_state
+from jaxtune.trainer.state import TrainState, build_model, model_config_from, plan_state
 
 
 @dataclasses.dataclass
@@ -86,7 +86,7 @@ def build_setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     validation.validate_for_devices(config, mesh_shape, process_count)
     model_config = model_config_from(config, vocab_size=vocab_size)
     validation.validate_for_model(config, model_config.max_position_embeddings)
-    model = models.build(model_config)
+    model = build_model(config, model_config)
     num_params = models.count_params(model_config)  # the base model's (outside the mesh context)
 
     mesh = sharding.build_mesh(ici_shape, devices, dcn_shape=dcn_shape)

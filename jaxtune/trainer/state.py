@@ -10,7 +10,8 @@
 
 `start_weights` gives the weights of 2-4 (PEFT: the base) for a frozen reference copy, rebuilt on
 resume rather than checkpointed; `base_params` a PEFT run's base outside a training mesh
-(generate, eval, export); `model_config_from` the model a config describes.
+(generate, eval, export); `model_config_from` the model a config describes, `peft_spec` its PEFT
+settings and `build_model` the model wrapped by them (jaxtune/peft/wrapper.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import optax
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import models, sharding
 from jaxtune.errors import UserError
-from jaxtune.peft import lora, prefix, quant
+from jaxtune.peft import base as peft_base
+from jaxtune.peft import lora, prefix, quant, wrapper
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +60,30 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None 
     from jaxtune import objectives
 
     m = config.model
-    peft = lora.spec_from_config(config.peft) if "peft" in config else None
     attention = m.get("attention", "auto")  # configs saved before the setting existed
     if m.hf_dir:
         model_config = models.config_from_pretrained(
             m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
-            attention=attention).replace(peft=peft)
+            attention=attention)
     else:
         overrides = {k: m[k] for k in _MODEL_OVERRIDE_KEYS if m[k] is not None}
         if "vocab_size" not in overrides and vocab_size is not None:
             overrides["vocab_size"] = vocab_size
-        overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=attention,
-                         peft=peft)
+        overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=attention)
         model_config = models.get_config(m.family, m.variant, **overrides)
     if "objective" not in config:
         return model_config
     return objectives.build(config).adapt_model_config(model_config)
+
+
+def peft_spec(config: ml_collections.ConfigDict) -> peft_base.Spec | None:
+    """The run's PEFT settings (config.peft), validated; None for full fine-tuning."""
+    return peft_base.spec_from_config(config.peft) if "peft" in config else None
+
+
+def build_model(config: ml_collections.ConfigDict, model_config):
+    """The model a run trains and samples: `model_config`'s model, wrapped by the run's PEFT method."""
+    return wrapper.wrap(models.build(model_config), peft_spec(config))
 
 
 def peft_base_pointer(config: ml_collections.ConfigDict) -> dict | None:
@@ -90,7 +100,7 @@ def variables_for(params, frozen=None) -> dict:
     effective prefixes of their trainable tree)."""
     if frozen is None:
         return {"params": params}
-    return {"params": frozen, lora.COLLECTION: prefix.effective(params)}
+    return {"params": frozen, peft_base.COLLECTION: prefix.effective(params)}
 
 
 def model_variables(state: TrainState) -> dict:
@@ -98,9 +108,9 @@ def model_variables(state: TrainState) -> dict:
     return variables_for(state.params, state.frozen)
 
 
-def base_model(model: nn.Module) -> nn.Module:
+def base_model(model) -> nn.Module:
     """The model without adapters (its params are the base params of the LoRA model)."""
-    return models.build(model.config.replace(peft=None))
+    return wrapper.unwrap(model)
 
 
 def prepare_base(base, spec):
@@ -125,7 +135,7 @@ def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_ta
     logical-rules context.
     """
 
-    spec = model.config.peft
+    spec = wrapper.spec_of(model)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
 
     def init_boxed(rng):
@@ -135,7 +145,7 @@ def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_ta
         # LoRA: the base is exactly the plain model's init from the seed (what full fine-tuning
         # would start from); adapters come from their own stream.
         base = base_model(model).init(rng, tokens)["params"]
-        adapters = model.init(jax.random.fold_in(rng, 1), tokens)[lora.COLLECTION]
+        adapters = model.init(jax.random.fold_in(rng, 1), tokens)[peft_base.COLLECTION]
         adapters = prefix.init_trainable(jax.random.fold_in(rng, 2), adapters, spec.prefix_projection)
         base = prepare_base(base, spec)
         return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters), frozen=base)
@@ -154,18 +164,19 @@ def plan_state(model: nn.Module, tx: optax.GradientTransformation, mesh, rule_ta
 # ---- where the weights come from ----------------------------------------------------------------
 
 
-def base_params(config: ml_collections.ConfigDict, model_config, setup=None):
+def base_params(config: ml_collections.ConfigDict, model_config, setup=None, *, as_held: bool = True):
     """A PEFT run's frozen base as training holds it (cast/quantised): from model.hf_dir, or the
     seed's init. With `setup` (a TrainSetup) in its training shardings; without, on the default
-    device outside any mesh (generate, eval, export). No PEFT (`model_config.peft` None): the
-    plain model's weights from the same sources."""
-    spec = model_config.peft
+    device outside any mesh (generate, eval, export). No PEFT (`peft_spec(config)` None): the
+    plain model's weights from the same sources. `as_held=False` (without `setup`): the float base
+    before PEFT casts or quantises it."""
+    spec = peft_spec(config) if as_held else None
     if setup is None:
         if config.model.hf_dir:
             _, base = models.from_pretrained(config.model.hf_dir, dtype=model_config.param_dtype,
                                              num_labels=model_config.num_labels)  # a reward model's head
         else:
-            plain = base_model(models.build(model_config))
+            plain = models.build(model_config)
             init = jax.jit(lambda rng: sharding.unbox(plain.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
             base = init(jax.random.key(config.seed))
         return base if spec is None else jax.jit(functools.partial(prepare_base, spec=spec))(base)
@@ -173,7 +184,7 @@ def base_params(config: ml_collections.ConfigDict, model_config, setup=None):
     if not config.model.hf_dir:
         return jax.jit(lambda rng: setup.init_state(rng).frozen, out_shardings=shardings.frozen)(
             jax.random.key(config.seed))
-    plain = base_model(models.build(model_config))
+    plain = models.build(model_config)
     abstract = jax.eval_shape(plain.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     base = models.load_params(config.model.hf_dir, plain.config,
                               sharding.logical_shardings(abstract, setup.mesh, setup.rule_table))
@@ -186,7 +197,7 @@ def start_weights(config: ml_collections.ConfigDict, setup) -> Any:
     """The weights a fresh run starts from (PEFT: the frozen base), in their shards: model.hf_dir >
     model.init_from > seed. Deterministic, so a frozen reference copy is rebuilt from it on resume."""
     model_config, shardings = setup.model_config, setup.state_shardings
-    if model_config.peft is not None:
+    if peft_spec(config) is not None:
         return base_params(config, model_config, setup)
     if config.model.hf_dir:
         return models.load_params(config.model.hf_dir, model_config, shardings.params)
@@ -218,16 +229,16 @@ def state_from_params(params, tx: optax.GradientTransformation, state_shardings)
 
 def fresh_state(config: ml_collections.ConfigDict, setup) -> TrainState:
     """A step-0 state: model.hf_dir > model.init_from > seed (see the module docstring)."""
-    model_config, shardings = setup.model_config, setup.state_shardings
-    if model_config.peft is not None and config.model.hf_dir:
+    model_config, shardings, spec = setup.model_config, setup.state_shardings, peft_spec(config)
+    if spec is not None and config.model.hf_dir:
         base = base_params(config, model_config, setup)
         adapters_only = jax.jit(lambda rng: setup.init_state(rng).replace(frozen=None),  # XLA drops the random base
                                 out_shardings=shardings.replace(frozen=None))
         state = adapters_only(jax.random.key(config.seed)).replace(frozen=base)
-        magnitudes = jax.jit(functools.partial(lora.init_magnitudes, spec=model_config.peft),
+        magnitudes = jax.jit(functools.partial(lora.init_magnitudes, spec=spec),
                              out_shardings=shardings.params)
         return state.replace(params=magnitudes(base, state.params))
-    if model_config.peft is None and (config.model.hf_dir or config.model.init_from):
+    if spec is None and (config.model.hf_dir or config.model.init_from):
         return state_from_params(start_weights(config, setup), setup.tx, shardings)
     return setup.init_state(jax.random.key(config.seed))
 
@@ -258,7 +269,7 @@ def build_state(config: ml_collections.ConfigDict, setup, *, checkpointer=None, 
         if restored is not None:
             latest, state = restored
             saved = checkpointer.saved_config(latest)
-            if setup.model_config.peft is not None:  # adapters-only checkpoint: re-create the base
+            if peft_spec(config) is not None:  # adapters-only checkpoint: re-create the base
                 state = state.replace(frozen=base_params(config, setup.model_config, setup))
             return Start(state, int(latest), saved)
     return Start(fresh_state(config, setup))

@@ -12,7 +12,8 @@ from jaxtune import config as config_lib
 from jaxtune import evaluate, models, objectives, trainer, validation
 from jaxtune.errors import UserError
 from jaxtune.objectives import head_token_stats, token_stats
-from jaxtune.peft import lora
+from jaxtune.peft import base as peft_base
+from jaxtune.peft import wrapper
 
 CHUNK = 5  # does not divide the sequence lengths below: the last chunk is padded
 TIGHT = dict(rtol=2e-5, atol=2e-6)
@@ -58,13 +59,13 @@ def test_head_token_stats_equal_full_logits_and_gradients():
 def test_sft_with_z_loss_and_dpo_chunked_equal_full():
     """A LoRA Gemma 2 (tied embeddings, final soft-cap): SFT with z-loss on rows, and DPO on pairs with
     the base model as reference (policy and reference both chunked); one compile for both."""
-    spec = lora.LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
-    config = models.get_config("gemma2", "tiny", num_layers=1, peft=spec)
-    model = models.build(config)
+    spec = peft_base.Spec("lora", rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+    config = models.get_config("gemma2", "tiny", num_layers=1)
+    model = wrapper.wrap(models.build(config), spec)
     rows = _batch(4, 13, config.vocab_size)
     pairs = {k: v.reshape(2, 2, -1) for k, v in rows.items()}
     variables = jax.jit(model.init)(jax.random.key(0), rows["inputs"])
-    adapters = jax.tree.map(lambda x: x + 0.05, variables[lora.COLLECTION])  # non-zero B: policy != reference
+    adapters = jax.tree.map(lambda x: x + 0.05, variables[peft_base.COLLECTION])  # non-zero B: policy != reference
     sft_config = config_lib.base_config()
     sft_config.train.z_loss = 1e-2
     dpo_config = config_lib.base_config()

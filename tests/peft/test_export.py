@@ -12,7 +12,8 @@ from flax import linen as nn
 
 from jaxtune import models
 from jaxtune.models import hf_mapping
-from jaxtune.peft import export, lora
+from jaxtune.peft import base as peft_base
+from jaxtune.peft import export, lora, wrapper
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -66,8 +67,8 @@ def hf_bases(tmp_path_factory):
 
 def trained_like_adapters(config, base, spec, seed=0):
     """Adapters as after training: A from init, B and (DoRA) magnitude perturbed away from init."""
-    model = models.build(config.replace(peft=spec))
-    init = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, jnp.zeros((1, 4), jnp.int32))[lora.COLLECTION]))
+    model = wrapper.wrap(models.build(config), spec)
+    init = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, jnp.zeros((1, 4), jnp.int32))[peft_base.COLLECTION]))
     adapters = jax.jit(lambda b, a: lora.init_magnitudes(b, a, spec))(base, init(jax.random.key(seed)))
     rng = np.random.default_rng(seed)
 
@@ -93,8 +94,8 @@ def _hf_logits(model, tokens):
 
 SPECS = {
     "lora": dict(targets=("q_proj", "v_proj", "o_proj", "down_proj")),
-    "rslora": dict(targets=tuple(lora.TARGETS.values()), rslora=True),
-    "dora": dict(targets=("q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"), dora=True),
+    "rslora": dict(targets=tuple(peft_base.TARGETS.values()), rslora=True),
+    "dora": dict(targets=("q_proj", "k_proj", "o_proj", "gate_proj", "up_proj"), method="dora"),
 }
 
 
@@ -107,13 +108,13 @@ PARITY_CASES = [("llama", k) for k in SPECS] + [
 @pytest.mark.parametrize("family, kind", PARITY_CASES)
 def test_peft_loads_exported_adapters_with_equal_logits(hf_bases, family, kind, tmp_path):
     d, config, base = hf_bases(family)
-    spec = lora.LoraSpec(rank=4, alpha=12.0, **SPECS[kind])
+    spec = peft_base.Spec(**{"method": "lora", "rank": 4, "alpha": 12.0, **SPECS[kind]})
     adapters = trained_like_adapters(config, base, spec)
-    model = models.build(config.replace(peft=spec))
+    model = wrapper.wrap(models.build(config), spec)
     ours = _logits(model, {"params": base, "lora": adapters})
     base_logits = _logits(model, {"params": base})
 
-    out = export.export_peft(config.replace(peft=spec), adapters, tmp_path / "adapter", base_model_name_or_path=str(d))
+    out = export.export_peft(config, spec, adapters, tmp_path / "adapter", base_model_name_or_path=str(d))
     written = json.loads((out / export.CONFIG_FILE).read_text())
     assert written["r"] == 4 and written["use_dora"] == spec.dora and written["use_rslora"] == spec.rslora
     peft_model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(d), str(out)).eval()
@@ -129,10 +130,10 @@ def test_peft_loads_exported_adapters_with_equal_logits(hf_bases, family, kind, 
 @pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_merged_export_loads_in_transformers(hf_bases, family, tmp_path):
     d, config, base = hf_bases(family)
-    spec = lora.LoraSpec(rank=4, alpha=8.0, targets=tuple(lora.TARGETS.values()), dora=True)
+    spec = peft_base.Spec("dora", rank=4, alpha=8.0, targets=tuple(peft_base.TARGETS.values()))
     adapters = trained_like_adapters(config, base, spec, seed=3)
-    ours = _logits(models.build(config.replace(peft=spec)), {"params": base, "lora": adapters})
-    out = export.export_merged(config.replace(peft=spec), base, adapters, tmp_path / "merged")
+    ours = _logits(wrapper.wrap(models.build(config), spec), {"params": base, "lora": adapters})
+    out = export.export_merged(config, spec, base, adapters, tmp_path / "merged")
     merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     diff = float(np.abs(_hf_logits(merged, TOKENS) - ours).max())
     print(f"{family}/merged dora: max |transformers(merged) - jaxtune adapters| = {diff:.1e}")
@@ -141,7 +142,7 @@ def test_merged_export_loads_in_transformers(hf_bases, family, tmp_path):
 
 def test_base_apply_is_the_model_without_adapters(hf_bases):
     _, config, base = hf_bases("qwen2")
-    spec = lora.LoraSpec(rank=2, alpha=4.0, targets=("q_proj",))
+    spec = peft_base.Spec("lora", rank=2, alpha=4.0, targets=("q_proj",))
     plain = _logits(models.build(config), {"params": base})
-    ref = jax.jit(lambda b, t: lora.base_apply(models.build(config.replace(peft=spec)), b, t))(base, jnp.asarray(TOKENS))
+    ref = jax.jit(lambda b, t: lora.base_apply(wrapper.wrap(models.build(config), spec), b, t))(base, jnp.asarray(TOKENS))
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(ref))

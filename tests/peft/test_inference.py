@@ -52,12 +52,12 @@ def test_cli_generates_and_evaluates_with_base_plus_adapters(run, tmp_path, caps
     # when QLoRA) + the checkpoint's adapters.
     tok = load_tokenizer(workdir / TOKENIZER_FILE)
     model_config = trainer.model_config_from(c, vocab_size=tok.vocab_size)
-    plain = models.build(model_config.replace(peft=None))
+    plain = models.build(model_config)
     base = sharding.unbox(jax.jit(plain.init)(jax.random.key(c.seed), jnp.zeros((1, 1), jnp.int32))["params"])
-    base = trainer.prepare_base(base, model_config.peft)
+    base = trainer.prepare_base(base, trainer.peft_spec(c))
     with ocp.CheckpointManager(workdir / "checkpoints") as manager:
         adapters = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state["params"]
-    tokens = generate(models.build(model_config), trainer.variables_for(adapters, base),
+    tokens = generate(trainer.build_model(c, model_config), trainer.variables_for(adapters, base),
                       pipeline.tokenize_prompts(tok, [PROMPT]), max_new_tokens=6, stop_tokens=(tok.eos_id,),
                       pad_id=tok.pad_id)[0]
     out = _stdout(capsys, ["generate", "--workdir", str(workdir), "--prompt", PROMPT, "--max_new_tokens", "6"])

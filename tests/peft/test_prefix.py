@@ -16,7 +16,8 @@ from flax import linen as nn
 from jaxtune import cli, models, objectives, sharding, trainer
 from jaxtune.errors import UserError
 from jaxtune.generate import generate
-from jaxtune.peft import export, lora, prefix
+from jaxtune.peft import base as peft_base
+from jaxtune.peft import export, prefix, wrapper
 from tests import helpers
 from tests.peft.test_export import TOKENS, TOL, _hf_logits, _logits, hf_bases, peft, torch, transformers  # noqa: F401
 from tests.peft.test_training import _losses
@@ -25,25 +26,24 @@ P = 3
 
 
 def _spec(projection=0):
-    return lora.LoraSpec(rank=0, alpha=0.0, targets=(), prefix_length=P, prefix_projection=projection)
+    return peft_base.Spec("prefix", prefix_length=P, prefix_projection=projection)
 
 
 def _trainable(config, projection, seed=0):
-    model = models.build(config.replace(peft=_spec(projection)))
-    direct = model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))[lora.COLLECTION]
+    model = wrapper.wrap(models.build(config), _spec(projection))
+    direct = model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))[peft_base.COLLECTION]
     return sharding.unbox(prefix.init_trainable(jax.random.key(seed + 1), direct, projection))
 
 
 @pytest.mark.parametrize("projection", [0, 8])
 def test_peft_loads_exported_prefixes_with_equal_logits(hf_bases, projection, tmp_path):
     d, config, base = hf_bases("llama")
-    config = config.replace(peft=_spec(projection))
     trainable = _trainable(config, projection)
-    model = models.build(config)
+    model = wrapper.wrap(models.build(config), _spec(projection))
     ours = _logits(model, {"params": base, "lora": prefix.effective(trainable)})
     assert np.abs(ours - _logits(model, {"params": base})).max() > 0.1  # the prefixes matter
 
-    out = export.export_peft(config, trainable, tmp_path / "adapter", base_model_name_or_path=str(d))
+    out = export.export_peft(config, _spec(projection), trainable, tmp_path / "adapter", base_model_name_or_path=str(d))
     written = json.loads((out / export.CONFIG_FILE).read_text())
     assert written["peft_type"] == "PREFIX_TUNING" and written["num_virtual_tokens"] == P
     assert written["prefix_projection"] == (projection > 0)
@@ -71,9 +71,9 @@ def test_peft_loads_exported_prefixes_with_equal_logits(hf_bases, projection, tm
 
 
 def test_packed_segments_and_kv_cache_generation_see_the_prefix():
-    config = models.get_config("llama", "tiny", peft=_spec(projection=8))
-    model = models.build(config)
-    base = sharding.unbox(models.build(config.replace(peft=None)).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    config = models.get_config("llama", "tiny")
+    model = wrapper.wrap(models.build(config), _spec(projection=8))
+    base = sharding.unbox(models.build(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
     variables = {"params": base["params"], "lora": prefix.effective(_trainable(config, 8))}
     width = 16
     forward = jax.jit(lambda t, p, s: model.apply(variables, t, positions=p, segment_ids=s))
@@ -136,8 +136,7 @@ def test_prefix_run_trains_prefixes_only_checkpoints_and_resumes_exactly(tmp_pat
 
 
 def test_train_step_leaves_the_base_bit_identical():
-    config = models.get_config("llama", "tiny", peft=_spec())
-    model = models.build(config)
+    model = wrapper.wrap(models.build(models.get_config("llama", "tiny")), _spec())
     from jaxtune import optim
 
     tx, lr = optim.build(helpers.tiny_base_config("unused").optim, 10)
@@ -169,5 +168,5 @@ def test_bad_prefix_config_is_a_clear_error(tmp_path, overrides, message):
 
 def test_prefix_ignores_lora_only_keys(tmp_path):
     c = helpers.tiny_config(tmp_path, **{"peft.method": "prefix", "peft.rank": 0, "peft.targets": "all-linear"})
-    spec = trainer.model_config_from(c, vocab_size=300).peft
+    spec = trainer.peft_spec(c)
     assert spec.targets == () and spec.prefix_length == 16 and spec.prefix_projection == 0

@@ -8,7 +8,8 @@ import pytest
 from flax import linen as nn
 
 from jaxtune import models
-from jaxtune.peft import quant
+from jaxtune.peft import base as peft_base
+from jaxtune.peft import quant, wrapper
 
 
 @pytest.mark.parametrize("kind", quant.KINDS)
@@ -42,7 +43,8 @@ def test_quantised_base_bytes_and_forward():
         stats = quant.bytes_per_param(q)
         assert stats["quantized_bytes_per_param"] == pytest.approx(expected_bytes)
         assert 0.5 < stats["quantized_fraction"] < 1  # embeddings, norms, lm_head stay float
-        out = jax.jit(model.apply)({"params": q}, tokens)
+        quantised = wrapper.wrap(model, peft_base.Spec("lora", rank=1, alpha=1.0, quantize=kind))  # no targets
+        out = jax.jit(quantised.apply)({"params": q}, tokens)
         rel = float(jnp.sqrt(jnp.mean((out - ref) ** 2) / jnp.mean((ref - ref.mean()) ** 2)))
         print(f"{kind}: {stats}, relative rms logit error {rel:.3f}")
         assert 0 < rel < tol

@@ -15,7 +15,8 @@ from jaxtune import cli, models, objectives, optim, sharding, trainer, validatio
 from jaxtune import config as config_lib
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
-from jaxtune.peft import lora
+from jaxtune.peft import base as peft_base
+from jaxtune.peft import wrapper
 from tests import helpers
 
 
@@ -24,9 +25,9 @@ def _losses(workdir):
 
 
 def test_train_step_updates_adapters_only():
-    spec = lora.LoraSpec(rank=4, alpha=8.0, targets=tuple(lora.TARGETS.values()), dora=True, dropout=0.1)
-    config = models.get_config("llama", "tiny", num_layers=2, peft=spec)
-    model = models.build(config)
+    spec = peft_base.Spec("dora", rank=4, alpha=8.0, targets=tuple(peft_base.TARGETS.values()), dropout=0.1)
+    config = models.get_config("llama", "tiny", num_layers=2)
+    model = wrapper.wrap(models.build(config), spec)
     tx, lr = optim.build(helpers.tiny_base_config("unused").optim, 10)
     mesh = sharding.build_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     rules = sharding.rules("fsdp")
@@ -35,7 +36,7 @@ def test_train_step_updates_adapters_only():
     batch.update(loss_mask=np.ones((8, 16), np.int32), segment_ids=np.ones((8, 16), np.int32),
                  positions=np.tile(np.arange(16, dtype=np.int32), (8, 1)))
     # The base is exactly what full fine-tuning starts from (the plain model's init).
-    plain = jax.jit(models.build(config.replace(peft=None)).init)(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+    plain = jax.jit(models.build(config).init)(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
     plain = sharding.unbox(plain)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract, shardings, init = trainer.plan_state(model, tx, mesh, rules, seq_len=16)
@@ -135,7 +136,7 @@ def test_sft_lora_config_variants(tmp_path):
     c = validation.load_config("configs/sft_lora.py:family=gemma2,method=dora,quantize=nf4,targets=q+v",
                                [f"data.train_path={train}"])
     assert (c.model.family, c.peft.method, c.peft.quantize) == ("gemma2", "dora", "nf4")
-    spec = trainer.model_config_from(c, vocab_size=300).peft
+    spec = trainer.peft_spec(c)
     assert spec.targets == ("q_proj", "v_proj") and spec.dora and spec.quantize == "nf4"
     with pytest.raises(ValueError, match="unknown arguments"):
         validation.load_config("configs/sft_lora.py:rnak=4", [f"data.train_path={train}"])
