@@ -112,7 +112,8 @@ def select_objective(config: ml_collections.ConfigDict, sections: ObjectiveSecti
     all_sections = sections.sections()
     name = sections.canonical(node.type)
     if name not in all_sections:
-        raise UserError(f"config key 'objective.type' is {node.type!r}; expected one of {', '.join(sorted(all_sections))}")
+        raise UserError(f"config key 'objective.type' is {node.type!r}; "
+                        f"expected one of {', '.join(sorted(all_sections))}")
     for key in node.keys():
         if key != "type" and key not in all_sections:
             raise (moved_key_error(f"objective.{key}", all_sections, name)
@@ -122,7 +123,8 @@ def select_objective(config: ml_collections.ConfigDict, sections: ObjectiveSecti
     given = node.get(name)
     if given is not None:
         if not isinstance(given, (ml_collections.ConfigDict, dict)):
-            raise UserError(f"config key 'objective.{name}' must be a dict of {name}'s keys, found {type(given).__name__}")
+            raise UserError(f"config key 'objective.{name}' must be a dict of {name}'s keys, "
+                            f"found {type(given).__name__}")
         for key, value in given.items():
             if key not in section:
                 raise unknown_key_error(section, key, f"objective.{name}.")
@@ -171,7 +173,8 @@ def _line_in(file: Path, error: BaseException) -> str:
     """' at line N' of the deepest traceback frame (or syntax error) inside the config file, else ''."""
     if isinstance(error, SyntaxError) and error.lineno:
         return f" at line {error.lineno}"
-    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == file.resolve()]
+    frames = traceback.extract_tb(error.__traceback__)
+    lines = [f.lineno for f in frames if Path(f.filename).resolve() == file.resolve()]
     return f" at line {lines[-1]}" if lines else ""
 
 
