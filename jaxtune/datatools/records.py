@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def _jsonl_records(path: Path) -> Iterator[dict]:
     except UserError:
         raise
     except Exception as e:  # OSError/EOFError of a corrupt .gz, ZstdError of a corrupt .zst
-        if isinstance(e, (OSError, EOFError)) or type(e).__name__ == "ZstdError":
+        if isinstance(e, (OSError, EOFError, zlib.error)) or type(e).__name__ == "ZstdError":
             raise UserError(f"{path}: cannot be read as {COMPRESSED.get(path.suffix, 'plain')} JSONL: {e}") from None
         raise
 
