@@ -231,7 +231,7 @@ def dedup(sets: Sequence[RecordSet], settings: DedupSettings = DedupSettings()) 
     # Pass 1: exact keys and band keys, streamed (records are never held).
     first_of: dict[int, int] = {}  # exact key -> the first record (global index) with it
     exact_of: dict[int, int] = {}  # exact duplicate -> that first record
-    band_rows: list[bytes] = []
+    band_rows = bytearray()  # 8 bytes per band per record, no per-record objects
     band_indices: list[int] = []
     starts, counts = {}, {}
     g = 0
@@ -246,17 +246,16 @@ def dedup(sets: Sequence[RecordSet], settings: DedupSettings = DedupSettings()) 
             else:
                 first_of[key] = g
                 if band_keys is not None:
-                    band_rows.append(band_keys)
+                    band_rows += band_keys
                     band_indices.append(g)
             g += 1
         counts[s.name] = g - starts[s.name]
     del first_of
     candidates: dict[int, set[int]] = {}
     if band_rows:
-        keys = np.frombuffer(b"".join(band_rows), dtype=np.uint64).reshape(len(band_rows), bands)
-        del band_rows
+        keys = np.frombuffer(band_rows, dtype=np.uint64).reshape(len(band_indices), bands)
         candidates = _candidate_pairs(np.asarray(band_indices, dtype=np.int64), keys)
-        del keys
+        del keys, band_rows
     # Pass 2: confirm candidates with the exact Jaccard of their shingle sets, in record order.
     last_use: dict[int, int] = {}
     for later, earlier in candidates.items():
