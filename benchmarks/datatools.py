@@ -37,12 +37,17 @@ def write_records(path: Path, n: int, words: int, seed: int, evals: list[dict] |
     vocab = [f"w{i}" for i in range(5000)]
     recent: list[dict] = []
     planted = 0
+    carries: set[int] = set()  # id() of originals with a planted eval prompt (their copies carry it too)
     with path.open("w") as f:
         for i in range(n):
             if i and i % 20 == 0:
-                record = dict(rng.choice(recent))  # exact duplicate
+                source = rng.choice(recent)
+                record = dict(source)  # exact duplicate
+                planted += id(source) in carries
             elif i and i % 20 == 10:
-                record = dict(rng.choice(recent))
+                source = rng.choice(recent)
+                record = dict(source)
+                planted += id(source) in carries
                 tokens = record["instruction"].split()
                 tokens[len(tokens) // 2] = "changed"
                 record["instruction"] = " ".join(tokens)  # near duplicate (one word of ~80 changed)
@@ -54,9 +59,10 @@ def write_records(path: Path, n: int, words: int, seed: int, evals: list[dict] |
                     prompt = rng.choice(evals)["prompt"].split()
                     record["instruction"] += " " + " ".join(prompt[:PLANTED_WORDS])
                     planted += 1
+                    carries.add(id(record))
                 recent.append(record)
                 if len(recent) > 5000:
-                    recent.pop(rng.randrange(len(recent)))
+                    carries.discard(id(recent.pop(rng.randrange(len(recent)))))
             f.write(json.dumps(record) + "\n")
     return planted
 
@@ -96,10 +102,13 @@ def throughput(args) -> dict:
                           contaminated=len(c.contaminated))
             del c
         if "filter" in stages:
+            # Gopher rules run by datatrove (the synthetic words have no stop words: quality's stop-word
+            # rule is off here so that records reach the later rules) and lid.176 language identification
             filters = QualityFilters(min_words=3, max_words=2000, scripts=("latin",), nonempty=("output",),
-                                     gopher=("repetition", "quality"), languages=("en",), min_language_score=0.0)
+                                     gopher=("repetition", "quality"), gopher_overrides=(("min_stop_words", None),),
+                                     languages=("en",), min_language_score=0.0)
             t = time.perf_counter()
-            _, dropped, count, _ = filter_stream(read_files([str(path)])[0].records, filters)
+            _, dropped, count, _ = filter_stream(read_files([str(path)])[0].records, filters, args.workers)
             seconds = time.perf_counter() - t
             result.update(filter_records_per_s=round(count / seconds), filter_dropped=len(dropped))
     result.update(_peak_mib())

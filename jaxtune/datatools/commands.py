@@ -289,7 +289,7 @@ def _filter(args, overrides) -> int:
               "sets": {}}
     total = dropped_total = unselected_total = 0
     for s in sets:
-        passed, dropped, count, tally = quality.filter_stream(s.records, filters)
+        passed, dropped, count, tally = quality.filter_stream(s.records, filters, args.workers)
         selected = passed
         if args.select_diverse:
             survivors = list(Selection([s], {s.name: passed}).kept_records(s.name))

@@ -197,21 +197,35 @@ def top_ngram_fraction(tokens: Sequence[str], n: int) -> float:
     return min(1.0, count * sum(map(len, gram)) / sum(map(len, tokens)))
 
 
-def filter_stream(records: Iterable[dict], filters: QualityFilters
+_worker: dict = {}
+
+
+def _init_worker(filters: QualityFilters) -> None:
+    _worker["filters"] = filters
+
+
+def _verdict(record: dict) -> tuple[str, str | None, tuple[str, ...]]:
+    filters = _worker["filters"]
+    return str(record.get("_where", "record")), filters.reason(record), fields_lib.record_texts(record, filters.fields)[1]
+
+
+def filter_stream(records: Iterable[dict], filters: QualityFilters, workers: int = 1
                   ) -> tuple[list[int], list[tuple[int, str, str]], int, dict[str, int]]:
-    """Streams records through the filters: (passed indices, [(dropped index, id, reason)], records read,
-    compared fields -> records)."""
+    """Streams records through the filters (in `workers` processes): (passed indices,
+    [(dropped index, id, reason)], records read, compared fields -> records)."""
+    from jaxtune.datatools.parallel import ordered_map
+
     passed, dropped = [], []
     tally = fields_lib.FieldTally()
     count = 0
-    for i, record in enumerate(records):
+    stream = ordered_map(_verdict, iter(records), workers=workers, initializer=_init_worker, initargs=(filters,))
+    for i, (rid, why, used) in enumerate(stream):
         count += 1
-        tally.add(fields_lib.record_texts(record, filters.fields)[1])
-        why = filters.reason(record)
+        tally.add(used)
         if why is None:
             passed.append(i)
         else:
-            dropped.append((i, str(record.get("_where", "record")), why))
+            dropped.append((i, rid, why))
     return passed, dropped, count, tally.counts
 
 

@@ -52,11 +52,6 @@ class Selection(KeptSets):
     kept: dict[str, list[int]]
 
 
-def read_all(source) -> list[dict]:
-    """Every record of a random-access source, in order (bad records raise, naming file and line)."""
-    return [source[i] for i in range(len(source))]
-
-
 class SourceRecords:
     """A random-access data source (jaxtune.data.sources) iterated in order, one record at a time."""
 
