@@ -132,20 +132,17 @@ def exact_key(fields_words: Sequence[Sequence[str]]) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=16).digest(), "little")
 
 
-def shingle_hash(data: bytes) -> int:
-    """32-bit hash of a shingle for MinHash: CRC-32 (C speed, the same in every process; datasketch's
-    default SHA-1 was half of dedup's time). Two distinct shingles share it with probability 2^-32,
-    which can only perturb a signature: near duplicates are confirmed on the shingles themselves."""
-    return zlib.crc32(data)
-
-
 class MinHasher:
-    """MinHash signatures of shingle sets with one shared set of permutations (built once)."""
+    """MinHash signatures of shingle sets with one shared set of permutations (built once).
+
+    Shingles are hashed with CRC-32 (C speed, the same in every process; datasketch's default SHA-1
+    was half of dedup's time). Two distinct shingles share a CRC with probability 2^-32, which can
+    only perturb a signature: near duplicates are confirmed on the shingles themselves."""
 
     def __init__(self, num_perm: int, seed: int):
         from datasketch import MinHash
 
-        self._empty = MinHash(num_perm=num_perm, seed=seed, hashfunc=shingle_hash)
+        self._empty = MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32)
 
     def __call__(self, shingles: set[str]):
         m = self._empty.copy()  # shares the permutations instead of drawing them again
