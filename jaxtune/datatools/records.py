@@ -99,6 +99,7 @@ def _jsonl_records(path: Path) -> Iterator[dict]:
 
 
 def _parquet_records(path: Path) -> Iterator[dict]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -108,7 +109,7 @@ def _parquet_records(path: Path) -> Iterator[dict]:
             for record in batch.to_pylist():
                 yield _plain_record(record, f"{path}: row {row}")
                 row += 1
-    except OSError as e:  # pyarrow's ArrowInvalid is an OSError subclass for bad files
+    except (OSError, pa.ArrowException) as e:
         raise UserError(f"{path}: not a readable Parquet file: {e}") from None
 
 
@@ -130,16 +131,14 @@ def _arrow_records(folder: Path) -> Iterator[dict]:
 
     row = 0
     for path in _arrow_files(folder):
-        with pa.memory_map(str(path)) as source:
-            try:
-                reader = pa.ipc.open_stream(source)
-            except pa.ArrowInvalid:
-                reader = pa.ipc.open_file(source)
-            batches = reader if hasattr(reader, "__iter__") else (reader.get_batch(i) for i in range(reader.num_record_batches))
-            for batch in batches:
-                for record in batch.to_pylist():
-                    yield _plain_record(record, f"{folder}[{row}]")
-                    row += 1
+        try:
+            with pa.memory_map(str(path)) as source:
+                for batch in pa.ipc.open_stream(source):  # save_to_disk writes the Arrow streaming format
+                    for record in batch.to_pylist():
+                        yield _plain_record(record, f"{folder}[{row}]")
+                        row += 1
+        except (OSError, pa.ArrowException) as e:
+            raise UserError(f"{path}: not a readable Arrow file of a 🤗 datasets folder: {e}") from None
 
 
 def _json_records(path: Path) -> Iterator[dict]:

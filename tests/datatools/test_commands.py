@@ -97,6 +97,8 @@ BAD = [
     (["dedup", "{tmp}/sub"], "sub: a directory, not a data file (expected a JSONL/Parquet file or a 🤗 datasets"),
     (["dedup", "{tmp}/dd"], "dd: a 🤗 DatasetDict folder; name one split's folder"),
     (["dedup", "{tmp}/empty.jsonl"], "empty.jsonl: the file holds no records"),
+    (["dedup", "{tmp}/bad.parquet"], "bad.parquet: not a readable Parquet file"),
+    (["dedup", "{tmp}/hf"], "data-00000-of-00001.arrow: not a readable Arrow file of a 🤗 datasets folder"),
     (["decontaminate", "{good}", "--eval", "{good}", "--threshold", "2"], "expected a number in [0, 1], got 2"),
     (["decontaminate", "{good}", "--eval", "{good}", "--eval_n", "good"], "--eval_n 'good': expected SET=N"),
     (["decontaminate", "{good}", "--eval", "{sub}/good.jsonl", "--eval_n", "nope=5"],
@@ -134,6 +136,10 @@ def test_bad_inputs_end_in_one_error_line(tmp_path, capsys, argv, expected):
     (tmp_path / "corrupt.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 not gzip at all")
     (tmp_path / "corrupt.jsonl.zst").write_bytes(b"not zstd at all")
     (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    (tmp_path / "hf" / "data-00000-of-00001.arrow").write_text("not arrow")
     (tmp_path / "dd").mkdir()
     (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
     names = {"tmp": tmp_path, "good": good, "bad": bad, "sub": tmp_path / "sub"}
