@@ -11,7 +11,8 @@ A record's format is recognised by its keys (the formats jaxtune's data tasks an
 - evaluation sets: `question`, `query`, `problem` count as prompts, `answer`, `response`, `solution`,
   `choices` as answers.
 Everything else (`id`, `parent_id`, `most_similar`, `source`, scores, ...) is metadata and ignored.
-A record with none of these keys falls back to every string in it. `fields` names the fields to
+A record with none of these keys falls back to every string in it (one with only answer keys has
+no prompt part). `fields` names the fields to
 compare instead ("a.b.0" reads nested values; a list or dict gives every string in it).
 """
 
@@ -61,27 +62,29 @@ def trained_texts(record: Mapping[str, Any], part: str = "all") -> tuple[list[st
     prompt_only = part == "prompt"
     texts: list[str] = []
     used: list[str] = []
+
+    def take(label: str, got: list[str]) -> None:
+        if got:  # a key without text (a number, a boolean label, None) is not reported as compared
+            texts.extend(got)
+            used.append(label)
+
     for key in CHAT_KEYS:
         if key in record:
-            got = list(_messages(record[key], prompt_only))
-            texts += got
-            used.append(f"{key}[{'user' if prompt_only else '*'}].content")
+            take(f"{key}[{'user' if prompt_only else '*'}].content", list(_messages(record[key], prompt_only)))
     for key in PROMPT_KEYS + ANSWER_KEYS:
-        if key not in record or (prompt_only and key in ANSWER_KEYS):
+        if key not in record:
             continue
         value = record[key]
-        if key == "instances":
-            texts += _instances(value, prompt_only)
+        if key == "instances":  # Self-Instruct: the inputs are prompt text, the outputs answers
+            take("instances[*].input" if prompt_only else key, list(_instances(value, prompt_only)))
+        elif prompt_only and key in ANSWER_KEYS:
+            continue
         elif _is_messages(value):  # conversational TRL prompt/chosen/rejected/completion
-            texts += _messages(value, prompt_only)
+            take(key, list(_messages(value, prompt_only)))
         else:
-            texts += ngrams.strings(value)
-        used.append(key)
-    if prompt_only and not used and "instances" in record:  # Self-Instruct without instruction: inputs only
-        texts += _instances(record["instances"], True)
-        used.append("instances[*].input")
-    if not used:
-        return ngrams.text_fields(record), ("*",)
+            take(key, list(ngrams.strings(value)))
+    if not used and not any(key in record for key in CHAT_KEYS + PROMPT_KEYS + ANSWER_KEYS):
+        return ngrams.text_fields(record), ("*",)  # an unknown format: every string
     return texts, tuple(used)
 
 
