@@ -223,7 +223,7 @@ def test_an_output_over_an_input_is_refused(tmp_path, capsys):
                  ["filter", str(path), "--out_dir", str(tmp_path / "." / ""), "--min_words", "1"]):
         assert cli.main(["data", *argv]) == 2
         err = capsys.readouterr().err
-        assert f"jaxtune: error: " in err and f"would overwrite the input {path}" in err, err
+        assert "jaxtune: error: " in err and f"would overwrite the input {path}" in err, err
     assert path.read_text() == before
 
 

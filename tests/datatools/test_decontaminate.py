@@ -8,7 +8,6 @@ from jaxtune.datatools.records import RecordSet
 from jaxtune.errors import UserError
 from tests.datatools.planted import sentence, unique_records
 
-
 # GPT-3 style: any shared 13-gram, prompts and answers (the defaults before Tulu-3 coverage)
 ANY_13GRAM = DecontaminationSettings(n=13, threshold=0.0, part="all")
 
@@ -77,9 +76,9 @@ def test_eval_sets_are_attributed_and_bad_settings_rejected():
     assert {k: v["contaminated"] for k, v in report["train"].items()} == {"a": 2, "b": 1}
     assert report["eval"]["e1"]["per_training_set"] == {"a": 1, "b": 0}
     assert report["eval"]["e2"]["per_training_set"] == {"a": 1, "b": 1}
-    for bad, message in ((dict(threshold=1.5), "threshold must be in"), (dict(mode="fuzzy"), "mode must be one of"),
-                         (dict(part="answers"), "part must be one of"), (dict(eval_n=(("e", 0),)), "n of e"),
-                         (dict(min_words=-1), "min_words")):
+    for bad, message in (({"threshold": 1.5}, "threshold must be in"), ({"mode": "fuzzy"}, "mode must be one of"),
+                         ({"part": "answers"}, "part must be one of"), ({"eval_n": (("e", 0),)}, "n of e"),
+                         ({"min_words": -1}, "min_words")):
         with pytest.raises(UserError, match=message):
             decontaminate([_set("a", train)], [_set("e", evals)], DecontaminationSettings(**bad))
     with pytest.raises(UserError, match="--eval_n names nope, which is not an evaluation set"):
