@@ -1,7 +1,8 @@
 """Throughput and memory of the instruction-data tools on synthetic Alpaca records, streamed from a JSONL file.
 
-    python benchmarks/datatools.py [--records 20000] [--words 120] [--workers 1] [--stages dedup,decontaminate,filter]
-    python benchmarks/datatools.py --accuracy 4     # dedup precision/recall against exact truth, 4 seeds
+    PYTHONPATH=. python benchmarks/datatools.py [--records 20000] [--words 120] [--workers 1] \
+        [--stages dedup,decontaminate,filter] [--tmp DIR]
+    PYTHONPATH=. python benchmarks/datatools.py --accuracy 4   # dedup precision/recall vs exact truth, 4 seeds
 
 Writes `records` Alpaca records (instruction + output of about `words` words from a 5,000-word
 vocabulary; 5% exact and 5% near duplicates: one word changed, copied from the last 5,000 originals;
