@@ -101,6 +101,8 @@ BAD = [
     (["dedup", "{tmp}/hf"], "data-00000-of-00001.arrow: not a readable Arrow file of a 🤗 datasets folder"),
     (["decontaminate", "{good}", "--eval", "{good}", "--threshold", "2"], "expected a number in [0, 1], got 2"),
     (["decontaminate", "{good}", "--eval", "{good}", "--eval_n", "good"], "--eval_n 'good': expected SET=N"),
+    (["decontaminate", "{good}", "--eval", "{good}", "--part", "answers"], "argument --part: invalid choice: 'answers'"),
+    (["decontaminate", "{good}", "--eval", "{good}", "--min_words", "-1"], "argument --min_words: expected an integer >= 0"),
     (["decontaminate", "{good}", "--eval", "{sub}/good.jsonl", "--eval_n", "nope=5"],
      "--eval_n names nope, which is not an evaluation set"),
     (["filter", "{good}", "--gopher", "beauty"], "unknown Gopher rule set 'beauty' (known: repetition, quality)"),
