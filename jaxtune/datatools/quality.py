@@ -9,7 +9,12 @@ Filters (each off by default; a record failing any is dropped with the first fai
   line, and the fraction of word characters covered by the most frequent word n-gram (counted only
   when it occurs at least twice; Gopher drops documents above 0.30 and 0.20 for 2-grams);
 - answer format: named fields must hold non-blank text (`nonempty`), and named fields must match a
-  regular expression (`regex`, Python `re.search`).
+  regular expression (`regex`, Python `re.search`);
+- Gopher's full repetition and quality rule sets with their published thresholds (gopher.py, run by
+  datatrove; `gopher` names the sets, `gopher_overrides` changes thresholds);
+- language: fastText lid.176's top language must be one of `languages` with probability at least
+  `min_language_score` (langid.py; 0.65 as in datatrove's LanguageFilter).
+The text measured is what the record trains on (fields.record_texts), joined by newlines.
 
 `select_diverse` picks N records by greedy farthest-point (k-center) selection on MinHash
 signatures of word n-gram shingles, distance = 1 - estimated Jaccard similarity: start from the
@@ -22,15 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxtune.datatools import ngrams
+from jaxtune.datatools import fields as fields_lib
+from jaxtune.datatools import langid, ngrams
 from jaxtune.errors import UserError
 
 _LETTER = re.compile(r"[^\W\d_]")
@@ -50,7 +57,11 @@ class QualityFilters:
     top_ngram: int = 2  # n of the top n-gram rule
     nonempty: tuple[str, ...] = ()  # fields that must hold non-blank text
     regex: tuple[tuple[str, str], ...] = ()  # (field, pattern) pairs the field's text must match
-    fields: tuple[str, ...] = ()  # text measured by length/script/repetition (default: every string)
+    gopher: tuple[str, ...] = ()  # Gopher rule sets: repetition, quality (datatrove, published thresholds)
+    gopher_overrides: tuple[tuple[str, Any], ...] = ()  # (datatrove parameter, value) pairs
+    languages: tuple[str, ...] = ()  # allowed lid.176 languages (ISO 639 codes, e.g. en); () = no check
+    min_language_score: float = 0.65  # with `languages`: lid.176 probability of the top language
+    fields: tuple[str, ...] = ()  # text measured (default: the trained-on fields by format)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str) -> QualityFilters:
@@ -62,9 +73,9 @@ class QualityFilters:
                 close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
                 raise UserError(f"config key '{where}.{key}' is not a filter" + (f"; did you mean '{close[0]}'?" if close else "")
                                 + f" (filters: {', '.join(known)})")
-            if key == "regex":
+            if key in ("regex", "gopher_overrides"):
                 value = tuple(value.items()) if hasattr(value, "items") else tuple(tuple(p) for p in value)
-            elif key in ("scripts", "nonempty", "fields"):
+            elif key in ("scripts", "nonempty", "fields", "gopher", "languages"):
                 value = (value,) if isinstance(value, str) else tuple(value)
             kwargs[key] = value
         filters = cls(**kwargs)
@@ -74,7 +85,14 @@ class QualityFilters:
     @property
     def active(self) -> bool:
         return self != QualityFilters(fields=self.fields, min_script_fraction=self.min_script_fraction,
-                                      top_ngram=self.top_ngram)
+                                      top_ngram=self.top_ngram, gopher_overrides=self.gopher_overrides,
+                                      min_language_score=self.min_language_score)
+
+    @functools.cached_property
+    def _gopher(self):
+        from jaxtune.datatools.gopher import GopherRules
+
+        return GopherRules(self.gopher, self.gopher_overrides) if self.gopher else None
 
     def check(self, where: str = "filters") -> None:
         for key in ("min_words", "max_words", "min_chars", "max_chars"):
@@ -84,12 +102,19 @@ class QualityFilters:
         for low, high in (("min_words", "max_words"), ("min_chars", "max_chars")):
             if getattr(self, high) and getattr(self, low) > getattr(self, high):
                 raise UserError(f"{where}: {low}={getattr(self, low)} is above {high}={getattr(self, high)}")
-        for key in ("min_script_fraction", "max_duplicate_line_fraction", "max_top_ngram_fraction"):
+        for key in ("min_script_fraction", "max_duplicate_line_fraction", "max_top_ngram_fraction",
+                    "min_language_score"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise UserError(f"{where}: {key} must be a fraction in [0, 1], got {value!r}")
         if self.top_ngram < 1:
             raise UserError(f"{where}: top_ngram must be >= 1, got {self.top_ngram}")
+        if self.gopher_overrides and not self.gopher:
+            raise UserError(f"{where}: Gopher thresholds given without a Gopher rule set (gopher: repetition, quality)")
+        if self.gopher:
+            from jaxtune.datatools.gopher import GopherRules
+
+            GopherRules(self.gopher, self.gopher_overrides, where)  # unknown sets and thresholds fail here
         for field, pattern in self.regex:
             try:
                 re.compile(pattern)
@@ -104,7 +129,7 @@ class QualityFilters:
         for field, pattern in self.regex:
             if not re.search(pattern, "\n".join(ngrams.text_fields(record, (field,)))):
                 return f"regex: field {field!r} does not match {pattern!r}"
-        texts = ngrams.text_fields(record, self.fields)
+        texts, _ = fields_lib.record_texts(record, self.fields)
         text = "\n".join(texts)
         tokens = ngrams.words(text)
         for name, value, low, high in (("words", len(tokens), self.min_words, self.max_words),
@@ -123,6 +148,15 @@ class QualityFilters:
             fraction = top_ngram_fraction(tokens, self.top_ngram)
             if fraction > self.max_top_ngram_fraction:
                 return f"top_ngram: the top {self.top_ngram}-gram covers {fraction:.2f} of characters (> {self.max_top_ngram_fraction})"
+        if self.gopher:
+            why = self._gopher.reason(text)
+            if why is not None:
+                return f"{why}: Gopher rule broken"
+        if self.languages:
+            language, score = langid.identify(text)
+            if language not in self.languages or score < self.min_language_score:
+                return (f"language: lid.176 says {language or 'none'} ({score:.2f}); expected "
+                        f"{'/'.join(self.languages)} with probability >= {self.min_language_score}")
         return None
 
 
@@ -163,16 +197,42 @@ def top_ngram_fraction(tokens: Sequence[str], n: int) -> float:
     return min(1.0, count * sum(map(len, gram)) / sum(map(len, tokens)))
 
 
+_worker: dict = {}
+
+
+def _init_worker(filters: QualityFilters) -> None:
+    _worker["filters"] = filters
+
+
+def _verdict(record: dict) -> tuple[str, str | None, tuple[str, ...]]:
+    filters = _worker["filters"]
+    return str(record.get("_where", "record")), filters.reason(record), fields_lib.record_texts(record, filters.fields)[1]
+
+
+def filter_stream(records: Iterable[dict], filters: QualityFilters, workers: int = 1
+                  ) -> tuple[list[int], list[tuple[int, str, str]], int, dict[str, int]]:
+    """Streams records through the filters (in `workers` processes): (passed indices,
+    [(dropped index, id, reason)], records read, compared fields -> records)."""
+    from jaxtune.datatools.parallel import ordered_map
+
+    passed, dropped = [], []
+    tally = fields_lib.FieldTally()
+    count = 0
+    stream = ordered_map(_verdict, iter(records), workers=workers, initializer=_init_worker, initargs=(filters,))
+    for i, (rid, why, used) in enumerate(stream):
+        count += 1
+        tally.add(used)
+        if why is None:
+            passed.append(i)
+        else:
+            dropped.append((i, rid, why))
+    return passed, dropped, count, tally.counts
+
+
 def apply_filters(records: Sequence[dict], filters: QualityFilters) -> tuple[list[int], list[tuple[int, str]]]:
     """(kept indices, [(dropped index, reason)])."""
-    kept, dropped = [], []
-    for i, record in enumerate(records):
-        why = filters.reason(record)
-        if why is None:
-            kept.append(i)
-        else:
-            dropped.append((i, why))
-    return kept, dropped
+    passed, dropped, _, _ = filter_stream(records, filters)
+    return passed, [(i, why) for i, _, why in dropped]
 
 
 def signatures(records: Sequence[dict], *, ngram: int = 3, num_perm: int = 64, seed: int = 1,
@@ -183,7 +243,7 @@ def signatures(records: Sequence[dict], *, ngram: int = 3, num_perm: int = 64, s
     hasher = MinHasher(num_perm, seed)
     rows, sizes = [], []
     for record in records:
-        shingles = record_shingles(ngrams.record_words(record, fields), ngram)
+        shingles = record_shingles(fields_lib.record_words(record, fields), ngram)
         rows.append(hasher(shingles).hashvalues)
         sizes.append(len(shingles))
     return np.asarray(rows).reshape(len(records), num_perm), np.asarray(sizes)

@@ -12,6 +12,7 @@ What was dropped is printed (one line per task) and written to WORKDIR/data_scre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,12 @@ REPORT_FILE = "data_screen.json"
 
 
 def settings_from(d: ml_collections.ConfigDict) -> DecontaminationSettings:
-    settings = DecontaminationSettings(n=d.n, fraction=float(d.fraction), fields=tuple(d.fields),
-                                       eval_fields=tuple(d.eval_fields))
-    settings.check("config key 'data.decontaminate'")
+    """data.decontaminate as settings: `fraction` is the coverage threshold (0: any shared n-gram); the
+    optional keys part (default "all": the config compares answers too), mode and min_words pass through."""
+    settings = DecontaminationSettings(n=d.n, threshold=float(d.fraction), part=d.get("part", "all"),
+                                       mode=d.get("mode", "ngram"), min_words=d.get("min_words", 0),
+                                       fields=tuple(d.fields), eval_fields=tuple(d.eval_fields))
+    settings.check("config key 'data.decontaminate'", threshold_key="fraction")
     return settings
 
 
@@ -43,15 +47,16 @@ def config_eval_sets(data: ml_collections.ConfigDict, eval_cfg: ml_collections.C
     if eval_cfg is not None:
         for name, t in eval_cfg.tasks.items():
             source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=f"eval.tasks.{name}")
-            sets.append(records_lib.RecordSet(name, records_lib.read_all(source), t.path))
+            sets.append(records_lib.RecordSet(name, records_lib.SourceRecords(source), t.path, (t.path,)))
         if eval_cfg.mc_path:
-            sets += [records_lib.RecordSet("eval.mc_path", s.records, s.origin)
+            sets += [records_lib.RecordSet("eval.mc_path", s.records, s.origin, s.paths)
                      for s in records_lib.read_files([eval_cfg.mc_path])]
     if data.eval_path and not data.tasks:
-        sets += [records_lib.RecordSet("data.eval_path", s.records, s.origin)
+        sets += [records_lib.RecordSet("data.eval_path", s.records, s.origin, s.paths)
                  for s in records_lib.read_files([data.eval_path])]
     for path in data.decontaminate.eval_files:
-        sets += [records_lib.RecordSet(f"file:{s.name}", s.records, s.origin) for s in records_lib.read_files([path])]
+        sets += [records_lib.RecordSet(f"file:{s.name}", s.records, s.origin, s.paths)
+                 for s in records_lib.read_files([path])]
     sets += records_lib.read_tfds(tuple(data.decontaminate.eval_tfds))
     return sets
 
@@ -99,7 +104,8 @@ class Screen:
                 raise UserError("config key 'data.decontaminate.enabled' is True but the config has no evaluation "
                                   "sets (eval.tasks, data.eval_path, eval.mc_path, data.decontaminate.eval_files)")
             self._index = EvalIndex(sets, self.settings)
-            self.report["decontamination"]["settings"] = {**vars(self.settings), "eval_sets": self._index.examples}
+            self.report["decontamination"]["settings"] = {**dataclasses.asdict(self.settings),
+                                                          "eval_sets": self._index.examples}
         return self._index
 
     def __call__(self, name: str, task: ml_collections.ConfigDict, source) -> Any:
@@ -121,9 +127,9 @@ class Screen:
                 continue
             hit = contamination(record, self.index, self.settings) if self.decontaminate else None
             if hit is not None:
-                gram, (eval_set, eval_id), shared, total, _ = hit
-                dropped["decontamination"].append({"id": records_lib.record_id(record), "ngram": gram,
-                                                   "eval_set": eval_set, "eval_id": eval_id, "shared_ngrams": shared})
+                dropped["decontamination"].append({"id": records_lib.record_id(record), "ngram": hit.text,
+                                                   "eval_set": hit.eval_set, "eval_id": hit.eval_id,
+                                                   "coverage": round(hit.coverage, 4)})
                 continue
             kept.append(i)
         if not kept:

@@ -56,3 +56,46 @@ def dedup_set() -> tuple[list[dict], dict[int, int], dict[int, int]]:
             elif r is not o and j < 4 and "CHANGED" in r["instruction"] and r["output"] == o["output"]:
                 near[i + 1] = line_of[id(o)]
     return records, exact, near
+
+
+def _words(rng: random.Random, n: int) -> list[str]:
+    return [f"t{rng.randrange(10**7)}" for _ in range(n)]
+
+
+def jaccard_planted(seed: int, originals: int = 600, perturbed: int = 400, each: int = 30, n: int = 5
+                    ) -> tuple[list[dict], dict[int, str]]:
+    """Alpaca records (with id/source metadata) and planted copies: `perturbed` copies whose instruction
+    has k words replaced (spaced n apart, so each replacement changes exactly n shingles) with k chosen
+    for a Jaccard similarity drawn in [0.70, 0.97]; `each` exact copies (case and punctuation changed),
+    copies differing only in metadata (id, source, most_similar) and field-swapped copies (instruction
+    and output exchanged). Returns (records in file order, {position: kind of planted copy})."""
+    rng = random.Random(seed)
+    base = []
+    for i in range(originals):
+        words = _words(rng, rng.randrange(30, 160))
+        base.append({"id": f"r{i}", "instruction": " ".join(words), "input": "", "output": " ".join(_words(rng, 12)),
+                     "source": "seed"})
+    copies: list[tuple[int, dict, str]] = []
+    targets = rng.sample(range(originals), perturbed + 3 * each)
+    for t in targets[:perturbed]:
+        words = base[t]["instruction"].split()
+        total = (len(words) - n + 1) + (12 - n + 1)
+        goal = rng.uniform(0.70, 0.97)
+        k = max(1, min(round(total * (1 - goal) / (n * (1 + goal))), (len(words) - 2 * n) // n))
+        for j in range(k):
+            words[n + j * n] = f"x{rng.randrange(10**7)}"
+        copies.append((t, {**base[t], "id": f"p{t}", "instruction": " ".join(words)}, "perturbed"))
+    for t in targets[perturbed : perturbed + each]:
+        copies.append((t, {**base[t], "instruction": base[t]["instruction"].upper().replace(" ", " ,  ") + "!"}, "exact"))
+    for t in targets[perturbed + each : perturbed + 2 * each]:
+        copies.append((t, {**base[t], "id": f"m{t}", "source": "self-instruct", "most_similar": base[t]["id"]}, "metadata"))
+    for t in targets[perturbed + 2 * each :]:
+        copies.append((t, {**base[t], "instruction": base[t]["output"], "output": base[t]["instruction"]}, "swapped"))
+    records = list(base)
+    kinds: dict[int, str] = {}
+    for t, copy, kind in copies:  # each copy somewhere after its original
+        at = next(i for i, r in enumerate(records) if r is base[t])
+        position = rng.randrange(at + 1, len(records) + 1)
+        records.insert(position, copy)
+        kinds[id(copy)] = kind
+    return records, {i: kinds[id(r)] for i, r in enumerate(records) if id(r) in kinds}

@@ -54,14 +54,16 @@ def test_decontaminate_reads_a_configs_tasks_and_eval_sets(tmp_path, capsys):
     argv = ["data", "decontaminate", "--config", str(_config(tmp_path, train_path, heldout)), "--eval", str(extra),
             "--out_dir", str(out), "--report", str(tmp_path / "r.json")]
     assert cli.main(argv) == 0
-    assert "4 of 50 training records share a 13-gram with 2 eval set(s) (11 examples); kept 46" in capsys.readouterr().out
+    # with --config, data.decontaminate's settings (13-grams, fraction 0 = any shared n-gram, all text) apply
+    assert ("4 of 50 training records cover >= 0 of an eval item with 13-grams (all text; 2 eval set(s), 11 examples); "
+            "kept 46") in capsys.readouterr().out
     assert len(_lines(out / "alpaca.jsonl")) == 46
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["eval"]["heldout"]["training_records_contaminated"] == 3
     assert report["eval"]["extra"]["eval_ids_matched"] == [f"{extra}:1"]
     # --config overrides apply; --n and --fraction override data.decontaminate
     assert cli.main([*argv, "--config.data.decontaminate.n=12", "--fraction", "0"]) == 0
-    assert "5 of 50 training records share a 12-gram" in capsys.readouterr().out
+    assert "5 of 50 training records cover >= 0 of an eval item with 12-grams" in capsys.readouterr().out
 
 
 def test_filter_and_select_diverse(tmp_path, capsys):
@@ -87,7 +89,29 @@ BAD = [
     (["dedup", "{tmp}/nope.jsonl"], "nope.jsonl: no such data file"),
     (["dedup", "{bad}"], "bad.jsonl:3: invalid JSON"),
     (["dedup", "{good}", "--fields", "instruction,answer"], "good.jsonl:1: no field 'answer'; available fields: "),
-    (["dedup", "{good}", "--threshold", "1.5"], "data dedup: argument --threshold: expected a number in [0, 1], got 1.5"),
+    (["dedup", "{good}", "--threshold", "1.5"], "data dedup: argument --threshold: expected a number in (0, 1], got 1.5"),
+    (["dedup", "{good}", "--threshold", "0"], "data dedup: argument --threshold: expected a number in (0, 1], got 0"),
+    (["dedup", "{good}", "--workers", "0"], "argument --workers: expected an integer >= 1, got 0"),
+    (["dedup", "{tmp}/corrupt.jsonl.gz"], "corrupt.jsonl.gz: cannot be read as gzip JSONL"),
+    (["dedup", "{tmp}/corrupt.jsonl.zst"], "corrupt.jsonl.zst: cannot be read as zstd JSONL"),
+    (["dedup", "{tmp}/sub"], "sub: a directory, not a data file (expected a JSONL/Parquet file or a 🤗 datasets"),
+    (["dedup", "{tmp}/dd"], "dd: a 🤗 DatasetDict folder; name one split's folder"),
+    (["dedup", "{tmp}/empty.jsonl"], "empty.jsonl: the file holds no records"),
+    (["dedup", "{tmp}/bad.parquet"], "bad.parquet: not a readable Parquet file"),
+    (["dedup", "{tmp}/hf"], "data-00000-of-00001.arrow: not a readable Arrow file of a 🤗 datasets folder"),
+    (["decontaminate", "{good}", "--eval", "{good}", "--threshold", "2"], "expected a number in [0, 1], got 2"),
+    (["decontaminate", "{good}", "--eval", "{good}", "--eval_n", "good"], "--eval_n 'good': expected SET=N"),
+    (["decontaminate", "{good}", "--eval", "{good}", "--part", "answers"], "argument --part: invalid choice: 'answers'"),
+    (["decontaminate", "{good}", "--eval", "{good}", "--min_words", "-1"], "argument --min_words: expected an integer >= 0"),
+    (["decontaminate", "{good}", "--eval", "{sub}/good.jsonl", "--eval_n", "nope=5"],
+     "--eval_n names nope, which is not an evaluation set"),
+    (["filter", "{good}", "--gopher", "beauty"], "unknown Gopher rule set 'beauty' (known: repetition, quality)"),
+    (["filter", "{good}", "--gopher", "quality", "--gopher_threshold", "nope=1"],
+     "nope is not a threshold of the Gopher rule sets quality"),
+    (["filter", "{good}", "--gopher", "quality", "--gopher_threshold", "min_doc_words=abc"],
+     "--gopher_threshold 'min_doc_words=abc': the value is not a number"),
+    (["filter", "{good}", "--gopher_threshold", "min_doc_words=5"], "Gopher thresholds given without a Gopher rule set"),
+    (["filter", "{good}", "--languages", "en", "--min_language_score", "1.5"], "expected a number in [0, 1], got 1.5"),
     (["dedup", "{good}", "--num_perm", "x"], "argument --num_perm: expected an integer >= 16, got 'x'"),
     (["dedup"], "data dedup: nothing to read; give JSONL files and/or --config"),
     (["dedup", "{good}", "{tmp}/sub/good.jsonl"], "two inputs are named 'good'"),
@@ -111,7 +135,16 @@ def test_bad_inputs_end_in_one_error_line(tmp_path, capsys, argv, expected):
     write_jsonl(tmp_path / "sub" / "good.jsonl", [{"x": "y"}])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": "x"}\n{"a": "y"}\n{"a": \n')
-    names = {"tmp": tmp_path, "good": good, "bad": bad}
+    (tmp_path / "corrupt.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 not gzip at all")
+    (tmp_path / "corrupt.jsonl.zst").write_bytes(b"not zstd at all")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    (tmp_path / "hf" / "data-00000-of-00001.arrow").write_text("not arrow")
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    names = {"tmp": tmp_path, "good": good, "bad": bad, "sub": tmp_path / "sub"}
     try:
         status = cli.main(["data", *[a.format(**names) for a in argv], "--out_dir", str(tmp_path / "out")])
     except SystemExit as e:  # argparse's usage errors
@@ -148,7 +181,71 @@ def test_decontaminate_against_a_prepared_tfds_split(tmp_path, capsys):
     TinyHeldout(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
     path = write_jsonl(tmp_path / "train.jsonl", train)
     assert cli.main(["data", "decontaminate", str(path), "--eval_tfds", "tiny_heldout", "--tfds_data_dir",
-                     str(tmp_path / "tfds"), "--out_dir", str(tmp_path / "out")]) == 0
-    assert "3 of 50 training records share a 13-gram with 1 eval set(s) (10 examples)" in capsys.readouterr().out
+                     str(tmp_path / "tfds"), "--out_dir", str(tmp_path / "out"), "--n", "13", "--threshold", "0",
+                     "--part", "all"]) == 0
+    assert "3 of 50 training records cover >= 0 of an eval item with 13-grams (all text; 1 eval set(s), 10 examples)" \
+        in capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "decontaminate_report.json").read_text())
     assert report["eval"]["tiny_heldout:test"]["training_records_contaminated"] == 3
+
+
+def test_compressed_parquet_and_hf_folder_inputs_give_the_same_result(tmp_path, capsys):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    records, exact, near = dedup_set()
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    (tmp_path / "gz.jsonl.gz").write_bytes(gzip.compress(text))
+    (tmp_path / "zst.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "pq.parquet")
+    inputs = [tmp_path / "gz.jsonl.gz", tmp_path / "zst.jsonl.zst", tmp_path / "pq.parquet"]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"))
+    inputs.append(tmp_path / "hf")
+    expected = [r for i, r in enumerate(records) if i + 1 not in set(exact) | set(near)]
+    for path in inputs:
+        out = tmp_path / f"out_{path.name}"
+        assert cli.main(["data", "dedup", str(path), "--out_dir", str(out), "--clusters"]) == 0
+        assert "removed 5 exact and 4 near duplicates, kept 41" in capsys.readouterr().out
+        name = path.name.split(".")[0]
+        assert _lines(out / f"{name}.jsonl") == expected
+        clusters = _lines(out / "dedup_clusters.jsonl")
+        assert sum(len(c["duplicates"]) for c in clusters) == 9
+
+
+def test_an_output_over_an_input_is_refused(tmp_path, capsys):
+    records, _, _ = dedup_set()
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    before = path.read_text()
+    for argv in (["dedup", str(path), "--out_dir", str(tmp_path)],
+                 ["dedup", str(path), "--out_dir", str(tmp_path / "x"), "--report", str(path)],
+                 ["filter", str(path), "--out_dir", str(tmp_path / "." / ""), "--min_words", "1"]):
+        assert cli.main(["data", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "jaxtune: error: " in err and f"would overwrite the input {path}" in err, err
+    assert path.read_text() == before
+
+
+def test_filter_gopher_rules_and_language_report_per_filter_counts(tmp_path, capsys):
+    prose = ("The committee met on Tuesday to review the budget and to discuss the plans that have been proposed "
+             "for the new library with the residents of the town.")
+    records = [{"instruction": "Summarise the meeting.", "input": "", "output": prose, "id": "good"},
+               {"instruction": "Repeat.", "input": "", "output": "buy now\n" * 12, "id": "spam"},
+               {"instruction": "Résume la réunion.", "input": "", "output": "Le comité s'est réuni mardi pour examiner "
+                "le budget et discuter des projets proposés pour la nouvelle bibliothèque.", "id": "french"},
+               {"instruction": "List.", "input": "", "output": "# # # # # # # # # # # # # # # #", "id": "hashes"}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    out = tmp_path / "f"
+    assert cli.main(["data", "filter", str(path), "--out_dir", str(out), "--gopher", "repetition",
+                     "--gopher_threshold", "dup_line_frac=0.3", "--languages", "en"]) == 0
+    assert "dropped 3 by the filters, kept 1" in capsys.readouterr().out
+    assert [r["id"] for r in _lines(out / "mixed.jsonl")] == ["good"]
+    report = json.loads((out / "filter_report.json").read_text())
+    sets = report["sets"]["mixed"]
+    assert sets["dropped_by_filter"] == {"gopher_repetition.dup_line_frac": 1, "language": 1,
+                                         "gopher_repetition.top_2_gram": 1}, sets["dropped_by_filter"]
+    assert sets["fields_compared"] == {"instruction,input,output": 4}
+    assert report["filters"]["gopher_overrides"] == [["dup_line_frac", 0.3]]

@@ -82,3 +82,28 @@ def test_select_diverse_picks_one_record_per_cluster():
                                                [1, 2, 3, 4, 8], [1, 2, 3, 4, 9])
     with pytest.raises(UserError, match="N must be >= 1"):
         select_diverse(records, 0)
+
+
+def test_gopher_quality_rules_use_the_published_thresholds_and_take_overrides():
+    from jaxtune.datatools import gopher
+
+    assert gopher.parameters("quality")["min_doc_words"] == 50 and gopher.parameters("repetition")["dup_line_frac"] == 0.3
+    text = "the cat sat with the dog and they had to be friends of the house that night"  # 17 words
+    record = {"instruction": "Tell a story.", "input": "", "output": text}
+    assert quality.QualityFilters(gopher=("quality",)).reason(record).startswith("gopher_quality.gopher_short_doc")
+    assert quality.QualityFilters(gopher=("quality",), gopher_overrides=(("min_doc_words", 10),)).reason(record) is None
+    no_stop_words = {"instruction": "List fruit.", "input": "", "output": "apple banana cherry grape melon " * 3}
+    assert quality.QualityFilters(gopher=("quality",), gopher_overrides=(("min_doc_words", 10),)).reason(
+        no_stop_words).startswith("gopher_quality.gopher_enough_stop_words")
+    config = quality.QualityFilters.from_dict({"gopher": "quality", "gopher_overrides": {"min_doc_words": 10}}, "f")
+    assert config.gopher_overrides == (("min_doc_words", 10),) and config.reason(record) is None
+
+
+def test_language_identification_uses_the_packaged_lid176_model():
+    from jaxtune.datatools import langid
+
+    assert langid.identify("Le comité s'est réuni mardi pour examiner le budget.")[0] == "fr"
+    assert langid.identify("The committee met on Tuesday to review the budget.")[0] == "en"
+    assert langid.identify("12345 !!!") == ("", 0.0)
+    f = quality.QualityFilters(languages=("en",))
+    assert f.reason({"output": "Der Ausschuss hat am Dienstag den Haushalt geprüft."}).startswith("language: lid.176 says de")
