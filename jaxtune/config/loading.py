@@ -114,7 +114,7 @@ def select_objective(config: ml_collections.ConfigDict, sections: ObjectiveSecti
     if name not in all_sections:
         raise UserError(f"config key 'objective.type' is {node.type!r}; "
                         f"expected one of {', '.join(sorted(all_sections))}")
-    for key in node.keys():
+    for key in node:
         if key != "type" and key not in all_sections:
             raise (moved_key_error(f"objective.{key}", all_sections, name)
                    or unknown_key_error(ml_collections.ConfigDict({"type": "", name: all_sections[name]}), key,
