@@ -319,19 +319,10 @@ def _generative_metrics(model, params, tokenizer, examples, eval_cfg, *, seq_len
 
 def _instruction_metrics(model, params, tokenizer, task: EvalTask, eval_cfg, *, show: int, printer) -> dict[str, float]:
     """`<task>/prompt_level_strict_acc`... of greedy responses (zero-shot: there are no reference
-    responses to show); what was left out is counted and printed (`<task>/unsupported_instructions`,
-    `<task>/unsupported_prompts`, `<task>/skipped_records`)."""
+    responses to show); bad records left out are counted (`<task>/skipped_records`)."""
     responses = generate_answers(model, params, tokenizer, task.examples, eval_cfg)
     result = instruction_scores(responses, [e["constraints"] for e in task.examples])
     scores = {f"{task.name}/{metric}": value for metric, value in result.items()}
-    if task.unsupported:
-        scores[f"{task.name}/unsupported_instructions"] = float(sum(task.unsupported.values()))
-        scores[f"{task.name}/unsupported_prompts"] = float(task.unsupported_prompts)
-        listed = ", ".join(f"{k} ({v})" for k, v in sorted(task.unsupported.items()))
-        without = f"; {task.unsupported_prompts} prompts had no supported instruction and were left out" \
-            if task.unsupported_prompts else ""
-        printer(f"jaxtune: eval task {task.name!r}: {sum(task.unsupported.values())} instructions of unsupported "
-                f"types skipped: {listed}{without}")
     if task.skipped_records:
         scores[f"{task.name}/skipped_records"] = float(task.skipped_records)
         printer(f"jaxtune: eval task {task.name!r}: {task.skipped_records} bad records skipped (on_error='skip')")
