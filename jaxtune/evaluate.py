@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import distributed, generate as generate_lib, paths
-from jaxtune.data import pipeline, templates as templates_lib
+from jaxtune.data import ifeval, pipeline, templates as templates_lib
 from jaxtune.data.eval_tasks import EvalTask, load_eval_tasks
 from jaxtune.data.flan import few_shot_prompt
 from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
 from jaxtune.objectives import masked_sequence_sums, model_token_stats
 from jaxtune.objectives.logprobs import DEFAULT_CHUNK
-from jaxtune.rewards.instructions import satisfied, satisfied_loose
+from jaxtune.rewards.instructions import as_constraints, satisfied, satisfied_loose
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -107,6 +107,52 @@ def instruction_scores(responses: Sequence[str], constraints: Sequence[Sequence[
         per_type = _with_per_task(f"inst_level_{mode}_acc", [float(h) for h in flat], types)
         scores.update(per_type)
     return scores
+
+
+def score_responses_file(path: str, *, prompts: str | None = None) -> dict[str, float]:
+    """Scores of precomputed responses (no model): each JSONL record carries a ``response``.
+
+    Instruction records (``constraints``, or IFEval's ``instruction_id_list`` + ``kwargs``) get
+    IFEval's four numbers and per-id accuracies; with `prompts` (IFEval's ``input_data.jsonl``)
+    the records may be Google's ``input_response_data`` (``prompt``, ``response``), joined on the
+    prompt text as Google's evaluation does. Records with an ``answer`` get exact match / F1
+    (per ``task`` when present)."""
+    by_prompt = {}
+    if prompts:
+        source = JsonlSource(prompts)
+        for i in range(len(source)):
+            record = source[i]
+            by_prompt[record.get("prompt")] = record
+    source = JsonlSource(path)
+    responses, constraints, answers, tasks = [], [], [], []
+    for i in range(len(source)):
+        record = source[i]
+        where = record["_where"]
+        response = record.get(ifeval.RESPONSE_FIELD)
+        if not isinstance(response, str):
+            raise UserError(f"{where}: field 'response' must be a string (the response to score), got {response!r}")
+        if by_prompt and not ifeval.is_ifeval_record(record) and "constraints" not in record:
+            if record.get("prompt") not in by_prompt:
+                raise UserError(f"{where}: prompt {str(record.get('prompt'))[:60]!r} is not in --prompts {prompts}")
+            record = {**by_prompt[record["prompt"]], **record}
+        if record.get("constraints") is not None or ifeval.is_ifeval_record(record):
+            value = record["constraints"] if record.get("constraints") is not None else \
+                ifeval.constraints_from_ifeval(record, where)
+            constraints.append(as_constraints(value, f"{where}: instructions"))
+        elif isinstance(record.get("answer"), str):
+            answers.append(record["answer"])
+            tasks.append(str(record.get("task", pipeline.DEFAULT_TASK)))
+        else:
+            raise UserError(f"{where}: expected IFEval fields (instruction_id_list + kwargs, or constraints; "
+                            "--prompts for Google's {prompt, response} files) or an 'answer' to compare with")
+        responses.append(response)
+    if constraints and answers:
+        raise UserError(f"{path}: mixes instruction records and answer records; score them as two files")
+    if not responses:
+        raise UserError(f"{path}: no records")
+    if constraints:
+        return instruction_scores(responses, constraints)
+    return generative_scores(responses, answers, tasks)
 
 
 # ----------------------------------------------------------------------------- log-likelihood
