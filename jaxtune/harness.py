@@ -221,7 +221,9 @@ def run_harness(lm, tasks: Sequence[str], *, include_path: str | None = None, nu
     ensure_nltk_punkt()  # lm-eval's ifeval task calls NLTK itself: our punkt tables, never a download
     if include_path and not Path(include_path).is_dir():
         raise UserError(f"--harness_include {include_path}: no such directory")
-    manager = TaskManager(include_path=include_path)
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or any(t not in manager.all_tasks for t in tasks):  # indexing lm-eval's own ~15k tasks is slow
+        manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"--harness: unknown lm-eval task(s) {', '.join(unknown)}; add task YAMLs with "
