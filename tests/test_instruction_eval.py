@@ -23,7 +23,7 @@ CANNED = [
     ("* **a**\n* b\n\nHope this helps", [{"type": "bullet_count", "n": 2}, {"type": "word_count", "relation": "at most", "n": 4}],
      [True, False], [True, True]),  # the closing line adds 3 words; loose drops the last line
     ("no quotes", [{"type": "quoted"}], [False], [False]),
-    ('{"A": 1}', [{"type": "json_format"}, {"type": "uppercase"}], [True, False], [True, False]),  # not English
+    ('{"A": 1}', [{"type": "json_format"}, {"type": "uppercase"}], [True, True], [True, True]),
     ("all **done**", [{"type": "ends_with", "phrase": "done"}], [False], [True]),  # loose removes the markdown '*'
 ]
 
@@ -32,15 +32,15 @@ def test_strict_and_loose_scores_by_hand():
     for response, constraints, strict, loose in CANNED:
         assert satisfied(response, constraints) == strict, response
     scores = evaluate.instruction_scores([r for r, *_ in CANNED], [c for _, c, *_ in CANNED])
-    # strict: no prompt holds all; 3 of 8 constraints hold. loose: 3 of 5 prompts, 6 of 8 constraints
-    assert scores["prompt_level_strict_acc"] == pytest.approx(0 / 5)
-    assert scores["inst_level_strict_acc"] == pytest.approx(3 / 8)
-    assert scores["prompt_level_loose_acc"] == pytest.approx(3 / 5)
-    assert scores["inst_level_loose_acc"] == pytest.approx(6 / 8)
+    # strict: only the JSON prompt holds all; 4 of 8 constraints hold. loose: 4 of 5 prompts, 7 of 8 constraints
+    assert scores["prompt_level_strict_acc"] == pytest.approx(1 / 5)
+    assert scores["inst_level_strict_acc"] == pytest.approx(4 / 8)
+    assert scores["prompt_level_loose_acc"] == pytest.approx(4 / 5)
+    assert scores["inst_level_loose_acc"] == pytest.approx(7 / 8)
     per_type = {k.split("/")[1]: (scores[k], scores[k.replace("strict", "loose")])
                 for k in scores if k.startswith("inst_level_strict_acc/")}
     assert per_type == {"lowercase": (0, 1), "no_commas": (1, 1), "bullet_count": (1, 1), "word_count": (0, 1),
-                        "quoted": (0, 0), "json_format": (1, 1), "uppercase": (0, 0), "ends_with": (0, 1)}
+                        "quoted": (0, 0), "json_format": (1, 1), "uppercase": (1, 1), "ends_with": (0, 1)}
 
 
 def test_loose_variants_are_ifevals_eight():

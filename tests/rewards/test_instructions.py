@@ -2,7 +2,8 @@
 
 They score with IFEval's reference rules (`ifeval_checkers`; parity with Google's scorer is
 tests/rewards/test_ifeval_reference.py): keywords are case-insensitive substrings, only ASCII
-commas count, a line starting with ``*``/``-`` is a bullet, case rules also need English text."""
+commas count, a line starting with ``*``/``-`` is a bullet (``lowercase``/``uppercase`` check case
+only; IFEval's ``change_case:*`` ids also run langdetect)."""
 
 import json
 import time
@@ -17,8 +18,8 @@ UNICODE = "ünïcödé wörds ☃ 東京"
 
 # (constraint, passing outputs, failing outputs)
 CASES = [
-    ({"type": "lowercase"}, ["all lower case here, as you asked"], ["Not lower", "12345", "ÜNÏCÖDÉ", UNICODE]),
-    ({"type": "uppercase"}, ["THIS ANSWER IS WRITTEN IN CAPITAL LETTERS ONLY"], ["ALL CAPs", "123", "ÜNÏCÖDÉ WÖRDS"]),
+    ({"type": "lowercase"}, ["all lower case here", UNICODE, "cat dog"], ["Not lower", "12345", "ÜNÏCÖDÉ"]),
+    ({"type": "uppercase"}, ["ALL CAPS", "ÜNÏCÖDÉ 1"], ["ALL CAPs", "123"]),
     ({"type": "no_commas"}, ["no commas at all", UNICODE, "東京，大阪", "a、b"], ["one, two", "a,b"]),
     ({"type": "word_count", "relation": "at least", "n": 3}, ["one two three", "a b c d", HUGE], ["one two", "...,,,"]),
     ({"type": "word_count", "relation": "at most", "n": 3}, ["one two three", "東京 is big"], ["one two three four", HUGE]),
