@@ -26,7 +26,7 @@ def _hf_dir(root, hidden, layers):
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    words = "the cat sat on a mat and a dog ran in the park while birds fly over the sea".split()
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "a", "dog", "ran", "in", "the", "park", "while", "birds", "fly", "over", "the", "sea"]
     texts = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -92,7 +92,8 @@ def main() -> None:
         from jaxtune.data.ifeval import constraints_from_ifeval
         from jaxtune.rewards.instructions import as_constraints
 
-        records = [json.loads(line) for line in open(args.ifeval)]
+        with open(args.ifeval) as f:
+            records = [json.loads(line) for line in f]
         constraints = [as_constraints(constraints_from_ifeval(r, "x")) for r in records]
         start = time.perf_counter()
         evaluate.instruction_scores([r["prompt"] for r in records], constraints)

@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import distributed, generate as generate_lib, paths
-from jaxtune.data import ifeval, pipeline, templates as templates_lib
+from jaxtune import distributed, paths
+from jaxtune import generate as generate_lib
+from jaxtune.data import ifeval, pipeline
+from jaxtune.data import templates as templates_lib
 from jaxtune.data.eval_tasks import EvalTask, load_eval_tasks
 from jaxtune.data.flan import few_shot_prompt
 from jaxtune.data.sources import JsonlSource
@@ -302,9 +304,10 @@ class EvalSet:
     generative: list[dict] = dataclasses.field(default_factory=list)
     multiple_choice: list[dict] = dataclasses.field(default_factory=list)
     tasks: list[EvalTask] = dataclasses.field(default_factory=list)  # eval.tasks, scored under their names
+    harness: tuple[str, ...] = ()  # eval.harness: lm-evaluation-harness task names
 
     def __bool__(self) -> bool:
-        return bool(self.generative or self.multiple_choice or self.tasks)
+        return bool(self.generative or self.multiple_choice or self.tasks or self.harness)
 
 
 def build_eval_set(eval_records, eval_templates, eval_cfg, *, seed: int) -> EvalSet:
@@ -314,7 +317,8 @@ def build_eval_set(eval_records, eval_templates, eval_cfg, *, seed: int) -> Eval
     if eval_cfg.mc_path:
         templates = [tuple(t) for t in eval_cfg.mc_templates]
         mc = render_multiple_choice(load_multiple_choice(eval_cfg.mc_path), templates, seed=seed)
-    return EvalSet(generative, mc, load_eval_tasks(eval_cfg.get("tasks") or {}, seed=seed))
+    harness_tasks = tuple(t.strip() for t in (eval_cfg.get("harness") or "").split(",") if t.strip())
+    return EvalSet(generative, mc, load_eval_tasks(eval_cfg.get("tasks") or {}, seed=seed), harness_tasks)
 
 
 def run(model, params, tokenizer, eval_set: EvalSet, eval_cfg, *, seq_len: int, seed: int, show: int = 0, printer=print,
@@ -337,7 +341,24 @@ def run(model, params, tokenizer, eval_set: EvalSet, eval_cfg, *, seq_len: int, 
         else:
             scores.update(_generative_metrics(model, params, tokenizer, task.examples, eval_cfg, **kw, **shown,
                                               name=task.name, separators=(task.separator, task.target_separator)))
+    if eval_set.harness:
+        scores.update(_harness_metrics(model, params, tokenizer, eval_set.harness, eval_cfg, seq_len=seq_len,
+                                       seed=seed))
     return scores
+
+
+def _harness_metrics(model, params, tokenizer, tasks, eval_cfg, *, seq_len: int, seed: int) -> dict[str, float]:
+    """`harness/<task>/<metric>` of lm-evaluation-harness tasks on the model being trained (context: data.seq_len)."""
+    from jaxtune import harness
+
+    loaded = harness.InMemoryModel(model, params, tokenizer)
+    lm = harness.harness_lm(loaded, batch_size=eval_cfg.batch_size, max_length=seq_len,
+                            max_gen_toks=eval_cfg.max_new_tokens)
+    results = harness.run_harness(lm, tasks, include_path=eval_cfg.get("harness_include") or None,
+                                  num_fewshot=None if eval_cfg.get("harness_num_fewshot", -1) < 0
+                                  else eval_cfg.harness_num_fewshot,
+                                  limit=eval_cfg.get("harness_limit") or None, seed=seed)
+    return harness.flat_metrics(results)
 
 
 def _generative_metrics(model, params, tokenizer, examples, eval_cfg, *, seq_len: int, batch_size: int, seed: int,

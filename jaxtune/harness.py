@@ -21,6 +21,7 @@ the model's chat template (the run's chat task template, else the tokenizer's).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Sequence
@@ -31,11 +32,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import distributed, generate as generate_lib
+from jaxtune import distributed
+from jaxtune import generate as generate_lib
 from jaxtune.data.tokenizers import encode_with_specials
 from jaxtune.errors import UserError
 
 DEFAULT_MAX_LENGTH = 2048
+
+
+@dataclasses.dataclass
+class InMemoryModel:
+    """The model being trained, as `JaxtuneLM` needs it (`inference.Loaded`'s fields; no saved config)."""
+
+    model: Any
+    params: Any
+    tokenizer: Any
+    config: Any = None
 
 
 def _require_lm_eval():
@@ -163,8 +175,7 @@ def _lm_class():
             outputs: list[str | None] = [None] * len(requests)
             groups: dict[tuple, list[int]] = {}
             for index, request in enumerate(requests):
-                context, gen_kwargs = request.args
-                kwargs = dict(gen_kwargs)
+                kwargs = dict(request.args[1])
                 if kwargs.get("do_sample") or (kwargs.get("temperature") or 0) > 0:
                     raise UserError("eval --harness: sampled generation (do_sample/temperature > 0) is not supported; "
                                     "jaxtune's harness backend decodes greedily as published numbers do")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from jaxtune import cli, harness, inference
-from tests.models.hf_reference import random_hf_model, torch, transformers
+from tests.models.hf_reference import random_hf_model, transformers
 
 lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.instance import Instance
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "red blue green", "one two three four five",
          "the sun is hot and the moon is cold", "birds fly over the sea"]

@@ -78,6 +78,7 @@ def test_harness_on_a_lora_workdir(tmp_path, capsys):
     from lm_eval.api.instance import Instance
 
     from jaxtune import harness, inference
+    from tests.test_harness_training import write_reverse_task
 
     c, workdir = _train(tmp_path, RUNS["lora"])
     tok = load_tokenizer(workdir / TOKENIZER_FILE)
@@ -96,16 +97,9 @@ def test_harness_on_a_lora_workdir(tmp_path, capsys):
     [(got, _)] = lm.loglikelihood([Instance("loglikelihood", {}, ("reverse: cat dog =", " dog cat"), 0)])
     assert got == pytest.approx(expected, abs=1e-4)
 
-    docs = tmp_path / "tasks" / "docs.jsonl"
-    docs.parent.mkdir()
-    docs.write_text("".join(json.dumps({"q": f"reverse: {a} {b} =", "choices": [f" {b} {a}", f" {a} {b}"], "label": 0})
-                            + "\n" for a, b in [("cat", "dog"), ("sun", "moon"), ("red", "blue")]))
-    (docs.parent / "rev_mc.yaml").write_text(
-        f"task: rev_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {docs}\ntest_split: test\n"
-        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_target: label\ndoc_to_choice: choices\n"
-        "target_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    tasks = write_reverse_task(tmp_path / "tasks")
     out = _stdout(capsys, ["eval", "--workdir", str(workdir), "--harness", "rev_mc", "--harness_include",
-                           str(docs.parent), "--harness_max_length", "64", "--limit", "2"])
+                           str(tasks), "--harness_max_length", "64", "--limit", "2"])
     results = json.loads((workdir / "harness_results.json").read_text())
     acc = results["results"]["rev_mc"]["acc,none"]
     assert f"harness/rev_mc/acc: {acc:.4f}" in out

@@ -4,11 +4,9 @@ Every one of the 25 instruction ids is checked, strict and loose, on responses b
 reference's edge rules: counts at the boundaries, fenced JSON, decimals and abbreviations in
 sentence counts, keyword substrings, non-ASCII punctuation, empty paragraphs, mixed-language text."""
 
-import json
 
 import pytest
 
-from jaxtune.data.eval_tasks import load_eval_task
 from jaxtune.data.ifeval import constraints_from_ifeval
 from jaxtune.errors import UserError
 from jaxtune.rewards import ifeval_checkers

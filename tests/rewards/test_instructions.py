@@ -11,7 +11,13 @@ import time
 import pytest
 
 from jaxtune.errors import UserError
-from jaxtune.rewards.instructions import SHORT_CHECKERS, as_constraints, instruction_all, instruction_fraction, satisfied
+from jaxtune.rewards.instructions import (
+    SHORT_CHECKERS,
+    as_constraints,
+    instruction_all,
+    instruction_fraction,
+    satisfied,
+)
 
 HUGE = "word " * 200_000
 UNICODE = "ünïcödé wörds ☃ 東京"
