@@ -204,10 +204,10 @@ def _chat(args) -> int:
 
 
 def _eval(args, overrides: list[str]) -> int:
-    if args.responses:
-        return _eval_responses(args)
     if args.harness:
         return _eval_harness(args)
+    if args.responses:
+        return _eval_responses(args)
     if not args.workdir:
         raise UserError("eval: --workdir is required (unless --responses, or --harness with --hf_dir)")
     from jaxtune import config as config_lib
@@ -242,15 +242,18 @@ def _eval(args, overrides: list[str]) -> int:
 def _eval_harness(args) -> int:
     from jaxtune import harness, inference, metrics, paths
 
+    if args.responses:
+        raise UserError("eval: --harness runs a model, --responses scores a file without one; give one of them")
     if bool(args.workdir) == bool(args.hf_dir):
         raise UserError("eval --harness: give exactly one of --workdir (a jaxtune run) or --hf_dir (an HF model dir)")
     if not args.output and not args.workdir:
         raise UserError("eval --harness --hf_dir: pass --output for the results JSON")
     tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    manager = harness.task_manager(tasks, args.harness_include)  # unknown tasks fail before the model loads
     loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir)
     lm = harness.harness_lm(loaded, batch_size=args.harness_batch_size,
                             max_length=args.harness_max_length or harness.max_length_of(loaded, args.hf_dir))
-    results = harness.run_harness(lm, tasks, include_path=args.harness_include, num_fewshot=args.num_fewshot,
+    results = harness.run_harness(lm, tasks, manager=manager, num_fewshot=args.num_fewshot,
                                   limit=args.limit, apply_chat_template=args.apply_chat_template,
                                   system_instruction=args.system_instruction)
     scores = harness.flat_metrics(results)
@@ -270,8 +273,8 @@ def _eval_harness(args) -> int:
 def _eval_responses(args) -> int:
     from jaxtune import evaluate, paths
 
-    if args.harness or args.hf_dir:
-        raise UserError("eval --responses scores a file without a model; drop --harness/--hf_dir")
+    if args.hf_dir:
+        raise UserError("eval --responses scores a file without a model; drop --hf_dir")
     scores = evaluate.score_responses_file(args.responses, prompts=args.prompts)
     path = paths.path(args.output) if args.output else (
         paths.path(args.workdir) / "responses_results.json" if args.workdir else None)

@@ -219,26 +219,36 @@ def max_length_of(loaded, hf_dir: str | None) -> int:
     return int(getattr(loaded.model, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH)
 
 
-def run_harness(lm, tasks: Sequence[str], *, include_path: str | None = None, num_fewshot: int | None = None,
-                limit: float | None = None, apply_chat_template: bool = False, system_instruction: str | None = None,
-                seed: int = 1234) -> dict[str, Any]:
-    """lm-eval's `simple_evaluate` on `lm`; returns its results dict (as lm-eval's CLI writes it)."""
+def task_manager(tasks: Sequence[str], include_path: str | None = None):
+    """lm-eval's TaskManager for `tasks` (a UserError names any it does not know), checked before a
+    model is loaded. With `include_path` holding every task, lm-eval's own ~15k tasks are not indexed."""
     _require_lm_eval()
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from jaxtune.rewards.ifeval_checkers import ensure_nltk_punkt
-
-    ensure_nltk_punkt()  # lm-eval's ifeval task calls NLTK itself: our punkt tables, never a download
     if include_path and not Path(include_path).is_dir():
         raise UserError(f"--harness_include {include_path}: no such directory")
+    if not tasks:
+        raise UserError("--harness: name at least one lm-eval task")
     manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
-    if manager is None or any(t not in manager.all_tasks for t in tasks):  # indexing lm-eval's own ~15k tasks is slow
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
         manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"--harness: unknown lm-eval task(s) {', '.join(unknown)}; add task YAMLs with "
                         "--harness_include DIR or see `lm-eval ls tasks`")
+    return manager
+
+
+def run_harness(lm, tasks: Sequence[str], *, include_path: str | None = None, manager=None,
+                num_fewshot: int | None = None, limit: float | None = None, apply_chat_template: bool = False,
+                system_instruction: str | None = None, seed: int = 1234) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` on `lm`; returns its results dict (as lm-eval's CLI writes it)."""
+    from lm_eval import simple_evaluate
+
+    from jaxtune.rewards.ifeval_checkers import ensure_nltk_punkt
+
+    manager = manager or task_manager(tasks, include_path)
+    ensure_nltk_punkt()  # lm-eval's ifeval task calls NLTK itself: our punkt tables, never a download
     return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                            apply_chat_template=apply_chat_template, system_instruction=system_instruction,
                            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

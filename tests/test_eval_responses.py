@@ -69,3 +69,23 @@ def test_bad_response_files_are_one_line_errors(tmp_path, capsys, rows, prompts,
     err = capsys.readouterr().err
     assert err.startswith("jaxtune: error: ") and err.count("\n") == 1
     assert re.search(needle, err), err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--harness", "no_such_task", "--hf_dir", "{tmp}", "--output", "{tmp}/r.json", "--harness_include", "{tmp}"],
+     "--harness: unknown lm-eval task(s) no_such_task"),
+    (["--harness", "x", "--hf_dir", "{tmp}", "--harness_include", "{tmp}/missing", "--output", "o.json"],
+     "--harness_include {tmp}/missing: no such directory"),
+    (["--harness", "x", "--hf_dir", "{tmp}"], "--hf_dir: pass --output"),
+    (["--harness", "x", "--hf_dir", "{tmp}", "--workdir", "{tmp}"], "exactly one of --workdir"),
+    (["--harness", "x", "--responses", "{tmp}/r.jsonl"], "--harness runs a model, --responses scores a file"),
+    (["--responses", "{tmp}/r.jsonl", "--hf_dir", "{tmp}"], "drop --hf_dir"),
+    (["--hf_dir", "{tmp}"], "--workdir is required"),
+])
+def test_eval_mode_errors_are_one_line(tmp_path, capsys, argv, needle):
+    """Checked before any model is loaded (the dirs here hold none)."""
+    pytest.importorskip("lm_eval")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxtune: error: ") and needle.replace("{tmp}", str(tmp_path)) in err, err
