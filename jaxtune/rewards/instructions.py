@@ -180,24 +180,44 @@ def satisfied_loose(text: str, constraints: Sequence[Mapping[str, Any]]) -> list
     return held
 
 
-def _scores(completions, constraints, reduce) -> list[float | None]:
+def _scores(completions, constraints, ids, kwargs, reduce) -> list[float | None]:
+    """Per record: `reduce` of its verdicts, from its ``constraints`` field or IFEval's
+    ``instruction_id_list`` + ``kwargs`` (None where it has neither: not applicable)."""
+    from jaxtune.data.ifeval import constraints_from_ifeval
+    from jaxtune.data.sources import SourceError
+
+    if constraints is None and ids is None:
+        raise UserError("reward 'instructions': the records have neither a 'constraints' field nor IFEval's "
+                        "'instruction_id_list' + 'kwargs'")
+    n = len(completions)
+    constraints, ids, kwargs = (list(v) if v is not None else [None] * n for v in (constraints, ids, kwargs))
     out = []
-    for i, (text, value) in enumerate(zip(completions, constraints, strict=True)):
-        if value is None:  # a record without constraints: not applicable
-            out.append(None)
-            continue
-        ok = satisfied(text, as_constraints(value, f"record {i}: field 'constraints'"))
-        out.append(reduce(ok))
+    for i, text in enumerate(completions):
+        where = f"record {i}"
+        try:
+            if constraints[i] is not None:
+                value = as_constraints(constraints[i], f"{where}: field 'constraints'")
+            elif ids[i] is not None:
+                ifeval_record = {"instruction_id_list": ids[i], "kwargs": kwargs[i]}
+                value = as_constraints(constraints_from_ifeval(ifeval_record, where), f"{where}: IFEval instructions")
+            else:  # a record without constraints: not applicable
+                out.append(None)
+                continue
+        except SourceError as e:
+            raise UserError(str(e)) from None
+        out.append(reduce(satisfied(text, value)))
     return out
 
 
-def instruction_fraction(prompts: Sequence[str], completions: Sequence[str], *, constraints: Sequence[Any],
+def instruction_fraction(prompts: Sequence[str], completions: Sequence[str], *, constraints: Sequence[Any] | None = None,
+                         instruction_id_list: Sequence[Any] | None = None, kwargs: Sequence[Any] | None = None,
                          **_: Any) -> list[float | None]:
     """The fraction of each record's constraints the completion satisfies (None: no constraints)."""
-    return _scores(completions, constraints, lambda ok: sum(ok) / len(ok))
+    return _scores(completions, constraints, instruction_id_list, kwargs, lambda ok: sum(ok) / len(ok))
 
 
-def instruction_all(prompts: Sequence[str], completions: Sequence[str], *, constraints: Sequence[Any],
+def instruction_all(prompts: Sequence[str], completions: Sequence[str], *, constraints: Sequence[Any] | None = None,
+                    instruction_id_list: Sequence[Any] | None = None, kwargs: Sequence[Any] | None = None,
                     **_: Any) -> list[float | None]:
     """1.0 when the completion satisfies every constraint of its record, else 0.0 (None: no constraints)."""
-    return _scores(completions, constraints, lambda ok: float(all(ok)))
+    return _scores(completions, constraints, instruction_id_list, kwargs, lambda ok: float(all(ok)))

@@ -119,3 +119,17 @@ def test_rewards_read_constraints_from_records():
 def test_bad_constraints_are_user_errors(bad, message):
     with pytest.raises(UserError, match=message):
         instruction_fraction(["p"], ["text"], constraints=[bad])
+
+
+def test_rewards_read_ifeval_records_too():
+    """GRPO on IFEval-format prompts: instruction_id_list + kwargs, scored by the same checkers."""
+    ids = [["punctuation:no_comma", "keywords:letter_frequency"], None]
+    kwargs = [[{}, {"letter": "#", "let_relation": "at least", "let_frequency": 1}], None]
+    completions = ["# heading, with a comma", "anything"]
+    assert instruction_fraction(["p", "p"], completions, constraints=[None, None], instruction_id_list=ids,
+                                kwargs=kwargs) == [0.5, None]
+    assert instruction_all(["p"], ["# no comma"], instruction_id_list=ids[:1], kwargs=kwargs[:1]) == [1.0]
+    with pytest.raises(UserError, match="neither a 'constraints' field nor IFEval's"):
+        instruction_all(["p"], ["x"])
+    with pytest.raises(UserError, match="record 0: field 'kwargs' must be a list with one entry per instruction"):
+        instruction_all(["p"], ["x"], instruction_id_list=ids[:1], kwargs=[[{}]])
