@@ -143,9 +143,27 @@ def _add_eval_parser(commands) -> None:
         "writes WORKDIR/eval_results.json and eval/... rows in metrics.jsonl", parents=[distributed.parent_parser()],
     )
     ev.add_argument("--config", help="config file (default: the config saved with the workdir's checkpoint)")
-    ev.add_argument("--workdir", required=True, help="run directory: the model (unless --hf_dir) and the results")
+    ev.add_argument("--workdir", help="run directory: the model (unless --hf_dir) and the results")
     ev.add_argument("--hf_dir", help="evaluate this Hugging Face model dir instead of the workdir's checkpoint")
+    _add_harness_options(ev)
     ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+
+def _add_harness_options(ev) -> None:
+    """`eval --harness` (lm-evaluation-harness tasks on the model) and `eval --responses` (no model)."""
+    ev.add_argument("--harness", help="comma-separated lm-eval tasks to run on the model (needs jaxtune[harness])")
+    ev.add_argument("--harness_include", help="folder of extra lm-eval task YAMLs (lm-eval's --include_path)")
+    ev.add_argument("--num_fewshot", type=int, default=None, help="--harness: few-shot examples per task")
+    ev.add_argument("--limit", type=float, default=None, help="--harness: documents per task (a fraction if < 1)")
+    ev.add_argument("--apply_chat_template", action="store_true", help="--harness: render prompts with the chat template")
+    ev.add_argument("--system_instruction", default=None, help="--harness: system message (with the chat template)")
+    ev.add_argument("--harness_batch_size", type=int, default=8, help="--harness: requests per device call")
+    ev.add_argument("--harness_max_length", type=int, default=None,
+                    help="--harness: context length (default: config.json's max_position_embeddings)")
+    ev.add_argument("--responses", help="score this JSONL of precomputed responses, no model: IFEval's "
+                    "input_response_data ({prompt, response}, with --prompts) or eval-task records plus 'response'")
+    ev.add_argument("--prompts", help="--responses: IFEval's input_data.jsonl the responses answer")
+    ev.add_argument("--output", help="results JSON (default: WORKDIR/harness_results.json or responses_results.json)")
 
 
 def _generate(args) -> int:
@@ -186,6 +204,12 @@ def _chat(args) -> int:
 
 
 def _eval(args, overrides: list[str]) -> int:
+    if args.harness:
+        return _eval_harness(args)
+    if args.responses:
+        return _eval_responses(args)
+    if not args.workdir:
+        raise UserError("eval: --workdir is required (unless --responses, or --harness with --hf_dir)")
     from jaxtune import evaluate, inference, metrics, objectives, paths, validation
 
     config = validation.load_config(args.config, overrides) if args.config else None
@@ -211,6 +235,54 @@ def _eval(args, overrides: list[str]) -> int:
         if name.rsplit("/", 1)[-1] in summary:  # per-task rows are in the JSON file
             print(f"{name}: {value:.4f}", flush=True)
     print(f"jaxtune: wrote {path}", flush=True)
+    return 0
+
+
+def _eval_harness(args) -> int:
+    from jaxtune import harness, inference, metrics, paths
+
+    if args.responses:
+        raise UserError("eval: --harness runs a model, --responses scores a file without one; give one of them")
+    if bool(args.workdir) == bool(args.hf_dir):
+        raise UserError("eval --harness: give exactly one of --workdir (a jaxtune run) or --hf_dir (an HF model dir)")
+    if not args.output and not args.workdir:
+        raise UserError("eval --harness --hf_dir: pass --output for the results JSON")
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    manager = harness.task_manager(tasks, args.harness_include)  # unknown tasks fail before the model loads
+    loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir)
+    lm = harness.harness_lm(loaded, batch_size=args.harness_batch_size,
+                            max_length=args.harness_max_length or harness.max_length_of(loaded, args.hf_dir))
+    results = harness.run_harness(lm, tasks, manager=manager, num_fewshot=args.num_fewshot,
+                                  limit=args.limit, apply_chat_template=args.apply_chat_template,
+                                  system_instruction=args.system_instruction)
+    scores = harness.flat_metrics(results)
+    path = paths.path(args.output) if args.output else paths.path(args.workdir) / "harness_results.json"
+    if distributed.process_index() == 0:
+        harness.write_results_json(results, path)
+    if args.workdir:
+        writer = metrics.MetricsWriter(args.workdir, resume_step=2**62, tensorboard=False)
+        writer.write(loaded.step or 0, {f"eval/{k}": v for k, v in scores.items()})
+        writer.close()
+    for name, value in sorted(scores.items()):
+        print(f"{name}: {value:.4f}", flush=True)
+    print(f"jaxtune: wrote {path}", flush=True)
+    return 0
+
+
+def _eval_responses(args) -> int:
+    from jaxtune import evaluate, paths
+
+    if args.hf_dir:
+        raise UserError("eval --responses scores a file without a model; drop --hf_dir")
+    scores = evaluate.score_responses_file(args.responses, prompts=args.prompts)
+    path = paths.path(args.output) if args.output else (
+        paths.path(args.workdir) / "responses_results.json" if args.workdir else None)
+    if path is not None:
+        evaluate.write_results(path, scores, responses=str(args.responses))
+    for name, value in sorted(scores.items()):
+        print(f"{name}: {value:.4f}", flush=True)
+    if path is not None:
+        print(f"jaxtune: wrote {path}", flush=True)
     return 0
 
 

@@ -25,15 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import distributed, generate as generate_lib, paths
-from jaxtune.data import pipeline, templates as templates_lib
+from jaxtune import distributed, paths
+from jaxtune import generate as generate_lib
+from jaxtune.data import ifeval, pipeline
+from jaxtune.data import templates as templates_lib
 from jaxtune.data.eval_tasks import EvalTask, load_eval_tasks
 from jaxtune.data.flan import few_shot_prompt
 from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
 from jaxtune.objectives import masked_sequence_sums, model_token_stats
 from jaxtune.objectives.logprobs import DEFAULT_CHUNK
-from jaxtune.rewards.instructions import satisfied, satisfied_loose
+from jaxtune.rewards.instructions import as_constraints, satisfied, satisfied_loose
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -107,6 +109,52 @@ def instruction_scores(responses: Sequence[str], constraints: Sequence[Sequence[
         per_type = _with_per_task(f"inst_level_{mode}_acc", [float(h) for h in flat], types)
         scores.update(per_type)
     return scores
+
+
+def score_responses_file(path: str, *, prompts: str | None = None) -> dict[str, float]:
+    """Scores of precomputed responses (no model): each JSONL record carries a ``response``.
+
+    Instruction records (``constraints``, or IFEval's ``instruction_id_list`` + ``kwargs``) get
+    IFEval's four numbers and per-id accuracies; with `prompts` (IFEval's ``input_data.jsonl``)
+    the records may be Google's ``input_response_data`` (``prompt``, ``response``), joined on the
+    prompt text as Google's evaluation does. Records with an ``answer`` get exact match / F1
+    (per ``task`` when present)."""
+    by_prompt = {}
+    if prompts:
+        source = JsonlSource(prompts)
+        for i in range(len(source)):
+            record = source[i]
+            by_prompt[record.get("prompt")] = record
+    source = JsonlSource(path)
+    responses, constraints, answers, tasks = [], [], [], []
+    for i in range(len(source)):
+        record = source[i]
+        where = record["_where"]
+        response = record.get(ifeval.RESPONSE_FIELD)
+        if not isinstance(response, str):
+            raise UserError(f"{where}: field 'response' must be a string (the response to score), got {response!r}")
+        if by_prompt and not ifeval.is_ifeval_record(record) and "constraints" not in record:
+            if record.get("prompt") not in by_prompt:
+                raise UserError(f"{where}: prompt {str(record.get('prompt'))[:60]!r} is not in --prompts {prompts}")
+            record = {**by_prompt[record["prompt"]], **record}
+        if record.get("constraints") is not None or ifeval.is_ifeval_record(record):
+            value = record["constraints"] if record.get("constraints") is not None else \
+                ifeval.constraints_from_ifeval(record, where)
+            constraints.append(as_constraints(value, f"{where}: instructions"))
+        elif isinstance(record.get("answer"), str):
+            answers.append(record["answer"])
+            tasks.append(str(record.get("task", pipeline.DEFAULT_TASK)))
+        else:
+            raise UserError(f"{where}: expected IFEval fields (instruction_id_list + kwargs, or constraints; "
+                            "--prompts for Google's {prompt, response} files) or an 'answer' to compare with")
+        responses.append(response)
+    if constraints and answers:
+        raise UserError(f"{path}: mixes instruction records and answer records; score them as two files")
+    if not responses:
+        raise UserError(f"{path}: no records")
+    if constraints:
+        return instruction_scores(responses, constraints)
+    return generative_scores(responses, answers, tasks)
 
 
 # ----------------------------------------------------------------------------- log-likelihood
@@ -256,9 +304,10 @@ class EvalSet:
     generative: list[dict] = dataclasses.field(default_factory=list)
     multiple_choice: list[dict] = dataclasses.field(default_factory=list)
     tasks: list[EvalTask] = dataclasses.field(default_factory=list)  # eval.tasks, scored under their names
+    harness: tuple[str, ...] = ()  # eval.harness: lm-evaluation-harness task names
 
     def __bool__(self) -> bool:
-        return bool(self.generative or self.multiple_choice or self.tasks)
+        return bool(self.generative or self.multiple_choice or self.tasks or self.harness)
 
 
 def build_eval_set(eval_records, eval_templates, eval_cfg, *, seed: int) -> EvalSet:
@@ -268,7 +317,8 @@ def build_eval_set(eval_records, eval_templates, eval_cfg, *, seed: int) -> Eval
     if eval_cfg.mc_path:
         templates = [tuple(t) for t in eval_cfg.mc_templates]
         mc = render_multiple_choice(load_multiple_choice(eval_cfg.mc_path), templates, seed=seed)
-    return EvalSet(generative, mc, load_eval_tasks(eval_cfg.get("tasks") or {}, seed=seed))
+    harness_tasks = tuple(t.strip() for t in (eval_cfg.get("harness") or "").split(",") if t.strip())
+    return EvalSet(generative, mc, load_eval_tasks(eval_cfg.get("tasks") or {}, seed=seed), harness_tasks)
 
 
 def run(model, params, tokenizer, eval_set: EvalSet, eval_cfg, *, seq_len: int, seed: int, show: int = 0, printer=print,
@@ -291,7 +341,24 @@ def run(model, params, tokenizer, eval_set: EvalSet, eval_cfg, *, seq_len: int, 
         else:
             scores.update(_generative_metrics(model, params, tokenizer, task.examples, eval_cfg, **kw, **shown,
                                               name=task.name, separators=(task.separator, task.target_separator)))
+    if eval_set.harness:
+        scores.update(_harness_metrics(model, params, tokenizer, eval_set.harness, eval_cfg, seq_len=seq_len,
+                                       seed=seed))
     return scores
+
+
+def _harness_metrics(model, params, tokenizer, tasks, eval_cfg, *, seq_len: int, seed: int) -> dict[str, float]:
+    """`harness/<task>/<metric>` of lm-evaluation-harness tasks on the model being trained (context: data.seq_len)."""
+    from jaxtune import harness
+
+    loaded = harness.InMemoryModel(model, params, tokenizer)
+    lm = harness.harness_lm(loaded, batch_size=eval_cfg.batch_size, max_length=seq_len,
+                            max_gen_toks=eval_cfg.max_new_tokens)
+    results = harness.run_harness(lm, tasks, include_path=eval_cfg.get("harness_include") or None,
+                                  num_fewshot=None if eval_cfg.get("harness_num_fewshot", -1) < 0
+                                  else eval_cfg.harness_num_fewshot,
+                                  limit=eval_cfg.get("harness_limit") or None, seed=seed)
+    return harness.flat_metrics(results)
 
 
 def _generative_metrics(model, params, tokenizer, examples, eval_cfg, *, seq_len: int, batch_size: int, seed: int,
@@ -319,19 +386,10 @@ def _generative_metrics(model, params, tokenizer, examples, eval_cfg, *, seq_len
 
 def _instruction_metrics(model, params, tokenizer, task: EvalTask, eval_cfg, *, show: int, printer) -> dict[str, float]:
     """`<task>/prompt_level_strict_acc`... of greedy responses (zero-shot: there are no reference
-    responses to show); what was left out is counted and printed (`<task>/unsupported_instructions`,
-    `<task>/unsupported_prompts`, `<task>/skipped_records`)."""
+    responses to show); bad records left out are counted (`<task>/skipped_records`)."""
     responses = generate_answers(model, params, tokenizer, task.examples, eval_cfg)
     result = instruction_scores(responses, [e["constraints"] for e in task.examples])
     scores = {f"{task.name}/{metric}": value for metric, value in result.items()}
-    if task.unsupported:
-        scores[f"{task.name}/unsupported_instructions"] = float(sum(task.unsupported.values()))
-        scores[f"{task.name}/unsupported_prompts"] = float(task.unsupported_prompts)
-        listed = ", ".join(f"{k} ({v})" for k, v in sorted(task.unsupported.items()))
-        without = f"; {task.unsupported_prompts} prompts had no supported instruction and were left out" \
-            if task.unsupported_prompts else ""
-        printer(f"jaxtune: eval task {task.name!r}: {sum(task.unsupported.values())} instructions of unsupported "
-                f"types skipped: {listed}{without}")
     if task.skipped_records:
         scores[f"{task.name}/skipped_records"] = float(task.skipped_records)
         printer(f"jaxtune: eval task {task.name!r}: {task.skipped_records} bad records skipped (on_error='skip')")

@@ -16,7 +16,7 @@ from tests.helpers import write_sft_jsonl
 PROMPT = "reverse: cat dog ="
 _LOWER, _NO_COMMA = ("change_case:english_lowercase", {}), ("punctuation:no_comma", {})
 _SHORT = ("length_constraints:number_words", {"relation": "less than", "num_words": 4})
-_LANGUAGE = ("language:response_language", {"language": "en"})  # no jaxtune checker: skipped and counted
+_LANGUAGE = ("language:response_language", {"language": "en"})  # langdetect, seeded
 # IFEval's own format; 6 prompts like the eval set's, so generation reuses its compiled shapes
 IFEVAL_RECORDS = [
     {"key": i, "prompt": f"reverse: {words}", "instruction_id_list": [n for n, _ in ins], "kwargs": [k for _, k in ins]}
@@ -32,7 +32,7 @@ def run(tmp_path_factory):
     its config file, and its export as an HF dir."""
     root = tmp_path_factory.mktemp("cli")
     train, evals = write_sft_jsonl(root / "train.jsonl"), write_sft_jsonl(root / "eval.jsonl", n=6)
-    ifeval = root / "ifeval.jsonl"  # IFEval's own format, one instruction type jaxtune has no checker for
+    ifeval = root / "ifeval.jsonl"  # IFEval's own format
     ifeval.write_text("".join(json.dumps(r) + "\n" for r in IFEVAL_RECORDS))
     config = root / "cfg.py"
     config.write_text(textwrap.dedent(f'''
@@ -97,9 +97,9 @@ def test_eval_from_workdir_and_hf_dir(run, tmp_path, capsys):
     assert from_hf["loss"] == pytest.approx(result["metrics"]["loss"], rel=1e-5)  # same weights, same numbers
     assert from_hf["exact_match"] == result["metrics"]["exact_match"]
     ifeval = {k: v for k, v in result["metrics"].items() if k.startswith("ifeval/")}  # metric 'instructions'
-    assert {f"ifeval/{m}" for m in evaluate.INSTRUCTION_METRICS} <= set(ifeval) and "ifeval/inst_level_loose_acc/lowercase" in ifeval
-    assert ifeval["ifeval/unsupported_instructions"] == 1.0 and all(0.0 <= v <= 1.0 for k, v in ifeval.items() if "unsup" not in k)
-    assert "ifeval/prompt_level_strict_acc:" in out and "1 instructions of unsupported types skipped: language:response_language" in out
+    assert {f"ifeval/{m}" for m in evaluate.INSTRUCTION_METRICS} <= set(ifeval)
+    assert "ifeval/inst_level_loose_acc/language:response_language" in ifeval  # every IFEval id is scored
+    assert all(0.0 <= v <= 1.0 for v in ifeval.values()) and "ifeval/prompt_level_strict_acc:" in out
     assert {k: from_hf[k] for k in ifeval} == ifeval  # greedy responses of the same weights
 
 

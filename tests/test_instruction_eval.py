@@ -1,6 +1,6 @@
 """Instruction-following evaluation (eval.tasks metric 'instructions'): IFEval's strict/loose
-scores on canned responses (hand-computed), IFEval's own record format mapped onto jaxtune's
-checkers, record and config errors, and one run through `evaluate.run` on a tiny random model."""
+scores on canned responses (hand-computed), IFEval's own record format (every one of its 25 ids
+scored, `language:response_language` included), record and config errors, and one run through `evaluate.run` on a tiny random model."""
 
 import json
 
@@ -89,33 +89,18 @@ def _ifeval_task(tmp_path, records, name="ifeval.jsonl", **keys):
     return config_lib.eval_task_config("instructions", path=str(path), **keys)
 
 
-def test_ifeval_records_map_onto_jaxtune_checkers(tmp_path):
+def test_ifeval_records_become_constraints_of_their_ids(tmp_path):
     task = load_eval_task("ifeval", _ifeval_task(tmp_path, IFEVAL_RECORDS), seed=0)
-    assert [e["prompt"] for e in task.examples] == ["Write a limerick about cats.", "Describe Paris.", "List fruits.",
-                                                    "Plan a trip."]
-    assert [e["constraints"] for e in task.examples] == [
-        [{"type": "no_commas"}, {"type": "word_count", "relation": "at most", "n": 39},  # less than 40
-         {"type": "include_keywords", "keywords": ["whisker", "moon"]}],
-        [{"type": "keyword_frequency", "keyword": "river", "relation": "at least", "n": 3},
-         {"type": "ends_with", "phrase": "Any other questions?"}],
-        [{"type": "bullet_count", "n": 3}, {"type": "lowercase"}, {"type": "uppercase"}, {"type": "json_format"},
-         {"type": "quoted"}, {"type": "sentence_count", "relation": "at least", "n": 2},
-         {"type": "paragraph_count", "n": 2}, {"type": "forbidden_words", "words": ["apple"]},
-         {"type": "starts_with", "phrase": "List fruits."}, {"type": "title"}],
-        [{"type": "letter_frequency", "letter": "q", "relation": "at most", "n": 1},
-         {"type": "capital_word_count", "relation": "at least", "n": 3},
-         {"type": "placeholder_count", "relation": "at least", "n": 2}, {"type": "postscript", "marker": "P.P.S"},
-         {"type": "highlight_count", "relation": "at least", "n": 1},
-         {"type": "section_count", "splitter": "SECTION", "relation": "at least", "n": 3},
-         {"type": "contains_any", "phrases": ["My answer is yes.", "My answer is no.", "My answer is maybe."]},
-         {"type": "two_responses"}, {"type": "paragraph_first_word", "n": 3, "nth": 2, "word": "then"}],
-    ]
-    # never silent: the ids without a checker are counted, and a prompt left with none is left out and counted
-    assert dict(task.unsupported) == {"language:response_language": 2}
-    from jaxtune.data.ifeval import SUPPORTED  # every IFEval instruction type is mapped but the language one
-    assert {i for r in IFEVAL_RECORDS for i in r["instruction_id_list"]} == {*SUPPORTED, "language:response_language"}
-    assert len(SUPPORTED) == 24
-    assert task.unsupported_prompts == 1
+    assert [e["prompt"] for e in task.examples] == [r["prompt"] for r in IFEVAL_RECORDS]
+    for example, record in zip(task.examples, IFEVAL_RECORDS):  # one constraint per instruction, its kwargs kept
+        assert [c["type"] for c in example["constraints"]] == record["instruction_id_list"]
+    assert task.examples[1]["constraints"] == [  # the HF copy's null kwargs dropped
+        {"type": "keywords:frequency", "keyword": "river", "frequency": 3, "relation": "at least"},
+        {"type": "language:response_language", "language": "fr"},
+        {"type": "startend:end_checker", "end_phrase": "Any other questions?"}]
+    from jaxtune.rewards.ifeval_checkers import CHECKERS  # the records use every one of IFEval's 25 ids
+    assert {i for r in IFEVAL_RECORDS for i in r["instruction_id_list"]} == set(CHECKERS)
+    assert task.skipped_records == 0
 
 
 @pytest.mark.parametrize("record, needle", [
@@ -125,11 +110,13 @@ def test_ifeval_records_map_onto_jaxtune_checkers(tmp_path):
     ({"prompt": "p", "constraints": [{"type": "word_count", "n": 3}]}, r"ifeval.jsonl:2: .*'word_count' needs relation"),
     ({"prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}, r"ifeval.jsonl:2: .*one entry per"),
     ({"prompt": "p", "instruction_id_list": ["keywords:frequency"], "kwargs": [{"keyword": "x", "frequency": 2}]},
-     r"ifeval.jsonl:2: .*instruction 0 \('keywords:frequency'\): kwargs lack relation"),
+     r"ifeval.jsonl:2: .*instruction 'keywords:frequency' needs kwarg 'relation'"),
     ({"prompt": "p", "instruction_id_list": ["length_constraints:number_words"],
-      "kwargs": [{"relation": "at most", "num_words": 5}]}, r"relation must be one of less than, at least"),
+      "kwargs": [{"relation": "at most", "num_words": 5}]}, r"kwarg 'relation' must be one of 'less than', 'at least'"),
     ({"prompt": "p", "instruction_id_list": ["length_constraints:number_words"],
-      "kwargs": [{"relation": "less than", "num_words": 0}]}, r"integer >= 1 for relation 'less than'"),
+      "kwargs": [{"relation": "less than", "num_words": -2}]}, r"kwarg 'num_words' must be a non-negative integer"),
+    ({"prompt": "p", "instruction_id_list": ["keywords:rhymes"], "kwargs": [{}]},
+     r"ifeval.jsonl:2: .*unknown constraint type 'keywords:rhymes'"),
 ])
 def test_bad_instruction_records_name_file_line_and_task(tmp_path, record, needle):
     good = {"prompt": "q", "constraints": [{"type": "lowercase"}]}
@@ -164,8 +151,8 @@ def test_evaluate_run_scores_greedy_responses(tmp_path):
     tok = CharTokenizer()
     records = [{"instruction": f"say {w}", "constraints": [{"type": "lowercase"}, {"type": "word_count",
                 "relation": "at most", "n": 3}]} for w in ("hi", "yes", "a word")]
-    only_unsupported = {**IFEVAL_RECORDS[2], "instruction": "hindi"}  # left out, counted
-    t = _ifeval_task(tmp_path, records[:2] + [only_unsupported] + records[2:], templates=(("Q: {instruction}", ""),))
+    hindi = {**IFEVAL_RECORDS[2], "instruction": "hindi"}  # IFEval's format: scored like the others
+    t = _ifeval_task(tmp_path, records[:2] + [hindi] + records[2:], templates=(("Q: {instruction}", ""),))
     task = load_eval_task("ifeval", t, seed=0)
     eval_cfg = config_lib.base_config().eval
     eval_cfg.update(max_new_tokens=6, batch_size=4, generative=False, loss=False)
@@ -173,10 +160,9 @@ def test_evaluate_run_scores_greedy_responses(tmp_path):
     scores = evaluate.run(model, params, tok, evaluate.EvalSet(tasks=[task]), eval_cfg, seq_len=32, seed=0, show=1,
                           printer=printed.append)
     responses = evaluate.generate_answers(model, params, tok, task.examples, eval_cfg)  # greedy: the same responses
-    assert [e["prompt"] for e in task.examples] == ["Q: say hi", "Q: say yes", "Q: say a word"]
+    assert [e["prompt"] for e in task.examples] == ["Q: say hi", "Q: say yes", "Q: hindi", "Q: say a word"]
     expected = evaluate.instruction_scores(responses, [e["constraints"] for e in task.examples])
-    assert scores == {**{f"ifeval/{k}": v for k, v in expected.items()}, "ifeval/unsupported_instructions": 1.0,
-                      "ifeval/unsupported_prompts": 1.0}
+    assert scores == {f"ifeval/{k}": v for k, v in expected.items()}
+    assert "ifeval/inst_level_strict_acc/language:response_language" in scores
     assert set(evaluate.INSTRUCTION_METRICS) <= {k.split("/")[1] for k in scores}
-    assert "1 instructions of unsupported types skipped: language:response_language (1)" in printed[0]
-    assert printed[1].startswith("  [") and "Q: say hi" in printed[1] and len(printed) == 2
+    assert printed[0].startswith("  [") and "Q: say hi" in printed[0] and len(printed) == 1

@@ -338,3 +338,23 @@ def test_a_failing_process_stops_all_with_its_error(tmp_path):
     assert "jaxtune: error: --config" in outs[1] and "no such file" in outs[1]
     assert "jaxtune: error: process 1 failed: --config" in outs[0]
     assert time.time() - t0 < 60  # not the 100 s heartbeat timeout
+
+
+@pytest.mark.slow
+def test_harness_across_processes(tmp_path):
+    """`jaxtune eval --harness` on 2 processes: every process runs lm-eval's requests in lockstep (the
+    model is sharded over both), process 0 writes the results, equal to one process's."""
+    pytest.importorskip("lm_eval")
+    from tests.test_harness_training import write_reverse_task
+
+    config = str(_config_file(tmp_path))
+    workdir = tmp_path / "run"
+    _reference_run(config, workdir)
+    tasks = str(write_reverse_task(tmp_path / "tasks"))
+    args = ["eval", "--workdir", str(workdir), "--harness", "rev_mc", "--harness_include", tasks]
+    assert cli.main([*args, "--output", str(tmp_path / "single.json")]) == 0
+    outs = run_cli([*args, "--output", str(tmp_path / "multi.json")])
+    assert "jaxtune: wrote" in outs[0]
+    want = json.loads((tmp_path / "single.json").read_text())["results"]
+    got = json.loads((tmp_path / "multi.json").read_text())["results"]
+    assert _numbers(got) == pytest.approx(_numbers(want), rel=1e-5, abs=1e-6)

@@ -193,6 +193,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
     # Named held-out tasks (never trained on), keyed by name: eval_task_config(metric=..., <task_config keys>).
     c.eval.tasks = ml_collections.ConfigDict()
+    # lm-evaluation-harness tasks scored with the other evaluations (needs jaxtune[harness]); metrics
+    # eval/harness/<task>/<metric>. "" = none; e.g. "arc_easy,my_task" with harness_include="my_tasks/"
+    c.eval.harness = ""
+    c.eval.harness_include = ""  # folder of extra lm-eval task YAMLs
+    c.eval.harness_limit = 0  # documents per task; 0 = all
+    c.eval.harness_num_fewshot = -1  # -1 = each task's own default
     return c
 
 

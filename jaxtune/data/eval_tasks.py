@@ -13,7 +13,6 @@ IFEval's ``instruction_id_list`` + ``kwargs``, mapped by `jaxtune.data.ifeval`) 
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Mapping
 
 import ml_collections
@@ -37,10 +36,6 @@ class EvalTask:
     examples: list[dict]
     separator: str = "\n\n"  # k-shot: between solved examples and the question
     target_separator: str = "\n"  # k-shot: between a solved example's prompt and its answer
-    # instructions: IFEval instruction ids with no jaxtune checker (left out, counted), and the
-    # prompts left with no checkable instruction at all (left out of the prompt-level numbers)
-    unsupported: Counter = dataclasses.field(default_factory=Counter)
-    unsupported_prompts: int = 0
     skipped_records: int = 0  # bad records left out under on_error="skip"
 
 
@@ -57,7 +52,7 @@ def load_eval_task(name: str, t: ml_collections.ConfigDict, *, seed: int) -> Eva
     count = len(spec.records) if not t.max_examples else min(t.max_examples, len(spec.records))
     render = {"multiple_choice": _render_choices, "instructions": _render_instructions}.get(t.metric, _render_answer)
     builder = ExampleBuilder(spec, 0, None, seq_len=0, seed=seed)
-    examples, unsupported, unsupported_prompts, skipped = [], Counter(), 0, 0
+    examples, skipped = [], 0
     for index in range(count):
         record = spec.records[index]
         try:
@@ -70,16 +65,10 @@ def load_eval_task(name: str, t: ml_collections.ConfigDict, *, seed: int) -> Eva
                 raise
             skipped += 1
             continue
-        unsupported.update(example.pop("unsupported", ()))
-        if t.metric == "instructions" and not example["constraints"]:
-            unsupported_prompts += 1  # every instruction of it is of an unsupported type
-            continue
         examples.append(example)
     if not examples:
-        detail = f" ({unsupported_prompts} prompts have only unsupported instruction types)" if unsupported_prompts else ""
-        raise UserError(f"config key '{where}': no examples to evaluate in {t.path!r}{detail}")
-    return EvalTask(name, t.metric, examples, t.few_shot_separator, t.few_shot_target_separator,
-                    unsupported, unsupported_prompts, skipped)
+        raise UserError(f"config key '{where}': no examples to evaluate in {t.path!r}")
+    return EvalTask(name, t.metric, examples, t.few_shot_separator, t.few_shot_target_separator, skipped)
 
 
 def _render_answer(builder: ExampleBuilder, record: Mapping, index: int) -> dict:
@@ -116,9 +105,8 @@ def _render_instructions(builder: ExampleBuilder, record: Mapping, index: int) -
         if record.get("constraints") is not None:
             return {"prompt": prompt, "constraints": as_constraints(record["constraints"], f"{label}: field 'constraints'")}
         if ifeval.is_ifeval_record(record):
-            constraints, unsupported = ifeval.constraints_from_ifeval(record, label)
-            checked = as_constraints(constraints, f"{label}: mapped IFEval instructions") if constraints else []
-            return {"prompt": prompt, "constraints": checked, "unsupported": unsupported}
+            constraints = ifeval.constraints_from_ifeval(record, label)
+            return {"prompt": prompt, "constraints": as_constraints(constraints, f"{label}: IFEval instructions")}
     except UserError as e:  # a bad record: subject to the task's on_error policy
         raise SourceError(str(e)) from None
     raise SourceError(f"{label} (metric 'instructions'): the record has no 'constraints' field (a list of "

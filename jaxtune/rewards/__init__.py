@@ -12,7 +12,8 @@ Built-ins: ``math`` (final answer vs the record's ``answer``), ``worked_steps`` 
 record's reference ``solution`` equations reproduced in order, the answer counted only after all
 of them: no credit for a right number reached by wrong steps) and ``worked_solution`` (1 only when all
 of them and the answer are right), ``instructions`` (fraction of
-the record's IFEval-style ``constraints`` satisfied), ``instructions_all`` (1 only if all are),
+the record's ``constraints``, or IFEval ``instruction_id_list`` + ``kwargs``, satisfied, scored as
+IFEval's reference scorer does: `rewards.ifeval_checkers`), ``instructions_all`` (1 only if all are),
 and ``reward_model:<dir>``: a reward model trained with ``objective.type=reward`` (its workdir)
 or exported as ``*ForSequenceClassification`` (an HF directory).
 """

@@ -1,74 +1,58 @@
-"""Verifiable instruction constraints in the style of IFEval (Zhou et al. 2023), read from the record.
+"""Verifiable instruction constraints (IFEval, Zhou et al. 2023), read from the record.
 
 A record carries its constraints in a ``constraints`` field: a list of dicts (or one dict), each
-``{"type": <checker>, ...arguments}``, for example
-``[{"type": "lowercase"}, {"type": "word_count", "relation": "at most", "n": 12}]``.
+``{"type": <checker>, ...arguments}``. A type is one of IFEval's 25 instruction ids with IFEval's
+own kwargs (``{"type": "keywords:frequency", "keyword": "data", "relation": "at least",
+"frequency": 2}``), or one of jaxtune's short names below. Both are scored by the one
+implementation of IFEval's checkers, `jaxtune.rewards.ifeval_checkers` (Google's reference
+behaviour: regex keyword search, punkt sentences, NLTK capital words, langdetect for case rules),
+so a GRPO reward, `jaxtune eval` and the data tools give the same verdicts as IFEval's scorer.
 The reward of a completion is the fraction of its constraints it satisfies (``instruction_all``:
-1.0 only when every one holds). An empty completion satisfies nothing. Words are runs of
-letters/digits (any script), sentences end with ``.``, ``!`` or ``?``.
+1.0 only when every one holds). A blank completion satisfies nothing.
+
+Short names (relation: ``at least``, ``at most`` or ``exactly``; IFEval ids use IFEval's
+``less than``/``at least``):
 
 ==================  ==========================  =============================================
-type                arguments                   holds when
+type                arguments                   holds when (IFEval checker it shares)
 ==================  ==========================  =============================================
-lowercase           -                           there is a letter and no uppercase letter
-uppercase           -                           there is a letter and no lowercase letter
-no_commas           -                           no comma (ASCII, fullwidth or ideographic)
-word_count          relation, n                 the number of words is (at least|at most|exactly) n
-sentence_count      relation, n                 the number of sentences is ... n
-include_keywords    keywords (list)             every keyword appears as a whole word (any case)
-forbidden_words     words (list)                none of them appears as a whole word (any case)
-keyword_frequency   keyword, relation, n        the keyword appears ... n times as a whole word
-json_format         -                           the whole text (``` fences allowed) parses as JSON
-bullet_count        n                           exactly n lines start with "* " or "- "
-starts_with         phrase                      the stripped text starts with phrase (any case)
-ends_with           phrase                      the stripped text ends with phrase (any case)
-quoted              -                           the stripped text is wrapped in double quotes
-paragraph_count     n                           exactly n non-empty paragraphs split by ``***``
+lowercase           -                           ``str.islower`` (english_lowercase without langdetect)
+uppercase           -                           ``str.isupper`` (english_capital without langdetect)
+no_commas           -                           no ASCII comma (no_comma)
+word_count          relation, n                 ``\\w+`` runs (number_words)
+sentence_count      relation, n                 punkt sentences (number_sentences)
+include_keywords    keywords (list)             each keyword is found, any case (existence)
+forbidden_words     words (list)                none is found between ``\\b`` boundaries
+keyword_frequency   keyword, relation, n        case-insensitive matches (frequency)
+json_format         -                           JSON, ``` fences allowed (json_format)
+bullet_count        n                           exactly n ``*``/``-`` lines (number_bullet_lists)
+starts_with         phrase                      stripped text starts with it, any case (repeat_prompt)
+ends_with           phrase                      ... ends with it, quotes stripped (end_checker)
+quoted              -                           wrapped in double quotes (quotation)
+paragraph_count     n                           exactly n parts split by ``***`` (number_paragraphs)
+letter_frequency    letter, relation, n         the character, any case (letter_frequency)
+capital_word_count  relation, n                 all-capital NLTK words (capital_word_frequency)
+placeholder_count   relation, n                 ``[placeholders]`` (number_placeholders)
+highlight_count     relation, n                 ``*spans*``/``**spans**`` (number_highlighted_sections)
+section_count       splitter, relation, n       ``<splitter> <number>`` sections (multiple_sections)
+title               -                           a ``<<title>>`` (title)
+postscript          marker                      a line starting with the marker (postscript)
+contains_any        phrases (list)              one phrase occurs verbatim (constrained_response)
+two_responses       -                           two different parts split by ``******``
+paragraph_first_word  n, nth, word              n blank-line paragraphs, the nth starting with word
 ==================  ==========================  =============================================
-
-IFEval instruction types (`jaxtune.data.ifeval` maps IFEval's records onto these and the above;
-its ``less than n`` becomes ``at most n - 1``):
-
-====================  ==========================  =============================================
-type                  arguments                   holds when
-====================  ==========================  =============================================
-letter_frequency      letter, relation, n         the letter occurs ... n times (any case)
-capital_word_count    relation, n                 ... n words are all capitals (``NASA``; not ``A1``)
-placeholder_count     relation, n                 ... n ``[placeholders]`` in square brackets
-highlight_count       relation, n                 ... n non-blank ``*spans*`` or ``**spans**`` on a line
-section_count         splitter, relation, n       ... n section headers ``<splitter> <number>`` (exact case)
-title                 -                           a non-blank ``<<title>>`` on one line
-postscript            marker                      the marker occurs (any case; "P. S." counts as "P.S.")
-contains_any          phrases (list)              one of the phrases occurs verbatim (exact case)
-two_responses         -                           two different non-empty parts split by ``******``
-paragraph_first_word  n, nth, word                exactly n paragraphs split by blank lines, the nth
-                                                  starting with word (any case, quotes/punctuation cut)
-====================  ==========================  =============================================
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jaxtune.errors import UserError
+from jaxtune.rewards import ifeval_checkers as ifc
 
 RELATIONS = ("at least", "at most", "exactly")
-_WORD_RE = re.compile(r"\w+", re.UNICODE)
-_SENTENCE_END_RE = re.compile(r"[.!?]+")
-_BULLET_RE = re.compile(r"^\s*[*-]\s+\S", re.MULTILINE)
-_COMMAS = (",", "，", "、")
-_FENCE_RE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
-
-
-def words(text: str) -> list[str]:
-    return _WORD_RE.findall(text)
-
-
-def sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE_END_RE.split(text) if _WORD_RE.search(s)]
 
 
 def compare(value: int, relation: str, n: int) -> bool:
@@ -79,86 +63,41 @@ def compare(value: int, relation: str, n: int) -> bool:
     return value == n
 
 
-def _count_word(text: str, word: str) -> int:
-    return len(re.findall(r"(?<!\w)" + re.escape(word.lower()) + r"(?!\w)", text.lower()))
+def _first_word(t: str, a: Mapping[str, Any]) -> bool:
+    return ifc.nth_paragraph_first_word(t, {"num_paragraphs": a["n"], "nth_paragraph": a["nth"], "first_word": a["word"]})
 
 
-def _has_letter(text: str) -> bool:
-    return any(ch.isalpha() for ch in text)
-
-
-def _json(text: str) -> bool:
-    stripped = text.strip()
-    fenced = _FENCE_RE.match(stripped)
-    try:
-        json.loads(fenced.group(1) if fenced else stripped)
-    except (ValueError, RecursionError):
-        return False
-    return True
-
-
-_PLACEHOLDER_RE = re.compile(r"\[[^\[\]\n]*\]")
-_HIGHLIGHT_RE = re.compile(r"\*\*([^\n*]*)\*\*|\*([^\n*]*)\*")
-_TITLE_RE = re.compile(r"<<([^\n<>]+)>>")
-_BLANK_LINE_RE = re.compile(r"\n\s*\n")
-
-
-def _highlights(text: str) -> int:
-    return sum(1 for m in _HIGHLIGHT_RE.finditer(text) if (m.group(1) or m.group(2) or "").strip())
-
-
-def _sections(text: str, splitter: str) -> int:
-    return len(re.findall(r"(?<!\w)" + re.escape(splitter) + r"\s?\d+", text))
-
-
-def _postscript(text: str, marker: str) -> bool:
-    spaced = r"\s?".join(re.escape(ch) for ch in marker.lower() if not ch.isspace())
-    return re.search(spaced, text.lower()) is not None
-
-
-def _two_responses(text: str) -> bool:
-    parts = text.split("******")
-    if any(not p.strip() for p in parts[1:-1]):
-        return False
-    kept = [p.strip() for p in parts if p.strip()]
-    return len(kept) == 2 and kept[0] != kept[1]
-
-
-def _paragraph_first_word(text: str, a: Mapping[str, Any]) -> bool:
-    paragraphs = [p.strip() for p in _BLANK_LINE_RE.split(text) if p.strip()]
-    if len(paragraphs) != a["n"] or a["nth"] > len(paragraphs):
-        return False
-    first = paragraphs[a["nth"] - 1].split()[0].lstrip("'\"")
-    return re.split(r"[.,?!'\"]", first, maxsplit=1)[0].lower() == a["word"].strip().lower()
-
-
-# type -> (required argument names, check(text, args) -> bool)
-CHECKERS: dict[str, tuple[tuple[str, ...], Callable[[str, Mapping[str, Any]], bool]]] = {
-    "lowercase": ((), lambda t, a: _has_letter(t) and t == t.lower()),
-    "uppercase": ((), lambda t, a: _has_letter(t) and t == t.upper()),
-    "no_commas": ((), lambda t, a: not any(c in t for c in _COMMAS)),
-    "word_count": (("relation", "n"), lambda t, a: compare(len(words(t)), a["relation"], a["n"])),
-    "sentence_count": (("relation", "n"), lambda t, a: compare(len(sentences(t)), a["relation"], a["n"])),
-    "include_keywords": (("keywords",), lambda t, a: all(_count_word(t, k) > 0 for k in a["keywords"])),
-    "forbidden_words": (("words",), lambda t, a: not any(_count_word(t, w) > 0 for w in a["words"])),
-    "keyword_frequency": (("keyword", "relation", "n"), lambda t, a: compare(_count_word(t, a["keyword"]), a["relation"], a["n"])),
-    "json_format": ((), lambda t, a: _json(t)),
-    "bullet_count": (("n",), lambda t, a: len(_BULLET_RE.findall(t)) == a["n"]),
-    "starts_with": (("phrase",), lambda t, a: t.strip().lower().startswith(a["phrase"].strip().lower())),
-    "ends_with": (("phrase",), lambda t, a: t.strip().lower().endswith(a["phrase"].strip().lower())),
-    "quoted": ((), lambda t, a: len(t.strip()) >= 2 and t.strip()[0] == '"' and t.strip()[-1] == '"'),
-    "paragraph_count": (("n",), lambda t, a: len([p for p in re.split(r"\s*\*\*\*\s*", t) if p.strip()]) == a["n"]),
-    "letter_frequency": (("letter", "relation", "n"), lambda t, a: compare(t.lower().count(a["letter"].lower()), a["relation"], a["n"])),
-    "capital_word_count": (("relation", "n"), lambda t, a: compare(sum(w.isupper() and w.isalpha() for w in words(t)), a["relation"], a["n"])),
-    "placeholder_count": (("relation", "n"), lambda t, a: compare(len(_PLACEHOLDER_RE.findall(t)), a["relation"], a["n"])),
-    "highlight_count": (("relation", "n"), lambda t, a: compare(_highlights(t), a["relation"], a["n"])),
-    "section_count": (("splitter", "relation", "n"), lambda t, a: compare(_sections(t, a["splitter"].strip()), a["relation"], a["n"])),
-    "title": ((), lambda t, a: any(m.strip() for m in _TITLE_RE.findall(t))),
-    "postscript": (("marker",), lambda t, a: _postscript(t, a["marker"])),
-    "contains_any": (("phrases",), lambda t, a: any(p in t for p in a["phrases"])),
-    "two_responses": ((), lambda t, a: _two_responses(t)),
-    "paragraph_first_word": (("n", "nth", "word"), _paragraph_first_word),
+# short type -> (required argument names, check(text, args) -> bool), each on ifeval_checkers' measures
+SHORT_CHECKERS: dict[str, tuple[tuple[str, ...], Callable[[str, Mapping[str, Any]], bool]]] = {
+    # case only: the test IFEval's english_* checkers make before langdetect, which cannot read a
+    # few listed words (the built-in verifiable tasks); use the IFEval ids for IFEval's rule
+    "lowercase": ((), lambda t, a: t.islower()),
+    "uppercase": ((), lambda t, a: t.isupper()),
+    "no_commas": ((), lambda t, a: "," not in t),
+    "word_count": (("relation", "n"), lambda t, a: compare(ifc.count_words(t), a["relation"], a["n"])),
+    "sentence_count": (("relation", "n"), lambda t, a: compare(len(ifc.sentences(t)), a["relation"], a["n"])),
+    "include_keywords": (("keywords",), lambda t, a: all(ifc.keyword_count(t, k) for k in a["keywords"])),
+    "forbidden_words": (("words",), lambda t, a: not any(ifc.has_word(t, w) for w in a["words"])),
+    "keyword_frequency": (("keyword", "relation", "n"),
+                          lambda t, a: compare(ifc.keyword_count(t, a["keyword"].strip()), a["relation"], a["n"])),
+    "json_format": ((), lambda t, a: ifc.is_json(t)),
+    "bullet_count": (("n",), lambda t, a: ifc.bullets(t) == a["n"]),
+    "starts_with": (("phrase",), lambda t, a: ifc.starts_with(t, a["phrase"])),
+    "ends_with": (("phrase",), lambda t, a: ifc.ends_with(t, a["phrase"])),
+    "quoted": ((), lambda t, a: ifc.quoted(t)),
+    "paragraph_count": (("n",), lambda t, a: ifc.paragraphs_by_divider(t) == a["n"]),
+    "letter_frequency": (("letter", "relation", "n"), lambda t, a: compare(ifc.letter_count(t, a["letter"]), a["relation"], a["n"])),
+    "capital_word_count": (("relation", "n"), lambda t, a: compare(ifc.capital_words(t), a["relation"], a["n"])),
+    "placeholder_count": (("relation", "n"), lambda t, a: compare(ifc.placeholders(t), a["relation"], a["n"])),
+    "highlight_count": (("relation", "n"), lambda t, a: compare(ifc.highlights(t), a["relation"], a["n"])),
+    "section_count": (("splitter", "relation", "n"), lambda t, a: compare(ifc.sections(t, a["splitter"]), a["relation"], a["n"])),
+    "title": ((), lambda t, a: ifc.has_title(t)),
+    "postscript": (("marker",), lambda t, a: ifc.has_postscript(t, a["marker"])),
+    "contains_any": (("phrases",), lambda t, a: any(p in t.strip() for p in a["phrases"])),
+    "two_responses": ((), lambda t, a: ifc.two_responses(t)),
+    "paragraph_first_word": (("n", "nth", "word"), _first_word),
 }
+CHECKERS = {**SHORT_CHECKERS, **{k: (tuple(spec), check) for k, (spec, check) in ifc.CHECKERS.items()}}
 
 
 def check_constraint(constraint: Mapping[str, Any], where: str = "constraint") -> dict[str, Any]:
@@ -168,6 +107,11 @@ def check_constraint(constraint: Mapping[str, Any], where: str = "constraint") -
     kind = constraint["type"]
     if kind not in CHECKERS:
         raise UserError(f"{where}: unknown constraint type {kind!r}; expected one of {', '.join(CHECKERS)}")
+    if kind in ifc.CHECKERS:
+        try:
+            return {"type": kind, **ifc.check_arguments(kind, constraint, where)}
+        except ValueError as e:
+            raise UserError(str(e)) from None
     required, _ = CHECKERS[kind]
     missing = [k for k in required if k not in constraint]
     if missing:
@@ -182,11 +126,15 @@ def check_constraint(constraint: Mapping[str, Any], where: str = "constraint") -
         if key in required and (not isinstance(value, Sequence) or isinstance(value, str)
                                 or not all(isinstance(w, str) and w for w in value) or (key == "phrases" and not value)):
             raise UserError(f"{where}: {key} must be a list of non-empty strings, got {value!r}")
+        if key in required and key != "phrases" and (problem := ifc.argument_problem("patterns", list(value))):
+            raise UserError(f"{where}: {key} must be {problem}")
     for key in ("phrase", "keyword", "splitter", "marker", "word"):
         if key in required and (not isinstance(out[key], str) or not out[key].strip()):
             raise UserError(f"{where}: {key} must be a non-empty string, got {out[key]!r}")
-    if "letter" in required and (not isinstance(out["letter"], str) or len(out["letter"]) != 1 or not out["letter"].isalpha()):
-        raise UserError(f"{where}: letter must be one letter, got {out['letter']!r}")
+        if key in required and key in ("keyword", "splitter", "marker") and (problem := ifc.argument_problem("pattern", out[key])):
+            raise UserError(f"{where}: {key} must be {problem}")
+    if "letter" in required and (not isinstance(out["letter"], str) or len(out["letter"].strip()) != 1):
+        raise UserError(f"{where}: letter must be one character, got {out['letter']!r}")
     if "nth" in required and (isinstance(out["nth"], bool) or not isinstance(out["nth"], int) or not 1 <= out["nth"] <= out["n"]):
         raise UserError(f"{where}: nth must be an integer in 1..n ({out['n']}), got {out['nth']!r}")
     return out
@@ -210,7 +158,7 @@ def satisfied(text: str, constraints: Sequence[Mapping[str, Any]]) -> list[bool]
     """Per constraint, whether `text` satisfies it (an empty or blank text satisfies none)."""
     if not text.strip():
         return [False] * len(constraints)
-    return [bool(CHECKERS[c["type"]][1](text, c)) for c in constraints]
+    return [bool(CHECKERS[c["type"]][1](text, c)) for c in constraints]  # ifc.follows' rule for IFEval ids
 
 
 def loose_variants(text: str) -> list[str]:
@@ -232,24 +180,44 @@ def satisfied_loose(text: str, constraints: Sequence[Mapping[str, Any]]) -> list
     return held
 
 
-def _scores(completions, constraints, reduce) -> list[float | None]:
+def _scores(completions, constraints, ids, kwargs, reduce) -> list[float | None]:
+    """Per record: `reduce` of its verdicts, from its ``constraints`` field or IFEval's
+    ``instruction_id_list`` + ``kwargs`` (None where it has neither: not applicable)."""
+    from jaxtune.data.ifeval import constraints_from_ifeval
+    from jaxtune.data.sources import SourceError
+
+    if constraints is None and ids is None:
+        raise UserError("reward 'instructions': the records have neither a 'constraints' field nor IFEval's "
+                        "'instruction_id_list' + 'kwargs'")
+    n = len(completions)
+    constraints, ids, kwargs = (list(v) if v is not None else [None] * n for v in (constraints, ids, kwargs))
     out = []
-    for i, (text, value) in enumerate(zip(completions, constraints, strict=True)):
-        if value is None:  # a record without constraints: not applicable
-            out.append(None)
-            continue
-        ok = satisfied(text, as_constraints(value, f"record {i}: field 'constraints'"))
-        out.append(reduce(ok))
+    for i, text in enumerate(completions):
+        where = f"record {i}"
+        try:
+            if constraints[i] is not None:
+                value = as_constraints(constraints[i], f"{where}: field 'constraints'")
+            elif ids[i] is not None:
+                ifeval_record = {"instruction_id_list": ids[i], "kwargs": kwargs[i]}
+                value = as_constraints(constraints_from_ifeval(ifeval_record, where), f"{where}: IFEval instructions")
+            else:  # a record without constraints: not applicable
+                out.append(None)
+                continue
+        except SourceError as e:
+            raise UserError(str(e)) from None
+        out.append(reduce(satisfied(text, value)))
     return out
 
 
-def instruction_fraction(prompts: Sequence[str], completions: Sequence[str], *, constraints: Sequence[Any],
+def instruction_fraction(prompts: Sequence[str], completions: Sequence[str], *, constraints: Sequence[Any] | None = None,
+                         instruction_id_list: Sequence[Any] | None = None, kwargs: Sequence[Any] | None = None,
                          **_: Any) -> list[float | None]:
     """The fraction of each record's constraints the completion satisfies (None: no constraints)."""
-    return _scores(completions, constraints, lambda ok: sum(ok) / len(ok))
+    return _scores(completions, constraints, instruction_id_list, kwargs, lambda ok: sum(ok) / len(ok))
 
 
-def instruction_all(prompts: Sequence[str], completions: Sequence[str], *, constraints: Sequence[Any],
+def instruction_all(prompts: Sequence[str], completions: Sequence[str], *, constraints: Sequence[Any] | None = None,
+                    instruction_id_list: Sequence[Any] | None = None, kwargs: Sequence[Any] | None = None,
                     **_: Any) -> list[float | None]:
     """1.0 when the completion satisfies every constraint of its record, else 0.0 (None: no constraints)."""
-    return _scores(completions, constraints, lambda ok: float(all(ok)))
+    return _scores(completions, constraints, instruction_id_list, kwargs, lambda ok: float(all(ok)))

@@ -69,3 +69,39 @@ def test_cli_generates_and_evaluates_with_base_plus_adapters(run, tmp_path, caps
     _stdout(capsys, ["eval", "--workdir", str(workdir)])
     loss = json.loads((workdir / "eval_results.json").read_text())["metrics"]["loss"]
     assert loss == pytest.approx(evals[3], rel=1e-5) and abs(loss - evals[0]) > 1e-3
+
+
+def test_harness_on_a_lora_workdir(tmp_path, capsys):
+    """`jaxtune eval --workdir W --harness`: lm-eval tasks on base + adapters; results JSON in the
+    workdir, metrics in metrics.jsonl, and log-likelihoods of the adapted model (built here)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from jaxtune import harness, inference
+    from tests.test_harness_training import write_reverse_task
+
+    c, workdir = _train(tmp_path, RUNS["lora"])
+    tok = load_tokenizer(workdir / TOKENIZER_FILE)
+    model_config = trainer.model_config_from(c, vocab_size=tok.vocab_size)
+    plain = models.build(model_config.replace(peft=None))
+    base = sharding.unbox(jax.jit(plain.init)(jax.random.key(c.seed), jnp.zeros((1, 1), jnp.int32))["params"])
+    with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+        adapters = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state["params"]
+    whole = list(tok.text_prefix) + tok.encode("reverse: cat dog = dog cat")  # lm-eval splits the whole text's tokens
+    continuation = whole[len(tok.text_prefix) + len(tok.encode("reverse: cat dog =")):]
+    tokens = jnp.asarray([whole])
+    logits = models.build(model_config).apply(trainer.variables_for(adapters, base), tokens[:, :-1])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)[0, -len(continuation):]
+    expected = float(jnp.take_along_axis(logp, tokens[0, -len(continuation):, None], -1).sum())
+    lm = harness.harness_lm(inference.from_workdir(str(workdir)), batch_size=2, max_length=64)
+    [(got, _)] = lm.loglikelihood([Instance("loglikelihood", {}, ("reverse: cat dog =", " dog cat"), 0)])
+    assert got == pytest.approx(expected, abs=1e-4)
+
+    tasks = write_reverse_task(tmp_path / "tasks")
+    out = _stdout(capsys, ["eval", "--workdir", str(workdir), "--harness", "rev_mc", "--harness_include",
+                           str(tasks), "--harness_max_length", "64", "--limit", "2"])
+    results = json.loads((workdir / "harness_results.json").read_text())
+    acc = results["results"]["rev_mc"]["acc,none"]
+    assert f"harness/rev_mc/acc: {acc:.4f}" in out
+    rows = [r for r in read_metrics(workdir) if "eval/harness/rev_mc/acc" in r]
+    assert rows[-1]["eval/harness/rev_mc/acc"] == acc and rows[-1]["step"] == 3
