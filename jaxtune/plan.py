@@ -278,7 +278,7 @@ def step_flops(config: ml_collections.ConfigDict, setup: trainer.TrainSetup) -> 
     attention = 12.0 * cfg.num_layers * cfg.hidden_size * config.data.seq_len
     per_token = metrics.train_flops_per_token(setup.num_params, cfg.num_layers, cfg.hidden_size, config.data.seq_len)
     executed = per_token
-    if cfg.peft is not None:
+    if config.peft.method != "none":
         executed -= weights / 3
     if cfg.remat_policy == "full":
         executed += (weights + attention) / 3

@@ -123,7 +123,7 @@ def test_lora_run_from_hf_dir_exports_peft_and_merged(tmp_path):
     ({"peft.method": "lora", "peft.targets": "q,attn"}, "unknown target 'attn'; valid targets: q, k, v, o, gate, up, down, all-linear"),
     ({"peft.method": "lora", "peft.rank": 0}, "'peft.rank' must be > 0"),
     ({"peft.quantize": "nf4"}, "needs an adapter method"),
-    ({"peft.method": "qlora"}, "expected one of none, lora, dora"),
+    ({"peft.method": "qlora"}, "expected one of none, dora, lora, prefix"),  # the registry, sorted
     ({"peft.method": "lora", "peft.quantize": "fp4"}, "expected one of none, nf4, int8"),
 ])
 def test_bad_peft_config_is_a_clear_error(tmp_path, overrides, message):
