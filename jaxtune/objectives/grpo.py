@@ -46,6 +46,8 @@ import ml_collections
 import numpy as np
 
 from jaxtune import distributed
+from jaxtune import workdir as workdir_lib
+from jaxtune import loading
 from jaxtune.errors import UserError
 from jaxtune.objectives import base, grpo_loss
 
@@ -212,15 +214,12 @@ class GRPO(base.Objective):
         return PromptData(self._tokenizer(workdir, corpus), train, heldout)
 
     def _tokenizer(self, workdir, corpus):
+        """The run's tokenizer, resolved as every objective's is (loading.tokenizer_path: data.tokenizer >
+        model.hf_dir > the workdir's > model.init_from's), else one trained on the prompts (`corpus`)."""
         from jaxtune import paths
         from jaxtune.data import datasets
-        from jaxtune.data.tokenizers import load_tokenizer
 
-        start = self.config.model.init_from
-        if not self.config.data.tokenizer and start and (paths.path(start) / datasets.TOKENIZER_FILE).is_file():
-            # the SFT run's own tokenizer
-            return load_tokenizer(paths.path(start) / datasets.TOKENIZER_FILE, add_bos=self.config.data.add_bos)
-        return datasets._tokenizer(self.config.data, paths.path(workdir), corpus)
+        return datasets.run_tokenizer(loading.data_settings(self.config, workdir), paths.path(workdir), corpus)
 
     def prompt_text(self, record: dict, where: str = "") -> str:
         """The prompt as the reward functions read it: `objective.prompt_template` rendered with the
@@ -482,7 +481,7 @@ class GRPO(base.Objective):
         return batches
 
     def _dump(self, step, groups) -> None:
-        path = self.run.workdir / "samples" / f"step_{step}.jsonl"
+        path = self.run.workdir / workdir_lib.SAMPLES / f"step_{step}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
             for rollouts, prompts, totals, parts, _ in groups:

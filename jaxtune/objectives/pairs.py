@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxtune import batch as batch_lib
+from jaxtune import loading
 from jaxtune.errors import UserError
 from jaxtune.objectives import base, segments
 
@@ -38,16 +40,14 @@ def pair_scores(model: base.ModelFns, params, batch: dict[str, jax.Array], froze
     sharding B keeps a pair on one device. Packed [R, 2T]: sums per segment (P = R * max_pairs;
     empty slots are 0, see `pair_mask`).
     """
-    from jaxtune.data import pipeline
-
     logps, lengths, _ = segments.pair_logps(lambda rows: model.token_stats(params, rows, frozen=frozen, rngs=rngs),
-                                            batch, pipeline.BATCH_KEYS)
+                                            batch, batch_lib.BATCH_KEYS)
     return logps, lengths
 
 
 def pair_mask(batch) -> jax.Array | None:
     """[P] bool, the real pairs of a packed batch (None for padded batches: every pair is real)."""
-    return batch[segments.PAIR_MASK_KEY].reshape(-1) > 0 if segments.is_packed(batch) else None
+    return batch[batch_lib.PAIR_MASK_KEY].reshape(-1) > 0 if batch_lib.is_packed_pairs(batch) else None
 
 
 per_pair = segments.per_pair  # a per-pair batch key as a flat [P] array aligned with pair_scores
@@ -133,11 +133,11 @@ class PairObjective(base.Objective):
     # ---- data --------------------------------------------------------------------------------
 
     def load_data(self, workdir):
-        from jaxtune import config as config_lib
         from jaxtune.data import datasets
 
-        return datasets.load_preference_data(config_lib.data_config(self.config), workdir, unpaired=self.unpaired,
-                                             eval_cfg=self.config.eval)
+        return datasets.load_preference_data(loading.data_settings(self.config, workdir), workdir,
+                                             unpaired=self.unpaired, eval_cfg=self.config.eval,
+                                             screen=base.data_screen(self.config))
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
         """Pair batches on the shared pipeline (data.tasks mixed; padded, or packed with data.packing),
@@ -152,15 +152,15 @@ class PairObjective(base.Objective):
     def batch_shapes(self, batch_size, *, packed: bool | None = None):
         """Padded: rows [B, 2, T], per-pair keys [B]. Packed (data.packing): rows [B, 2T], per-pair keys
         and `pair_mask` [B, data.max_pairs_per_row]."""
-        from jaxtune.data import pair_packing, pipeline, preference
+        from jaxtune.data import pair_packing, preference
 
         d = self.config.data
         packed = d.packing if packed is None else packed
         rows = (batch_size, pair_packing.row_length(d.seq_len)) if packed else (batch_size, 2, d.seq_len)
         pair = (batch_size, d.max_pairs_per_row) if packed else (batch_size,)
-        shapes = {k: jax.ShapeDtypeStruct(rows, jnp.int32) for k in pipeline.BATCH_KEYS}
+        shapes = {k: jax.ShapeDtypeStruct(rows, jnp.int32) for k in batch_lib.BATCH_KEYS}
         if packed:
-            shapes[pair_packing.PAIR_MASK_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
+            shapes[batch_lib.PAIR_MASK_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
         shapes[preference.INDEX_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
         if self.unpaired:
             shapes[preference.LABEL_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
@@ -206,10 +206,10 @@ class PairObjective(base.Objective):
         """objective.reference='precomputed': score every training pair once with the start weights
         (stored in the workdir, resumable) and attach the numbers to the batches."""
         from jaxtune import reference, sharding
-        from jaxtune.data import pair_packing, pipeline, preference
+        from jaxtune.data import pair_packing, preference
 
         transform = run.data_stats.transform
-        self._start_params = run.start_params  # the reference of held-out pair evaluation (copy/precomputed)
+        self.start_params = run.start_params  # the reference of held-out pair evaluation (copy/precomputed)
         if self.reference_kind() == "precomputed":  # scored as padded pairs, whatever the training layout
             model, mesh = run.setup.apply_fn, run.setup.mesh
             transform.ref_logps = reference.precompute(
@@ -221,7 +221,7 @@ class PairObjective(base.Objective):
             )
         keys = preference.batch_keys(transform)
         if self.config.data.packing:
-            keys = pair_packing.packed_keys(keys[len(pipeline.BATCH_KEYS):])
+            keys = pair_packing.packed_keys(keys[len(batch_lib.BATCH_KEYS):])
         if set(keys) != set(self.batch_shapes(1)):  # the shapes the step was built for
             raise AssertionError(f"preference batches carry {keys}, expected {tuple(self.batch_shapes(1))}")
 
@@ -282,18 +282,12 @@ class PairObjective(base.Objective):
         return cache[id(eval_set)]
 
     def _start_weights(self, model):
-        """The run's start weights: from `start` during training; for `jaxtune eval`, rebuilt here
-        (model.hf_dir > model.init_from > seed, as the run built them)."""
-        start = getattr(self, "_start_params", None)
-        if start is not None:
-            return start()
-        import flax.linen as nn
-
-        from jaxtune.trainer import setup as setup_lib, state as state_lib  # jaxtune eval only
-
-        setup = setup_lib.build_setup(self.config, jax.devices(), vocab_size=model.config.vocab_size)
-        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rule_table):
-            return state_lib.start_weights(self.config, setup)
+        """The run's start weights (model.hf_dir > model.init_from > seed): `start_params`, which the
+        trainer sets in `start` and `jaxtune eval` before evaluating."""
+        if self.start_params is None:
+            raise RuntimeError(f"{self.name}: a held-out pair set needs the run's start weights (start_params), "
+                               "which the trainer or `jaxtune eval` provides")
+        return self.start_params()
 
     def describe(self):
         from jaxtune import reference

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxtune import scoring
 from jaxtune.errors import UserError
 from jaxtune.models.layers import last_token_index
 from jaxtune.objectives import base, pairs
@@ -114,7 +115,7 @@ def pair_rewards(model: base.ModelFns, params, batch: Mapping[str, jax.Array], f
     return jnp.take_along_axis(scores[..., 0], index, axis=1).astype(jnp.float32).reshape(-1, 2)
 
 
-@base.register("reward")
+@base.register(scoring.REWARD_OBJECTIVE)
 class RewardModel(pairs.PairObjective):
     """Bradley-Terry reward model on preference pairs (see the module docstring)."""
 
@@ -140,7 +141,7 @@ class RewardModel(pairs.PairObjective):
                             "fine-tuning (its score head is trained in full)")
 
     def adapt_model_config(self, model_config):
-        return model_config.replace(num_labels=1)
+        return scoring.reward_head(model_config)
 
     def describe(self):
         c = self.section.center_rewards_coefficient

@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxtune import batch as batch_lib
+from jaxtune import loading
 from jaxtune.errors import UserError
 from jaxtune.objectives import base
-from jaxtune.objectives.logprobs import TokenStats, token_stats
+from jaxtune.logprobs import TokenStats, token_stats
 
 
 def sft_loss(
@@ -52,7 +54,7 @@ def sft_loss_from_stats(
     z_loss: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cross-entropy summed over `loss_mask` and divided by `normalizer`, from per-token stats
-    (full or chunked LM head, objectives/logprobs.py).
+    (full or chunked LM head, jaxtune/logprobs.py).
 
     `normalizer` is the number of trained tokens in the whole *global* batch (all micro-batches),
     so packing, padding and gradient accumulation leave the loss unchanged: summing this loss over
@@ -92,11 +94,10 @@ class SFT(base.Objective):
                             "its own: data.tasks.<name> = task_config(format='chat', chat_template=...)")
 
     def load_data(self, workdir):
-        from jaxtune import config as config_lib
         from jaxtune.data import datasets
 
-        return datasets.load_sft_data(config_lib.data_config(self.config), workdir, seed=self.config.seed,
-                                      eval_cfg=self.config.eval)
+        return datasets.load_sft_data(loading.data_settings(self.config, workdir), workdir, seed=self.config.seed,
+                                      screen=base.data_screen(self.config))
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
         from jaxtune.data import datasets
@@ -107,9 +108,7 @@ class SFT(base.Objective):
                                       process_index=process_index, process_count=process_count)
 
     def batch_shapes(self, batch_size):
-        from jaxtune.data import pipeline
-
-        return {k: jax.ShapeDtypeStruct((batch_size, self.config.data.seq_len), jnp.int32) for k in pipeline.BATCH_KEYS}
+        return {k: jax.ShapeDtypeStruct((batch_size, self.config.data.seq_len), jnp.int32) for k in batch_lib.BATCH_KEYS}
 
     def weight(self, batch):
         return jnp.sum(batch["loss_mask"].astype(jnp.float32))
