@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtune import batch as batch_lib
-from jaxtune import loading
+from jaxtune import batch as batch_lib, config as config_lib, evaluate as evaluate_lib, loading, reference, sharding
+from jaxtune.data import chat, datasets, pair_packing, preference
 from jaxtune.errors import UserError
-from jaxtune.objectives import base, segments
+from jaxtune.objectives import base, pair_eval, segments
+from jaxtune.objectives.sft import lm_eval_set, lm_evaluate
 
 REFERENCE_CHOICES = ("auto", "copy", "precomputed", "none")
 REFERENCE_NAMES = {
@@ -91,8 +92,6 @@ class PairObjective(base.Objective):
             raise UserError(f"config key 'objective.reference' is {o.reference!r}; expected one of "
                             f"{', '.join(REFERENCE_CHOICES)}")
         if config.data.chat_template:
-            from jaxtune.data import chat  # resolves names, files and jinja strings
-
             try:
                 chat.resolve_template(config.data.chat_template)
             except UserError as e:
@@ -133,8 +132,6 @@ class PairObjective(base.Objective):
     # ---- data --------------------------------------------------------------------------------
 
     def load_data(self, workdir):
-        from jaxtune.data import datasets
-
         return datasets.load_preference_data(loading.data_settings(self.config, workdir), workdir,
                                              unpaired=self.unpaired, eval_cfg=self.config.eval,
                                              screen=base.data_screen(self.config))
@@ -142,8 +139,6 @@ class PairObjective(base.Objective):
     def train_dataset(self, data, *, batch_size, process_index, process_count):
         """Pair batches on the shared pipeline (data.tasks mixed; padded, or packed with data.packing),
         and their datasets.PairStats (per-task counts; the transforms precomputed log-probs attach to)."""
-        from jaxtune.data import datasets
-
         c = self.config
         return datasets.preference_train_dataset(
             data, c.data, batch_size=batch_size, seed=c.seed, unpaired=self.unpaired, process_index=process_index,
@@ -152,8 +147,6 @@ class PairObjective(base.Objective):
     def batch_shapes(self, batch_size, *, packed: bool | None = None):
         """Padded: rows [B, 2, T], per-pair keys [B]. Packed (data.packing): rows [B, 2T], per-pair keys
         and `pair_mask` [B, data.max_pairs_per_row]."""
-        from jaxtune.data import pair_packing, preference
-
         d = self.config.data
         packed = d.packing if packed is None else packed
         rows = (batch_size, pair_packing.row_length(d.seq_len)) if packed else (batch_size, 2, d.seq_len)
@@ -175,8 +168,6 @@ class PairObjective(base.Objective):
 
     def reference_logps(self, model, batch, frozen, ref_params):
         """[B, 2] reference log-probs: the frozen copy, the adapter-free base, the batch, or zeros."""
-        from jaxtune.data import preference
-
         kind = self.reference_kind()
         if kind == "copy":
             return jax.lax.stop_gradient(pair_scores(model, ref_params, batch)[0])
@@ -205,9 +196,6 @@ class PairObjective(base.Objective):
     def start(self, run):
         """objective.reference='precomputed': score every training pair once with the start weights
         (stored in the workdir, resumable) and attach the numbers to the batches."""
-        from jaxtune import reference, sharding
-        from jaxtune.data import pair_packing, preference
-
         transform = run.data_stats.transform
         self.start_params = run.start_params  # the reference of held-out pair evaluation (copy/precomputed)
         if self.reference_kind() == "precomputed":  # scored as padded pairs, whatever the training layout
@@ -227,8 +215,6 @@ class PairObjective(base.Objective):
 
     def reference_fingerprint(self, model_config, num_records: int) -> dict:
         """What precomputed reference log-probs depend on; a stored table made for other values is refused."""
-        from jaxtune import config as config_lib
-
         c = self.config
         return {
             "records": num_records, "train_path": c.data.train_path,
@@ -243,19 +229,12 @@ class PairObjective(base.Objective):
 
     def eval_set(self, data):
         """eval.mc_path / generative and multiple-choice eval.tasks, and the held-out pairs."""
-        from jaxtune.data import datasets
-        from jaxtune.objectives.sft import lm_eval_set
-
         pairs = datasets.preference_eval_sets(data, self.config.data, self.config.eval, seed=self.config.seed,
                                               unpaired=self.unpaired)
         return HeldOut(lm_eval_set(self.config), pairs)
 
     def evaluate(self, model, variables, tokenizer, eval_set, *, show=0, printer=print):
         """LM metrics, and for held-out pairs the training loss and rewards (objectives/pair_eval.py)."""
-        from jaxtune import evaluate as evaluate_lib
-        from jaxtune.objectives import pair_eval
-        from jaxtune.objectives.sft import lm_evaluate
-
         lm, pair_sets = (eval_set.lm, eval_set.pairs) if isinstance(eval_set, HeldOut) else (eval_set, [])
         scores = lm_evaluate(self.config, model, variables, tokenizer, lm, show=show, printer=printer) if lm else {}
         if pair_sets:
@@ -268,8 +247,6 @@ class PairObjective(base.Objective):
     def _eval_reference(self, model, variables, eval_set, kw) -> np.ndarray:
         """[N, 2] reference log-probs of a held-out pair set, computed once: zeros (reference-free), the
         PEFT base (the adapters left out), or the run's start weights (copy, precomputed)."""
-        from jaxtune import evaluate as evaluate_lib
-
         cache = self.__dict__.setdefault("_eval_reference_cache", {})
         if id(eval_set) not in cache:
             kind = self.reference_kind()
@@ -290,8 +267,6 @@ class PairObjective(base.Objective):
         return self.start_params()
 
     def describe(self):
-        from jaxtune import reference
-
         where = REFERENCE_NAMES[self.reference_kind()].format(store=reference.STORE_DIR)
         return f"{self.name} objective ({self.loss_name()}), reference: {where}"
 

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxtune import batch as batch_lib
-from jaxtune import loading
+from jaxtune import batch as batch_lib, evaluate, loading
+from jaxtune.data import datasets
 from jaxtune.errors import UserError
+from jaxtune.logprobs import token_stats, TokenStats
 from jaxtune.objectives import base
-from jaxtune.logprobs import TokenStats, token_stats
 
 
 def sft_loss(
@@ -68,14 +68,10 @@ def sft_loss_from_stats(
 def lm_eval_set(config: ml_collections.ConfigDict, records=(), templates=None):
     """Held-out LM evaluation of a run: `records` rendered with `templates` (loss, generative exact
     match), plus eval.mc_path and eval.tasks (every objective's model is a causal LM)."""
-    from jaxtune import evaluate
-
     return evaluate.build_eval_set(records, templates or {}, config.eval, seed=config.seed)
 
 
 def lm_evaluate(config: ml_collections.ConfigDict, model, variables, tokenizer, eval_set, *, show=0, printer=print):
-    from jaxtune import evaluate
-
     return evaluate.run(model, variables, tokenizer, eval_set, config.eval, seq_len=config.data.seq_len,
                         seed=config.seed, show=show, printer=printer, logits_chunk=config.train.logits_chunk)
 
@@ -94,14 +90,10 @@ class SFT(base.Objective):
                             "its own: data.tasks.<name> = task_config(format='chat', chat_template=...)")
 
     def load_data(self, workdir):
-        from jaxtune.data import datasets
-
         return datasets.load_sft_data(loading.data_settings(self.config, workdir), workdir, seed=self.config.seed,
                                       screen=base.data_screen(self.config))
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
-        from jaxtune.data import datasets
-
         if len(data.tasks) > 1 and process_index == 0:
             print(f"jaxtune: data mixture ({data.mixture.mode}):\n{data.mixture.describe()}", flush=True)
         return datasets.train_dataset(data, self.config.data, batch_size=batch_size, seed=self.config.seed,
