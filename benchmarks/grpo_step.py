@@ -34,8 +34,8 @@ def run(mode: str, args) -> dict:
     overrides = {
         **SHAPES[args.shape], "train.steps": args.steps, "train.log_every": 1, "train.eval_every": 0,
         "train.progress_bar": False, "train.checkpoint_every": 1000, "data.num_eval_examples": 0,
-        "objective.num_prompts": args.prompts, "objective.num_generations": args.generations,
-        "objective.max_completion_tokens": args.completion, "train.global_batch_size": args.batch,
+        "objective.grpo.num_prompts": args.prompts, "objective.grpo.num_generations": args.generations,
+        "objective.grpo.max_completion_tokens": args.completion, "train.global_batch_size": args.batch,
         "data.num_train_examples": 2000,
     }
     spec = "configs/grpo.py" + (":lora=16" if mode == "lora" else "")

@@ -10,9 +10,10 @@ kto_pair (KTO loss on pairs) | kto (unpaired {"prompt", "completion", "label"} r
 `variant` as in configs/sft_llama.py (tiny, llama3.2-1b, llama3.1-8b, llama3.1-70b). Pair records
 are {"prompt", "chosen", "rejected"} or {"chosen", "rejected"} sharing their prompt as a common
 prefix. Start from an SFT run's workdir (model.init_from) or an HF directory (model.hf_dir).
-Hyperparameters left at None take each paper's default (objective.beta, objective.gamma). The
-reference model is a frozen copy of the starting weights (objective.reference=copy), or one pass
-of log-probs stored in the workdir (objective.reference=precomputed); SimPO and ORPO need none.
+Hyperparameters left at None take each paper's default (objective.dpo.beta, objective.dpo.gamma;
+KTO: objective.kto.beta). The reference model is a frozen copy of the starting weights
+(objective.dpo.reference=copy), or one pass of log-probs stored in the workdir
+(objective.dpo.reference=precomputed); SimPO and ORPO need none.
 `method=lora` (or dora) trains adapters on a bf16 frozen base, which is also the reference (no
 extra weights). Real-size variants use seq 2048 (a pair is two rows) and half the SFT batch in pairs.
 Planned with `jaxtune plan` (per-device memory; benchmarks/RESULTS.md):
@@ -45,8 +46,11 @@ def get_config(arg=None):
     if loss not in LOSSES:
         raise ValueError(f"configs/dpo.py: unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
     c = _sft_config(variant)
-    c.objective.type = "kto" if loss == "kto" else "dpo"  # unpaired KTO | the paired losses
-    c.objective.loss_type = "sigmoid" if loss == "kto" else loss
+    if loss == "kto":  # unpaired KTO
+        c.objective.type = "kto"
+    else:  # the paired losses
+        c.objective.type = "dpo"
+        c.objective.dpo = dict(loss_type=loss)
     c.data.templates = (("{prompt}", "{response}"),)
     # Pairs padded to [B, 2, T] (TRL's layout; B = pairs per step). True packs whole pairs into rows of
     # 2 * seq_len tokens (padding-free DPO; B = rows, up to data.max_pairs_per_row pairs each).

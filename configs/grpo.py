@@ -46,12 +46,10 @@ def get_config(arg=None):
     c.mesh.rules = "dp"
     c.data.seq_len = 128
     c.data.tokenizer_vocab_size = 512
-    c.objective.prompts = "verifiable"
+    c.data.builtin = "verifiable"  # the built-in problems: SFT's worked solutions, GRPO's prompts
     c.data.verifiable_families = ("arithmetic",)
     c.data.verifiable_max_steps = 3
-    c.objective.prompt_template = "{prompt} A:"
     c.data.num_eval_examples = 300
-    c.data.source = "verifiable"
 
     if args["stage"] == "sft":
         # Supervised warm start: worked solutions of the training problems ("3 + 4 = 7. #### 7").
@@ -67,6 +65,7 @@ def get_config(arg=None):
         c.eval.max_new_tokens = 48
     else:
         c.objective.type = "grpo"
+        c.objective.grpo = dict(prompt_template="{prompt} A:")
         # 3-operation problems only: ~50k distinct ones, so a rollout's prompts are new and a gain must
         # come from better arithmetic, not from memorising problems (with 1-2 operations the ~2k
         # problems repeat, and GRPO's training reward rose while held-out accuracy fell).
@@ -74,16 +73,16 @@ def get_config(arg=None):
         # Reward the working, not only the answer: `math` alone pays right answers reached by wrong
         # steps (a quarter of the SFT model's rewarded samples) and GRPO then reinforces those steps.
         # `math` (answer accuracy) is still computed and logged, with weight 0.
-        c.objective.rewards = ("math", "worked_steps")
-        c.objective.reward_weights = (0.0, 1.0)
-        c.objective.num_prompts = 16
-        c.objective.num_generations = 4
-        c.objective.max_completion_tokens = 48  # worked solutions are up to ~45 tokens
-        c.objective.temperature = 1.0
-        c.objective.sample_every = 50
-        c.objective.eval_samples = 2
-        for key, value in VARIANTS[args["variant"]].items():
-            c.objective[key] = value
+        g = c.objective.grpo
+        g.rewards = ("math", "worked_steps")
+        g.reward_weights = (0.0, 1.0)
+        g.num_prompts = 16
+        g.num_generations = 4
+        g.max_completion_tokens = 48  # worked solutions are up to ~45 tokens
+        g.temperature = 1.0
+        g.sample_every = 50
+        g.eval_samples = 2
+        g.update(VARIANTS[args["variant"]])
         c.data.num_train_examples = 100_000
         # 64 completions of up to ~120 tokens (prompt included), packed two or more per 256-token row.
         c.data.seq_len = 256

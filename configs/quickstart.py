@@ -24,7 +24,7 @@ def get_config(arg=None):
     c.model.tie_word_embeddings = True
     c.model.max_position_embeddings = 512
 
-    c.data.source = "quickstart"
+    c.data.builtin = "quickstart"
     c.data.seq_len = 128
     c.data.packing = True
     c.data.word_dropout = 0.15  # drop instruction words: generalise to unseen phrasings

@@ -11,7 +11,7 @@ Arguments (after ':'): `variant` as in configs/sft_llama.py (tiny, llama3.2-1b, 
 llama3.1-70b) and `method` = none (full fine-tuning) | lora | dora (the score head is trained in
 full either way; export LoRA runs with `jaxtune export --workdir runs/rm --merged OUT`). Records
 are configs/dpo.py's pairs, plus an optional numeric "margin" per pair (the reward difference the
-chosen completion should win by). objective.center_rewards_coefficient (TRL's, e.g. 0.01) pulls
+chosen completion should win by). objective.reward.center_rewards_coefficient (TRL's, e.g. 0.01) pulls
 rewards towards zero mean. Starting from a causal LM (model.hf_dir or init_from), the decoder
 weights are read and the score head starts from a random init.
 Planned with `jaxtune plan` (per-device memory):

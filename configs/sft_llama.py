@@ -33,7 +33,6 @@ def get_config(arg=None):
     c.model.variant = variant
     c.model.dtype = v["dtype"]
     c.model.remat_policy = v["remat"]
-    c.data.source = "jsonl"
     c.data.seq_len = v["seq_len"]
     c.train.global_batch_size = v["global_batch_size"]
     c.mesh.rules = v["rules"]

@@ -25,7 +25,6 @@ def get_config(arg=None):
     c.model.hf_dir = args["hf_dir"]
     c.model.family = args["family"]
     c.model.variant = args["variant"]
-    c.data.source = "jsonl"
     c.peft.method = args["method"]
     c.peft.quantize = args["quantize"]
     c.peft.rank = args["rank"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxtune import config as config_lib
+from jaxtune import validation
 from jaxtune.errors import UserError
 
 MetricsCallback = Callable[[dict], None]
@@ -34,7 +34,7 @@ def load_config(spec: str, overrides: Mapping[str, Any] | Sequence[str] = ()) ->
     """
     if isinstance(overrides, Mapping):
         overrides = [f"{key}={_as_text(value)}" for key, value in overrides.items()]
-    return config_lib.load_config(str(spec), list(overrides))
+    return validation.load_config(str(spec), list(overrides))
 
 
 def _as_text(value: Any) -> str:

@@ -51,7 +51,7 @@ def stop_tokens(tokenizer: Tokenizer, end_text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys([tokenizer.eos_id, *ids] if len(ids) == 1 else [tokenizer.eos_id]))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)  # frozen: one instance is the default of `chat`
 class Sampling:
     max_new_tokens: int = 64
     temperature: float = 0.0

@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from jaxtune import distributed
+from jaxtune import distributed, platforms
 from jaxtune import workdir as workdir_lib
 from jaxtune.errors import UserError
 
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     from jaxtune.datatools import commands as datatools_commands  # dedup, decontaminate, filter
     from jaxtune.datatools import generation_commands  # self-instruct, evolve
 
-    datatools_commands.add_commands(data_commands)
+    datatools_commands.add_commands(data_commands, load_config=_load_validated_config)
     generation_commands.add_commands(data_commands)
     return parser
 
@@ -101,10 +101,17 @@ def _add_plan_parser(commands) -> None:
     plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
 
-def _plan(args, overrides: list[str]) -> int:
-    from jaxtune import config as config_lib
+def _load_validated_config(spec: str, overrides: list[str]):
+    """validation.load_config, imported on use (the CLI's parser and error paths stay light)."""
+    from jaxtune import validation
 
-    config = config_lib.load_config(args.config, overrides, needs_data=False)
+    return validation.load_config(spec, overrides)
+
+
+def _plan(args, overrides: list[str]) -> int:
+    from jaxtune import validation
+
+    config = validation.load_config(args.config, overrides, needs_data=False)
     from jaxtune import plan
 
     try:
@@ -187,10 +194,9 @@ def _chat(args) -> int:
 
 
 def _eval(args, overrides: list[str]) -> int:
-    from jaxtune import config as config_lib
-    from jaxtune import evaluate, inference, metrics, objectives, paths, trainer
+    from jaxtune import evaluate, inference, metrics, objectives, paths, trainer, validation
 
-    config = config_lib.load_config(args.config, overrides) if args.config else None
+    config = validation.load_config(args.config, overrides) if args.config else None
     loaded = (inference.from_hf_dir(args.hf_dir, config) if args.hf_dir
               else inference.from_workdir(args.workdir, config, adapt=objectives.adapt_model_config))
     config = loaded.config
@@ -200,7 +206,7 @@ def _eval(args, overrides: list[str]) -> int:
                                                                  vocab_size=loaded.model.config.vocab_size)
     eval_set = objective.eval_set(objective.load_data(args.workdir))
     if not eval_set:
-        raise UserError("eval: nothing to evaluate; set data.eval_path (or data.source=quickstart), eval.mc_path "
+        raise UserError("eval: nothing to evaluate; set data.eval_path (or data.builtin=quickstart), eval.mc_path "
                         "or eval.tasks")
     scores = objective.evaluate(loaded.model, loaded.params, loaded.tokenizer, eval_set,
                                 show=config.eval.show_examples)
@@ -326,9 +332,9 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _train(args, overrides: list[str]) -> int:
-    from jaxtune import config as config_lib
+    from jaxtune import validation
 
-    config = config_lib.load_config(args.config, overrides)  # all config errors before JAX starts work
+    config = validation.load_config(args.config, overrides)  # all config errors before JAX starts work
     from jaxtune import trainer
 
     with workdir_lib.undo_on_user_error(args.workdir):  # a failed start leaves the workdir as it was
@@ -340,9 +346,9 @@ def _train(args, overrides: list[str]) -> int:
 def _data_preview(args, overrides: list[str]) -> int:
     import tempfile
 
-    from jaxtune import config as config_lib
+    from jaxtune import validation
 
-    config = config_lib.load_config(args.config, overrides)
+    config = validation.load_config(args.config, overrides)
     from jaxtune import loading
     from jaxtune.data.preview import preview
     from jaxtune.datatools.screen import Screen
@@ -362,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    platforms.cpu_only_without_accelerators()  # no libtpu start-up noise on a machine without TPUs
     try:
         if args.command in DEVICE_COMMANDS:
             distributed.initialize(distributed.settings_from(args))

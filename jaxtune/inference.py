@@ -84,6 +84,7 @@ def restore_run(workdir: str, what: str, *, config: ml_collections.ConfigDict | 
     if saved is None and config is None:
         raise UserError(f"{what} {workdir}: checkpoint {directory / str(step)} has no saved config; pass --config")
     trained = ml_collections.ConfigDict(saved if saved is not None else config.to_dict())
+    config_lib.upgrade_saved(trained)  # a run saved by an older jaxtune (its objective's keys: objectives.build)
     if dtype:
         trained.model.param_dtype = dtype
     tokenizer_path = loading.tokenizer_path(trained, workdir)

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxtune import metrics, trainer
+from jaxtune import metrics, platforms, trainer
 from jaxtune.errors import UserError
 from jaxtune import hf_check
 
@@ -85,6 +85,10 @@ def tpu_devices(name: str, num_slices: int = 1) -> list:
     # Compile-only use: don't take the lock a TPU VM's training process holds, and name this host.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if not platforms.accelerators_visible():
+        # libtpu warns that it cannot tell this host's accelerator type; any valid name quiets it
+        # (the compile follows `topology`, whatever this says: the plan is the same).
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
     from jax.experimental import topologies
 
     try:

@@ -1,4 +1,4 @@
-"""Precomputed reference log-probs (objective.reference='precomputed').
+"""Precomputed reference log-probs (objective.<dpo|kto>.reference='precomputed').
 
 One forward pass of the reference model over the training pairs, in source order, before
 training starts; afterwards the reference model is not needed in memory at all. The result is

@@ -1,6 +1,6 @@
 """The only place that names mesh axes: mesh building and logical -> mesh rule presets.
 
-Models label weights and activations with logical names (DESIGN.md); a preset maps those names
+Models label weights and activations with logical names (docs/architecture.md); a preset maps those names
 to the mesh axes `data, fsdp, tensor`. A dimension that does not divide its mesh axes is
 replicated (with one logged warning) instead of failing, so odd vocabularies and small head
 counts still run on any mesh.
@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,39 @@ def build_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = Non
 def slice_count(devices: Sequence[jax.Device]) -> int:
     """How many TPU slices the devices span (1 for GPUs, CPUs and single-slice TPUs)."""
     return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def resolve_mesh_shape(mesh_config: Any, device_count: int, *, prefix: str = "",
+                       what: str = "devices") -> dict[str, int]:
+    """Fills the one -1 axis so the mesh covers all devices; errors when sizes don't multiply out.
+
+    `mesh_config` is a config's `mesh` section. prefix="dcn_" resolves the across-slice sizes
+    against the slice count (what="slices").
+    """
+    shape = {a: mesh_config[prefix + a] for a in MESH_AXES}
+    keys = f"mesh.{prefix}data x mesh.{prefix}fsdp x mesh.{prefix}tensor"
+    known = math.prod(v for v in shape.values() if v != -1)
+    if any(v == -1 for v in shape.values()):
+        if device_count % known:
+            raise UserError(
+                f"config keys {keys}: fixed axes multiply to {known}, which does not divide the {device_count} {what}"
+            )
+        for a, v in shape.items():
+            if v == -1:
+                shape[a] = device_count // known
+    elif known != device_count:
+        raise UserError(f"config keys {keys} = {known}, but there are {device_count} {what}; set one axis to -1 to fill")
+    return shape
+
+
+def resolve_hybrid_mesh_shape(mesh_config: Any, device_count: int,
+                              num_slices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(within-slice, across-slice) axis sizes of a config's `mesh` section; one slice gives
+    across-slice sizes of 1."""
+    if num_slices == 1:
+        return resolve_mesh_shape(mesh_config, device_count), {a: 1 for a in MESH_AXES}
+    ici = resolve_mesh_shape(mesh_config, device_count // num_slices, what="devices per slice")
+    return ici, resolve_mesh_shape(mesh_config, num_slices, prefix="dcn_", what="slices")
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

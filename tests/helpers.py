@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 from jaxtune import config as config_lib
+from jaxtune import validation
 
 WORDS = "red blue green cat dog sun moon tree book lamp".split()
 
@@ -48,9 +49,8 @@ def tiny_config(tmp_path: Path, **overrides):
     """A locked, validated tiny SFT config on a generated JSONL file; overrides use dotted keys."""
     c = tiny_base_config(write_sft_jsonl(tmp_path / "train.jsonl"))
     c.lock()
-    for key, value in overrides.items():
-        config_lib.set_value(c, key, str(value))
-    config_lib.validate(c)
+    validation.apply_overrides(c, [f"{key}={value}" for key, value in overrides.items()])
+    validation.validate(c)
     return c
 
 
@@ -86,9 +86,8 @@ def tiny_mixture_config(tmp_path: Path, **overrides):
     c.data.tasks.chat = config_lib.task_config(path=str(files["chat"]), format="chat", chat_template="chatml")
     c.data.mixture.cap = 35
     c.lock()
-    for key, value in overrides.items():
-        config_lib.set_value(c, key, str(value))
-    config_lib.validate(c)
+    validation.apply_overrides(c, [f"{key}={value}" for key, value in overrides.items()])
+    validation.validate(c)
     return c
 
 

@@ -21,7 +21,7 @@ RUNS = {
     "lora": "c.peft.method = 'lora'",
     "dpo": textwrap.dedent('''
         c.objective.type = 'preference'
-        c.objective.reference = 'copy'
+        c.objective.dpo = dict(reference='copy')  # type 'preference': the old spelling of dpo
         c.data.train_path = PAIRS
         c.data.templates = (('{prompt}', '{response}'),)
         c.optim.lr = 1e-3

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from jaxtune import cli, config as config_lib, distributed
+from jaxtune import cli, distributed, validation
 from jaxtune.errors import UserError
 from tests.helpers import tiny_config
 
@@ -75,6 +75,6 @@ def test_cli_flag_errors_are_one_line(tmp_path, capsys):
 def test_data_shards_must_split_over_processes(tmp_path):
     c = tiny_config(tmp_path, **{"data.shards": 3, "train.global_batch_size": 6})
     with pytest.raises(UserError, match="'data.shards' \\(3\\) must be a multiple of the process count 2"):
-        config_lib.validate_for_devices(c, {"data": 2, "fsdp": 1, "tensor": 1}, process_count=2)
+        validation.validate_for_devices(c, {"data": 2, "fsdp": 1, "tensor": 1}, process_count=2)
     with pytest.raises(UserError, match="'data.shards' must be >= 0"):
         tiny_config(tmp_path, **{"data.shards": -1})

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jaxtune import evaluate, models, trainer
+from jaxtune import evaluate, models, trainer, validation
 from jaxtune.data import pipeline
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
@@ -157,7 +157,7 @@ def test_eval_tasks_render_like_training_tasks(tmp_path):
         "multiple_choice", path=c.eval.tasks.heldout_mc.path, options_style="random", max_examples=4,
         fields={"text": "text", "options": "choices", "answer": "label"}, templates=(("{text}\n{options_}", "{answer}"),))
     c.eval.tasks.random_mc = random_mc
-    config_lib.validate(c)
+    validation.validate(c)
     tasks = {t.name: t for t in load_eval_tasks(c.eval.tasks, seed=0)}
     qa, mc, rand = tasks["heldout_qa"], tasks["heldout_mc"], tasks["random_mc"]
     assert (qa.metric, len(qa.examples)) == ("generative", 6)
@@ -181,22 +181,22 @@ def test_eval_tasks_config_errors(tmp_path, change, needle):
     c, config_lib = _eval_tasks_config(tmp_path)
     change(c, config_lib)
     with pytest.raises(UserError, match=needle):
-        config_lib.validate(c)
+        validation.validate(c)
 
 
 def test_training_task_is_never_an_eval_task(tmp_path):
     c, config_lib = _eval_tasks_config(tmp_path)
     c.data.tasks.heldout_qa = config_lib.task_config(path=str(tmp_path / "train.jsonl"))
     with pytest.raises(UserError, match="'heldout_qa' is also a training task"):
-        config_lib.validate(c)
+        validation.validate(c)
     del c.data.tasks["heldout_qa"]
     c.data.tasks.qa = config_lib.task_config(path=c.eval.tasks.heldout_qa.path, fields={"prompt": "q", "response": "a"})
     with pytest.raises(UserError, match=r"eval.tasks.heldout_qa.path'.*also trained on \(data.tasks.qa\)"):
-        config_lib.validate(c)
+        validation.validate(c)
     # the same TFDS dataset is held out when its split differs
     c.data.tasks.qa = config_lib.task_config(source="tfds", path="squad", split="train")
     c.eval.tasks.heldout_qa.update(source="tfds", path="squad", split="validation")
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 def test_eval_task_records_are_checked(tmp_path):

@@ -8,20 +8,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtune import config as config_lib
+from jaxtune import validation
 from jaxtune import trainer
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
 
 
 def grpo_config(**overrides):
-    c = config_lib.load_config("configs/grpo.py", ())
+    c = validation.load_config("configs/grpo.py", ())
     c.unlock()
     small = {
         "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
-        "model.num_kv_heads": 2, "data.seq_len": 64, "data.num_train_examples": 64,
-        "data.num_eval_examples": 4, "data.packing": False, "objective.num_prompts": 2,
-        "objective.num_generations": 4, "objective.max_completion_tokens": 6, "objective.sample_every": 2,
+        "model.num_kv_heads": 2, "data.seq_len": 96, "data.num_train_examples": 64,
+        "data.num_eval_examples": 4, "data.packing": False, "objective.grpo.num_prompts": 2,
+        "objective.grpo.num_generations": 4, "objective.grpo.max_completion_tokens": 6, "objective.grpo.sample_every": 2,
         "train.global_batch_size": 8, "train.steps": 2, "train.eval_every": 0, "train.checkpoint_every": 2,
         "train.log_every": 1, "train.max_seconds": 0.0, "train.progress_bar": False, "optim.lr": 1e-2,
         "eval.show_examples": 0,
@@ -33,7 +33,7 @@ def grpo_config(**overrides):
             node = node[p]
         node[leaf] = value
     c.lock()
-    config_lib.validate(c)
+    validation.validate(c)
     return c
 
 
@@ -62,12 +62,15 @@ def _params(workdir, step):
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     {},
-    {"objective.num_iterations": 2, "objective.beta": 0.05, "objective.aggregation": "token_mean",
-     "objective.clip_high": 0.28},
-    {"peft.method": "lora", "peft.rank": 4, "objective.beta": 0.05, "objective.importance": "sequence"},
+    {"objective.grpo.num_iterations": 2, "objective.grpo.beta": 0.05, "objective.grpo.aggregation": "token_mean",
+     "objective.grpo.clip_high": 0.28},
+    {"peft.method": "lora", "peft.rank": 4, "objective.grpo.beta": 0.05, "objective.grpo.importance": "sequence"},
 ])
 def test_resume_mid_run_is_exact(tmp_path, overrides):
-    overrides = {"train.steps": 4, "train.checkpoint_every": 2, "data.num_eval_examples": 0, **overrides}
+    # The first half stops by train.steps=2, so the learning rate must not depend on train.steps
+    # (configs/grpo.py warms up over min(warmup_steps, steps - 1) steps): constant, no warmup.
+    overrides = {"train.steps": 4, "train.checkpoint_every": 2, "data.num_eval_examples": 0,
+                 "optim.warmup_steps": 0, **overrides}
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     trainer.train(grpo_config(**overrides), reference)
     trainer.train(grpo_config(**{**overrides, "train.steps": 2}), resumed)  # stops at a checkpoint
@@ -80,14 +83,14 @@ def test_resume_mid_run_is_exact(tmp_path, overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"objective.num_generations": 1}, "objective.num_generations' must be >= 2"),
-    ({"objective.aggregation": "median"}, "objective.aggregation' must be one of"),
-    ({"objective.rewards": ("no_such_module_q:f",), "objective.reward_weights": ()}, "cannot import module"),
-    ({"objective.rewards": ("math",)}, "1 reward functions but 2 weights"),
-    ({"objective.num_iterations": 2, "train.checkpoint_every": 3}, "must be a multiple of"),
-    ({"objective.prompts": "gsm8k"}, "reads config key 'data.train_path'"),
+    ({"objective.grpo.num_generations": 1}, "objective.grpo.num_generations' must be >= 2"),
+    ({"objective.grpo.aggregation": "median"}, "objective.grpo.aggregation' must be one of"),
+    ({"objective.grpo.rewards": ("no_such_module_q:f",), "objective.grpo.reward_weights": ()}, "cannot import module"),
+    ({"objective.grpo.rewards": ("math",)}, "1 reward functions but 2 weights"),
+    ({"objective.grpo.num_iterations": 2, "train.checkpoint_every": 3}, "must be a multiple of"),
+    ({"data.builtin": ""}, "config key 'data.train_path' is empty: GRPO reads its prompts from it"),
     ({"data.verifiable_families": ("poetry",)}, "config key 'data.verifiable_families' must be"),
-    ({"objective.negative_advantage_scale": -0.5}, "negative_advantage_scale' must be in \\[0, 1\\]"),
+    ({"objective.grpo.negative_advantage_scale": -0.5}, "negative_advantage_scale' must be in \\[0, 1\\]"),
     ({"data.verifiable_max_steps": 0}, "1 <= min <= max <= 8"),
     ({"data.verifiable_min_steps": 4}, "1 <= min <= max <= 8, got 4 and 3"),
 ])
@@ -102,14 +105,14 @@ def test_rollouts_that_cannot_fit_their_rows_fail_at_start():
     from jaxtune.data.builtin import verifiable
     from jaxtune.objectives.grpo import GRPO
 
-    objective = GRPO(grpo_config(**{"objective.num_prompts": 4, "data.packing": False}))  # 16 completions, 8 rows
+    objective = GRPO(grpo_config(**{"objective.grpo.num_prompts": 4, "data.packing": False}))  # 16 completions, 8 rows
     objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * (len(text) // 4), bos_id=2)
     records = verifiable.generate_records(20, families=("arithmetic",))
     with pytest.raises(UserError, match=r"4 prompts x 4 completions .* need 16 rows .* \(one per row\), but a rollout has"):
         objective._check_fit(records)
     objective = GRPO(grpo_config())
     objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * 200, bos_id=2)
-    with pytest.raises(UserError, match="need 8 rows of data.seq_len=64"):
+    with pytest.raises(UserError, match="need 8 rows of data.seq_len=96"):
         objective._check_fit(records)
     objective.tokenizer = SimpleNamespace(encode=lambda text: [5] * 10, bos_id=2)
     objective._check_fit(records)  # fits: no error
@@ -121,15 +124,39 @@ def test_gsm8k_prompts_load_with_their_answers_and_templates(tmp_path):
     path = tmp_path / "gsm8k.jsonl"
     path.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"})
                             + "\n" for i in range(40)))
-    config = grpo_config(**{"objective.prompts": "gsm8k", "data.train_path": str(path), "data.eval_path": str(path),
-                            "objective.prompt_template": "Question: {prompt}\nAnswer:"})
+    config = grpo_config(**{"data.builtin": "", "objective.grpo.format": "gsm8k", "data.train_path": str(path), "data.eval_path": str(path),
+                            "objective.grpo.prompt_template": "Question: {prompt}\nAnswer:"})
     data = GRPO(config).load_data(tmp_path)
     assert len(data.train) == len(data.heldout) == 40 and data.train[3]["answer"] == "6"
     assert GRPO(config).prompt_text(data.train[3]) == "Question: What is 3 plus 3?\nAnswer:"
     assert data.tokenizer.decode(data.tokenizer.encode("What is 3")) == "What is 3"
-    bad = grpo_config(**{"objective.prompts": "gsm8k", "data.train_path": str(path), "objective.prompt_template": "{query}"})
+    bad = grpo_config(**{"data.builtin": "", "objective.grpo.format": "gsm8k", "data.train_path": str(path), "objective.grpo.prompt_template": "{query}"})
     with pytest.raises(UserError, match="uses field 'query'"):
         GRPO(bad).load_data(tmp_path / "bad")
+
+
+def test_prompts_use_the_hf_models_own_tokenizer(tmp_path):
+    """model.hf_dir without data.tokenizer: the model's tokenizer, as SFT and DPO use it (no new
+    tokenizer trained into the workdir)."""
+    import jax.numpy as jnp
+
+    from jaxtune import models, sharding
+    from jaxtune.data.datasets import TOKENIZER_FILE
+    from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
+    from jaxtune.objectives.grpo import GRPO
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    words = [f"What is {i} plus {j}? The answer is {i + j}." for i in range(20) for j in range(20)]
+    train_sentencepiece(words, hf_dir / "tokenizer", vocab_size=400)  # the corpus caps it below 400
+    vocab = load_tokenizer(hf_dir / "tokenizer.model").vocab_size
+    cfg = models.get_config("llama", "tiny", vocab_size=vocab, hidden_size=32, intermediate_size=64)
+    params = sharding.unbox(models.build(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    models.save_pretrained(cfg, params, hf_dir)
+    workdir = tmp_path / "run"
+    data = GRPO(grpo_config(**{"model.hf_dir": str(hf_dir)})).load_data(workdir)
+    assert data.tokenizer.vocab_size == vocab != grpo_config().data.tokenizer_vocab_size
+    assert not (workdir / TOKENIZER_FILE).exists()
 
 
 def test_chat_prompts_render_through_the_chat_template(tmp_path):
@@ -142,8 +169,8 @@ def test_chat_prompts_render_through_the_chat_template(tmp_path):
     path.write_text(json.dumps({"prompt": "What is 2 plus 2?", "answer": "4"}) + "\n" + json.dumps(
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 plus 3?"}],
          "answer": "6"}) + "\n")
-    config = grpo_config(**{"objective.prompts": "jsonl", "data.train_path": str(path), "data.chat_template": "chatml",
-                            "objective.prompt_template": "Q: {prompt}"})
+    config = grpo_config(**{"data.builtin": "", "data.train_path": str(path), "data.chat_template": "chatml",
+                            "objective.grpo.prompt_template": "Q: {prompt}"})
     objective = GRPO(config)
     data = objective.load_data(tmp_path)
     tok = data.tokenizer
@@ -156,7 +183,7 @@ def test_chat_prompts_render_through_the_chat_template(tmp_path):
     }
     for i, record in enumerate((plain, conversation)):
         assert objective.prompt_ids(tok, record) == start_sequence(tok, encode_with_specials(tok, want[i]), chat=True)
-    without = GRPO(grpo_config(**{"objective.prompts": "jsonl", "data.train_path": str(path)}))
+    without = GRPO(grpo_config(**{"data.builtin": "", "data.train_path": str(path)}))
     assert without.prompt_ids(tok, plain) == start_sequence(tok, tok.encode("What is 2 plus 2? A:"))
     with pytest.raises(UserError, match="chat 'messages' need a chat template"):
         without.prompt_ids(tok, conversation)
@@ -172,7 +199,7 @@ def test_bad_chat_prompts_name_the_record(tmp_path, messages, message):
 
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "x", "answer": "1"}) + "\n" + json.dumps({"messages": messages, "answer": "1"}) + "\n")
-    config = grpo_config(**{"objective.prompts": "jsonl", "data.train_path": str(path), "data.chat_template": "chatml"})
+    config = grpo_config(**{"data.builtin": "", "data.train_path": str(path), "data.chat_template": "chatml"})
     with pytest.raises(UserError, match=rf"prompts.jsonl:2.*{message}"):
         GRPO(config).load_data(tmp_path)
 
@@ -195,7 +222,7 @@ def test_learner_scores_rollouts_at_the_sampling_temperature():
                  segment_ids=jnp.ones((2, 6), jnp.int32), advantages=jnp.ones((2, 6), jnp.float32),
                  inv_tokens=jnp.full((2,), 1 / 12, jnp.float32))
     for temperature in (0.5, 1.0):
-        objective = GRPO(grpo_config(**{"objective.temperature": temperature}))
+        objective = GRPO(grpo_config(**{"objective.grpo.temperature": temperature}))
         _, metrics = objective.loss(fns, jnp.float32(1.0), batch)
         want = -token_stats(logits / temperature, batch["targets"]).logp.mean()
         assert float(metrics["entropy"]) == pytest.approx(float(want), rel=1e-5)

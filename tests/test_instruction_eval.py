@@ -10,6 +10,7 @@ import pytest
 from flax import linen as nn
 
 from jaxtune import config as config_lib
+from jaxtune import validation
 from jaxtune import evaluate, models
 from jaxtune.eval_tasks import load_eval_task
 from jaxtune.errors import UserError
@@ -146,14 +147,14 @@ def test_instruction_task_config_errors(tmp_path):
 
     c = tiny_base_config(write_sft_jsonl(tmp_path / "train.jsonl"))
     c.eval.tasks.ifeval = _ifeval_task(tmp_path, IFEVAL_RECORDS)
-    config_lib.validate(c)
+    validation.validate(c)
     for key, value, needle in [("few_shot", 2, "'eval.tasks.ifeval.few_shot' is 2: an 'instructions' task is scored "
                                                 "zero-shot"), ("cot", True, "'eval.tasks.ifeval.cot'"),
                                ("metric", "instruction", "expected one of .*instructions")]:
         bad = c.copy_and_resolve_references()
         bad.eval.tasks.ifeval[key] = value
         with pytest.raises(UserError, match=needle):
-            config_lib.validate(bad)
+            validation.validate(bad)
 
 
 def test_evaluate_run_scores_greedy_responses(tmp_path):

@@ -21,8 +21,7 @@ import jax
 import pytest
 
 from jaxtune import cli
-from jaxtune import config as config_lib
-from jaxtune import trainer
+from jaxtune import trainer, validation
 from jaxtune.metrics import read_metrics
 from tests.helpers import write_config_file, write_preference_jsonl, write_sft_jsonl
 
@@ -108,7 +107,7 @@ DPO_OVERRIDES = [
 
 def _reference_run(config_spec: str, workdir: Path, overrides=()):
     """The same config in this process, on 4 devices."""
-    config = config_lib.load_config(config_spec, list(overrides))
+    config = validation.load_config(config_spec, list(overrides))
     return trainer.train(config, workdir, devices=jax.devices()[:4])
 
 
@@ -163,7 +162,7 @@ def test_two_processes_match_one_lora(tmp_path):
 @pytest.mark.parametrize("reference", ["copy", "precomputed"])
 def test_two_processes_match_one_dpo(tmp_path, reference):
     pairs = write_preference_jsonl(tmp_path / "pairs.jsonl", 48)
-    overrides = [*DPO_OVERRIDES, f"data.train_path={pairs}", f"objective.reference={reference}"]
+    overrides = [*DPO_OVERRIDES, f"data.train_path={pairs}", f"objective.dpo.reference={reference}"]
     outs = _compare(tmp_path, f"{REPO / 'configs' / 'dpo.py'}:loss=sigmoid", overrides)
     assert "reference:" in outs[0]
     if reference == "precomputed":
@@ -182,8 +181,9 @@ def test_two_processes_match_one_packed_dpo(tmp_path):
 GRPO_OVERRIDES = [
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
     "model.num_kv_heads=2", "data.seq_len=48", "data.packing=False", "data.tokenizer_vocab_size=300",
-    "objective.prompts=jsonl", "objective.rewards=('instructions',)", "objective.num_generations=4",
-    "objective.max_completion_tokens=8", "objective.sample_every=0", "train.global_batch_size=8",
+    "data.builtin=", "objective.grpo.rewards=('instructions',)", "objective.grpo.reward_weights=(1.0,)",
+    "objective.grpo.num_generations=4",
+    "objective.grpo.max_completion_tokens=8", "objective.grpo.sample_every=0", "train.global_batch_size=8",
     "train.steps=3", "train.eval_every=0", "train.checkpoint_every=3", "train.log_every=1",
     "train.max_seconds=0.0", "train.async_checkpoints=False", "train.progress_bar=False", "optim.lr=1e-2",
     "mesh.rules=fsdp", "mesh.data=2", "mesh.fsdp=2",
@@ -201,8 +201,8 @@ def test_two_processes_sample_their_own_prompts_and_match_one_grpo(tmp_path):
         {"type": "word_count", "relation": "at most", "n": 3}]}) + "\n" for i in range(32)))
     overrides = [*GRPO_OVERRIDES, f"data.train_path={train}"]
     config = str(REPO / "configs" / "grpo.py")
-    run_cli(_train_args(config, tmp_path / "multi", [*overrides, "objective.num_prompts=1"]))
-    _reference_run(config, tmp_path / "single", [*overrides, "objective.num_prompts=2"])
+    run_cli(_train_args(config, tmp_path / "multi", [*overrides, "objective.grpo.num_prompts=1"]))
+    _reference_run(config, tmp_path / "single", [*overrides, "objective.grpo.num_prompts=2"])
     single = {r["step"]: r for r in read_metrics(tmp_path / "single") if "loss" in r}
     multi = {r["step"]: r for r in read_metrics(tmp_path / "multi") if "loss" in r}
     assert sorted(multi) == sorted(single) == [1, 2, 3]

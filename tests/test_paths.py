@@ -15,6 +15,7 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.local import LocalFileSystem
 
 from jaxtune import config as config_lib
+from jaxtune import validation
 from jaxtune import evaluate, inference, loading, metrics, models, paths, reference
 from jaxtune.data import chat, datasets
 from jaxtune.data.tokenizers import load_tokenizer
@@ -128,13 +129,13 @@ def test_chat_template_mc_set_and_reference_table_on_gcs(fake_gcs):
     assert chat.resolve_template("gs://bucket/hf") == "{{ messages[0]['content'] }}"
     _write("gs://bucket/mc.jsonl", json.dumps({"prompt": "2+2?", "options": ["3", "4"], "answer": "4"}) + "\n")
     c = config_lib.base_config()
-    c.data.source = "quickstart"
+    c.data.builtin = "quickstart"
     c.eval.mc_path = "gs://bucket/mc.jsonl"
-    config_lib.validate(c)
+    validation.validate(c)
     assert evaluate.load_multiple_choice("gs://bucket/mc.jsonl")[0]["answer"] == 1
     c.eval.mc_path = "gs://bucket/none.jsonl"
     with pytest.raises(UserError, match="eval.mc_path': gs://bucket/none.jsonl does not exist"):
-        config_lib.validate(c)
+        validation.validate(c)
     table = np.arange(6, dtype=np.float32).reshape(3, 2)
     paths.path("gs://bucket/run/reference_logps").mkdir(parents=True)
     reference._save_atomic(paths.path("gs://bucket/run/reference_logps/logps.npy"), table)

@@ -13,6 +13,7 @@ import pytest
 
 from jaxtune import cli, metrics, objectives, plan, sharding, trainer
 from jaxtune import config as config_lib
+from jaxtune import validation
 from jaxtune.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def test_hybrid_mesh_keeps_each_slice_together():
     c = config_lib.base_config()
     c.mesh.fsdp = -1
     c.mesh.data = 1
-    ici, dcn = config_lib.resolve_hybrid_mesh_shape(c, len(devices), sharding.slice_count(devices))
+    ici, dcn = sharding.resolve_hybrid_mesh_shape(c.mesh, len(devices), sharding.slice_count(devices))
     assert (ici, dcn) == ({"data": 1, "fsdp": 4, "tensor": 1}, {"data": 2, "fsdp": 1, "tensor": 1})
     mesh = sharding.build_mesh(ici, devices, dcn_shape=dcn)
     slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
@@ -111,7 +112,7 @@ def test_plan_without_libtpu_names_the_extra(monkeypatch, capsys):
 
 
 def _largest_temporary(seq_len: int, batch: int, attention: str = "auto") -> int:
-    c = config_lib.load_config(SFT_TINY, [f"data.seq_len={seq_len}", f"train.global_batch_size={batch}",
+    c = validation.load_config(SFT_TINY, [f"data.seq_len={seq_len}", f"train.global_batch_size={batch}",
                                           "model.max_position_embeddings=8192", "model.dtype=bfloat16",
                                           f"model.attention={attention}"], needs_data=False)
     return plan.plan(c, topology="v5e:2x2").largest_temporaries[0][0]
@@ -126,7 +127,7 @@ def test_temporaries_grow_linearly_with_sequence_length():
 
 
 def _lora_config(**overrides):
-    c = config_lib.load_config(str(REPO / "configs" / "sft_lora.py"), [f"{k}={v}" for k, v in overrides.items()],
+    c = validation.load_config(str(REPO / "configs" / "sft_lora.py"), [f"{k}={v}" for k, v in overrides.items()],
                                needs_data=False)
     return c
 
@@ -167,7 +168,7 @@ def test_plan_peft_and_preference_objectives(spec, overrides, capsys):
 
 
 def test_dpo_config_lora_method():
-    c = config_lib.load_config(str(REPO / "configs" / "dpo.py") + ":variant=llama3.1-8b,method=lora", needs_data=False)
+    c = validation.load_config(str(REPO / "configs" / "dpo.py") + ":variant=llama3.1-8b,method=lora", needs_data=False)
     assert c.peft.method == "lora" and c.peft.base_dtype == "bfloat16" and c.data.seq_len == 2048
     assert objectives.build(c).reference_kind() == "base"  # the base without adapters: no extra weights
     assert (c.mesh.data, c.mesh.fsdp) == (1, -1)

@@ -8,6 +8,7 @@ import json
 
 from jaxtune import cli
 from jaxtune import config as config_lib
+from jaxtune import validation
 from jaxtune import trainer
 from jaxtune.metrics import read_metrics
 from tests.helpers import write_preference_jsonl
@@ -18,11 +19,11 @@ from tests.test_preference_training import dpo_config, files  # noqa: F401 (the 
 def test_packed_dpo_with_precomputed_reference_and_held_out_pairs(files, tmp_path):  # noqa: F811
     held_out = write_preference_jsonl(tmp_path / "held_out.jsonl", 10, start=700)
     task = write_preference_jsonl(tmp_path / "task.jsonl", 6, start=900)
-    config = dpo_config(files, **{"data.packing": True, "data.max_pairs_per_row": 4, "objective.reference": "precomputed",
+    config = dpo_config(files, **{"data.packing": True, "data.max_pairs_per_row": 4, "objective.dpo.reference": "precomputed",
                                   "data.eval_path": held_out, "train.eval_every": 1, "train.steps": 2})
     with config.unlocked():
         config.eval.tasks.pairs_task = config_lib.eval_task_config("preference", path=str(task))
-    config_lib.validate(config)
+    validation.validate(config)
     trainer.train(config, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     train = {r["step"]: r for r in rows if "loss" in r}

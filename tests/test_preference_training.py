@@ -9,9 +9,7 @@ import pytest
 import flax.linen as nn
 import jax.numpy as jnp
 import optax
-
-from jaxtune import config as config_lib
-from jaxtune import cli, models, objectives, optim, reference, sharding, trainer
+from jaxtune import cli, models, objectives, optim, reference, sharding, trainer, validation
 from jaxtune.data import preference
 from jaxtune.data.sources import JsonlSource
 from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
@@ -44,7 +42,7 @@ def files(tmp_path_factory):
 def dpo_config(files, loss="sigmoid", **overrides):
     data = files["kto" if loss == "kto" else "pairs"]
     values = {**TINY, "data.train_path": data, "data.tokenizer": files["tokenizer"], **overrides}
-    return config_lib.load_config(f"configs/dpo.py:loss={loss}", [f"{k}={v}" for k, v in values.items()])
+    return validation.load_config(f"configs/dpo.py:loss={loss}", [f"{k}={v}" for k, v in values.items()])
 
 
 def _rows(workdir):
@@ -116,7 +114,7 @@ def test_dpo_learns_a_held_out_preference(setup, files, tmp_path):
         held_out, {"default": [("{prompt}", "{response}")]}, load_tokenizer(files["tokenizer"]), seq_len=24,
         truncation="truncate", seed=0)
     eval_batch = next(iter(preference.preference_dataset(held_out, transform, batch_size=32, seed=0, shuffle=False)))
-    objective = objectives.build(dpo_config(files, **{"objective.beta": 0.5}))  # reference: a frozen copy
+    objective = objectives.build(dpo_config(files, **{"objective.dpo.beta": 0.5}))  # reference: a frozen copy
     state, ref = setup.state(), setup.state().params
     tx = optax.adam(3e-3)
     state = trainer.TrainState(step=state.step, params=state.params, opt_state=tx.init(state.params))
@@ -155,7 +153,7 @@ def test_step0_dpo_is_ln2_with_zero_rewards_for_every_reference(files, tmp_path)
 
     The data mixes text pairs and chat `messages` pairs (rendered with data.chat_template)."""
     first, summaries = {}, {}
-    runs = {"copy": {"objective.reference": "copy"}, "precomputed": {"objective.reference": "precomputed"},
+    runs = {"copy": {"objective.dpo.reference": "copy"}, "precomputed": {"objective.dpo.reference": "precomputed"},
             "lora": {"peft.method": "lora"}}
     chat = {"data.train_path": files["chat"], "data.chat_template": "plain", "train.steps": 1}
     for kind, overrides in runs.items():
@@ -224,10 +222,10 @@ def test_init_from_an_sft_run(files, tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"objective.reference": "none"}, "needs a reference model"),
-        ({"objective.reference": "copy", "objective.loss_type": "simpo"}, "reference-free"),
-        ({"objective.label_smoothing": 0.5}, "label_smoothing' must be in \\[0, 0.5\\)"),
-        ({"objective.beta": 0.0}, "objective.beta' must be > 0"),
+        ({"objective.dpo.reference": "none"}, "needs a reference model"),
+        ({"objective.dpo.reference": "copy", "objective.dpo.loss_type": "simpo"}, "reference-free"),
+        ({"objective.dpo.label_smoothing": 0.5}, "label_smoothing' must be in \\[0, 0.5\\)"),
+        ({"objective.dpo.beta": 0.0}, "objective.dpo.beta' must be > 0"),
         ({"data.chat_template": "nope"}, "config key 'data.chat_template': chat template 'nope': not a built-in name"),
         ({"objective.type": "sft", "data.chat_template": "chatml"}, "'data.chat_template' is read by preference/KTO"),
     ],

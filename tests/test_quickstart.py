@@ -1,12 +1,11 @@
 """The quickstart config end to end, shortened: held-out exact match logged before and after."""
 
-from jaxtune import config as config_lib
-from jaxtune import trainer
+from jaxtune import trainer, validation
 from jaxtune.metrics import read_metrics
 
 
 def test_quickstart_short_run(tmp_path, capsys):
-    c = config_lib.load_config(
+    c = validation.load_config(
         "configs/quickstart.py:steps=30",
         ["data.num_train_examples=3000", "data.num_eval_examples=44", "train.log_every=10", "train.progress_bar=false",
          "mesh.data=8"],

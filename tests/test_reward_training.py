@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxtune import cli, config as config_lib, trainer
+from jaxtune import cli, trainer, validation
 from jaxtune.data.tokenizers import train_sentencepiece
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
@@ -41,7 +41,7 @@ def files(tmp_path_factory):
 def reward_config(files, arg="", **overrides):
     values = {**TINY, "data.train_path": files["pairs"], "data.eval_path": files["eval"],
               "data.tokenizer": files["tokenizer"], **overrides}
-    return config_lib.load_config(f"configs/reward.py:{arg}", [f"{k}={v}" for k, v in values.items()])
+    return validation.load_config(f"configs/reward.py:{arg}", [f"{k}={v}" for k, v in values.items()])
 
 
 def _hf_scores(hf_dir, rewards, prompts, completions):
@@ -58,7 +58,7 @@ def _hf_scores(hf_dir, rewards, prompts, completions):
 
 def test_reward_model_trains_evaluates_and_scores_the_same_in_transformers(files, tmp_path, capsys):
     workdir = tmp_path / "rm"
-    summary = trainer.train(reward_config(files, **{"objective.center_rewards_coefficient": 0.01}), workdir)
+    summary = trainer.train(reward_config(files, **{"objective.reward.center_rewards_coefficient": 0.01}), workdir)
     rows = [r for r in read_metrics(workdir) if "loss" in r]
     assert rows[0]["loss"] > rows[-1]["loss"] and all(math.isfinite(r["margin"]) for r in rows)
     assert rows[-1]["accuracy"] == 1.0
@@ -90,13 +90,10 @@ def test_reward_model_trains_evaluates_and_scores_the_same_in_transformers(files
         generate.generate(rewards.model, rewards.variables, [[5, 6]], max_new_tokens=2)
 
 
-@pytest.mark.slow
-def test_lora_reward_model_from_a_causal_lm_exports_merged_and_peft(files, tmp_path):
-    """LoRA on a causal-LM HF dir: the head starts new and trains in full (peft's modules_to_save);
-    the merged export and the PEFT adapters on the causal LM score what reward_fn scores."""
+def _causal_lm_dir(files, out):
+    """A tiny random Llama causal LM saved as an HF dir, with the test tokenizer's vocabulary."""
     import jax
     import jax.numpy as jnp
-    import peft
 
     from jaxtune import models, sharding
     from jaxtune.data.tokenizers import load_tokenizer
@@ -104,7 +101,32 @@ def test_lora_reward_model_from_a_causal_lm_exports_merged_and_peft(files, tmp_p
     vocab = load_tokenizer(files["tokenizer"]).vocab_size
     causal = models.get_config("llama", "tiny", vocab_size=vocab, hidden_size=32, intermediate_size=64)
     params = sharding.unbox(models.build(causal).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
-    lm_dir = models.save_pretrained(causal, params, tmp_path / "lm")
+    return models.save_pretrained(causal, params, out)
+
+
+def test_reward_model_from_a_causal_lm_dir_restores_for_eval_convert_and_reward_fn(files, tmp_path, capsys):
+    """A reward model trained from a causal-LM model.hf_dir: its config.json has no pad id, so
+    restoring the run reads the tokenizer for it (this crashed every command that restores a run)."""
+    workdir = tmp_path / "rm"
+    trainer.train(reward_config(files, **{"train.steps": 1, "train.log_every": 1,
+                                          "model.hf_dir": _causal_lm_dir(files, tmp_path / "lm")}), workdir)
+    assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+    assert "accuracy: " in capsys.readouterr().out
+    rewards = reward_fn(str(workdir))
+    assert rewards.model.config.pad_token_id == rewards.tokenizer.pad_id
+    assert cli.main(["convert", "--workdir", str(workdir), "--hf_out", str(tmp_path / "hf")]) == 0
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["architectures"] == ["LlamaForSequenceClassification"]
+    assert hf_config["pad_token_id"] == rewards.tokenizer.pad_id
+
+
+@pytest.mark.slow
+def test_lora_reward_model_from_a_causal_lm_exports_merged_and_peft(files, tmp_path):
+    """LoRA on a causal-LM HF dir: the head starts new and trains in full (peft's modules_to_save);
+    the merged export and the PEFT adapters on the causal LM score what reward_fn scores."""
+    import peft
+
+    lm_dir = _causal_lm_dir(files, tmp_path / "lm")
     workdir = tmp_path / "rm_lora"
     trainer.train(reward_config(files, "method=lora", **{"train.steps": 6, "data.eval_path": "",
                                                          "model.hf_dir": lm_dir}), workdir)
@@ -136,6 +158,6 @@ def test_reward_model_starts_from_an_sft_run(files, tmp_path):
 
 def test_bad_reward_settings_are_reported(files):
     with pytest.raises(UserError, match="center_rewards_coefficient' must be >= 0"):
-        config_lib.validate(reward_config(files, **{"objective.center_rewards_coefficient": -1.0}))
+        validation.validate(reward_config(files, **{"objective.reward.center_rewards_coefficient": -1.0}))
     with pytest.raises(UserError, match="reference-free"):
-        config_lib.validate(reward_config(files, **{"objective.reference": "copy"}))
+        validation.validate(reward_config(files, **{"objective.reward.reference": "copy"}))

@@ -121,7 +121,7 @@ def _generation_tag():
     import jinja2.ext
 
     class Generation(jinja2.ext.Extension):
-        tags = {"generation"}
+        tags = frozenset({"generation"})
 
         def parse(self, parser):
             next(parser.stream)

@@ -34,7 +34,6 @@ from jaxtune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("jsonl", "quickstart", "verifiable")  # data.source (several tasks: data.tasks)
 # Records rendered to train a from-scratch tokenizer on user JSONL data.
 _TOKENIZER_SAMPLE = 20_000
 
@@ -153,7 +152,7 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
     """An SFT run's tokenizer, tasks (narrowed by `screen` when given), mixture and held-out records.
     `cfg` is the data settings of `loading.data_settings(config)`."""
     workdir = paths.path(workdir)
-    if cfg.source == "quickstart" and not cfg.tasks:
+    if cfg.builtin == "quickstart" and not cfg.tasks:
         tokenizer = run_tokenizer(cfg, workdir, lambda: quickstart.tokenizer_corpus(seed=seed))
         flan = {name: FlanSpec(tuple(t), word_dropout=cfg.word_dropout) for name, t in quickstart.templates("train").items()}
         task = TaskSpec(DEFAULT_TASK, quickstart.generate_records(cfg.num_train_examples, seed=seed), flan=flan,
@@ -164,7 +163,7 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
             eval_records=quickstart.generate_records(cfg.num_eval_examples, seed=seed + 1_000_003),
             eval_templates=quickstart.templates("heldout"),
         )
-    if cfg.source == "verifiable" and not cfg.tasks:
+    if cfg.builtin == "verifiable" and not cfg.tasks:
         return _verifiable_sft_data(cfg, workdir, seed=seed)
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
     given = run_tokenizer(cfg, workdir, None) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
@@ -322,9 +321,9 @@ def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     temperature) or data.train_path with data.templates; chat records are rendered with the task's
     chat_template, else data.chat_template, else the tokenizer's. Held-out pairs come from
     data.eval_path and the eval.tasks whose metric is 'preference'."""
-    if cfg.source != "jsonl" and not cfg.tasks:
-        raise UserError(f"config key 'data.source' is {cfg.source!r}; preference objectives read JSONL pairs "
-                        "(data.source='jsonl') or data.tasks")
+    if cfg.builtin and not cfg.tasks:
+        raise UserError(f"config key 'data.builtin' is {cfg.builtin!r}; preference objectives read JSONL pairs "
+                        "(data.train_path, with data.builtin='') or data.tasks")
     configured = chat_lib.resolve_template(cfg.chat_template) if cfg.chat_template else None
     given = run_tokenizer(cfg, paths.path(workdir), None) if cfg.tokenizer else None  # read before the tasks (chat template)
     default_chat = configured or getattr(given, "chat_template", None)

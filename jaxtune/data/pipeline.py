@@ -2,7 +2,7 @@
 
 Every stage is deterministic for a seed and the whole graph's iterator state is checkpointable,
 so a resumed run sees exactly the batches it would have seen. Examples follow the batch contract
-in DESIGN.md: `inputs`, `targets` (already shifted), `loss_mask`, `segment_ids`, `positions`.
+in docs/architecture.md: `inputs`, `targets` (already shifted), `loss_mask`, `segment_ids`, `positions`.
 """
 
 from __future__ import annotations

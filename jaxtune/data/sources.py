@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxtune.errors import UserError
 
+# Where a task's records come from (a task's `source` key): the one list of source kinds.
 SOURCE_KINDS = ("jsonl", "json", "parquet", "array_record", "tfds")
 
 

@@ -10,7 +10,9 @@ OUT_DIR/<name>.jsonl (a file's stem, or the task name), with a JSON report; stdo
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jaxtune.errors import UserError
 
@@ -55,8 +57,10 @@ def _common(parser: argparse.ArgumentParser, *, fields_help: str) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
 
-def add_commands(data_commands) -> None:
-    """Adds dedup, decontaminate and filter to the `jaxtune data` subcommands (handler in `run`)."""
+def add_commands(data_commands, load_config: Callable[[str, list[str]], Any]) -> None:
+    """Adds dedup, decontaminate and filter to the `jaxtune data` subcommands (handler in `run`).
+    `load_config(spec, overrides)` loads and validates a --config (the CLI passes validation.load_config:
+    validation sits above the data tools, which the objectives use for their data screen)."""
     fields = ("text fields compared, comma-separated (a.b.0 reads nested values); default: every string in the "
               "record (chat contents, Self-Instruct instances)")
     dedup = data_commands.add_parser(
@@ -69,7 +73,7 @@ def add_commands(data_commands) -> None:
     dedup.add_argument("--num_perm", type=_count(16), default=128, help="MinHash permutations (default 128)")
     dedup.add_argument("--seed", type=int, default=1, help="MinHash permutation seed (default 1)")
     dedup.add_argument("--exact_only", action="store_true", help="only remove exact (normalised-text) duplicates")
-    dedup.set_defaults(run=_dedup)
+    dedup.set_defaults(run=_dedup, load_config=load_config)
 
     decon = data_commands.add_parser(
         "decontaminate", help="drop training records sharing a word n-gram (13 by default) with evaluation sets")
@@ -85,7 +89,7 @@ def add_commands(data_commands) -> None:
                        "data.decontaminate.n)")
     decon.add_argument("--fraction", type=_fraction, default=None,
                        help="0 (default): one shared n-gram contaminates a record; > 0: this fraction of its n-grams")
-    decon.set_defaults(run=_decontaminate)
+    decon.set_defaults(run=_decontaminate, load_config=load_config)
 
     filt = data_commands.add_parser(
         "filter", help="quality filters (length, script, repetition, answer format) and LIMA-style selection of "
@@ -112,7 +116,7 @@ def add_commands(data_commands) -> None:
                       help="after filtering, keep the N most diverse records of each set (greedy k-center on MinHash "
                       "of word 3-grams)")
     filt.add_argument("--seed", type=int, default=1, help="MinHash seed of --select_diverse (default 1)")
-    filt.set_defaults(run=_filter)
+    filt.set_defaults(run=_filter, load_config=load_config)
 
 
 def _load_config(args, overrides):
@@ -120,9 +124,7 @@ def _load_config(args, overrides):
         if overrides:
             raise UserError(f"data {args.data_command}: --config.{overrides[0]} given without --config")
         return None
-    from jaxtune import config as config_lib
-
-    return config_lib.load_config(args.config, overrides)
+    return args.load_config(args.config, overrides)
 
 
 def _train_sets(args, config):

@@ -79,9 +79,9 @@ def config_train_sets(config: ml_collections.ConfigDict) -> list[RecordSet]:
     d = config.data
     if d.tasks:
         return [_task_set(name, t, f"data.tasks.{name}") for name, t in d.tasks.items()]
-    if d.source == "jsonl" and d.train_path:
+    if not d.builtin and d.train_path:
         return [RecordSet("train", read_all(open_source("jsonl", d.train_path, where="data.train_path")), d.train_path)]
-    raise UserError(f"--config: no training data files to read (data.source={d.source!r} and data.tasks is empty)")
+    raise UserError(f"--config: no training data files to read (data.builtin={d.builtin!r} and data.tasks is empty)")
 
 
 def record_id(record: dict) -> str:

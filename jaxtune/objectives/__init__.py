@@ -3,7 +3,8 @@
 Each objective module registers an `Objective` subclass: `sft` (sft.py), `dpo` (preference.py:
 the paired preference losses, SimPO, ORPO and paired KTO as loss_type `kto_pair`), `kto`
 (kto.py: unpaired KTO) and `reward` (reward_model.py: Bradley-Terry reward models with a scalar
-head, `bradley_terry_loss`). Old spellings still load: `objective.type='preference'` is `dpo` and
+head, `bradley_terry_loss`) and `grpo` (grpo.py). Each reads its own section, `objective.<name>.*`
+(e.g. `objective.dpo.beta`). Old spellings still load: `objective.type='preference'` is `dpo` and
 `loss_type='kto'` is `kto_pair`. The loss math is pure float32 functions of arrays
 (`sft_loss_from_stats`, `preference_loss`, `kto_loss`); log-probs come from jaxtune/logprobs.py.
 
@@ -27,24 +28,25 @@ tests. Nothing in the trainer, the CLI or config.py changes::
         @classmethod
         def config_section(cls):
             c = ml_collections.ConfigDict()
-            c.focal_gamma = 2.0  # -> config.objective.focal_gamma
+            c.gamma = 2.0  # -> config.objective.focal.gamma (only when objective.type='focal')
             return c
 
         @classmethod
         def validate(cls, config):
-            if config.objective.focal_gamma < 0:
-                raise UserError("config key 'objective.focal_gamma' must be >= 0")
+            if cls.section_of(config).gamma < 0:
+                raise UserError(f"config key '{cls.key('gamma')}' must be >= 0")
 
         def loss(self, model, params, batch, *, frozen=None, rng=None, ref_params=None):
             rngs = None if rng is None else {"dropout": rng}
             stats = model.token_stats(params, batch, frozen=frozen, rngs=rngs)
             mask = batch["loss_mask"].astype(jnp.float32)
-            focal = jnp.power(1.0 - jnp.exp(stats.logp), self.section.focal_gamma)
+            focal = jnp.power(1.0 - jnp.exp(stats.logp), self.section.gamma)
             total = -jnp.sum(focal * stats.logp * mask)
             return total, {"loss": total, "nll": -jnp.sum(stats.logp * mask), "trained_tokens": jnp.sum(mask)}
 
-Then ``jaxtune train --config configs/sft_llama.py --config.objective.type=focal ...``
-runs it: the step divides the summed loss and metrics by `weight(global batch)` (SFT's: the
+Then ``jaxtune train --config configs/sft_llama.py --config.objective.type=focal
+--config.objective.focal.gamma=1.0 ...`` runs it (its section is shown, saved and validated only
+when it is selected): the step divides the summed loss and metrics by `weight(global batch)` (SFT's: the
 trained tokens; `summed_metrics` lists totals left as they are), so gradient accumulation is
 exact. An objective with other data overrides `load_data`, `train_dataset` and `batch_shapes`;
 one that needs a reference returns it from `reference_kind`; an RL objective samples its batch

@@ -3,8 +3,9 @@
 The trainer (state builder, jitted step, loop) names no objective. It asks the run's `Objective`
 (one instance, built from the config by `build(config)`) for:
 
-- its config keys (`config_section`, flat under `config.objective`, merged over every registered
-  objective; a key two objectives share must have the same default) and `validate(config)`;
+- its config keys (`config_section`: the section `config.objective.<name>`, present only when
+  `objective.type` selects this objective; no key is shared between sections, settings several
+  objectives read live in the shared sections such as `data`) and `validate(config)`;
 - the model it trains (`adapt_model_config`, e.g. a scalar head) and the reference model it
   needs (`reference_kind`: none | copy | base | precomputed);
 - its data: `load_data` (tokenizer + records), `train_dataset` (host batches of the local batch
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxtune import config as config_lib
 from jaxtune.datatools.screen import Screen
 from jaxtune.errors import UserError
 
@@ -93,8 +95,8 @@ def data_screen(config: ml_collections.ConfigDict) -> Screen | None:
 class Objective:
     """One training objective. Subclass, decorate with `@register("name")`, override what differs.
 
-    An instance is built per run from the whole config (`self.config`); `self.section` is
-    `config.objective`. Everything called inside the jitted step (`loss`, `weight`) must be pure.
+    An instance is built per run from the whole config (`self.config`); `self.section` is its own
+    section, `config.objective.<name>`. Everything called inside the jitted step (`loss`, `weight`) must be pure.
     """
 
     name: ClassVar[str] = ""  # set by register()
@@ -103,7 +105,7 @@ class Objective:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
-        self.section = config.objective
+        self.section = self.section_of(config)
         # The weights the run started from (the frozen reference), as a thunk: set by `start` during
         # training (RunContext.start_params) and by `jaxtune eval`; None until then.
         self.start_params: Callable[[], Any] | None = None
@@ -112,9 +114,19 @@ class Objective:
 
     @classmethod
     def config_section(cls) -> ml_collections.ConfigDict:
-        """This objective's keys under `config.objective`, with their defaults (a typed None needs a
-        FieldReference). Keys shared with another objective must have the same default."""
+        """This objective's keys, `config.objective.<name>.*`, with their defaults (a typed None needs a
+        FieldReference); data settings only this objective reads belong here too."""
         return ml_collections.ConfigDict()
+
+    @classmethod
+    def section_of(cls, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """`config.objective.<name>` (the config must have selected this objective: `select(config)`)."""
+        return config.objective[cls.name]
+
+    @classmethod
+    def key(cls, key: str) -> str:
+        """The full name of one of this objective's keys, for error messages: 'objective.<name>.<key>'."""
+        return f"objective.{cls.name}.{key}"
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -255,8 +267,12 @@ def get(name: str) -> type[Objective]:
 
 
 def build(config: ml_collections.ConfigDict) -> Objective:
-    """The run's objective instance (config.objective.type selects it)."""
-    return get(config.objective.type)(config)
+    """The run's objective instance (config.objective.type selects it; its section is filled in if missing)."""
+    cls = get(config.objective.type)
+    if cls.name not in config.objective:
+        config_lib.upgrade_saved(config, config_sections())  # a config saved by an older jaxtune
+        select(config)
+    return cls(config)
 
 
 def adapt_model_config(config: ml_collections.ConfigDict, model_config):
@@ -265,22 +281,15 @@ def adapt_model_config(config: ml_collections.ConfigDict, model_config):
     return build(config).adapt_model_config(model_config)
 
 
-def config_defaults() -> ml_collections.ConfigDict:
-    """`config.objective`: `type` plus every registered objective's keys (flat; shared keys agree)."""
-    section = ml_collections.ConfigDict()
-    section.type = "sft"
-    owners: dict[str, str] = {}
-    for name in names():
-        own = get(name).config_section()
-        for key in own:
-            field = ml_collections.FieldReference(own[key], field_type=own.get_type(key))
-            if key in owners:
-                if section[key] != own[key] or section.get_type(key) != own.get_type(key):
-                    raise ValueError(f"objective key {key!r}: {name} and {owners[key]} give different defaults")
-                continue
-            owners[key] = name
-            section[key] = field
-    return section
+def config_sections() -> config_lib.ObjectiveSections:
+    """Every registered objective's section (`config.objective.<name>`) for the config loader."""
+    return config_lib.ObjectiveSections({name: get(name).config_section for name in names()}, canonical)
+
+
+def select(config: ml_collections.ConfigDict) -> None:
+    """Keeps `config.objective.type` and that objective's section (defaults + what the config set)."""
+    get(config.objective.type)  # an unknown type names the choices
+    config_lib.select_objective(config, config_sections())
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -1,10 +1,14 @@
 """GRPO and its variants (Dr. GRPO, DAPO, GSPO): RL with verifiable rewards on sampled completions.
 
+Settings are `objective.grpo.*` (below: `objective.` for short). Prompts come from the shared data
+settings: the built-in verifiable problems (`data.builtin='verifiable'`) or JSONL records
+(`data.train_path`, held out: `data.eval_path`; `objective.grpo.format='gsm8k'` for GSM8K records).
+
 Every `objective.steps_per_rollout * objective.num_iterations` steps, `next_batch` takes
-`objective.num_prompts` prompts from the data, samples `objective.num_generations` completions
+`objective.grpo.num_prompts` prompts from the data, samples `objective.grpo.num_generations` completions
 of each with the *current* policy (the train state's own variables: LoRA adapters and a
 quantised base included, nothing copied), scores them with the reward functions
-(`objective.rewards`, summed with `objective.reward_weights`), turns rewards into group-relative
+(`objective.grpo.rewards`, summed with `objective.grpo.reward_weights`), turns rewards into group-relative
 advantages and the completions into training rows (packed with segment ids when
 `data.packing`). The rows are split into `steps_per_rollout` mini-batches of
 `train.global_batch_size` rows, each trained on `num_iterations` times; with more than one pass
@@ -58,7 +62,7 @@ from jaxtune.objectives import base, grpo_loss
 from jaxtune.rewards import RewardSet
 from jaxtune.rollouts import build_rows, rollout_example, rows_needed, sample_groups
 
-PROMPT_SOURCES = ("verifiable", "jsonl", "gsm8k")
+PROMPT_FORMATS = ("fields", "gsm8k")  # objective.grpo.format of JSONL prompt records
 # Host-side rollout metrics, carried as per-row shares in batch["rollout_stats"] (column order).
 ROLLOUT_STATS = (
     "reward", "reward_std", "accuracy", "zero_spread_groups", "completion_len", "completion_len_max",
@@ -98,7 +102,9 @@ class GRPO(base.Objective):
         c = ml_collections.ConfigDict()
         c.beta = ml_collections.FieldReference(None, field_type=float)  # GRPO: KL weight; None = 0 (no reference)
         c.reference = "auto"
-        c.prompts = "verifiable"  # verifiable (built-in, data.verifiable_families) | jsonl (data.train_path/eval_path) | gsm8k
+        # JSONL prompt records (data.train_path / data.eval_path): fields (rendered with prompt_template,
+        # or chat `messages`) | gsm8k (question/answer records: prompt, solution and answer fields)
+        c.format = "fields"
         c.prompt_template = "{prompt}"  # how a record becomes the prompt text ({field} placeholders)
         c.rewards = ("math", "instructions")  # built-in names or 'module.path:function'
         c.reward_weights = ()  # () = 1.0 each
@@ -126,9 +132,9 @@ class GRPO(base.Objective):
 
     @classmethod
     def validate(cls, config):
-        s = config.objective
+        s = cls.section_of(config)
         checks = [
-            (s.prompts in PROMPT_SOURCES, "prompts", f"one of {', '.join(PROMPT_SOURCES)}"),
+            (s.format in PROMPT_FORMATS, "format", f"one of {', '.join(PROMPT_FORMATS)}"),
             (s.num_generations >= 2, "num_generations", ">= 2 (advantages are relative to the group)"),
             (s.num_prompts >= 1, "num_prompts", ">= 1"),
             (s.eval_samples >= 1, "eval_samples", ">= 1"),
@@ -149,22 +155,27 @@ class GRPO(base.Objective):
         ]
         for ok, key, expected in checks:
             if not ok:
-                raise UserError(f"config key 'objective.{key}' must be {expected}, got {s[key]!r}")
+                raise UserError(f"config key '{cls.key(key)}' must be {expected}, got {s[key]!r}")
         cycle = s.num_iterations * s.steps_per_rollout
         if cycle > 1 and config.train.checkpoint_every % cycle:
             raise UserError(
                 f"config key 'train.checkpoint_every' ({config.train.checkpoint_every}) must be a multiple of "
-                f"objective.num_iterations * objective.steps_per_rollout ({cycle}) so a resumed run restarts at "
+                f"{cls.key('num_iterations')} * steps_per_rollout ({cycle}) so a resumed run restarts at "
                 "a fresh rollout batch")
-        if s.prompts == "verifiable":
+        if config.data.tasks or config.data.builtin == "quickstart":
+            raise UserError("config key 'objective.type' is 'grpo': prompts come from data.builtin='verifiable' or "
+                            "data.train_path (JSONL), not "
+                            + ("data.tasks" if config.data.tasks else "data.builtin='quickstart'"))
+        if config.data.builtin == "verifiable":
             verifiable.check_families(config.data.verifiable_families)
         if config.data.chat_template:
             try:
                 chat.check_template(config.data.chat_template)
             except UserError as e:
                 raise UserError(f"config key 'data.chat_template': {e}") from None
-        if s.prompts in ("jsonl", "gsm8k") and not config.data.train_path:
-            raise UserError(f"objective.prompts={s.prompts!r} reads config key 'data.train_path', which is empty")
+        if not config.data.builtin and not config.data.train_path:
+            raise UserError("config key 'data.train_path' is empty: GRPO reads its prompts from it (JSONL), or set "
+                            "data.builtin='verifiable' for the built-in problems")
         RewardSet.from_specs(list(s.rewards), list(s.reward_weights))  # names and weights resolve now
 
     # ---- reference -------------------------------------------------------------------------
@@ -184,7 +195,7 @@ class GRPO(base.Objective):
 
     def load_data(self, workdir):
         s, d = self.section, self.config.data
-        if s.prompts == "verifiable":
+        if d.builtin == "verifiable":
             families = verifiable.check_families(d.verifiable_families)
             seed = self.config.seed
             steps = {"min_steps": d.verifiable_min_steps, "max_steps": d.verifiable_max_steps}
@@ -192,18 +203,18 @@ class GRPO(base.Objective):
                                                 **steps)
             heldout = verifiable.generate_records(d.num_eval_examples, split="heldout", seed=seed, families=families,
                                                   **steps)
-            corpus = lambda: verifiable.tokenizer_corpus(seed=seed, **steps)  # noqa: E731
+            corpus = lambda: verifiable.tokenizer_corpus(seed=seed, **steps)
         else:
             def read(path):
                 if not path:
                     return []
-                if s.prompts == "gsm8k":
+                if s.format == "gsm8k":
                     return read_gsm8k(path)
                 source = JsonlSource(path)
                 return [source[i] for i in range(len(source))]
 
             train, heldout = read(d.train_path), read(d.eval_path)
-            corpus = lambda: (self.prompt_text(r) for r in train[:20_000])  # noqa: E731
+            corpus = lambda: (self.prompt_text(r) for r in train[:20_000])
         for i, record in enumerate(train[:1000] + heldout[:1000]):
             self.prompt_text(record, where=str(record.get("_where", f"record {i}")))  # bad templates fail now
         return PromptData(self._tokenizer(workdir, corpus), train, heldout)
@@ -214,12 +225,12 @@ class GRPO(base.Objective):
         return datasets.run_tokenizer(loading.data_settings(self.config, workdir), paths.path(workdir), corpus)
 
     def prompt_text(self, record: dict, where: str = "") -> str:
-        """The prompt as the reward functions read it: `objective.prompt_template` rendered with the
+        """The prompt as the reward functions read it: `objective.grpo.prompt_template` rendered with the
         record's fields, or for a record with chat `messages` its last (user) message."""
         messages = _conversation(record, where)
         if messages:
             return messages[-1]["content"]
-        return render(self.section.prompt_template, record, where=where or "objective.prompt_template")
+        return render(self.section.prompt_template, record, where=where or self.key("prompt_template"))
 
     def prompt_ids(self, tokenizer, record: dict) -> list[int]:
         """The prompt's token ids, ready for the completion. Plain text, or a conversation when
@@ -240,7 +251,7 @@ class GRPO(base.Objective):
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
         if not data.train:
-            raise UserError("objective.prompts: no training prompts")
+            raise UserError("GRPO: no training prompts (data.train_path is empty)")
         records = data.train
         ds = grain.MapDataset.range(len(records))
         if self.config.data.shuffle:
@@ -320,10 +331,10 @@ class GRPO(base.Objective):
         if example_len > d.seq_len or need > rows:
             raise UserError(
                 f"GRPO: {s.num_prompts} prompts x {s.num_generations} completions of up to {example_len} tokens "
-                f"(longest prompt {longest} + objective.max_completion_tokens {s.max_completion_tokens}) need "
+                f"(longest prompt {longest} + objective.grpo.max_completion_tokens {s.max_completion_tokens}) need "
                 f"{need} rows of data.seq_len={d.seq_len} tokens{' (packed)' if d.packing else ' (one per row)'}, "
-                f"but a rollout has train.global_batch_size * objective.steps_per_rollout = {rows}; raise those, "
-                "data.seq_len, or lower objective.num_prompts / num_generations")
+                f"but a rollout has train.global_batch_size * objective.grpo.steps_per_rollout = {rows}; raise those, "
+                "data.seq_len, or lower objective.grpo.num_prompts / num_generations")
 
     def next_batch(self, state, data_iter, rng):
         s = self.section
@@ -410,8 +421,8 @@ class GRPO(base.Objective):
                               packing=self.config.data.packing)
         except ValueError as e:
             raise UserError(
-                f"GRPO rollouts: {e}. objective.num_prompts * num_generations completions must fit in "
-                f"train.global_batch_size * objective.steps_per_rollout rows of data.seq_len tokens "
+                f"GRPO rollouts: {e}. objective.grpo.num_prompts * num_generations completions must fit in "
+                f"train.global_batch_size * objective.grpo.steps_per_rollout rows of data.seq_len tokens "
                 f"(one per row without data.packing): raise those or lower num_prompts") from None
         if s.num_iterations > 1:  # the sampling policy's log-probs, kept for every pass
             rows["old_logps"] = self._old_logps(state, rows)

@@ -83,7 +83,7 @@ class KTO(pairs.PairObjective):
 
     @classmethod
     def config_section(cls):
-        c = super().config_section()
+        c = cls.add_beta(super().config_section())
         c.desirable_weight = 1.0
         c.undesirable_weight = 1.0
         return c
@@ -91,9 +91,9 @@ class KTO(pairs.PairObjective):
     @classmethod
     def validate(cls, config):
         super().validate(config)
-        o = config.objective
+        o = cls.section_of(config)
         if o.desirable_weight <= 0 or o.undesirable_weight <= 0:
-            raise UserError("config keys objective.desirable_weight/undesirable_weight must be > 0")
+            raise UserError(f"config keys {cls.key('desirable_weight')}/undesirable_weight must be > 0")
 
     def pair_losses(self, logps, lengths, ref, batch, valid=None):
         o = self.section

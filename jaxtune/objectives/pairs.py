@@ -74,11 +74,16 @@ class PairObjective(base.Objective):
     @classmethod
     def config_section(cls):
         c = ml_collections.ConfigDict()
-        c.beta = ml_collections.FieldReference(None, field_type=float)  # None: the loss's paper default
         # auto: none for reference-free losses, the base model with LoRA, else a frozen copy of the
         # initial params | copy | precomputed (one pass over the data before training) | none
         c.reference = "auto"
         return c
+
+    @staticmethod
+    def add_beta(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """`beta` for the objectives whose loss has one (DPO family, KTO); not the reward model's."""
+        section.beta = ml_collections.FieldReference(None, field_type=float)  # None: the loss's paper default
+        return section
 
     @classmethod
     def reference_free(cls, section: ml_collections.ConfigDict) -> bool:
@@ -87,33 +92,33 @@ class PairObjective(base.Objective):
 
     @classmethod
     def validate(cls, config):
-        o = config.objective
+        o = cls.section_of(config)
         if o.reference not in REFERENCE_CHOICES:
-            raise UserError(f"config key 'objective.reference' is {o.reference!r}; expected one of "
+            raise UserError(f"config key '{cls.key('reference')}' is {o.reference!r}; expected one of "
                             f"{', '.join(REFERENCE_CHOICES)}")
         if config.data.chat_template:
             try:
                 chat.resolve_template(config.data.chat_template)
             except UserError as e:
                 raise UserError(f"config key 'data.chat_template': {e}") from None
-        if config.data.source != "jsonl":
-            raise UserError(f"config key 'objective.type' is {o.type!r}: preference data comes from JSONL "
-                            "(data.source='jsonl')")
-        if o.beta is not None and not o.beta > 0:
-            raise UserError(f"config key 'objective.beta' must be > 0, got {o.beta}")
+        if config.data.builtin:
+            raise UserError(f"config key 'objective.type' is {config.objective.type!r}: preference data comes from "
+                            f"JSONL files (data.train_path or data.tasks), not data.builtin={config.data.builtin!r}")
+        if o.get("beta") is not None and not o.beta > 0:
+            raise UserError(f"config key '{cls.key('beta')}' must be > 0, got {o.beta}")
         reference_free = cls.reference_free(o)
         if reference_free and o.reference not in ("auto", "none"):
-            raise UserError(f"config key 'objective.reference' is {o.reference!r}, but loss_type {o.loss_type!r} is "
-                            "reference-free; use 'auto' or 'none'")
+            raise UserError(f"config key '{cls.key('reference')}' is {o.reference!r}, but {cls._needs_reference_name(o)} "
+                            "is reference-free; use 'auto' or 'none'")
         lora = config.peft.method != "none"
         if lora and o.reference == "copy":
-            raise UserError("config key 'objective.reference' is 'copy', but with LoRA the reference is the base model "
-                            "without its adapters (no extra weights): use 'auto' (or 'precomputed')")
+            raise UserError(f"config key '{cls.key('reference')}' is 'copy', but with LoRA the reference is the base "
+                            "model without its adapters (no extra weights): use 'auto' (or 'precomputed')")
         if not reference_free and o.reference == "none":
-            raise UserError(f"config key 'objective.reference' is 'none', but {cls._needs_reference_name(o)} needs a "
+            raise UserError(f"config key '{cls.key('reference')}' is 'none', but {cls._needs_reference_name(o)} needs a "
                             "reference model; use auto, copy or precomputed")
         if o.reference == "precomputed" and len(config.data.tasks) > 1:
-            raise UserError("config key 'objective.reference' is 'precomputed', which scores one pair source "
+            raise UserError(f"config key '{cls.key('reference')}' is 'precomputed', which scores one pair source "
                             "(data.train_path or a single data.tasks entry); with several data.tasks use 'auto' or "
                             "'copy'")
 
@@ -194,7 +199,7 @@ class PairObjective(base.Objective):
     # ---- hooks -------------------------------------------------------------------------------
 
     def start(self, run):
-        """objective.reference='precomputed': score every training pair once with the start weights
+        """reference='precomputed': score every training pair once with the start weights
         (stored in the workdir, resumable) and attach the numbers to the batches."""
         transform = run.data_stats.transform
         self.start_params = run.start_params  # the reference of held-out pair evaluation (copy/precomputed)

@@ -1,5 +1,5 @@
 """The `dpo` objective: paired preference losses on per-sequence log-probs (the DPO family,
-SimPO, ORPO, paired KTO), selected by `objective.loss_type`.
+SimPO, ORPO, paired KTO), selected by `objective.dpo.loss_type`.
 
 Everything here is a pure float32 function of per-sequence *summed* log-probs (and lengths, for
 the length-normalised losses), so the trainer computes one forward pass and every loss reuses it.
@@ -204,11 +204,11 @@ def preference_loss(
 
 @base.register("dpo", aliases=("preference",))
 class DPO(pairs.PairObjective):
-    """Paired preference losses on (prompt, chosen, rejected) records; `objective.loss_type` picks one."""
+    """Paired preference losses on (prompt, chosen, rejected) records; `objective.dpo.loss_type` picks one."""
 
     @classmethod
     def config_section(cls):
-        c = super().config_section()
+        c = cls.add_beta(super().config_section())
         # sigmoid | robust | hinge | ipo | dpo_norm | simpo | orpo | kto_pair (the table above)
         c.loss_type = "sigmoid"
         c.label_smoothing = 0.0  # cDPO (sigmoid, dpo_norm, simpo) / rDPO (robust) label-noise rate
@@ -232,14 +232,15 @@ class DPO(pairs.PairObjective):
 
     @classmethod
     def validate(cls, config):
-        o = config.objective
+        o = cls.section_of(config)
         if o.loss_type not in LOSS_TYPES + tuple(LOSS_ALIASES):
-            raise UserError(f"config key 'objective.loss_type' is {o.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
+            raise UserError(f"config key '{cls.key('loss_type')}' is {o.loss_type!r}; expected one of "
+                            f"{', '.join(LOSS_TYPES)}")
         super().validate(config)
         if not 0.0 <= o.label_smoothing < 0.5:
-            raise UserError(f"config key 'objective.label_smoothing' must be in [0, 0.5), got {o.label_smoothing}")
+            raise UserError(f"config key '{cls.key('label_smoothing')}' must be in [0, 0.5), got {o.label_smoothing}")
         if o.sft_weight < 0 or o.desirable_weight <= 0 or o.undesirable_weight <= 0:
-            raise UserError("config keys objective.sft_weight must be >= 0 and objective.desirable_weight/"
+            raise UserError(f"config keys {cls.key('sft_weight')} must be >= 0 and {cls.key('desirable_weight')}/"
                             "undesirable_weight > 0")
 
     def loss_name(self):

@@ -7,7 +7,7 @@ reward ``r`` is the head's output at its last non-padding token over the whole t
 prompt + completion + EOS, the token transformers pools (the rightmost one that is not the
 tokenizer's pad id; layers.last_token_index). Per pair, with ``r_c``/``r_r`` the chosen/rejected
 rewards, ``m`` the record's optional ``margin`` field (0 when absent) and ``c`` =
-objective.center_rewards_coefficient::
+objective.reward.center_rewards_coefficient::
 
     loss = -log sigmoid(r_c - r_r - m) + c * (r_c + r_r)^2
 
@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from jaxtune import scoring
@@ -119,7 +118,7 @@ class RewardModel(pairs.PairObjective):
 
     @classmethod
     def config_section(cls):
-        c = ml_collections.ConfigDict()
+        c = super().config_section()  # reference: auto or none (a reward model needs none)
         c.center_rewards_coefficient = 0.0  # TRL's reward centering (0: off; Eisenstein et al. suggest 0.01)
         return c
 
@@ -130,9 +129,9 @@ class RewardModel(pairs.PairObjective):
     @classmethod
     def validate(cls, config):
         super().validate(config)
-        o = config.objective
+        o = cls.section_of(config)
         if not o.center_rewards_coefficient >= 0:
-            raise UserError(f"config key 'objective.center_rewards_coefficient' must be >= 0, got "
+            raise UserError(f"config key '{cls.key('center_rewards_coefficient')}' must be >= 0, got "
                             f"{o.center_rewards_coefficient}")
         if config.peft.method == "prefix":
             raise UserError("config key 'peft.method' is 'prefix': a reward model trains with lora, dora or full "

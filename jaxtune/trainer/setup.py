@@ -12,8 +12,7 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtune import config as config_lib
-from jaxtune import loading, models, nonfinite, objectives, optim, sharding
+from jaxtune import loading, models, nonfinite, objectives, optim, sharding, validation
 from jaxtune.trainer import step as step_lib
 from jaxtune.trainer.state import TrainState, plan_state
 
@@ -84,11 +83,11 @@ def build_setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     devices = list(devices)
     objective = objective if objective is not None else objectives.build(config)
     num_slices = sharding.slice_count(devices)
-    ici_shape, dcn_shape = config_lib.resolve_hybrid_mesh_shape(config, len(devices), num_slices)
+    ici_shape, dcn_shape = sharding.resolve_hybrid_mesh_shape(config.mesh, len(devices), num_slices)
     mesh_shape = {a: ici_shape[a] * dcn_shape[a] for a in sharding.MESH_AXES}
-    config_lib.validate_for_devices(config, mesh_shape, process_count)
+    validation.validate_for_devices(config, mesh_shape, process_count)
     model_config = loading.model_config_from(config, vocab_size=vocab_size, adapt=objective.adapt_model_config)
-    config_lib.validate_for_model(config, model_config.max_position_embeddings)
+    validation.validate_for_model(config, model_config.max_position_embeddings)
     model = models.build(model_config)
     num_params = models.count_params(model_config)  # the base model's (outside the mesh context)
 

@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 
 from jaxtune import config as config_lib, loading
+from jaxtune import validation
 from jaxtune.data import datasets, pair_packing, preference
 from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
 from jaxtune.errors import UserError
@@ -127,7 +128,7 @@ def test_preference_eval_task_needs_a_pair_objective(files):
     c.data.chat_template = ""
     c.eval.tasks.pairs = config_lib.eval_task_config("preference", path=str(files["held_out"]))
     with pytest.raises(UserError, match="eval.tasks.pairs.metric' is 'preference'"):
-        config_lib.validate(c)
+        validation.validate(c)
 
 
 def test_a_task_whose_pairs_never_fit_stops_with_an_error(files, tmp_path):

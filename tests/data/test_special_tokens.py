@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from jaxtune import api, chat_loop, evaluate, loading
 from jaxtune import config as config_lib
+from jaxtune import validation
 from jaxtune import generate as generate_lib
 from jaxtune.data import chat as chat_lib
 from jaxtune.data import datasets, pipeline, preference
@@ -189,7 +190,7 @@ def test_add_bos_errors(tokenizer_dirs, tmp_path):
     with pytest.raises(UserError, match="'data.add_bos' is 'true' but the tokenizer .* has no BOS"):
         load_tokenizer(tokenizer_dirs["no_bos"], add_bos="true")
     with pytest.raises(UserError, match="config key 'data.add_bos' is 'yes'; expected one of auto, true, false"):
-        config_lib.load_config("configs/quickstart.py", ["data.add_bos=yes"])
+        validation.load_config("configs/quickstart.py", ["data.add_bos=yes"])
     (tmp_path / "tokenizer_config.json").write_text('{"add_bos_token": "no"}')
     train_sentencepiece([" ".join(WORDS)] * 20, tmp_path / "tokenizer", vocab_size=300)
     with pytest.raises(UserError, match="tokenizer_config.json: add_bos_token must be true or false"):

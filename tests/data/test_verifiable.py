@@ -67,7 +67,7 @@ def test_sft_data_source_renders_worked_solutions(tmp_path):
     from jaxtune.data.examples import ExampleBuilder
 
     c = config_lib.base_config()
-    c.data.source = "verifiable"
+    c.data.builtin = "verifiable"
     c.data.verifiable_families = ("arithmetic",)
     c.data.templates = (("{prompt} A:", " {solution}"),)
     c.data.num_train_examples, c.data.num_eval_examples = 50, 10

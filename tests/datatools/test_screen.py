@@ -2,10 +2,11 @@
 
 import json
 
+import ml_collections
 import pytest
 
 from jaxtune import config as config_lib
-from jaxtune import loading
+from jaxtune import loading, validation
 from jaxtune.data import datasets
 from jaxtune.datatools.screen import Screen
 from jaxtune.errors import UserError
@@ -29,7 +30,7 @@ def _config(tmp_path, **overrides):
     c.lock()
     for key, value in overrides.items():
         config_lib.set_value(c, key, str(value))
-    config_lib.validate(c)
+    validation.validate(c)
     return c
 
 
@@ -72,7 +73,7 @@ def test_a_tiny_run_is_screened_and_logs_it(tmp_path, capsys):
     c.train.steps = 2
     c.eval.generative = False
     c.lock()
-    config_lib.validate(c)
+    validation.validate(c)
     trainer.train(c, tmp_path / "run")
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "run" / "data_screen.json").read_text())["decontamination"]["default"]
@@ -96,18 +97,18 @@ def test_config_errors_name_the_key(tmp_path, key, value, message):
 def test_no_eval_sets_and_generated_sources_are_errors(tmp_path):
     c = _config(tmp_path)
     c.unlock()
-    c.eval.tasks = config_lib.ml_collections.ConfigDict()
+    c.eval.tasks = ml_collections.ConfigDict()
     with pytest.raises(UserError, match="data.decontaminate.enabled' is True but the config has no evaluation sets"):
         datasets.load_sft_data(loading.data_settings(c), tmp_path / "run", seed=0, screen=_screen(c))
     q = config_lib.base_config()
-    q.data.source = "quickstart"
+    q.data.builtin = "quickstart"
     q.data.decontaminate.enabled = True
     with pytest.raises(UserError, match="generates its own records"):
-        config_lib.validate(q)
-    q.data.source = "jsonl"
+        validation.validate(q)
+    q.data.builtin = ""
     q.objective.type = "grpo"
-    with pytest.raises(UserError, match="a GRPO run reads its prompts from objective.grpo"):
-        config_lib.validate(q)
+    with pytest.raises(UserError, match="a GRPO run reads its prompts itself"):
+        validation.validate(q)
 
 
 def test_preference_pairs_are_screened_too(tmp_path, capsys):
@@ -121,7 +122,7 @@ def test_preference_pairs_are_screened_too(tmp_path, capsys):
     c.data.decontaminate.enabled = True
     c.data.decontaminate.eval_files = (str(write_jsonl(tmp_path / "heldout.jsonl", evals)),)
     c.lock()
-    config_lib.validate(c)
+    validation.validate(c)
     data = datasets.load_preference_data(loading.data_settings(c), tmp_path / "run", unpaired=False, eval_cfg=c.eval,
                                          screen=_screen(c))
     assert len(data.tasks[0].records) == 11 and data.mixture.sizes == (11,)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxtune import config as config_lib
+from jaxtune import validation
 from jaxtune import models
 from jaxtune.errors import UserError
 from jaxtune.models import attention
@@ -301,4 +302,4 @@ def test_bad_attention_setting_is_a_clear_error():
     c = config_lib.base_config()
     c.model.attention = "flash"
     with pytest.raises(UserError, match="model.attention"):
-        config_lib.validate(c)
+        validation.validate(c)

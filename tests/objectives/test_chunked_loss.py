@@ -9,6 +9,7 @@ import pytest
 from flax import linen as nn
 
 from jaxtune import config as config_lib
+from jaxtune import validation
 from jaxtune import evaluate, models, objectives, trainer
 from jaxtune.errors import UserError
 from jaxtune.objectives import head_token_stats, token_stats
@@ -131,10 +132,10 @@ def test_logits_chunk_is_validated():
     config = config_lib.base_config()
     config.data.train_path = "train.jsonl"  # not read by validate
     config.train.logits_chunk = 0
-    config_lib.validate(config)  # 0 = unchunked is valid
+    validation.validate(config)  # 0 = unchunked is valid
     config.train.logits_chunk = -1
     with pytest.raises(UserError, match="train.logits_chunk"):
-        config_lib.validate(config)
+        validation.validate(config)
 
 
 def test_token_stats_at_a_temperature_are_those_of_the_scaled_logits():

@@ -77,7 +77,7 @@ def test_loss_sums_over_micro_batches_equal_the_global_batch_mean():
 
     config = config_lib.base_config()
     config.objective.type = "reward"
-    config.objective.center_rewards_coefficient = 0.05
+    config.objective.reward = dict(center_rewards_coefficient=0.05)
     objective = RewardModel(config)
     rng = np.random.default_rng(0)
     scores = jnp.asarray(rng.normal(size=(8, 5, 1)), jnp.float32)  # [2B, T, 1], B = 4 pairs

@@ -13,6 +13,7 @@ import pytest
 
 from jaxtune import cli, models, objectives, optim, sharding, trainer
 from jaxtune import config as config_lib
+from jaxtune import validation
 from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
 from jaxtune.peft import lora
@@ -131,13 +132,11 @@ def test_bad_peft_config_is_a_clear_error(tmp_path, overrides, message):
 
 
 def test_sft_lora_config_variants(tmp_path):
-    from jaxtune import config as config_lib
-
     train = helpers.write_sft_jsonl(tmp_path / "train.jsonl")
-    c = config_lib.load_config("configs/sft_lora.py:family=gemma2,method=dora,quantize=nf4,targets=q+v",
+    c = validation.load_config("configs/sft_lora.py:family=gemma2,method=dora,quantize=nf4,targets=q+v",
                                [f"data.train_path={train}"])
     assert (c.model.family, c.peft.method, c.peft.quantize) == ("gemma2", "dora", "nf4")
     spec = trainer.model_config_from(c, vocab_size=300).peft
     assert spec.targets == ("q_proj", "v_proj") and spec.dora and spec.quantize == "nf4"
     with pytest.raises(ValueError, match="unknown arguments"):
-        config_lib.load_config("configs/sft_lora.py:rnak=4", [f"data.train_path={train}"])
+        validation.load_config("configs/sft_lora.py:rnak=4", [f"data.train_path={train}"])

@@ -1,1 +1,7 @@
-"""Built-in datasets that need no download (procedurally generated)."""
+"""Built-in datasets that need no download (procedurally generated), selected by `data.builtin`.
+
+They are not sources (where records are read from: data/sources.py SOURCE_KINDS) but datasets
+that generate their own training and held-out records.
+"""
+
+BUILTIN_DATASETS = ("quickstart", "verifiable")  # quickstart.py, verifiable.py
