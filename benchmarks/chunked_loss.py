@@ -4,7 +4,7 @@
 
 Times value_and_grad of the token-mean NLL w.r.t. the hidden states and the head weights (an
 untied [hidden, vocab] kernel) and reads the compiled function's temporary bytes, for the full
-path (`chunk=0`), `objectives.logprobs.head_token_stats` at several chunk sizes, and, for
+path (`chunk=0`), `jaxtune.logprobs.head_token_stats` at several chunk sizes, and, for
 comparison, a hand-written custom-VJP version of the chunked head (softmax gradient written out,
 log Z saved from the forward pass instead of recomputed). Medians of --repeats runs after a
 warm-up; one JSON line per variant.
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.objectives.logprobs import head_token_stats
+from jaxtune.logprobs import head_token_stats
 
 
 def custom_vjp_logp(w, hidden, targets, chunk):

@@ -92,9 +92,9 @@ class Model:
 def load(workdir: str | None = None, *, hf_dir: str | None = None) -> Model:
     """The latest checkpoint of a run (its saved config and tokenizer; a PEFT run: base + adapters),
     or a Hugging Face model directory."""
-    from jaxtune import inference
+    from jaxtune import inference, objectives
 
-    loaded = inference.load(workdir=workdir, hf_dir=hf_dir)
+    loaded = inference.load(workdir=workdir, hf_dir=hf_dir, adapt=objectives.adapt_model_config)
     return Model(loaded.model, loaded.params, loaded.tokenizer, loaded.config, loaded.step)
 
 
@@ -104,8 +104,7 @@ def starting_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     is what zero-initialised adapters compute; QLoRA's base unquantised). A tokenizer trained on first use is trained into
     `workdir` now, exactly as training would, and reused by it.
     """
-    from jaxtune import models, objectives
-    from jaxtune.trainer import state as state_lib
+    from jaxtune import loading, models, objectives
 
     if config.model.hf_dir:
         return load(hf_dir=config.model.hf_dir)
@@ -114,9 +113,10 @@ def starting_model(config: ml_collections.ConfigDict, workdir: str) -> Model:
     if config.peft.method == "prefix":
         raise UserError("starting_model: prefix tuning changes the model from its first step; "
                         "use load(workdir) after training")
-    tokenizer = objectives.build(config).load_data(workdir).tokenizer
-    model_config = state_lib.model_config_from(config, vocab_size=tokenizer.vocab_size)
-    params = state_lib.base_params(config, model_config, as_held=False)  # the seed's init, as the state builder makes it
+    objective = objectives.build(config)
+    tokenizer = objective.load_data(workdir).tokenizer
+    model_config = loading.model_config_from(config, vocab_size=tokenizer.vocab_size, adapt=objective.adapt_model_config)
+    params = loading.base_params(config, model_config, as_held=False)  # the seed's init, as the state builder makes it
     return Model(models.build(model_config), params, tokenizer, config, step=0)
 
 

@@ -26,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxtune import paths
+from jaxtune import workdir as workdir_lib
 from jaxtune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, workdir: str | Path, *, every: int, keep: int, use_async: bool = True):
-        self.directory = paths.absolute(workdir) / "checkpoints"
+        self.directory = paths.absolute(workdir) / workdir_lib.CHECKPOINTS
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=every,
@@ -195,7 +196,7 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
 
 def latest_checkpoint(workdir: str | Path, command: str) -> tuple[Path, int]:
     """A run's checkpoints directory and latest step, or a UserError naming the command."""
-    directory = paths.absolute(workdir) / "checkpoints"
+    directory = paths.absolute(workdir) / workdir_lib.CHECKPOINTS
     if not directory.is_dir():
         raise UserError(f"{command}: {workdir} has no checkpoints/ directory (train a model there first)")
     with ocp.CheckpointManager(directory) as manager:
@@ -228,7 +229,7 @@ def restore_params(workdir: str | Path, abstract_params: Any) -> Any:
 
     Only the params are read (a partial restore): that run's optimizer state may have any shape.
     """
-    directory = paths.absolute(workdir) / "checkpoints"
+    directory = paths.absolute(workdir) / workdir_lib.CHECKPOINTS
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True)) \
         if directory.is_dir() else None
     step = manager.latest_step() if manager is not None else None

@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from jaxtune import distributed, platforms
+from jaxtune import workdir as workdir_lib
 from jaxtune.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -80,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     from jaxtune.datatools import commands as datatools_commands  # dedup, decontaminate, filter
     from jaxtune.datatools import generation_commands  # self-instruct, evolve
 
-    datatools_commands.add_commands(data_commands)
+    datatools_commands.add_commands(data_commands, load_config=_load_validated_config)
     generation_commands.add_commands(data_commands)
     return parser
 
@@ -98,6 +99,13 @@ def _add_plan_parser(commands) -> None:
                       help="a plan fits when it needs at most this fraction of a device's memory")
     plan.add_argument("--dump_dir", default=None, help="keep XLA's dump (HLO, buffer assignment) here")
     plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+
+
+def _load_validated_config(spec: str, overrides: list[str]):
+    """validation.load_config, imported on use (the CLI's parser and error paths stay light)."""
+    from jaxtune import validation
+
+    return validation.load_config(spec, overrides)
 
 
 def _plan(args, overrides: list[str]) -> int:
@@ -167,7 +175,7 @@ def _add_harness_options(ev) -> None:
 
 
 def _generate(args) -> int:
-    from jaxtune import generate, inference
+    from jaxtune import generate, inference, objectives
     from jaxtune.data import pipeline
 
     if args.chat:
@@ -176,7 +184,7 @@ def _generate(args) -> int:
         raise UserError("generate: give at least one --prompt")
     if any(not p.strip() for p in args.prompt):
         raise UserError("generate: --prompt is empty")
-    loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir)
+    loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir, adapt=objectives.adapt_model_config)
     tok = loaded.tokenizer
     outputs = generate.generate(
         loaded.model, loaded.params, pipeline.tokenize_prompts(tok, args.prompt), max_new_tokens=args.max_new_tokens,
@@ -189,13 +197,13 @@ def _generate(args) -> int:
 
 
 def _chat(args) -> int:
-    from jaxtune import chat_loop, inference
+    from jaxtune import chat_loop, inference, objectives
 
     if args.prompt:
         raise UserError("generate: --chat reads the conversation from stdin; drop --prompt")
     if distributed.is_multiprocess():
         raise UserError("generate: --chat is interactive; run it as a single process")
-    loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir)
+    loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir, adapt=objectives.adapt_model_config)
     template = chat_loop.choose_template(args.chat_template, loaded.tokenizer, loaded.config)
     sampling = chat_loop.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.stop)
     chat_loop.chat(loaded.model, loaded.params, loaded.tokenizer, template, stdin=sys.stdin, stdout=sys.stdout,
@@ -210,12 +218,16 @@ def _eval(args, overrides: list[str]) -> int:
         return _eval_responses(args)
     if not args.workdir:
         raise UserError("eval: --workdir is required (unless --responses, or --harness with --hf_dir)")
-    from jaxtune import evaluate, inference, metrics, objectives, paths, validation
+    from jaxtune import evaluate, inference, metrics, objectives, paths, trainer, validation
 
     config = validation.load_config(args.config, overrides) if args.config else None
-    loaded = inference.from_hf_dir(args.hf_dir, config) if args.hf_dir else inference.from_workdir(args.workdir, config)
+    loaded = (inference.from_hf_dir(args.hf_dir, config) if args.hf_dir
+              else inference.from_workdir(args.workdir, config, adapt=objectives.adapt_model_config))
     config = loaded.config
     objective = objectives.build(config)  # the run's objective decides what its held-out evaluation is
+    # A held-out pair set's reference: the weights the run started from, rebuilt as training built them.
+    objective.start_params = lambda: trainer.setup.start_weights(config, objective,
+                                                                 vocab_size=loaded.model.config.vocab_size)
     eval_set = objective.eval_set(objective.load_data(args.workdir))
     if not eval_set:
         raise UserError("eval: nothing to evaluate; set data.eval_path (or data.builtin=quickstart), eval.mc_path "
@@ -223,7 +235,7 @@ def _eval(args, overrides: list[str]) -> int:
     scores = objective.evaluate(loaded.model, loaded.params, loaded.tokenizer, eval_set,
                                 show=config.eval.show_examples)
     step = loaded.step or 0
-    path = paths.path(args.workdir) / "eval_results.json"
+    path = paths.path(args.workdir) / workdir_lib.EVAL_RESULTS
     if distributed.process_index() == 0:  # files are written once (a shared workdir)
         evaluate.write_results(path, scores, step=step, model=args.hf_dir or str(args.workdir))
     writer = metrics.MetricsWriter(args.workdir, resume_step=2**62, tensorboard=False)
@@ -298,14 +310,14 @@ def _convert(args) -> int:
     from jaxtune import models, paths
 
     if to_orbax:
-        from jaxtune.models.hf_check import validate_hf_dir
+        from jaxtune.hf_check import validate_hf_dir
 
         validate_hf_dir(args.hf_dir, tokenizer=False, param_dtype=args.dtype)
         _, params = models.from_pretrained(args.hf_dir, dtype=args.dtype)
         config = config_lib.base_config()
         config.model.hf_dir = str(paths.absolute(args.hf_dir))
         config.model.param_dtype = str(_dtype_name(params))
-        directory = paths.absolute(args.out) / "checkpoints"
+        directory = paths.absolute(args.out) / workdir_lib.CHECKPOINTS
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as manager:
             manager.save(0, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"params": params}),
@@ -327,9 +339,9 @@ def _convert(args) -> int:
 
 def _load_run(command: str, workdir: str, dtype: str | None = None):
     """(config, model config, saved state dict, step, tokenizer dir) of a run's latest checkpoint."""
-    from jaxtune import inference
+    from jaxtune import inference, objectives
 
-    run = inference.restore_run(workdir, command, dtype=dtype)
+    run = inference.restore_run(workdir, command, dtype=dtype, adapt=objectives.adapt_model_config)
     tokenizer_dir = run.tokenizer_path if run.tokenizer_path.is_dir() else run.tokenizer_path.parent
     return run.config, run.model_config, run.state, run.step, str(tokenizer_dir)
 
@@ -338,11 +350,11 @@ def _export(args) -> int:
     """A LoRA run's adapters -> PEFT dir and/or merged HF dir (the base re-created from its pointer)."""
     if not (args.peft or args.merged):
         raise UserError("export: give --peft OUT and/or --merged OUT")
+    from jaxtune import loading
     from jaxtune.peft import export
-    from jaxtune.trainer import state as state_lib
 
     config, model_config, state, step, tokenizer_dir = _load_run("export", args.workdir)
-    spec = state_lib.peft_spec(config)
+    spec = loading.peft_spec(config)
     if spec is None:
         raise UserError(f"export: {args.workdir} is a full fine-tuning run (peft.method='none'); "
                         "use `jaxtune convert --workdir W --hf_out OUT`")
@@ -351,13 +363,13 @@ def _export(args) -> int:
     if args.merged:
         export.check_mergeable(spec)
         if config.model.get("hf_dir"):  # the base is re-read from the run's HF dir
-            from jaxtune.models.hf_check import validate_hf_dir
+            from jaxtune.hf_check import validate_hf_dir
 
             validate_hf_dir(config.model.hf_dir, tokenizer=False)
     adapters = state["params"]
     base = None
     if args.merged or getattr(model_config, "num_labels", None):  # a reward model's PEFT export writes its head
-        base = state_lib.base_params(config, model_config)  # as training held it, on the host
+        base = loading.base_params(config, model_config)  # as training held it, on the host
     if args.peft:
         export.export_peft(model_config, spec, adapters, args.peft, base_model_name_or_path=config.model.get("hf_dir") or None,
                            base=base)
@@ -398,10 +410,10 @@ def _train(args, overrides: list[str]) -> int:
     from jaxtune import validation
 
     config = validation.load_config(args.config, overrides)  # all config errors before JAX starts work
-    from jaxtune import trainer, workdir
+    from jaxtune import trainer
 
-    with workdir.undo_on_user_error(args.workdir):  # a failed start leaves the workdir as it was
-        workdir.ensure_workdir(args.workdir)
+    with workdir_lib.undo_on_user_error(args.workdir):  # a failed start leaves the workdir as it was
+        workdir_lib.ensure_workdir(args.workdir)
         trainer.train(config, args.workdir)  # a signal-stopped run has saved and exits cleanly too
     return 0
 
@@ -412,13 +424,15 @@ def _data_preview(args, overrides: list[str]) -> int:
     from jaxtune import validation
 
     config = validation.load_config(args.config, overrides)
-    from jaxtune.config import data_config
+    from jaxtune import loading
     from jaxtune.data.preview import preview
+    from jaxtune.datatools.screen import Screen
 
-    config.unlock()
-    config.data = data_config(config)  # a model.hf_dir's own tokenizer, as training uses
     with tempfile.TemporaryDirectory() as tmp:
-        for line in preview(config, args.workdir or tmp, num=args.num, batches=args.batches):
+        workdir = args.workdir or tmp
+        settings = loading.data_settings(config, workdir)  # the tokenizer training would use (e.g. model.hf_dir's)
+        for line in preview(settings, workdir, seed=config.seed, global_batch_size=config.train.global_batch_size,
+                            num=args.num, batches=args.batches, screen=Screen.from_config(config.data, config.eval)):
             print(line)
     return 0
 

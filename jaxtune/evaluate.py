@@ -25,16 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import distributed, paths
-from jaxtune import generate as generate_lib
-from jaxtune.data import ifeval, pipeline
-from jaxtune.data import templates as templates_lib
-from jaxtune.data.eval_tasks import EvalTask, load_eval_tasks
+from jaxtune import batch as batch_lib, distributed, generate as generate_lib, paths
+from jaxtune.data import ifeval, pipeline, templates as templates_lib
 from jaxtune.data.flan import few_shot_prompt
 from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
-from jaxtune.objectives import masked_sequence_sums, model_token_stats
-from jaxtune.objectives.logprobs import DEFAULT_CHUNK
+from jaxtune.eval_tasks import EvalTask, load_eval_tasks
+from jaxtune.logprobs import DEFAULT_CHUNK, masked_sequence_sums, model_token_stats
 from jaxtune.rewards.instructions import as_constraints, satisfied, satisfied_loose
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -164,7 +161,7 @@ def score_responses_file(path: str, *, prompts: str | None = None) -> dict[str, 
 def _sequence_logprobs(model, variables, batch, logits_chunk):
     """Per row: summed log p(target) over the loss mask, masked token count, argmax hits.
 
-    The LM head runs `logits_chunk` positions at a time, as in training (objectives/logprobs.py)."""
+    The LM head runs `logits_chunk` positions at a time, as in training (jaxtune/logprobs.py)."""
     stats = model_token_stats(model.module, variables, batch["inputs"], batch["targets"], positions=batch["positions"],
                               segment_ids=batch["segment_ids"], chunk=logits_chunk)
     logp, count = masked_sequence_sums(stats.logp, batch["loss_mask"])
@@ -194,8 +191,8 @@ def score_continuations(
     results = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        chunk += [{k: np.zeros(seq_len, np.int32) for k in pipeline.BATCH_KEYS}] * (batch_size - len(chunk))
-        batch = {k: np.stack([r[k] for r in chunk]) for k in pipeline.BATCH_KEYS}
+        chunk += [{k: np.zeros(seq_len, np.int32) for k in batch_lib.BATCH_KEYS}] * (batch_size - len(chunk))
+        batch = {k: np.stack([r[k] for r in chunk]) for k in batch_lib.BATCH_KEYS}
         out = _sequence_logprobs(generate_lib.ByRepr(model), variables, batch, logits_chunk)
         results.append(np.stack([distributed.to_host(x) for x in out])[:, : min(batch_size, len(rows) - start)])
     if not results:
@@ -443,7 +440,7 @@ def pair_sequence_scores(model, params, arrays: Mapping[str, np.ndarray], *, bat
     logps, counts = [], []
     for start in range(0, n, pairs_per_call):
         take = np.minimum(np.arange(start, start + pairs_per_call), n - 1)  # the last call repeats the last pair
-        rows = {k: arrays[k][take].reshape(-1, arrays[k].shape[-1]) for k in pipeline.BATCH_KEYS}
+        rows = {k: arrays[k][take].reshape(-1, arrays[k].shape[-1]) for k in batch_lib.BATCH_KEYS}
         logp, count, _ = _sequence_logprobs(generate_lib.ByRepr(model), variables, rows, logits_chunk)
         keep = min(pairs_per_call, n - start)
         logps.append(distributed.to_host(logp).reshape(-1, 2)[:keep])

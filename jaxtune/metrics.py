@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxtune import paths
+from jaxtune import workdir as workdir_lib
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity), keyed by the exact
 # `device_kind` real machines report. Matched whole first, then by the longest known prefix, so
@@ -79,7 +80,7 @@ class MetricsWriter:
                  on_write: Callable[[dict], None] | None = None):
         self.enabled = jax.process_index() == 0
         self._on_write = on_write
-        self.path = paths.path(workdir) / "metrics.jsonl"
+        self.path = paths.path(workdir) / workdir_lib.METRICS_FILE
         self._tb = None
         self._file = None
         if not self.enabled:
@@ -96,7 +97,7 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(paths.path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(paths.path(workdir) / workdir_lib.TENSORBOARD))
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         row = {"step": int(step)}
@@ -128,7 +129,7 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    path = paths.path(workdir) / "metrics.jsonl"
+    path = paths.path(workdir) / workdir_lib.METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

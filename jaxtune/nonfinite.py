@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune import workdir as workdir_lib
 from jaxtune.errors import UserError
 
 FLAG = "nonfinite"
@@ -82,7 +83,7 @@ def save_diagnostics(workdir: Path, step: int, state: Any, batch: dict, report: 
     """WORKDIR/diagnostics/step_N: the state before the failing update (orbax), the batch (npz), a report."""
     import orbax.checkpoint as ocp
 
-    directory = Path(workdir).absolute() / "diagnostics" / f"step_{step}"
+    directory = Path(workdir).absolute() / workdir_lib.DIAGNOSTICS / f"step_{step}"
     directory.mkdir(parents=True, exist_ok=True)
     if getattr(state, "frozen", None) is not None:
         state = state.replace(frozen=None)

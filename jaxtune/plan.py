@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxtune import metrics, platforms, trainer
 from jaxtune.errors import UserError
-from jaxtune.models import hf_check
+from jaxtune import hf_check
 
 GiB = 1024**3
 DEFAULT_HEADROOM = 0.9  # a plan fits when it needs at most this fraction of a device's memory
@@ -174,7 +174,7 @@ def plan(config: ml_collections.ConfigDict, *, config_name: str = "", topology: 
     devices = tpu_devices(topology, num_slices) if topology else jax.devices()
     # vocab_size=None: the model's configured vocab (a from-scratch run's tokenizer would set it at
     # train time; training one here would read the data).
-    setup = trainer.build_setup(config, devices)
+    setup = trainer.build_setup(config, devices)  # plan has no run yet: the objective is built here, once
     with tempfile.TemporaryDirectory() as tmp:
         dump = dump_dir or tmp
         oom = ""

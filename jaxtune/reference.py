@@ -26,12 +26,13 @@ import jax
 import numpy as np
 
 from jaxtune import distributed, paths
+from jaxtune import workdir as workdir_lib
 from jaxtune.data import preference
 from jaxtune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STORE_DIR = "reference_logps"
+STORE_DIR = workdir_lib.REFERENCE_LOGPS
 CHUNK_RECORDS = 4096
 
 

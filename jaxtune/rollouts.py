@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxtune import generate as generate_lib
 from jaxtune.data.examples import shift_and_truncate
-from jaxtune.data.pipeline import BATCH_KEYS
+from jaxtune.batch import BATCH_KEYS
 
 ROLLOUT_KEYS = (*BATCH_KEYS, "advantages")
 

@@ -22,11 +22,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import models
+from jaxtune import inference, models
+from jaxtune.data import examples, preference, templates
 from jaxtune.peft import wrapper
 from jaxtune.errors import UserError
 
 _MIN_BUCKET = 16
+REWARD_OBJECTIVE = "reward"  # objective.type of a reward-model run (objectives/reward_model.py registers it)
+
+
+def reward_head(model_config):
+    """A reward model's config: the decoder with a one-label sequence-classification head (what the
+    reward objective trains and what this module scores with)."""
+    return model_config.replace(num_labels=1)
+
+
+def _trained_model(config, model_config):
+    """The model a restored run trained: a reward run's has the scalar head; any other run's stays as
+    configured (and `RewardScorer` then says it is not a reward model)."""
+    return reward_head(model_config) if config.objective.get("type") == REWARD_OBJECTIVE else model_config
 
 
 class RewardScorer:
@@ -49,8 +63,6 @@ class RewardScorer:
 
     def tokens(self, prompt: str, completion: str) -> list[int]:
         """The token ids the reward model reads for one (prompt, completion), as training did."""
-        from jaxtune.data import examples, preference, templates
-
         tok = self.tokenizer
         fields = {"prompt": prompt, "response": completion}
         prompt_ids = examples.encode_prompt(tok, templates.render(self.template[0], fields, where="reward prompt"))
@@ -90,9 +102,7 @@ class RewardScorer:
 def reward_fn(workdir: str | None = None, *, hf_dir: str | None = None, batch_size: int = 16) -> RewardScorer:
     """The reward model of a `jaxtune train` run with objective.type='reward' (its latest checkpoint)
     or of a Hugging Face `*ForSequenceClassification` directory, as `rewards(prompts, completions)`."""
-    from jaxtune import inference
-
-    loaded = inference.load(workdir=workdir, hf_dir=hf_dir)
+    loaded = inference.load(workdir=workdir, hf_dir=hf_dir, adapt=_trained_model)
     params = loaded.params
     variables = params if isinstance(params, dict) and "params" in params else {"params": params}
     data = loaded.config.data

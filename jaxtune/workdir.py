@@ -17,8 +17,17 @@ from pathlib import Path
 
 from jaxtune.errors import UserError
 
-CHECKPOINTS = "checkpoints"
-DIAGNOSTICS = "diagnostics"
+# What a run directory holds, by name: every module takes these names from here.
+CHECKPOINTS = "checkpoints"  # orbax steps (checkpoint.py)
+DIAGNOSTICS = "diagnostics"  # step_<n>/ of a non-finite loss (nonfinite.py)
+TOKENIZER_FILE = "tokenizer.model"  # a tokenizer trained on the run's data (data/datasets.py)
+METRICS_FILE = "metrics.jsonl"  # one JSON line per logged step (metrics.py)
+TENSORBOARD = "tensorboard"  # TensorBoard event files (metrics.py)
+EVAL = "eval"  # step_<n>.json: evaluations during training (trainer/loop.py)
+EVAL_RESULTS = "eval_results.json"  # `jaxtune eval --workdir` (cli.py)
+SAMPLES = "samples"  # step_<n>.jsonl: RL completions and rewards (objectives/grpo.py)
+REFERENCE_LOGPS = "reference_logps"  # precomputed reference log-probs (reference.py)
+DATA_SCREEN_REPORT = "data_screen.json"  # what the data screen dropped (datatools/screen.py)
 
 
 def ensure_workdir(workdir: str | Path) -> Path:

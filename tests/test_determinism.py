@@ -9,14 +9,14 @@ tests/test_trainer.py::test_presets_on_8_devices_match_one_device holds them to 
 import numpy as np
 import pytest
 
-from jaxtune import trainer
+from jaxtune import loading, trainer
 from jaxtune.data import datasets
 from jaxtune.metrics import read_metrics
 from tests.helpers import tiny_config
 
 
 def _batches(config, workdir, n=6):
-    data = datasets.load_sft_data(config.data, workdir, seed=config.seed)
+    data = datasets.load_sft_data(loading.data_settings(config), workdir, seed=config.seed)
     dataset, _ = datasets.train_dataset(data, config.data, batch_size=config.train.global_batch_size, seed=config.seed)
     it = iter(dataset)
     return [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(n)]

@@ -150,7 +150,7 @@ def _eval_tasks_config(tmp_path, **tasks):
 
 
 def test_eval_tasks_render_like_training_tasks(tmp_path):
-    from jaxtune.data.eval_tasks import load_eval_tasks
+    from jaxtune.eval_tasks import load_eval_tasks
 
     c, config_lib = _eval_tasks_config(tmp_path)
     random_mc = config_lib.eval_task_config(
@@ -200,7 +200,7 @@ def test_training_task_is_never_an_eval_task(tmp_path):
 
 
 def test_eval_task_records_are_checked(tmp_path):
-    from jaxtune.data.eval_tasks import load_eval_task
+    from jaxtune.eval_tasks import load_eval_task
 
     c, config_lib = _eval_tasks_config(tmp_path)
     bad = tmp_path / "bad.jsonl"

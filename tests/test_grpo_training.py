@@ -211,7 +211,7 @@ def test_learner_scores_rollouts_at_the_sampling_temperature():
 
     from jaxtune import trainer as trainer_lib
     from jaxtune.objectives.grpo import GRPO
-    from jaxtune.objectives.logprobs import token_stats
+    from jaxtune.logprobs import token_stats
 
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(2, 6, 11)) * 3, jnp.float32)

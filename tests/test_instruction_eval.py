@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from jaxtune import config as config_lib
 from jaxtune import evaluate, models, validation
-from jaxtune.data.eval_tasks import load_eval_task
+from jaxtune.eval_tasks import load_eval_task
 from jaxtune.errors import UserError
 from jaxtune.rewards.instructions import loose_variants, satisfied
 from tests.data.test_pipeline import CharTokenizer

@@ -15,7 +15,7 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.local import LocalFileSystem
 
 from jaxtune import config as config_lib
-from jaxtune import evaluate, inference, metrics, models, paths, reference, validation
+from jaxtune import evaluate, inference, loading, metrics, models, paths, reference, validation
 from jaxtune.data import chat, datasets
 from jaxtune.data.tokenizers import load_tokenizer
 from jaxtune.errors import UserError
@@ -65,21 +65,21 @@ def test_data_templates_and_trained_tokenizer_on_gcs(fake_gcs):
     c.data.train_path, c.data.eval_path = "gs://bucket/data/train.jsonl", "gs://bucket/data/eval.jsonl"
     c.data.templates = (("Uppercase: {word}", "{upper}"),)
     c.data.tokenizer_vocab_size = 300
-    data = datasets.load_sft_data(c.data, "gs://bucket/run", seed=0)
+    data = datasets.load_sft_data(loading.data_settings(c), "gs://bucket/run", seed=0)
     assert (fake_gcs / "bucket/run/tokenizer.model").is_file()  # trained into the gs:// workdir
     assert data.eval_records[0]["word"] == "cat"
     for location in ("gs://bucket/run/tokenizer.model", "gs://bucket/run"):  # a file, or a dir holding one
         assert load_tokenizer(location).encode("cat dog") == data.tokenizer.encode("cat dog")
-    again = datasets.load_sft_data(c.data, "gs://bucket/run", seed=0)  # the cached tokenizer is reused
+    again = datasets.load_sft_data(loading.data_settings(c), "gs://bucket/run", seed=0)  # the cached tokenizer is reused
     assert again.tokenizer.vocab_size == data.tokenizer.vocab_size
     c.data.tokenizer = "gs://bucket/run/tokenizer.model"
     c.data.eval_path = ""
     c.data.tasks.upper = config_lib.task_config(path="gs://bucket/data/train.jsonl", templates="gs://bucket/templates.json:upper")
-    mixed = datasets.load_sft_data(c.data, "gs://bucket/other", seed=0)
+    mixed = datasets.load_sft_data(loading.data_settings(c), "gs://bucket/other", seed=0)
     assert mixed.tokenizer.vocab_size == data.tokenizer.vocab_size and len(mixed.tasks[0].records) == len(records)
     c.data.tokenizer = "gs://bucket/missing.model"
     with pytest.raises(UserError, match="gs://bucket/missing.model does not exist"):
-        datasets.load_sft_data(c.data, "gs://bucket/other", seed=0)
+        datasets.load_sft_data(loading.data_settings(c), "gs://bucket/other", seed=0)
 
 
 @pytest.mark.slow  # builds, saves and loads a model

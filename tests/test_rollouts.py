@@ -9,7 +9,7 @@ from jaxtune import generate as generate_lib
 from jaxtune import models
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.objectives.grpo_loss import policy_loss
-from jaxtune.objectives.logprobs import token_stats
+from jaxtune.logprobs import token_stats
 from jaxtune.peft import base as peft_base
 from jaxtune.peft import wrapper
 from jaxtune.rollouts import Rollout, build_rows, rollout_example, rows_needed, sample_groups

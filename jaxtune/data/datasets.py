@@ -13,12 +13,12 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ml_collections
 
 from jaxtune import distributed, paths
-from jaxtune.config import task_config
+from jaxtune.workdir import TOKENIZER_FILE
 from jaxtune.data import chat as chat_lib
 from jaxtune.data import preference
 from jaxtune.data import templates as templates_lib
@@ -34,7 +34,6 @@ from jaxtune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.model"
 # Records rendered to train a from-scratch tokenizer on user JSONL data.
 _TOKENIZER_SAMPLE = 20_000
 
@@ -49,8 +48,9 @@ class SftData:
     eval_templates: Mapping[str, Sequence[templates_lib.Template]] = dataclasses.field(default_factory=dict)
 
 
-def _tokenizer(cfg: ml_collections.ConfigDict, workdir: Path, corpus) -> Tokenizer:
-    """The configured tokenizer, or one trained on the data and cached in the workdir."""
+def run_tokenizer(cfg: ml_collections.ConfigDict, workdir: Path, corpus) -> Tokenizer:
+    """`cfg.tokenizer` (resolved from the config by loading.data_settings), or one trained on the
+    data (`corpus()`, texts) and cached in the workdir."""
     if cfg.tokenizer:
         path = paths.path(cfg.tokenizer)
         if not path.exists():  # a tokenizer file, or a directory holding one (HF model dirs)
@@ -89,15 +89,17 @@ def _tasks_corpus(tasks: Sequence[TaskSpec], seed: int) -> Any:
 
 
 def _single_task(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The single-task keys (data.train_path + data.templates) as a task config."""
-    return task_config(source="jsonl", path=cfg.train_path, templates=tuple(tuple(t) for t in cfg.templates),
-                       truncation=cfg.truncation, word_dropout=cfg.word_dropout, on_error=cfg.on_error)
+    """The single-task keys (data.train_path + data.templates) as a task config: `cfg.default_task`,
+    which the settings come with (loading.data_settings builds it with the config schema)."""
+    if "default_task" not in cfg:
+        raise ValueError("data settings without 'default_task': pass loading.data_settings(config), not config.data")
+    return cfg.default_task
 
 
 def task_spec(name: str, t: ml_collections.ConfigDict, *, tokenizer_chat_template: str | None = None,
               where: str = "", screen: Callable | None = None) -> TaskSpec:
     """Opens a task's source and resolves its templates (errors name `where`, default `data.tasks.<name>`).
-    `screen(name, t, source)` (datatools.screen: filters, decontamination) narrows the source first."""
+    `screen(name, t, source)` (a `Screen`, below) narrows the source first."""
     where = where or f"data.tasks.{name}"
     source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=where)
     if screen is not None:
@@ -134,19 +136,24 @@ def _mixture(cfg: ml_collections.ConfigDict, tasks: Sequence[TaskSpec], task_cfg
     )
 
 
-def _screen(cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict | None):
-    """The pre-training data screen (data.decontaminate, data.tasks.<t>.filters), or None when not configured."""
-    from jaxtune.datatools.screen import Screen
+class Screen(Protocol):
+    """What narrows a task's records before training (filters, decontamination: datatools.screen.Screen,
+    built by the layer above and passed in, so this module needs neither the config nor the data tools)."""
 
-    return Screen.from_config(cfg, eval_cfg)
+    def __call__(self, name: str, task: ml_collections.ConfigDict, source: Sequence[dict]) -> Sequence[dict]:
+        """The records of `source` (task `name`, its settings `task`) to train on."""
+
+    def finish(self, workdir: str | Path | None) -> None:
+        """Called once every task is screened: reports what was dropped."""
 
 
 def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: int,
-                  eval_cfg: ml_collections.ConfigDict | None = None) -> SftData:
-    """An SFT run's tokenizer, tasks (screened: datatools.screen), mixture and held-out records."""
+                  screen: Screen | None = None) -> SftData:
+    """An SFT run's tokenizer, tasks (narrowed by `screen` when given), mixture and held-out records.
+    `cfg` is the data settings of `loading.data_settings(config)`."""
     workdir = paths.path(workdir)
     if cfg.builtin == "quickstart" and not cfg.tasks:
-        tokenizer = _tokenizer(cfg, workdir, lambda: quickstart.tokenizer_corpus(seed=seed))
+        tokenizer = run_tokenizer(cfg, workdir, lambda: quickstart.tokenizer_corpus(seed=seed))
         flan = {name: FlanSpec(tuple(t), word_dropout=cfg.word_dropout) for name, t in quickstart.templates("train").items()}
         task = TaskSpec(DEFAULT_TASK, quickstart.generate_records(cfg.num_train_examples, seed=seed), flan=flan,
                         truncation=cfg.truncation, on_error=cfg.on_error)
@@ -159,14 +166,13 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
     if cfg.builtin == "verifiable" and not cfg.tasks:
         return _verifiable_sft_data(cfg, workdir, seed=seed)
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
-    given = _tokenizer(cfg, workdir, None) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
-    screen = _screen(cfg, eval_cfg)
+    given = run_tokenizer(cfg, workdir, None) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
     tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None),
                        where="" if cfg.tasks else "data", screen=screen)  # errors name the keys the user set
              for name, t in task_cfgs.items()]
     if screen is not None:
         screen.finish(workdir)
-    tokenizer = given or _tokenizer(cfg, workdir, _tasks_corpus(tasks, seed))
+    tokenizer = given or run_tokenizer(cfg, workdir, _tasks_corpus(tasks, seed))
     data = SftData(tokenizer=tokenizer, tasks=tasks, mixture=_mixture(cfg, tasks, list(task_cfgs.values())))
     if cfg.eval_path and not cfg.tasks:
         eval_source = JsonlSource(cfg.eval_path)
@@ -182,7 +188,7 @@ def _verifiable_sft_data(cfg: ml_collections.ConfigDict, workdir: Path, *, seed:
     from jaxtune.data.builtin import verifiable
 
     steps = {"min_steps": cfg.verifiable_min_steps, "max_steps": cfg.verifiable_max_steps}
-    tokenizer = _tokenizer(cfg, workdir, lambda: verifiable.tokenizer_corpus(seed=seed, **steps))
+    tokenizer = run_tokenizer(cfg, workdir, lambda: verifiable.tokenizer_corpus(seed=seed, **steps))
     templates = [tuple(t) for t in cfg.templates]
     families = verifiable.check_families(cfg.verifiable_families)
     task = TaskSpec(DEFAULT_TASK, verifiable.generate_records(cfg.num_train_examples, split="train", seed=seed,
@@ -309,7 +315,8 @@ def preference_eval_tasks(cfg: ml_collections.ConfigDict, eval_cfg: ml_collectio
 
 
 def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, unpaired: bool,
-                         eval_cfg: ml_collections.ConfigDict | None = None) -> PreferenceData:
+                         eval_cfg: ml_collections.ConfigDict | None = None, screen: Screen | None = None
+                         ) -> PreferenceData:
     """Preference pairs (or unpaired KTO examples) from data.tasks (mixed like SFT tasks: caps, weights,
     temperature) or data.train_path with data.templates; chat records are rendered with the task's
     chat_template, else data.chat_template, else the tokenizer's. Held-out pairs come from
@@ -318,9 +325,8 @@ def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
         raise UserError(f"config key 'data.builtin' is {cfg.builtin!r}; preference objectives read JSONL pairs "
                         "(data.train_path, with data.builtin='') or data.tasks")
     configured = chat_lib.resolve_template(cfg.chat_template) if cfg.chat_template else None
-    given = _tokenizer(cfg, paths.path(workdir), None) if cfg.tokenizer else None  # read before the tasks (chat template)
+    given = run_tokenizer(cfg, paths.path(workdir), None) if cfg.tokenizer else None  # read before the tasks (chat template)
     default_chat = configured or getattr(given, "chat_template", None)
-    screen = _screen(cfg, eval_cfg)
     if cfg.tasks:
         task_cfgs = list(cfg.tasks.items())
         tasks = [_pair_task(name, t, default_chat_template=default_chat, where=f"data.tasks.{name}", screen=screen)
@@ -342,7 +348,7 @@ def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
             yield from preference.corpus(task.records, unpaired=unpaired, limit=per_task,
                                          chat_template=task.chat_template or configured)()
 
-    tokenizer = given or _tokenizer(cfg, paths.path(workdir), corpus)
+    tokenizer = given or run_tokenizer(cfg, paths.path(workdir), corpus)
     if given is None:  # a tokenizer read from the workdir or trained here may bring its own chat template
         own = getattr(tokenizer, "chat_template", None)
         for task in tasks:

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from jaxtune.data.pipeline import BATCH_KEYS
+from jaxtune.batch import BATCH_KEYS, PAIR_MASK_KEY  # PAIR_MASK_KEY [R, max_pairs]: 1 where the slot holds a pair
 
-from jaxtune.objectives.segments import PAIR_MASK_KEY  # [R, max_pairs]: 1 where the slot holds a pair
 _SEQUENCE_KEYS = ("inputs", "targets", "loss_mask", "positions", "rejected")
 PACKERS = {"first_fit": grain.experimental.FirstFitPackIterDataset,
            "best_fit": grain.experimental.BestFitPackIterDataset}

@@ -15,6 +15,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxtune.batch import BATCH_KEYS
 from jaxtune.data import templates as templates_lib
 from jaxtune.data.examples import (
     DEFAULT_TASK, CountExamples, ExampleBuilder, TaskSpec, TaskStats, TokenizeStats, encode_prompt, is_example,
@@ -23,7 +24,6 @@ from jaxtune.data.examples import (
 from jaxtune.data.flan import FlanSpec
 from jaxtune.data.tokenizers import Tokenizer
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 PACKING_STRATEGIES = ("first_fit", "best_fit")  # data.packing_strategy
 
 

@@ -46,7 +46,8 @@ from jaxtune.data import pair_packing
 from jaxtune.data.examples import (DEFAULT_TASK, SKIP_KEY, TASK_KEY, TRUNCATED_KEY, CountExamples, TaskStats,
                                    TokenizeStats, encode_prompt, is_example)
 from jaxtune.data.formats import check_message_list
-from jaxtune.data.pipeline import BATCH_KEYS, PipelineStats, record_stream, sharded_batches
+from jaxtune.batch import BATCH_KEYS
+from jaxtune.data.pipeline import PipelineStats, record_stream, sharded_batches
 from jaxtune.data.tokenizers import Tokenizer, encode_with_specials, start_sequence
 from jaxtune.errors import UserError
 

@@ -40,24 +40,24 @@ def _percentiles(lengths: Sequence[int]) -> str:
     return f"length p50 {p50:.0f}, p90 {p90:.0f}, p99 {p99:.0f}, max {max(lengths)}"
 
 
-def preview(config: ml_collections.ConfigDict, workdir: str | Path, *, num: int = 5, batches: int = 20) -> list[str]:
-    """Lines to print: mixture, `num` marked examples, stats over `batches` batches of the global batch size."""
-    cfg = config.data
-    data = datasets.load_sft_data(cfg, workdir, seed=config.seed, eval_cfg=config.eval)
+def preview(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: int, global_batch_size: int, num: int = 5,
+            batches: int = 20, screen: datasets.Screen | None = None) -> list[str]:
+    """Lines to print: mixture, `num` marked examples, stats over `batches` batches of `global_batch_size`.
+    `cfg`: the data settings (loading.data_settings); `screen`: as for datasets.load_sft_data."""
+    data = datasets.load_sft_data(cfg, workdir, seed=seed, screen=screen)
     lines = [f"mixture ({data.mixture.mode}):", data.mixture.describe(), ""]
     stream = example_stream(data.tasks, data.tokenizer, rates=data.mixture.rates, seq_len=cfg.seq_len,
-                            seed=config.seed, shuffle=cfg.shuffle)
+                            seed=seed, shuffle=cfg.shuffle)
     shown = itertools.islice(filter(is_example, iter(stream)), num)
     for i, example in enumerate(shown, start=1):
         name = data.tasks[example[TASK_KEY]].name
         lines.append(f"--- example {i} (task {name}): {len(example['inputs'])} tokens, "
                      f"{int(example['loss_mask'].sum())} trained")
         lines.append(marked_text(data.tokenizer, example["inputs"], example["targets"], example["loss_mask"]))
-    dataset, stats = datasets.train_dataset(data, cfg, batch_size=config.train.global_batch_size, seed=config.seed,
-                                            collect_lengths=True)
+    dataset, stats = datasets.train_dataset(data, cfg, batch_size=global_batch_size, seed=seed, collect_lengths=True)
     for _ in itertools.islice(iter(dataset), batches):
         pass
-    lines += ["", f"stats over {batches} batches of {config.train.global_batch_size} x {cfg.seq_len}:"]
+    lines += ["", f"stats over {batches} batches of {global_batch_size} x {cfg.seq_len}:"]
     for name, s in stats.tasks.items():
         lines.append(f"  {name}: {s.summary()}; {_percentiles(s.lengths)}")
     lines.append(f"  packing efficiency (non-pad fraction): {stats.packing_efficiency:.1%}")

@@ -13,7 +13,9 @@ figures: docs/guides/data-tools.md.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jaxtune.errors import UserError
 
@@ -66,8 +68,10 @@ def _common(parser: argparse.ArgumentParser, *, fields_help: str) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
 
-def add_commands(data_commands) -> None:
-    """Adds dedup, decontaminate and filter to the `jaxtune data` subcommands (handler in `run`)."""
+def add_commands(data_commands, load_config: Callable[[str, list[str]], Any]) -> None:
+    """Adds dedup, decontaminate and filter to the `jaxtune data` subcommands (handler in `run`).
+    `load_config(spec, overrides)` loads and validates a --config (the CLI passes validation.load_config:
+    validation sits above the data tools, which the objectives use for their data screen)."""
     fields = ("text fields compared, comma-separated (a.b.0 reads nested values); default: the fields the record's "
               "format trains on (instruction/input/output, instruction/instances, prompt/chosen/rejected/completion, "
               "text, messages[*].content), never ids or provenance")
@@ -83,7 +87,7 @@ def add_commands(data_commands) -> None:
     dedup.add_argument("--exact_only", action="store_true", help="only remove exact (normalised-text) duplicates")
     dedup.add_argument("--clusters", action="store_true", help="also write OUT_DIR/dedup_clusters.jsonl: each kept "
                        "record with the records removed as its duplicates")
-    dedup.set_defaults(run=_dedup)
+    dedup.set_defaults(run=_dedup, load_config=load_config)
 
     decon = data_commands.add_parser(
         "decontaminate", help="drop training records overlapping evaluation sets, as Tulu 3 / open-instruct: "
@@ -112,7 +116,7 @@ def add_commands(data_commands) -> None:
                        help="coverage in [0, 1] (fraction of an eval item's words inside shared n-grams) at which a "
                        "training record is contaminated; 0: any shared n-gram (default 0.5, or the config's "
                        "data.decontaminate.fraction)")
-    decon.set_defaults(run=_decontaminate)
+    decon.set_defaults(run=_decontaminate, load_config=load_config)
 
     filt = data_commands.add_parser(
         "filter", help="quality filters (length, script, repetition, answer format) and LIMA-style selection of "
@@ -148,7 +152,7 @@ def add_commands(data_commands) -> None:
                       help="after filtering, keep the N most diverse records of each set (greedy k-center on MinHash "
                       "of word 3-grams)")
     filt.add_argument("--seed", type=int, default=1, help="MinHash seed of --select_diverse (default 1)")
-    filt.set_defaults(run=_filter)
+    filt.set_defaults(run=_filter, load_config=load_config)
 
 
 def _load_config(args, overrides):
@@ -156,9 +160,7 @@ def _load_config(args, overrides):
         if overrides:
             raise UserError(f"data {args.data_command}: --config.{overrides[0]} given without --config")
         return None
-    from jaxtune import validation
-
-    return validation.load_config(args.config, overrides)
+    return args.load_config(args.config, overrides)
 
 
 def _train_sets(args, config):

@@ -24,10 +24,11 @@ from jaxtune.data.sources import SourceError, open_source
 from jaxtune.datatools import records as records_lib
 from jaxtune.datatools.decontaminate import DecontaminationSettings, EvalIndex, contamination
 from jaxtune.datatools.quality import QualityFilters
+from jaxtune import workdir as workdir_lib
 from jaxtune.errors import UserError
 
 log = logging.getLogger(__name__)
-REPORT_FILE = "data_screen.json"
+REPORT_FILE = workdir_lib.DATA_SCREEN_REPORT
 
 
 def settings_from(d: ml_collections.ConfigDict) -> DecontaminationSettings:

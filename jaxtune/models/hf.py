@@ -35,7 +35,7 @@ from flax import linen as nn
 
 from jaxtune import sharding as sharding_lib
 from jaxtune.errors import UserError
-from jaxtune.models import hf_mapping, layers, llama
+from jaxtune.models import hf_mapping, layers, llama, registry
 from jaxtune.models.llama import LlamaConfig
 
 log = logging.getLogger(__name__)
@@ -239,14 +239,13 @@ def config_from_pretrained(path: str | epath.PathLike, **overrides: Any):
 
     `param_dtype` defaults to the checkpoint's torch_dtype (bfloat16 stays bfloat16, else float32).
     """
-    from jaxtune import models  # registry imports this module's package; avoid a cycle
 
     hf = read_hf_config(path)
     file = epath.Path(path) / CONFIG_FILE
     if "model_type" not in hf:
         raise UserError(f"{file}: no \"model_type\" field; cannot tell the model family")
     try:
-        family = models.family_for_hf(hf.get("model_type"))
+        family = registry.family_for_hf(hf.get("model_type"))
     except UserError as e:
         raise UserError(f"{file}: {e}") from None
     if overrides.get("param_dtype") is None:
@@ -307,11 +306,10 @@ _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 def check_tensors(ckpt: _Checkpoint, config, abstract: Any | None = None) -> None:
     """Every tensor the model needs is present with the right shape and a float dtype, and none is
     left over; `abstract` is the unboxed abstract params (computed when not given)."""
-    from jaxtune import models
 
     path = ckpt.directory
     if abstract is None:
-        abstract = sharding_lib.unbox(_abstract_boxed_params(models.build(config)))
+        abstract = sharding_lib.unbox(_abstract_boxed_params(registry.build(config)))
     used = set()
     maps, ignored = _maps_in_checkpoint(ckpt, config)
     for m in maps:
@@ -349,9 +347,8 @@ def _new_head(ckpt: _Checkpoint, config) -> bool:
 
 def _maps_in_checkpoint(ckpt: _Checkpoint, config) -> tuple[list[hf_mapping.ParamMap], set[str]]:
     """The maps to read from `ckpt` and the tensors it may hold unused (a new head's lm_head)."""
-    from jaxtune import models
 
-    maps = models.family_of(config).hf_param_maps(config)
+    maps = registry.family_of(config).hf_param_maps(config)
     if not _new_head(ckpt, config):
         return maps, set()
     return [m for m in maps if m.path != hf_mapping.SCORE_PATH], {"lm_head.weight"}
@@ -365,10 +362,9 @@ def load_params(path: str | epath.PathLike, config, shardings: Any, *, head_seed
     error too (they would mean a config/checkpoint mismatch). A sequence-classification config
     (num_labels) on a causal-LM checkpoint gets a new score head from `head_seed` (lm_head unused).
     """
-    from jaxtune import models
 
     path = epath.Path(path)
-    abstract = sharding_lib.unbox(_abstract_boxed_params(models.build(config)))
+    abstract = sharding_lib.unbox(_abstract_boxed_params(registry.build(config)))
     dtype = np.dtype(jnp.dtype(config.param_dtype))
     ckpt = _Checkpoint(path)
     try:
@@ -428,10 +424,9 @@ def from_pretrained(path: str | epath.PathLike, *, dtype: str | None = None, mes
     defaults to all devices on the fsdp axis; `rules` is a preset name or a rule table;
     `overrides` are model config fields (e.g. dtype="bfloat16" for compute, remat_policy).
     """
-    from jaxtune import models
 
     config = config_from_pretrained(path, param_dtype=dtype, **overrides)
-    model = models.build(config)
+    model = registry.build(config)
     mesh = mesh if mesh is not None else _default_mesh()
     rule_table = sharding_lib.rules(rules) if isinstance(rules, str) else tuple(rules)
     shardings = sharding_lib.logical_shardings(_abstract_boxed_params(model), mesh, rule_table)
@@ -493,10 +488,9 @@ def save_pretrained(
     `dtype` is the saved tensor dtype (default: the config's param_dtype). Tensors are gathered
     to host one at a time; every process takes part in the gathers, process 0 writes.
     """
-    from jaxtune import models
 
     config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
-    family = models.family_of(config)
+    family = registry.family_of(config)
     out = epath.Path(out_dir)
     params = params.get("params", params) if "params" in params and len(params) == 1 else params
     np_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))

@@ -6,7 +6,7 @@ the paired preference losses, SimPO, ORPO and paired KTO as loss_type `kto_pair`
 head, `bradley_terry_loss`) and `grpo` (grpo.py). Each reads its own section, `objective.<name>.*`
 (e.g. `objective.dpo.beta`). Old spellings still load: `objective.type='preference'` is `dpo` and
 `loss_type='kto'` is `kto_pair`. The loss math is pure float32 functions of arrays
-(`sft_loss_from_stats`, `preference_loss`, `kto_loss`); log-probs come from logprobs.py.
+(`sft_loss_from_stats`, `preference_loss`, `kto_loss`); log-probs come from jaxtune/logprobs.py.
 
 How to add an objective
 -----------------------
@@ -54,13 +54,13 @@ from the current policy in `next_batch(state, data_iter, rng)` (with the model a
 kept in `start(run)`).
 """
 
-from jaxtune.objectives.base import Objective, RunContext, build, get, names, register
-from jaxtune.objectives.logprobs import (TokenStats, head_token_stats, masked_sequence_sums, model_token_stats,
-                                         token_logprobs, token_stats)
+from jaxtune.logprobs import (TokenStats, head_token_stats, masked_sequence_sums, model_token_stats, token_logprobs,
+                              token_stats)
+from jaxtune.objectives.base import Objective, RunContext, adapt_model_config, build, get, names, register
 from jaxtune.objectives.kto import kto_loss
 from jaxtune.objectives.preference import preference_loss, sequence_logps
 from jaxtune.objectives.sft import sft_loss, sft_loss_from_stats
 
-__all__ = ["Objective", "RunContext", "TokenStats", "build", "get", "head_token_stats", "kto_loss",
+__all__ = ["Objective", "RunContext", "TokenStats", "adapt_model_config", "build", "get", "head_token_stats", "kto_loss",
            "masked_sequence_sums", "model_token_stats", "names", "preference_loss", "register", "sequence_logps",
            "sft_loss", "sft_loss_from_stats", "token_logprobs", "token_stats"]

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from jaxtune import config as config_lib
+from jaxtune.datatools.screen import Screen
 from jaxtune.errors import UserError
 
 REFERENCE_KINDS = ("none", "copy", "base", "precomputed")
@@ -56,7 +57,7 @@ class ModelFns(Protocol):
         """Logits [N, T, V] (tests and small models; losses use token_stats)."""
 
     def token_stats(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None, temperature=1.0):
-        """objectives.logprobs.TokenStats [N, T] (float32; the LM head chunked, never [N, T, V] at once),
+        """jaxtune.logprobs.TokenStats [N, T] (float32; the LM head chunked, never [N, T, V] at once),
         of softmax(logits / temperature)."""
 
     def hidden_states(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None) -> jax.Array:
@@ -85,6 +86,12 @@ class RunContext:
     print: Callable[[str], None] = print
 
 
+def data_screen(config: ml_collections.ConfigDict) -> Screen | None:
+    """The run's pre-training data screen (data.tasks.<t>.filters, data.decontaminate), or None when
+    not configured: the objectives hand it to the data layer, which names no data tool itself."""
+    return Screen.from_config(config.data, config.eval)
+
+
 class Objective:
     """One training objective. Subclass, decorate with `@register("name")`, override what differs.
 
@@ -99,6 +106,9 @@ class Objective:
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.section = self.section_of(config)
+        # The weights the run started from (the frozen reference), as a thunk: set by `start` during
+        # training (RunContext.start_params) and by `jaxtune eval`; None until then.
+        self.start_params: Callable[[], Any] | None = None
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -263,6 +273,12 @@ def build(config: ml_collections.ConfigDict) -> Objective:
         config_lib.upgrade_saved(config, config_sections())  # a config saved by an older jaxtune
         select(config)
     return cls(config)
+
+
+def adapt_model_config(config: ml_collections.ConfigDict, model_config):
+    """The model config a run with `config` trains: its objective's `adapt_model_config` (for a
+    run restored from its checkpoint: `inference.load(..., adapt=objectives.adapt_model_config)`)."""
+    return build(config).adapt_model_config(model_config)
 
 
 class _LiveSections(Mapping):

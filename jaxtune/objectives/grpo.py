@@ -49,9 +49,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtune import distributed
+from jaxtune import distributed, loading, paths, workdir as workdir_lib
+from jaxtune.data import chat, datasets
+from jaxtune.data.builtin import verifiable
+from jaxtune.data.formats import check_message_list
+from jaxtune.data.gsm8k import read_gsm8k
+from jaxtune.data.sources import JsonlSource, SourceError
+from jaxtune.data.templates import render
+from jaxtune.data.tokenizers import encode_prompt, encode_with_specials, start_sequence
 from jaxtune.errors import UserError
 from jaxtune.objectives import base, grpo_loss
+from jaxtune.rewards import RewardSet
+from jaxtune.rollouts import build_rows, rollout_example, rows_needed, sample_groups
 
 PROMPT_FORMATS = ("fields", "gsm8k")  # objective.grpo.format of JSONL prompt records
 # Host-side rollout metrics, carried as per-row shares in batch["rollout_stats"] (column order).
@@ -82,8 +91,6 @@ class GRPO(base.Objective):
     """Group-relative policy optimisation on rollouts of the current policy (see module docstring)."""
 
     def __init__(self, config):
-        from jaxtune.rewards import RewardSet
-
         super().__init__(config)
         self.rewards = RewardSet.from_specs(list(self.section.rewards), list(self.section.reward_weights))
         # Per reward function: mean and std over the completions it applies to.
@@ -160,12 +167,8 @@ class GRPO(base.Objective):
                             "data.train_path (JSONL), not "
                             + ("data.tasks" if config.data.tasks else "data.builtin='quickstart'"))
         if config.data.builtin == "verifiable":
-            from jaxtune.data.builtin import verifiable
-
             verifiable.check_families(config.data.verifiable_families)
         if config.data.chat_template:
-            from jaxtune.data import chat
-
             try:
                 chat.check_template(config.data.chat_template)
             except UserError as e:
@@ -173,8 +176,6 @@ class GRPO(base.Objective):
         if not config.data.builtin and not config.data.train_path:
             raise UserError("config key 'data.train_path' is empty: GRPO reads its prompts from it (JSONL), or set "
                             "data.builtin='verifiable' for the built-in problems")
-        from jaxtune.rewards import RewardSet
-
         RewardSet.from_specs(list(s.rewards), list(s.reward_weights))  # names and weights resolve now
 
     # ---- reference -------------------------------------------------------------------------
@@ -193,10 +194,6 @@ class GRPO(base.Objective):
     # ---- data ------------------------------------------------------------------------------
 
     def load_data(self, workdir):
-        from jaxtune.data.builtin import verifiable
-        from jaxtune.data.gsm8k import read_gsm8k
-        from jaxtune.data.sources import JsonlSource
-
         s, d = self.section, self.config.data
         if d.builtin == "verifiable":
             families = verifiable.check_families(d.verifiable_families)
@@ -223,23 +220,13 @@ class GRPO(base.Objective):
         return PromptData(self._tokenizer(workdir, corpus), train, heldout)
 
     def _tokenizer(self, workdir, corpus):
-        from jaxtune import config as config_lib
-        from jaxtune import paths
-        from jaxtune.data import datasets
-        from jaxtune.data.tokenizers import load_tokenizer
-
-        start = self.config.model.init_from
-        if not self.config.data.tokenizer and start and (paths.path(start) / datasets.TOKENIZER_FILE).is_file():
-            # the SFT run's own tokenizer
-            return load_tokenizer(paths.path(start) / datasets.TOKENIZER_FILE, add_bos=self.config.data.add_bos)
-        # model.hf_dir's own tokenizer when data.tokenizer is unset, as SFT and DPO resolve it
-        return datasets._tokenizer(config_lib.data_config(self.config), paths.path(workdir), corpus)
+        """The run's tokenizer, resolved as every objective's is (loading.tokenizer_path: data.tokenizer >
+        model.hf_dir > the workdir's > model.init_from's), else one trained on the prompts (`corpus`)."""
+        return datasets.run_tokenizer(loading.data_settings(self.config, workdir), paths.path(workdir), corpus)
 
     def prompt_text(self, record: dict, where: str = "") -> str:
         """The prompt as the reward functions read it: `objective.grpo.prompt_template` rendered with the
         record's fields, or for a record with chat `messages` its last (user) message."""
-        from jaxtune.data.templates import render
-
         messages = _conversation(record, where)
         if messages:
             return messages[-1]["content"]
@@ -250,9 +237,6 @@ class GRPO(base.Objective):
         `data.chat_template` is set (the prompt text as the user turn) or the record has `messages`
         (rendered with data.chat_template or the tokenizer's own): the chat template's text up to
         its generation prompt (add_generation_prompt=True), as `transformers` renders it."""
-        from jaxtune.data import chat
-        from jaxtune.data.tokenizers import encode_prompt, encode_with_specials, start_sequence
-
         messages = _conversation(record)
         template = self.config.data.chat_template or (getattr(tokenizer, "chat_template", None) if messages else None)
         if not template:
@@ -338,8 +322,6 @@ class GRPO(base.Objective):
     def _check_fit(self, records) -> None:
         """Fails before anything runs when the longest prompt seen plus a full-length completion, for
         every completion of a rollout, cannot fit the rollout's rows."""
-        from jaxtune.rollouts import rows_needed
-
         s, d = self.section, self.config.data
         longest = max((len(self.prompt_ids(self.tokenizer, r)) for r in records), default=0)
         example_len = longest + s.max_completion_tokens - 1
@@ -373,8 +355,6 @@ class GRPO(base.Objective):
         prompts of all processes are gathered, sampled together with one seed, and each process
         keeps (and scores) its own groups. Otherwise the records are the same on every process
         (held-out evaluation)."""
-        from jaxtune.rollouts import sample_groups
-
         s = self.section
         prompts = [self.prompt_text(r) for r in records]
         ids = [self.prompt_ids(tokenizer, r) for r in records]
@@ -395,8 +375,6 @@ class GRPO(base.Objective):
         return rollouts, repeated, np.asarray(totals, np.float64), parts
 
     def _rollout_batches(self, state, data_iter, rng, step) -> list[dict[str, np.ndarray]]:
-        from jaxtune.rollouts import build_rows, rollout_example
-
         s, g = self.section, self.section.num_generations
         jax.block_until_ready(state.params)  # the dispatched step finishes here: it counts as learning
         # Since the last rollout: the train steps on it (and the loop's hooks), measured on the host.
@@ -495,7 +473,7 @@ class GRPO(base.Objective):
         return batches
 
     def _dump(self, step, groups) -> None:
-        path = self.run.workdir / "samples" / f"step_{step}.jsonl"
+        path = self.run.workdir / workdir_lib.SAMPLES / f"step_{step}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
             for rollouts, prompts, totals, parts, _ in groups:
@@ -543,9 +521,6 @@ def _conversation(record: dict, where: str = "") -> list[dict] | None:
     messages = record.get("messages")
     if messages is None:
         return None
-    from jaxtune.data.formats import check_message_list
-    from jaxtune.data.sources import SourceError
-
     where = where or str(record.get("_where", "a prompt record"))
     try:
         messages = check_message_list(messages, where)  # the chat records' own check

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxtune.data import preference
 from jaxtune.errors import UserError
 from jaxtune.objectives import base, pairs
 from jaxtune.objectives.segments import masked_mean
@@ -95,8 +96,6 @@ class KTO(pairs.PairObjective):
             raise UserError(f"config keys {cls.key('desirable_weight')}/undesirable_weight must be > 0")
 
     def pair_losses(self, logps, lengths, ref, batch, valid=None):
-        from jaxtune.data import preference
-
         o = self.section
         return kto_loss(logps[:, 0], ref[:, 0], pairs.per_pair(batch, preference.LABEL_KEY), logps[:, 1], ref[:, 1],
                         beta=o.beta, desirable_weight=o.desirable_weight, undesirable_weight=o.undesirable_weight,

@@ -21,8 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxtune import batch as batch_lib, config as config_lib, evaluate as evaluate_lib, loading, reference, sharding
+from jaxtune.data import chat, datasets, pair_packing, preference
 from jaxtune.errors import UserError
-from jaxtune.objectives import base, segments
+from jaxtune.objectives import base, pair_eval, segments
+from jaxtune.objectives.sft import lm_eval_set, lm_evaluate
 
 REFERENCE_CHOICES = ("auto", "copy", "precomputed", "none")
 REFERENCE_NAMES = {
@@ -38,16 +41,14 @@ def pair_scores(model: base.ModelFns, params, batch: dict[str, jax.Array], froze
     sharding B keeps a pair on one device. Packed [R, 2T]: sums per segment (P = R * max_pairs;
     empty slots are 0, see `pair_mask`).
     """
-    from jaxtune.data import pipeline
-
     logps, lengths, _ = segments.pair_logps(lambda rows: model.token_stats(params, rows, frozen=frozen, rngs=rngs),
-                                            batch, pipeline.BATCH_KEYS)
+                                            batch, batch_lib.BATCH_KEYS)
     return logps, lengths
 
 
 def pair_mask(batch) -> jax.Array | None:
     """[P] bool, the real pairs of a packed batch (None for padded batches: every pair is real)."""
-    return batch[segments.PAIR_MASK_KEY].reshape(-1) > 0 if segments.is_packed(batch) else None
+    return batch[batch_lib.PAIR_MASK_KEY].reshape(-1) > 0 if batch_lib.is_packed_pairs(batch) else None
 
 
 per_pair = segments.per_pair  # a per-pair batch key as a flat [P] array aligned with pair_scores
@@ -96,8 +97,6 @@ class PairObjective(base.Objective):
             raise UserError(f"config key '{cls.key('reference')}' is {o.reference!r}; expected one of "
                             f"{', '.join(REFERENCE_CHOICES)}")
         if config.data.chat_template:
-            from jaxtune.data import chat  # resolves names, files and jinja strings
-
             try:
                 chat.resolve_template(config.data.chat_template)
             except UserError as e:
@@ -138,17 +137,13 @@ class PairObjective(base.Objective):
     # ---- data --------------------------------------------------------------------------------
 
     def load_data(self, workdir):
-        from jaxtune import config as config_lib
-        from jaxtune.data import datasets
-
-        return datasets.load_preference_data(config_lib.data_config(self.config), workdir, unpaired=self.unpaired,
-                                             eval_cfg=self.config.eval)
+        return datasets.load_preference_data(loading.data_settings(self.config, workdir), workdir,
+                                             unpaired=self.unpaired, eval_cfg=self.config.eval,
+                                             screen=base.data_screen(self.config))
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
         """Pair batches on the shared pipeline (data.tasks mixed; padded, or packed with data.packing),
         and their datasets.PairStats (per-task counts; the transforms precomputed log-probs attach to)."""
-        from jaxtune.data import datasets
-
         c = self.config
         return datasets.preference_train_dataset(
             data, c.data, batch_size=batch_size, seed=c.seed, unpaired=self.unpaired, process_index=process_index,
@@ -157,15 +152,13 @@ class PairObjective(base.Objective):
     def batch_shapes(self, batch_size, *, packed: bool | None = None):
         """Padded: rows [B, 2, T], per-pair keys [B]. Packed (data.packing): rows [B, 2T], per-pair keys
         and `pair_mask` [B, data.max_pairs_per_row]."""
-        from jaxtune.data import pair_packing, pipeline, preference
-
         d = self.config.data
         packed = d.packing if packed is None else packed
         rows = (batch_size, pair_packing.row_length(d.seq_len)) if packed else (batch_size, 2, d.seq_len)
         pair = (batch_size, d.max_pairs_per_row) if packed else (batch_size,)
-        shapes = {k: jax.ShapeDtypeStruct(rows, jnp.int32) for k in pipeline.BATCH_KEYS}
+        shapes = {k: jax.ShapeDtypeStruct(rows, jnp.int32) for k in batch_lib.BATCH_KEYS}
         if packed:
-            shapes[pair_packing.PAIR_MASK_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
+            shapes[batch_lib.PAIR_MASK_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
         shapes[preference.INDEX_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
         if self.unpaired:
             shapes[preference.LABEL_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
@@ -180,8 +173,6 @@ class PairObjective(base.Objective):
 
     def reference_logps(self, model, batch, frozen, ref_params):
         """[B, 2] reference log-probs: the frozen copy, the adapter-free base, the batch, or zeros."""
-        from jaxtune.data import preference
-
         kind = self.reference_kind()
         if kind == "copy":
             return jax.lax.stop_gradient(pair_scores(model, ref_params, batch)[0])
@@ -210,11 +201,8 @@ class PairObjective(base.Objective):
     def start(self, run):
         """reference='precomputed': score every training pair once with the start weights
         (stored in the workdir, resumable) and attach the numbers to the batches."""
-        from jaxtune import reference, sharding
-        from jaxtune.data import pair_packing, pipeline, preference
-
         transform = run.data_stats.transform
-        self._start_params = run.start_params  # the reference of held-out pair evaluation (copy/precomputed)
+        self.start_params = run.start_params  # the reference of held-out pair evaluation (copy/precomputed)
         if self.reference_kind() == "precomputed":  # scored as padded pairs, whatever the training layout
             model, mesh = run.setup.apply_fn, run.setup.mesh
             transform.ref_logps = reference.precompute(
@@ -226,14 +214,12 @@ class PairObjective(base.Objective):
             )
         keys = preference.batch_keys(transform)
         if self.config.data.packing:
-            keys = pair_packing.packed_keys(keys[len(pipeline.BATCH_KEYS):])
+            keys = pair_packing.packed_keys(keys[len(batch_lib.BATCH_KEYS):])
         if set(keys) != set(self.batch_shapes(1)):  # the shapes the step was built for
             raise AssertionError(f"preference batches carry {keys}, expected {tuple(self.batch_shapes(1))}")
 
     def reference_fingerprint(self, model_config, num_records: int) -> dict:
         """What precomputed reference log-probs depend on; a stored table made for other values is refused."""
-        from jaxtune import config as config_lib
-
         c = self.config
         return {
             "records": num_records, "train_path": c.data.train_path,
@@ -248,19 +234,12 @@ class PairObjective(base.Objective):
 
     def eval_set(self, data):
         """eval.mc_path / generative and multiple-choice eval.tasks, and the held-out pairs."""
-        from jaxtune.data import datasets
-        from jaxtune.objectives.sft import lm_eval_set
-
         pairs = datasets.preference_eval_sets(data, self.config.data, self.config.eval, seed=self.config.seed,
                                               unpaired=self.unpaired)
         return HeldOut(lm_eval_set(self.config), pairs)
 
     def evaluate(self, model, variables, tokenizer, eval_set, *, show=0, printer=print):
         """LM metrics, and for held-out pairs the training loss and rewards (objectives/pair_eval.py)."""
-        from jaxtune import evaluate as evaluate_lib
-        from jaxtune.objectives import pair_eval
-        from jaxtune.objectives.sft import lm_evaluate
-
         lm, pair_sets = (eval_set.lm, eval_set.pairs) if isinstance(eval_set, HeldOut) else (eval_set, [])
         scores = lm_evaluate(self.config, model, variables, tokenizer, lm, show=show, printer=printer) if lm else {}
         if pair_sets:
@@ -273,8 +252,6 @@ class PairObjective(base.Objective):
     def _eval_reference(self, model, variables, eval_set, kw) -> np.ndarray:
         """[N, 2] reference log-probs of a held-out pair set, computed once: zeros (reference-free), the
         PEFT base (the adapters left out), or the run's start weights (copy, precomputed)."""
-        from jaxtune import evaluate as evaluate_lib
-
         cache = self.__dict__.setdefault("_eval_reference_cache", {})
         if id(eval_set) not in cache:
             kind = self.reference_kind()
@@ -287,22 +264,14 @@ class PairObjective(base.Objective):
         return cache[id(eval_set)]
 
     def _start_weights(self, model):
-        """The run's start weights: from `start` during training; for `jaxtune eval`, rebuilt here
-        (model.hf_dir > model.init_from > seed, as the run built them)."""
-        start = getattr(self, "_start_params", None)
-        if start is not None:
-            return start()
-        import flax.linen as nn
-
-        from jaxtune.trainer import setup as setup_lib, state as state_lib  # jaxtune eval only
-
-        setup = setup_lib.build_setup(self.config, jax.devices(), vocab_size=model.config.vocab_size)
-        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rule_table):
-            return state_lib.start_weights(self.config, setup)
+        """The run's start weights (model.hf_dir > model.init_from > seed): `start_params`, which the
+        trainer sets in `start` and `jaxtune eval` before evaluating."""
+        if self.start_params is None:
+            raise RuntimeError(f"{self.name}: a held-out pair set needs the run's start weights (start_params), "
+                               "which the trainer or `jaxtune eval` provides")
+        return self.start_params()
 
     def describe(self):
-        from jaxtune import reference
-
         where = REFERENCE_NAMES[self.reference_kind()].format(store=reference.STORE_DIR)
         return f"{self.name} objective ({self.loss_name()}), reference: {where}"
 

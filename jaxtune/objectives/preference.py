@@ -53,7 +53,7 @@ import ml_collections
 
 from jaxtune.errors import UserError
 from jaxtune.objectives import base, pairs
-from jaxtune.objectives.logprobs import masked_sequence_sums, token_stats
+from jaxtune.logprobs import masked_sequence_sums, token_stats
 from jaxtune.objectives.segments import masked_mean
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "dpo_norm", "simpo", "orpo", "kto_pair")

@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune import scoring
+from jaxtune.data import datasets, preference
+from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
 from jaxtune.models.layers import last_token_index
 from jaxtune.objectives import base, pairs
@@ -85,15 +88,11 @@ class RewardRows:
     """
 
     def __init__(self, transform, pad_id: int, path: str = ""):
-        from jaxtune.data import preference
-
         self.transform, self.pad_id, self.path = transform, pad_id, path
         self.stats, self.source, self.seq_len = transform.stats, transform.source, transform.seq_len
         self.batch_keys = ROW_KEYS + (preference.INDEX_KEY, SCORE_INDEX_KEY, MARGIN_KEY)  # what __call__ yields
 
     def __call__(self, index: int, record: dict) -> dict[str, np.ndarray] | None:
-        from jaxtune.data import preference
-
         rows = self.transform(index, record)
         if rows is None:
             return None
@@ -113,7 +112,7 @@ def pair_rewards(model: base.ModelFns, params, batch: Mapping[str, jax.Array], f
     return jnp.take_along_axis(scores[..., 0], index, axis=1).astype(jnp.float32).reshape(-1, 2)
 
 
-@base.register("reward")
+@base.register(scoring.REWARD_OBJECTIVE)
 class RewardModel(pairs.PairObjective):
     """Bradley-Terry reward model on preference pairs (see the module docstring)."""
 
@@ -139,7 +138,7 @@ class RewardModel(pairs.PairObjective):
                             "fine-tuning (its score head is trained in full)")
 
     def adapt_model_config(self, model_config):
-        return model_config.replace(num_labels=1)
+        return scoring.reward_head(model_config)
 
     def describe(self):
         c = self.section.center_rewards_coefficient
@@ -150,8 +149,6 @@ class RewardModel(pairs.PairObjective):
     def train_dataset(self, data, *, batch_size, process_index, process_count):
         """The pair tasks (data.tasks mixed, or data.train_path) as whole-sequence reward rows, padded:
         a reward is read at a row's last token, so data.packing does not apply."""
-        from jaxtune.data import datasets
-
         c = self.config
         return datasets.preference_train_dataset(
             data, c.data, batch_size=batch_size, seed=c.seed, unpaired=False, process_index=process_index,
@@ -159,8 +156,6 @@ class RewardModel(pairs.PairObjective):
             wrap=lambda transform, task: RewardRows(transform, data.tokenizer.pad_id, c.data.train_path or task.name))
 
     def batch_shapes(self, batch_size):
-        from jaxtune.data import preference
-
         seq_len = self.config.data.seq_len
         shapes = {k: jax.ShapeDtypeStruct((batch_size, 2, seq_len), jnp.int32) for k in ROW_KEYS}
         shapes[preference.INDEX_KEY] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
@@ -185,9 +180,6 @@ class RewardModel(pairs.PairObjective):
 
     def eval_set(self, data):
         """Held-out pairs of data.eval_path, as reward rows (every pair, in file order)."""
-        from jaxtune.data import preference
-        from jaxtune.data.sources import JsonlSource
-
         c = self.config
         if not c.data.eval_path:
             return None

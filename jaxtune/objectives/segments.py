@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxtune.batch import PAIR_MASK_KEY, is_packed_pairs
+
 
 def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
     """[R, num_segments] sums of values[R, L] per segment id 1..num_segments (id 0 = padding, dropped)."""
@@ -47,14 +49,6 @@ def packed_pair_sums(logp: jax.Array, loss_mask: jax.Array, segment_ids: jax.Arr
     return logps.reshape(r, max_pairs, 2), lengths.reshape(r, max_pairs, 2)
 
 
-PAIR_MASK_KEY = "pair_mask"  # the data layer's name (data/pair_packing.py) for a packed batch's pair slots
-
-
-def is_packed(batch) -> bool:
-    """Packed pair batches carry pair slots; padded ones have a pair axis on every row key."""
-    return PAIR_MASK_KEY in batch
-
-
 def pair_logps(token_stats, batch, row_keys) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """(summed log p [P, 2], trained-token counts [P, 2], real-pair mask [P] or None) of a pair batch.
 
@@ -62,7 +56,7 @@ def pair_logps(token_stats, batch, row_keys) -> tuple[jax.Array, jax.Array, jax.
     sequence of the batch). Padded [B, 2, T] batches fold the pair axis into the rows (P = B, no
     mask); packed [R, L] batches are summed per segment (P = R * max_pairs, mask = `pair_mask`).
     """
-    if not is_packed(batch):
+    if not is_packed_pairs(batch):
         rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in row_keys}
         stats = token_stats(rows)
         logps, lengths = padded_pair_sums(stats.logp, rows["loss_mask"])
@@ -80,6 +74,6 @@ def per_pair(batch, key: str) -> jax.Array:
 
 def pair_count(batch) -> jax.Array:
     """The real pairs of a batch (float32): its rows' leading size when padded, the filled slots when packed."""
-    if is_packed(batch):
+    if is_packed_pairs(batch):
         return jnp.sum(batch[PAIR_MASK_KEY].astype(jnp.float32))
     return jnp.asarray(batch["inputs"].shape[0], jnp.float32)

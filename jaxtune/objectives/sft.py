@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxtune import batch as batch_lib, evaluate, loading
+from jaxtune.data import datasets
 from jaxtune.errors import UserError
+from jaxtune.logprobs import token_stats, TokenStats
 from jaxtune.objectives import base
-from jaxtune.objectives.logprobs import TokenStats, token_stats
 
 
 def sft_loss(
@@ -52,7 +54,7 @@ def sft_loss_from_stats(
     z_loss: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cross-entropy summed over `loss_mask` and divided by `normalizer`, from per-token stats
-    (full or chunked LM head, objectives/logprobs.py).
+    (full or chunked LM head, jaxtune/logprobs.py).
 
     `normalizer` is the number of trained tokens in the whole *global* batch (all micro-batches),
     so packing, padding and gradient accumulation leave the loss unchanged: summing this loss over
@@ -66,14 +68,10 @@ def sft_loss_from_stats(
 def lm_eval_set(config: ml_collections.ConfigDict, records=(), templates=None):
     """Held-out LM evaluation of a run: `records` rendered with `templates` (loss, generative exact
     match), plus eval.mc_path and eval.tasks (every objective's model is a causal LM)."""
-    from jaxtune import evaluate
-
     return evaluate.build_eval_set(records, templates or {}, config.eval, seed=config.seed)
 
 
 def lm_evaluate(config: ml_collections.ConfigDict, model, variables, tokenizer, eval_set, *, show=0, printer=print):
-    from jaxtune import evaluate
-
     return evaluate.run(model, variables, tokenizer, eval_set, config.eval, seq_len=config.data.seq_len,
                         seed=config.seed, show=show, printer=printer, logits_chunk=config.train.logits_chunk)
 
@@ -92,24 +90,17 @@ class SFT(base.Objective):
                             "its own: data.tasks.<name> = task_config(format='chat', chat_template=...)")
 
     def load_data(self, workdir):
-        from jaxtune import config as config_lib
-        from jaxtune.data import datasets
-
-        return datasets.load_sft_data(config_lib.data_config(self.config), workdir, seed=self.config.seed,
-                                      eval_cfg=self.config.eval)
+        return datasets.load_sft_data(loading.data_settings(self.config, workdir), workdir, seed=self.config.seed,
+                                      screen=base.data_screen(self.config))
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
-        from jaxtune.data import datasets
-
         if len(data.tasks) > 1 and process_index == 0:
             print(f"jaxtune: data mixture ({data.mixture.mode}):\n{data.mixture.describe()}", flush=True)
         return datasets.train_dataset(data, self.config.data, batch_size=batch_size, seed=self.config.seed,
                                       process_index=process_index, process_count=process_count)
 
     def batch_shapes(self, batch_size):
-        from jaxtune.data import pipeline
-
-        return {k: jax.ShapeDtypeStruct((batch_size, self.config.data.seq_len), jnp.int32) for k in pipeline.BATCH_KEYS}
+        return {k: jax.ShapeDtypeStruct((batch_size, self.config.data.seq_len), jnp.int32) for k in batch_lib.BATCH_KEYS}
 
     def weight(self, batch):
         return jnp.sum(batch["loss_mask"].astype(jnp.float32))

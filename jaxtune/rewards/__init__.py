@@ -26,6 +26,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from jaxtune import scoring  # the reward-model objective's scorer
+from jaxtune import workdir as workdir_lib
 from jaxtune.errors import UserError
 from jaxtune.rewards.instructions import instruction_all, instruction_fraction
 from jaxtune.rewards.math_answer import math_answer
@@ -70,13 +72,11 @@ def load_reward_fn(spec: str) -> RewardFn:
 def _reward_model(path: str, spec: str) -> RewardFn:
     from pathlib import Path
 
-    from jaxtune import scoring  # the reward-model objective's scorer
-
     directory = Path(path)
     if not path or not directory.is_dir():
         raise UserError(f"reward function {spec!r}: {path!r} is not a directory (a reward run's workdir or an "
                         "exported *ForSequenceClassification directory)")
-    if (directory / "checkpoints").is_dir():
+    if (directory / workdir_lib.CHECKPOINTS).is_dir():
         return scoring.reward_fn(str(directory))
     return scoring.reward_fn(hf_dir=str(directory))
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
-from jaxtune import distributed, evaluate, metrics as metrics_lib, nonfinite, objectives, paths
+from jaxtune import distributed, evaluate, hf_check, loading, metrics as metrics_lib, nonfinite, objectives, paths
+from jaxtune import workdir as workdir_lib
 from jaxtune.errors import UserError
-from jaxtune.models import hf_check
 from jaxtune.trainer import setup as setup_lib
 from jaxtune.trainer import state as state_lib
 
@@ -163,7 +163,7 @@ class EvalHook(Hook):
                                          self.eval_set, show=show, printer=loop.print)
         self.writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
         if jax.process_index() == 0:
-            evaluate.write_results(self.workdir / "eval" / f"step_{step}.json", scores, step=step)
+            evaluate.write_results(self.workdir / workdir_lib.EVAL / f"step_{step}.json", scores, step=step)
         return scores
 
     def begin(self, loop: Loop) -> None:
@@ -259,8 +259,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
     objective = objectives.build(config)
     data = objective.load_data(workdir)
     tokenizer = data.tokenizer
-    setup = setup_lib.build_setup(config, devices, vocab_size=tokenizer.vocab_size, process_count=process_count)
-    objective = setup.objective
+    setup = setup_lib.build_setup(config, devices, vocab_size=tokenizer.vocab_size, process_count=process_count,
+                                  objective=objective)  # the one instance: what load_data kept stays with it
     model_config, num_params, mesh = setup.model_config, setup.num_params, setup.mesh
     _check_vocab(config, tokenizer, model_config)
     batch_sharding = setup.batch_sharding
@@ -271,8 +271,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         workdir, every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
         use_async=config.train.async_checkpoints,
     )
-    if state_lib.peft_base_pointer(config):
-        config_json["peft_base"] = state_lib.peft_base_pointer(config)
+    if loading.peft_base_pointer(config):
+        config_json["peft_base"] = loading.peft_base_pointer(config)
     writer = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rule_table):
 
@@ -284,7 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
 
         objective.start(objectives.RunContext(
             config=config, workdir=workdir, setup=setup, data=data, data_stats=data_stats,
-            start_params=lambda: state_lib.start_weights(config, setup), put=put, device_put=device_put,
+            start_params=lambda: loading.start_weights(config, setup), put=put, device_put=device_put,
             model_variables=state_lib.model_variables))
         data_iter = iter(dataset)
         start = state_lib.build_state(config, setup, checkpointer=checkpointer, data_iter=data_iter)
@@ -294,7 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
                     log.warning("%s", warning)
             print(f"jaxtune: resuming from step {start.step} in {workdir}", flush=True)
         # The frozen reference: never updated, no optimizer state, rebuilt from the start weights on resume.
-        ref_params = state_lib.start_weights(config, setup) if setup.reference_kind == "copy" else None
+        ref_params = loading.start_weights(config, setup) if setup.reference_kind == "copy" else None
         state = start.state
         param_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.frozen, ref_params)))
         if objective.describe():

@@ -12,9 +12,9 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtune import models, nonfinite, objectives, optim, sharding, validation
+from jaxtune import loading, models, nonfinite, objectives, optim, sharding, validation
 from jaxtune.trainer import step as step_lib
-from jaxtune.trainer.state import TrainState, build_model, model_config_from, plan_state
+from jaxtune.trainer.state import TrainState, plan_state
 
 
 @dataclasses.dataclass
@@ -62,31 +62,33 @@ class TrainSetup:
         return state, self.batch_shapes, ref
 
 
-def batch_shapes(config: ml_collections.ConfigDict, mesh, objective: objectives.Objective | None = None
+def batch_shapes(config: ml_collections.ConfigDict, mesh, objective: objectives.Objective
                  ) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the run's objective yields, its leading axis sharded over the data-parallel axes."""
-    objective = objective or objectives.build(config)
     return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.batch_sharding(mesh, len(s.shape)))
             for k, s in objective.batch_shapes(config.train.global_batch_size).items()}
 
 
 def build_setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], *,
-                vocab_size: int | None = None, process_count: int = 1) -> TrainSetup:
-    """Objective, mesh, model, optimizer, abstract state + shardings, batch shapes and the jitted step.
+                vocab_size: int | None = None, process_count: int = 1,
+                objective: objectives.Objective | None = None) -> TrainSetup:
+    """Mesh, model, optimizer, abstract state + shardings, batch shapes and the jitted step of the
+    run's `objective` (the one instance the run built and loaded its data with; None builds it
+    from the config, for callers that have none yet, e.g. `jaxtune plan`).
 
     Allocates nothing and touches no device: the state is `eval_shape`d, and no array is created
     eagerly, so `devices` may be compile-only TPU devices (deviceless compile). A from-scratch
     run's vocab comes from its tokenizer (`vocab_size`); None keeps the model's configured vocab.
     """
     devices = list(devices)
-    objective = objectives.build(config)
+    objective = objective if objective is not None else objectives.build(config)
     num_slices = sharding.slice_count(devices)
     ici_shape, dcn_shape = sharding.resolve_hybrid_mesh_shape(config.mesh, len(devices), num_slices)
     mesh_shape = {a: ici_shape[a] * dcn_shape[a] for a in sharding.MESH_AXES}
     validation.validate_for_devices(config, mesh_shape, process_count)
-    model_config = model_config_from(config, vocab_size=vocab_size)
+    model_config = loading.model_config_from(config, vocab_size=vocab_size, adapt=objective.adapt_model_config)
     validation.validate_for_model(config, model_config.max_position_embeddings)
-    model = build_model(config, model_config)
+    model = loading.build_model(config, model_config)
     num_params = models.count_params(model_config)  # the base model's (outside the mesh context)
 
     mesh = sharding.build_mesh(ici_shape, devices, dcn_shape=dcn_shape)
@@ -115,3 +117,19 @@ def build_setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
         apply_fn=apply_fn, abstract_state=abstract_state, state_shardings=state_shardings, init_state=init_state,
         reference_kind=reference_kind, batch_shapes=shapes, train_step=train_step,
     )
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None = None,
+                      objective: objectives.Objective | None = None):
+    """The model config the run trains: `loading.model_config_from` adapted by its objective
+    (e.g. a reward model's scalar head); `objective` is the run's, else one built from the config."""
+    objective = objective if objective is not None else objectives.build(config)
+    return loading.model_config_from(config, vocab_size, adapt=objective.adapt_model_config)
+
+
+def start_weights(config: ml_collections.ConfigDict, objective: objectives.Objective, *, vocab_size: int | None):
+    """The weights the run started from (loading.start_weights), outside a training run: `jaxtune
+    eval` hands this to the objective as its `start_params` (a held-out pair set's reference)."""
+    setup = build_setup(config, jax.devices(), vocab_size=vocab_size, objective=objective)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rule_table):
+        return loading.start_weights(config, setup)

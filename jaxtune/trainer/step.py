@@ -17,9 +17,10 @@ import optax
 from jax.sharding import NamedSharding
 
 from jaxtune.objectives import TokenStats, base, model_token_stats, token_stats
-from jaxtune.objectives.logprobs import DEFAULT_CHUNK as DEFAULT_LOGITS_CHUNK
-from jaxtune.objectives.logprobs import with_temperature
-from jaxtune.trainer.state import TrainState, variables_for
+from jaxtune.logprobs import DEFAULT_CHUNK as DEFAULT_LOGITS_CHUNK
+from jaxtune.logprobs import with_temperature
+from jaxtune.loading import variables_for
+from jaxtune.trainer.state import TrainState
 
 
 class ModelApply:
@@ -28,7 +29,7 @@ class ModelApply:
     Full fine-tuning: params are the weights. LoRA: params are the adapters and `frozen` the base;
     `apply_fn(state.frozen, ...)` (no adapters) is the base model, the free reference for DPO.
     `token_stats` is what the losses use: per-token log-probs with the LM head run `logits_chunk`
-    sequence positions at a time (objectives/logprobs.py; 0 = full logits).
+    sequence positions at a time (jaxtune/logprobs.py; 0 = full logits).
     """
 
     def __init__(self, model: nn.Module, logits_chunk: int = DEFAULT_LOGITS_CHUNK):

@@ -266,7 +266,7 @@ def test_tokenizer_chat_template_is_the_default_and_matches_apply_chat_template(
     tokens equal transformers' apply_chat_template of the prompt + that reply."""
     import json
 
-    from jaxtune import config as config_lib
+    from jaxtune import config as config_lib, loading
     from jaxtune.data import datasets
     from tests.models.test_hf_io import _write_hf_tokenizer
 
@@ -275,9 +275,9 @@ def test_tokenizer_chat_template_is_the_default_and_matches_apply_chat_template(
     tok_config.write_text(json.dumps({**json.loads(tok_config.read_text()), "chat_template": JINJA}))
     record = {"prompt": [_user("reverse: red cat =")], "chosen": " cat red", "rejected": " red cat"}
     (tmp_path / "pairs.jsonl").write_text(json.dumps(record) + "\n")
-    cfg = config_lib.base_config().data
-    cfg.train_path, cfg.tokenizer = str(tmp_path / "pairs.jsonl"), str(tmp_path / "tok")
-    data = datasets.load_preference_data(cfg, tmp_path, unpaired=False)
+    c = config_lib.base_config()
+    c.data.train_path, c.data.tokenizer = str(tmp_path / "pairs.jsonl"), str(tmp_path / "tok")
+    data = datasets.load_preference_data(loading.data_settings(c), tmp_path, unpaired=False)
     assert data.chat_template == JINJA
     transform = preference.PreferenceTransform(data.train_source, data.train_templates, data.tokenizer, seq_len=64,
                                                truncation="error", seed=0, chat_template=data.chat_template)

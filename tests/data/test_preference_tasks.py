@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from jaxtune import config as config_lib
+from jaxtune import config as config_lib, loading
 from jaxtune import validation
 from jaxtune.data import datasets, pair_packing, preference
 from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
@@ -52,7 +52,7 @@ def _decode(tokenizer, ids):
 
 def test_pair_tasks_mix_at_their_weights_with_their_templates(files, tmp_path):
     c = _config(files, packing=False)
-    data = datasets.load_preference_data(c.data, tmp_path, unpaired=False)
+    data = datasets.load_preference_data(loading.data_settings(c), tmp_path, unpaired=False)
     assert [t.name for t in data.tasks] == ["chat", "renamed"] and data.mixture.rates == pytest.approx((0.25, 0.75))
     it, stats = datasets.preference_train_dataset(data, c.data, batch_size=8, seed=0, unpaired=False)
     it = iter(it)
@@ -77,7 +77,7 @@ def test_kto_records_through_data_tasks_with_a_temperature_mixture(files, tmp_pa
     c.data.tasks = {"kto": config_lib.task_config(path=str(files["kto"])),
                     "kto_small": config_lib.task_config(path=str(files["kto"]), cap=10)}
     c.data.mixture.mode, c.data.mixture.temperature = "temperature", 2.0
-    data = datasets.load_preference_data(c.data, tmp_path, unpaired=True)
+    data = datasets.load_preference_data(loading.data_settings(c), tmp_path, unpaired=True)
     assert data.mixture.rates == pytest.approx((30 ** 0.5 / (30 ** 0.5 + 10 ** 0.5), 10 ** 0.5 / (30 ** 0.5 + 10 ** 0.5)))
     batch = next(iter(datasets.preference_train_dataset(data, c.data, batch_size=4, seed=0, unpaired=True)[0]))
     assert batch[preference.LABEL_KEY].shape == (4,) and set(batch[preference.LABEL_KEY].tolist()) <= {0, 1}
@@ -85,7 +85,7 @@ def test_kto_records_through_data_tasks_with_a_temperature_mixture(files, tmp_pa
 
 def test_packed_pair_batches_from_the_tasks(files, tmp_path):
     c = _config(files, packing=True, max_pairs_per_row=5, seq_len=96)
-    data = datasets.load_preference_data(c.data, tmp_path, unpaired=False)
+    data = datasets.load_preference_data(loading.data_settings(c), tmp_path, unpaired=False)
     it, stats = datasets.preference_train_dataset(data, c.data, batch_size=4, seed=0, unpaired=False)
     batch = next(iter(it))
     assert batch["inputs"].shape == (4, 192) and batch[pair_packing.PAIR_MASK_KEY].shape == (4, 5)
@@ -104,7 +104,7 @@ def test_held_out_pairs_from_eval_path_and_eval_tasks(files, tmp_path):
     c.data.eval_path = str(files["held_out"])
     c.eval.tasks.heldout_chat = config_lib.eval_task_config("preference", path=str(files["chat"]), format="chat",
                                                             max_examples=5)
-    data = datasets.load_preference_data(c.data, tmp_path, unpaired=False, eval_cfg=c.eval)
+    data = datasets.load_preference_data(loading.data_settings(c), tmp_path, unpaired=False, eval_cfg=c.eval)
     sets = datasets.preference_eval_sets(data, c.data, c.eval, seed=0, unpaired=False)
     assert [(s.name, len(s.arrays["inputs"])) for s in sets] == [("", 9), ("heldout_chat", 5)]
     assert sets[0].arrays["inputs"].shape == (9, 2, 40)
@@ -119,7 +119,7 @@ def test_bad_pair_task_settings_name_the_key(files, tmp_path, setting, message):
     c = _config(files)
     c.data.tasks.renamed.update(setting)
     with pytest.raises(UserError, match=message):
-        datasets.load_preference_data(c.data, tmp_path, unpaired=False)
+        datasets.load_preference_data(loading.data_settings(c), tmp_path, unpaired=False)
 
 
 def test_preference_eval_task_needs_a_pair_objective(files):
@@ -134,7 +134,7 @@ def test_preference_eval_task_needs_a_pair_objective(files):
 def test_a_task_whose_pairs_never_fit_stops_with_an_error(files, tmp_path):
     c = _config(files, packing=False, truncation="drop", seq_len=4)
     c.data.tasks = {"renamed": c.data.tasks.renamed}
-    data = datasets.load_preference_data(c.data, tmp_path, unpaired=False)
+    data = datasets.load_preference_data(loading.data_settings(c), tmp_path, unpaired=False)
     it, _ = datasets.preference_train_dataset(data, c.data, batch_size=2, seed=0, unpaired=False)
     with pytest.raises(UserError, match="task 'renamed': the last 1001 preference records were all skipped or dropped"):
         next(iter(it))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from jaxtune import api, chat_loop, evaluate
+from jaxtune import api, chat_loop, evaluate, loading
 from jaxtune import config as config_lib
 from jaxtune import generate as generate_lib
 from jaxtune import validation
@@ -213,9 +213,9 @@ def test_config_reaches_the_tokenizer(tokenizer_dirs, tmp_path):
     """data.add_bos set in a config is what the run's data (and its first example) uses."""
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"prompt": PROMPT, "response": CHOSEN}) + "\n")
-    cfg = config_lib.base_config().data
-    cfg.train_path, cfg.tokenizer, cfg.add_bos = str(path), str(tokenizer_dirs["adds_bos"]), "false"
-    data = datasets.load_sft_data(cfg, tmp_path, seed=0)
+    c = config_lib.base_config()
+    c.data.train_path, c.data.tokenizer, c.data.add_bos = str(path), str(tokenizer_dirs["adds_bos"]), "false"
+    data = datasets.load_sft_data(loading.data_settings(c), tmp_path, seed=0)
     example = ExampleBuilder(data.tasks[0], 0, data.tokenizer, seq_len=96, seed=0)(0, data.tasks[0].records[0])
     assert data.tokenizer.add_bos == "false" and example["inputs"][0] != data.tokenizer.bos_id
     assert pipeline.tokenize_prompts(data.tokenizer, [PROMPT]) == [encode_prompt(data.tokenizer, PROMPT)]

@@ -62,7 +62,7 @@ def test_gsm8k_reader(tmp_path):
 
 
 def test_sft_data_source_renders_worked_solutions(tmp_path):
-    from jaxtune import config as config_lib
+    from jaxtune import config as config_lib, loading
     from jaxtune.data.datasets import load_sft_data
     from jaxtune.data.examples import ExampleBuilder
 
@@ -71,7 +71,7 @@ def test_sft_data_source_renders_worked_solutions(tmp_path):
     c.data.verifiable_families = ("arithmetic",)
     c.data.templates = (("{prompt} A:", " {solution}"),)
     c.data.num_train_examples, c.data.num_eval_examples = 50, 10
-    data = load_sft_data(c.data, tmp_path, seed=0)
+    data = load_sft_data(loading.data_settings(c), tmp_path, seed=0)
     assert {r["task"] for r in data.tasks[0].records} == {"arithmetic"} and len(data.eval_records) == 10
     builder = ExampleBuilder(data.tasks[0], 0, data.tokenizer, seq_len=128, seed=0)
     prompt, target = builder.render(data.tasks[0].records[0], 0)
@@ -82,4 +82,4 @@ def test_sft_data_source_renders_worked_solutions(tmp_path):
     assert rendered[0]["task"] == "arithmetic" and rendered[0]["answer"].startswith(" ")
     c.data.verifiable_families = ("poetry",)
     with pytest.raises(UserError, match="data.verifiable_families"):
-        load_sft_data(c.data, tmp_path, seed=0)
+        load_sft_data(loading.data_settings(c), tmp_path, seed=0)

@@ -6,8 +6,9 @@ import ml_collections
 import pytest
 
 from jaxtune import config as config_lib
-from jaxtune import validation
+from jaxtune import loading, validation
 from jaxtune.data import datasets
+from jaxtune.datatools.screen import Screen
 from jaxtune.errors import UserError
 from tests.datatools.planted import write_jsonl
 from tests.datatools.test_decontaminate import planted
@@ -33,9 +34,14 @@ def _config(tmp_path, **overrides):
     return c
 
 
+def _screen(c):
+    """The screen a run builds from its config (objectives.base.data_screen) and hands to the data layer."""
+    return Screen.from_config(c.data, c.eval)
+
+
 def test_training_tasks_lose_filtered_and_contaminated_records_before_the_pipeline(tmp_path, capsys):
     c = _config(tmp_path)
-    data = datasets.load_sft_data(c.data, tmp_path / "run", seed=0, eval_cfg=c.eval)
+    data = datasets.load_sft_data(loading.data_settings(c), tmp_path / "run", seed=0, screen=_screen(c))
     records = data.tasks[0].records
     kept = [records[i]["_where"].rsplit(":", 1)[1] for i in range(len(records))]
     assert len(records) == 45 and data.mixture.sizes == (45,)  # 50 - 2 filtered - 3 contaminated
@@ -49,11 +55,11 @@ def test_training_tasks_lose_filtered_and_contaminated_records_before_the_pipeli
     assert [e["id"].rsplit(":", 1)[1] for e in report["decontamination"]["alpaca"]["examples"]] == ["5", "18", "31"]
     assert [e["reason"] for e in report["filters"]["alpaca"]["records_dropped"]] == ["nonempty: field 'output' is blank"] * 2
     # The same config gives the same subset (resume, other processes); without the screen, all 50.
-    again = datasets.load_sft_data(c.data, tmp_path / "run", seed=0, eval_cfg=c.eval).tasks[0].records
+    again = datasets.load_sft_data(loading.data_settings(c), tmp_path / "run", seed=0, screen=_screen(c)).tasks[0].records
     assert [again[i] for i in range(len(again))] == [records[i] for i in range(len(records))]
     off = _config(tmp_path, **{"data.decontaminate.enabled": False, "data.tasks.alpaca.filters": {},
                                "data.tasks.alpaca.on_error": "skip"})  # the empty outputs are skipped later
-    assert len(datasets.load_sft_data(off.data, tmp_path / "off", seed=0, eval_cfg=off.eval).tasks[0].records) == 50
+    assert len(datasets.load_sft_data(loading.data_settings(off), tmp_path / "off", seed=0, screen=_screen(off)).tasks[0].records) == 50
     assert not (tmp_path / "off" / "data_screen.json").exists()
 
 
@@ -93,7 +99,7 @@ def test_no_eval_sets_and_generated_sources_are_errors(tmp_path):
     c.unlock()
     c.eval.tasks = ml_collections.ConfigDict()
     with pytest.raises(UserError, match="data.decontaminate.enabled' is True but the config has no evaluation sets"):
-        datasets.load_sft_data(c.data, tmp_path / "run", seed=0, eval_cfg=c.eval)
+        datasets.load_sft_data(loading.data_settings(c), tmp_path / "run", seed=0, screen=_screen(c))
     q = config_lib.base_config()
     q.data.builtin = "quickstart"
     q.data.decontaminate.enabled = True
@@ -117,6 +123,7 @@ def test_preference_pairs_are_screened_too(tmp_path, capsys):
     c.data.decontaminate.eval_files = (str(write_jsonl(tmp_path / "heldout.jsonl", evals)),)
     c.lock()
     validation.validate(c)
-    data = datasets.load_preference_data(c.data, tmp_path / "run", unpaired=False, eval_cfg=c.eval)
+    data = datasets.load_preference_data(loading.data_settings(c), tmp_path / "run", unpaired=False, eval_cfg=c.eval,
+                                         screen=_screen(c))
     assert len(data.tasks[0].records) == 11 and data.mixture.sizes == (11,)
     assert "dropped 1 of 12 records sharing a 13-gram with an eval set (file:heldout: 1)" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The chunked LM head (objectives/logprobs.py) gives the full path's losses, gradients and eval
+"""The chunked LM head (jaxtune/logprobs.py) gives the full path's losses, gradients and eval
 scores, and a compiled train step's temporaries stop scaling with batch x seq_len x vocab."""
 
 import jax

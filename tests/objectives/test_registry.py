@@ -121,3 +121,39 @@ def test_the_documented_example_objective_trains_with_exact_accumulation(focal):
     assert float(m1["trained_tokens"]) == float(batch["loss_mask"].sum())  # a total, not divided by itself
     assert float(zero_loss) == pytest.approx(float(sft_loss), rel=1e-6)  # gamma=0 is SFT's cross-entropy
     assert "focal" in objectives.base.config_sections().defaults
+
+
+def test_a_run_builds_its_objective_once_and_keeps_what_load_data_stored(tmp_path):
+    """The trainer builds the run's objective once and passes that instance down (setup, loop,
+    hooks): state an objective keeps in `load_data` is still there in `start` and every `next_batch`."""
+    from jaxtune.objectives.sft import SFT
+    from tests.helpers import tiny_config
+
+    built, seen = [], []
+
+    @base.register("_built_once_test")
+    class Counting(SFT):
+        def __init__(self, config):
+            super().__init__(config)
+            built.append(self)
+
+        def load_data(self, workdir):
+            data = super().load_data(workdir)
+            self.loaded = data  # what an objective reading its own records would keep
+            return data
+
+        def start(self, run):
+            assert run.data is self.loaded and run.setup.objective is self
+            super().start(run)
+
+        def next_batch(self, state, data_iter, rng):
+            seen.append(self.loaded)
+            return super().next_batch(state, data_iter, rng)
+
+    try:
+        config = tiny_config(tmp_path, **{"objective.type": "_built_once_test", "train.steps": 2,
+                                          "train.checkpoint_every": 2})
+        trainer.train(config, tmp_path / "run")
+    finally:
+        del base._REGISTRY["_built_once_test"]
+    assert len(built) == 1 and len(seen) == 2 and all(d is built[0].loaded for d in seen)

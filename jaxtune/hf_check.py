@@ -6,6 +6,7 @@ JSON parser or from the middle of a sharded load. Every command that reads an HF
 with model.hf_dir, `convert --hf_dir`, `export` of a run on one, `generate/eval --hf_dir`,
 `plan`) calls `validate_hf_dir` first. It reads only config.json, the index, the safetensors
 headers and the tokenizer files (no tensor data), so it costs milliseconds even for large models.
+It sits above both `models` and `data` because it checks the weights against the tokenizer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from etils import epath
 
+from jaxtune.data.tokenizers import load_tokenizer
 from jaxtune.errors import UserError
 from jaxtune.models import hf
 
@@ -41,8 +43,6 @@ def validate_hf_dir(path: str | epath.PathLike, *, tokenizer: bool = True, **con
 
 def check_tokenizer(path: str | epath.PathLike, vocab_size: int) -> None:
     """The HF dir's tokenizer loads and its vocabulary fits the model's `vocab_size` rows."""
-    from jaxtune.data.tokenizers import load_tokenizer
-
     path = epath.Path(path)
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
         raise UserError(f"{path}: no tokenizer.json or tokenizer.model (copy the tokenizer files into the "

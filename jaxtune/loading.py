@@ -1,0 +1,210 @@
+"""A run's model, weights and tokenizer from its config: the one place that resolves them.
+
+Training (trainer/), `jaxtune generate/eval/export/convert` (inference.py, cli.py), the Python
+API and the objectives all ask this module, so they agree on:
+
+- the model config (`model_config_from`: model.hf_dir's config.json, else the named variant with
+  overrides; the objective's adaptation, e.g. a reward head, is passed in by the caller);
+- where the weights a fresh run starts from come from (`start_weights`: model.hf_dir >
+  model.init_from > seed; PEFT: the frozen base, `base_params`), so a frozen reference copy is
+  rebuilt on resume rather than checkpointed;
+- the tokenizer (`tokenizer_path`, `data_settings`): data.tokenizer > model.hf_dir's own > the
+  one already in the workdir > model.init_from's (the starting run's) > one trained on the data
+  into the workdir (by the data layer, `data.datasets.run_tokenizer`).
+
+It sits below the objectives and the trainer (it names neither) and above models, peft and data.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxtune import checkpoint as checkpoint_lib
+from jaxtune import config as config_lib
+from jaxtune import models, paths, sharding, workdir as workdir_lib
+from jaxtune.data.tokenizers import Tokenizer, load_tokenizer
+from jaxtune.errors import UserError
+from jaxtune.peft import base as peft_base
+from jaxtune.peft import prefix, quant, wrapper
+
+ModelAdapter = Callable[[Any], Any]  # model config -> the model config the objective trains
+
+_MODEL_OVERRIDE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+    "head_dim", "max_position_embeddings", "rope_theta", "tie_word_embeddings",
+)
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None = None, *,
+                      adapt: ModelAdapter | None = None):
+    """The model config: named variant + non-None overrides (a from-scratch vocab comes from the
+    tokenizer), then `adapt` (the run's `Objective.adapt_model_config`, e.g. a reward model's head:
+    the layers above pass it in, this module names no objective)."""
+    m = config.model
+    attention = m.get("attention", "auto")  # configs saved before the setting existed
+    if m.hf_dir:
+        model_config = models.config_from_pretrained(
+            m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
+            attention=attention)
+    else:
+        overrides = {k: m[k] for k in _MODEL_OVERRIDE_KEYS if m[k] is not None}
+        if "vocab_size" not in overrides and vocab_size is not None:
+            overrides["vocab_size"] = vocab_size
+        overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=attention)
+        model_config = models.get_config(m.family, m.variant, **overrides)
+    return model_config if adapt is None else adapt(model_config)
+
+
+def peft_spec(config: ml_collections.ConfigDict) -> peft_base.Spec | None:
+    """The run's PEFT settings (config.peft), validated; None for full fine-tuning."""
+    return peft_base.spec_from_config(config.peft) if "peft" in config else None
+
+
+def build_model(config: ml_collections.ConfigDict, model_config):
+    """The model a run trains and samples: `model_config`'s model, wrapped by the run's PEFT method."""
+    return wrapper.wrap(models.build(model_config), peft_spec(config))
+
+
+def peft_base_pointer(config: ml_collections.ConfigDict) -> dict | None:
+    """Where a LoRA run's frozen base comes from (written beside its adapters-only checkpoints)."""
+    if config.peft.method == "none":
+        return None
+    if config.model.hf_dir:
+        return {"hf_dir": config.model.hf_dir}
+    return {"family": config.model.family, "variant": config.model.variant, "seed": config.seed}
+
+
+def variables_for(params, frozen=None) -> dict:
+    """The model's variables: the weights, or a PEFT run's base + adapters (prefix runs: the
+    effective prefixes of their trainable tree)."""
+    if frozen is None:
+        return {"params": params}
+    return {"params": frozen, peft_base.COLLECTION: prefix.effective(params)}
+
+
+def base_model(model) -> nn.Module:
+    """The model without adapters (its params are the base params of the LoRA model)."""
+    return wrapper.unwrap(model)
+
+
+def prepare_base(base, spec):
+    """A PEFT run's frozen base as it is held: float weights cast to `spec.base_dtype` (when set),
+    then QLoRA's decoder kernels as NF4/int8 codes (when `spec.quantize`)."""
+    if spec is None:
+        return base
+    if spec.base_dtype:
+        dtype = jnp.dtype(spec.base_dtype)
+        base = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, base)
+    if spec.quantize == "none":
+        return base
+    return quant.quantize_params(base, spec.quantize, spec.quant_block_size)
+
+
+def base_params(config: ml_collections.ConfigDict, model_config, setup=None, *, as_held: bool = True):
+    """A PEFT run's frozen base as training holds it (cast/quantised): from model.hf_dir, or the
+    seed's init. With `setup` (a TrainSetup) in its training shardings; without, on the default
+    device outside any mesh (generate, eval, export). No PEFT (`peft_spec(config)` None): the
+    plain model's weights from the same sources. `as_held=False` (without `setup`): the float base
+    before PEFT casts or quantises it."""
+    spec = peft_spec(config) if as_held else None
+    if setup is None:
+        if config.model.hf_dir:
+            _, base = models.from_pretrained(config.model.hf_dir, dtype=model_config.param_dtype,
+                                             num_labels=model_config.num_labels)  # a reward model's head
+        else:
+            plain = models.build(model_config)
+            init = jax.jit(lambda rng: sharding.unbox(plain.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
+            base = init(jax.random.key(config.seed))
+        return base if spec is None else jax.jit(functools.partial(prepare_base, spec=spec))(base)
+    shardings = setup.state_shardings
+    if not config.model.hf_dir:
+        return jax.jit(lambda rng: setup.init_state(rng).frozen, out_shardings=shardings.frozen)(
+            jax.random.key(config.seed))
+    plain = models.build(model_config)
+    abstract = jax.eval_shape(plain.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    base = models.load_params(config.model.hf_dir, plain.config,
+                              sharding.logical_shardings(abstract, setup.mesh, setup.rule_table))
+    if spec.quantize == "none" and not spec.base_dtype:
+        return base
+    return jax.jit(functools.partial(prepare_base, spec=spec), out_shardings=shardings.frozen)(base)
+
+
+def start_weights(config: ml_collections.ConfigDict, setup) -> Any:
+    """The weights a fresh run starts from (PEFT: the frozen base), in their shards: model.hf_dir >
+    model.init_from > seed. Deterministic, so a frozen reference copy is rebuilt from it on resume."""
+    model_config, shardings = setup.model_config, setup.state_shardings
+    if peft_spec(config) is not None:
+        return base_params(config, model_config, setup)
+    if config.model.hf_dir:
+        return models.load_params(config.model.hf_dir, model_config, shardings.params)
+    if config.model.init_from:
+        target = checkpoint_lib.abstract_with_shardings(setup.abstract_state.params, shardings.params)
+        return _restore_init_from(config, setup, target)
+    return setup.init_state(jax.random.key(config.seed)).params
+
+
+def _restore_init_from(config: ml_collections.ConfigDict, setup, target) -> Any:
+    """model.init_from's params; a reward model started from a causal-LM run (a checkpoint without
+    the score head) takes the decoder from it and the head from the seed's init."""
+    try:
+        return checkpoint_lib.restore_params(config.model.init_from, target)
+    except UserError:
+        if not getattr(setup.model_config, "num_labels", None) or "score" not in target:
+            raise
+    decoder = checkpoint_lib.restore_params(config.model.init_from, {k: v for k, v in target.items() if k != "score"})
+    head = jax.jit(lambda rng: setup.init_state(rng).params["score"], out_shardings=setup.state_shardings.params["score"])
+    return {**decoder, "score": head(jax.random.key(config.seed))}
+
+
+# ---- the tokenizer ------------------------------------------------------------------------------
+
+
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> Path | None:
+    """Where the run's tokenizer is: data.tokenizer, else model.hf_dir (the model's own), else the one
+    in `workdir` (trained there by an earlier start of the run), else model.init_from's (the
+    starting run's, so its ids match the weights it starts from); else `workdir`'s tokenizer file,
+    not there yet (training trains one on the data into it; None without a workdir). Training,
+    generate/eval/export and the objectives all resolve the tokenizer here."""
+    given = config.data.get("tokenizer") or config.model.get("hf_dir")
+    if given:
+        return paths.path(given)
+    own = paths.path(workdir) / workdir_lib.TOKENIZER_FILE if workdir is not None else None
+    if own is not None and own.is_file():
+        return own
+    start = config.model.get("init_from")
+    if start and (paths.path(start) / workdir_lib.TOKENIZER_FILE).is_file():
+        return paths.path(start) / workdir_lib.TOKENIZER_FILE
+    return own
+
+
+def load_run_tokenizer(path: Path, what: str, config: ml_collections.ConfigDict) -> Tokenizer:
+    """The tokenizer at `path` (a file, or a directory holding one) with the config's data.add_bos;
+    a missing one is a UserError naming `what` (the command's flag and the run)."""
+    if not path.exists():
+        raise UserError(f"{what}: no tokenizer at {path}")
+    return load_tokenizer(path, add_bos=config.data.get("add_bos", "auto"))  # configs saved before data.add_bos: auto
+
+
+def data_settings(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> ml_collections.ConfigDict:
+    """config.data as the data layer takes it (plain settings, no config loading there):
+    `tokenizer` resolved by `tokenizer_path` (left empty when the data layer is to train one into
+    the workdir) and `default_task`, the single-task keys (data.train_path + data.templates, ...)
+    as one task of the config schema's `task_config`."""
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    path = tokenizer_path(config, workdir)
+    if not data.tokenizer and config.model.get("hf_dir"):
+        data.tokenizer = config.model.hf_dir  # load_tokenizer picks tokenizer.json, else tokenizer.model
+    elif not data.tokenizer and path is not None and path.is_file():
+        data.tokenizer = str(path)
+    data.default_task = config_lib.task_config(
+        source="jsonl", path=data.train_path, templates=tuple(tuple(t) for t in data.templates),
+        truncation=data.truncation, word_dropout=data.word_dropout, on_error=data.on_error)
+    return data

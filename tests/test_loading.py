@@ -1,0 +1,83 @@
+"""jaxtune/loading.py: one tokenizer resolution for training (every objective), generate/eval/export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxtune import config as config_lib
+from jaxtune import loading, objectives, workdir as workdir_lib
+from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
+from tests import helpers
+from tests.models.test_hf_io import _write_hf_tokenizer
+
+
+def _sentencepiece(path, vocab_size=300):
+    texts = [" ".join(helpers.WORDS[(i * 3 + j) % len(helpers.WORDS)] for j in range(6)) for i in range(300)]
+    train_sentencepiece(texts, path.with_suffix(""), vocab_size=vocab_size)
+    return path
+
+
+def test_tokenizer_path_precedence(tmp_path):
+    """data.tokenizer > model.hf_dir > the workdir's own > model.init_from's > (to be trained into) the workdir's."""
+    c = config_lib.base_config()
+    run, start = tmp_path / "run", tmp_path / "sft_run"
+    run.mkdir()
+    start.mkdir()
+    assert loading.tokenizer_path(c) is None
+    assert loading.tokenizer_path(c, run) == run / workdir_lib.TOKENIZER_FILE  # not there yet: trained there
+    c.model.init_from = str(start)
+    assert loading.tokenizer_path(c, run) == run / workdir_lib.TOKENIZER_FILE  # init_from has none
+    _sentencepiece(start / workdir_lib.TOKENIZER_FILE)
+    assert loading.tokenizer_path(c, run) == start / workdir_lib.TOKENIZER_FILE  # the starting run's ids
+    _sentencepiece(run / workdir_lib.TOKENIZER_FILE)
+    assert loading.tokenizer_path(c, run) == run / workdir_lib.TOKENIZER_FILE  # a resumed run keeps its own
+    c.model.hf_dir = str(tmp_path / "hf")
+    assert loading.tokenizer_path(c, run) == tmp_path / "hf"
+    c.data.tokenizer = str(tmp_path / "tok.model")
+    assert loading.tokenizer_path(c, run) == tmp_path / "tok.model"
+
+
+def _prompts(path, n=8):
+    path.write_text("".join(json.dumps({"prompt": f"{helpers.WORDS[i % len(helpers.WORDS)]} =",
+                                        "response": " ok", "chosen": " ok", "rejected": " no", "answer": "1"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "grpo"])
+def test_every_objective_reads_the_model_dirs_own_tokenizer(tmp_path, objective):
+    """With model.hf_dir and no data.tokenizer, SFT, DPO and GRPO all use the model's tokenizer (GRPO
+    once trained a new 512-piece tokenizer into the workdir instead); nothing is trained."""
+    hf = tmp_path / "hf"
+    fast = _write_hf_tokenizer(hf)
+    c = config_lib.base_config()
+    c.objective.type = objective
+    c.model.hf_dir = str(hf)
+    c.data.train_path = str(_prompts(tmp_path / "train.jsonl"))
+    c.data.templates = (("{prompt}", "{response}"),)
+    c.objective.prompts = "jsonl"
+    run = tmp_path / "run"
+    tokenizer = objectives.build(c).load_data(run).tokenizer
+    assert tokenizer.vocab_size == len(fast) and tokenizer.encode("cat dog") == fast.encode("cat dog")
+    assert not (run / workdir_lib.TOKENIZER_FILE).exists()
+
+
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+def test_every_objective_starts_from_init_froms_tokenizer(tmp_path, objective):
+    """model.init_from without data.tokenizer: the starting run's trained tokenizer, whose ids its weights know."""
+    start = tmp_path / "sft_run"
+    start.mkdir()
+    _sentencepiece(start / workdir_lib.TOKENIZER_FILE)
+    c = config_lib.base_config()
+    c.objective.type = objective
+    c.model.init_from = str(start)
+    c.data.train_path = str(_prompts(tmp_path / "train.jsonl"))
+    c.data.templates = (("{prompt}", "{response}"),)
+    c.objective.prompts = "jsonl"
+    run = tmp_path / "run"
+    tokenizer = objectives.build(c).load_data(run).tokenizer
+    own = load_tokenizer(start / workdir_lib.TOKENIZER_FILE)
+    assert tokenizer.vocab_size == own.vocab_size and tokenizer.encode("red cat") == own.encode("red cat")
+    assert not (run / workdir_lib.TOKENIZER_FILE).exists()
