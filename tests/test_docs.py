@@ -59,7 +59,7 @@ def test_mkdocs_build_strict_offline(tmp_path):
                             timeout=600, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     architecture = (site / "architecture" / "index.html").read_text()
-    for name in ("class PlainText", "class CsvSource", "def plain_attention"):  # the examples, included whole
+    for name in ("class PlainText", "class CsvSource", "def plain_attention", "class IA3"):  # the examples, included whole
         assert name in re.sub(r"<[^>]+>", "", architecture)
     api = (site / "reference" / "api" / "index.html").read_text()
     assert "jaxtune.api.train" in api and "RunSummary" in api  # rendered from the docstrings
