@@ -498,7 +498,7 @@ class CausalLM(nn.Module):
     """The top level every family shares: embed -> scanned decoder blocks -> final norm -> LM head.
 
     It is split in two methods so that the loss can run the LM head in token chunks and never
-    hold [B, T, vocab] float32 logits (objectives/logprobs.py): `hidden_states` (everything up
+    hold [B, T, vocab] float32 logits (jaxtune/logprobs.py): `hidden_states` (everything up
     to and including the final norm) and `logits_from_hidden` (tied embedding or `lm_head`,
     then the optional final soft-cap); `__call__` is their composition, inputs[B,T] int ->
     logits[B,T,vocab] in the compute dtype. positions default to arange(T) and segment_ids to

@@ -11,7 +11,7 @@ head, `bradley_terry_loss`) and `grpo` (grpo.py). Each reads its own section, `o
 How to add an objective
 -----------------------
 Write one module here, e.g. ``jaxtune/objectives/focal.py`` (it is found on its own), plus its
-tests. Nothing in the trainer, the CLI or config.py changes::
+tests. Nothing in the trainer, the CLI or the config package changes::
 
     import jax.numpy as jnp
     import ml_collections

@@ -132,7 +132,7 @@ def build_state(config: ml_collections.ConfigDict, setup, *, checkpointer=None, 
         if restored is not None:
             latest, state = restored
             saved = checkpointer.saved_config(latest)
-            if setup.model_config.peft is not None:  # adapters-only checkpoint: re-create the base
+            if loading.peft_spec(config) is not None:  # adapters-only checkpoint: re-create the base
                 state = state.replace(frozen=loading.base_params(config, setup.model_config, setup))
             return Start(state, int(latest), saved)
     return Start(fresh_state(config, setup))

@@ -83,14 +83,14 @@ def test_harness_on_a_lora_workdir(tmp_path, capsys):
     c, workdir = _train(tmp_path, RUNS["lora"])
     tok = load_tokenizer(workdir / TOKENIZER_FILE)
     model_config = trainer.model_config_from(c, vocab_size=tok.vocab_size)
-    plain = models.build(model_config.replace(peft=None))
+    plain = models.build(model_config)
     base = sharding.unbox(jax.jit(plain.init)(jax.random.key(c.seed), jnp.zeros((1, 1), jnp.int32))["params"])
     with ocp.CheckpointManager(workdir / "checkpoints") as manager:
         adapters = manager.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state["params"]
     whole = list(tok.text_prefix) + tok.encode("reverse: cat dog = dog cat")  # lm-eval splits the whole text's tokens
     continuation = whole[len(tok.text_prefix) + len(tok.encode("reverse: cat dog =")):]
     tokens = jnp.asarray([whole])
-    logits = models.build(model_config).apply(trainer.variables_for(adapters, base), tokens[:, :-1])
+    logits = trainer.build_model(c, model_config).apply(trainer.variables_for(adapters, base), tokens[:, :-1])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)[0, -len(continuation):]
     expected = float(jnp.take_along_axis(logp, tokens[0, -len(continuation):, None], -1).sum())
     lm = harness.harness_lm(inference.from_workdir(str(workdir)), batch_size=2, max_length=64)
