@@ -28,8 +28,6 @@ keys, and its tests. See `jaxtune/objectives/__init__.py` for a complete example
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Protocol
 
@@ -39,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from jaxtune import config as config_lib
+from jaxtune import plugins
 from jaxtune.datatools.screen import Screen
 from jaxtune.errors import UserError
 
@@ -214,7 +213,6 @@ class Objective:
 
 _REGISTRY: dict[str, type[Objective]] = {}
 _ALIASES: dict[str, str] = {}
-_discovered = False
 
 
 def register(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[type[Objective]], type[Objective]]:
@@ -236,13 +234,7 @@ def register(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[type[Obje
 
 def _discover() -> None:
     """Imports every module of jaxtune.objectives once, so each registers its objectives itself."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    package = importlib.import_module("jaxtune.objectives")
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"jaxtune.objectives.{info.name}")
+    plugins.import_submodules("jaxtune.objectives")
 
 
 def names(*, aliases: bool = False) -> tuple[str, ...]:

@@ -15,15 +15,14 @@ See `jaxtune/peft/__init__.py` for a complete example.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-import pkgutil
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 from flax import linen as nn
 
+from jaxtune import plugins
 from jaxtune.errors import UserError
 
 # The variable collection of every method's trainable variables (the checkpointed "adapters").
@@ -86,7 +85,6 @@ class Method:
 
 
 _REGISTRY: dict[str, type[Method]] = {}
-_discovered = False
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -106,13 +104,7 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
 def _discover() -> None:
     """Imports every module of jaxtune.peft once, so each registers its methods itself."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    package = importlib.import_module("jaxtune.peft")
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"jaxtune.peft.{info.name}")
+    plugins.import_submodules("jaxtune.peft")
 
 
 def names() -> tuple[str, ...]:
