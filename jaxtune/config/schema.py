@@ -261,11 +261,3 @@ def eval_task_config(metric: str = "generative", max_examples: int = 0, **task_k
 
 
 
-
-def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """config.data, reading the HF dir's own tokenizer when model.hf_dir is set and data.tokenizer is not."""
-    if not config.model.hf_dir or config.data.tokenizer:
-        return config.data
-    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-    data_cfg.tokenizer = config.model.hf_dir  # load_tokenizer picks tokenizer.json, else tokenizer.model
-    return data_cfg
