@@ -258,6 +258,3 @@ def eval_task_config(metric: str = "generative", max_examples: int = 0, **task_k
     t = task_config(**task_keys)
     t.metric, t.max_examples = metric, max_examples
     return t
-
-
-
