@@ -218,7 +218,7 @@ def _eval(args, overrides: list[str]) -> int:
         return _eval_responses(args)
     if not args.workdir:
         raise UserError("eval: --workdir is required (unless --responses, or --harness with --hf_dir)")
-    from jaxtune import evaluate, inference, metrics, objectives, paths, trainer, validation
+    from jaxtune import evaluate, inference, objectives, paths, trainer, validation
 
     config = validation.load_config(args.config, overrides) if args.config else None
     loaded = (inference.from_hf_dir(args.hf_dir, config) if args.hf_dir
@@ -238,9 +238,7 @@ def _eval(args, overrides: list[str]) -> int:
     path = paths.path(args.workdir) / workdir_lib.EVAL_RESULTS
     if distributed.process_index() == 0:  # files are written once (a shared workdir)
         evaluate.write_results(path, scores, step=step, model=args.hf_dir or str(args.workdir))
-    writer = metrics.MetricsWriter(args.workdir, resume_step=2**62, tensorboard=False)
-    writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
-    writer.close()
+    _log_eval_metrics(args.workdir, step, scores)
     summary = ("loss", "perplexity", "token_accuracy", "exact_match", "f1", "accuracy", "accuracy_norm",
                *evaluate.INSTRUCTION_METRICS)
     for name, value in sorted(scores.items()):
@@ -250,8 +248,17 @@ def _eval(args, overrides: list[str]) -> int:
     return 0
 
 
+def _log_eval_metrics(workdir: str, step: int, scores: dict) -> None:
+    """An evaluation's scores as one `eval/...` row of the run's metrics.jsonl (after its last step)."""
+    from jaxtune import metrics
+
+    writer = metrics.MetricsWriter(workdir, resume_step=2**62, tensorboard=False)
+    writer.write(step, {f"eval/{k}": v for k, v in scores.items()})
+    writer.close()
+
+
 def _eval_harness(args) -> int:
-    from jaxtune import harness, inference, metrics, paths
+    from jaxtune import harness, inference, paths
 
     if args.responses:
         raise UserError("eval: --harness runs a model, --responses scores a file without one; give one of them")
@@ -268,13 +275,11 @@ def _eval_harness(args) -> int:
                                   limit=args.limit, apply_chat_template=args.apply_chat_template,
                                   system_instruction=args.system_instruction)
     scores = harness.flat_metrics(results)
-    path = paths.path(args.output) if args.output else paths.path(args.workdir) / "harness_results.json"
+    path = paths.path(args.output) if args.output else paths.path(args.workdir) / workdir_lib.HARNESS_RESULTS
     if distributed.process_index() == 0:
         harness.write_results_json(results, path)
     if args.workdir:
-        writer = metrics.MetricsWriter(args.workdir, resume_step=2**62, tensorboard=False)
-        writer.write(loaded.step or 0, {f"eval/{k}": v for k, v in scores.items()})
-        writer.close()
+        _log_eval_metrics(args.workdir, loaded.step or 0, scores)
     for name, value in sorted(scores.items()):
         print(f"{name}: {value:.4f}", flush=True)
     print(f"jaxtune: wrote {path}", flush=True)
@@ -288,7 +293,7 @@ def _eval_responses(args) -> int:
         raise UserError("eval --responses scores a file without a model; drop --hf_dir")
     scores = evaluate.score_responses_file(args.responses, prompts=args.prompts)
     path = paths.path(args.output) if args.output else (
-        paths.path(args.workdir) / "responses_results.json" if args.workdir else None)
+        paths.path(args.workdir) / workdir_lib.RESPONSES_RESULTS if args.workdir else None)
     if path is not None:
         evaluate.write_results(path, scores, responses=str(args.responses))
     for name, value in sorted(scores.items()):
