@@ -43,7 +43,7 @@ def start_session_hub() -> StandInHub:
             "HF_ENDPOINT": _SESSION.url, "HF_HOME": home, "HF_HUB_CACHE": os.path.join(home, "hub"),
             "HF_DATASETS_CACHE": os.path.join(home, "datasets"), "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
             "TRANSFORMERS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "10", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+            "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "10",
             "HF_HUB_DISABLE_UPDATE_CHECK": "1",
         })
         for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH"):
