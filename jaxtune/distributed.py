@@ -155,7 +155,7 @@ def initialize(settings: Settings | None = None, *, heartbeat_timeout_s: int = 1
     import jax
 
     if jax.distributed.is_initialized():
-        return jax.process_count() > 1
+        return process_count() > 1
     settings = settings or settings_from()
     cluster = None if settings.num_processes == 1 else detected_cluster()
     validate(settings, cluster)
@@ -169,23 +169,33 @@ def initialize(settings: Settings | None = None, *, heartbeat_timeout_s: int = 1
     jax.distributed.initialize(settings.coordinator_address, settings.num_processes, settings.process_id,
                                initialization_timeout=initialization_timeout_s,
                                heartbeat_timeout_seconds=heartbeat_timeout_s)
-    log.info("process %d of %d (%s)", jax.process_index(), jax.process_count(), cluster or "explicit settings")
-    if jax.process_count() > 1:
+    log.info("process %d of %d (%s)", process_index(), process_count(), cluster or "explicit settings")
+    if process_count() > 1:  # the runtime's numbers: no backend starts here (Hub downloads come first)
         _start_failure_watcher()
-    return jax.process_count() > 1
+    return process_count() > 1
+
+
+def _runtime():
+    """JAX's multi-process runtime state: its process numbers are known without touching a device,
+    so the agreement helpers below also work before any backend starts (Hub downloads do)."""
+    from jax._src import distributed
+
+    return distributed.global_state
 
 
 def process_index() -> int:
-    import jax
+    return _runtime().process_id
 
-    return jax.process_index()
+
+def process_count() -> int:
+    return _runtime().num_processes
 
 
 def is_multiprocess() -> bool:
     """True when this program runs as one of several processes (after `initialize`)."""
     import jax
 
-    return jax.distributed.is_initialized() and jax.process_count() > 1
+    return jax.distributed.is_initialized() and process_count() > 1
 
 
 def to_host(x) -> Any:
@@ -262,12 +272,10 @@ def all_gather(value: Any, name: str) -> list[Any]:
     """
     if not is_multiprocess():
         return [value]
-    import jax
-
     key = _key("gather/" + name)
     _client().key_value_set(f"{key}/{process_index()}", json.dumps(value))
     return [json.loads(_client().blocking_key_value_get(f"{key}/{p}", WAIT_TIMEOUT_S * 1000))
-            for p in range(jax.process_count())]
+            for p in range(process_count())]
 
 
 def agree(value: Any, what: str) -> None:
@@ -307,15 +315,13 @@ def fail_all(message: str, exit_code: int) -> None:
     """
     if not is_multiprocess():
         return
-    import jax
-
     me = process_index()
     try:
         _client().key_value_set(_FAILURE_KEY, json.dumps({"process": me, "message": message, "code": exit_code}))
     except Exception:  # another process failed first: its watcher here ends this process with its error
         time.sleep(FAILURE_ACK_TIMEOUT_S)
     else:
-        for p in range(jax.process_count()):
+        for p in range(process_count()):
             if p != me:
                 try:
                     _client().blocking_key_value_get(f"{_FAILURE_KEY}/ack/{p}", FAILURE_ACK_TIMEOUT_S * 1000)

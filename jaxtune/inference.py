@@ -22,7 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxtune import config as config_lib
-from jaxtune import loading, models, paths
+from jaxtune import hub, loading, models, paths
 from jaxtune.checkpoint import latest_checkpoint, local_target, restore_newest, saved_config
 from jaxtune.data.tokenizers import Tokenizer
 from jaxtune.errors import UserError
@@ -42,7 +42,9 @@ class Loaded:
 
 
 def from_hf_dir(hf_dir: str, config: ml_collections.ConfigDict | None = None) -> Loaded:
-    """An HF model dir (config.json, *.safetensors, tokenizer.json or tokenizer.model)."""
+    """An HF model dir (config.json, *.safetensors, tokenizer.json or tokenizer.model), or a Hub id
+    (`org/name[@revision]`, downloaded by jaxtune.hub)."""
+    hf_dir = hub.local_path(hf_dir, "model")
     if not paths.path(hf_dir).is_dir():
         raise UserError(f"--hf_dir {hf_dir}: no such directory")
     config = ml_collections.ConfigDict((config or config_lib.base_config()).to_dict())
@@ -85,6 +87,7 @@ def restore_run(workdir: str, what: str, *, config: ml_collections.ConfigDict | 
         raise UserError(f"{what} {workdir}: checkpoint {directory / str(step)} has no saved config; pass --config")
     trained = ml_collections.ConfigDict(saved if saved is not None else config.to_dict())
     config_lib.upgrade_saved(trained)  # a run saved by an older jaxtune (its objective's keys: objectives.build)
+    loading.pin_hub_ids(trained, workdir, record=False)  # its Hub ids at the commits it trained on
     if dtype:
         trained.model.param_dtype = dtype
     tokenizer_path = loading.tokenizer_path(trained, workdir)

@@ -10,7 +10,11 @@ API and the objectives all ask this module, so they agree on:
   rebuilt on resume rather than checkpointed;
 - the tokenizer (`tokenizer_path`, `data_settings`): data.tokenizer > model.hf_dir's own > the
   one already in the workdir > model.init_from's (the starting run's) > one trained on the data
-  into the workdir (by the data layer, `data.datasets.run_tokenizer`).
+  into the workdir (by the data layer, `data.datasets.run_tokenizer`);
+- Hugging Face Hub ids in model.hf_dir, data.tokenizer and `reward_model:` specs (`hub_ids`,
+  `pin_hub_ids`): downloaded once per process by jaxtune.hub before any device is used, the
+  commit each resolved to recorded in the workdir (workdir.HUB_COMMITS) and reused on resume, so
+  a resumed run and `jaxtune export/generate --workdir` read the same files as its first start.
 
 It sits below the objectives and the trainer (it names neither) and above models, peft and data.
 """
@@ -18,6 +22,7 @@ It sits below the objectives and the trainer (it names neither) and above models
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,13 +34,15 @@ import ml_collections
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
-from jaxtune import models, paths, sharding, workdir as workdir_lib
+from jaxtune import distributed, hub, models, paths, sharding, workdir as workdir_lib
 from jaxtune.data.tokenizers import Tokenizer, load_tokenizer
 from jaxtune.errors import UserError
 from jaxtune.peft import base as peft_base
 from jaxtune.peft import prefix, quant, wrapper
 
 ModelAdapter = Callable[[Any], Any]  # model config -> the model config the objective trains
+
+REWARD_MODEL_PREFIX = "reward_model:"  # a GRPO reward spec naming a reward model (a run dir, HF dir or Hub id)
 
 _MODEL_OVERRIDE_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -52,7 +59,7 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None 
     attention = m.get("attention", "auto")  # configs saved before the setting existed
     if m.hf_dir:
         model_config = models.config_from_pretrained(
-            m.hf_dir, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
+            hf_dir(config), dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
             attention=attention)
     else:
         overrides = {k: m[k] for k in _MODEL_OVERRIDE_KEYS if m[k] is not None}
@@ -117,7 +124,7 @@ def base_params(config: ml_collections.ConfigDict, model_config, setup=None, *, 
     spec = peft_spec(config) if as_held else None
     if setup is None:
         if config.model.hf_dir:
-            _, base = models.from_pretrained(config.model.hf_dir, dtype=model_config.param_dtype,
+            _, base = models.from_pretrained(hf_dir(config), dtype=model_config.param_dtype,
                                              num_labels=model_config.num_labels)  # a reward model's head
         else:
             plain = models.build(model_config)
@@ -130,7 +137,7 @@ def base_params(config: ml_collections.ConfigDict, model_config, setup=None, *, 
             jax.random.key(config.seed))
     plain = models.build(model_config)
     abstract = jax.eval_shape(plain.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    base = models.load_params(config.model.hf_dir, plain.config,
+    base = models.load_params(hf_dir(config), plain.config,
                               sharding.logical_shardings(abstract, setup.mesh, setup.rule_table))
     if spec.quantize == "none" and not spec.base_dtype:
         return base
@@ -144,7 +151,7 @@ def start_weights(config: ml_collections.ConfigDict, setup) -> Any:
     if peft_spec(config) is not None:
         return base_params(config, model_config, setup)
     if config.model.hf_dir:
-        return models.load_params(config.model.hf_dir, model_config, shardings.params)
+        return models.load_params(hf_dir(config), model_config, shardings.params)
     if config.model.init_from:
         target = checkpoint_lib.abstract_with_shardings(setup.abstract_state.params, shardings.params)
         return _restore_init_from(config, setup, target)
@@ -164,6 +171,50 @@ def _restore_init_from(config: ml_collections.ConfigDict, setup, target) -> Any:
     return {**decoder, "score": head(jax.random.key(config.seed))}
 
 
+# ---- Hugging Face Hub ids -------------------------------------------------------------------------
+
+
+def hf_dir(config: ml_collections.ConfigDict) -> str:
+    """model.hf_dir as a local directory: a Hub id's snapshot at the commit pinned for the run."""
+    return hub.local_path(config.model.hf_dir, "model")
+
+
+def hub_ids(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The config's Hub ids -> what each needs ("model" or "tokenizer"): model.hf_dir,
+    data.tokenizer and GRPO's `reward_model:` reward specs."""
+    found = {}
+    if hub.is_hub_id(config.data.get("tokenizer")):
+        found[config.data.tokenizer] = "tokenizer"
+    grpo = config.objective.get("grpo") if "objective" in config else None
+    for spec in (grpo.get("rewards", ()) if grpo is not None else ()):
+        if spec.startswith(REWARD_MODEL_PREFIX) and hub.is_hub_id(spec[len(REWARD_MODEL_PREFIX):]):
+            found[spec[len(REWARD_MODEL_PREFIX):]] = "model"
+    if hub.is_hub_id(config.model.get("hf_dir")):
+        found[config.model.hf_dir] = "model"
+    return found
+
+
+def pin_hub_ids(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
+                record: bool = True) -> dict[str, dict]:
+    """Downloads the config's Hub ids (before any device is used) at the commits recorded in
+    `workdir` (a resumed run, or a command reading a run), else at their revisions, and pins them
+    for this process. With `record`, process 0 writes what it resolved into the workdir. Returns
+    {id: {"repo", "revision", "commit"}}."""
+    wanted = hub_ids(config)
+    if not wanted:
+        return {}
+    file = paths.path(workdir) / workdir_lib.HUB_COMMITS if workdir is not None else None
+    recorded = json.loads(file.read_text()) if file is not None and file.exists() else {}
+    resolved = dict(recorded)
+    for ref, what in wanted.items():
+        snapshot = hub.resolve(ref, what, commit=recorded.get(ref, {}).get("commit"))
+        resolved[ref] = {"repo": snapshot.repo_id, "revision": snapshot.revision, "commit": snapshot.commit}
+    if record and file is not None and resolved != recorded:
+        distributed.on_first_process(lambda: file.write_text(json.dumps(resolved, indent=1, sort_keys=True)),
+                                     "hub_commits")
+    return resolved
+
+
 # ---- the tokenizer ------------------------------------------------------------------------------
 
 
@@ -173,9 +224,10 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str | Path | None
     starting run's, so its ids match the weights it starts from); else `workdir`'s tokenizer file,
     not there yet (training trains one on the data into it; None without a workdir). Training,
     generate/eval/export and the objectives all resolve the tokenizer here."""
-    given = config.data.get("tokenizer") or config.model.get("hf_dir")
-    if given:
-        return paths.path(given)
+    if config.data.get("tokenizer"):
+        return paths.path(hub.local_path(config.data.tokenizer, "tokenizer"))
+    if config.model.get("hf_dir"):
+        return paths.path(hf_dir(config))
     own = paths.path(workdir) / workdir_lib.TOKENIZER_FILE if workdir is not None else None
     if own is not None and own.is_file():
         return own
@@ -200,9 +252,9 @@ def data_settings(config: ml_collections.ConfigDict, workdir: str | Path | None 
     as one task of the config schema's `task_config`."""
     data = ml_collections.ConfigDict(config.data.to_dict())
     path = tokenizer_path(config, workdir)
-    if not data.tokenizer and config.model.get("hf_dir"):
-        data.tokenizer = config.model.hf_dir  # load_tokenizer picks tokenizer.json, else tokenizer.model
-    elif not data.tokenizer and path is not None and path.is_file():
+    if data.tokenizer or config.model.get("hf_dir"):
+        data.tokenizer = str(path)  # a file, or a dir (load_tokenizer picks tokenizer.json, else tokenizer.model)
+    elif path is not None and path.is_file():
         data.tokenizer = str(path)
     data.default_task = config_lib.task_config(
         source="jsonl", path=data.train_path, templates=tuple(tuple(t) for t in data.templates),

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxtune import metrics, platforms, trainer
 from jaxtune.errors import UserError
-from jaxtune import hf_check
+from jaxtune import hf_check, loading
 
 GiB = 1024**3
 DEFAULT_HEADROOM = 0.9  # a plan fits when it needs at most this fraction of a device's memory
@@ -169,8 +169,9 @@ def plan(config: ml_collections.ConfigDict, *, config_name: str = "", topology: 
         raise UserError(f"--num_slices must be >= 1, got {num_slices}")
     if num_slices > 1 and not topology:
         raise UserError("--num_slices needs --topology (the local devices are what they are)")
+    loading.pin_hub_ids(config)  # Hub ids: downloaded before any device is used
     if config.model.hf_dir:  # a damaged model directory fails here, naming the file (no tokenizer needed)
-        hf_check.validate_hf_dir(config.model.hf_dir, tokenizer=False)
+        hf_check.validate_hf_dir(loading.hf_dir(config), tokenizer=False)
     devices = tpu_devices(topology, num_slices) if topology else jax.devices()
     # vocab_size=None: the model's configured vocab (a from-scratch run's tokenizer would set it at
     # train time; training one here would read the data).

@@ -30,6 +30,7 @@ RESPONSES_RESULTS = "responses_results.json"  # `jaxtune eval --workdir W --resp
 SAMPLES = "samples"  # step_<n>.jsonl: RL completions and rewards (objectives/grpo.py)
 REFERENCE_LOGPS = "reference_logps"  # precomputed reference log-probs (reference.py)
 DATA_SCREEN_REPORT = "data_screen.json"  # what the data screen dropped (datatools/screen.py)
+HUB_COMMITS = "hub_commits.json"  # the Hub commit each model id of the run resolved to (loading.py)
 
 
 def ensure_workdir(workdir: str | Path) -> Path:

@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from jaxtune import scoring  # the reward-model objective's scorer
+from jaxtune import hub, loading, scoring  # scoring: the reward-model objective's scorer
 from jaxtune import workdir as workdir_lib
 from jaxtune.errors import UserError
 from jaxtune.rewards.instructions import instruction_all, instruction_fraction
@@ -44,7 +44,7 @@ BUILTIN: dict[str, RewardFn] = {
 }
 
 
-REWARD_MODEL_PREFIX = "reward_model:"
+REWARD_MODEL_PREFIX = loading.REWARD_MODEL_PREFIX
 
 
 def load_reward_fn(spec: str) -> RewardFn:
@@ -72,6 +72,8 @@ def load_reward_fn(spec: str) -> RewardFn:
 def _reward_model(path: str, spec: str) -> RewardFn:
     from pathlib import Path
 
+    if hub.is_hub_id(path):  # a reward model on the Hub (pinned for the run by loading.pin_hub_ids)
+        return scoring.reward_fn(hf_dir=hub.local_path(path, "model"))
     directory = Path(path)
     if not path or not directory.is_dir():
         raise UserError(f"reward function {spec!r}: {path!r} is not a directory (a reward run's workdir or an "

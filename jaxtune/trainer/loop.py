@@ -247,10 +247,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
 
     `on_metrics(row)` is called with every row written to metrics.jsonl (train and eval rows)."""
     wall_start = time.time()
-    if config.model.hf_dir:  # a damaged download fails here, naming the file, before anything is written
-        hf_check.validate_hf_dir(config.model.hf_dir, tokenizer=not config.data.tokenizer)
     workdir = paths.path(workdir)  # local or gs://...
     workdir.mkdir(parents=True, exist_ok=True)
+    # Hub ids: downloaded before any device is used, at the commits a resumed run recorded.
+    loading.pin_hub_ids(config, workdir)
+    if config.model.hf_dir:  # a damaged download fails here, naming the file, before anything is written
+        hf_check.validate_hf_dir(loading.hf_dir(config), tokenizer=not config.data.tokenizer)
     process_count = jax.process_count()
     devices = list(devices) if devices is not None else jax.devices()
     config_json = config_lib.to_json_dict(config)

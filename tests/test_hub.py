@@ -1,0 +1,100 @@
+"""Hugging Face Hub model ids (jaxtune/hub.py, loading.pin_hub_ids) against the stand-in Hub
+(tests/hub_server.py): the real huggingface_hub client downloads, nothing is patched."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune import cli, hub as hub_lib, models, sharding
+from jaxtune.data.tokenizers import load_tokenizer, train_sentencepiece
+from jaxtune.errors import UserError
+from tests.helpers import write_sft_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pins(monkeypatch):
+    """Each test starts with no Hub id pinned (pins live for a process, i.e. one command)."""
+    monkeypatch.setattr(hub_lib, "_pins", {})
+    monkeypatch.setattr(hub_lib, "_folders", {})
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    """A tiny Llama as a Hugging Face folder (config, safetensors, sentencepiece tokenizer) plus files
+    jaxtune never reads (a .bin, a README, an onnx/ subfolder)."""
+    root = tmp_path_factory.mktemp("tiny_hf")
+    texts = [json.loads(line)["prompt"] + " " + json.loads(line)["response"]
+             for line in write_sft_jsonl(root / "train.jsonl").read_text().splitlines()]
+    folder = root / "model"
+    folder.mkdir()
+    train_sentencepiece(texts, folder / "tokenizer", vocab_size=280)
+    vocab = load_tokenizer(folder / "tokenizer.model").vocab_size
+    config = models.get_config("llama", "tiny", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2,
+                               num_heads=4, num_kv_heads=2, max_position_embeddings=128)
+    model = models.build(config)
+    params = sharding.unbox(jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)))(jax.random.key(0))["params"])
+    models.save_pretrained(config, params, folder)
+    (folder / "tokenizer.vocab").unlink(missing_ok=True)
+    return folder
+
+
+def _extras() -> dict:
+    return {"pytorch_model.bin": b"pickle", "README.md": "# tiny\n", "onnx/model.safetensors": b"onnx",
+            "generation_config.json": json.dumps({"eos_token_id": 2})}
+
+
+def test_hub_ids_and_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert hub_lib.is_hub_id("org/name") and hub_lib.is_hub_id("org/name@v1.0") and hub_lib.is_hub_id("o/n@refs/pr/1")
+    assert hub_lib.parse("org/name") == ("org/name", "main") and hub_lib.parse("org/n@dev") == ("org/n", "dev")
+    for local in ("./org/name", "/abs/x", "a/b/c", "gs://bucket/x", "name", "", None):
+        assert not hub_lib.is_hub_id(local)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert not hub_lib.is_hub_id("org/name")  # a local path that exists wins
+    assert hub_lib.local_path("org/name") == "org/name"
+
+
+def test_downloads_only_what_jaxtune_reads_and_pins_revisions(hub, tiny_hf):
+    first = hub.create_repo("org/tiny", tiny_hf)
+    hub.commit("org/tiny", _extras())
+    hub.tag("org/tiny", "v1", first)  # no generation_config.json there
+    snapshot = hub_lib.resolve("org/tiny")
+    files = sorted(p.name for p in snapshot.path.iterdir())
+    assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.model"], files
+    assert sorted(hub.fetched("org/tiny")) == files
+    assert snapshot.commit == hub.repos[("model", "org/tiny")].branches["main"] != first
+    assert hub_lib.resolve("org/tiny@v1").commit == first
+    hub.commit("org/tiny", {"config.json": "{}"})  # main moves on: this process keeps its pinned commit
+    assert hub_lib.resolve("org/tiny").commit == snapshot.commit
+    assert hub_lib.resolve("org/tiny", commit=first).path.name == first
+
+
+def test_errors_name_the_repo(hub, hub_token, tiny_hf, monkeypatch):
+    from huggingface_hub import constants
+    hub.create_repo("org/tiny", tiny_hf)
+    hub.create_repo("org/gated", tiny_hf, gated=True)
+    hub.create_repo("org/pickles", {"config.json": (tiny_hf / "config.json").read_text(), "pytorch_model.bin": b"x"})
+    cases = {
+        "org/missing": r"org/missing: no such repo on the Hugging Face Hub .* HF_TOKEN",
+        "org/tiny@nope": r"org/tiny@nope: the repo has no branch, tag or commit 'nope'",
+        "org/gated": r"org/gated is a gated repo: .*hf auth login.* HF_TOKEN",
+        "org/pickles": r"org/pickles@main: has only PyTorch .bin/.pth weights \(pytorch_model.bin\)",
+    }
+    for ref, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            hub_lib.resolve(ref)
+    assert not hub.fetched("org/pickles")  # refused before any download
+    monkeypatch.setenv("HF_TOKEN", hub_token)  # the token users set (or their stored login)
+    assert (hub_lib.resolve("org/gated").path / "model.safetensors").is_file()
+    cached = hub_lib.resolve("org/tiny").path
+    monkeypatch.setattr(hub_lib, "_pins", {})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1 (read at import)
+    requests = len(hub.requests)
+    assert hub_lib.resolve("org/tiny").path == cached and len(hub.requests) == requests
+    hub.create_repo("org/never", tiny_hf)
+    with pytest.raises(UserError, match=r"org/never@main: not in the local Hugging Face cache .* HF_HUB_OFFLINE=1"):
+        hub_lib.resolve("org/never")
