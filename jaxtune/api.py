@@ -130,12 +130,15 @@ def reward_fn(workdir: str | None = None, *, hf_dir: str | None = None, batch_si
 
 
 def export(workdir: str, *, peft: str | None = None, merged: str | None = None, dtype: str | None = None,
-           max_shard_size: str = "2GB") -> None:
+           max_shard_size: str = "2GB", push_to_hub: str | None = None, private: bool = False,
+           revision: str | None = None) -> None:
     """`jaxtune export`: a LoRA/DoRA/prefix run's latest adapters in peft's format (`peft` dir) and/or
-    merged into a full Hugging Face model (`merged` dir)."""
+    merged into a full Hugging Face model (`merged` dir), each with its model card; `push_to_hub`
+    ("org/name") uploads the one folder written."""
     import argparse
 
     from jaxtune import cli
 
     cli._export(argparse.Namespace(workdir=str(workdir), peft=peft, merged=merged, dtype=dtype,
-                                   max_shard_size=max_shard_size))
+                                   max_shard_size=max_shard_size, push_to_hub=push_to_hub, private=private,
+                                   revision=revision))

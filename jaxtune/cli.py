@@ -50,12 +50,14 @@ def _parser() -> argparse.ArgumentParser:
         "convert", help="Hugging Face dir -> orbax params checkpoint (--hf_dir, --out), or a run's latest "
         "checkpoint -> Hugging Face dir (--workdir, --hf_out)",
     )
-    convert.add_argument("--hf_dir", help="Hugging Face model dir to read (config.json + *.safetensors)")
+    convert.add_argument("--hf_dir", help="Hugging Face model dir to read (config.json + *.safetensors), or a Hub "
+                         "model id org/name[@revision]")
     convert.add_argument("--out", help="directory for the orbax params checkpoint (step 0)")
     convert.add_argument("--workdir", help="a jaxtune run directory whose latest checkpoint is exported")
     convert.add_argument("--hf_out", help="Hugging Face model dir to write")
     convert.add_argument("--dtype", default=None, help="param dtype (default: the checkpoint's)")
     convert.add_argument("--max_shard_size", default="2GB", help="safetensors shard size for --hf_out")
+    _add_push_options(convert, "--hf_out")
     convert.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     export = commands.add_parser(
         "export", help="a LoRA/DoRA run's latest adapters -> PEFT adapter dir (--peft) and/or a merged HF model (--merged)",
@@ -65,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", help="Hugging Face model dir with the adapters merged into the base weights")
     export.add_argument("--dtype", default=None, help="merged weights dtype (default: the model's param dtype)")
     export.add_argument("--max_shard_size", default="2GB", help="safetensors shard size for --merged")
+    _add_push_options(export, "--peft or --merged")
     export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     _add_generate_parser(commands)
     _add_eval_parser(commands)
@@ -84,6 +87,30 @@ def _parser() -> argparse.ArgumentParser:
     datatools_commands.add_commands(data_commands, load_config=_load_validated_config)
     generation_commands.add_commands(data_commands)
     return parser
+
+
+def _add_push_options(parser, folder: str) -> None:
+    parser.add_argument("--push_to_hub", metavar="ORG/NAME", default=None,
+                        help=f"upload the written {folder} folder (model card included) to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="--push_to_hub: create the repo private")
+    parser.add_argument("--revision", default=None, help="--push_to_hub: the branch to commit to (created if missing)")
+
+
+def _publish(args, out_dir: str, config, workdir: str, *, kind: str, step: int) -> None:
+    """Every export gets its model card; with --push_to_hub the folder is uploaded as written."""
+    from jaxtune import publish
+
+    publish.write_card(out_dir, config, workdir, kind=kind, step=step)
+    if args.push_to_hub and distributed.process_index() == 0:
+        url = publish.push(out_dir, args.push_to_hub, private=args.private, revision=args.revision)
+        print(f"jaxtune: pushed {out_dir} to {url}", flush=True)
+
+
+def _check_push_options(args, outputs: list[str]) -> None:
+    if (args.private or args.revision) and not args.push_to_hub:
+        raise UserError("--private and --revision go with --push_to_hub ORG/NAME")
+    if args.push_to_hub and len([o for o in outputs if o]) != 1:
+        raise UserError("--push_to_hub uploads one exported folder: give one of --peft OUT or --merged OUT")
 
 
 def _add_plan_parser(commands) -> None:
@@ -127,7 +154,8 @@ def _add_generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="sample from a run's latest checkpoint (--workdir) or an HF dir (--hf_dir)",
                               parents=[distributed.parent_parser()])
     gen.add_argument("--workdir", help="a jaxtune run directory (latest checkpoint, saved config, tokenizer)")
-    gen.add_argument("--hf_dir", help="a Hugging Face model dir (config.json, *.safetensors, tokenizer)")
+    gen.add_argument("--hf_dir", help="a Hugging Face model dir (config.json, *.safetensors, tokenizer) or a Hub "
+                     "model id org/name[@revision]")
     gen.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     gen.add_argument("--max_new_tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -152,7 +180,8 @@ def _add_eval_parser(commands) -> None:
     )
     ev.add_argument("--config", help="config file (default: the config saved with the workdir's checkpoint)")
     ev.add_argument("--workdir", help="run directory: the model (unless --hf_dir) and the results")
-    ev.add_argument("--hf_dir", help="evaluate this Hugging Face model dir instead of the workdir's checkpoint")
+    ev.add_argument("--hf_dir", help="evaluate this Hugging Face model dir (or Hub model id org/name[@revision]) "
+                    "instead of the workdir's checkpoint")
     _add_harness_options(ev)
     ev.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
@@ -309,18 +338,26 @@ def _convert(args) -> int:
     to_hf = bool(args.workdir and args.hf_out and not (args.hf_dir or args.out))
     if not (to_orbax or to_hf):
         raise UserError("convert: give either --hf_dir DIR --out DIR, or --workdir DIR --hf_out DIR")
+    if to_orbax and args.push_to_hub:
+        raise UserError("convert: --push_to_hub uploads a Hugging Face export (--workdir W --hf_out OUT)")
+    _check_push_options(args, [args.hf_out or args.out])
     import orbax.checkpoint as ocp
 
     from jaxtune import config as config_lib
-    from jaxtune import models, paths
+    from jaxtune import hub, models, paths
 
     if to_orbax:
         from jaxtune.hf_check import validate_hf_dir
 
-        validate_hf_dir(args.hf_dir, tokenizer=False, param_dtype=args.dtype)
-        _, params = models.from_pretrained(args.hf_dir, dtype=args.dtype)
+        if hub.is_hub_id(args.hf_dir):  # the checkpoint's config names the exact commit it came from
+            snapshot = hub.resolve(args.hf_dir)
+            hf_dir, source = str(snapshot.path), f"{snapshot.repo_id}@{snapshot.commit}"
+        else:
+            hf_dir = source = str(paths.absolute(args.hf_dir))
+        validate_hf_dir(hf_dir, tokenizer=False, param_dtype=args.dtype)
+        _, params = models.from_pretrained(hf_dir, dtype=args.dtype)
         config = config_lib.base_config()
-        config.model.hf_dir = str(paths.absolute(args.hf_dir))
+        config.model.hf_dir = source
         config.model.param_dtype = str(_dtype_name(params))
         directory = paths.absolute(args.out) / workdir_lib.CHECKPOINTS
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True)) as manager:
@@ -339,6 +376,7 @@ def _convert(args) -> int:
     models.save_pretrained(model_config, state["params"], args.hf_out, max_shard_size=args.max_shard_size,
                            tokenizer_dir=tokenizer_dir, add_bos=config.data.get("add_bos", "auto"))
     print(f"jaxtune: wrote Hugging Face model (step {step}) to {args.hf_out}", flush=True)
+    _publish(args, args.hf_out, config, args.workdir, kind="full", step=step)
     return 0
 
 
@@ -355,6 +393,7 @@ def _export(args) -> int:
     """A LoRA run's adapters -> PEFT dir and/or merged HF dir (the base re-created from its pointer)."""
     if not (args.peft or args.merged):
         raise UserError("export: give --peft OUT and/or --merged OUT")
+    _check_push_options(args, [args.peft, args.merged])
     from jaxtune import loading
     from jaxtune.peft import export
 
@@ -367,24 +406,34 @@ def _export(args) -> int:
         export.check_exportable(spec)
     if args.merged:
         export.check_mergeable(spec)
-        if config.model.get("hf_dir"):  # the base is re-read from the run's HF dir
+        if config.model.get("hf_dir"):  # the base is re-read from the run's HF dir (a Hub id: its recorded commit)
             from jaxtune.hf_check import validate_hf_dir
 
-            validate_hf_dir(config.model.hf_dir, tokenizer=False)
+            validate_hf_dir(loading.hf_dir(config), tokenizer=False)
     adapters = state["params"]
     base = None
     if args.merged or getattr(model_config, "num_labels", None):  # a reward model's PEFT export writes its head
         base = loading.base_params(config, model_config)  # as training held it, on the host
     if args.peft:
-        export.export_peft(model_config, spec, adapters, args.peft, base_model_name_or_path=config.model.get("hf_dir") or None,
+        export.export_peft(model_config, spec, adapters, args.peft, base_model_name_or_path=_base_name(config),
                            base=base)
         print(f"jaxtune: wrote PEFT adapters (step {step}) to {args.peft}", flush=True)
+        _publish(args, args.peft, config, args.workdir, kind="peft", step=step)
     if args.merged:
         export.export_merged(model_config, spec, base, adapters, args.merged, dtype=args.dtype,
                              tokenizer_dir=tokenizer_dir, max_shard_size=args.max_shard_size,
                              add_bos=config.data.get("add_bos", "auto"))
         print(f"jaxtune: wrote merged Hugging Face model (step {step}) to {args.merged}", flush=True)
+        _publish(args, args.merged, config, args.workdir, kind="merged", step=step)
     return 0
+
+
+def _base_name(config) -> str | None:
+    """adapter_config.json's base_model_name_or_path: the Hub repo id (without @revision) or the folder."""
+    from jaxtune import hub
+
+    ref = config.model.get("hf_dir") or None
+    return hub.parse(ref)[0] if ref and hub.is_hub_id(ref) else ref
 
 
 def _dtype_name(params) -> str:

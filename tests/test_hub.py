@@ -98,3 +98,70 @@ def test_errors_name_the_repo(hub, hub_token, tiny_hf, monkeypatch):
     hub.create_repo("org/never", tiny_hf)
     with pytest.raises(UserError, match=r"org/never@main: not in the local Hugging Face cache .* HF_HUB_OFFLINE=1"):
         hub_lib.resolve("org/never")
+
+
+def test_pin_hub_ids_records_and_reuses_commits(hub, tiny_hf, tmp_path):
+    from jaxtune import config as config_lib
+    from jaxtune import loading, workdir as workdir_lib
+    first = hub.create_repo("org/tiny", tiny_hf)
+    config = config_lib.base_config()
+    config.model.hf_dir, config.data.tokenizer = "org/tiny", "org/tiny@main"
+    config.objective.type = "grpo"
+    config.objective.grpo = dict(rewards=("math", "reward_model:org/rm"))
+    hub.create_repo("org/rm", tiny_hf)
+    assert loading.hub_ids(config) == {"org/tiny": "model", "org/tiny@main": "tokenizer", "org/rm": "model"}
+    recorded = loading.pin_hub_ids(config, tmp_path)
+    assert json.loads((tmp_path / workdir_lib.HUB_COMMITS).read_text()) == recorded
+    assert recorded["org/tiny"] == {"repo": "org/tiny", "revision": "main", "commit": first}
+    assert loading.hf_dir(config).endswith(first)
+    assert loading.tokenizer_path(config).name == first  # data.tokenizer: the snapshot's tokenizer files
+    assert (loading.tokenizer_path(config) / "tokenizer.model").is_file()
+    hub.commit("org/tiny", {"config.json": "{}"})  # main moves; a new process resumes the run
+    hub_lib._pins.clear()
+    assert loading.pin_hub_ids(config, tmp_path)["org/tiny"]["commit"] == first
+    assert loading.hf_dir(config).endswith(first)
+    hub_lib._pins.clear()  # a new run (another workdir) takes the new main
+    (tmp_path / "other").mkdir()
+    assert loading.pin_hub_ids(config, tmp_path / "other")["org/tiny"]["commit"] != first
+
+
+@pytest.mark.slow  # trains, exports and reloads a model (~40 s on 2 busy cores)
+def test_model_id_lora_export_push_generate(hub, hub_token, tiny_hf, tmp_path, monkeypatch, capsys):
+    """configs/sft_lora.py:hf_dir=ORG/NAME trains from the Hub; a resume after main moved keeps the
+    recorded commit; the merged export (with its card) pushed to the Hub and loaded back by its id
+    gives the logits of the same folder loaded locally."""
+    from jaxtune import inference, workdir as workdir_lib
+    first = hub.create_repo("org/tiny", tiny_hf)
+    train = write_sft_jsonl(tmp_path / "train.jsonl")
+    workdir = tmp_path / "run"
+    args = ["train", "--config", "configs/sft_lora.py:hf_dir=org/tiny", "--workdir", str(workdir),
+            f"--config.data.train_path={train}", "--config.data.templates=(('{prompt} =', ' {response}'),)",
+            "--config.data.seq_len=32", "--config.train.global_batch_size=8", "--config.model.dtype=float32",
+            "--config.peft.base_dtype=", "--config.model.remat_policy=none", "--config.train.checkpoint_every=2",
+            "--config.train.progress_bar=false", "--config.mesh.rules=dp"]
+    assert cli.main([*args, "--config.train.steps=2"]) == 0
+    recorded = json.loads((workdir / workdir_lib.HUB_COMMITS).read_text())
+    assert recorded["org/tiny"]["commit"] == first
+    hub.commit("org/tiny", {"config.json": "{}"})  # a broken main: the resumed run must not read it
+    hub_lib._pins.clear()  # a new process
+    assert cli.main([*args, "--config.train.steps=4"]) == 0
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert json.loads((workdir / workdir_lib.HUB_COMMITS).read_text()) == recorded
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    merged = tmp_path / "merged"
+    assert cli.main(["export", "--workdir", str(workdir), "--merged", str(merged), "--push_to_hub", "me/tiny-sft",
+                     "--private"]) == 0
+    card = (merged / "README.md").read_text()
+    assert "base_model: org/tiny" in card and first in card and "library_name: transformers" in card
+    assert hub.files_at("me/tiny-sft").keys() >= {p.name for p in merged.iterdir()}
+    assert hub.repos[("model", "me/tiny-sft")].private
+    hub_lib._pins.clear()
+    from_hub, local = inference.from_hf_dir("me/tiny-sft"), inference.from_hf_dir(str(merged))
+    tokens = jnp.asarray([from_hub.tokenizer.encode("reverse: cat dog =")], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(from_hub.model.apply({"params": from_hub.params}, tokens)),
+                                  np.asarray(local.model.apply({"params": local.params}, tokens)))
+    capsys.readouterr()
+    assert cli.main(["generate", "--hf_dir", "me/tiny-sft", "--prompt", "reverse: cat dog =", "--max_new_tokens=3"]) == 0
+    from_id = capsys.readouterr().out
+    assert cli.main(["generate", "--hf_dir", str(merged), "--prompt", "reverse: cat dog =", "--max_new_tokens=3"]) == 0
+    assert capsys.readouterr().out == from_id
