@@ -82,16 +82,15 @@ def resolve(ref: str, what: str = "model", *, commit: str | None = None) -> Snap
         raise UserError(f"{repo_id}: recorded commit {commit!r} is not a 40-character commit hash")
     commit = commit or _pins.get(ref)
     if commit is None or (repo_id, commit, what) not in _folders:
-        agreed = distributed.share(lambda: _download(repo_id, commit or revision, what, check=True).name,
-                                   f"hub/{repo_id}")
+        agreed = distributed.share(lambda: _download(repo_id, commit or revision, what).name, f"hub/{repo_id}")
         # Process 0 has the snapshot already (no request is made); the others fetch that commit.
-        _folders[(repo_id, agreed, what)] = _download(repo_id, agreed, what, check=False)
+        _folders[(repo_id, agreed, what)] = _download(repo_id, agreed, what)
         commit = agreed
     _pins[ref] = commit
     return Snapshot(ref, repo_id, revision, commit, _folders[(repo_id, commit, what)])
 
 
-def _download(repo_id: str, revision: str, what: str, *, check: bool) -> Path:
+def _download(repo_id: str, revision: str, what: str) -> Path:
     """The snapshot folder of `repo_id` at `revision` holding the files `what` needs (Hub errors -> UserError)."""
     import huggingface_hub
     from huggingface_hub import constants, errors
@@ -99,8 +98,6 @@ def _download(repo_id: str, revision: str, what: str, *, check: bool) -> Path:
     patterns = list(MODEL_FILES if what == "model" else TOKENIZER_FILES)
     offline = constants.HF_HUB_OFFLINE
     try:
-        if check and what == "model" and not offline:
-            _check_weights(repo_id, revision)
         folder = Path(huggingface_hub.snapshot_download(
             repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=list(_ONLY_TOP_LEVEL)))
     except errors.GatedRepoError:
@@ -117,24 +114,25 @@ def _download(repo_id: str, revision: str, what: str, *, check: bool) -> Path:
                         f"({constants.HF_HUB_CACHE}) and {why}; download it once online") from None
     except errors.HfHubHTTPError as e:
         raise UserError(f"{repo_id}@{revision}: the Hub answered {_first_line(e)}") from None
-    if what == "model" and not any(folder.glob("*.safetensors")):
-        raise UserError(f"{repo_id}@{revision}: no *.safetensors weights in the repo (jaxtune reads safetensors only)")
+    if what == "model" and not any(folder.glob("*.safetensors")):  # config and tokenizer only: nothing large
+        raise _no_weights(repo_id, revision, offline)
     return folder
 
 
-def _check_weights(repo_id: str, revision: str) -> None:
-    """A repo with only PyTorch pickles (pytorch_model.bin) is refused before anything is downloaded."""
-    import huggingface_hub
+def _no_weights(repo_id: str, revision: str, offline: bool) -> UserError:
+    """The error for a snapshot without safetensors: a repo with only PyTorch pickles says so."""
+    if not offline:
+        import huggingface_hub
 
-    files = [s.rfilename for s in huggingface_hub.HfApi().model_info(repo_id, revision=revision).siblings or []]
-    top = [f for f in files if "/" not in f]
-    if not any(f.endswith(".safetensors") for f in top):
-        pickles = [f for f in top if f.endswith(_PYTORCH_WEIGHTS)]
+        info = huggingface_hub.HfApi().model_info(repo_id, revision=revision)
+        pickles = [s.rfilename for s in info.siblings or []
+                   if "/" not in s.rfilename and s.rfilename.endswith(_PYTORCH_WEIGHTS)]
         if pickles:
-            raise UserError(f"{repo_id}@{revision}: has only PyTorch .bin/.pth weights ({', '.join(pickles[:3])}), "
-                            "no *.safetensors; jaxtune reads safetensors only (convert the weights with "
-                            "transformers' save_pretrained(safe_serialization=True), or pick a repo that has them)")
-        raise UserError(f"{repo_id}@{revision}: no *.safetensors weights at the repo's top level")
+            return UserError(f"{repo_id}@{revision}: has only PyTorch .bin/.pth weights ({', '.join(pickles[:3])}), "
+                             "no *.safetensors; jaxtune reads safetensors only (convert the weights with "
+                             "transformers' save_pretrained(safe_serialization=True), or pick a repo that has them)")
+    return UserError(f"{repo_id}@{revision}: no *.safetensors weights at the repo's top level (jaxtune reads "
+                     "safetensors only)")
 
 
 def _first_line(error: Exception) -> str:

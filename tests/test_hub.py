@@ -89,7 +89,7 @@ def test_errors_name_the_repo(hub, hub_token, tiny_hf, monkeypatch):
     for ref, message in cases.items():
         with pytest.raises(UserError, match=message):
             hub_lib.resolve(ref)
-    assert not hub.fetched("org/pickles")  # refused before any download
+    assert hub.fetched("org/pickles") == ["config.json"]  # refused before any weights
     monkeypatch.setenv("HF_TOKEN", hub_token)  # the token users set (or their stored login)
     assert (hub_lib.resolve("org/gated").path / "model.safetensors").is_file()
     cached = hub_lib.resolve("org/tiny").path
@@ -168,5 +168,47 @@ def test_cli_errors_are_one_line_naming_the_repo(hub, capsys):
     hub.create_repo("org/pickles", {"config.json": "{}", "pytorch_model.bin": b"x"})
     for ref, expected in (("org/missing", "org/missing: no such repo"), ("org/pickles@main", "has only PyTorch")):
         assert cli.main(["generate", "--hf_dir", ref, "--prompt", "hi"]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("jaxtune: error: ") and expected in err[0], err
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Fetching ")]
+        assert len(err) == 1 and err[0].startswith("jaxtune: error: ") and expected in err[0], err  # (+ progress bar)
+
+
+_TWO_PROCESSES = """
+import sys
+from jax._src import xla_bridge
+from jaxtune import distributed, hub
+distributed.initialize(distributed.Settings(sys.argv[1], 2, int(sys.argv[2])))
+snapshot = hub.resolve("org/tiny")
+print(snapshot.commit, snapshot.path, xla_bridge.backends_are_initialized())
+"""
+
+
+@pytest.mark.parametrize("shared_cache", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_two_processes_agree_on_the_commit(hub, tiny_hf, tmp_path, shared_cache):
+    """Process 0 resolves main once and shares the commit through the coordination service; the
+    other process fetches exactly that commit (own cache) or nothing (shared cache), and no device
+    backend has started while they did."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_multihost import REPO, _env, _free_port
+    sha = hub.create_repo("org/tiny", tiny_hf)
+    address = f"localhost:{_free_port()}"
+    procs = []
+    for i in range(2):
+        cache = tmp_path / ("cache" if shared_cache else f"cache{i}")
+        procs.append(subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, address, str(i)], cwd=REPO,
+                                      env=dict(_env(), HF_HUB_CACHE=str(cache)), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    lines = [out.split() for out, _ in outputs]
+    assert [line[0] for line in lines] == [sha, sha]
+    assert all(line[2] == "False" for line in lines)  # downloads before any device backend starts
+    lookups = [p for m, p in hub.requests if m == "GET" and p.startswith("/api/models/org/tiny/revision/")]
+    assert lookups == ["/api/models/org/tiny/revision/main"]  # the revision is resolved once, by process 0
+    fetched = hub.fetched("org/tiny")
+    files = ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(fetched) == sorted(files * (1 if shared_cache else 2))  # once on a shared cache, else per process
+    assert all(f"/resolve/{sha}/" in p for m, p in hub.requests if m == "GET" and "/resolve/" in p)
+    assert os.path.isfile(os.path.join(lines[1][1], "model.safetensors"))
