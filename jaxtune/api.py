@@ -26,15 +26,17 @@ from jaxtune.errors import UserError
 MetricsCallback = Callable[[dict], None]
 
 
-def load_config(spec: str, overrides: Mapping[str, Any] | Sequence[str] = ()) -> ml_collections.ConfigDict:
+def load_config(spec: str, overrides: Mapping[str, Any] | Sequence[str] = (), *,
+                tasks: Mapping[str, ml_collections.ConfigDict] | None = None) -> ml_collections.ConfigDict:
     """`path/to/config.py[:arg]` with overrides, locked and validated exactly as `--config.KEY=VALUE` does.
 
     `overrides` is a dict {"train.steps": 100, "optim.lr": 1e-3} (values are converted like
     command-line strings, so a typo'd key names the closest valid one) or a list of "KEY=VALUE".
+    `tasks` ({name: jaxtune.config.task_config(...)}, e.g. a Hub dataset) replaces data.tasks.
     """
     if isinstance(overrides, Mapping):
         overrides = [f"{key}={_as_text(value)}" for key, value in overrides.items()]
-    return validation.load_config(str(spec), list(overrides))
+    return validation.load_config(str(spec), list(overrides), tasks=tasks)
 
 
 def _as_text(value: Any) -> str:

@@ -24,12 +24,16 @@ from jaxtune.models import attention, layers
 from jaxtune.peft import base as peft_base
 
 
-def load_config(spec: str, overrides=(), *, needs_data: bool = True) -> ml_collections.ConfigDict:
+def load_config(spec: str, overrides=(), *, needs_data: bool = True, tasks=None) -> ml_collections.ConfigDict:
     """Loads `path.py[:arg]` with `KEY=VALUE` overrides (the objective's section selected), locked and validated.
 
     needs_data=False (`jaxtune plan`, which reads no data) accepts a config without data files.
+    `tasks` ({name: task_config(...)}), when given, replaces data.tasks before the checks.
     """
     config = config_lib.load_config(spec, list(overrides), sections=objectives.base.config_sections())
+    if tasks:
+        with config.unlocked():
+            config.data.tasks = {name: ml_collections.ConfigDict(task) for name, task in tasks.items()}
     validate(config, needs_data=needs_data)
     return config
 

@@ -33,3 +33,18 @@ def test_starting_model_is_what_training_starts_from(tmp_path):
         initial = init(jax.random.key(config.seed)).params
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(initial), jax.device_get(start.params))
     assert len(start.generate(["Give it in uppercase: cat", "Q: count a b"], max_new_tokens=3)) == 2
+
+
+def test_load_config_with_tasks_replaces_data_tasks(tmp_path):
+    """`jaxtune.load_config(..., tasks=...)`: a task (e.g. a Hub dataset) instead of data.train_path,
+    set before the checks (a config without data would fail them)."""
+    import jaxtune
+    from jaxtune.config import task_config
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    config = jaxtune.load_config("configs/sft_lora.py", {"train.steps": 1},
+                                 tasks={"train": task_config(path=str(data), templates=(("{prompt}", "{response}"),))})
+    assert list(config.data.tasks) == ["train"] and config.data.tasks.train.path == str(data)
+    with pytest.raises(UserError, match=r"data\.train_path"):
+        jaxtune.load_config("configs/sft_lora.py", {"train.steps": 1})
