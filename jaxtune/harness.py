@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import distributed
+from jaxtune import distributed, hub
 from jaxtune import generate as generate_lib
 from jaxtune.data.tokenizers import encode_with_specials
 from jaxtune.errors import UserError
@@ -211,8 +211,9 @@ def harness_lm(loaded, **kwargs):
 
 def max_length_of(loaded, hf_dir: str | None) -> int:
     """The context length lm-eval's ``hf`` backend would use: config.json's max_position_embeddings."""
-    config_json = Path(hf_dir or loaded.config.model.get("hf_dir") or "") / "config.json"
-    if (hf_dir or loaded.config.model.get("hf_dir")) and config_json.is_file():
+    directory = hub.local_path(hf_dir) if hf_dir else loaded.config.model.get("hf_dir")  # a Hub id: its snapshot
+    config_json = Path(directory or "") / "config.json"
+    if directory and config_json.is_file():
         value = json.loads(config_json.read_text()).get("max_position_embeddings")
         if value:
             return int(value)

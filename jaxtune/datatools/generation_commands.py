@@ -17,7 +17,8 @@ from jaxtune.errors import UserError
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", help="a jaxtune run directory (latest checkpoint, saved config, tokenizer)")
-    parser.add_argument("--hf_dir", help="a Hugging Face model dir (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("--hf_dir", help="a Hugging Face model dir (config.json, *.safetensors, tokenizer) or a Hub "
+                        "model id org/name[@revision]")
     parser.add_argument("--output", required=True, help="JSONL written (appended to when resuming)")
     parser.add_argument("--report", default=None, help="progress/report JSONL (default: OUTPUT.report.jsonl)")
     parser.add_argument("--batch_size", type=int, default=8, help="requests per batch (prompts per sampler call)")
