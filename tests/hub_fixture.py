@@ -18,7 +18,9 @@ paths derived from it). `hub_offline` does the same for HF_HUB_OFFLINE (the cons
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +41,7 @@ def start_session_hub() -> StandInHub:
             raise RuntimeError("start_session_hub() must run before huggingface_hub is imported")
         _SESSION = StandInHub(tokens=(TOKEN,)).start()
         home = tempfile.mkdtemp(prefix="stand-in-hf-home-")
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
         os.environ.update({
             "HF_ENDPOINT": _SESSION.url, "HF_HOME": home, "HF_HUB_CACHE": os.path.join(home, "hub"),
             "HF_DATASETS_CACHE": os.path.join(home, "datasets"), "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
