@@ -212,3 +212,40 @@ def test_two_processes_agree_on_the_commit(hub, tiny_hf, tmp_path, shared_cache)
     assert sorted(fetched) == sorted(files * (1 if shared_cache else 2))  # once on a shared cache, else per process
     assert all(f"/resolve/{sha}/" in p for m, p in hub.requests if m == "GET" and "/resolve/" in p)
     assert os.path.isfile(os.path.join(lines[1][1], "model.safetensors"))
+
+
+def test_model_card_and_push_errors(hub, hub_token, tmp_path, monkeypatch):
+    import yaml
+
+    from jaxtune import config as config_lib
+    from jaxtune import publish, workdir as workdir_lib
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / workdir_lib.HUB_COMMITS).write_text(json.dumps({"org/base@v1": {"repo": "org/base", "revision": "v1",
+                                                                                  "commit": "a" * 40}}))
+    (workdir / workdir_lib.METRICS_FILE).write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 1.25}\n')
+    config = config_lib.base_config()
+    config.model.hf_dir, config.peft.method, config.train.steps = "org/base@v1", "lora", 2
+    config.data.tasks = {"chat": config_lib.task_config(source="jsonl", path="x.jsonl")}
+    card = publish.model_card(config, str(workdir), kind="peft", step=2)
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta == {"library_name": "peft", "base_model": "org/base", "tags": ["jaxtune", "sft", "lora"]}
+    assert f"at commit `{'a' * 40}`" in card and "| loss | 1.2500 |" in card and "| peft | lora |" in card
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "README.md").write_text(card)
+    with pytest.raises(UserError, match=r"--push_to_hub me/x: .*hf auth login.* HF_TOKEN"):
+        publish.push(str(folder), "me/x")  # no token
+    with pytest.raises(UserError, match="expected a Hub repo id"):
+        publish.push(str(folder), "me/x@dev")
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    assert publish.push(str(folder), "me/x", revision="dev").endswith(hub.repos[("model", "me/x")].branches["dev"])
+    assert hub.files_at("me/x", "dev")["README.md"].decode() == card
+
+
+def test_convert_a_hub_id_names_its_commit(hub, tiny_hf, tmp_path):
+    from jaxtune import checkpoint
+    sha = hub.create_repo("org/tiny", tiny_hf)
+    assert cli.main(["convert", "--hf_dir", "org/tiny", "--out", str(tmp_path / "orbax")]) == 0
+    assert json.loads((tmp_path / "orbax/checkpoints/0/config/metadata").read_text())["model"]["hf_dir"] \
+        == f"org/tiny@{sha}"
