@@ -82,9 +82,15 @@ def resolve(ref: str, what: str = "model", *, commit: str | None = None) -> Snap
         raise UserError(f"{repo_id}: recorded commit {commit!r} is not a 40-character commit hash")
     commit = commit or _pins.get(ref)
     if commit is None or (repo_id, commit, what) not in _folders:
-        agreed = distributed.share(lambda: _download(repo_id, commit or revision, what).name, f"hub/{repo_id}")
-        # Process 0 has the snapshot already (no request is made); the others fetch that commit.
-        _folders[(repo_id, agreed, what)] = _download(repo_id, agreed, what)
+        first: dict[str, Path] = {}
+
+        def download_first() -> str:
+            first["folder"] = _download(repo_id, commit or revision, what)
+            return first["folder"].name  # a snapshot folder is named by its commit
+
+        agreed = distributed.share(download_first, f"hub/{repo_id}")
+        # The other processes fetch that commit (from a shared cache: nothing to fetch).
+        _folders[(repo_id, agreed, what)] = first.get("folder") or _download(repo_id, agreed, what)
         commit = agreed
     _pins[ref] = commit
     return Snapshot(ref, repo_id, revision, commit, _folders[(repo_id, commit, what)])
