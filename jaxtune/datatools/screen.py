@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxtune.data.sources import SourceError, open_source
+from jaxtune.data.sources import SourceError, open_task_source
 from jaxtune.datatools import records as records_lib
 from jaxtune.datatools.decontaminate import DecontaminationSettings, EvalIndex, contamination
 from jaxtune.datatools.quality import QualityFilters
@@ -47,7 +47,7 @@ def config_eval_sets(data: ml_collections.ConfigDict, eval_cfg: ml_collections.C
     sets = []
     if eval_cfg is not None:
         for name, t in eval_cfg.tasks.items():
-            source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=f"eval.tasks.{name}")
+            source = open_task_source(t, f"eval.tasks.{name}")
             sets.append(records_lib.RecordSet(name, records_lib.SourceRecords(source), t.path, (t.path,)))
         if eval_cfg.mc_path:
             sets += [records_lib.RecordSet("eval.mc_path", s.records, s.origin, s.paths)
