@@ -51,7 +51,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.dtype": layers.COMPUTE_DTYPES,
         "model.param_dtype": layers.PARAM_DTYPES,
         "data.on_error": examples.ON_ERROR_POLICIES,
-        "data.source": sources.SOURCE_KINDS,
+        "data.source_kind": sources.SOURCE_KINDS,
         "data.format": formats.FORMATS,
         "data.packing_strategy": pipeline.PACKING_STRATEGIES,
         "data.mixture.mode": mixtures.MODES,
@@ -158,7 +158,7 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
     single_jsonl = not config.data.builtin and not config.data.tasks
     if needs_data and single_jsonl and not config.data.train_path:
         raise UserError("config key 'data.train_path' is empty; expected a JSONL file (or a 🤗 dataset with "
-                        "data.source='hf', or data.tasks, or a built-in "
+                        "data.source_kind='hf', or data.tasks, or a built-in "
                         f"dataset: data.builtin one of {', '.join(BUILTIN_DATASETS)})")
     if single_jsonl and not config.data.templates:
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
@@ -227,7 +227,7 @@ def _validate_eval_tasks(config: ml_collections.ConfigDict) -> None:
     d = config.data
     trained = {name: _data_identity(t.source, t.path, t.split) for name, t in d.tasks.items()}
     if not d.tasks and not d.builtin and d.train_path:
-        trained["data.train_path"] = _data_identity(d.source, d.train_path, d.split)
+        trained["data.train_path"] = _data_identity(d.source_kind, d.train_path, d.split)
     for name, task in config.eval.tasks.items():
         validate_task(name, task, section="eval.tasks")
         key = f"eval.tasks.{name}"

@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Where data.train_path / data.eval_path are read from (data/sources.py SOURCE_KINDS): jsonl, or hf
     # (a 🤗 dataset id "org/name" or a local dataset folder; data.name its config, data.split /
     # data.eval_split its splits, slicing such as "train[:10%]" allowed, data.revision a branch/tag/commit).
-    c.data.source = "jsonl"
+    c.data.source_kind = "jsonl"
     c.data.name = ""
     c.data.split = "train"
     c.data.eval_split = "test"

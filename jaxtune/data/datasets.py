@@ -89,7 +89,7 @@ def _tasks_corpus(tasks: Sequence[TaskSpec], seed: int) -> Any:
 
 
 def single_set(cfg: ml_collections.ConfigDict, which: str = "train") -> Sequence[dict]:
-    """data.train_path or data.eval_path (`which`: "train" | "eval"), read as data.source says: a JSONL
+    """data.train_path or data.eval_path (`which`: "train" | "eval"), read as data.source_kind says: a JSONL
     file by default, or a 🤗 dataset (data.name, data.split / data.eval_split, data.revision)."""
     task = _single_task(cfg) if which == "train" else cfg.eval_task
     return open_task_source(task, where=f"data.{which}_path")
@@ -181,7 +181,7 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
         return _verifiable_sft_data(cfg, workdir, seed=seed)
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
     given = run_tokenizer(cfg, workdir, None) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
-    tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None),
+    tasks = [task_spec(name, t, tokenizer_chat_template=cfg.chat_template or getattr(given, "chat_template", None),
                        where="" if cfg.tasks else "data", screen=screen)  # errors name the keys the user set
              for name, t in task_cfgs.items()]
     if screen is not None:

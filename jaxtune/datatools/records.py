@@ -226,7 +226,7 @@ def config_train_sets(config: ml_collections.ConfigDict) -> list[RecordSet]:
         return [_task_set(name, t, f"data.tasks.{name}") for name, t in d.tasks.items()]
     if not d.builtin and d.train_path:
         return [RecordSet("train", SourceRecords(open_source(
-            d.source, d.train_path, split=d.split, name=d.name, revision=d.revision, where="data.train_path")),
+            d.source_kind, d.train_path, split=d.split, name=d.name, revision=d.revision, where="data.train_path")),
                           d.train_path, (d.train_path,))]
     raise UserError(f"--config: no training data files to read (data.builtin={d.builtin!r} and data.tasks is empty)")
 

@@ -210,7 +210,7 @@ class GRPO(base.Objective):
             def read(path, which):
                 if not path:
                     return []
-                source = datasets.single_set(settings, which)  # JSONL, or a 🤗 dataset split (data.source='hf')
+                source = datasets.single_set(settings, which)  # JSONL, or a 🤗 dataset split (data.source_kind='hf')
                 records = [source[i] for i in range(len(source))]
                 if s.format == "gsm8k":  # e.g. openai/gsm8k as it is on the Hub
                     return [parse_gsm8k(r, str(r.get("_where", f"{path}: record {i}"))) for i, r in enumerate(records)]
