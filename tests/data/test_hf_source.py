@@ -1,6 +1,8 @@
 """🤗 `datasets` as a source (source='hf'): local dataset folders (save_to_disk output, a folder of
-data files with configs), split slicing, and the Grain pipeline reading them exactly as it reads
-the same records from JSONL (shuffled, 2 shards, resumed)."""
+data files with configs), a Hub dataset id (the stand-in Hub, tests/hub_server.py, through the real
+`datasets` client), split slicing, and the Grain pipeline reading them exactly as it reads the same
+records from JSONL (shuffled, 2 shards, resumed). The datasets cache is the test session's own
+temporary one (tests/hub_fixture.py)."""
 
 import json
 
@@ -22,14 +24,6 @@ from tests.helpers import write_config_file
 datasets = pytest.importorskip("datasets")
 
 ROWS = [{"prompt": f"question {i}?", "completion": " " + "x" * (1 + i % 5), "source": f"s{i % 3}"} for i in range(40)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def datasets_cache(tmp_path_factory):
-    """load_dataset prepares Arrow files in the datasets cache: a temporary one, not the user's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf_cache"))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +74,41 @@ def test_bad_dataset_settings_name_the_dataset(folders, settings, message):
     path = str(folders[path]) if path in folders else path
     with pytest.raises(UserError, match=message):
         open_task_source(task_config(source="hf", path=path, **settings))
+
+
+README = """---
+configs:
+- config_name: short
+  data_files:
+  - split: train
+    path: short/train.jsonl
+- config_name: long
+  data_files:
+  - split: train
+    path: long/train.jsonl
+  - split: test
+    path: long/test.jsonl
+---
+"""
+
+
+def _lines(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_hub_dataset_id_with_a_config_split_slicing_and_a_pinned_revision(hub):
+    first = hub.create_repo("org/sft", {"README.md": README, "short/train.jsonl": _lines(ROWS[:4]),
+                                        "long/train.jsonl": _lines(ROWS), "long/test.jsonl": _lines(ROWS[:2])},
+                            repo_type="dataset")
+    source = open_task_source(task_config(source="hf", path="org/sft", name="long", split="train[:25%]+test[1:]"))
+    assert [source[i]["prompt"] for i in range(len(source))] == [r["prompt"] for r in ROWS[:10] + ROWS[1:2]]
+    assert source[0]["_where"] == "hf dataset 'org/sft' (config 'long', split 'train[:25%]+test[1:]') record 0"
+    hub.commit("org/sft", {"long/train.jsonl": _lines(ROWS[:1])}, repo_type="dataset")
+    assert len(open_task_source(task_config(source="hf", path="org/sft", name="long"))) == 1
+    pinned = open_task_source(task_config(source="hf", path="org/sft", name="long", revision=first))
+    assert len(pinned) == len(ROWS)
+    with pytest.raises(UserError, match=r"hf dataset 'org/missing' \(split 'train'\): cannot open: DatasetNotFoundError"):
+        open_task_source(task_config(source="hf", path="org/missing"))
 
 
 def _batches(task, *, process_index, n, state=None):
