@@ -83,12 +83,6 @@ class SFT(base.Objective):
 
     summed_metrics = ("trained_tokens",)
 
-    @classmethod
-    def validate(cls, config):
-        if config.data.chat_template:
-            raise UserError("config key 'data.chat_template' is read by preference/KTO runs; an SFT chat task sets "
-                            "its own: data.tasks.<name> = task_config(format='chat', chat_template=...)")
-
     def load_data(self, workdir):
         return datasets.load_sft_data(loading.data_settings(self.config, workdir), workdir, seed=self.config.seed,
                                       screen=base.data_screen(self.config))
