@@ -51,10 +51,10 @@ def _split_saved(saved: Any, split: str, label: str):
         raise UserError(f"{label}: bad split {split!r}: {e}") from None
     if isinstance(saved, datasets.DatasetDict):
         splits = {key: len(value) for key, value in saved.items()}
-        pick = lambda key: saved[key]  # noqa: E731
+        pick = lambda key: saved[key]
     else:  # a lone Dataset is the one split, whatever name the spec gives it (slicing applies)
         splits = {part.split("[")[0].strip(): len(saved) for part in split.split("+")}
-        pick = lambda key: saved  # noqa: E731
+        pick = lambda key: saved
     try:
         parts = instruction.to_absolute(splits)
     except (ValueError, AssertionError, KeyError) as e:

@@ -13,7 +13,6 @@ import ml_collections
 
 from jaxtune import batch as batch_lib, evaluate, loading
 from jaxtune.data import datasets
-from jaxtune.errors import UserError
 from jaxtune.logprobs import token_stats, TokenStats
 from jaxtune.objectives import base
 
