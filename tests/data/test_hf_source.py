@@ -62,6 +62,14 @@ def test_data_file_folder_with_a_config_and_split_slicing(folders):
     assert "config 'long'" in source[0]["_where"]
 
 
+def test_an_eval_task_reads_a_split_of_a_dataset_folder(folders):
+    from jaxtune.config import eval_task_config
+    from jaxtune.eval_tasks import load_eval_task
+
+    task = load_eval_task("held", eval_task_config(source="hf", path=str(folders["saved"]), split="test"), seed=0)
+    assert [(e["prompt"], e["answer"]) for e in task.examples] == [(r["prompt"], r["completion"]) for r in ROWS[:4]]
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(path="files", name="medium"), r"config 'medium'.*cannot open.*'medium' not found"),
     (dict(path="saved", split="validation"), r"split 'validation'.*Unknown split"),
