@@ -119,6 +119,19 @@ def test_hub_dataset_id_with_a_config_split_slicing_and_a_pinned_revision(hub):
         open_task_source(task_config(source="hf", path="org/missing"))
 
 
+@pytest.mark.slow  # 7 s: two datasets preparations and an offline lookup
+def test_offline_a_hub_dataset_opens_from_the_cache_only(hub, monkeypatch):
+    import huggingface_hub
+
+    hub.create_repo("org/lines", {"train.jsonl": _lines(ROWS[:8])}, repo_type="dataset")
+    assert len(open_task_source(task_config(source="hf", path="org/lines", split="train[:4]"))) == 4
+    for module in (huggingface_hub.constants, datasets.config):  # HF_HUB_OFFLINE=1 (read at import)
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    assert len(open_task_source(task_config(source="hf", path="org/lines", split="train[:4]"))) == 4
+    with pytest.raises(UserError, match=r"hf dataset 'org/other' \(split 'train'\): cannot open"):
+        open_task_source(task_config(source="hf", path="org/other"))
+
+
 def _batches(task, *, process_index, n, state=None):
     spec = datasets_lib.task_spec("t", task)
     ds, _ = build_dataset([spec], CharTokenizer(), seq_len=48, batch_size=2, seed=3, packing=True,
