@@ -70,6 +70,16 @@ def test_an_eval_task_reads_a_split_of_a_dataset_folder(folders):
     assert [(e["prompt"], e["answer"]) for e in task.examples] == [(r["prompt"], r["completion"]) for r in ROWS[:4]]
 
 
+def test_decontamination_reads_a_dataset_split_as_the_eval_set(folders):
+    from jaxtune.config import base_config
+    from jaxtune.datatools import screen
+
+    data = base_config().data
+    data.source_kind, data.eval_path, data.eval_split = "hf", str(folders["saved"]), "test"
+    (held,) = screen.config_eval_sets(data, None)
+    assert held.name == "data.eval_path" and [r["prompt"] for r in held.records] == [r["prompt"] for r in ROWS[:4]]
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(path="files", name="medium"), r"config 'medium'.*cannot open.*'medium' not found"),
     (dict(path="saved", split="validation"), r"split 'validation'.*Unknown split"),
