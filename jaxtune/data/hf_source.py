@@ -97,8 +97,9 @@ def load_hf_dataset(path: str, *, name: str = "", split: str = "train", revision
 
     # Process 0 downloads and prepares first; the others then read what it prepared (shared cache)
     # or prepare their own copy, never racing on the same files.
-    distributed.on_first_process(load, f"hf-dataset:{path}:{name}:{split}:{revision}")
-    return load()
+    first: list = []
+    distributed.on_first_process(lambda: first.append(load()), f"hf-dataset:{path}:{name}:{split}:{revision}")
+    return first[0] if first else load()
 
 
 def _plain_data_files(data_files: Any) -> Any:

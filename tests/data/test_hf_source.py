@@ -60,6 +60,9 @@ def test_data_file_folder_with_a_config_and_split_slicing(folders):
     assert len(source) == 10
     assert source[0]["prompt"] == "long: " + ROWS[10]["prompt"] and source[0]["source"] == ROWS[10]["source"]
     assert "config 'long'" in source[0]["_where"]
+    chosen = open_task_source(task_config(source="hf", path=str(folders["files"]), data_files={"train": "short/train.parquet"},
+                                          split="train[-1:]"))
+    assert [chosen[i]["prompt"] for i in range(len(chosen))] == ["short: " + ROWS[-1]["prompt"]]
 
 
 def test_an_eval_task_reads_a_split_of_a_dataset_folder(folders):
