@@ -257,6 +257,12 @@ def data_settings(config: ml_collections.ConfigDict, workdir: str | Path | None 
     elif path is not None and path.is_file():
         data.tokenizer = str(path)
     data.default_task = config_lib.task_config(
-        source="jsonl", path=data.train_path, templates=tuple(tuple(t) for t in data.templates),
+        source=data.source_kind, path=data.train_path, split=data.split, name=data.name, revision=data.revision,
+        format=data.format, chat_template=data.chat_template, templates=tuple(tuple(t) for t in data.templates),
         truncation=data.truncation, word_dropout=data.word_dropout, on_error=data.on_error)
+    # data.eval_path read the same way (a held-out split of the same kind of source)
+    data.eval_task = config_lib.task_config(
+        source=data.source_kind, path=data.eval_path, split=data.eval_split, name=data.name, revision=data.revision,
+        format=data.format, chat_template=data.chat_template, templates=tuple(tuple(t) for t in data.templates),
+        truncation=data.truncation, on_error=data.on_error)
     return data

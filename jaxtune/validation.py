@@ -55,6 +55,8 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.dtype": layers.COMPUTE_DTYPES,
         "model.param_dtype": layers.PARAM_DTYPES,
         "data.on_error": examples.ON_ERROR_POLICIES,
+        "data.source_kind": sources.SOURCE_KINDS,
+        "data.format": formats.FORMATS,
         "data.packing_strategy": pipeline.PACKING_STRATEGIES,
         "data.mixture.mode": mixtures.MODES,
         "train.nonfinite": nonfinite.POLICIES,
@@ -90,7 +92,7 @@ def validate_task(name: str, task: ml_collections.ConfigDict, section: str = "da
         if task[k] not in allowed:
             raise UserError(f"config key '{key}.{k}' is {task[k]!r}; expected one of {', '.join(allowed)}")
     if not task.path:
-        raise UserError(f"config key '{key}.path' is empty; expected a data file (or the TFDS dataset name)")
+        raise UserError(f"config key '{key}.path' is empty; expected a data file (or the TFDS dataset name, or a 🤗 dataset id or folder)")
     if not task.templates and task.format != "chat":
         raise UserError(f"config key '{key}.templates' is empty; expected (input_pattern, target_pattern) pairs or a set name")
     for k in ("weight", "cap", "few_shot", "few_shot_max_tokens"):
@@ -159,7 +161,8 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         raise UserError(f"config key 'data.max_pairs_per_row' must be >= 1, got {config.data.max_pairs_per_row}")
     single_jsonl = not config.data.builtin and not config.data.tasks
     if needs_data and single_jsonl and not config.data.train_path:
-        raise UserError("config key 'data.train_path' is empty; expected a JSONL file (or data.tasks, or a built-in "
+        raise UserError("config key 'data.train_path' is empty; expected a JSONL file (or a 🤗 dataset with "
+                        "data.source_kind='hf', or data.tasks, or a built-in "
                         f"dataset: data.builtin one of {', '.join(BUILTIN_DATASETS)})")
     if single_jsonl and not config.data.templates:
         raise UserError("config key 'data.templates' is empty; expected (input_pattern, target_pattern) pairs")
@@ -215,9 +218,11 @@ def _validate_eval(e: ml_collections.ConfigDict) -> None:
 
 
 def _data_identity(source: str, path: str, split: str) -> tuple[str, str, str]:
-    """What makes two task sources the same data: a TFDS name + split, or a file path."""
-    if source == "tfds":
+    """What makes two task sources the same data: a TFDS name or 🤗 dataset id + split, or a file path."""
+    if source == "tfds" or (source == "hf" and not os.path.exists(os.path.expanduser(path))):
         return source, path, split
+    if source == "hf":  # a local dataset folder: its path + split
+        return source, os.path.abspath(os.path.expanduser(path)), split
     return "file", path if "://" in path else os.path.abspath(os.path.expanduser(path)), ""
 
 
@@ -226,7 +231,7 @@ def _validate_eval_tasks(config: ml_collections.ConfigDict) -> None:
     d = config.data
     trained = {name: _data_identity(t.source, t.path, t.split) for name, t in d.tasks.items()}
     if not d.tasks and not d.builtin and d.train_path:
-        trained["data.train_path"] = _data_identity("jsonl", d.train_path, "")
+        trained["data.train_path"] = _data_identity(d.source_kind, d.train_path, d.split)
     for name, task in config.eval.tasks.items():
         validate_task(name, task, section="eval.tasks")
         key = f"eval.tasks.{name}"

@@ -188,11 +188,18 @@ def test_saved_configs_of_older_runs_are_upgraded():
     saved = config_lib.base_config().to_dict()
     saved["data"].pop("builtin")
     saved["data"]["source"] = "jsonl"
+    for key in ("source_kind", "name", "split", "eval_split", "revision", "format"):  # keys added since
+        saved["data"].pop(key)
+    old_task = {k: v for k, v in config_lib.task_config(path="a.jsonl").to_dict().items()
+                if k not in ("name", "revision", "data_files", "format")}
+    saved["data"]["tasks"] = {"a": old_task}
     saved["objective"] = {"type": "preference", "beta": 0.3, "loss_type": "ipo", "num_generations": 8,
                           "reference": "auto", "prompts": "verifiable"}
     c = ml_collections.ConfigDict(saved)
     config_lib.upgrade_saved(c)
     assert c.data.builtin == "" and "source" not in c.data
+    assert c.data.source_kind == "jsonl" and c.data.format == "fields"  # records read as they were then
+    assert c.data.tasks.a.format == "fields" and c.data.tasks.a.revision == "" and c.data.tasks.a.path == "a.jsonl"
     objective = objectives.build(c)
     assert c.objective.dpo.beta == 0.3 and objective.loss_name() == "ipo" and set(c.objective) == {"type", "dpo"}
 

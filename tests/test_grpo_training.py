@@ -189,6 +189,27 @@ def test_chat_prompts_render_through_the_chat_template(tmp_path):
         without.prompt_ids(tok, conversation)
 
 
+def test_trl_prompt_only_records_from_a_dataset_folder(tmp_path):
+    """TRL's conversational prompt-only format ({"prompt": [messages]}) read from a 🤗 dataset folder
+    (data.source_kind='hf', train and eval splits): the prompt messages are the conversation."""
+    import datasets
+
+    from jaxtune.objectives.grpo import GRPO
+
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i} plus {i}?"}],
+             "answer": str(2 * i)} for i in range(6)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "prompts"))
+    config = grpo_config(**{"data.builtin": "", "data.source_kind": "hf", "data.train_path": str(tmp_path / "prompts"),
+                            "data.eval_path": str(tmp_path / "prompts"), "data.chat_template": "chatml"})
+    objective = GRPO(config)
+    data = objective.load_data(tmp_path)
+    assert len(data.train) == 4 and [r["answer"] for r in data.heldout] == ["8", "10"]
+    assert objective.prompt_text(data.train[1]) == "What is 1 plus 1?"
+    text = data.tokenizer.decode(objective.prompt_ids(data.tokenizer, data.train[1]))
+    assert "Be brief." in text and "What is 1 plus 1?" in text
+
+
 @pytest.mark.parametrize("messages, message", [
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "ends with an assistant turn"),
     ([{"role": "user"}], "must be a non-empty list"),

@@ -188,6 +188,17 @@ def test_two_processes_match_one_packed_sft(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_read_a_dataset_folder_prepared_once(tmp_path):
+    """data.source_kind='hf' on a folder of data files: process 0 prepares the Arrow files into the
+    (shared) datasets cache first, each process then reads its own shard: the same losses as 1 process."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    write_sft_jsonl(folder / "train.jsonl")
+    _compare(tmp_path, str(_config_file(tmp_path)),
+             ["data.eval_path=", "data.source_kind=hf", f"data.train_path={folder}", "data.split=train[:48]"])
+
+
+@pytest.mark.slow
 def test_two_processes_match_one_lora(tmp_path):
     """LoRA (adapters-only checkpoints, the base re-created), with the held-out eval (exact match by
     KV-cache generation, loss) run across processes before and after training."""

@@ -227,7 +227,6 @@ def test_init_from_an_sft_run(files, tmp_path):
         ({"objective.dpo.label_smoothing": 0.5}, "label_smoothing' must be in \\[0, 0.5\\)"),
         ({"objective.dpo.beta": 0.0}, "objective.dpo.beta' must be > 0"),
         ({"data.chat_template": "nope"}, "config key 'data.chat_template': chat template 'nope': not a built-in name"),
-        ({"objective.type": "sft", "data.chat_template": "chatml"}, "'data.chat_template' is read by preference/KTO"),
     ],
 )
 def test_bad_objective_settings_are_reported(files, overrides, message):

@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 
 from jaxtune.config.keys import moved_key_error, unknown_key_error
-from jaxtune.config.schema import base_config
+from jaxtune.config.schema import base_config, task_config
 from jaxtune.errors import UserError
 
 # Sections whose children are named by the user (task names), checked by validation.validate_task.
@@ -278,6 +278,8 @@ def upgrade_saved(config: ml_collections.ConfigDict, sections: ObjectiveSections
             source = data.source
             del data["source"]
             data.builtin = "" if source == "jsonl" else source
+    if data is not None:
+        _add_new_data_keys(config)
     if sections is None or "objective" not in config:
         return
     node = config.objective
@@ -297,6 +299,19 @@ def upgrade_saved(config: ml_collections.ConfigDict, sections: ObjectiveSections
             section[key] = value
     with config.unlocked():
         config.objective = ml_collections.ConfigDict({"type": node.type, name: section})
+
+
+def _add_new_data_keys(config: ml_collections.ConfigDict) -> None:
+    """Data keys added since a run was saved, at values that read its data as it was read then
+    (records as plain fields: `format` was 'fields' before 'auto' existed)."""
+    was = {"format": "fields"}
+    tasks = [t for section in ("data", "eval") if section in config and "tasks" in config[section]
+             for t in config[section].tasks.values() if isinstance(t, ml_collections.ConfigDict)]
+    for node, schema in [(config.data, base_config().data)] + [(t, task_config()) for t in tasks]:
+        with node.unlocked():
+            for key, value in schema.items():
+                if key not in node:
+                    node[key] = was.get(key, value)
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict:

@@ -55,6 +55,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.builtin = ""
     c.data.train_path = ""
     c.data.eval_path = ""
+    # Where data.train_path / data.eval_path are read from (data/sources.py SOURCE_KINDS): jsonl, or hf
+    # (a 🤗 dataset id "org/name" or a local dataset folder; data.name its config, data.split /
+    # data.eval_split its splits, slicing such as "train[:10%]" allowed, data.revision a branch/tag/commit).
+    c.data.source_kind = "jsonl"
+    c.data.name = ""
+    c.data.split = "train"
+    c.data.eval_split = "test"
+    c.data.revision = ""
+    # How data.train_path's records are read (data/formats.py FORMATS): auto detects TRL's dataset
+    # formats (text, prompt/completion, messages) and plain fields; see docs/guides/data.md.
+    c.data.format = "auto"
     # FLAN-style (input_pattern, target_pattern) pairs with {field} placeholders; one is chosen
     # per example from a seeded RNG.
     c.data.templates = (("{prompt}", "{response}"),)
@@ -209,11 +220,18 @@ def task_config(**overrides) -> ml_collections.ConfigDict:
     field mapping + record format + template set (or chat template) + policies.
     """
     t = ml_collections.ConfigDict()  # defaults; `overrides` replace them below (any value type)
-    t.source = "jsonl"  # jsonl | json | parquet | array_record | tfds (data/sources.py SOURCE_KINDS)
-    t.path = ""  # file path (local or gs://...; globs for array_record), or the TFDS dataset name
-    t.split = "train"  # tfds split
+    t.source = "jsonl"  # jsonl | json | parquet | array_record | tfds | hf (data/sources.py SOURCE_KINDS)
+    # file path (local or gs://...; globs for array_record), the TFDS dataset name, or (hf) a 🤗 dataset
+    # id "org/name" or a local dataset folder (save_to_disk output or a folder of data files)
+    t.path = ""
+    t.split = "train"  # tfds / hf split; hf allows slicing ("train[:10%]", "train[100:200]+test")
     t.data_dir = ""  # tfds data_dir
-    t.format = "fields"  # fields | alpaca | self_instruct | chat
+    t.name = ""  # hf: the dataset's config name ("" = its default)
+    t.revision = ""  # hf: branch, tag or commit of a Hub dataset ("" = main)
+    t.data_files = ()  # hf: data files to read (a path, a list, or {split: paths}); () = the dataset's own
+    # auto | fields | alpaca | self_instruct | chat | text | prompt_completion (data/formats.py): auto
+    # detects TRL's dataset formats per task (text, prompt/completion, messages) and plain fields.
+    t.format = "auto"
     t.fields = {}  # {template_field: source_column}; "a.b.0" reads nested values
     # (input_pattern, target_pattern) pairs; or a built-in set name ("nli", "extractive_qa", ...),
     # "file.json|yaml[:key]" or "python.module:ATTR[.key]" (e.g. FLAN's own pattern lists).

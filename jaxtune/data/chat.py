@@ -181,8 +181,10 @@ def assistant_segments(
     *,
     bos_token: str | None = None,
     eos_token: str | None = None,
+    trained_from: int = 0,
 ) -> list[tuple[str, bool]]:
-    """The rendered conversation as `(text, trained)` pieces; trained = an assistant turn's reply.
+    """The rendered conversation as `(text, trained)` pieces; trained = an assistant turn's reply
+    (only those at message index >= `trained_from`: a prompt-completion record's completion).
 
     An assistant turn's span is what rendering through that turn adds after the generation
     prompt: its content and end-of-turn token. Templates whose earlier text changes when later
@@ -204,7 +206,7 @@ def assistant_segments(
                 "independently"
             )
         pieces.append((full[done : len(prompt)], False))
-        pieces.append((full[len(prompt) : len(through)], True))
+        pieces.append((full[len(prompt) : len(through)], i >= trained_from))
         done = len(through)
     pieces.append((full[done:], False))
     return [(text, trained) for text, trained in pieces if text]

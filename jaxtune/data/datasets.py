@@ -25,9 +25,9 @@ from jaxtune.data import templates as templates_lib
 from jaxtune.data.builtin import quickstart
 from jaxtune.data.examples import DEFAULT_TASK, ExampleBuilder, TaskSpec
 from jaxtune.data.flan import FlanSpec
-from jaxtune.data.formats import TaskRecords
+from jaxtune.data.formats import DEFAULT_TEMPLATE, TaskRecords
 from jaxtune.data.mixtures import Mixture, mixture_rates
-from jaxtune.data.sources import JsonlSource, open_source
+from jaxtune.data.sources import open_task_source
 from jaxtune.data.template_library import load_template_set
 from jaxtune.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from jaxtune.errors import UserError
@@ -88,6 +88,13 @@ def _tasks_corpus(tasks: Sequence[TaskSpec], seed: int) -> Any:
     return corpus
 
 
+def single_set(cfg: ml_collections.ConfigDict, which: str = "train") -> Sequence[dict]:
+    """data.train_path or data.eval_path (`which`: "train" | "eval"), read as data.source_kind says: a JSONL
+    file by default, or a 🤗 dataset (data.name, data.split / data.eval_split, data.revision)."""
+    task = _single_task(cfg) if which == "train" else cfg.eval_task
+    return open_task_source(task, where=f"data.{which}_path")
+
+
 def _single_task(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The single-task keys (data.train_path + data.templates) as a task config: `cfg.default_task`,
     which the settings come with (loading.data_settings builds it with the config schema)."""
@@ -96,19 +103,26 @@ def _single_task(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg.default_task
 
 
+def has_own_templates(t: ml_collections.ConfigDict) -> bool:
+    """Whether a task names templates other than the default ("{prompt}", "{response}"): then `auto`
+    reads its records as fields for those templates instead of detecting their shape."""
+    return isinstance(t.templates, str) or [tuple(x) for x in t.templates] != [DEFAULT_TEMPLATE]
+
+
 def task_spec(name: str, t: ml_collections.ConfigDict, *, tokenizer_chat_template: str | None = None,
               where: str = "", screen: Callable | None = None) -> TaskSpec:
     """Opens a task's source and resolves its templates (errors name `where`, default `data.tasks.<name>`).
     `screen(name, t, source)` (a `Screen`, below) narrows the source first."""
     where = where or f"data.tasks.{name}"
-    source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=where)
+    source = open_task_source(t, where)
     if screen is not None:
         source = screen(name, t, source)
-    records = TaskRecords(source, fmt=t.format, fields=dict(t.fields), on_error=t.on_error, task=name)
+    records = TaskRecords(source, fmt=t.format, fields=dict(t.fields), on_error=t.on_error, task=name,
+                          templated=has_own_templates(t))
     common = dict(few_shot=t.few_shot, few_shot_separator=t.few_shot_separator,
                   few_shot_target_separator=t.few_shot_target_separator, few_shot_max_tokens=t.few_shot_max_tokens,
                   truncation=t.truncation, on_error=t.on_error)
-    if t.format == "chat":
+    if records.chat:
         template = t.chat_template or tokenizer_chat_template
         if not template:
             raise UserError(f"config key '{where}.chat_template' is empty and the tokenizer has no chat_template; "
@@ -167,7 +181,7 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
         return _verifiable_sft_data(cfg, workdir, seed=seed)
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
     given = run_tokenizer(cfg, workdir, None) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
-    tasks = [task_spec(name, t, tokenizer_chat_template=getattr(given, "chat_template", None),
+    tasks = [task_spec(name, t, tokenizer_chat_template=cfg.chat_template or getattr(given, "chat_template", None),
                        where="" if cfg.tasks else "data", screen=screen)  # errors name the keys the user set
              for name, t in task_cfgs.items()]
     if screen is not None:
@@ -175,8 +189,9 @@ def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: 
     tokenizer = given or run_tokenizer(cfg, workdir, _tasks_corpus(tasks, seed))
     data = SftData(tokenizer=tokenizer, tasks=tasks, mixture=_mixture(cfg, tasks, list(task_cfgs.values())))
     if cfg.eval_path and not cfg.tasks:
-        eval_source = JsonlSource(cfg.eval_path)
-        data.eval_records = [eval_source[i] for i in range(len(eval_source))]
+        eval_records = TaskRecords(single_set(cfg, "eval"), fmt=cfg.eval_task.format, task="data.eval_path",
+                                   templated=has_own_templates(cfg.eval_task))
+        data.eval_records = [eval_records[i] for i in range(len(eval_records))]
         data.eval_templates = {DEFAULT_TASK: [tuple(t) for t in cfg.templates]}
     check_first_records(data, seq_len=cfg.seq_len, seed=seed)
     return data
@@ -278,7 +293,9 @@ class PreferenceData:
         return self.tasks[0].chat_template
 
 
-PAIR_FORMATS = ("fields", "chat")  # pair records hold prompt/chosen/rejected (text or chat messages) either way
+# Pair records hold prompt/chosen/rejected (or KTO's prompt/completion/label), text or chat messages, with an
+# explicit or implicit prompt: TRL's (unpaired) preference formats, detected per record in any of these.
+PAIR_FORMATS = ("auto", "fields", "chat")
 
 
 def _pair_task(name: str, t: ml_collections.ConfigDict, *, default_chat_template: str | None, where: str,
@@ -286,8 +303,9 @@ def _pair_task(name: str, t: ml_collections.ConfigDict, *, default_chat_template
     """A data.tasks / eval.tasks entry as a pair task: its source with the field mapping, templates, chat template."""
     if t.format not in PAIR_FORMATS:
         raise UserError(f"config key '{where}.format' is {t.format!r}; preference and KTO records are read with "
-                        f"format 'fields' (text or chat messages in prompt/chosen/rejected) or 'chat'")
-    source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=where)
+                        f"format 'auto' (TRL's preference formats: text or chat messages in prompt/chosen/rejected or "
+                        "prompt/completion/label), 'fields' or 'chat'")
+    source = open_task_source(t, where)
     if screen is not None:
         source = screen(name, t, source)
     records = TaskRecords(source, fmt="fields", fields=dict(t.fields), on_error=t.on_error, task=name)
@@ -306,7 +324,7 @@ def preference_eval_tasks(cfg: ml_collections.ConfigDict, eval_cfg: ml_collectio
     """Held-out pairs: data.eval_path (rendered like data.train_path) and eval.tasks with metric='preference'."""
     tasks = []
     if cfg.eval_path:
-        tasks.append(PairTask(DEFAULT_TASK, JsonlSource(cfg.eval_path), {DEFAULT_TASK: [tuple(t) for t in cfg.templates]},
+        tasks.append(PairTask(DEFAULT_TASK, single_set(cfg, "eval"), {DEFAULT_TASK: [tuple(t) for t in cfg.templates]},
                               chat_template, truncation=cfg.truncation))
     for name, t in (eval_cfg.tasks.items() if eval_cfg is not None else ()):
         if t.metric == "preference":
@@ -333,7 +351,7 @@ def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
                  for name, t in task_cfgs]
         mixture = _mixture(cfg, tasks, [t for _, t in task_cfgs])
     else:
-        source = JsonlSource(cfg.train_path)
+        source = single_set(cfg, "train")
         if screen is not None:
             source = screen(DEFAULT_TASK, _single_task(cfg), source)
         tasks = [PairTask(DEFAULT_TASK, source, {DEFAULT_TASK: [tuple(t) for t in cfg.templates]},

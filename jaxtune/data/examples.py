@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxtune.data import chat as chat_lib
 from jaxtune.data.flan import FlanSpec, few_shot_prompt, render_flan
+from jaxtune.data.formats import TRAINED_FROM_KEY
 from jaxtune.data.sources import SourceError
 from jaxtune.data.tokenizers import Tokenizer, encode_prompt, encode_with_specials, start_sequence
 from jaxtune.errors import UserError
@@ -206,9 +207,13 @@ class ExampleBuilder:
     # -- chat records --------------------------------------------------------------------------
 
     def chat_segments(self, record: Mapping[str, Any]) -> list[tuple[str, bool]]:
+        if "messages" not in record:
+            raise SourceError(f"{record.get('_where', 'record')}: task {self.task.name!r} reads conversations, but "
+                              "the record has no 'messages' (or conversational 'prompt'/'completion')")
         return chat_lib.assistant_segments(record["messages"], self.task.chat_template,
                                            bos_token=getattr(self.tokenizer, "bos_token", None),
-                                           eos_token=getattr(self.tokenizer, "eos_token", None))
+                                           eos_token=getattr(self.tokenizer, "eos_token", None),
+                                           trained_from=int(record.get(TRAINED_FROM_KEY, 0)))
 
     def chat_tokens(self, record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
         tokens: list[int] = []

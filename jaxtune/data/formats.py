@@ -1,8 +1,12 @@
-"""Record formats: field renaming, Alpaca, Self-Instruct and chat `messages`, checked per record.
+"""Record formats: field renaming, Alpaca, Self-Instruct, chat `messages` and TRL's dataset formats.
 
-A task's source yields raw records; `TaskRecords` turns them into the fields its templates use.
-Errors are `SourceError`s naming the record (`_where`), the field and what was expected, so the
-task's `on_error` policy can either stop the run or skip and count the record.
+A task's source yields raw records; `TaskRecords` turns them into the fields its templates use
+(or, for conversations, the messages its chat template renders). `auto` (the default) reads TRL's
+standard formats as they are, detected from the task's first record: language modelling
+(`text`), prompt-completion (text or conversational) and conversational (`messages`), besides
+plain `prompt`/`response` fields. Errors are `SourceError`s naming the record (`_where`), the
+field and what was expected, so the task's `on_error` policy can either stop the run or skip and
+count the record.
 """
 
 from __future__ import annotations
@@ -15,7 +19,18 @@ import numpy as np
 from jaxtune.data.sources import SourceError
 from jaxtune.errors import UserError
 
-FORMATS = ("fields", "alpaca", "self_instruct", "chat")
+FORMATS = ("auto", "fields", "alpaca", "self_instruct", "chat", "text", "prompt_completion")
+DEFAULT_TEMPLATE = ("{prompt}", "{response}")  # a task's default template (config/schema.py task_config)
+TRAINED_FROM_KEY = "_trained_from"  # chat records: assistant messages before this index are prompt (not trained)
+
+# The shapes `auto` recognises, tried in this order: (format, the fields it needs, what it is).
+SHAPES = (
+    ("chat", ("messages",), "conversational: 'messages' [{role, content}, ...] (extra columns are ignored)"),
+    ("prompt_completion", ("prompt", "completion"), "prompt-completion: 'prompt' + 'completion', text or messages"),
+    ("text", ("text",), "language modelling: 'text'"),
+    ("fields", ("prompt", "response"), "'prompt' + 'response' (the default template's fields)"),
+    ("alpaca", ("instruction", "output"), "Alpaca: 'instruction' (+ 'input') + 'output'"),
+)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -119,6 +134,23 @@ def check_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
+def detect_format(record: Mapping[str, Any], where: str, *, task: str = "") -> str:
+    """The format of a record by its fields (SHAPES); a record that fits none is an error listing them."""
+    for fmt, needed, _ in SHAPES:
+        if all(k in record for k in needed):
+            return fmt
+    found = ", ".join(sorted(k for k in record if not k.startswith("_"))) or "(none)"
+    hint = ""
+    if "chosen" in record and "rejected" in record:
+        hint = " (a preference pair: train it with objective.type dpo, kto or reward)"
+    elif set(record) - {"_where"} == {"prompt"}:
+        hint = " (prompt-only records are prompts for objective.type grpo)"
+    expected = "; ".join(f"{what}" for _, _, what in SHAPES)
+    label = f" (task {task!r})" if task else ""
+    raise UserError(f"{where}{label}: the record's fields ({found}) fit none of the shapes this task reads{hint}; "
+                    f"expected {expected}; or map columns with the task's fields=, or give it templates= or format=")
+
+
 class TaskRecords:
     """A task's examples as random-access field dicts: field mapping + record format applied.
 
@@ -128,13 +160,19 @@ class TaskRecords:
     """
 
     def __init__(self, source: Sequence[dict], *, fmt: str = "fields", fields: Mapping[str, str] | None = None,
-                 on_error: str = "error", task: str = ""):
+                 on_error: str = "error", task: str = "", templated: bool = False):
         if fmt not in FORMATS:
             raise UserError(f"task {task!r}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         self.source, self.fmt, self.fields, self.task = source, fmt, dict(fields or {}), task
         self.on_error = on_error
         self.skipped_at_open = 0
         self._index: np.ndarray | None = None
+        if fmt == "auto":  # a task with its own templates reads fields; else the first record's shape decides
+            self.fmt = "fields" if templated else detect_format(self._first(), self._first().get("_where", "record"),
+                                                                task=task)
+        # Conversations are rendered with a chat template: `messages`, or prompt-completion with a message-list prompt
+        self.chat = self.fmt == "chat" or (self.fmt == "prompt_completion" and isinstance(self._first().get("prompt"), list))
+        fmt = self.fmt
         if fmt == "self_instruct":
             pairs = []
             for i in range(len(source)):
@@ -149,6 +187,20 @@ class TaskRecords:
             if not pairs:
                 raise UserError(f"task {task!r}: no usable Self-Instruct instances in the source")
             self._index = np.asarray(pairs, dtype=np.int64)
+
+    def _first(self) -> dict:
+        """The first record (field mapping applied) that reads, the one formats are detected from."""
+        if not hasattr(self, "_first_record"):
+            for i in range(min(len(self.source), 100)):
+                try:
+                    self._first_record = map_fields(self.source[i], self.fields)
+                    break
+                except SourceError:
+                    if self.on_error != "skip":
+                        raise
+            else:
+                raise UserError(f"task {self.task!r}: none of the first records could be read")
+        return self._first_record
 
     def _expand(self, record: dict) -> list[dict]:
         return self_instruct_instances(map_fields(record, self.fields))
@@ -173,4 +225,27 @@ class TaskRecords:
             return alpaca_fields(record)
         if self.fmt == "chat":
             return {**record, "messages": check_messages(record)}
+        if self.fmt == "text":  # language modelling: every token of the text is trained
+            return {**record, "prompt": "", "response": _text(record, "text", str(record.get("_where", "record")))}
+        if self.fmt == "prompt_completion":
+            return self._prompt_completion(record)
         return record
+
+    def _prompt_completion(self, record: dict[str, Any]) -> dict[str, Any]:
+        """TRL's prompt-completion: the loss covers the completion only. Text becomes prompt/response;
+        a conversational prompt (messages) + completion becomes one conversation whose assistant turns
+        before the completion are not trained (`TRAINED_FROM_KEY`)."""
+        where = str(record.get("_where", "record"))
+        if isinstance(record.get("prompt"), list) != self.chat:
+            kind = "conversational (messages)" if self.chat else "text"
+            raise SourceError(f"{where}: field 'prompt' is a {type(record.get('prompt')).__name__}, but this task's "
+                              f"prompt-completion records are {kind}, as its first record is")
+        if not self.chat:
+            return {**record, "prompt": _text(record, "prompt", where), "response": _text(record, "completion", where)}
+        prompt = check_message_list(record.get("prompt"), where, field="prompt")
+        completion = record.get("completion")
+        reply = ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
+                 else check_message_list(completion, where, field="completion"))
+        if not any(m["role"] == "assistant" for m in reply):
+            raise SourceError(f"{where}: field 'completion' holds no assistant message to train on")
+        return {**record, "messages": prompt + reply, TRAINED_FROM_KEY: len(prompt)}

@@ -175,8 +175,10 @@ def parse_pair(record: Mapping[str, Any], index: int = 0) -> Example:
     fields = {k: v for k, v in record.items() if k not in _META + ("chosen", "rejected")}
     for key in ("chosen", "rejected"):
         if key not in record:
-            raise UserError(f"{where}: a preference pair needs 'chosen' and 'rejected' fields (and optionally 'prompt'); "
-                            f"{key!r} is missing (found: {', '.join(sorted(k for k in record if k not in _META))})")
+            raise UserError(f"{where}: the record's fields ({', '.join(sorted(k for k in record if k not in _META))}) fit "
+                            f"no preference shape ({key!r} is missing); expected TRL's preference format: 'chosen' and "
+                            "'rejected' (text or message lists) with an explicit 'prompt' or one implicit in their "
+                            "shared start; or map columns with the task's fields=")
     if _is_chat(record, ("prompt", "chosen", "rejected")):
         return parse_chat_pair(record, where)
     chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
@@ -191,6 +193,12 @@ def parse_pair(record: Mapping[str, Any], index: int = 0) -> Example:
 
 def parse_unpaired(record: Mapping[str, Any], index: int = 0) -> Example:
     where = _where(record, index)
+    missing = [k for k in ("prompt", "completion", "label") if k not in record]
+    if missing:
+        raise UserError(f"{where}: the record's fields ({', '.join(sorted(k for k in record if k not in _META))}) "
+                        f"fit no unpaired preference shape ({', '.join(map(repr, missing))} missing); expected TRL's "
+                        "unpaired preference format: 'prompt', 'completion' (text or message lists) and a true/false "
+                        "'label'; or map columns with the task's fields=")
     label = record.get("label")
     if not isinstance(label, (bool, int)) or label not in (0, 1):
         raise UserError(f"{where}: KTO field 'label' must be true/false (desirable or not), found {label!r}")

@@ -17,7 +17,7 @@ import numpy as np
 from jaxtune.errors import UserError
 
 # Where a task's records come from (a task's `source` key): the one list of source kinds.
-SOURCE_KINDS = ("jsonl", "json", "parquet", "array_record", "tfds")
+SOURCE_KINDS = ("jsonl", "json", "parquet", "array_record", "tfds", "hf")
 
 
 class SourceError(UserError):
@@ -236,8 +236,11 @@ class TfdsSource:
         return _plain_record(self._source[index], f"tfds {self.name}[{self.split}] record {index}")
 
 
-def open_source(kind: str, path: str, *, split: str = "train", data_dir: str = "", where: str = "") -> Any:
-    """The source of one task: `kind` is one of SOURCE_KINDS; for tfds `path` is the dataset name."""
+def open_source(kind: str, path: str, *, split: str = "train", data_dir: str = "", where: str = "", name: str = "",
+                revision: str = "", data_files: Any = None) -> Any:
+    """The source of one task: `kind` is one of SOURCE_KINDS; for tfds `path` is the dataset name, for
+    hf a Hub dataset id or a local dataset folder (`name` its config, `split` with slicing, `revision`,
+    `data_files`: data/hf_source.py)."""
     label = f"{where}: " if where else ""
     if not path:
         raise UserError(f"{label}no path given for a {kind!r} source")
@@ -251,4 +254,15 @@ def open_source(kind: str, path: str, *, split: str = "train", data_dir: str = "
         return ArrayRecordSource(path)
     if kind == "tfds":
         return TfdsSource(path, split=split, data_dir=data_dir)
+    if kind == "hf":
+        from jaxtune.data.hf_source import HfSource
+
+        return HfSource(path, name=name, split=split, revision=revision, data_files=data_files)
     raise UserError(f"{label}unknown source {kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
+
+
+def open_task_source(task: Any, where: str = "") -> Any:
+    """The source a task's settings (a `task_config`) name: source kind, path, split and the kind's own keys."""
+    return open_source(task.source, task.path, split=task.split, data_dir=task.data_dir, where=where,
+                       name=task.get("name", ""), revision=task.get("revision", ""),
+                       data_files=task.get("data_files", None))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxtune.data.sources import _plain_record, open_source, parse_json_record
+from jaxtune.data.sources import _plain_record, open_source, open_task_source, parse_json_record
 from jaxtune.errors import UserError
 
 
@@ -214,7 +214,7 @@ def read_tfds(specs: Sequence[str], data_dir: str = "") -> list[RecordSet]:
 
 
 def _task_set(name: str, t: ml_collections.ConfigDict, where: str) -> RecordSet:
-    source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=where)
+    source = open_task_source(t, where)
     origin = f"tfds {t.path}[{t.split}]" if t.source == "tfds" else t.path
     return RecordSet(name, SourceRecords(source), origin, () if t.source == "tfds" else (t.path,))
 
@@ -225,7 +225,8 @@ def config_train_sets(config: ml_collections.ConfigDict) -> list[RecordSet]:
     if d.tasks:
         return [_task_set(name, t, f"data.tasks.{name}") for name, t in d.tasks.items()]
     if not d.builtin and d.train_path:
-        return [RecordSet("train", SourceRecords(open_source("jsonl", d.train_path, where="data.train_path")),
+        return [RecordSet("train", SourceRecords(open_source(
+            d.source_kind, d.train_path, split=d.split, name=d.name, revision=d.revision, where="data.train_path")),
                           d.train_path, (d.train_path,))]
     raise UserError(f"--config: no training data files to read (data.builtin={d.builtin!r} and data.tasks is empty)")
 

@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from jaxtune.data.sources import SourceError, open_source
+from jaxtune.data.sources import SourceError, open_source, open_task_source
 from jaxtune.datatools import records as records_lib
 from jaxtune.datatools.decontaminate import DecontaminationSettings, EvalIndex, contamination
 from jaxtune.datatools.quality import QualityFilters
@@ -47,12 +47,17 @@ def config_eval_sets(data: ml_collections.ConfigDict, eval_cfg: ml_collections.C
     sets = []
     if eval_cfg is not None:
         for name, t in eval_cfg.tasks.items():
-            source = open_source(t.source, t.path, split=t.split, data_dir=t.data_dir, where=f"eval.tasks.{name}")
+            source = open_task_source(t, f"eval.tasks.{name}")
             sets.append(records_lib.RecordSet(name, records_lib.SourceRecords(source), t.path, (t.path,)))
         if eval_cfg.mc_path:
             sets += [records_lib.RecordSet("eval.mc_path", s.records, s.origin, s.paths)
                      for s in records_lib.read_files([eval_cfg.mc_path])]
-    if data.eval_path and not data.tasks:
+    if data.eval_path and not data.tasks and data.get("source_kind", "jsonl") != "jsonl":  # e.g. a 🤗 dataset split
+        source = open_source(data.source_kind, data.eval_path, split=data.eval_split, name=data.name,
+                             revision=data.revision, where="data.eval_path")
+        sets.append(records_lib.RecordSet("data.eval_path", records_lib.SourceRecords(source), data.eval_path,
+                                          (data.eval_path,)))
+    elif data.eval_path and not data.tasks:
         sets += [records_lib.RecordSet("data.eval_path", s.records, s.origin, s.paths)
                  for s in records_lib.read_files([data.eval_path])]
     for path in data.decontaminate.eval_files:

@@ -53,8 +53,8 @@ from jaxtune import distributed, loading, paths, workdir as workdir_lib
 from jaxtune.data import chat, datasets
 from jaxtune.data.builtin import verifiable
 from jaxtune.data.formats import check_message_list
-from jaxtune.data.gsm8k import read_gsm8k
-from jaxtune.data.sources import JsonlSource, SourceError
+from jaxtune.data.gsm8k import parse_gsm8k
+from jaxtune.data.sources import SourceError
 from jaxtune.data.templates import render
 from jaxtune.data.tokenizers import encode_prompt, encode_with_specials, start_sequence
 from jaxtune.errors import UserError
@@ -205,15 +205,18 @@ class GRPO(base.Objective):
                                                   **steps)
             corpus = lambda: verifiable.tokenizer_corpus(seed=seed, **steps)
         else:
-            def read(path):
+            settings = loading.data_settings(self.config, workdir)
+
+            def read(path, which):
                 if not path:
                     return []
-                if s.format == "gsm8k":
-                    return read_gsm8k(path)
-                source = JsonlSource(path)
-                return [source[i] for i in range(len(source))]
+                source = datasets.single_set(settings, which)  # JSONL, or a 🤗 dataset split (data.source_kind='hf')
+                records = [source[i] for i in range(len(source))]
+                if s.format == "gsm8k":  # e.g. openai/gsm8k as it is on the Hub
+                    return [parse_gsm8k(r, str(r.get("_where", f"{path}: record {i}"))) for i, r in enumerate(records)]
+                return records
 
-            train, heldout = read(d.train_path), read(d.eval_path)
+            train, heldout = read(d.train_path, "train"), read(d.eval_path, "eval")
             corpus = lambda: (self.prompt_text(r) for r in train[:20_000])
         for i, record in enumerate(train[:1000] + heldout[:1000]):
             self.prompt_text(record, where=str(record.get("_where", f"record {i}")))  # bad templates fail now
@@ -519,6 +522,8 @@ def _conversation(record: dict, where: str = "") -> list[dict] | None:
     """A record's chat `messages` (None without them), checked: role/content strings, ending with a
     user (or system) turn that the model answers."""
     messages = record.get("messages")
+    if messages is None and isinstance(record.get("prompt"), list):  # TRL's conversational prompt-only format
+        messages = record["prompt"]
     if messages is None:
         return None
     where = where or str(record.get("_where", "a prompt record"))

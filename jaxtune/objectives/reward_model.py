@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import scoring
+from jaxtune import loading, scoring
 from jaxtune.data import datasets, preference
-from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
 from jaxtune.models.layers import last_token_index
 from jaxtune.objectives import base, pairs
@@ -183,7 +182,7 @@ class RewardModel(pairs.PairObjective):
         c = self.config
         if not c.data.eval_path:
             return None
-        source = JsonlSource(c.data.eval_path)
+        source = datasets.single_set(loading.data_settings(c), "eval")  # JSONL, or a 🤗 dataset split
         transform = RewardRows(preference.PreferenceTransform(
             source, data.train_templates, data.tokenizer, seq_len=c.data.seq_len, truncation="truncate", seed=c.seed,
             chat_template=data.chat_template), data.tokenizer.pad_id, c.data.eval_path)

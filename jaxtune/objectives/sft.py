@@ -13,7 +13,6 @@ import ml_collections
 
 from jaxtune import batch as batch_lib, evaluate, loading
 from jaxtune.data import datasets
-from jaxtune.errors import UserError
 from jaxtune.logprobs import token_stats, TokenStats
 from jaxtune.objectives import base
 
@@ -82,12 +81,6 @@ class SFT(base.Objective):
     `train.z_loss` adds the z-loss."""
 
     summed_metrics = ("trained_tokens",)
-
-    @classmethod
-    def validate(cls, config):
-        if config.data.chat_template:
-            raise UserError("config key 'data.chat_template' is read by preference/KTO runs; an SFT chat task sets "
-                            "its own: data.tasks.<name> = task_config(format='chat', chat_template=...)")
 
     def load_data(self, workdir):
         return datasets.load_sft_data(loading.data_settings(self.config, workdir), workdir, seed=self.config.seed,
