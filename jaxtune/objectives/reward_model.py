@@ -15,8 +15,11 @@ TRL's RewardTrainer (its centering term, Eisenstein et al. 2023, is ``c * mean((
 over the batch). Metrics: ``accuracy`` (r_c > r_r), ``margin`` (r_c - r_r), the mean chosen and
 rejected rewards. Every value is summed per pair; the step divides by the global batch's pairs,
 so gradient accumulation is exact. With LoRA the head is trained in full (peft's
-modules_to_save); the data is the DPO pipeline's (JSONL pairs, templates, chat records), always
-one padded sequence per row (data.packing does not apply: a reward is read at a row's last token).
+modules_to_save); the data is the DPO pipeline's (JSONL pairs, templates, chat records), one
+sequence per row (data.packing does not apply: a reward is read at a row's last token), each step
+holding train.global_batch_size pairs. Rows are cut to the batch's longest sequence rounded up to
+a power of two (at least 16, at most data.seq_len; the same on every process), as TRL pads to the
+batch's longest: the step compiles once per length bucket, and the padding cut changes no reward.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from jaxtune.data import datasets, preference
 from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
 from jaxtune.models.layers import last_token_index
-from jaxtune.objectives import base, pairs
+from jaxtune.objectives import base, pairs, step_shapes
 
 MARGIN_KEY = "margin"  # a record's optional per-pair margin, and its batch key [B] float32
 SCORE_INDEX_KEY = "score_index"  # [B, 2]: the position each sequence's reward is read at
@@ -150,12 +153,26 @@ class RewardModel(pairs.PairObjective):
         """The pair tasks (data.tasks mixed, or data.train_path) as whole-sequence reward rows, padded:
         a reward is read at a row's last token, so data.packing does not apply."""
         c = self.config
-        return datasets.preference_train_dataset(
+        it, stats = datasets.preference_train_dataset(
             data, c.data, batch_size=batch_size, seed=c.seed, unpaired=False, process_index=process_index,
             process_count=process_count, packing=False,
             wrap=lambda transform, task: RewardRows(transform, data.tokenizer.pad_id, c.data.train_path or task.name))
+        self.pipeline_stats = stats.pipeline  # the padding `next_batch` cuts is taken off its count
+        return it, stats
+
+    def next_batch(self, state, data_iter, rng):
+        """The next pairs, their rows cut to the longest sequence of the step's length bucket."""
+        batch = next(data_iter)
+        seq_len = batch["inputs"].shape[-1]
+        longest = int(np.max(np.sum(batch["segment_ids"] > 0, axis=-1), initial=0))
+        length = step_shapes.length_bucket(step_shapes.agreed_max(longest, "reward_length"), seq_len)
+        stats = getattr(self, "pipeline_stats", None)
+        if stats is not None:
+            stats.slots -= batch["segment_ids"].size // seq_len * (seq_len - length)
+        return step_shapes.cut_length(batch, ROW_KEYS, length)
 
     def batch_shapes(self, batch_size):
+        """The largest batch a step takes (rows of data.seq_len); `next_batch` cuts most steps shorter."""
         seq_len = self.config.data.seq_len
         shapes = {k: jax.ShapeDtypeStruct((batch_size, 2, seq_len), jnp.int32) for k in ROW_KEYS}
         shapes[preference.INDEX_KEY] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
