@@ -18,8 +18,8 @@ so gradient accumulation is exact. With LoRA the head is trained in full (peft's
 modules_to_save); the data is the DPO pipeline's (JSONL pairs, templates, chat records), one
 sequence per row (data.packing does not apply: a reward is read at a row's last token), each step
 holding train.global_batch_size pairs. Rows are cut to the batch's longest sequence rounded up to
-a power of two (at least 16, at most data.seq_len; the same on every process), as TRL pads to the
-batch's longest: the step compiles once per length bucket, and the padding cut changes no reward.
+a length bucket (16, 24, 32, 48, 64, 96, ... data.seq_len; the same on every process), as TRL pads
+to the batch's longest: the step compiles once per bucket, and the padding cut changes no reward.
 """
 
 from __future__ import annotations

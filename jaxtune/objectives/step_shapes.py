@@ -40,12 +40,20 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
     return out
 
 
+def length_buckets(seq_len: int) -> list[int]:
+    """The lengths a step may take: powers of two from SMALLEST_LENGTH and the halfway points
+    between them (16, 24, 32, 48, 64, 96, ...), so at most a third of a row is padding cut late;
+    then `seq_len` itself. About 2 log2(seq_len / 16) shapes."""
+    buckets, power = [], SMALLEST_LENGTH
+    while power < seq_len:
+        buckets += [b for b in (power, power * 3 // 2) if b < seq_len]
+        power *= 2
+    return buckets + [seq_len]
+
+
 def length_bucket(need: int, seq_len: int) -> int:
-    """The power of two (at least SMALLEST_LENGTH) that holds `need` tokens, at most `seq_len`."""
-    bucket = SMALLEST_LENGTH
-    while bucket < need:
-        bucket *= 2
-    return min(bucket, seq_len)
+    """The shortest of `length_buckets(seq_len)` that holds `need` tokens."""
+    return next(b for b in length_buckets(seq_len) if b >= need)
 
 
 def cut_length(batch: Mapping[str, np.ndarray], keys: Iterable[str], length: int) -> dict[str, np.ndarray]:

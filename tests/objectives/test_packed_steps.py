@@ -8,6 +8,7 @@ import pytest
 
 from jaxtune import trainer
 from jaxtune.data import pair_packing, preference
+from jaxtune.errors import UserError
 from jaxtune.metrics import read_metrics
 from jaxtune.objectives import preference_loss, segments, step_shapes
 from tests.data.test_pipeline import CharTokenizer
@@ -124,3 +125,8 @@ def test_packed_dpo_trains_as_padded_dpo_step_for_step(files, tmp_path, capsys):
             assert packed[step][key] == pytest.approx(padded[step][key], rel=2e-5, abs=1e-6), (step, key)
     assert packed[3]["tokens_per_s"] > 0
     assert "packing efficiency (non-pad fraction): 70.8%" in capsys.readouterr().out  # 35.4% padded
+
+
+def test_an_unknown_pair_batching_is_a_user_error(files):  # noqa: F811
+    with pytest.raises(UserError, match=r"data\.pair_batching"):
+        dpo_config(files, **{"data.pair_batching": "tokens"})

@@ -10,6 +10,7 @@ import pytest
 from jaxtune.errors import UserError
 from jaxtune.models.layers import last_token_index
 from jaxtune.objectives.reward_model import bradley_terry_loss, pair_rewards, record_margin, whole_sequences
+from tests.objectives.test_packed_pairs import model as tiny_llama  # noqa: F401 (fixture: a tiny Llama and weights)
 
 RC, RR, M = [1.5, -0.25, 0.3], [0.5, 0.75, 0.3], [0.0, 0.5, 1.0]
 
@@ -98,3 +99,33 @@ def test_loss_sums_over_micro_batches_equal_the_global_batch_mean():
     trl = np.mean([-_logsig(c - j - m) for (c, j), m in zip(r, [0.0, 0.5, 0.0, 1.0])]) + 0.05 * np.mean(
         (r[:, 0] + r[:, 1]) ** 2)
     np.testing.assert_allclose(full, trl, rtol=1e-5)
+
+
+def test_next_batch_cuts_rows_to_the_length_bucket_and_keeps_every_reward(tiny_llama):  # noqa: F811
+    """A step's rows are cut to its longest sequence's bucket; a causal model's rewards (here: the
+    tiny LM's first logit as the score) are the full-length rows' rewards."""
+    from jaxtune import config as config_lib
+    from jaxtune.objectives import step_shapes
+    from jaxtune.objectives.reward_model import RewardModel
+
+    assert step_shapes.length_buckets(100) == [16, 24, 32, 48, 64, 96, 100]
+    assert step_shapes.length_bucket(17, 100) == 24 and step_shapes.length_bucket(97, 100) == 100
+    config = config_lib.base_config()
+    config.objective.type = "reward"
+    config.objective.reward = dict(center_rewards_coefficient=0.0)
+    module, params = tiny_llama
+    rng = np.random.default_rng(1)
+    lengths = np.array([[5, 9], [20, 3]])  # the longest sequence, 20 tokens, takes the 24 bucket
+    segment_ids = (np.arange(40) < lengths[..., None]).astype(np.int32)
+    batch = {"inputs": rng.integers(1, 30, (2, 2, 40)).astype(np.int32) * segment_ids, "segment_ids": segment_ids,
+             "positions": np.arange(40, dtype=np.int32) * segment_ids, "score_index": (lengths - 1).astype(np.int32),
+             "margin": np.zeros(2, np.float32), "example_index": np.arange(2, dtype=np.int32)}
+    cut = RewardModel(config).next_batch(None, iter([batch]), None)
+    assert cut["inputs"].shape == (2, 2, 24) and cut["score_index"].shape == (2, 2)
+
+    def scores(p, tokens, positions, segment_ids, frozen=None, rngs=None):
+        return module.apply({"params": p}, tokens, positions=positions, segment_ids=segment_ids)[..., :1]
+
+    full_rewards = pair_rewards(scores, params, {k: jnp.asarray(v) for k, v in batch.items()})
+    np.testing.assert_allclose(pair_rewards(scores, params, {k: jnp.asarray(v) for k, v in cut.items()}),
+                               full_rewards, rtol=1e-5, atol=1e-6)
