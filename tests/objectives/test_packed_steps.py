@@ -41,6 +41,22 @@ def test_a_packed_step_holds_exactly_the_padded_steps_pairs_in_fewer_rows():
     assert stats.step_rows.top == 8 and 1 <= stats.step_rows.base <= max(rows)
 
 
+def test_a_restored_iterator_continues_with_the_same_steps():
+    """Resume: the packed-step stream's position is Grain iterator state, like every other stream's."""
+    records = _pairs(40)
+    it, _ = _stream(records, 8, packing=True)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    resumed, _ = _stream(records, 8, packing=True)
+    resumed.set_state(state)
+    for a, b in zip(expected, (next(resumed) for _ in range(4))):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_row_ladder_is_short_whole_rows_per_device_and_always_fits():
     rows = pair_packing.StepRows(base=3, top=64)
     assert rows.ladder() == [3, 6, 12, 24, 48, 64]
