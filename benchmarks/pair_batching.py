@@ -1,7 +1,7 @@
 """Pairs per step and real-token fraction of preference batches, before and after issue 25's
 packing by step (data layer only, no model): DPO padded / packed by row budget (data.pair_batching
 ='rows') / packed by step ('pairs', rows rounded to the bucket ladder), and reward-model rows padded
-to data.seq_len vs cut to the step's length bucket.
+to data.seq_len vs cut to the step's length bucket vs packed by step.
 
     PYTHONPATH=$PWD python benchmarks/pair_batching.py --pairs ../shared/data/hh_rlhf_harmless_base_test.jsonl.gz \
         --seq_len 512 --batch 8 --steps 200 --row_multiple 1
@@ -94,6 +94,11 @@ def main() -> None:
     out["reward_cut_to_bucket"] = dict(
         _summary(full, [args.batch] * len(full), sum(args.batch * 2 * n for n in lengths)),
         lengths=sorted(set(lengths)))
+    packed, stats = _steps(args, config, data, packing=True, wrap=wrap)
+    bucketed = [stats.step_rows.bucket(len(b["inputs"]), args.row_multiple) for b in packed]
+    out["reward_packed_pairs"] = dict(
+        _summary(packed, [int(b["pair_mask"].sum()) for b in packed], sum(r * 2 * args.seq_len for r in bucketed)),
+        ladder=stats.step_rows.ladder(args.row_multiple), rows_per_step=round(statistics.mean(bucketed), 2))
     print(json.dumps(out))
 
 

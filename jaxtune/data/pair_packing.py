@@ -37,7 +37,6 @@ import numpy as np
 from jaxtune.errors import UserError
 from jaxtune.batch import BATCH_KEYS, PAIR_MASK_KEY  # PAIR_MASK_KEY [R, max_pairs]: 1 where the slot holds a pair
 
-_SEQUENCE_KEYS = ("inputs", "targets", "loss_mask", "positions", "rejected")
 BATCHINGS = ("pairs", "rows")  # data.pair_batching: a step is train.global_batch_size pairs | packed rows
 ROW_QUANTILE = 0.9  # the base row count fits this fraction of the sampled steps
 SAMPLE_RECORDS = 256  # records per source whose lengths set the base row count
@@ -50,16 +49,21 @@ def row_length(seq_len: int) -> int:
     return 2 * seq_len
 
 
+SEQUENCE_KEYS = ("inputs", "targets", "loss_mask", "positions")  # per-token keys a unit concatenates
+_PACKED_KEYS = SEQUENCE_KEYS + ("rejected",)  # what Grain's packer lays out per token
+
+
 class PairUnit:
     """Grain map: a padded [2, T] pair -> one variable-length unit (chosen then rejected, trimmed)."""
 
-    def __init__(self, pair_keys: Sequence[str]):
+    def __init__(self, pair_keys: Sequence[str], sequence_keys: Sequence[str] = SEQUENCE_KEYS):
         self.pair_keys = tuple(pair_keys)  # per-pair numbers carried along (index, label, ref log-probs)
+        self.sequence_keys = tuple(sequence_keys)
 
     def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         lengths = [int(np.count_nonzero(example["segment_ids"][i])) for i in range(2)]
         unit = {key: np.concatenate([example[key][i, :n] for i, n in enumerate(lengths)])
-                for key in ("inputs", "targets", "loss_mask", "positions")}
+                for key in self.sequence_keys}
         unit["rejected"] = np.repeat(np.arange(2, dtype=np.int32), lengths)
         unit.update({key: example[key] for key in self.pair_keys})
         return unit
@@ -90,7 +94,7 @@ def pack_pairs(it: grain.IterDataset, *, seq_len: int, max_pairs: int, pair_keys
     """[2, T] padded pairs -> packed rows of `row_length(seq_len)` tokens holding up to `max_pairs` pairs."""
     length = row_length(seq_len)
     packer = PACKERS[strategy](
-        it.map(PairUnit(pair_keys)), length_struct={k: length for k in _SEQUENCE_KEYS}, num_packing_bins=bins,
+        it.map(PairUnit(pair_keys)), length_struct={k: length for k in _PACKED_KEYS}, num_packing_bins=bins,
         shuffle_bins=False, meta_features=tuple(pair_keys), max_sequences_per_bin=max_pairs)
     return packer.map(PackedPairRows(pair_keys, max_pairs))
 
@@ -122,38 +126,46 @@ class StepPacker:
     """Grain batch_fn: one step's pair units (PairUnit) -> packed rows holding exactly those pairs.
 
     Rows [n, 2T] (n = the rows these pairs need, first-fit-decreasing) and pair slots
-    [n, max_pairs], in the layout PackedPairRows gives the row-budget packer.
+    [n, max_pairs] (or [n, max_pairs, 2] for a [2]-valued key), in the layout PackedPairRows gives
+    the row-budget packer. `offset_keys`: per-pair [2] token positions within the pair's two
+    sequences (a reward model's score index), moved to where those sequences sit in the row.
     """
 
-    def __init__(self, seq_len: int, pair_keys: Sequence[str], max_pairs: int):
+    def __init__(self, seq_len: int, pair_keys: Sequence[str], max_pairs: int,
+                 sequence_keys: Sequence[str] = SEQUENCE_KEYS, offset_keys: Sequence[str] = ()):
         self.length, self.pair_keys, self.max_pairs = row_length(seq_len), tuple(pair_keys), max_pairs
+        self.sequence_keys, self.offset_keys = tuple(sequence_keys), tuple(offset_keys)
 
     def __call__(self, units: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         bins = first_fit_decreasing([len(u["inputs"]) for u in units], self.length, self.max_pairs)
-        rows = {key: np.zeros((len(bins), self.length), np.int32) for key in BATCH_KEYS}
+        rows = {key: np.zeros((len(bins), self.length), np.int32) for key in self.sequence_keys + ("segment_ids",)}
         rows[PAIR_MASK_KEY] = np.zeros((len(bins), self.max_pairs), np.int32)
         for key in self.pair_keys:
-            rows[key] = np.zeros((len(bins), self.max_pairs), np.asarray(units[0][key]).dtype)
+            value = np.asarray(units[0][key])
+            rows[key] = np.zeros((len(bins), self.max_pairs) + value.shape, value.dtype)
         for r, members in enumerate(bins):
             at = 0
             for k, i in enumerate(members):
                 unit = units[i]
                 n = len(unit["inputs"])
-                for key in ("inputs", "targets", "loss_mask", "positions"):
+                for key in self.sequence_keys:
                     rows[key][r, at:at + n] = unit[key]
                 rows["segment_ids"][r, at:at + n] = 2 * k + 1 + unit["rejected"]
                 rows[PAIR_MASK_KEY][r, k] = 1
                 for key in self.pair_keys:
                     rows[key][r, k] = unit[key]
+                starts = np.array([at, at + int(np.count_nonzero(unit["rejected"] == 0))])
+                for key in self.offset_keys:
+                    rows[key][r, k] = starts + np.asarray(unit[key])
                 at += n
         return rows
 
 
-def pack_steps(it: grain.IterDataset, *, seq_len: int, max_pairs: int, pair_keys: Sequence[str],
-               pairs: int) -> grain.IterDataset:
+def pack_steps(it: grain.IterDataset, *, seq_len: int, max_pairs: int, pair_keys: Sequence[str], pairs: int,
+               sequence_keys: Sequence[str] = SEQUENCE_KEYS, offset_keys: Sequence[str] = ()) -> grain.IterDataset:
     """[2, T] padded pairs -> one element per step: exactly `pairs` pairs, packed into the rows they need."""
-    return it.map(PairUnit(pair_keys)).batch(pairs, drop_remainder=True,
-                                             batch_fn=StepPacker(seq_len, pair_keys, max_pairs))
+    packer = StepPacker(seq_len, pair_keys, max_pairs, sequence_keys, offset_keys)
+    return it.map(PairUnit(pair_keys, sequence_keys)).batch(pairs, drop_remainder=True, batch_fn=packer)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -487,7 +487,8 @@ def pair_dataset(
 
     One source per task (mixed at `stream_options['rates']`), each with its transform. Padded:
     every pair key [batch, 2, T], per-pair keys [batch]. Packed (`packing`): rows [batch, 2T] with
-    up to `max_pairs` pairs each and per-pair keys [batch, max_pairs] (pair_packing.py). With
+    up to `max_pairs` pairs each and per-pair keys [batch, max_pairs] (pair_packing.py; a transform's
+    `position_keys` are per-pair token positions, moved with their sequences). With
     `pair_batching='pairs'` a packed batch holds exactly `batch` pairs in the rows they need
     (`stats.step_rows`: the bucket ladder the objective pads them to); with 'rows' it is `batch`
     rows of packed pairs.
@@ -516,8 +517,11 @@ def pair_dataset(
         if not packing:
             return it  # the transform pads each pair to [2, T]
         if steps:  # `rows` is this shard's pairs per step: all of them, packed into the rows they need
-            return pair_packing.pack_steps(it, seq_len=transforms[0].seq_len, max_pairs=max_pairs,
-                                           pair_keys=keys[len(BATCH_KEYS):], pairs=rows)
+            return pair_packing.pack_steps(
+                it, seq_len=transforms[0].seq_len, max_pairs=max_pairs, pairs=rows,
+                pair_keys=[k for k in keys if k not in BATCH_KEYS],
+                sequence_keys=[k for k in keys if k in pair_packing.SEQUENCE_KEYS],
+                offset_keys=getattr(transforms[0], "position_keys", ()))
         return pair_packing.pack_pairs(it, seq_len=transforms[0].seq_len, max_pairs=max_pairs,
                                        pair_keys=keys[len(BATCH_KEYS):], bins=packing_bins or rows,
                                        strategy=packing_strategy)

@@ -217,13 +217,16 @@ class PairObjective(base.Objective):
         self.pipeline_stats.slots += (rows - len(batch["inputs"])) * batch["inputs"].shape[1]  # padding rows
         return step_shapes.pad_rows(batch, rows)
 
-    def start(self, run):
-        """reference='precomputed': score every training pair once with the start weights
-        (stored in the workdir, resumable) and attach the numbers to the batches. Packed steps:
-        the rows per process that keep every device's (and micro-batch's) rows whole."""
+    def keep_rows_whole(self, run) -> None:
+        """Packed steps: the rows per process that give every device (and micro-batch) whole rows."""
         mesh_shape = run.setup.mesh_shape
         self.row_multiple = step_shapes.row_multiple(mesh_shape["data"] * mesh_shape["fsdp"],
                                                      self.config.train.grad_accum_steps, jax.process_count())
+
+    def start(self, run):
+        """reference='precomputed': score every training pair once with the start weights
+        (stored in the workdir, resumable) and attach the numbers to the batches."""
+        self.keep_rows_whole(run)
         transform = run.data_stats.transform
         self.start_params = run.start_params  # the reference of held-out pair evaluation (copy/precomputed)
         if self.reference_kind() == "precomputed":  # scored as padded pairs, whatever the training layout

@@ -3,6 +3,7 @@ values (TRL's RewardTrainer formula), the whole-sequence rows, and the pooled re
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,6 +114,7 @@ def test_next_batch_cuts_rows_to_the_length_bucket_and_keeps_every_reward(tiny_l
     config = config_lib.base_config()
     config.objective.type = "reward"
     config.objective.reward = dict(center_rewards_coefficient=0.0)
+    config.data.packing = False  # one sequence per row (configs/reward.py's default)
     module, params = tiny_llama
     rng = np.random.default_rng(1)
     lengths = np.array([[5, 9], [20, 3]])  # the longest sequence, 20 tokens, takes the 24 bucket
@@ -126,6 +128,52 @@ def test_next_batch_cuts_rows_to_the_length_bucket_and_keeps_every_reward(tiny_l
     def scores(p, tokens, positions, segment_ids, frozen=None, rngs=None):
         return module.apply({"params": p}, tokens, positions=positions, segment_ids=segment_ids)[..., :1]
 
-    full_rewards = pair_rewards(scores, params, {k: jnp.asarray(v) for k, v in batch.items()})
-    np.testing.assert_allclose(pair_rewards(scores, params, {k: jnp.asarray(v) for k, v in cut.items()}),
-                               full_rewards, rtol=1e-5, atol=1e-6)
+    rewards = jax.jit(lambda b: pair_rewards(scores, params, b))
+    np.testing.assert_allclose(rewards({k: jnp.asarray(v) for k, v in cut.items()}),
+                               rewards({k: jnp.asarray(v) for k, v in batch.items()}), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_reward_steps_give_the_padded_steps_loss(tiny_llama):  # noqa: F811
+    """data.packing for a reward model: a step holds the padded step's pairs in fewer rows, each
+    reward read at its sequence's last token there; the loss and metrics equal the padded step's."""
+    from jaxtune import config as config_lib
+    from jaxtune.data import pair_packing, preference
+    from jaxtune.objectives import base
+    from jaxtune.objectives.reward_model import RewardModel, RewardRows
+    from tests.data.test_pipeline import CharTokenizer
+    from tests.objectives.test_packed_pairs import SEQ, TEMPLATES, _pairs
+
+    module, params = tiny_llama
+
+    def scores(p, tokens, positions, segment_ids, frozen=None, rngs=None):
+        return module.apply({"params": p}, tokens, positions=positions, segment_ids=segment_ids)[..., :1]
+
+    records = _pairs(24)
+    results = {}
+    for packing in (False, True):
+        config = config_lib.base_config()
+        config.objective.type = "reward"
+        config.objective.reward = dict(center_rewards_coefficient=0.05)
+        config.data.packing = packing
+        transform = RewardRows(preference.PreferenceTransform(records, TEMPLATES, CharTokenizer(), seq_len=SEQ,
+                                                              truncation="truncate", seed=0), CharTokenizer.pad_id)
+        it, stats = preference.pair_dataset([records], [transform], batch_size=8, seed=1, packing=packing, max_pairs=4)
+        objective = RewardModel(config)
+        objective.pipeline_stats = stats  # as train_dataset keeps them: the row ladder
+        batch = objective.next_batch(None, iter(it), None)
+        if packing:
+            assert len(batch["inputs"]) < 8 and batch[pair_packing.PAIR_MASK_KEY].sum() == 8
+
+        @jax.jit
+        def step_loss(b, objective=objective):
+            weight = objective.weight(b)
+            return base.normalise(*objective.loss(scores, params, b), weight), weight
+
+        (loss, metrics), weight = step_loss({k: jnp.asarray(v) for k, v in batch.items()})
+        results[packing] = (loss, metrics), float(weight)
+    (loss_a, metrics_a), weight_a = results[False]
+    (loss_b, metrics_b), weight_b = results[True]
+    assert weight_a == weight_b == 8.0
+    np.testing.assert_allclose(float(loss_b), float(loss_a), rtol=1e-5)
+    for key in metrics_a:
+        np.testing.assert_allclose(float(metrics_b[key]), float(metrics_a[key]), rtol=1e-5, atol=1e-6, err_msg=key)
