@@ -53,7 +53,8 @@ def get_config(arg=None):
         c.objective.dpo = dict(loss_type=loss)
     c.data.templates = (("{prompt}", "{response}"),)
     # Pairs padded to [B, 2, T] (TRL's layout; B = pairs per step). True packs whole pairs into rows of
-    # 2 * seq_len tokens (padding-free DPO; B = rows, up to data.max_pairs_per_row pairs each).
+    # 2 * seq_len tokens (padding-free DPO): still B pairs per step, in the rows they need
+    # (data.pair_batching="rows": B rows of up to data.max_pairs_per_row pairs each instead).
     c.data.packing = False
     c.data.shuffle = True
     c.train.steps = 1000

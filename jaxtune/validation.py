@@ -15,7 +15,7 @@ import ml_collections
 from jaxtune import config as config_lib
 from jaxtune import nonfinite, objectives, optim, paths, sharding
 from jaxtune.config import EVAL_METRICS, eval_task_config, task_config
-from jaxtune.data import examples, flan, formats, mixtures, pipeline, sources, tokenizers
+from jaxtune.data import examples, flan, formats, mixtures, pair_packing, pipeline, sources, tokenizers
 from jaxtune.data.builtin import BUILTIN_DATASETS
 from jaxtune.datatools.quality import QualityFilters
 from jaxtune.datatools.screen import settings_from
@@ -58,6 +58,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "data.source_kind": sources.SOURCE_KINDS,
         "data.format": formats.FORMATS,
         "data.packing_strategy": pipeline.PACKING_STRATEGIES,
+        "data.pair_batching": pair_packing.BATCHINGS,
         "data.mixture.mode": mixtures.MODES,
         "train.nonfinite": nonfinite.POLICIES,
     }

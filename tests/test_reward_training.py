@@ -161,3 +161,20 @@ def test_bad_reward_settings_are_reported(files):
         validation.validate(reward_config(files, **{"objective.reward.center_rewards_coefficient": -1.0}))
     with pytest.raises(UserError, match="reference-free"):
         validation.validate(reward_config(files, **{"objective.reward.reference": "copy"}))
+
+
+@pytest.mark.slow
+def test_packed_reward_model_trains_as_the_padded_one_step_for_step(files, tmp_path):
+    """data.packing=true: the same pairs per step in fewer rows, the same losses and metrics."""
+    import jax
+
+    rows = {}
+    for packing in (False, True):
+        config = reward_config(files, **{"data.packing": packing, "data.seq_len": 48, "data.max_pairs_per_row": 4,
+                                         "train.steps": 3, "train.log_every": 1, "mesh.data": 2})
+        trainer.train(config, tmp_path / str(packing), devices=jax.devices()[:2])
+        rows[packing] = {r["step"]: r for r in read_metrics(tmp_path / str(packing)) if "loss" in r}
+    assert sorted(rows[True]) == sorted(rows[False]) == [1, 2, 3]
+    for step, padded in rows[False].items():
+        for key in ("loss", "accuracy", "margin", "rewards/chosen", "grad_norm"):
+            assert rows[True][step][key] == pytest.approx(padded[key], rel=1e-4, abs=1e-5), (step, key)

@@ -98,6 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Packed preference pairs: rows of 2 * data.seq_len tokens (the room of one padded pair) hold whole
     # pairs, at most this many; per-pair arrays in a batch are [rows, max_pairs_per_row].
     c.data.max_pairs_per_row = 16
+    # Packed preference pairs per step: "pairs" = exactly train.global_batch_size pairs per step, as
+    # without packing (packing only removes padding; the rows a step takes come from a few buckets
+    # set by the data's lengths) | "rows" = train.global_batch_size packed rows of up to
+    # max_pairs_per_row pairs each (more, and a varying number of, pairs per step).
+    c.data.pair_batching = "pairs"
     # Preference/KTO/GRPO records with chat `messages`: a built-in name (llama3, gemma, chatml, qwen, alpaca,
     # plain), a jinja string, a .jinja file or a tokenizer_config.json; "" = the tokenizer's own template.
     # GRPO: when set, plain prompts are sent as the user turn through it too.

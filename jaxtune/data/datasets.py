@@ -419,8 +419,8 @@ def preference_train_dataset(data: PreferenceData, cfg: ml_collections.ConfigDic
         [t.records for t in data.tasks], transforms, names=[t.name for t in data.tasks],
         on_error=[t.on_error for t in data.tasks], rates=data.mixture.rates, batch_size=batch_size, seed=seed,
         shuffle=cfg.shuffle, packing=packing, max_pairs=cfg.max_pairs_per_row,
-        packing_strategy=cfg.packing_strategy, packing_bins=cfg.packing_bins, shards=cfg.shards,
-        process_index=process_index, process_count=process_count, worker_count=cfg.worker_count,
+        packing_strategy=cfg.packing_strategy, packing_bins=cfg.packing_bins, pair_batching=cfg.pair_batching,
+        shards=cfg.shards, process_index=process_index, process_count=process_count, worker_count=cfg.worker_count,
         read_threads=cfg.read_threads, prefetch=cfg.prefetch)
     return it, PairStats(transforms, stats)
 

@@ -86,6 +86,7 @@ class PipelineStats:
     tasks: dict[str, TaskStats]
     slots: int = 0  # batch positions produced
     filled: int = 0  # of which hold a token (segment_ids > 0)
+    step_rows: Any = None  # packed pairs by step (pair_packing.StepRows): the row counts a step may take
 
     @property
     def packing_efficiency(self) -> float:
@@ -171,6 +172,7 @@ def sharded_batches(
     shards: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    batched: bool = False,
 ) -> grain.IterDataset:
     """The shared skeleton's back: this process's batches of `batch_size` rows.
 
@@ -179,15 +181,17 @@ def sharded_batches(
     on its own. `shards` (default: one per process) splits the stream into that many slices, each
     packed into its own rows; a process builds `shards / process_count` of them and puts their
     rows side by side. A fixed shard count therefore gives the same global batches (and losses)
-    for any process count that divides it.
+    for any process count that divides it. `batched`: `finish(it, n)` already yields whole batches
+    for `n` of the batch's units (e.g. a step's pairs packed into the rows they need).
     """
     shards = shards or process_count
     if shards % process_count or batch_size % (shards // process_count):
         raise ValueError(f"{shards} data shards do not split over {process_count} processes x {batch_size} rows")
     per_process = shards // process_count
     rows = batch_size // per_process
-    parts = [finish(stream(process_index * per_process + k, shards), rows).batch(rows, drop_remainder=True)
-             for k in range(per_process)]
+    parts = [finish(stream(process_index * per_process + k, shards), rows) for k in range(per_process)]
+    if not batched:
+        parts = [part.batch(rows, drop_remainder=True) for part in parts]
     return parts[0] if per_process == 1 else grain.experimental.ZipIterDataset(parents=parts).map(_concat_rows)
 
 

@@ -484,6 +484,7 @@ def pair_dataset(
     max_pairs: int = 16,
     packing_strategy: str = "first_fit",
     packing_bins: int = 0,
+    pair_batching: str = "pairs",
     shards: int = 0,
     process_index: int = 0,
     process_count: int = 1,
@@ -494,7 +495,11 @@ def pair_dataset(
 
     One source per task (mixed at `stream_options['rates']`), each with its transform. Padded:
     every pair key [batch, 2, T], per-pair keys [batch]. Packed (`packing`): rows [batch, 2T] with
-    up to `max_pairs` pairs each and per-pair keys [batch, max_pairs] (pair_packing.py).
+    up to `max_pairs` pairs each and per-pair keys [batch, max_pairs] (pair_packing.py; a transform's
+    `position_keys` are per-pair token positions, moved with their sequences). With
+    `pair_batching='pairs'` a packed batch holds exactly `batch` pairs in the rows they need
+    (`stats.step_rows`: the bucket ladder the objective pads them to); with 'rows' it is `batch`
+    rows of packed pairs.
     """
     if not names:
         names = [DEFAULT_TASK] if len(sources) == 1 else [f"task{i}" for i in range(len(sources))]
@@ -512,15 +517,30 @@ def pair_dataset(
                            **stream_options)
         return it.map(count).filter(is_example).map(_KeepKeys(keys))
 
+    steps = packing and pair_batching == "pairs"
+    if pair_batching not in pair_packing.BATCHINGS:
+        raise ValueError(f"pair_batching {pair_batching!r}; expected one of {pair_packing.BATCHINGS}")
+
     def finish(it: grain.IterDataset, rows: int) -> grain.IterDataset:
         if not packing:
             return it  # the transform pads each pair to [2, T]
+        if steps:  # `rows` is this shard's pairs per step: all of them, packed into the rows they need
+            return pair_packing.pack_steps(
+                it, seq_len=transforms[0].seq_len, max_pairs=max_pairs, pairs=rows,
+                pair_keys=[k for k in keys if k not in BATCH_KEYS],
+                sequence_keys=[k for k in keys if k in pair_packing.SEQUENCE_KEYS],
+                offset_keys=getattr(transforms[0], "position_keys", ()))
         return pair_packing.pack_pairs(it, seq_len=transforms[0].seq_len, max_pairs=max_pairs,
                                        pair_keys=keys[len(BATCH_KEYS):], bins=packing_bins or rows,
                                        strategy=packing_strategy)
 
     it = sharded_batches(stream, finish, batch_size=batch_size, shards=shards, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, batched=steps)
+    if steps:
+        per_process = (shards or process_count) // process_count
+        stats.step_rows = pair_packing.estimate_step_rows(
+            pair_packing.sample_lengths(indexed, transforms), seq_len=transforms[0].seq_len, max_pairs=max_pairs,
+            pairs_per_shard=batch_size // per_process, shards=per_process)
     return it.map(stats), stats
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from jaxtune import batch as batch_lib, config as config_lib, evaluate as evaluate_lib, loading, reference, sharding
 from jaxtune.data import chat, datasets, pair_packing, preference
 from jaxtune.errors import UserError
-from jaxtune.objectives import base, pair_eval, segments
+from jaxtune.objectives import base, pair_eval, segments, step_shapes
 from jaxtune.objectives.sft import lm_eval_set, lm_evaluate
 
 REFERENCE_CHOICES = ("auto", "copy", "precomputed", "none")
@@ -70,6 +70,7 @@ class PairObjective(base.Objective):
     """Base of the objectives on [B, 2, T] batches with a reference model."""
 
     unpaired: ClassVar[bool] = False  # KTO's (prompt, completion, label) records
+    row_multiple: int = 1  # packed steps: a process's rows are a multiple of this (set in `start`)
 
     @classmethod
     def config_section(cls):
@@ -145,13 +146,16 @@ class PairObjective(base.Objective):
         """Pair batches on the shared pipeline (data.tasks mixed; padded, or packed with data.packing),
         and their datasets.PairStats (per-task counts; the transforms precomputed log-probs attach to)."""
         c = self.config
-        return datasets.preference_train_dataset(
+        it, stats = datasets.preference_train_dataset(
             data, c.data, batch_size=batch_size, seed=c.seed, unpaired=self.unpaired, process_index=process_index,
             process_count=process_count, precomputed_reference=self.reference_kind() == "precomputed")
+        self.pipeline_stats = stats.pipeline  # packed steps: the row ladder (step_rows), padding counted
+        return it, stats
 
     def batch_shapes(self, batch_size, *, packed: bool | None = None):
         """Padded: rows [B, 2, T], per-pair keys [B]. Packed (data.packing): rows [B, 2T], per-pair keys
-        and `pair_mask` [B, data.max_pairs_per_row]."""
+        and `pair_mask` [B, data.max_pairs_per_row]; with data.pair_batching='pairs' (B pairs per step)
+        that is the largest bucket (one pair per row), and a step usually takes fewer rows."""
         d = self.config.data
         packed = d.packing if packed is None else packed
         rows = (batch_size, pair_packing.row_length(d.seq_len)) if packed else (batch_size, 2, d.seq_len)
@@ -198,9 +202,31 @@ class PairObjective(base.Objective):
 
     # ---- hooks -------------------------------------------------------------------------------
 
+    def packs_steps(self) -> bool:
+        """Packed pairs with train.global_batch_size pairs per step (data.pair_batching='pairs')."""
+        return bool(self.config.data.packing) and self.config.data.pair_batching == "pairs"
+
+    def next_batch(self, state, data_iter, rng):
+        """Packed steps: the rows the step's pairs need, padded with empty rows to the bucket that
+        every process agrees on (objectives/step_shapes.py; data/pair_packing.StepRows)."""
+        batch = next(data_iter)
+        if not self.packs_steps():
+            return batch
+        need = step_shapes.agreed_max(len(batch["inputs"]), "pair_rows")
+        rows = self.pipeline_stats.step_rows.bucket(need, self.row_multiple)
+        self.pipeline_stats.slots += (rows - len(batch["inputs"])) * batch["inputs"].shape[1]  # padding rows
+        return step_shapes.pad_rows(batch, rows)
+
+    def keep_rows_whole(self, run) -> None:
+        """Packed steps: the rows per process that give every device (and micro-batch) whole rows."""
+        mesh_shape = run.setup.mesh_shape
+        self.row_multiple = step_shapes.row_multiple(mesh_shape["data"] * mesh_shape["fsdp"],
+                                                     self.config.train.grad_accum_steps, jax.process_count())
+
     def start(self, run):
         """reference='precomputed': score every training pair once with the start weights
         (stored in the workdir, resumable) and attach the numbers to the batches."""
+        self.keep_rows_whole(run)
         transform = run.data_stats.transform
         self.start_params = run.start_params  # the reference of held-out pair evaluation (copy/precomputed)
         if self.reference_kind() == "precomputed":  # scored as padded pairs, whatever the training layout

@@ -15,8 +15,13 @@ TRL's RewardTrainer (its centering term, Eisenstein et al. 2023, is ``c * mean((
 over the batch). Metrics: ``accuracy`` (r_c > r_r), ``margin`` (r_c - r_r), the mean chosen and
 rejected rewards. Every value is summed per pair; the step divides by the global batch's pairs,
 so gradient accumulation is exact. With LoRA the head is trained in full (peft's
-modules_to_save); the data is the DPO pipeline's (JSONL pairs, templates, chat records), always
-one padded sequence per row (data.packing does not apply: a reward is read at a row's last token).
+modules_to_save); the data is the DPO pipeline's (JSONL pairs, templates, chat records), each step
+holding train.global_batch_size pairs. Padded (data.packing=false, configs/reward.py): one sequence
+per row, rows cut to the batch's longest sequence rounded up to a length bucket (16, 24, 32, 48,
+64, 96, ... data.seq_len; the same on every process), as TRL pads to the batch's longest: the step
+compiles once per bucket, and the padding cut changes no reward. Packed (data.packing=true, by
+step: data.pair_batching='pairs'): the step's pairs share rows as DPO's do, and each reward is read
+at its sequence's last token, `score_index` [R, max_pairs, 2] positions in the row.
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import loading, scoring
-from jaxtune.data import datasets, preference
+from jaxtune import batch as batch_lib, loading, scoring
+from jaxtune.data import datasets, pair_packing, preference
 from jaxtune.errors import UserError
 from jaxtune.models.layers import last_token_index
-from jaxtune.objectives import base, pairs
+from jaxtune.objectives import base, pairs, step_shapes
 
 MARGIN_KEY = "margin"  # a record's optional per-pair margin, and its batch key [B] float32
 SCORE_INDEX_KEY = "score_index"  # [B, 2]: the position each sequence's reward is read at
@@ -90,6 +95,7 @@ class RewardRows:
         self.transform, self.pad_id, self.path = transform, pad_id, path
         self.stats, self.source, self.seq_len = transform.stats, transform.source, transform.seq_len
         self.batch_keys = ROW_KEYS + (preference.INDEX_KEY, SCORE_INDEX_KEY, MARGIN_KEY)  # what __call__ yields
+        self.position_keys = (SCORE_INDEX_KEY,)  # token positions: packing moves them with their sequences
 
     def __call__(self, index: int, record: dict) -> dict[str, np.ndarray] | None:
         rows = self.transform(index, record)
@@ -104,10 +110,11 @@ class RewardRows:
 
 
 def pair_rewards(model: base.ModelFns, params, batch: Mapping[str, jax.Array], frozen=None, rngs=None) -> jax.Array:
-    """Rewards [B, 2] of a reward batch, both sequences of every pair in one [2B, T] forward pass."""
+    """Rewards [P, 2] of a reward batch in one forward pass: padded [B, 2, T] pairs as [2B, T] rows
+    (P = B), or packed [R, L] rows read at their [R, max_pairs, 2] score positions (P = R * max_pairs)."""
     rows = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ROW_KEYS}
     scores = model(params, rows["inputs"], rows["positions"], rows["segment_ids"], frozen=frozen, rngs=rngs)
-    index = batch[SCORE_INDEX_KEY].reshape(-1, 1)
+    index = batch[SCORE_INDEX_KEY].reshape(len(rows["inputs"]), -1)  # per row: one (padded) or 2 * max_pairs
     return jnp.take_along_axis(scores[..., 0], index, axis=1).astype(jnp.float32).reshape(-1, 2)
 
 
@@ -132,6 +139,9 @@ class RewardModel(pairs.PairObjective):
         if not o.center_rewards_coefficient >= 0:
             raise UserError(f"config key '{cls.key('center_rewards_coefficient')}' must be >= 0, got "
                             f"{o.center_rewards_coefficient}")
+        if config.data.packing and config.data.pair_batching != "pairs":
+            raise UserError(f"config key 'data.pair_batching' is {config.data.pair_batching!r}: a packed reward model "
+                            "holds train.global_batch_size pairs per step; use 'pairs' (or data.packing=false)")
         if config.peft.method == "prefix":
             raise UserError("config key 'peft.method' is 'prefix': a reward model trains with lora, dora or full "
                             "fine-tuning (its score head is trained in full)")
@@ -149,29 +159,57 @@ class RewardModel(pairs.PairObjective):
         """The pair tasks (data.tasks mixed, or data.train_path) as whole-sequence reward rows, padded:
         a reward is read at a row's last token, so data.packing does not apply."""
         c = self.config
-        return datasets.preference_train_dataset(
+        it, stats = datasets.preference_train_dataset(
             data, c.data, batch_size=batch_size, seed=c.seed, unpaired=False, process_index=process_index,
-            process_count=process_count, packing=False,
+            process_count=process_count,
             wrap=lambda transform, task: RewardRows(transform, data.tokenizer.pad_id, c.data.train_path or task.name))
+        self.pipeline_stats = stats.pipeline  # the padding `next_batch` cuts is taken off its count
+        return it, stats
 
-    def batch_shapes(self, batch_size):
-        seq_len = self.config.data.seq_len
-        shapes = {k: jax.ShapeDtypeStruct((batch_size, 2, seq_len), jnp.int32) for k in ROW_KEYS}
-        shapes[preference.INDEX_KEY] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-        shapes[SCORE_INDEX_KEY] = jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)
-        shapes[MARGIN_KEY] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+    def next_batch(self, state, data_iter, rng):
+        """Packed: the step's rows padded to their bucket (as DPO's). Padded: the next pairs, their
+        rows cut to the longest sequence of the step's length bucket."""
+        if self.packs_steps():
+            return super().next_batch(state, data_iter, rng)
+        batch = next(data_iter)
+        seq_len = batch["inputs"].shape[-1]
+        longest = int(np.max(np.sum(batch["segment_ids"] > 0, axis=-1), initial=0))
+        length = step_shapes.length_bucket(step_shapes.agreed_max(longest, "reward_length"), seq_len)
+        stats = getattr(self, "pipeline_stats", None)
+        if stats is not None:
+            stats.slots -= batch["segment_ids"].size // seq_len * (seq_len - length)
+        return step_shapes.cut_length(batch, ROW_KEYS, length)
+
+    def batch_shapes(self, batch_size, *, packed: bool | None = None):
+        """The largest batch a step takes: padded rows of data.seq_len (`next_batch` cuts most steps
+        shorter), or packed rows of 2 * data.seq_len with one pair each (most steps take fewer rows)."""
+        d = self.config.data
+        packed = d.packing if packed is None else packed
+        rows = (batch_size, pair_packing.row_length(d.seq_len)) if packed else (batch_size, 2, d.seq_len)
+        pair = (batch_size, d.max_pairs_per_row) if packed else (batch_size,)
+        shapes = {k: jax.ShapeDtypeStruct(rows, jnp.int32) for k in ROW_KEYS}
+        if packed:
+            shapes[batch_lib.PAIR_MASK_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
+        shapes[preference.INDEX_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
+        shapes[SCORE_INDEX_KEY] = jax.ShapeDtypeStruct(pair + (2,), jnp.int32)
+        shapes[MARGIN_KEY] = jax.ShapeDtypeStruct(pair, jnp.float32)
         return shapes
 
     def start(self, run):
-        """Nothing to precompute: a reward model has no reference."""
+        """No reference to precompute; packed steps keep every device's rows whole."""
+        self.keep_rows_whole(run)
 
     # ---- the loss ----------------------------------------------------------------------------
 
     def loss(self, model, params, batch, *, frozen=None, rng=None, ref_params=None):
         rngs = None if rng is None else {"dropout": rng}
         rewards = pair_rewards(model, params, batch, frozen=frozen, rngs=rngs)
-        losses, metrics = bradley_terry_loss(rewards[:, 0], rewards[:, 1], batch[MARGIN_KEY],
+        losses, metrics = bradley_terry_loss(rewards[:, 0], rewards[:, 1], batch[MARGIN_KEY].reshape(-1),
                                              center_rewards_coefficient=self.section.center_rewards_coefficient)
+        valid = pairs.pair_mask(batch)  # packed: the real pairs (an empty slot adds nothing, no gradient)
+        if valid is not None:
+            losses = jnp.where(valid, losses, 0.0)
+            metrics = {k: jnp.where(valid, v, 0.0) for k, v in metrics.items()}
         total = jnp.sum(losses)
         return total, dict({k: jnp.sum(v) for k, v in metrics.items()}, loss=total)
 

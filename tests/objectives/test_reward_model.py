@@ -3,6 +3,7 @@ values (TRL's RewardTrainer formula), the whole-sequence rows, and the pooled re
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from jaxtune.errors import UserError
 from jaxtune.models.layers import last_token_index
 from jaxtune.objectives.reward_model import bradley_terry_loss, pair_rewards, record_margin, whole_sequences
+from tests.objectives.test_packed_pairs import model as tiny_llama  # noqa: F401 (fixture: a tiny Llama and weights)
 
 RC, RR, M = [1.5, -0.25, 0.3], [0.5, 0.75, 0.3], [0.0, 0.5, 1.0]
 
@@ -98,3 +100,80 @@ def test_loss_sums_over_micro_batches_equal_the_global_batch_mean():
     trl = np.mean([-_logsig(c - j - m) for (c, j), m in zip(r, [0.0, 0.5, 0.0, 1.0])]) + 0.05 * np.mean(
         (r[:, 0] + r[:, 1]) ** 2)
     np.testing.assert_allclose(full, trl, rtol=1e-5)
+
+
+def test_next_batch_cuts_rows_to_the_length_bucket_and_keeps_every_reward(tiny_llama):  # noqa: F811
+    """A step's rows are cut to its longest sequence's bucket; a causal model's rewards (here: the
+    tiny LM's first logit as the score) are the full-length rows' rewards."""
+    from jaxtune import config as config_lib
+    from jaxtune.objectives import step_shapes
+    from jaxtune.objectives.reward_model import RewardModel
+
+    assert step_shapes.length_buckets(100) == [16, 24, 32, 48, 64, 96, 100]
+    assert step_shapes.length_bucket(17, 100) == 24 and step_shapes.length_bucket(97, 100) == 100
+    config = config_lib.base_config()
+    config.objective.type = "reward"
+    config.objective.reward = dict(center_rewards_coefficient=0.0)
+    config.data.packing = False  # one sequence per row (configs/reward.py's default)
+    module, params = tiny_llama
+    rng = np.random.default_rng(1)
+    lengths = np.array([[5, 9], [20, 3]])  # the longest sequence, 20 tokens, takes the 24 bucket
+    segment_ids = (np.arange(40) < lengths[..., None]).astype(np.int32)
+    batch = {"inputs": rng.integers(1, 30, (2, 2, 40)).astype(np.int32) * segment_ids, "segment_ids": segment_ids,
+             "positions": np.arange(40, dtype=np.int32) * segment_ids, "score_index": (lengths - 1).astype(np.int32),
+             "margin": np.zeros(2, np.float32), "example_index": np.arange(2, dtype=np.int32)}
+    cut = RewardModel(config).next_batch(None, iter([batch]), None)
+    assert cut["inputs"].shape == (2, 2, 24) and cut["score_index"].shape == (2, 2)
+
+    def scores(p, tokens, positions, segment_ids, frozen=None, rngs=None):
+        return module.apply({"params": p}, tokens, positions=positions, segment_ids=segment_ids)[..., :1]
+
+    rewards = jax.jit(lambda b: pair_rewards(scores, params, b))
+    np.testing.assert_allclose(rewards({k: jnp.asarray(v) for k, v in cut.items()}),
+                               rewards({k: jnp.asarray(v) for k, v in batch.items()}), rtol=1e-5, atol=1e-6)
+
+
+def test_packed_reward_steps_give_the_padded_steps_loss(tiny_llama):  # noqa: F811
+    """data.packing for a reward model: a step holds the padded step's pairs in fewer rows, each
+    reward read at its sequence's last token there; the loss and metrics equal the padded step's."""
+    from jaxtune import config as config_lib
+    from jaxtune.data import pair_packing, preference
+    from jaxtune.objectives import base
+    from jaxtune.objectives.reward_model import RewardModel, RewardRows
+    from tests.data.test_pipeline import CharTokenizer
+    from tests.objectives.test_packed_pairs import SEQ, TEMPLATES, _pairs
+
+    module, params = tiny_llama
+
+    def scores(p, tokens, positions, segment_ids, frozen=None, rngs=None):
+        return module.apply({"params": p}, tokens, positions=positions, segment_ids=segment_ids)[..., :1]
+
+    records = _pairs(24)
+    results = {}
+    for packing in (False, True):
+        config = config_lib.base_config()
+        config.objective.type = "reward"
+        config.objective.reward = dict(center_rewards_coefficient=0.05)
+        config.data.packing = packing
+        transform = RewardRows(preference.PreferenceTransform(records, TEMPLATES, CharTokenizer(), seq_len=SEQ,
+                                                              truncation="truncate", seed=0), CharTokenizer.pad_id)
+        it, stats = preference.pair_dataset([records], [transform], batch_size=8, seed=1, packing=packing, max_pairs=4)
+        objective = RewardModel(config)
+        objective.pipeline_stats = stats  # as train_dataset keeps them: the row ladder
+        batch = objective.next_batch(None, iter(it), None)
+        if packing:
+            assert len(batch["inputs"]) < 8 and batch[pair_packing.PAIR_MASK_KEY].sum() == 8
+
+        @jax.jit
+        def step_loss(b, objective=objective):
+            weight = objective.weight(b)
+            return base.normalise(*objective.loss(scores, params, b), weight), weight
+
+        (loss, metrics), weight = step_loss({k: jnp.asarray(v) for k, v in batch.items()})
+        results[packing] = (loss, metrics), float(weight)
+    (loss_a, metrics_a), weight_a = results[False]
+    (loss_b, metrics_b), weight_b = results[True]
+    assert weight_a == weight_b == 8.0
+    np.testing.assert_allclose(float(loss_b), float(loss_a), rtol=1e-5)
+    for key in metrics_a:
+        np.testing.assert_allclose(float(metrics_b[key]), float(metrics_a[key]), rtol=1e-5, atol=1e-6, err_msg=key)
