@@ -113,7 +113,7 @@ def torch_padded(cfg, args, lengths: np.ndarray):
     """(run, info): HF PyTorch steps on --batch examples per step, padded to the step's longest."""
     import torch
 
-    model, opt, device, autocast, info = train_step.torch_training(cfg, args, lora_rank=0)
+    model, opt, device, autocast, info = train_step.torch_training(cfg, args, lora_rank=_lora_rank(args))
     rng = np.random.default_rng(1)
     steps = []
     for s in range(args.steps):
@@ -177,8 +177,14 @@ def trl_packed(cfg, args, lengths: np.ndarray):
                 torch.cuda.synchronize()
             times[-1] += time.time()
 
+    lora = None
+    if args.peft == "lora":
+        import peft
+
+        targets = list(train_step.peft_base.parse_targets(args.targets))
+        lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                             callbacks=[Timer()])
+                             callbacks=[Timer()], peft_config=lora)
     info = {"framework": "trl", "trl": trl.__version__, "attn_implementation": attn, "params": train_step.models.count_params(cfg),
             "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "seq_len": args.seq_len, "devices": 1,
             "slots_per_step": args.batch * args.seq_len}
@@ -192,6 +198,10 @@ def trl_packed(cfg, args, lengths: np.ndarray):
         return statistics.median(times[1:] or times)
 
     return run, info
+
+
+def _lora_rank(args) -> int:
+    return args.rank if args.peft == "lora" else 0
 
 
 def _has(module: str) -> bool:
@@ -213,6 +223,8 @@ def main() -> None:
     p.add_argument("--variant", default="llama3.2-1b")
     p.add_argument("--model", default="{}", help="JSON model config overrides")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--peft", choices=("none", "lora"), default="none", help="lora: all-linear, --rank, every mode")
+    p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch", type=int, default=8, help="rows per step (padded modes: examples per step)")
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=5)
@@ -237,22 +249,22 @@ def run(args) -> dict:
     if unknown:
         raise SystemExit(f"--modes: unknown {unknown}; expected some of {', '.join(MODES)}")
     # train_step's model/torch builders read these fields
-    args.family, args.remat, args.rules, args.rank, args.targets = "llama", "none", "fsdp", 8, "all-linear"
+    args.family, args.remat, args.rules, args.targets = "llama", "none", "fsdp", "all-linear"
     args.objective, args.logits_chunk, args.profile = "sft", 512, ""
     args.quickstart_shape = args.variant == "tiny"
-    cfg = train_step.model_config(args, train_step.run_config(args, "none", "none"))
+    cfg = train_step.model_config(args, train_step.run_config(args, args.peft, "none"))
     lengths = example_lengths(args, 64 * args.batch * max(args.steps, 1) + 1000)
     packed, used = packed_batches(lengths, args.batch, args.seq_len, args.steps, cfg.vocab_size)
     runners, infos = {}, {}
     for mode in modes:
         if mode == "jaxtune_packed":
-            runners[mode], infos[mode] = train_step.prepare_jaxtune(args, "none", "none", batches=packed)
+            runners[mode], infos[mode] = train_step.prepare_jaxtune(args, args.peft, "none", batches=packed)
         elif mode == "jaxtune_full_rows":
             rows = full_rows(args.batch, args.seq_len, args.steps, cfg.vocab_size)
-            runners[mode], infos[mode] = train_step.prepare_jaxtune(args, "none", "none", batches=rows)
+            runners[mode], infos[mode] = train_step.prepare_jaxtune(args, args.peft, "none", batches=rows)
         elif mode == "jaxtune_padded":
             rows = padded_batches(lengths, args.batch, args.seq_len, args.steps, cfg.vocab_size)
-            runners[mode], infos[mode] = train_step.prepare_jaxtune(args, "none", "none", batches=rows)
+            runners[mode], infos[mode] = train_step.prepare_jaxtune(args, args.peft, "none", batches=rows)
         elif mode == "torch_padded":
             runners[mode], infos[mode] = torch_padded(cfg, args, lengths)
         elif _has("trl"):
@@ -264,7 +276,7 @@ def run(args) -> dict:
         for mode, runner in runners.items():
             times[mode].append(runner())
     median, sigma = SPREADS[args.spread]
-    out = {"spread": args.lengths_from or args.spread, "spread_median_tokens": median, "spread_sigma": sigma,
+    out = {"peft": args.peft, "spread": args.lengths_from or args.spread, "spread_median_tokens": median, "spread_sigma": sigma,
            "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "repeats": args.repeats,
            "examples_packed_per_step": round(used / max(args.steps, 1), 1), "load_avg": os.getloadavg()[0]}
     for mode, info in infos.items():

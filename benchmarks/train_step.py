@@ -260,7 +260,8 @@ def prepare_torch(cfg, args, lora_rank: int):
 
 def pair_batches(args, vocab_size: int, packing: bool, count: int) -> list[dict[str, np.ndarray]]:
     """`count` batches of real pairs from --pairs, through jaxtune's preference pipeline (mixture,
-    shuffle, truncation, pad or pack), tokenized by a sentencepiece model of `vocab_size` pieces."""
+    shuffle, truncation, pad or pack), tokenized by a sentencepiece model of `vocab_size` pieces
+    trained on them, or by `args.tokenizer` where set (dpo_side_by_side.py: shared with TRL)."""
     import gzip
     import tempfile
     from pathlib import Path
@@ -278,7 +279,7 @@ def pair_batches(args, vocab_size: int, packing: bool, count: int) -> list[dict[
         if not plain.exists():
             plain.write_bytes(gzip.decompress(path.read_bytes()))
         path = plain
-    spm = work / f"spm{vocab_size}.model"
+    spm = Path(args.tokenizer) if getattr(args, "tokenizer", "") else work / f"spm{vocab_size}.model"
     if not spm.exists():
         source = JsonlSource(str(path))
         train_sentencepiece(list(preference.corpus(source, unpaired=False, limit=len(source))()), spm.with_suffix(""),
