@@ -23,7 +23,7 @@ SMOKE=${SMOKE:-0}
 LIMIT_SCALE=1
 [ "$SMOKE" = 1 ] && LIMIT_SCALE=4  # smoke runs compile every mode on whatever CPU it is given
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD} HF_DATASETS_DISABLE_PROGRESS_BARS=1
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 
