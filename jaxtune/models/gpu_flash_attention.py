@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 Array = jax.Array
 
@@ -218,9 +219,8 @@ def _specs(t: int, d: int, group: int, block: int):
     return tile, whole, seg_tile, seg_whole, stat_tile, stat_whole
 
 
-def _params(s: Settings, head_dim: int):
-    from jax.experimental.pallas import triton as plgpu
-
+def _params(head_dim: int):
+    """Triton launch settings (untuned: jax's own GPU attention uses the same heuristic)."""
     return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
@@ -233,7 +233,7 @@ def _forward(s: Settings, q, k, v, q_seg, k_seg):
         in_specs=[tile(False), whole(True), whole(True), seg_tile, seg_whole],
         out_specs=[tile(False), stat_tile],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-        compiler_params=_params(s, d), interpret=s.interpret, name="jaxtune_flash_forward",
+        compiler_params=_params(d), interpret=s.interpret, name="jaxtune_flash_forward",
     )(q, k, v, q_seg, k_seg)
 
 
@@ -249,13 +249,13 @@ def _backward(s: Settings, q, k, v, q_seg, k_seg, out, lse, dout):
         functools.partial(_dkdv_kernel, s=s), grid=grid,
         in_specs=[whole(False), tile(True), tile(True), seg_whole, seg_tile, whole(False), stat_whole, stat_whole],
         out_specs=[tile(False), tile(False)], out_shape=[per_head, per_head],
-        compiler_params=_params(s, d), interpret=s.interpret, name="jaxtune_flash_dkdv",
+        compiler_params=_params(d), interpret=s.interpret, name="jaxtune_flash_dkdv",
     )(q, k, v, q_seg, k_seg, dout, lse, delta)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, s=s), grid=grid,
         in_specs=[tile(False), whole(True), whole(True), seg_tile, seg_whole, tile(False), stat_tile, stat_tile],
         out_specs=tile(False), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(s, d), interpret=s.interpret, name="jaxtune_flash_dq",
+        compiler_params=_params(d), interpret=s.interpret, name="jaxtune_flash_dq",
     )(q, k, v, q_seg, k_seg, dout, lse, delta)
     # each kv head's gradient: the sum over the query heads of its group
     dk = dk.reshape(b, t, kv_heads, group, d).sum(axis=3)
