@@ -12,6 +12,7 @@
 #   3 dpo_*      DPO per real token and per pair (benchmarks/dpo_side_by_side.py): jaxtune padded and
 #                packed pairs vs TRL DPOTrainer (padded), same synthetic pairs and tokenizer, full and LoRA
 #   4 grpo       jaxtune GRPO step (benchmarks/grpo_step.py, larger shape): rollout + learner tokens/s
+#                and seconds per step (no MFU yet: grpo_step.py does not count FLOPs)
 # Each framework runs in its own process (neither allocator starves the other). TRL is used when
 # importable (the `bench` extra; carry its wheel onto an offline device: pip download trl --no-deps);
 # otherwise its rows say "skipped". MFU is against --peak_tflops 989 (H100/H200 SXM bf16 dense

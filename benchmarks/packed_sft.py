@@ -20,7 +20,8 @@ chat-SFT spread; --lengths_from FILE measures a JSONL(.gz) file the same way. Mo
 
 Every mode trains on the same examples in the same order where its layout allows; each reports
 real tokens/s, MFU (6N + attention FLOPs per real token against --peak_tflops or the device's
-datasheet peak) and the fill (real / computed tokens). Prints one JSON object.
+datasheet peak), the fill (real / computed tokens) and computed slots/s (the kernels' speed
+whatever the fill). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -289,6 +290,8 @@ def run(args) -> dict:
                                                              info["seq_len"])
         row = {"step_s": round(step_s, 4), "real_tokens_per_s": round(tokens_per_s, 1),
                "fill": round(info["tokens_per_step"] / info["slots_per_step"], 3),
+               # computed token slots per second: the kernels' speed whatever the fill
+               "slot_tokens_per_s": round(info["slots_per_step"] / step_s, 1),
                "model_tflops_per_s": round(flops / 1e12, 3), "attention": info.get("attention"),
                "device_kind": info.get("device_kind"), "compile_s": info.get("compile_s"),
                "rounds_s": [round(t, 4) for t in times[mode]]}
