@@ -45,7 +45,7 @@ def test_padded_rows_one_example_each():
 @pytest.mark.slow
 def test_packed_sft_smoke_runs_jaxtune_and_trl(tmp_path):
     """The packed SFT piece end to end on a tiny model (TRL's row skipped when trl is absent)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")  # one device, as on the GPU machine: batch 2
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "packed_sft.py"), "--smoke", "--modes", "jaxtune_packed,trl_packed",
          "--workdir", str(tmp_path)], check=True, capture_output=True, text=True, env=env, cwd=ROOT)

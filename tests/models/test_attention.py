@@ -388,11 +388,14 @@ def test_auto_on_cpu_is_reference_short_blockwise_long():
 
 
 @pytest.mark.slow  # the kernel-level tests above cover these inputs in the default run
+@pytest.mark.parametrize("implementation", ["blockwise", "pallas_gpu"])
 @pytest.mark.parametrize("family", ["gemma2", "llama"])
-def test_model_logits_same_for_blockwise(family, small_blocks):
+def test_model_logits_same_for_blockwise(family, implementation, small_blocks, pallas_interpret):
     """Whole tiny models on a packed, left-padded batch (Gemma 2: the scanned per-layer traced
-    sliding-window switch, soft cap, query_pre_attn_scalar): blockwise logits = reference logits."""
+    sliding-window switch, soft cap, query_pre_attn_scalar): blockwise and Pallas GPU (interpret
+    mode, head_dim 16) logits = reference logits."""
     base = models.get_config(family, "tiny", **({"sliding_window": 6} if family == "gemma2" else {}))
+    base = base.replace(head_dim=PALLAS_D)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, base.vocab_size, (B, T)), jnp.int32)
     seg = _segments()
     params = jax.jit(models.build(base).init)(jax.random.key(0), tokens[:, :4])["params"]
@@ -401,7 +404,7 @@ def test_model_logits_same_for_blockwise(family, small_blocks):
         model = models.build(base.replace(attention=impl))
         return jax.jit(lambda p: model.apply({"params": p}, tokens, segment_ids=seg))(params)
 
-    np.testing.assert_allclose(logits("blockwise"), logits("reference"), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(logits(implementation), logits("reference"), atol=1e-4, rtol=1e-4)
 
 
 def test_bad_attention_setting_is_a_clear_error():
