@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_step  # noqa: E402  (benchmarks/ is a directory of scripts, not a package)
+import train_step
 
-from jaxtune import metrics  # noqa: E402
+from jaxtune import metrics
 
 LENGTHS = {"prompt": (60.0, 0.8), "response": (50.0, 0.8)}  # median tokens, sigma of log length
 
