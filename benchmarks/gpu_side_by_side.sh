@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's measurements for benchmarks/RESULTS.md (## GPU), one command on one H100/H200:
-#   bash benchmarks/gpu_side_by_side.sh              # everything below, about 12 minutes on an H200
+#   bash benchmarks/gpu_side_by_side.sh              # everything below (estimated 20-25 minutes: not yet run)
+#   PIECES="unpacked packed" bash benchmarks/gpu_side_by_side.sh   # a subset, to fit a session's device time
 #   SMOKE=1 bash benchmarks/gpu_side_by_side.sh      # tiny shapes, any machine (CPU too): every piece runs
 # Writes under ${OUT:-gpu_results}/: gpu.txt (card, versions, measured bf16 matmul peak), one
 # <piece>.json (+ .err) per piece, and summary.txt (each piece's exit status and figures).
@@ -21,6 +22,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 SMOKE=${SMOKE:-0}
+PIECES=${PIECES:-unpacked packed dpo grpo}
+wanted() { case " $PIECES " in *" $1 "*) return 0 ;; esac; return 1; }
 LIMIT_SCALE=1
 [ "$SMOKE" = 1 ] && LIMIT_SCALE=4  # smoke runs compile every mode on whatever CPU it is given
 mkdir -p "$OUT"
@@ -64,13 +67,13 @@ fi
 PEAKS=(--peak_tflops 989 --measured_peak_tflops "$PEAK")
 
 # 1: unpacked rows, the figures RESULTS.md already has, now with the Pallas kernel beside cuDNN
-piece unpacked_torch 200 env JAX_PLATFORMS=cpu python3 benchmarks/train_step.py "${MODEL[@]}" "${SHAPE_UNPACKED[@]}" \
+wanted unpacked && piece unpacked_torch 200 env JAX_PLATFORMS=cpu python3 benchmarks/train_step.py "${MODEL[@]}" "${SHAPE_UNPACKED[@]}" \
     --rank 8 --compare --modes torch_full,torch_lora "${PEAKS[@]}"
-piece unpacked_jaxtune 330 python3 benchmarks/train_step.py "${MODEL[@]}" "${SHAPE_UNPACKED[@]}" \
+wanted unpacked && piece unpacked_jaxtune 330 python3 benchmarks/train_step.py "${MODEL[@]}" "${SHAPE_UNPACKED[@]}" \
     --rank 8 --compare --modes full,lora --attention "$ATTN" "${PEAKS[@]}"
 
 # 2: packed SFT per real token, two length spreads, full and LoRA
-for spread in hh_rlhf long_chat; do
+wanted packed && for spread in hh_rlhf long_chat; do
     for peft in none lora; do
         piece "packed_${spread}_${peft}" 330 python3 benchmarks/packed_sft.py "${PACKED[@]}" --spread "$spread" \
             --peft "$peft" "${PEAKS[@]}"
@@ -79,12 +82,12 @@ for spread in hh_rlhf long_chat; do
 done
 
 # 3: DPO, jaxtune padded + packed vs TRL, full and LoRA
-for peft in none lora; do
+wanted dpo && for peft in none lora; do
     piece "dpo_${peft}" 400 python3 benchmarks/dpo_side_by_side.py "${DPO[@]}" --peft "$peft" "${PEAKS[@]}"
     [ "$SMOKE" = 1 ] && break
 done
 
 # 4: GRPO step
-piece grpo 300 python3 benchmarks/grpo_step.py "${GRPO[@]}"
+wanted grpo && piece grpo 300 python3 benchmarks/grpo_step.py "${GRPO[@]}"
 
 echo "== done: $OUT" | tee -a "$SUMMARY"
