@@ -42,6 +42,7 @@ import json
 import os
 import statistics
 import time
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -179,10 +180,29 @@ def model_config(args, config):
     return models.get_config(args.family, args.variant, **overrides)
 
 
-def prepare_torch(cfg, args, lora_rank: int):
-    """(run, info): run() times --steps Hugging Face PyTorch (+ PEFT LoRA when lora_rank) steps at
-    cfg's shape and returns seconds per step. CUDA when available (bf16 autocast for a bfloat16
-    --dtype, fused AdamW), else CPU float32 with torch threads = CPU cores."""
+def hf_llama_config(cfg, args):
+    """The transformers LlamaConfig of a jaxtune Llama config (SDPA attention)."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=max(cfg.max_position_embeddings, args.seq_len), attn_implementation="sdpa")
+
+
+class TorchTraining(NamedTuple):
+    model: Any
+    optimizer: Any
+    device: str
+    autocast: Any
+    info: dict
+
+
+def torch_training(cfg, args, lora_rank: int) -> TorchTraining:
+    """A Hugging Face PyTorch model (+ PEFT LoRA when lora_rank) at cfg's shape with AdamW. CUDA
+    when available (bf16 autocast for a bfloat16 --dtype, fused AdamW), else CPU float32 with
+    torch threads = CPU cores."""
     import peft
     import torch
     import transformers
@@ -192,20 +212,30 @@ def prepare_torch(cfg, args, lora_rank: int):
     if not cuda:
         torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
-    hf = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=max(cfg.max_position_embeddings, args.seq_len), attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(hf).to(device)
+    model = transformers.LlamaForCausalLM(hf_llama_config(cfg, args)).to(device)
     if lora_rank:
         targets = list(peft_base.parse_targets(args.targets))
         model = peft.get_peft_model(model, peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, fused=cuda)
-    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len))).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and args.dtype == "bfloat16")
+    info = {"framework": "torch", "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": "lora" if lora_rank else "none", "params": models.count_params(cfg), "num_layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size, "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype,
+            "devices": 1, "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
+            "tokens_per_step": args.batch * args.seq_len, "threads": None if cuda else torch.get_num_threads(),
+            "trainable_params": sum(p.numel() for p in trainable)}
+    return TorchTraining(model, opt, device, autocast, info)
+
+
+def prepare_torch(cfg, args, lora_rank: int):
+    """(run, info): run() times --steps Hugging Face PyTorch (+ PEFT LoRA when lora_rank) steps at
+    cfg's shape (torch_training) on one random full batch and returns seconds per step."""
+    import torch
+
+    model, opt, device, autocast, info = torch_training(cfg, args, lora_rank)
+    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len))).to(device)
 
     def step():
         with autocast:
@@ -218,25 +248,20 @@ def prepare_torch(cfg, args, lora_rank: int):
         t0 = time.time()
         for _ in range(args.steps):
             step()
-        if cuda:
+        if device == "cuda":
             torch.cuda.synchronize()
         return (time.time() - t0) / args.steps
 
     step()  # warm-up (allocations, kernel selection)
-    if cuda:
+    if device == "cuda":
         torch.cuda.synchronize()
-    info = {"framework": "torch", "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": "lora" if lora_rank else "none", "params": models.count_params(cfg), "num_layers": cfg.num_layers,
-            "hidden_size": cfg.hidden_size, "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype,
-            "devices": 1, "device_kind": torch.cuda.get_device_name() if cuda else "cpu",
-            "tokens_per_step": args.batch * args.seq_len, "threads": None if cuda else torch.get_num_threads(),
-            "trainable_params": sum(p.numel() for p in trainable)}
     return run, info
 
 
 def pair_batches(args, vocab_size: int, packing: bool, count: int) -> list[dict[str, np.ndarray]]:
     """`count` batches of real pairs from --pairs, through jaxtune's preference pipeline (mixture,
-    shuffle, truncation, pad or pack), tokenized by a sentencepiece model of `vocab_size` pieces."""
+    shuffle, truncation, pad or pack), tokenized by a sentencepiece model of `vocab_size` pieces
+    trained on them, or by `args.tokenizer` where set (dpo_side_by_side.py: shared with TRL)."""
     import gzip
     import tempfile
     from pathlib import Path
@@ -254,7 +279,7 @@ def pair_batches(args, vocab_size: int, packing: bool, count: int) -> list[dict[
         if not plain.exists():
             plain.write_bytes(gzip.decompress(path.read_bytes()))
         path = plain
-    spm = work / f"spm{vocab_size}.model"
+    spm = Path(args.tokenizer) if getattr(args, "tokenizer", "") else work / f"spm{vocab_size}.model"
     if not spm.exists():
         source = JsonlSource(str(path))
         train_sentencepiece(list(preference.corpus(source, unpaired=False, limit=len(source))()), spm.with_suffix(""),

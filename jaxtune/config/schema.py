@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat_policy = "none"  # none | full | projections | offload | dots | dots_no_batch (README "Memory")
     # How attention is computed (jaxtune/models/attention.py): auto picks splash on TPU, cuDNN on
     # GPU where it applies (else blockwise), and on CPU the einsum for short rows, blockwise above.
-    c.model.attention = "auto"  # auto | splash | blockwise | cudnn | reference
+    c.model.attention = "auto"  # auto | splash | blockwise | cudnn | pallas_gpu | reference
     # Architecture overrides on top of the variant; None keeps the variant's value.
     # vocab_size None means "take it from the tokenizer" when the variant is trained from scratch.
     c.model.vocab_size = ml_collections.FieldReference(None, field_type=int)

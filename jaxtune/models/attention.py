@@ -4,10 +4,13 @@
     blockwise  flash-style online softmax in plain JAX, every backend; a custom VJP recomputes
                scores block by block, so forward and backward hold O(T * block), never O(T^2)
     splash     Pallas splash attention on TPU (jax.experimental.pallas.ops.tpu.splash_attention)
+    pallas_gpu Pallas flash attention on GPU (Triton lowering, models/gpu_flash_attention.py):
+               packed and left-padded rows, windows, soft cap, GQA; no KV cache, no prefix slots
     cudnn      cuDNN fused attention through jax.nn.dot_product_attention on GPU, where its
-               constraints allow (see `_cudnn_blocker`); blockwise otherwise
-    auto       TPU: splash; GPU: cudnn where allowed, else blockwise; CPU: reference up to
-               CPU_REFERENCE_MAX_KEYS keys, blockwise above (see `resolve`)
+               constraints allow (see `_cudnn_blocker`): rows of one segment plus right padding,
+               checked at run time; other calls run pallas_gpu where it can, else blockwise
+    auto       TPU: splash; GPU: cudnn (so pallas_gpu for packed/left-padded rows); CPU:
+               reference up to CPU_REFERENCE_MAX_KEYS keys, blockwise above (see `resolve`)
 
 Every implementation computes the same function (tests/models/test_attention.py):
 - query t of the T queries sits at key index q_offset + t (default: the last T of S keys), and
@@ -37,22 +40,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.errors import UserError
-from jaxtune.models import matmul
+from jaxtune.models import gpu_flash_attention, matmul
 
 log = logging.getLogger(__name__)
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "splash", "blockwise", "cudnn", "reference")
+IMPLEMENTATIONS = ("auto", "splash", "blockwise", "cudnn", "pallas_gpu", "reference")
 
 # CPU `auto`: up to this many keys the reference (batched matmuls in the transpose-free layout)
 # beat blockwise in benchmarks/attention.py on an idle 2-core machine (forward+backward, batch 8,
 # 8 heads / 2 kv heads / d 64: 256 keys 1.3x, 512 keys 1.9x, 1024 keys 1.7x faster) and in the
 # bench train step (T 512: 5.80 vs 6.52 s/step); above it blockwise keeps memory linear in T.
 CPU_REFERENCE_MAX_KEYS = 1024
-# blockwise tile sizes (queries x keys); shorter sequences use a single tile.
-BLOCK_Q = 512
-BLOCK_KV = 512
+# blockwise tile sizes (queries x keys); shorter sequences use a single tile. 256 beat 512 in
+# benchmarks/attention.py (fwd+bwd, batch 4, 8 heads / 2 kv heads / d 64, causal, 2 segments; Intel
+# Xeon @ 2.80GHz, 2 cores, contended, alternating rounds): T 1024 3.95 vs 5.67 s, T 2048 15.6 vs
+# 19.0 s, half the temporaries: causal tiles on the diagonal waste less.
+BLOCK_Q = 256
+BLOCK_KV = 256
 # A window wider than any sequence: "not sliding" for a traced window.
 _NO_WINDOW = 2**30
 
@@ -139,12 +145,24 @@ def resolve(implementation: str, q: Array, k: Array, call: Call) -> str:
         why = _splash_blocker(call)
     elif implementation == "cudnn":
         why = _cudnn_blocker(q, call)
+    elif implementation == "pallas_gpu":
+        why = _pallas_gpu_blocker(q, k, call)
     else:
         return implementation
     if why:
-        _log_once(f"attention: {implementation} cannot run this call ({why}); using blockwise")
-        return "blockwise"
+        fallback = _gpu_fallback(q, k, call) if implementation == "cudnn" else "blockwise"
+        _log_once(f"attention: {implementation} cannot run this call ({why}); using {fallback}")
+        return fallback
     return implementation
+
+
+def _gpu_fallback(q: Array, k: Array, call: Call) -> str:
+    """What runs a call cuDNN cannot take: the Pallas GPU kernel where it can, else blockwise."""
+    why = _pallas_gpu_blocker(q, k, call)
+    if why:
+        _log_once(f"attention: pallas_gpu cannot run this call ({why}); using blockwise")
+        return "blockwise"
+    return "pallas_gpu"
 
 
 # ----------------------------------------------------------------------------- reference
@@ -254,7 +272,6 @@ class _Geometry(NamedTuple):
     num_keys: int  # prefix slots + real keys, before padding to block_kv
     prefix_len: int
     soft_cap: float | None
-    scale: float
 
 
 def _window_of(call: Call) -> Array | int:
@@ -291,8 +308,9 @@ def _block_needed(geo: _Geometry, i: Array, j: Array, q_offset, window) -> Array
 
 
 def _scores(geo: _Geometry, q: Array, k: Array) -> tuple[Array, Array | None]:
-    """Capped float32 scores [B,K,G,bq,bk] and tanh (for the cap's derivative)."""
-    s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * geo.scale
+    """Capped float32 scores [B,K,G,bq,bk] and tanh (for the cap's derivative); q comes scaled
+    (`_blockwise` folds the scale into q once: no per-tile multiply, forward or backward)."""
+    s = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32)
     if geo.soft_cap is None:
         return s, None
     tanh = jnp.tanh(s / geo.soft_cap)
@@ -323,7 +341,10 @@ def _blockwise_forward(geo, q, k, v, q_seg, k_seg, q_offset, window):
                 s, _ = _scores(geo, q_i, k_j)
                 s = jnp.where(mask, s, _MIN)
                 m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                # No second select: masked scores give exp(_MIN - m_new) = 0 once a row has seen
+                # a visible key, and a row's terms from before that (m_new = _MIN) are erased by
+                # corr = exp(_MIN - m) = 0 at its first visible key (every real query sees itself).
+                p = jnp.exp(s - m_new[..., None])
                 corr = jnp.exp(m - m_new)
                 pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
                 return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
@@ -364,7 +385,7 @@ def _blockwise_backward(geo, q, k, v, q_seg, k_seg, q_offset, window, out, lse, 
                 ds = p * (dp - delta_i[..., None])
                 if tanh is not None:
                     ds = ds * (1.0 - tanh * tanh)
-                ds = (ds * geo.scale).astype(q_i.dtype)
+                ds = ds.astype(q_i.dtype)
                 dq_i = jnp.einsum("bkgqs,bksd->bkgqd", ds, k_j, preferred_element_type=jnp.float32)
                 dk_j = dk_j + jnp.einsum("bkgqs,bkgqd->bksd", ds, q_i, preferred_element_type=jnp.float32)
                 return (dk_j, dv_j), dq_i
@@ -431,8 +452,8 @@ def _blockwise(q: Array, k: Array, v: Array, call: Call, block_q: int | None = N
     s = k.shape[1]
     block_q = min(block_q or BLOCK_Q, t)
     block_kv = min(block_kv or BLOCK_KV, s)
-    geo = _Geometry(block_q, block_kv, s, 0 if call.prefix is None else call.prefix[0].shape[0],
-                    call.soft_cap, float(call.scale))
+    geo = _Geometry(block_q, block_kv, s, 0 if call.prefix is None else call.prefix[0].shape[0], call.soft_cap)
+    q = (q.astype(jnp.float32) * call.scale).astype(q.dtype)  # autodiff scales dq outside the core
     q5 = q.reshape(b, t, kh, h // kh, d).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,D]
     q_tiles = _tiles(q5, 3, block_q, 0)
     q_seg = _tiles(call.q_segment_ids.astype(jnp.int32), 1, block_q, 0)
@@ -516,25 +537,68 @@ def _splash(q: Array, k: Array, v: Array, call: Call, *, interpret: bool | None 
 
     def run(window):
         fn = functools.partial(_splash_local, window=window, soft_cap=call.soft_cap, interpret=interpret)
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:
-            return fn(qt, kt, vt, q_seg, kv_seg)
-        heads = ("act_batch", "act_heads", None, None)
-        q_spec = _mesh_spec(qt.shape, heads, mesh)
-        kv_spec = _mesh_spec(kt.shape, heads, mesh)
-        if q_spec[1] != kv_spec[1]:  # q and kv heads must split alike
-            q_spec = kv_spec = jax.sharding.PartitionSpec(q_spec[0], None, None, None)
-        seg_spec = jax.sharding.PartitionSpec(q_spec[0], None)
-        return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
-                             out_specs=q_spec, check_vma=False)(qt, kt, vt, q_seg, kv_seg)
+        return _per_device(fn, ("act_batch", "act_heads", None, None), qt, kt, vt, q_seg, kv_seg)
 
-    if call.sliding_window is None:
-        out = run(None)
-    elif call.is_sliding is None:
-        out = run(call.sliding_window)
-    else:
-        out = jax.lax.cond(call.is_sliding, lambda: run(call.sliding_window), lambda: run(None))
+    out = _per_window(call, run)
     return out[:, :, :t].transpose(0, 2, 1, 3).astype(v.dtype)
+
+
+def _per_device(fn, logical: tuple[str | None, ...], q: Array, k: Array, v: Array, q_seg: Array,
+                kv_seg: Array) -> Array:
+    """fn(q, k, v, q_seg, kv_seg) on each device's shard under the active mesh (a Pallas kernel
+    is one custom call XLA cannot partition: outside a shard_map it would gather every shard).
+    `logical`: the activation axes of q/k/v, batch first, heads named "act_heads"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(q, k, v, q_seg, kv_seg)
+    q_spec = _mesh_spec(q.shape, logical, mesh)
+    kv_spec = _mesh_spec(k.shape, logical, mesh)
+    heads = logical.index("act_heads")
+    if q_spec[heads] != kv_spec[heads]:  # q and kv heads must split alike
+        q_spec = kv_spec = jax.sharding.PartitionSpec(q_spec[0], *([None] * (q.ndim - 1)))
+    seg_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_seg, kv_seg)
+
+
+def _per_window(call: Call, run) -> Array:
+    """run(window) with the call's window: static, none, or switched per layer by is_sliding."""
+    if call.sliding_window is None:
+        return run(None)
+    if call.is_sliding is None:
+        return run(call.sliding_window)
+    return jax.lax.cond(call.is_sliding, lambda: run(call.sliding_window), lambda: run(None))
+
+
+# ----------------------------------------------------------------------------- Pallas (GPU)
+
+# Tests set this to run the Pallas GPU kernel in interpret mode on CPU (slow; off the GPU it
+# otherwise hands over to blockwise).
+PALLAS_GPU_INTERPRET = False
+
+
+def _pallas_gpu_blocker(q: Array, k: Array, call: Call) -> str | None:
+    if target_platform() != "gpu" and not PALLAS_GPU_INTERPRET:
+        return f"pallas_gpu is a GPU kernel, platform is {target_platform()}"
+    if not gpu_flash_attention.supported_head_dim(q.shape[-1]):
+        return f"head_dim {q.shape[-1]} is not a power of two from 16 to 256"
+    if call.prefix is not None:
+        return "prefix slots"
+    if call.cached or q.shape[1] != k.shape[1]:
+        return "KV-cache decoding (queries are not the keys)"
+    return None
+
+
+def _pallas_gpu(q: Array, k: Array, v: Array, call: Call) -> Array:
+    interpret = target_platform() != "gpu"
+
+    def run(window):
+        fn = functools.partial(gpu_flash_attention.flash_attention, scale=call.scale, window=window,
+                               soft_cap=call.soft_cap, interpret=interpret)
+        return _per_device(fn, ("act_batch", None, "act_heads", None), q, k, v,
+                           call.q_segment_ids, call.kv_segment_ids)
+
+    return _per_window(call, run).astype(v.dtype)
 
 
 # ----------------------------------------------------------------------------- cuDNN (GPU)
@@ -543,7 +607,9 @@ def _splash(q: Array, k: Array, v: Array, call: Call, *, interpret: bool | None 
 # sliding window and per-row valid lengths (right padding), in bf16/fp16, head_dim a multiple of
 # 8 up to 128 (256 on Hopper and later). It has no segment ids and no logit soft cap. So a call
 # runs on cuDNN only when every row is one segment followed by right padding (checked at run time
-# with lax.cond; packed or left-padded batches take blockwise), without soft cap or prefix slots.
+# with lax.cond; packed or left-padded batches take pallas_gpu, or blockwise where that cannot run
+# the call), without soft cap or prefix slots. (jax._src.cudnn's private dot_product_attention has a
+# packed layout, q_offsets/kv_offsets, but no public API reaches it and it has no soft cap.)
 
 
 def _cudnn_blocker(q: Array, call: Call) -> str | None:
@@ -585,14 +651,9 @@ def _cudnn(q: Array, k: Array, v: Array, call: Call, *, implementation: str = "c
         # rows past `length` are padding: their output is never read by a real token
         return out.astype(v.dtype)
 
-    def on_cudnn():
-        if call.sliding_window is None:
-            return fused(None)
-        if call.is_sliding is None:
-            return fused(call.sliding_window)
-        return jax.lax.cond(call.is_sliding, lambda: fused(call.sliding_window), lambda: fused(None))
-
-    return jax.lax.cond(simple, on_cudnn, lambda: _blockwise(q, k, v, call))
+    fallback = _IMPLS[_gpu_fallback(q, k, call)]
+    return jax.lax.cond(simple, lambda: _per_window(call, fused), lambda: fallback(q, k, v, call))
 
 
-_IMPLS = {"reference": _reference, "blockwise": _blockwise, "splash": _splash, "cudnn": _cudnn}
+_IMPLS = {"reference": _reference, "blockwise": _blockwise, "splash": _splash, "cudnn": _cudnn,
+          "pallas_gpu": _pallas_gpu}

@@ -15,7 +15,7 @@ import pytest
 from jaxtune import config as config_lib
 from jaxtune import models, validation
 from jaxtune.errors import UserError
-from jaxtune.models import attention
+from jaxtune.models import attention, gpu_flash_attention
 
 B, T, H, K, D = 2, 37, 4, 2, 8
 TOL = 2e-5
@@ -30,13 +30,13 @@ def _segments(t: int = T) -> jax.Array:
     return jnp.asarray(seg)
 
 
-def _qkv(t: int = T, s: int | None = None, heads: int = H, kv_heads: int = K, dtype=jnp.float32):
+def _qkv(t: int = T, s: int | None = None, heads: int = H, kv_heads: int = K, dtype=jnp.float32, d: int = D):
     """q, k, v and output weights (numpy draws: no per-shape random compiles in tests)."""
     rng = np.random.default_rng(0)
     s = t if s is None else s
     draw = lambda *shape: rng.standard_normal(shape, np.float32)
-    q, k, v = draw(B, t, heads, D), draw(B, s, kv_heads, D), draw(B, s, kv_heads, D)
-    return (*(jnp.asarray(x, dtype) for x in (q, k, v)), jnp.asarray(draw(B, t, heads, D)))
+    q, k, v = draw(B, t, heads, d), draw(B, s, kv_heads, d), draw(B, s, kv_heads, d)
+    return (*(jnp.asarray(x, dtype) for x in (q, k, v)), jnp.asarray(draw(B, t, heads, d)))
 
 
 def _prefix():
@@ -237,6 +237,115 @@ def test_splash_compiles_for_tpu_topology():
     assert compiled.memory_analysis().temp_size_in_bytes < scores
 
 
+# ----------------------------------------------------------------------------- Pallas GPU
+
+PALLAS_D = 16  # Triton's smallest matmul tile: the kernel takes head_dim 16..256 (powers of two)
+
+
+@pytest.fixture
+def pallas_interpret(monkeypatch):
+    """The GPU kernel in Pallas interpret mode on CPU, with 16-token tiles (T = 37 pads to 48:
+    3 x 3 tiles, causal and window tile skipping, padded tail)."""
+    monkeypatch.setattr(attention, "PALLAS_GPU_INTERPRET", True)
+    for name in ("BLOCK_Q", "BLOCK_K", "BLOCK_BACKWARD"):
+        monkeypatch.setattr(gpu_flash_attention, name, 16)
+
+
+PALLAS_CASES = ["sliding_traced_on", "packed_left_padded", "sliding_static", "sliding_traced_off",
+                "soft_cap_query_scale"]
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=() if i == 0 else pytest.mark.slow) for i, c in enumerate(PALLAS_CASES)]
+)
+def test_pallas_gpu_interpret_matches_reference(case, pallas_interpret):
+    """Forward and gradients of the Triton-lowered kernel's own code (interpret mode) = reference,
+    on packed + left-padded rows with GQA (4 query heads on 2 kv heads)."""
+    case = dict(CASES[case], soft_cap=3.0, scale=0.5) if case == "sliding_traced_on" else CASES[case]
+    q, k, v, w = _qkv(d=PALLAS_D)
+    seg = _segments()
+    assert attention.resolve("pallas_gpu", q, k, _call(seg, case)) == "pallas_gpu"
+    _assert_same(_attend_fn("pallas_gpu", case)(q, k, v, w, seg), _attend_fn("reference", case)(q, k, v, w, seg))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_pallas_gpu_mqa_and_mha(kv_heads, pallas_interpret):
+    q, k, v, w = _qkv(kv_heads=kv_heads, d=PALLAS_D)
+    seg = _segments()
+    _assert_same(_attend_fn("pallas_gpu", {})(q, k, v, w, seg), _attend_fn("reference", {})(q, k, v, w, seg))
+
+
+@pytest.mark.slow
+def test_pallas_gpu_bfloat16_and_long_rows(pallas_interpret):
+    """bfloat16 inputs, and 100 tokens in rows of 3 segments (7 x 7 tiles)."""
+    t = 100
+    q, k, v, w = _qkv(t=t, dtype=jnp.bfloat16, d=PALLAS_D)
+    seg = np.ones((B, t), np.int32)
+    seg[:, 30:] = 2
+    seg[:, 71:] = 3
+    seg[0, :9] = 0
+    seg = jnp.asarray(seg)
+    case = dict(sliding_window=20, soft_cap=5.0)
+    got, want = _attend_fn("pallas_gpu", case)(q, k, v, w, seg), _attend_fn("reference", case)(q, k, v, w, seg)
+    assert got[0][1].dtype == jnp.bfloat16
+    _assert_same(got, want, tol=5e-2)
+
+
+def test_pallas_gpu_lowers_to_triton_for_cuda():
+    """The forward and both backward kernels lower to Triton custom calls for CUDA (a cross-
+    platform export: no GPU needed; GQA, window, soft cap, a length that is no block multiple)."""
+
+    def loss(q, k, v, seg):
+        out = gpu_flash_attention.flash_attention(q, k, v, seg, seg, scale=0.125, window=64, soft_cap=30.0)
+        return jnp.sum(out.astype(jnp.float32))
+
+    arg = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+    exported = jax.export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(arg(2, 200, 8, 128), arg(2, 200, 2, 128), arg(2, 200, 2, 128), arg(2, 200, dtype=jnp.int32))
+    text = exported.mlir_module()
+    for kernel in ("jaxtune_flash_forward", "jaxtune_flash_dkdv", "jaxtune_flash_dq"):
+        assert f'name = "{kernel}"' in text, kernel
+
+
+def test_pallas_gpu_rejects_what_it_cannot_run():
+    q, k, v, _ = _qkv()  # head_dim 8
+    seg = _segments()
+    with pytest.raises(ValueError, match="head_dim 8"):
+        gpu_flash_attention.flash_attention(q, k, v, seg, seg, scale=1.0)
+    with pytest.raises(ValueError, match="same tokens"):
+        gpu_flash_attention.flash_attention(q, k[:, :20], v[:, :20], seg, seg[:, :20], scale=1.0)
+
+
+def test_auto_on_gpu_runs_packed_rows_on_pallas(monkeypatch):
+    """`auto` on a GPU: cudnn, whose packed/left-padded branch is the Pallas kernel; calls cuDNN
+    cannot take at all (soft cap, float32) go straight to it; prefix slots and KV-cache steps to
+    blockwise. (The platform is faked: selection only, nothing runs.)"""
+    monkeypatch.setattr(attention, "target_platform", lambda: "gpu")
+    q, k, _, _ = _qkv(dtype=jnp.bfloat16, d=64)
+    seg = _segments()
+    assert attention.resolve("auto", q, k, _call(seg, {})) == "cudnn"
+    assert attention._gpu_fallback(q, k, _call(seg, {})) == "pallas_gpu"
+    assert attention.resolve("auto", q, k, _call(seg, {"soft_cap": 50.0})) == "pallas_gpu"
+    assert attention.resolve("auto", q.astype(jnp.float32), k, _call(seg, {})) == "pallas_gpu"
+    assert attention.resolve("auto", q, k, _call(seg, {"prefix": True})) == "blockwise"
+    assert attention.resolve("auto", q, k, _call(seg, {})._replace(q_offset=jnp.int32(0))) == "blockwise"
+    assert attention.resolve("pallas_gpu", *_qkv()[:2], _call(seg, {})) == "blockwise"  # head_dim 8
+
+
+def test_cudnn_hands_packed_rows_to_pallas(pallas_interpret):
+    """The cudnn path's run-time branch for packed/left-padded rows is the Pallas kernel (its
+    jax.nn call run with implementation="xla" on CPU), and the result equals the reference."""
+    q, k, v, _ = _qkv(d=PALLAS_D)
+    seg = _segments()
+    call = attention.Call(seg, seg, 0, None, None, None, 0.5, None)
+    run = lambda q, k, v: attention._cudnn(q, k, v, call, implementation="xla")
+    assert "pallas_call" in str(jax.make_jaxpr(run)(q, k, v))
+    np.testing.assert_allclose(jax.jit(run)(q, k, v), attention._reference(q, k, v, call), atol=TOL, rtol=TOL)
+
+
 # ----------------------------------------------------------------------------- cuDNN
 
 
@@ -279,11 +388,14 @@ def test_auto_on_cpu_is_reference_short_blockwise_long():
 
 
 @pytest.mark.slow  # the kernel-level tests above cover these inputs in the default run
+@pytest.mark.parametrize("implementation", ["blockwise", "pallas_gpu"])
 @pytest.mark.parametrize("family", ["gemma2", "llama"])
-def test_model_logits_same_for_blockwise(family, small_blocks):
+def test_model_logits_same_for_blockwise(family, implementation, small_blocks, pallas_interpret):
     """Whole tiny models on a packed, left-padded batch (Gemma 2: the scanned per-layer traced
-    sliding-window switch, soft cap, query_pre_attn_scalar): blockwise logits = reference logits."""
+    sliding-window switch, soft cap, query_pre_attn_scalar): blockwise and Pallas GPU (interpret
+    mode, head_dim 16) logits = reference logits."""
     base = models.get_config(family, "tiny", **({"sliding_window": 6} if family == "gemma2" else {}))
+    base = base.replace(head_dim=PALLAS_D)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, base.vocab_size, (B, T)), jnp.int32)
     seg = _segments()
     params = jax.jit(models.build(base).init)(jax.random.key(0), tokens[:, :4])["params"]
@@ -292,7 +404,7 @@ def test_model_logits_same_for_blockwise(family, small_blocks):
         model = models.build(base.replace(attention=impl))
         return jax.jit(lambda p: model.apply({"params": p}, tokens, segment_ids=seg))(params)
 
-    np.testing.assert_allclose(logits("blockwise"), logits("reference"), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(logits(implementation), logits("reference"), atol=1e-4, rtol=1e-4)
 
 
 def test_bad_attention_setting_is_a_clear_error():
