@@ -40,6 +40,8 @@ def hf_model(variant: str, seed: int = 0):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith("relative_attention_bias.weight"):
                 p.normal_(0.0, 1.0)
+            elif name.endswith(".q.weight"):  # T5's own init: the 1/sqrt(d_kv) attention scale lives here
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1] * config.d_kv))
             elif p.ndim == 2:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
     return model
