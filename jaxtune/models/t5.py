@@ -221,7 +221,8 @@ class T5Attention(nn.Module):
         elif self.cross:
             k, v = self._cross_cache(keys_values)
         else:
-            k, v = self._self_cache(*keys_values(), write_index, mask.shape[-1])
+            k, v = keys_values()
+            k, v = self._self_cache(k, v, write_index, mask.shape[-1])
         out = attention.dot_product_attention(q, k, v, mask, scale=1.0, bias=bias)
         out = nn.with_logical_constraint(out, act)
         return layers.dense(x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1), name="o", **kw)(out)

@@ -60,13 +60,13 @@ def _hf_scores(hf_model):
     return out.logits.float().numpy()
 
 
+CAUSAL_FAMILIES = sorted(name for name, fam in models.FAMILIES.items() if not fam.is_encoder_decoder)
+
+
 # Slow-marked (about 10 s each on 2 busy cores): the default run checks the export of a trained
 # Llama reward model against transformers (tests/test_reward_training.py) and, here, that every
 # family's sequence-classification class exists in transformers.
 @pytest.mark.slow
-CAUSAL_FAMILIES = sorted(name for name, fam in models.FAMILIES.items() if not fam.is_encoder_decoder)
-
-
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_export_loads_as_hf_sequence_classifier_with_equal_scores(tmp_path, family):
     config = models.get_config(family, "tiny", num_labels=1, pad_token_id=PAD)

@@ -208,5 +208,5 @@ def test_loads_a_transformers_checkpoint_with_embedding_copies(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     tensors["encoder.block.0.layer.0.SelfAttention.extra.weight"] = tensors["shared.weight"]
     save_file(tensors, file, metadata={"format": "pt"})
-    with pytest.raises(UserError, match="tensors the model does not use.*extra"):
+    with pytest.raises(UserError, match=r"tensors the model does not use.*extra"):
         models.from_pretrained(tmp_path / "hf", dtype="float32")
