@@ -312,31 +312,32 @@ class T5Stack(nn.Module):
     config: T5Config
     decoder: bool
 
-    def setup(self):
+    def _bias(self, q_positions: Array, k_positions: Array) -> Array:
         cfg = self.config
-        self.rel_bias = self.param(
+        table = self.param(
             "rel_bias", nn.with_logical_partitioning(layers.embed_init(cfg.hidden_size), (None, "heads")),
             (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.dtype(cfg.param_dtype))
+        return _position_bias(table, q_positions, k_positions, bidirectional=not self.decoder,
+                              max_distance=cfg.relative_attention_max_distance)
+
+    def _layers(self, x: Array, *args) -> Array:
+        cfg = self.config
         n = cfg.resolved_decoder_layers if self.decoder else cfg.num_layers
-        self.layers = layers.stack_layers(T5Block, n, cfg.remat_policy)(cfg, name="layers")
-        self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, name="final_norm", **_kw(cfg))
+        x, _ = layers.stack_layers(T5Block, n, cfg.remat_policy)(cfg, name="layers")(x, *args)
+        return layers.RMSNorm(cfg.rms_norm_eps, name="final_norm", **_kw(cfg))(x)
 
-    def _bias(self, q_positions: Array, k_positions: Array) -> Array:
-        return _position_bias(self.rel_bias, q_positions, k_positions, bidirectional=not self.decoder,
-                              max_distance=self.config.relative_attention_max_distance)
-
+    @nn.compact
     def __call__(self, x: Array, positions: Array, segment_ids: Array, encoded: Array | None = None,
                  encoder_segment_ids: Array | None = None, cache_size: int | None = None) -> Array:
         if not self.decoder:
             mask = segment_ids[:, :, None] == segment_ids[:, None, :]
-            x, _ = self.layers(x, self._bias(positions, positions), mask)
-            return self.final_norm(x)
+            return self._layers(x, self._bias(positions, positions), mask)
+        assert encoded is not None and encoder_segment_ids is not None
         cross_mask = segment_ids[:, :, None] == encoder_segment_ids[:, None, :]
         if self.is_mutable_collection("cache") and not self.is_initializing():
             return self._decode_cached(x, segment_ids, encoded, cross_mask, cache_size)
         mask = attention.make_attention_mask(segment_ids)  # causal by index, same segment
-        x, _ = self.layers(x, self._bias(positions, positions), mask, encoded, cross_mask)
-        return self.final_norm(x)
+        return self._layers(x, self._bias(positions, positions), mask, encoded, cross_mask)
 
     def _decode_cached(self, x, segment_ids, encoded, cross_mask, cache_size):
         """One decoding call: the T new tokens sit at the cache's write index; positions are slots."""
@@ -350,8 +351,7 @@ class T5Stack(nn.Module):
         mask = attention.make_attention_mask(segment_ids, seg.value, q_offset=i)
         q_positions = jnp.broadcast_to(i + jnp.arange(t), (b, t))
         k_positions = jnp.broadcast_to(jnp.arange(seg.value.shape[1]), seg.value.shape)
-        x, _ = self.layers(x, self._bias(q_positions, k_positions), mask, encoded, cross_mask, i)
-        return self.final_norm(x)
+        return self._layers(x, self._bias(q_positions, k_positions), mask, encoded, cross_mask, i)
 
 
 def shift_right(targets: Array, decoder_start_token_id: int) -> Array:
@@ -416,6 +416,15 @@ class T5(nn.Module):
             x = x * jnp.asarray(cfg.hidden_size**-0.5, x.dtype)
         logits = self.embed.attend(x) if cfg.tie_word_embeddings else self.lm_head(x)
         return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def decode(self, decoder_inputs: Array, encoded: Array, *, encoder_segment_ids: Array | None = None,
+               cache_size: int | None = None) -> Array:
+        """One decoding call with a KV cache (apply with mutable=["cache"]): the next tokens'
+        logits [B,T,vocab]. The first call creates a `cache_size`-slot cache (see
+        `decoder_hidden_states`); `jaxtune.generate` drives it."""
+        hidden = self.decoder_hidden_states(decoder_inputs, encoded, encoder_segment_ids=encoder_segment_ids,
+                                            cache_size=cache_size)
+        return self.logits_from_hidden(hidden)
 
     def __call__(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
                  decoder_inputs: Array | None = None, decoder_positions: Array | None = None,

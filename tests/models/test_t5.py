@@ -210,3 +210,26 @@ def test_loads_a_transformers_checkpoint_with_embedding_copies(tmp_path):
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"tensors the model does not use.*extra"):
         models.from_pretrained(tmp_path / "hf", dtype="float32")
+
+
+@pytest.mark.parametrize("variant", ["t5-v1.1", pytest.param("t5", marks=pytest.mark.slow),
+                                     pytest.param("mt5", marks=pytest.mark.slow)])
+def test_greedy_generation_matches_transformers_generate(variant):
+    """KV-cache decoding (encoder output once, decoder self-attention cache, cross-attention keys
+    and values from the first step) gives transformers.generate's greedy tokens, padded prompts."""
+    from jaxtune.generate import generate
+
+    hf, config, params = converted(variant, seed=4)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(2, config.vocab_size, n).tolist() for n in (3, 11, 7)]
+    new_tokens, eos = 10, config.vocab_size - 1  # min_new_tokens keeps HF from stopping: neither side stops
+    ours = generate(models.build(config), params, prompts, max_new_tokens=new_tokens, pad_id=config.pad_token_id)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        theirs = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0, decoder_start_token_id=0)
+    assert theirs[:, 0].tolist() == [config.decoder_start_token_id] * 3
+    assert ours == theirs[:, 1:].tolist()
+    assert len({tuple(o) for o in ours}) == 3  # the prompts lead to different outputs
