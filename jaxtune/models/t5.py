@@ -19,7 +19,7 @@ segment k. Positions restart per segment, so the relative bias of a packed examp
 unpacked one's.
 
 Params layout (HF conversion, adapters and the optimizer's decay mask key on these names; the
-projection names are HF's, so PEFT `target_modules` such as ["q", "v"] mean the same thing):
+projection names are HF's module names q, k, v, o, wi, wo, so adapters named after them mean the same thing):
   embed/embedding, {encoder,decoder}/rel_bias, {encoder,decoder}/final_norm/scale,
   {encoder,decoder}/layers/{attn_norm,mlp_norm}/scale, .../attn/{q,k,v,o}/kernel,
   .../mlp/{wi | wi_0,wi_1, wo}/kernel, decoder/layers/cross_norm/scale,
@@ -189,7 +189,7 @@ def _position_bias(table: Array, q_positions: Array, k_positions: Array, *, bidi
 
 class T5Attention(nn.Module):
     """Unscaled multi-head attention with an additive bias; self-attention (kv_input = x) or
-    cross-attention. Projections are named q/k/v/o as in HF (PEFT targets and export key on them).
+    cross-attention. Projections are named q/k/v/o as in HF (adapter targets and exports key on them).
 
     With a KV cache (`write_index` given: decoding), self-attention writes this call's keys and
     values at the index of a [B, S_max, heads, head_dim] cache (S_max = the mask's key length);
