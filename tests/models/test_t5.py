@@ -233,3 +233,18 @@ def test_greedy_generation_matches_transformers_generate(variant):
     assert theirs[:, 0].tolist() == [config.decoder_start_token_id] * 3
     assert ours == theirs[:, 1:].tolist()
     assert len({tuple(o) for o in ours}) == 3  # the prompts lead to different outputs
+
+
+@pytest.mark.slow
+def test_guide_examples_run(tmp_path, monkeypatch):
+    """The Python blocks of docs/guides/t5.md, run in order as one script."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "guides" / "t5.md").read_text()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", page, re.S))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "docs/guides/t5.md", "exec"), scope)  # the repository's own docs
+    assert scope["logits"].shape == (1, 3, scope["config"].vocab_size)
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
