@@ -36,9 +36,8 @@ def _logits(model, variables, batch):
                                                     decoder_segment_ids=dec_mask))(variables))
 
 
-@pytest.mark.parametrize("kind", ["lora", pytest.param("rslora", marks=pytest.mark.slow),
-                                  pytest.param("dora", marks=pytest.mark.slow)])
-def test_peft_loads_exported_t5_adapters_with_equal_logits(kind, tmp_path):
+def _adapted(kind: str, tmp_path):
+    """(PEFT model on the HF base, jaxtune config, base params, spec, adapters, wrapped model)."""
     hf, config, base = converted("t5-v1.1", seed=6)
     base = jax.tree.map(jnp.asarray, base)
     spec = peft_base.Spec(**{"method": "lora", "rank": 4, "alpha": 12.0, **SPECS[kind]})
@@ -46,16 +45,22 @@ def test_peft_loads_exported_t5_adapters_with_equal_logits(kind, tmp_path):
     # perturbations into near one-hot softmaxes where fp32 round-off (PEFT's own vs fp64) passes 1e-4.
     adapters = jax.tree_util.tree_map_with_path(
         lambda path, x: x * 0.3 if path[-1].key == "lora_b" else x, trained_like_adapters(config, base, spec))
-    model = wrapper.wrap(models.build(config), spec)
+    out = export.export_peft(config, spec, adapters, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(hf, str(out)).eval()
+    return peft_model, config, base, spec, adapters, wrapper.wrap(models.build(config), spec)
+
+
+@pytest.mark.parametrize("kind", ["lora", pytest.param("rslora", marks=pytest.mark.slow),
+                                  pytest.param("dora", marks=pytest.mark.slow)])
+def test_peft_loads_exported_t5_adapters_with_equal_logits(kind, tmp_path):
+    peft_model, config, base, spec, adapters, model = _adapted(kind, tmp_path)
     batch = _batch(config.vocab_size, config.decoder_start_token_id)
     valid = batch[3].astype(bool)
     ours = _logits(model, {"params": base, "lora": adapters}, batch)[valid]
     base_logits = _logits(model, {"params": base}, batch)[valid]
 
-    out = export.export_peft(config, spec, adapters, tmp_path / "adapter")
-    written = json.loads((out / export.CONFIG_FILE).read_text())
+    written = json.loads((tmp_path / "adapter" / export.CONFIG_FILE).read_text())
     assert written["task_type"] == "SEQ_2_SEQ_LM" and written["target_modules"] == sorted(spec.targets)
-    peft_model = peft.PeftModel.from_pretrained(hf, str(out)).eval()
     assert type(peft_model).__name__ == "PeftModelForSeq2SeqLM"
     theirs = hf_logits(peft_model, *batch)[valid]
     with peft_model.disable_adapter():  # PEFT's base is jaxtune's base
@@ -65,7 +70,11 @@ def test_peft_loads_exported_t5_adapters_with_equal_logits(kind, tmp_path):
     print(f"t5-v1.1/{kind}: max |jaxtune - peft| = {diff:.1e}")
     assert diff <= TOL
 
-    # The wrapped model decodes with its KV cache too (adapters in encoder, decoder and cross-attention);
+
+@pytest.mark.slow
+def test_adapted_t5_generates_as_peft(tmp_path):
+    peft_model, config, base, spec, adapters, model = _adapted("rslora", tmp_path)
+    # The wrapped model decodes with its KV cache (adapters in encoder, decoder and cross-attention);
     # both sides stop at eos (the last vocabulary id), so an eos-suppressing min length plays no part.
     prompts, eos = [[5, 9, 13, 1], [7, 1]], config.vocab_size - 1
     with torch.no_grad():
