@@ -1,5 +1,9 @@
 """KV-cache sampling: one jitted prefill + decode loop per (batch, prompt length) bucket.
 
+Encoder-decoder models (T5) take the prompts as encoder inputs, computed once, and decode from
+their start token with a decoder self-attention cache plus cross-attention keys/values computed
+on the first step.
+
 Prompts are left-padded into a [B, P] buffer (padding is segment 0, real tokens segment 1 with
 positions 0..len-1, which is what Hugging Face derives from its attention mask), so every row's
 next token is read from the last column and all rows share one cache write index. The cache is
@@ -106,24 +110,46 @@ def _sample_loop(
     model, variables, tokens, segment_ids, positions, lengths, stop_tokens, rng, temperature, top_p, *,
     max_new_tokens: int, greedy: bool, top_k: int | None, use_top_p: bool, pad_id: int,
 ):
-    """Prefill the [B, P] prompts, then decode one token per step; returns [B, max_new_tokens]."""
+    """Prefill the [B, P] prompts, then decode one token per step; returns [B, max_new_tokens].
+
+    A decoder-only model continues its prompts in one KV cache. An encoder-decoder model (T5:
+    `is_encoder_decoder`) encodes the prompts once, then its decoder starts from the start token;
+    the decoder's first call creates its self-attention cache and the cross-attention keys and
+    values of the encoder output, which every later step reuses.
+    """
     model = model.module
     batch, prompt_len = tokens.shape
-    cache = init_cache(model, variables, batch, prompt_len + max_new_tokens)
     sample = functools.partial(
         sample_tokens, temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else None, greedy=greedy,
     )
 
-    def forward(cache, x, pos, seg):
-        logits, mutated = model.apply(
-            {**variables, "cache": cache}, x, positions=pos, segment_ids=seg, mutable=["cache"]
-        )
-        return logits[:, -1], mutated["cache"]
+    if getattr(model, "is_encoder_decoder", False):
+        encoded = model.apply(variables, tokens, positions=positions, segment_ids=segment_ids, method="encode")
+
+        def step(cache, token, i):
+            cached = {} if cache is None else {"cache": cache}
+            logits, mutated = model.apply(
+                {**variables, **cached}, token[:, None], encoded, encoder_segment_ids=segment_ids,
+                cache_size=max_new_tokens, mutable=["cache"], method="decode")
+            return logits[:, -1], mutated["cache"]
+
+        start = jnp.full((batch,), model.config.decoder_start_token_id, jnp.int32)
+        last, cache = step(None, start, 0)
+    else:
+        def step(cache, token, i):
+            pos = (lengths + i - 1)[:, None]
+            logits, mutated = model.apply({**variables, "cache": cache}, token[:, None], positions=pos,
+                                          segment_ids=jnp.ones_like(pos), mutable=["cache"])
+            return logits[:, -1], mutated["cache"]
+
+        cache = init_cache(model, variables, batch, prompt_len + max_new_tokens)
+        logits, mutated = model.apply({**variables, "cache": cache}, tokens, positions=positions,
+                                      segment_ids=segment_ids, mutable=["cache"])
+        last, cache = logits[:, -1], mutated["cache"]
 
     def is_stop(token):
         return jnp.any(token[:, None] == stop_tokens[None, :], axis=-1)
 
-    last, cache = forward(cache, tokens, positions, segment_ids)
     first = sample(last, jax.random.fold_in(rng, 0))
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
@@ -133,8 +159,7 @@ def _sample_loop(
 
     def body(carry):
         i, token, cache, out, done = carry
-        pos = (lengths + i - 1)[:, None]
-        last, cache = forward(cache, token[:, None], pos, jnp.ones_like(pos))
+        last, cache = step(cache, token, i)
         token = jnp.where(done, pad_id, sample(last, jax.random.fold_in(rng, i)))
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
         return i + 1, token, cache, out, done | is_stop(token)

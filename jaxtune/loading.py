@@ -37,6 +37,7 @@ from jaxtune import config as config_lib
 from jaxtune import distributed, hub, models, paths, sharding, workdir as workdir_lib
 from jaxtune.data.tokenizers import Tokenizer, load_tokenizer
 from jaxtune.errors import UserError
+from jaxtune.models.hf import read_hf_config
 from jaxtune.peft import base as peft_base
 from jaxtune.peft import prefix, quant, wrapper
 
@@ -57,6 +58,7 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None 
     the layers above pass it in, this module names no objective)."""
     m = config.model
     attention = m.get("attention", "auto")  # configs saved before the setting existed
+    _reject_encoder_decoder(m)
     if m.hf_dir:
         model_config = models.config_from_pretrained(
             hf_dir(config), dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
@@ -68,6 +70,25 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None 
         overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=attention)
         model_config = models.get_config(m.family, m.variant, **overrides)
     return model_config if adapt is None else adapt(model_config)
+
+
+def _reject_encoder_decoder(m: ml_collections.ConfigDict) -> None:
+    """Runs (train, eval, plan, export of a run) feed decoder-only batches; an encoder-decoder is
+    a Python-API model for now (models + generate), so say so before anything is built."""
+    if m.hf_dir:
+        hf = read_hf_config(m.hf_dir)
+        model_type = hf.get("model_type")
+        if model_type is None or not any(model_type in f.hf_model_types for f in models.FAMILIES.values()):
+            return  # config_from_pretrained names the problem
+        family, where = models.family_for_hf(model_type), f"model.hf_dir {m.hf_dir} (model_type {model_type!r})"
+    elif m.family in models.FAMILIES:
+        family, where = models.FAMILIES[m.family], f"config key 'model.family' is {m.family!r}, which"
+    else:
+        return
+    if family.is_encoder_decoder:
+        raise UserError(f"{where} is an encoder-decoder model; jaxtune runs (train/eval/plan) support decoder-only "
+                        "families so far. Use it from Python: jaxtune.models.from_pretrained and "
+                        "jaxtune.generate.generate (docs/guides/t5.md)")
 
 
 def peft_spec(config: ml_collections.ConfigDict) -> peft_base.Spec | None:

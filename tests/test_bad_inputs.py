@@ -97,6 +97,8 @@ CASES = [
     Case("config_impossible_value", (*TRAIN, "--config.optim.lr=0"), ("'optim.lr' must be > 0",)),
     Case("config_batch_not_divisible", (*TRAIN, "--config.train.global_batch_size=12"), ("global_batch_size", "12")),
     Case("config_unknown_family", (*TRAIN, "--config.model.family=gpt9"), ("gpt9", "llama")),
+    Case("config_encoder_decoder_family", (*TRAIN, "--config.model.family=t5", "--config.model.variant=tiny"),
+         ("model.family", "'t5'", "encoder-decoder", "docs/guides/t5.md")),
     Case("config_file_raises", ("train", "--config", "{files}/raises.py:small", "--workdir", "{work}"),
          ("raises.py", "line 6", "KeyError")),
     Case("config_file_syntax_error", ("train", "--config", "{files}/syntax_error.py", "--workdir", "{work}"),

@@ -81,3 +81,23 @@ def test_every_objective_starts_from_init_froms_tokenizer(tmp_path, objective):
     own = load_tokenizer(start / workdir_lib.TOKENIZER_FILE)
     assert tokenizer.vocab_size == own.vocab_size and tokenizer.encode("red cat") == own.encode("red cat")
     assert not (run / workdir_lib.TOKENIZER_FILE).exists()
+
+
+def test_encoder_decoder_models_are_refused_by_runs_with_a_clear_error(tmp_path):
+    """A T5 named by model.family or by model.hf_dir is a Python-API model for now: runs say so."""
+    import jax
+
+    from jaxtune import models, sharding
+    from jaxtune.errors import UserError
+
+    c = config_lib.base_config()
+    c.model.family, c.model.variant = "t5", "tiny"
+    with pytest.raises(UserError, match=r"'model.family' is 't5'.*encoder-decoder"):
+        loading.model_config_from(c)
+    config = models.get_config("t5", "tiny")
+    params = sharding.unbox(models.build(config).init(jax.random.key(0), jax.numpy.zeros((1, 2), "int32"))["params"])
+    out = models.save_pretrained(config, params, tmp_path / "t5")
+    c = config_lib.base_config()
+    c.model.hf_dir = str(out)
+    with pytest.raises(UserError, match=r"model.hf_dir .*t5.*model_type 't5'.*encoder-decoder"):
+        loading.model_config_from(c)

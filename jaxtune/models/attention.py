@@ -213,11 +213,13 @@ softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 def dot_product_attention(
     q: Array, k: Array, v: Array, mask: Array, *, scale: float | None = None,
-    soft_cap: float | None = None,
+    soft_cap: float | None = None, bias: Array | None = None,
 ) -> Array:
     """Grouped-query attention: q[B,T,H,D], k/v[B,S,K,D], mask[B,T,S] -> [B,T,H,D].
 
-    Scores and softmax are float32; the weighted sum runs in the compute dtype of v.
+    Scores and softmax are float32; the weighted sum runs in the compute dtype of v. `bias`
+    ([B or 1, H, T, S], float32) is added to the scaled scores before masking: T5's relative
+    position bias, which no fused kernel takes, so T5 calls this function directly.
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
@@ -230,6 +232,9 @@ def dot_product_attention(
     scores = scores * scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
+    if bias is not None:  # heads are kv-major (h = kv * G + g), as in the reshape of q above
+        bias = jnp.broadcast_to(bias.astype(jnp.float32), (b, h, t, s)).reshape(b, kv, g * t, s)
+        scores = scores + bias
     mask = jnp.broadcast_to(mask[:, None, None], (b, kv, g, t, s)).reshape(b, kv, g * t, s)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     # One [G*T, S] array is both softmax's and the second matmul's residual (float32 models).

@@ -330,6 +330,7 @@ def check_tensors(ckpt: _Checkpoint, config, abstract: Any | None = None) -> Non
             used.add(name)
     if getattr(config, "tie_word_embeddings", False):
         ignored.add("lm_head.weight")
+    ignored |= registry.family_of(config).hf_unused_tensors(config)
     leftover = sorted(n for n in ckpt.where if n not in used and n not in ignored and not n.endswith("rotary_emb.inv_freq"))
     if leftover:
         raise UserError(

@@ -345,6 +345,9 @@ class Attention(nn.Module):
 ACTIVATIONS = {
     "silu": nn.silu,
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),  # T5 v1.1's name for the same function
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
 }
 
 
@@ -392,7 +395,8 @@ class MLP(nn.Module):
 
 # Outputs of these projections (tagged with checkpoint_name in Projection) are what the
 # "projections" and "offload" remat policies keep; everything else in a block is recomputed.
-PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                    "q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")  # the last row: T5's (HF) names
 
 # model.remat_policy -> what the backward pass finds saved from each decoder block's forward pass
 # (README "Memory"). None of them ever saves logits (the LM head is outside the blocks and the

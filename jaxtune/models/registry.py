@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxtune.errors import UserError
-from jaxtune.models import gemma, gemma2, gemma3, hf_mapping, llama, mistral, qwen2, qwen3
+from jaxtune.models import gemma, gemma2, gemma3, hf_mapping, llama, mistral, qwen2, qwen3, t5
 
 
 class Family(NamedTuple):
@@ -30,6 +30,11 @@ class Family(NamedTuple):
     config_from_hf: Callable[..., Any]
     config_to_hf: Callable[[Any], dict]
     hf_param_maps: Callable[[Any], list]
+    # config -> names of tensors a checkpoint may hold that no map reads (T5's copies of its shared
+    # embedding): loading skips them instead of calling the checkpoint mismatched.
+    hf_unused_tensors: Callable[[Any], frozenset]
+    # True for encoder-decoders (T5): the module takes encoder inputs and `decoder_inputs`.
+    is_encoder_decoder: bool = False
 
 
 def _family(module) -> Family:
@@ -50,8 +55,9 @@ def _family(module) -> Family:
     def hf_param_maps(config):
         return hf_mapping.head_param_maps(module.hf_param_maps(config), config)
 
+    unused = getattr(module, "hf_unused_tensors", lambda config: frozenset())
     return Family(config_cls, module.VARIANTS, module_cls, module.HF_MODEL_TYPES, config_from_hf, config_to_hf,
-                  hf_param_maps)
+                  hf_param_maps, unused, getattr(module_cls, "is_encoder_decoder", False))
 
 
 FAMILIES: dict[str, Family] = {
@@ -62,6 +68,7 @@ FAMILIES: dict[str, Family] = {
     "gemma": _family(gemma),
     "gemma2": _family(gemma2),
     "gemma3": _family(gemma3),
+    "t5": _family(t5),
 }
 
 

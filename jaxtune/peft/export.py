@@ -76,14 +76,15 @@ def peft_state_dict(model_config, adapters: Mapping) -> dict[str, np.ndarray]:
 
 
 def adapter_config(spec: peft_base.Spec, base_model_name_or_path: str | None = None, *,
-                   seq_cls: bool = False) -> dict[str, Any]:
+                   seq_cls: bool = False, seq2seq: bool = False) -> dict[str, Any]:
     """The adapter_config.json fields PEFT's LoraConfig reads (everything else takes its default).
-    `seq_cls`: a reward model, whose `score` head is saved whole (modules_to_save)."""
+    `seq_cls`: a reward model, whose `score` head is saved whole (modules_to_save); `seq2seq`: an
+    encoder-decoder (T5), which PEFT wraps as PeftModelForSeq2SeqLM."""
     extra = {"modules_to_save": ["score"]} if seq_cls else {}
     return {
         **extra,
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if seq_cls else "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
         "r": spec.rank,
         "lora_alpha": spec.alpha,
@@ -147,7 +148,8 @@ def export_peft(model_config, spec: peft_base.Spec | None, adapters: Mapping, ou
             config = prefix_adapter_config(model_config, spec, base_model_name_or_path)
         else:
             config = adapter_config(spec, base_model_name_or_path,
-                                    seq_cls=bool(getattr(model_config, "num_labels", None)))
+                                    seq_cls=bool(getattr(model_config, "num_labels", None)),
+                                    seq2seq=models.family_of(model_config).is_encoder_decoder)
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         hf.write_safetensors(out / WEIGHTS_FILE, tensors)
     return out

@@ -20,6 +20,7 @@ from typing import Any
 
 from flax import linen as nn
 
+from jaxtune.errors import UserError
 from jaxtune.peft import base, heads, quant
 
 
@@ -55,7 +56,13 @@ class Adapted:
 
 
 def wrap(model: nn.Module, spec: base.Spec | None) -> nn.Module | Adapted:
-    """The model with the PEFT method of `spec` applied (None: the model itself)."""
+    """The model with the PEFT method of `spec` applied (None: the model itself).
+
+    Prefix tuning needs the `Attention.prefix_slots` hook, which T5's biased attention lacks: an
+    encoder-decoder with a prefix spec is an error rather than a silently unadapted model."""
+    if spec is not None and spec.prefix_length > 0 and getattr(model, "is_encoder_decoder", False):
+        raise UserError(f"peft.method={spec.method!r}: prefix tuning is not supported for encoder-decoder models "
+                        f"({type(model).__name__}); use lora, dora or qlora")
     return model if spec is None else Adapted(model, spec)
 
 

@@ -94,7 +94,7 @@ def test_bf16_checkpoint_loads_in_bf16(tmp_path):
 def _roundtrip_families():
     out = []
     for name, fam in sorted(models.FAMILIES.items()):
-        if "tiny" not in fam.variants:
+        if "tiny" not in fam.variants or fam.is_encoder_decoder:  # T5: tests/models/test_t5.py
             continue
         arch = fam.config_to_hf(fam.variants["tiny"]).get("architectures", [None])[0]
         if arch and hasattr(transformers, arch):
