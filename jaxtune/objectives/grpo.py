@@ -17,7 +17,10 @@ its formula table are in grpo_loss.py.
 
 Variants are settings: GRPO (defaults), Dr. GRPO (`scale_rewards=False, aggregation='constant'`),
 DAPO (`clip_high=0.28, aggregation='token_mean', dynamic_sampling=True, overlong_cache=...`),
-GSPO (`importance='sequence'` with a small clip range, e.g. 3e-4 / 4e-4).
+GSPO (`importance='sequence'` with a small clip range, e.g. 3e-4 / 4e-4). RLOO and REINFORCE++ are
+advantage estimators (`advantage_estimator='rloo'|'reinforce_pp'`, advantages.py): the same
+rollouts and rewards, with the KL of the sampling policy to the reference folded into the reward
+at rollout time (scored here, so the loss needs no reference) instead of added to the loss.
 
 The rollout randomness is a pure function of (`seed`, step), and the prompt stream is the
 checkpointed data iterator, so a resumed run samples what the uninterrupted run sampled (exactly
@@ -26,7 +29,8 @@ so when the checkpoint falls at the start of a rollout cycle; see `validate`).
 Several processes (multi-host): each process draws its own `num_prompts` prompts (its shard of
 the data), the prompts of all processes are gathered and sampled in one SPMD call on the whole
 mesh (the sampler's input must be identical everywhere), and each process keeps, scores and
-normalises its own groups: a group never spans processes, so advantages need no communication.
+normalises its own groups: a group never spans processes, so GRPO's advantages need no communication
+(the batch-wide whitening of RLOO / REINFORCE++ gathers two moments per process).
 Each process then packs its groups into its rows of the global batch.
 Rollout metrics (rewards per function, accuracy, lengths, zero-spread groups, sampling time and
 throughput) ride in the batch as per-row shares and come out of the step as plain totals; the
