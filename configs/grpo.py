@@ -11,7 +11,8 @@ Arguments (comma-separated): `stage=sft|grpo` (default grpo), `init_from=WORKDIR
 `hf_dir=DIR` (start from a Hugging Face model instead; set data.tokenizer too), `lora=RANK`
 (train LoRA adapters; the KL reference is then the base without adapters, no copy; LoRA starts
 from `hf_dir`: export the SFT run first with `jaxtune export`, as for LoRA-DPO),
-`variant=positive|grpo|dr_grpo|dapo|gspo` (the loss family, see jaxtune/objectives/grpo.py; the
+`variant=positive|grpo|dr_grpo|dapo|gspo|rloo|reinforce_pp` (the loss family, see
+jaxtune/objectives/grpo.py; RLOO and REINFORCE++ share the rollouts and rewards; the
 default `positive` is GRPO trained on each group's better-than-average completions only: pushing
 away from the worse ones raised this small policy's entropy and lost held-out accuracy),
 `steps=N`. Before and after training 300 held-out prompts (never trained on) are answered greedily
@@ -33,6 +34,12 @@ VARIANTS = {
     "dr_grpo": {"scale_rewards": False, "aggregation": "constant"},
     "dapo": {"clip_high": 0.28, "aggregation": "token_mean", "dynamic_sampling": True, "overlong_cache": 8},
     "gspo": {"importance": "sequence", "clip_low": 3e-4, "clip_high": 4e-4},
+    # RLOO as TRL's RLOOTrainer: leave-one-out baseline, k1 KL summed into the sequence reward, one
+    # sequence-level ratio per completion (log-ratios summed), mean over completions.
+    "rloo": {"advantage_estimator": "rloo", "importance": "sequence_sum", "beta": 0.05, "kl_estimator": "k1"},
+    # REINFORCE++: k1 KL per token in the reward, token returns whitened over the whole rollout batch.
+    "reinforce_pp": {"advantage_estimator": "reinforce_pp", "beta": 0.01, "kl_estimator": "k1",
+                     "aggregation": "token_mean"},
 }
 
 

@@ -74,18 +74,12 @@ def rows_needed(num_examples: int, *, example_len: int, seq_len: int, packing: b
     return -(-num_examples // per_row)
 
 
-def build_rows(examples: Sequence[dict[str, np.ndarray]], *, rows: int, seq_len: int, packing: bool) -> dict[str, np.ndarray]:
-    """[rows, seq_len] arrays (ROLLOUT_KEYS): one example per row, or packed first-fit (each example
-    into the first row with room, in order) with segment ids 1, 2, ... per row.
-
-    Unused rows are all padding (segment 0, nothing trained). Raises ValueError when the examples
-    do not fit (callers size `rows` with `rows_needed`).
-    """
-    out = {k: np.zeros((rows, seq_len), np.float32 if k == "advantages" else np.int32) for k in ROLLOUT_KEYS}
+def place_examples(lengths: Sequence[int], *, rows: int, seq_len: int, packing: bool) -> list[tuple[int, int]]:
+    """(row, first position) of each example of `lengths` tokens in `build_rows`' layout: one example
+    per row, or packed first-fit in order. Raises ValueError when they do not fit."""
     used = [0] * rows  # tokens per row
-    segments = [0] * rows
-    for index, example in enumerate(examples):
-        n = len(example["inputs"])
+    places = []
+    for index, n in enumerate(lengths):
         if n > seq_len:
             raise ValueError(f"an example of {n} tokens does not fit rows of {seq_len}")
         if packing:
@@ -93,13 +87,34 @@ def build_rows(examples: Sequence[dict[str, np.ndarray]], *, rows: int, seq_len:
         else:
             row = index if index < rows else None
         if row is None:
-            raise ValueError(f"{len(examples)} examples do not fit in {rows} rows of {seq_len} tokens")
-        pos = used[row]
-        segments[row] += 1
+            raise ValueError(f"{len(lengths)} examples do not fit in {rows} rows of {seq_len} tokens")
+        places.append((row, used[row]))
+        used[row] += n
+    return places
+
+
+def build_rows(examples: Sequence[dict[str, np.ndarray]], *, rows: int, seq_len: int, packing: bool) -> dict[str, np.ndarray]:
+    """[rows, seq_len] arrays (ROLLOUT_KEYS): one example per row, or packed first-fit (each example
+    into the first row with room, in order) with segment ids 1, 2, ... per row (`place_examples`).
+
+    Unused rows are all padding (segment 0, nothing trained). Raises ValueError when the examples
+    do not fit (callers size `rows` with `rows_needed`).
+    """
+    out = {k: np.zeros((rows, seq_len), np.float32 if k == "advantages" else np.int32) for k in ROLLOUT_KEYS}
+    places = place_examples([len(e["inputs"]) for e in examples], rows=rows, seq_len=seq_len, packing=packing)
+    for example, (row, pos) in zip(examples, places):
+        n = len(example["inputs"])
         sl = slice(pos, pos + n)
         for key in ("inputs", "targets", "loss_mask", "advantages"):
             out[key][row, sl] = example[key]
-        out["segment_ids"][row, sl] = segments[row]
+        out["segment_ids"][row, sl] = out["segment_ids"][row].max() + 1
         out["positions"][row, sl] = np.arange(n)
-        used[row] += n
     return out
+
+
+def completion_positions(examples: Sequence[dict[str, np.ndarray]], *, rows: int, seq_len: int,
+                         packing: bool) -> list[tuple[int, np.ndarray]]:
+    """Per example, where `build_rows` puts its trained (completion) tokens: (row, positions in the row),
+    so per-token quantities (log-probs, KL, token advantages) map between rows and completions."""
+    places = place_examples([len(e["inputs"]) for e in examples], rows=rows, seq_len=seq_len, packing=packing)
+    return [(row, start + np.flatnonzero(e["loss_mask"])) for e, (row, start) in zip(examples, places)]

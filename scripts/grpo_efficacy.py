@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT warm-start steps (configs/grpo.py:stage=sft)")
     parser.add_argument("--grpo-seconds", type=float, default=600.0,
                         help="GRPO stage time budget, the first held-out evaluation included")
-    parser.add_argument("--variant", default="positive", help="positive | grpo | dr_grpo | dapo | gspo")
+    parser.add_argument("--variant", default="positive",
+                        help="positive | grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp (configs/grpo.py)")
     args, overrides = parser.parse_known_args(argv)
     workdir = Path(args.workdir)
     sft_dir, grpo_dir = workdir / "sft", workdir / f"grpo_{args.variant}"

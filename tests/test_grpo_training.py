@@ -64,6 +64,13 @@ def _params(workdir, step):
     {"objective.grpo.num_iterations": 2, "objective.grpo.beta": 0.05, "objective.grpo.aggregation": "token_mean",
      "objective.grpo.clip_high": 0.28},
     {"peft.method": "lora", "peft.rank": 4, "objective.grpo.beta": 0.05, "objective.grpo.importance": "sequence"},
+    # RLOO: the base (no adapters) is the KL reference scored at rollout time; batch-normalised, two passes
+    {"peft.method": "lora", "peft.rank": 4, "objective.grpo.advantage_estimator": "rloo", "objective.grpo.beta": 0.05,
+     "objective.grpo.kl_estimator": "k1", "objective.grpo.importance": "sequence_sum",
+     "objective.grpo.normalize_advantages": True, "objective.grpo.num_iterations": 2},
+    # REINFORCE++: a copy of the start weights is the reference, token advantages in packed rows
+    {"objective.grpo.advantage_estimator": "reinforce_pp", "objective.grpo.beta": 0.05,
+     "objective.grpo.kl_estimator": "k1", "data.packing": True},
 ])
 def test_resume_mid_run_is_exact(tmp_path, overrides):
     # The first half stops by train.steps=2, so the learning rate must not depend on train.steps
@@ -90,6 +97,9 @@ def test_resume_mid_run_is_exact(tmp_path, overrides):
     ({"data.builtin": ""}, "config key 'data.train_path' is empty"),
     ({"data.builtin": "quickstart"}, "prompts come from data.builtin='verifiable' or data.train_path"),
     ({"data.verifiable_families": ("poetry",)}, "config key 'data.verifiable_families' must be"),
+    ({"objective.grpo.advantage_estimator": "ppo"}, "advantage_estimator' must be one of grpo, rloo, reinforce_pp"),
+    ({"objective.grpo.gamma": 0.0}, "objective.grpo.gamma' must be in \\(0, 1\\]"),
+    ({"objective.grpo.importance": "median"}, "importance' must be one of token, sequence, sequence_sum"),
     ({"objective.grpo.negative_advantage_scale": -0.5}, "negative_advantage_scale' must be in \\[0, 1\\]"),
     ({"data.verifiable_max_steps": 0}, "1 <= min <= max <= 8"),
     ({"data.verifiable_min_steps": 4}, "1 <= min <= max <= 8, got 4 and 3"),

@@ -245,7 +245,13 @@ GRPO_OVERRIDES = [
 
 
 @pytest.mark.slow
-def test_two_processes_sample_their_own_prompts_and_match_one_grpo(tmp_path):
+@pytest.mark.parametrize("variant", [
+    [],
+    # REINFORCE++: the KL to a copy of the start weights in the reward, token returns whitened over the
+    # groups of both processes (moments gathered across them)
+    ["objective.grpo.advantage_estimator=reinforce_pp", "objective.grpo.beta=0.05", "objective.grpo.kl_estimator=k1"],
+], ids=["grpo", "reinforce_pp"])
+def test_two_processes_sample_their_own_prompts_and_match_one_grpo(tmp_path, variant):
     """GRPO across 2 processes: each draws its own prompt (1 per process), the sampler runs once on
     both processes' prompts, each keeps and scores its own group. With every training prompt the
     same, that is exactly one process drawing 2 prompts: the same completions, rewards and losses."""
@@ -253,7 +259,7 @@ def test_two_processes_sample_their_own_prompts_and_match_one_grpo(tmp_path):
     train = tmp_path / "prompts.jsonl"
     train.write_text("".join(json.dumps({"prompt": "Say a few words.", "words": words[i % 3], "constraints": [
         {"type": "word_count", "relation": "at most", "n": 3}]}) + "\n" for i in range(32)))
-    overrides = [*GRPO_OVERRIDES, f"data.train_path={train}"]
+    overrides = [*GRPO_OVERRIDES, f"data.train_path={train}", *variant]
     config = str(REPO / "configs" / "grpo.py")
     run_cli(_train_args(config, tmp_path / "multi", [*overrides, "objective.grpo.num_prompts=1"]))
     _reference_run(config, tmp_path / "single", [*overrides, "objective.grpo.num_prompts=2"])

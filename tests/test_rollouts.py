@@ -12,7 +12,7 @@ from jaxtune.objectives.grpo_loss import policy_loss
 from jaxtune.logprobs import token_stats
 from jaxtune.peft import base as peft_base
 from jaxtune.peft import wrapper
-from jaxtune.rollouts import Rollout, build_rows, rollout_example, rows_needed, sample_groups
+from jaxtune.rollouts import Rollout, build_rows, completion_positions, rollout_example, rows_needed, sample_groups
 
 VOCAB, STOP = 37, 2
 
@@ -71,6 +71,19 @@ def test_rows_mask_the_prompt_and_carry_advantages():
     assert padded["segment_ids"][3].sum() == 0  # a spare row is all padding
     with pytest.raises(ValueError, match="do not fit"):
         build_rows(examples, rows=2, seq_len=8, packing=False)
+
+
+@pytest.mark.parametrize("packing, rows", [(False, 4), (True, 2)])
+def test_completion_positions_find_each_completions_tokens_in_the_rows(packing, rows):
+    """RLOO/REINFORCE++ read per-token log-probs and write token advantages through these positions."""
+    examples = _examples()
+    built = build_rows(examples, rows=rows, seq_len=8 if not packing else 10, packing=packing)
+    where = completion_positions(examples, rows=rows, seq_len=8 if not packing else 10, packing=packing)
+    for example, (row, positions) in zip(examples, where):
+        np.testing.assert_array_equal(built["targets"][row, positions], example["targets"][example["loss_mask"] == 1])
+        assert built["loss_mask"][row, positions].all()
+    assert sum(len(p) for _, p in where) == built["loss_mask"].sum() == 3 + 1 + 4
+    assert len({row for row, _ in where}) == (2 if packing else 3)  # packed: 5 + 3 tokens share the first row
 
 
 @pytest.mark.slow  # the pure-function version is in tests/objectives/test_grpo_loss.py

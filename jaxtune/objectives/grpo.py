@@ -17,7 +17,10 @@ its formula table are in grpo_loss.py.
 
 Variants are settings: GRPO (defaults), Dr. GRPO (`scale_rewards=False, aggregation='constant'`),
 DAPO (`clip_high=0.28, aggregation='token_mean', dynamic_sampling=True, overlong_cache=...`),
-GSPO (`importance='sequence'` with a small clip range, e.g. 3e-4 / 4e-4).
+GSPO (`importance='sequence'` with a small clip range, e.g. 3e-4 / 4e-4). RLOO and REINFORCE++ are
+advantage estimators (`advantage_estimator='rloo'|'reinforce_pp'`, advantages.py): the same
+rollouts and rewards, with the KL of the sampling policy to the reference folded into the reward
+at rollout time (scored here, so the loss needs no reference) instead of added to the loss.
 
 The rollout randomness is a pure function of (`seed`, step), and the prompt stream is the
 checkpointed data iterator, so a resumed run samples what the uninterrupted run sampled (exactly
@@ -26,7 +29,8 @@ so when the checkpoint falls at the start of a rollout cycle; see `validate`).
 Several processes (multi-host): each process draws its own `num_prompts` prompts (its shard of
 the data), the prompts of all processes are gathered and sampled in one SPMD call on the whole
 mesh (the sampler's input must be identical everywhere), and each process keeps, scores and
-normalises its own groups: a group never spans processes, so advantages need no communication.
+normalises its own groups: a group never spans processes, so GRPO's advantages need no communication
+(the batch-wide whitening of RLOO / REINFORCE++ gathers two moments per process).
 Each process then packs its groups into its rows of the global batch.
 Rollout metrics (rewards per function, accuracy, lengths, zero-spread groups, sampling time and
 throughput) ride in the batch as per-row shares and come out of the step as plain totals; the
@@ -58,9 +62,9 @@ from jaxtune.data.sources import SourceError
 from jaxtune.data.templates import render
 from jaxtune.data.tokenizers import encode_prompt, encode_with_specials, start_sequence
 from jaxtune.errors import UserError
-from jaxtune.objectives import base, grpo_loss
+from jaxtune.objectives import advantages as advantages_lib, base, grpo_loss
 from jaxtune.rewards import RewardSet
-from jaxtune.rollouts import build_rows, rollout_example, rows_needed, sample_groups
+from jaxtune.rollouts import build_rows, completion_positions, rollout_example, rows_needed, sample_groups
 
 PROMPT_FORMATS = ("fields", "gsm8k")  # objective.grpo.format of JSONL prompt records
 # Host-side rollout metrics, carried as per-row shares in batch["rollout_stats"] (column order).
@@ -94,7 +98,8 @@ class GRPO(base.Objective):
         super().__init__(config)
         self.rewards = RewardSet.from_specs(list(self.section.rewards), list(self.section.reward_weights))
         # Per reward function: mean and std over the completions it applies to.
-        self.stat_names = ROLLOUT_STATS + tuple(f"{stat}/{n}" for n in self.rewards.names for stat in ("reward", "reward_std"))
+        kl = ("kl",) if self.kl_in_reward else ()  # the KL folded into the reward (RLOO, REINFORCE++)
+        self.stat_names = ROLLOUT_STATS + kl + tuple(f"{stat}/{n}" for n in self.rewards.names for stat in ("reward", "reward_std"))
         self.summed_metrics = ("trained_tokens", "completions", *_TOKEN_METRICS, *(f"rollout/{k}" for k in self.stat_names))
 
     @classmethod
@@ -114,7 +119,12 @@ class GRPO(base.Objective):
         c.temperature = 1.0  # rollout sampling; the learner's log-probs are of softmax(logits / temperature) too
         c.top_p = 1.0
         c.top_k = 0  # 0 = off
-        c.scale_rewards = True  # divide advantages by the group std (Dr. GRPO: False)
+        # grpo | rloo (leave-one-out baseline) | reinforce_pp (REINFORCE++: token-level returns, batch-whitened);
+        # rloo and reinforce_pp fold the KL (kl_estimator of the sampling policy) into the reward (advantages.py)
+        c.advantage_estimator = "grpo"
+        c.normalize_advantages = False  # rloo: whiten the advantages over the whole rollout batch (TRL's option)
+        c.gamma = 1.0  # reinforce_pp: discount of the token-level returns
+        c.scale_rewards = True  # grpo: divide advantages by the group std (Dr. GRPO: False)
         c.negative_advantage_scale = 1.0  # weight of negative advantages; 0 = positive only (RAFT-style)
         c.aggregation = "sequence_mean"  # sequence_mean (GRPO) | token_mean (DAPO) | constant (Dr. GRPO)
         c.importance = "token"  # token (GRPO) | sequence (GSPO)
@@ -143,6 +153,9 @@ class GRPO(base.Objective):
             (0 < s.top_p <= 1, "top_p", "in (0, 1]"),
             (s.top_k >= 0, "top_k", ">= 0"),
             (s.aggregation in grpo_loss.AGGREGATIONS, "aggregation", f"one of {', '.join(grpo_loss.AGGREGATIONS)}"),
+            (s.advantage_estimator in advantages_lib.ESTIMATORS, "advantage_estimator",
+             f"one of {', '.join(advantages_lib.ESTIMATORS)}"),
+            (0 < s.gamma <= 1, "gamma", "in (0, 1]"),
             (s.importance in grpo_loss.IMPORTANCE_LEVELS, "importance", f"one of {', '.join(grpo_loss.IMPORTANCE_LEVELS)}"),
             (s.kl_estimator in grpo_loss.KL_ESTIMATORS, "kl_estimator", f"one of {', '.join(grpo_loss.KL_ESTIMATORS)}"),
             (0 <= s.clip_low < 1 and s.clip_high >= 0, "clip_low", "in [0, 1) with clip_high >= 0"),
@@ -184,12 +197,22 @@ class GRPO(base.Objective):
     def beta(self) -> float:
         return float(self.section.beta or 0.0)
 
-    def reference_kind(self):
+    @property
+    def kl_in_reward(self) -> bool:
+        """RLOO and REINFORCE++ subtract the KL from the reward at rollout time; GRPO adds it to the loss."""
+        return self.section.advantage_estimator != "grpo"
+
+    def kl_reference(self) -> str:
+        """The KL's reference: none | copy (a frozen copy of the start weights) | base (LoRA: no adapters)."""
         if self.beta == 0.0 or self.section.reference == "none":
             return "none"
         if self.section.reference != "auto":
             return self.section.reference
         return "base" if self.config.peft.method != "none" else "copy"
+
+    def reference_kind(self):
+        # With the KL in the reward the loss needs no reference: the rollout scores it (a copy is kept here).
+        return "none" if self.kl_in_reward else self.kl_reference()
 
     # ---- data ------------------------------------------------------------------------------
 
@@ -296,7 +319,7 @@ class GRPO(base.Objective):
             lp_ref = jax.lax.stop_gradient(model.token_stats(frozen, batch, temperature=t).logp)
         loss_sum, _, m = grpo_loss.policy_loss(
             stats.logp, batch["advantages"], batch["loss_mask"], batch["segment_ids"], lp_old=batch.get("old_logps"),
-            lp_ref=lp_ref, beta=self.beta, kl_estimator=s.kl_estimator, clip_low=s.clip_low, clip_high=s.clip_high,
+            lp_ref=lp_ref, beta=0.0 if self.kl_in_reward else self.beta, kl_estimator=s.kl_estimator, clip_low=s.clip_low, clip_high=s.clip_high,
             importance=s.importance, aggregation=s.aggregation, max_completion_len=s.max_completion_tokens,
         )
         mask = batch["loss_mask"].astype(jnp.float32)
@@ -321,6 +344,9 @@ class GRPO(base.Objective):
         temperature = self.section.temperature
         self._logps = jax.jit(lambda params, frozen, rows: model.token_stats(params, rows, frozen=frozen,
                                                                               temperature=temperature).logp)
+        self._reference = None  # KL in the reward, copy reference: the start weights, materialised once
+        if self.kl_in_reward and self.kl_reference() == "copy":
+            self._reference = run.start_params()
 
     def _check_fit(self, records) -> None:
         """Fails before anything runs when the longest prompt seen plus a full-length completion, for
@@ -414,25 +440,34 @@ class GRPO(base.Objective):
         sample_s = time.perf_counter() - t0
         rollouts = [r for grp in kept for r in grp[0]]
         totals = np.concatenate([grp[2] for grp in kept])
-        advantages, _ = grpo_loss.group_advantages(totals, g, scale_rewards=s.scale_rewards,
-                                                   negative_scale=s.negative_advantage_scale)
-        examples = [rollout_example(r, a, seq_len=self.config.data.seq_len) for r, a in zip(rollouts, advantages)]
-        examples = [e for e in examples if e is not None]
+        seq_len, packing = self.config.data.seq_len, self.config.data.packing
+        examples = [rollout_example(r, 0.0, seq_len=seq_len) for r in rollouts]
+        trained = [i for i, e in enumerate(examples) if e is not None]  # rollouts with tokens to train on
+        examples = [examples[i] for i in trained]
         local_rows = self.config.train.global_batch_size // jax.process_count()
         try:
-            rows = build_rows(examples, rows=self._rows_per_rollout(local_rows), seq_len=self.config.data.seq_len,
-                              packing=self.config.data.packing)
+            rows = build_rows(examples, rows=self._rows_per_rollout(local_rows), seq_len=seq_len, packing=packing)
         except ValueError as e:
             raise UserError(
                 f"GRPO rollouts: {e}. objective.grpo.num_prompts * num_generations completions must fit in "
                 f"train.global_batch_size * objective.grpo.steps_per_rollout rows of data.seq_len tokens "
                 f"(one per row without data.packing): raise those or lower num_prompts") from None
+        # Each trained rollout's completion tokens in the rows: (row, [positions]).
+        where = dict(zip(trained, completion_positions(examples, rows=len(rows["inputs"]), seq_len=seq_len,
+                                                       packing=packing)))
+        old_logps = self._old_logps(state, rows) if s.num_iterations > 1 or self.kl_in_reward else None
         if s.num_iterations > 1:  # the sampling policy's log-probs, kept for every pass
-            rows["old_logps"] = self._old_logps(state, rows)
+            rows["old_logps"] = old_logps
+        kl_tokens = self._reward_kl(state, rows, old_logps, where, len(rollouts))
+        for i, adv in enumerate(self._advantages(totals, kl_tokens)):
+            if i in where:
+                row, positions = where[i]
+                rows["advantages"][row, positions] = adv
         accuracy = _accuracy([grp[3] for grp in first])
         sampled = np.concatenate([grp[2] for grp in first])
         lengths = np.array([len(r.completion_ids) for grp in first for r in grp[0]])
         stats = {
+            "kl": sum(float(k.sum()) for k in kl_tokens) / max(1, sum(k.size for k in kl_tokens)),
             "reward": sampled.mean(), "reward_std": sampled.std(), "accuracy": accuracy,
             "zero_spread_groups": zero_groups, "completion_len": lengths.mean(), "completion_len_max": lengths.max(),
             "truncated": np.mean([r.truncated for grp in first for r in grp[0]]),
@@ -449,14 +484,44 @@ class GRPO(base.Objective):
         self._rollout_done = time.perf_counter()
         return self._split(rows, local_rows, stats)
 
+    def _advantages(self, totals: np.ndarray, kl_tokens: list[np.ndarray]) -> list:
+        """Per rollout, its advantage: a number (grpo, rloo) or one per completion token (reinforce_pp)."""
+        s = self.section
+        gather, w = _gather_moments, s.negative_advantage_scale
+        if s.advantage_estimator == "rloo":
+            out = advantages_lib.rloo_advantages(totals, [k.sum() for k in kl_tokens], s.num_generations,
+                                                 beta=self.beta, normalize=s.normalize_advantages, gather=gather)
+            return list(np.where(out < 0, out * w, out))
+        if s.advantage_estimator == "reinforce_pp":
+            out = advantages_lib.reinforce_pp_advantages(totals, kl_tokens, beta=self.beta, gamma=s.gamma, gather=gather)
+            return [np.where(a < 0, a * w, a) for a in out]
+        advantages, _ = advantages_lib.group_advantages(totals, s.num_generations, scale_rewards=s.scale_rewards,
+                                                        negative_scale=s.negative_advantage_scale)
+        return list(advantages)
+
+    def _reward_kl(self, state, rows, old_logps, where, count: int) -> list[np.ndarray]:
+        """Per rollout, the per-token KL estimate (kl_estimator) of the sampling policy to the reference on
+        its completion tokens, when the KL is folded into the reward (zeros otherwise; empty: not trained)."""
+        kind = self.kl_reference() if self.kl_in_reward else "none"
+        if kind == "none":
+            return [np.zeros(len(where[i][1]) if i in where else 0) for i in range(count)]
+        ref_params = self._reference if kind == "copy" else state.frozen
+        ref_logps = self._logps_of(ref_params, None, rows)
+        kl = np.asarray(grpo_loss.kl_penalty(jnp.asarray(old_logps), jnp.asarray(ref_logps), self.section.kl_estimator))
+        return [kl[where[i][0], where[i][1]].astype(np.float64) if i in where else np.zeros(0) for i in range(count)]
+
     def _old_logps(self, state, rows) -> np.ndarray:
+        return self._logps_of(state.params, state.frozen, rows)
+
+    def _logps_of(self, params, frozen, rows) -> np.ndarray:
+        """Per-token log-probs [rows, T] of this process's rollout rows under `params` (+ `frozen`)."""
         keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
         out = []
         local = self.config.train.global_batch_size // jax.process_count()
         for start in range(0, len(rows["inputs"]), local):
             sharding = self.run.setup.batch_sharding
             chunk = {k: jax.make_array_from_process_local_data(sharding[k], rows[k][start : start + local]) for k in keys}
-            logp = self._logps(state.params, state.frozen, chunk)
+            logp = self._logps(params, frozen, chunk)
             out.append(_local_rows(logp, local))
         return np.concatenate(out).astype(np.float32)
 
@@ -511,10 +576,17 @@ class GRPO(base.Objective):
 
     def describe(self):
         s = self.section
-        variant = (f"clip ({s.clip_low:g}, {s.clip_high:g}), {s.importance}-level ratios, {s.aggregation} loss, "
-                   f"advantages {'/ group std' if s.scale_rewards else 'centred only'}")
-        reference = f"KL {s.kl_estimator} beta={self.beta:g} to the {self.reference_kind()} reference" if self.beta else "no KL"
-        return (f"GRPO: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {variant}, {reference}; "
+        advantages = {
+            "grpo": f"group advantages {'/ group std' if s.scale_rewards else 'centred only'}",
+            "rloo": f"RLOO leave-one-out advantages{' whitened over the batch' if s.normalize_advantages else ''}",
+            "reinforce_pp": f"REINFORCE++ token returns (gamma={s.gamma:g}) whitened over the batch",
+        }[s.advantage_estimator]
+        variant = f"clip ({s.clip_low:g}, {s.clip_high:g}), {s.importance}-level ratios, {s.aggregation} loss, {advantages}"
+        place = "in the reward" if self.kl_in_reward else "in the loss"
+        reference = (f"KL {s.kl_estimator} beta={self.beta:g} {place} to the {self.kl_reference()} reference"
+                     if self.beta else "no KL")
+        name = {"grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++"}[s.advantage_estimator]
+        return (f"{name}: {s.num_prompts} prompts x {s.num_generations} completions per rollout, {variant}, {reference}; "
                 f"rewards {', '.join(self.rewards.names)}")
 
 
@@ -547,6 +619,12 @@ def _accuracy(parts_per_group: Sequence[dict[str, list]]) -> float:
             applicable = [c[i] for c in columns if c[i] is not None]
             hits.append(bool(applicable) and all(math.isclose(v, 1.0) for v in applicable))
     return float(np.mean(hits)) if hits else 0.0
+
+
+def _gather_moments(moments: tuple[float, float]) -> tuple[float, float]:
+    """(count, sum) of this process's advantages -> of every process's (batch-wide normalisation)."""
+    parts = distributed.all_gather(list(moments), "grpo/moments")
+    return float(sum(p[0] for p in parts)), float(sum(p[1] for p in parts))
 
 
 def _local_rows(x: jax.Array, local: int) -> np.ndarray:

@@ -13,7 +13,8 @@ quantity             formula
 advantage            ``A_i = r_i - mean_G(r)``, divided by ``std_G(r) + 1e-4`` when
                      ``scale_rewards`` (GRPO; Dr. GRPO leaves it out). ``std`` is the sample std
                      (ddof=1, as TRL); a group whose rewards are all equal has zero spread: its
-                     advantages are 0, it is counted (``zero_spread_groups``)
+                     advantages are 0, it is counted (``zero_spread_groups``). RLOO's and
+                     REINFORCE++'s estimators (per-token advantages ``A_t``): advantages.py
 negative advantages  ``A_i <- w A_i`` where ``A_i < 0`` (``negative_advantage_scale`` w; 1 = GRPO).
                      w = 0 trains only on the completions better than their group's mean
                      (filtered behaviour cloning, as RAFT / ReST): no push away from sampled
@@ -23,6 +24,10 @@ token ratio (GRPO)   ``ratio_t = exp(lp_t - lp_old_t)``
 sequence ratio       GSPO (Zheng et al. 2025): ``s_i = exp(mean_t (lp_t - lp_old_t))``, applied
                      per token as ``sg(s_i) * exp(lp_t - sg(lp_t))`` (same value, per-token
                      gradient; GSPO-token)
+sequence-sum ratio   RLOO (TRL's RLOOTrainer): ``s_i = exp(sum_t (lp_t - lp_old_t))``, with its
+                     gradient through every token; the clipped objective below is then one term
+                     per completion, spread over its tokens with weight ``1/|y_i|`` so that
+                     ``sequence_mean`` gives TRL's ``mean_i -min(s_i A_i, clip(s_i) A_i)``
 clipped objective    ``l_t = -min(ratio_t A_i, clip(ratio_t, 1 - eps_lo, 1 + eps_hi) A_i)``;
                      eps_hi > eps_lo is DAPO's clip-higher (e.g. 0.2 / 0.28); GSPO uses ~3e-4/4e-4
 KL to the reference  ``k1 = lp - lp_ref``;  ``k3 = exp(lp_ref - lp) - (lp_ref - lp) - 1``
@@ -49,25 +54,7 @@ import numpy as np
 
 AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
 KL_ESTIMATORS = ("k1", "k3")
-IMPORTANCE_LEVELS = ("token", "sequence")
-STD_EPS = 1e-4
-
-
-def group_advantages(rewards, group_size: int, *, scale_rewards: bool = True,
-                     negative_scale: float = 1.0) -> tuple[np.ndarray, int]:
-    """(advantage per completion [N], number of zero-spread groups) for rewards [N] in groups of G;
-    negative advantages are multiplied by `negative_scale` (see the table)."""
-    r = np.asarray(rewards, np.float64)
-    if group_size < 1 or r.size % group_size:
-        raise ValueError(f"{r.size} rewards do not split into groups of {group_size}")
-    groups = r.reshape(-1, group_size)
-    centred = groups - groups.mean(axis=1, keepdims=True)
-    spread = groups.std(axis=1, ddof=1, keepdims=True) if group_size > 1 else np.zeros_like(groups[:, :1])
-    zero = np.all(groups == groups[:, :1], axis=1)
-    adv = centred / (spread + STD_EPS) if scale_rewards else centred
-    adv[zero] = 0.0
-    adv = np.where(adv < 0, adv * negative_scale, adv)
-    return adv.reshape(-1).astype(np.float32), int(zero.sum())
+IMPORTANCE_LEVELS = ("token", "sequence", "sequence_sum")
 
 
 def overlong_penalty(lengths, *, max_len: int, cache_len: int) -> np.ndarray:
@@ -160,6 +147,8 @@ def policy_loss(
     if importance == "sequence":
         seq_log_ratio = jax.lax.stop_gradient(_per_sequence(log_ratio, seg) * inv_len)
         log_ratio = seq_log_ratio + lp - jax.lax.stop_gradient(lp)
+    elif importance == "sequence_sum":
+        log_ratio = _per_sequence(log_ratio, seg) * mask
     ratio = jnp.exp(log_ratio)
     clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = -jnp.minimum(ratio * adv, clipped * adv)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.objectives.grpo_loss import aggregation_weight, group_advantages, kl_penalty, overlong_penalty, policy_loss
+from jaxtune.objectives.advantages import group_advantages
+from jaxtune.objectives.grpo_loss import aggregation_weight, kl_penalty, overlong_penalty, policy_loss
 
 
 def test_group_advantages_by_hand():
