@@ -229,5 +229,5 @@ def test_adaptive_kl_controller_moves_towards_the_target_at_most_20_percent():
 
 
 def test_unknown_kl_estimator_is_named():
-    with pytest.raises(ValueError, match="k2.*k1, k3"):
+    with pytest.raises(ValueError, match=r"k2.*k1, k3"):
         ppo_loss.kl_per_token(jnp.zeros(2), jnp.zeros(2), "k2")
