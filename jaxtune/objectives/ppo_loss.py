@@ -75,14 +75,16 @@ def score_positions(lengths: jax.Array, max_len: int) -> jax.Array:
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(x * mask) / jnp.sum(mask)
+    """Mean over the mask (0 for an empty mask, where TRL divides by zero)."""
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Variance over the mask with Bessel's correction, as TRL's masked_var(unbiased=True)."""
+    """Variance over the mask with Bessel's correction, as TRL's masked_var(unbiased=True); 0 for
+    fewer than two tokens (TRL: inf or an error), so a one-token rollout whitens to 0, not NaN."""
     centred = x - masked_mean(x, mask)
     count = jnp.sum(mask)
-    return masked_mean(centred * centred, mask) * count / (count - 1.0)
+    return jnp.sum(centred * centred * mask) / jnp.maximum(count - 1.0, 1.0)
 
 
 def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True) -> jax.Array:

@@ -231,3 +231,11 @@ def test_adaptive_kl_controller_moves_towards_the_target_at_most_20_percent():
 def test_unknown_kl_estimator_is_named():
     with pytest.raises(ValueError, match=r"k2.*k1, k3"):
         ppo_loss.kl_per_token(jnp.zeros(2), jnp.zeros(2), "k2")
+
+
+def test_whitening_a_single_token_gives_zero_not_nan():
+    """A rollout batch with one completion token (TRL: inf variance / NaN) whitens to 0."""
+    out = ppo_loss.rollout_targets(jnp.asarray([1.0]), jnp.asarray([[-1.0, 0.0]]), jnp.asarray([[-1.2, 0.0]]),
+                                   jnp.asarray([[0.3, 0.1]]), jnp.asarray([1]), kl_coef=0.05)
+    assert np.all(np.isfinite(np.asarray(out["advantages"]))) and float(out["advantages"][0, 0]) == 0.0
+    np.testing.assert_allclose(np.asarray(out["returns"])[0, 1], 1.0, rtol=1e-6)  # the score, one past the token
