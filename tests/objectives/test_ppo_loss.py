@@ -1,5 +1,6 @@
 """PPO's rewards, GAE, whitening and clipped losses on fixed rollouts, against TRL's PPOTrainer
-(trl/experimental/ppo/ppo_trainer.py at commit f2cd577: `masked_mean`/`masked_var`/`masked_whiten`,
+(trl/experimental/ppo/ppo_trainer.py at commit f2cd577, read side by side again at huggingface/trl
+commit 0062ee1, unchanged there: `masked_mean`/`masked_var`/`masked_whiten`,
 the rollout block "compute rewards ... compute advantages and returns" and the PPO mini-batch loss,
 transcribed below in torch op for op on TRL's own layout: responses padded after the stop token,
 log-probs filled with INVALID_LOGPROB there) within 1e-5 in fp32, and against closed forms."""
