@@ -160,6 +160,7 @@ def base_params(config: ml_collections.ConfigDict, model_config, setup=None, *, 
     abstract = jax.eval_shape(plain.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     base = models.load_params(hf_dir(config), plain.config,
                               sharding.logical_shardings(abstract, setup.mesh, setup.rule_table))
+    base = _with_value_head(base, config, setup, lambda state: state.frozen)
     if spec.quantize == "none" and not spec.base_dtype:
         return base
     return jax.jit(functools.partial(prepare_base, spec=spec), out_shardings=shardings.frozen)(base)
@@ -172,7 +173,8 @@ def start_weights(config: ml_collections.ConfigDict, setup) -> Any:
     if peft_spec(config) is not None:
         return base_params(config, model_config, setup)
     if config.model.hf_dir:
-        return models.load_params(hf_dir(config), model_config, shardings.params)
+        params = models.load_params(hf_dir(config), model_config, shardings.params)
+        return _with_value_head(params, config, setup, lambda state: state.params)
     if config.model.init_from:
         target = checkpoint_lib.abstract_with_shardings(setup.abstract_state.params, shardings.params)
         return _restore_init_from(config, setup, target)
@@ -180,16 +182,30 @@ def start_weights(config: ml_collections.ConfigDict, setup) -> Any:
 
 
 def _restore_init_from(config: ml_collections.ConfigDict, setup, target) -> Any:
-    """model.init_from's params; a reward model started from a causal-LM run (a checkpoint without
-    the score head) takes the decoder from it and the head from the seed's init."""
+    """model.init_from's params; a reward model (or PPO's value head) started from a causal-LM run
+    (a checkpoint without the head) takes the decoder from it and the head from the seed's init."""
     try:
         return checkpoint_lib.restore_params(config.model.init_from, target)
     except UserError:
-        if not getattr(setup.model_config, "num_labels", None) or "score" not in target:
+        head = "score" if getattr(setup.model_config, "num_labels", None) else VALUE_HEAD
+        if head not in target:
             raise
-    decoder = checkpoint_lib.restore_params(config.model.init_from, {k: v for k, v in target.items() if k != "score"})
-    head = jax.jit(lambda rng: setup.init_state(rng).params["score"], out_shardings=setup.state_shardings.params["score"])
-    return {**decoder, "score": head(jax.random.key(config.seed))}
+    decoder = checkpoint_lib.restore_params(config.model.init_from, {k: v for k, v in target.items() if k != head})
+    new = jax.jit(lambda rng: setup.init_state(rng).params[head], out_shardings=setup.state_shardings.params[head])
+    return {**decoder, head: new(jax.random.key(config.seed))}
+
+
+VALUE_HEAD = "value_head"  # PPO's value head (model config `value_head`): in no Hugging Face checkpoint
+
+
+def _with_value_head(params: dict, config: ml_collections.ConfigDict, setup, held: Callable[[Any], Any]) -> dict:
+    """`params` loaded from a Hugging Face checkpoint plus, for a model with PPO's value head, that
+    head from the seed's init (`held(state)`: where the state holds it, params or the frozen base)."""
+    if not getattr(setup.model_config, VALUE_HEAD, False) or VALUE_HEAD in params:
+        return params
+    init = jax.jit(lambda rng: held(setup.init_state(rng))[VALUE_HEAD],
+                   out_shardings=held(setup.state_shardings)[VALUE_HEAD])
+    return {**params, VALUE_HEAD: init(jax.random.key(config.seed))}
 
 
 # ---- Hugging Face Hub ids -------------------------------------------------------------------------

@@ -534,6 +534,8 @@ class CausalLM(nn.Module):
             self.score = ScoreHead(cfg.num_labels, name="score", **kw)
         elif not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)
+        if getattr(cfg, "value_head", False):
+            self.value_head = ScoreHead(1, name="value_head", **kw)
 
     def embed_tokens(self, inputs: Array) -> Array:
         return self.embed(inputs.astype(jnp.int32))
@@ -559,7 +561,13 @@ class CausalLM(nn.Module):
 
     def __call__(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
         hidden = self.hidden_states(inputs, positions=positions, segment_ids=segment_ids)
+        if getattr(self.config, "value_head", False) and self.is_initializing():
+            self.values_from_hidden(hidden)  # init creates the value head's kernel too
         return self.score(hidden) if self.config.num_labels else self.logits_from_hidden(hidden)
+
+    def values_from_hidden(self, x: Array) -> Array:
+        """hidden[..., hidden] -> PPO's value estimates [...] in float32 (config.value_head)."""
+        return self.value_head(x)[..., 0].astype(jnp.float32)
 
     def sequence_scores(self, inputs: Array, *, positions: Array | None = None,
                         segment_ids: Array | None = None) -> Array:

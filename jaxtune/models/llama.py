@@ -45,6 +45,9 @@ class LlamaConfig:
     # num_labels outputs replaces the LM head; pad_token_id picks the pooled (last non-pad) token.
     num_labels: int | None = None
     pad_token_id: int | None = None
+    # PPO's value model on the policy's backbone: a scalar `value_head` beside the LM head (never in
+    # Hugging Face checkpoints: a policy loaded from one gets a seeded head, an export leaves it out).
+    value_head: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

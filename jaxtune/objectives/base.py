@@ -62,6 +62,10 @@ class ModelFns(Protocol):
     def hidden_states(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None) -> jax.Array:
         """Final hidden states [N, T, D] (after the final norm): for heads other than the LM head."""
 
+    def token_stats_and_values(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None, temperature=1.0):
+        """(TokenStats, value estimates [N, T] float32) from one backbone pass: a model with a
+        `value_head` (PPO's policy and value model on one backbone)."""
+
 
 @dataclasses.dataclass
 class RunContext:

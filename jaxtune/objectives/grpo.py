@@ -175,9 +175,15 @@ class GRPO(base.Objective):
                 f"config key 'train.checkpoint_every' ({config.train.checkpoint_every}) must be a multiple of "
                 f"{cls.key('num_iterations')} * steps_per_rollout ({cycle}) so a resumed run restarts at "
                 "a fresh rollout batch")
+        cls.validate_prompts(config)
+
+    @classmethod
+    def validate_prompts(cls, config):
+        """The prompt data and reward settings every rollout objective (GRPO, PPO) reads."""
+        s = cls.section_of(config)
         if config.data.tasks or config.data.builtin == "quickstart":
-            raise UserError("config key 'objective.type' is 'grpo': prompts come from data.builtin='verifiable' or "
-                            "data.train_path (JSONL), not "
+            raise UserError(f"config key 'objective.type' is '{cls.name}': prompts come from data.builtin='verifiable' "
+                            "or data.train_path (JSONL), not "
                             + ("data.tasks" if config.data.tasks else "data.builtin='quickstart'"))
         if config.data.builtin == "verifiable":
             verifiable.check_families(config.data.verifiable_families)
@@ -187,8 +193,8 @@ class GRPO(base.Objective):
             except UserError as e:
                 raise UserError(f"config key 'data.chat_template': {e}") from None
         if not config.data.builtin and not config.data.train_path:
-            raise UserError("config key 'data.train_path' is empty: GRPO reads its prompts from it (JSONL), or set "
-                            "data.builtin='verifiable' for the built-in problems")
+            raise UserError(f"config key 'data.train_path' is empty: {cls.name.upper()} reads its prompts from it "
+                            "(JSONL), or set data.builtin='verifiable' for the built-in problems")
         RewardSet.from_specs(list(s.rewards), list(s.reward_weights))  # names and weights resolve now
 
     # ---- reference -------------------------------------------------------------------------
@@ -515,15 +521,19 @@ class GRPO(base.Objective):
 
     def _logps_of(self, params, frozen, rows) -> np.ndarray:
         """Per-token log-probs [rows, T] of this process's rollout rows under `params` (+ `frozen`)."""
+        return self._per_row_outputs(self._logps, params, frozen, rows)
+
+    def _per_row_outputs(self, fn, params, frozen, rows):
+        """`fn(params, frozen, batch)` (per-token arrays [B, T], or a tuple of them) over this process's
+        rollout rows, one global batch at a time, as float32 numpy arrays [rows, T]."""
         keys = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
         out = []
         local = self.config.train.global_batch_size // jax.process_count()
         for start in range(0, len(rows["inputs"]), local):
             sharding = self.run.setup.batch_sharding
             chunk = {k: jax.make_array_from_process_local_data(sharding[k], rows[k][start : start + local]) for k in keys}
-            logp = self._logps(params, frozen, chunk)
-            out.append(_local_rows(logp, local))
-        return np.concatenate(out).astype(np.float32)
+            out.append(jax.tree.map(lambda x: _local_rows(x, local), fn(params, frozen, chunk)))
+        return jax.tree.map(lambda *parts: np.concatenate(parts).astype(np.float32), *out)
 
     def _split(self, rows, local_rows, stats) -> list[dict[str, np.ndarray]]:
         """The rollout rows as steps_per_rollout mini-batches, each with its metric shares."""

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 
 from jaxtune.objectives import TokenStats, base, model_token_stats, token_stats
 from jaxtune.logprobs import DEFAULT_CHUNK as DEFAULT_LOGITS_CHUNK
-from jaxtune.logprobs import with_temperature
+from jaxtune.logprobs import head_token_stats, with_temperature
 from jaxtune.loading import variables_for
 from jaxtune.trainer.state import TrainState
 
@@ -48,6 +48,14 @@ class ModelApply:
         return self.model.apply(variables_for(params, frozen), rows["inputs"], positions=rows["positions"],
                                 segment_ids=rows["segment_ids"], rngs=rngs, method="hidden_states")
 
+    def token_stats_and_values(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None,
+                               temperature=1.0) -> tuple[TokenStats, jax.Array]:
+        variables = variables_for(params, frozen)
+        hidden = self.hidden_states(params, rows, frozen=frozen, rngs=rngs)  # one backbone pass for both heads
+        head = with_temperature(lambda h: self.model.apply(variables, h, method="logits_from_hidden"), temperature)
+        stats = head_token_stats(head, hidden, rows["targets"], chunk=self.logits_chunk)
+        return stats, self.model.apply(variables, hidden, method="values_from_hidden")
+
 
 class LogitsApply:
     """ModelFns around any `apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None) -> logits`
@@ -66,6 +74,9 @@ class LogitsApply:
 
     def hidden_states(self, params, rows, frozen=None, rngs=None):
         raise NotImplementedError("a plain apply function has no hidden states; use ModelApply")
+
+    def token_stats_and_values(self, params, rows, frozen=None, rngs=None, temperature=1.0):
+        raise NotImplementedError("a plain apply function has no value head; use ModelApply")
 
 
 def make_apply_fn(model: nn.Module, logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> ModelApply:
