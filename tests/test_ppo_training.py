@@ -18,10 +18,10 @@ def ppo_config(**overrides):
     small = {
         "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
         "model.num_kv_heads": 2, "data.seq_len": 96, "data.num_train_examples": 64,
-        "data.num_eval_examples": 0, "data.packing": False, "objective.ppo.num_prompts": 16,
+        "data.num_eval_examples": 0, "data.packing": False, "objective.ppo.num_prompts": 8,
         "objective.ppo.max_completion_tokens": 6, "objective.ppo.num_ppo_epochs": 2,
-        "objective.ppo.num_mini_batches": 2, "train.global_batch_size": 8, "train.steps": 4,
-        "train.eval_every": 0, "train.checkpoint_every": 4, "train.log_every": 1, "train.max_seconds": 0.0,
+        "objective.ppo.num_mini_batches": 1, "train.global_batch_size": 8, "train.steps": 4,
+        "train.eval_every": 0, "train.checkpoint_every": 2, "train.log_every": 1, "train.max_seconds": 0.0,
         "train.progress_bar": False, "optim.lr": 1e-2, "optim.warmup_steps": 0, "eval.show_examples": 0,
     }
     for key, value in {**small, **overrides}.items():
@@ -40,19 +40,20 @@ def _params(workdir, step):
         return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state["params"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~1 min each on 2 shared cores: three short runs (compiles dominate)
 @pytest.mark.parametrize("overrides", [
-    {},
-    {"peft.method": "lora", "peft.rank": 4, "objective.ppo.kl_estimator": "k3", "data.packing": True},
+    {},  # full fine-tuning: the reference is a copy of the start weights
+    # LoRA: the base without adapters is the reference; packed rows, k3, one rollout of two mini-batches
+    {"peft.method": "lora", "peft.rank": 4, "objective.ppo.kl_estimator": "k3", "data.packing": True,
+     "objective.ppo.num_ppo_epochs": 1, "objective.ppo.num_mini_batches": 2},
 ])
 def test_ppo_trains_and_resumes_exactly(tmp_path, overrides):
-    overrides = {"train.steps": 8, **overrides}
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     trainer.train(ppo_config(**overrides), reference)
-    trainer.train(ppo_config(**{**overrides, "train.steps": 4}), resumed)  # stops at a checkpoint
-    trainer.train(ppo_config(**overrides), resumed)  # the same run, resumed at step 4
+    trainer.train(ppo_config(**{**overrides, "train.steps": 2}), resumed)  # stops at a checkpoint
+    trainer.train(ppo_config(**overrides), resumed)  # the same run, resumed at step 2 (a new rollout)
     rows = [r for r in read_metrics(reference) if "loss" in r]
-    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in set(ppo_loss.METRIC_NAMES) - {"val/ratio_var"}:
         assert key in rows[0], key
     assert rows[0]["val/ratio"] == pytest.approx(1.0, abs=1e-5)  # the first step is the sampling policy
@@ -61,9 +62,9 @@ def test_ppo_trains_and_resumes_exactly(tmp_path, overrides):
     assert all(np.isfinite(r["loss"]) for r in rows)
     again = {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r}
     assert again == {r["step"]: r["loss"] for r in rows}
-    params = _params(reference, 8)
+    params = _params(reference, 4)
     assert "value_head" in params  # the value head is trained (LoRA: its delta)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(resumed, 8))):
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(resumed, 4))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -74,7 +75,7 @@ def test_ppo_trains_and_resumes_exactly(tmp_path, overrides):
     ({"objective.ppo.num_ppo_epochs": 0}, "objective.ppo.num_ppo_epochs' must be >= 1"),
     ({"objective.ppo.missing_eos_penalty": -1.0}, "missing_eos_penalty' must be >= 0 or None"),
     ({"objective.ppo.reference": "base"}, "'base': that needs peft.method"),
-    ({"train.checkpoint_every": 3}, r"must be a multiple of objective.ppo.num_ppo_epochs \* num_mini_batches \(4\)"),
+    ({"train.checkpoint_every": 3}, r"must be a multiple of objective.ppo.num_ppo_epochs \* num_mini_batches \(2\)"),
     ({"data.builtin": "quickstart"}, "objective.type' is 'ppo': prompts come from"),
     ({"objective.ppo.rewards": ("math",)}, "1 reward functions but 2 weights"),
 ])
