@@ -82,3 +82,27 @@ def test_ppo_trains_and_resumes_exactly(tmp_path, overrides):
 def test_config_errors(overrides, message):
     with pytest.raises(UserError, match=message):
         ppo_config(**overrides)
+
+
+@pytest.mark.slow  # ~15 s each: a setup and two jitted inits
+@pytest.mark.parametrize("lora", [False, True])
+def test_value_head_is_seeded_beside_a_hugging_face_checkpoints_weights(tmp_path, lora):
+    """model.hf_dir has no value head: the decoder is the checkpoint's, the head the seed's (LoRA: in the base)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from jaxtune import loading, models, sharding
+    from jaxtune.trainer.setup import build_setup
+
+    causal = models.get_config("llama", "tiny", vocab_size=64, hidden_size=32, intermediate_size=64)
+    params = sharding.unbox(models.build(causal).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    hf_dir = models.save_pretrained(causal, params, tmp_path / "lm")
+    c = ppo_config(**{"model.hf_dir": str(hf_dir), **({"peft.method": "lora", "peft.rank": 4} if lora else {})})
+    setup = build_setup(c, jax.devices())
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rule_table):
+        weights = loading.start_weights(c, setup)  # LoRA: the frozen base
+        again = loading.start_weights(c, setup)
+    assert weights["value_head"]["kernel"].shape == (32, 1)
+    np.testing.assert_array_equal(np.asarray(weights["value_head"]["kernel"]), np.asarray(again["value_head"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(weights["embed"]["embedding"]), np.asarray(params["embed"]["embedding"]))
+    assert set(weights) == set(params) | {"value_head"}
