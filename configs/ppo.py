@@ -2,8 +2,8 @@
 
     jaxtune train --config configs/grpo.py:stage=sft --workdir runs/grpo_sft      # the SFT policy
     jaxtune train --config configs/ppo.py:init_from=runs/grpo_sft --workdir runs/ppo
-    # against a trained reward model instead of the verifiers:
-    jaxtune train --config configs/ppo.py:init_from=runs/grpo_sft,reward_model=runs/rm --workdir runs/ppo_rm
+
+Against a trained reward model instead of the verifiers, add `,reward_model=runs/rm` to the argument.
 
 The prompts, model shape, held-out evaluation and arguments are configs/grpo.py's (`init_from`,
 `hf_dir`, `lora=RANK`, `steps=N`); `reward_model=DIR` scores completions with that reward model

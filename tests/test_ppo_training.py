@@ -12,18 +12,21 @@ from jaxtune.metrics import read_metrics
 from jaxtune.objectives import ppo_loss
 
 
-def ppo_config(**overrides):
-    c = validation.load_config("configs/ppo.py", ())
+SMALL = {  # a tiny model and run (the SFT stage of configs/grpo.py shares these)
+    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
+    "model.num_kv_heads": 2, "data.seq_len": 96, "data.num_train_examples": 64, "data.num_eval_examples": 0,
+    "data.packing": False, "train.global_batch_size": 8, "train.steps": 4, "train.eval_every": 0,
+    "train.checkpoint_every": 2, "train.log_every": 1, "train.max_seconds": 0.0, "train.progress_bar": False,
+    "optim.lr": 1e-2, "optim.warmup_steps": 0, "eval.show_examples": 0,
+}
+SMALL_PPO = {"objective.ppo.num_prompts": 8, "objective.ppo.max_completion_tokens": 6,
+             "objective.ppo.num_ppo_epochs": 2, "objective.ppo.num_mini_batches": 1}
+
+
+def ppo_config(config_file="configs/ppo.py", **overrides):
+    c = validation.load_config(config_file, ())
     c.unlock()
-    small = {
-        "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4,
-        "model.num_kv_heads": 2, "data.seq_len": 96, "data.num_train_examples": 64,
-        "data.num_eval_examples": 0, "data.packing": False, "objective.ppo.num_prompts": 8,
-        "objective.ppo.max_completion_tokens": 6, "objective.ppo.num_ppo_epochs": 2,
-        "objective.ppo.num_mini_batches": 1, "train.global_batch_size": 8, "train.steps": 4,
-        "train.eval_every": 0, "train.checkpoint_every": 2, "train.log_every": 1, "train.max_seconds": 0.0,
-        "train.progress_bar": False, "optim.lr": 1e-2, "optim.warmup_steps": 0, "eval.show_examples": 0,
-    }
+    small = {**SMALL, **(SMALL_PPO if c.objective.type == "ppo" else {})}
     for key, value in {**small, **overrides}.items():
         node = c
         *parents, leaf = key.split(".")
@@ -42,12 +45,18 @@ def _params(workdir, step):
 
 @pytest.mark.slow  # ~1 min each on 2 shared cores: three short runs (compiles dominate)
 @pytest.mark.parametrize("overrides", [
-    {},  # full fine-tuning: the reference is a copy of the start weights
+    # full fine-tuning from an SFT run (model.init_from: the decoder read, the value head seeded); the
+    # reference is a copy of the start weights
+    {"model.init_from": "SFT"},
     # LoRA: the base without adapters is the reference; packed rows, k3, one rollout of two mini-batches
     {"peft.method": "lora", "peft.rank": 4, "objective.ppo.kl_estimator": "k3", "data.packing": True,
      "objective.ppo.num_ppo_epochs": 1, "objective.ppo.num_mini_batches": 2},
 ])
 def test_ppo_trains_and_resumes_exactly(tmp_path, overrides):
+    if overrides.get("model.init_from") == "SFT":
+        sft = ppo_config("configs/grpo.py:stage=sft", **{"train.steps": 1, "train.checkpoint_every": 1})
+        trainer.train(sft, tmp_path / "sft")
+        overrides = {**overrides, "model.init_from": str(tmp_path / "sft")}
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     trainer.train(ppo_config(**overrides), reference)
     trainer.train(ppo_config(**{**overrides, "train.steps": 2}), resumed)  # stops at a checkpoint
