@@ -115,3 +115,21 @@ def test_value_head_is_seeded_beside_a_hugging_face_checkpoints_weights(tmp_path
     np.testing.assert_array_equal(np.asarray(weights["value_head"]["kernel"]), np.asarray(again["value_head"]["kernel"]))
     np.testing.assert_array_equal(np.asarray(weights["embed"]["embedding"]), np.asarray(params["embed"]["embedding"]))
     assert set(weights) == set(params) | {"value_head"}
+
+
+def test_a_policy_with_a_value_head_exports_as_its_causal_lm(tmp_path):
+    """The value head is PPO's own: a Hugging Face export writes the policy (and loads without the head)."""
+    import jax.numpy as jnp
+
+    from jaxtune import models, sharding
+
+    config = models.get_config("llama", "tiny", vocab_size=64, hidden_size=32, intermediate_size=64).replace(value_head=True)
+    model = models.build(config)
+    params = sharding.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    assert params["value_head"]["kernel"].shape == (32, 1)
+    values = model.apply({"params": params}, model.apply({"params": params}, jnp.ones((1, 3), jnp.int32),
+                                                         method="hidden_states"), method="values_from_hidden")
+    assert values.shape == (1, 3) and values.dtype == jnp.float32
+    loaded_model, loaded = models.from_pretrained(models.save_pretrained(config, params, tmp_path / "hf"))
+    assert not loaded_model.config.value_head and set(loaded) == set(params) - {"value_head"}
+    np.testing.assert_array_equal(np.asarray(loaded["lm_head"]["kernel"]), np.asarray(params["lm_head"]["kernel"]))
