@@ -27,7 +27,7 @@ from jaxtune.data.builtin import clusters
 
 TEMPLATE_SETTINGS = {"many": 0, "one": 1}  # data.templates_per_task
 TINY = {"model.num_layers": 1, "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_heads": 2,
-        "model.num_kv_heads": 1, "eval.max_new_tokens": 4, "data.num_train_examples": 400}
+        "model.num_kv_heads": 1, "eval.max_new_tokens": 4, "eval.loss": False, "data.num_train_examples": 400}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clusters", default="1,3,6", help="numbers of training clusters K (comma-separated)")
     parser.add_argument("--templates", default="many,one", help="template settings: many (all 21) and/or one")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300, help="training steps per run (the same for every run)")
+    parser.add_argument("--steps", type=int, default=220, help="training steps per run (the same for every run)")
     parser.add_argument("--eval-examples", type=int, default=320)
     parser.add_argument("--tiny", action="store_true",
                         help="mechanics only: a 1-layer model, 2 steps, K=1, one seed (seconds, not a result)")
