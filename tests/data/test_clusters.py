@@ -69,11 +69,11 @@ def test_sft_data_trains_only_the_chosen_clusters(tmp_path, k, per_task):
     ("data.templates_per_task=-1", "data.templates_per_task"),
 ])
 def test_config_errors_name_the_key(override, message):
-    with pytest.raises(UserError, match="data.clusters|data.templates_per_task") as e:
+    with pytest.raises(UserError, match=r"data\.clusters|data\.templates_per_task") as e:
         validation.load_config("configs/flan_clusters.py", [override])
     assert message in str(e.value)
 
 
 def test_grpo_refuses_the_clusters():
-    with pytest.raises(UserError, match="not data.builtin='clusters'"):
+    with pytest.raises(UserError, match=r"not data\.builtin='clusters'"):
         validation.load_config("configs/grpo.py", ["data.builtin=clusters"])
