@@ -79,9 +79,12 @@ def run_one(args, setting: str, k: int, seed: int) -> dict:
          "train.log_every": max(args.steps // 4, 1), **(TINY if args.tiny else {})})
     start = time.time()
     summary = jaxtune.train(config, str(Path(args.workdir) / "runs" / name))
+    if summary.stopped_early or summary.eval_after is None:  # a signal: the checkpoint resumes on the next call
+        raise SystemExit(f"flan_effect: run {name} stopped at step {summary.steps} before its evaluation; "
+                         "rerun the same command to resume it")
     trained = clusters.check_clusters(config.data.clusters)
     return {"setting": setting, "k": k, "seed": seed, "steps": summary.steps, "wall_s": round(time.time() - start, 1),
-            **scores(summary.eval_after or {}, trained)}
+            **scores(summary.eval_after, trained)}
 
 
 COLUMNS = ("heldout_clusters", "heldout_digits", "heldout_compose", "heldout_phrasings")

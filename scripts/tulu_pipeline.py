@@ -133,6 +133,13 @@ def dpo_config(args, sft_dir: Path, pairs: Path):
     })
 
 
+def train(config, run_dir: Path) -> None:
+    """One stage; a stage stopped by a signal ends the pipeline (rerunning resumes it)."""
+    summary = jaxtune.train(config, str(run_dir))
+    if summary.stopped_early:
+        raise SystemExit(f"tulu_pipeline: {run_dir} stopped at step {summary.steps}; rerun the same command to resume")
+
+
 def finished(run_dir: Path, steps: int) -> bool:
     """Whether an earlier invocation trained this stage to the end (then it is kept, not redone)."""
     return (run_dir / "checkpoints").is_dir() and any(r.get("step", 0) >= steps for r in read_metrics(run_dir))
@@ -180,7 +187,7 @@ def main(argv=None) -> int:
     if not finished(sft_dir, args.sft_steps):
         sft = jaxtune.load_config(f"{CONFIG}:stage=sft", {**common(args), "train.steps": args.sft_steps,
                                                           "eval.generative": False})  # judged below, as every stage
-        times.run("SFT", lambda: jaxtune.train(sft, str(sft_dir)))
+        times.run("SFT", lambda: train(sft, sft_dir))
     scores["SFT"] = heldout_scores(args, sft_dir)
 
     stats_path = pairs_path.with_suffix(".stats.json")
@@ -192,12 +199,12 @@ def main(argv=None) -> int:
           "reference solution as chosen)")
 
     if not finished(dpo_dir, args.dpo_steps):
-        times.run(dpo_name, lambda: jaxtune.train(dpo_config(args, sft_dir, pairs_path), str(dpo_dir)))
+        times.run(dpo_name, lambda: train(dpo_config(args, sft_dir, pairs_path), dpo_dir))
     if args.skip_grpo:
         scores["DPO"] = heldout_scores(args, dpo_dir)
     else:  # GRPO evaluates its starting model (the DPO model) and its result on the same held-out set
         if not finished(grpo_dir, args.grpo_steps):
-            times.run(f"{dpo_name}/grpo", lambda: jaxtune.train(grpo_config(args, dpo_dir), str(grpo_dir)))
+            times.run(f"{dpo_name}/grpo", lambda: train(grpo_config(args, dpo_dir), grpo_dir))
         rows = eval_rows(grpo_dir)
         scores["DPO"], scores["GRPO"] = rows[0], rows[-1]
 
