@@ -2,6 +2,7 @@
 (every stage runs, the table/figure/pairs are written, a rerun resumes), not the gains, which are
 measured in docs/guides/effects.md. Run as a user runs them: a subprocess on one CPU device."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -46,12 +47,22 @@ def test_tulu_pipeline_tiny(tmp_path):
     assert set(summary["times_s"]) >= {"SFT"} and all(t > 0 for t in summary["times_s"].values())
 
 
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("flan_effect.py", ["--clusters", "0,7"], "--clusters: each K must be in 1..6"),
+    ("flan_effect.py", ["--clusters", "one"], "--clusters must be comma-separated integers"),
     ("flan_effect.py", ["--templates", "few"], "--templates must list some of many, one"),
     ("tulu_pipeline.py", ["--samples", "1"], "--samples must be >= 2"),
     ("tulu_pipeline.py", ["--dpo-beta", "0"], "--dpo-beta and --dpo-lr must be > 0"),
+    ("tulu_pipeline.py", ["--dpo-steps", "0"], "--dpo-steps must be >= 1"),
 ])
-def test_argument_errors(tmp_path, script, args, message):
-    result = run(script, *args, "--workdir", tmp_path, timeout=120)
-    assert result.returncode == 2 and message in result.stderr
+def test_argument_errors(capsys, script, args, message):
+    with pytest.raises(SystemExit) as e:
+        _script(script).parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
