@@ -69,7 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def common(args) -> dict:
-    return {"train.progress_bar": False, **(TINY_MODEL if args.tiny else {})}
+    # Every stage after SFT names the SFT run's tokenizer: a run started from a run that was itself
+    # started from another (GRPO from DPO from SFT) does not find it through model.init_from alone.
+    tokenizer = Path(args.workdir) / "sft" / "tokenizer.model"
+    return {"train.progress_bar": False, **(TINY_MODEL if args.tiny else {}),
+            **({"data.tokenizer": str(tokenizer)} if tokenizer.is_file() else {})}
 
 
 def grpo_config(args, init_from: Path):
