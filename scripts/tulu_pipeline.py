@@ -46,9 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=4, help="SFT-model samples per prompt")
     parser.add_argument("--dpo-steps", type=int, default=60)
     parser.add_argument("--dpo-beta", type=float, default=0.1)
-    parser.add_argument("--dpo-lr", type=float, default=1e-4)
+    parser.add_argument("--dpo-lr", type=float, default=1e-5)
     parser.add_argument("--dpo-batch", type=int, default=8, help="pairs per DPO step")
-    parser.add_argument("--grpo-steps", type=int, default=100)
+    parser.add_argument("--grpo-steps", type=int, default=40)
     parser.add_argument("--reference-chosen", action="store_true",
                         help="where every sample of a prompt scores the same, pair the reference solution (chosen) "
                              "with a sample (rejected): off-policy chosen, for models too weak to ever differ (--tiny)")
