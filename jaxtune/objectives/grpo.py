@@ -175,10 +175,10 @@ class GRPO(base.Objective):
                 f"config key 'train.checkpoint_every' ({config.train.checkpoint_every}) must be a multiple of "
                 f"{cls.key('num_iterations')} * steps_per_rollout ({cycle}) so a resumed run restarts at "
                 "a fresh rollout batch")
-        if config.data.tasks or config.data.builtin == "quickstart":
+        if config.data.tasks or config.data.builtin in ("quickstart", "clusters"):
             raise UserError("config key 'objective.type' is 'grpo': prompts come from data.builtin='verifiable' or "
                             "data.train_path (JSONL), not "
-                            + ("data.tasks" if config.data.tasks else "data.builtin='quickstart'"))
+                            + ("data.tasks" if config.data.tasks else f"data.builtin={config.data.builtin!r}"))
         if config.data.builtin == "verifiable":
             verifiable.check_families(config.data.verifiable_families)
         if config.data.chat_template:
