@@ -169,23 +169,10 @@ class OnlineDPO(grpo.GRPO):
         if config.data.packing:
             raise UserError("config key 'data.packing' must be False for objective.type='online_dpo': each step's "
                             "pairs are padded [pairs, 2, data.seq_len] rows")
-        cls._validate_prompts(config)
+        cls.validate_prompts(config)
         RewardSet.from_specs(list(s.rewards), list(s.reward_weights))
         if s.judge:
             load_judge(s.judge)
-
-    @classmethod
-    def _validate_prompts(cls, config):
-        """GRPO's checks of the prompt data (data.builtin='verifiable' or JSONL, templates)."""
-        if config.data.tasks or config.data.builtin == "quickstart":
-            raise UserError("config key 'objective.type' is 'online_dpo': prompts come from "
-                            "data.builtin='verifiable' or data.train_path (JSONL), not "
-                            + ("data.tasks" if config.data.tasks else "data.builtin='quickstart'"))
-        if not config.data.builtin and not config.data.train_path:
-            raise UserError("config key 'data.train_path' is empty: online DPO reads its prompts from it (JSONL), "
-                            "or set data.builtin='verifiable' for the built-in problems")
-        if config.data.builtin == "verifiable":
-            grpo.verifiable.check_families(config.data.verifiable_families)
 
     # ---- reference -------------------------------------------------------------------------
 
@@ -204,16 +191,8 @@ class OnlineDPO(grpo.GRPO):
 
     # ---- data ------------------------------------------------------------------------------
 
-    def train_dataset(self, data, *, batch_size, process_index, process_count):
-        """`batch_size` prompts (this process's pairs) per step from GRPO's prompt stream."""
-        if not data.train:
-            raise UserError("online DPO: no training prompts (data.train_path is empty)")
-        records = data.train
-        ds = grpo.grain.MapDataset.range(len(records))
-        if self.config.data.shuffle:
-            ds = ds.shuffle(seed=self.config.seed)
-        ds = ds.repeat()[process_index::process_count].map(lambda i: records[int(i)])
-        return ds.batch(batch_size, batch_fn=list).to_iter_dataset(), None
+    def prompts_per_batch(self, batch_size):
+        return batch_size  # one pair per prompt: the step's pairs on this process
 
     def batch_shapes(self, batch_size):
         t = self.config.data.seq_len
