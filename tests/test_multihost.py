@@ -396,5 +396,6 @@ def test_two_processes_match_one_online_dpo_lora(tmp_path):
     multi = {r["step"]: r for r in read_metrics(tmp_path / "multi") if "loss" in r}
     assert sorted(multi) == sorted(single) == [1, 2, 3]
     for step, row in single.items():
+        assert row["objective/scores_margin"] >= 0  # ranked by score: the chosen one never scores lower
         for key in ("loss", "objective/scores", "objective/kl", "rewards/margins", "logps/chosen"):
             assert multi[step][key] == pytest.approx(row[key], abs=TOLERANCE), (step, key)
