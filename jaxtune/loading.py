@@ -76,7 +76,7 @@ def _reject_encoder_decoder(m: ml_collections.ConfigDict) -> None:
     """Runs (train, eval, plan, export of a run) feed decoder-only batches; an encoder-decoder is
     a Python-API model for now (models + generate), so say so before anything is built."""
     if m.hf_dir:
-        hf = read_hf_config(m.hf_dir)
+        hf = read_hf_config(hub.local_path(m.hf_dir, "model"))  # a Hub id: its pinned snapshot
         model_type = hf.get("model_type")
         if model_type is None or not any(model_type in f.hf_model_types for f in models.FAMILIES.values()):
             return  # config_from_pretrained names the problem

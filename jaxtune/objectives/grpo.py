@@ -181,10 +181,10 @@ class GRPO(base.Objective):
     @classmethod
     def validate_prompts(cls, config):
         """The prompt data's settings (shared with the objectives that reuse GRPO's prompts)."""
-        if config.data.tasks or config.data.builtin == "quickstart":
+        if config.data.tasks or config.data.builtin in ("quickstart", "clusters"):
             raise UserError(f"config key 'objective.type' is {cls.name!r}: prompts come from data.builtin='verifiable' "
                             "or data.train_path (JSONL), not "
-                            + ("data.tasks" if config.data.tasks else "data.builtin='quickstart'"))
+                            + ("data.tasks" if config.data.tasks else f"data.builtin={config.data.builtin!r}"))
         if config.data.builtin == "verifiable":
             verifiable.check_families(config.data.verifiable_families)
         if config.data.chat_template:
