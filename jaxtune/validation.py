@@ -16,7 +16,7 @@ from jaxtune import config as config_lib
 from jaxtune import nonfinite, objectives, optim, paths, sharding
 from jaxtune.config import EVAL_METRICS, eval_task_config, task_config
 from jaxtune.data import examples, flan, formats, mixtures, pair_packing, pipeline, sources, tokenizers
-from jaxtune.data.builtin import BUILTIN_DATASETS
+from jaxtune.data.builtin import BUILTIN_DATASETS, clusters
 from jaxtune.datatools.quality import QualityFilters
 from jaxtune.datatools.screen import settings_from
 from jaxtune.errors import UserError
@@ -156,6 +156,13 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
     if not 1 <= config.data.verifiable_min_steps <= config.data.verifiable_max_steps <= 8:
         raise UserError("config keys 'data.verifiable_min_steps' and 'data.verifiable_max_steps' must satisfy "
                         f"1 <= min <= max <= 8, got {config.data.verifiable_min_steps} and {config.data.verifiable_max_steps}")
+    if config.data.builtin == "clusters":
+        try:
+            clusters.check_clusters(config.data.clusters)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if config.data.templates_per_task < 0:
+        raise UserError(f"config key 'data.templates_per_task' must be >= 0 (0 = all), got {config.data.templates_per_task}")
     if config.data.packing_bins < 0:
         raise UserError(f"config key 'data.packing_bins' must be >= 0, got {config.data.packing_bins}")
     if config.data.max_pairs_per_row < 1:

@@ -129,6 +129,7 @@ class PPO(grpo.GRPO):
                 f"{cls.key('num_ppo_epochs')} * num_mini_batches ({cycle}) so a resumed run restarts at a fresh "
                 "rollout batch")
         cls.validate_prompts(config)
+        RewardSet.from_specs(list(s.rewards), list(s.reward_weights))  # names and weights resolve now
 
     def adapt_model_config(self, model_config):
         if not hasattr(model_config, "value_head"):
