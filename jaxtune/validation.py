@@ -289,8 +289,9 @@ def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str
         )
 
 
-def validate_for_model(config: ml_collections.ConfigDict, max_positions: int) -> None:
-    if config.data.seq_len > max_positions:
+def validate_for_model(config: ml_collections.ConfigDict, max_positions: int | None) -> None:
+    """data.seq_len against the model's position limit (None: relative positions, no limit)."""
+    if max_positions is not None and config.data.seq_len > max_positions:
         raise UserError(
             f"config key 'data.seq_len' ({config.data.seq_len}) exceeds the model's max_position_embeddings "
             f"({max_positions}); lower data.seq_len or raise model.max_position_embeddings"

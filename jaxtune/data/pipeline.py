@@ -15,7 +15,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxtune.batch import BATCH_KEYS
+from jaxtune.batch import BATCH_KEYS, SEQ2SEQ_BATCH_KEYS
 from jaxtune.data import templates as templates_lib
 from jaxtune.data.examples import (
     DEFAULT_TASK, CountExamples, ExampleBuilder, TaskSpec, TaskStats, TokenizeStats, encode_prompt, is_example,
@@ -62,6 +62,33 @@ def pad_example(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.nd
     out["segment_ids"][:n] = 1
     out["positions"][:n] = np.arange(n)
     return out
+
+
+def pad_seq2seq_example(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """Padding mode for encoder-decoder examples: both streams padded to `seq_len`, segment 1 each."""
+    out = {key: np.zeros(seq_len, np.int32) for key in SEQ2SEQ_BATCH_KEYS}
+    for stream, keys in (("", ("inputs",)), ("decoder_", ("decoder_inputs", "targets", "loss_mask"))):
+        n = len(example[keys[0]])
+        for key in keys:
+            out[key][:n] = example[key]
+        out[f"{stream}segment_ids"][:n] = 1
+        out[f"{stream}positions"][:n] = np.arange(n)
+    return out
+
+
+def _seq2seq_from_packed(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """T5X-style packed rows: the k-th example of a row is segment k in both streams (Grain numbers
+    each feature's segments in packing order, and every example has tokens in both)."""
+    return {
+        "inputs": example["inputs"],
+        "segment_ids": example["inputs_segment_ids"],
+        "positions": example["inputs_positions"],
+        "decoder_inputs": example["decoder_inputs"],
+        "targets": example["targets"],
+        "loss_mask": example["loss_mask"],
+        "decoder_segment_ids": example["targets_segment_ids"],
+        "decoder_positions": example["targets_positions"],
+    }
 
 
 def _from_packed(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -228,13 +255,17 @@ def build_dataset(
                             process_count=num_shards, **stream_options)
         return it.map(count).filter(is_example).map(strip_meta)
 
+    seq2seq = any(t.seq2seq for t in tasks)
+
     def finish(it: grain.IterDataset, rows: int) -> grain.IterDataset:
         if not packing:
-            return it.map(functools.partial(pad_example, seq_len=seq_len))
+            return it.map(functools.partial(pad_seq2seq_example if seq2seq else pad_example, seq_len=seq_len))
         packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
                   "best_fit": grain.experimental.BestFitPackIterDataset}[packing_strategy]
-        lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
-        return packer(it, length_struct=lengths, num_packing_bins=packing_bins or rows, shuffle_bins=False).map(_from_packed)
+        keys = ("inputs", "decoder_inputs", "targets", "loss_mask") if seq2seq else ("inputs", "targets", "loss_mask")
+        packed = packer(it, length_struct={k: seq_len for k in keys}, num_packing_bins=packing_bins or rows,
+                        shuffle_bins=False)
+        return packed.map(_seq2seq_from_packed if seq2seq else _from_packed)
 
     it = sharded_batches(stream, finish, batch_size=batch_size, shards=shards, process_index=process_index,
                          process_count=process_count)
