@@ -100,19 +100,19 @@ def _fit(ids: list[int], *, seq_len: int, truncation: str, where: str, stream: s
     return ids[: seq_len - 1] + ids[-1:], True
 
 
-def seq2seq_example(prompt_ids: Sequence[int], target_ids: Sequence[int], *, eos_id: int, decoder_start_id: int,
-                    seq_len: int, truncation: str, where: str = "") -> tuple[dict[str, np.ndarray] | None, bool]:
+def seq2seq_example(encoder_ids: Sequence[int], target_ids: Sequence[int], *, decoder_start_id: int, seq_len: int,
+                    truncation: str, where: str = "") -> tuple[dict[str, np.ndarray] | None, bool]:
     """(encoder inputs, decoder inputs, targets, loss mask) of one encoder-decoder example, or (None, False).
 
-    As transformers builds a T5 batch: `inputs` = tokenizer(prompt) (ids + </s>), `targets` =
-    tokenizer(target) (the labels), `decoder_inputs` = the targets shifted right behind the decoder
-    start token. Every target token is trained. Both streams are at most `seq_len` long.
+    As transformers builds a T5 batch: `inputs` = tokenizer(prompt) (`seq2seq_ids`: ids + </s>),
+    `targets` = the labels, `decoder_inputs` = the targets shifted right behind the decoder start
+    token. Every target token is trained. Both streams are at most `seq_len` long.
     """
-    encoder, cut_encoder = _fit([*prompt_ids, eos_id], seq_len=seq_len, truncation=truncation, where=where,
+    encoder, cut_encoder = _fit(list(encoder_ids), seq_len=seq_len, truncation=truncation, where=where,
                                 stream="input (encoder)")
-    targets, cut_targets = _fit([*target_ids, eos_id], seq_len=seq_len, truncation=truncation, where=where,
+    targets, cut_targets = _fit(list(target_ids), seq_len=seq_len, truncation=truncation, where=where,
                                 stream="target (decoder)")
-    if encoder is None or targets is None:
+    if encoder is None or targets is None or not targets:
         return None, False
     return {
         "inputs": np.asarray(encoder, np.int32),
@@ -120,6 +120,11 @@ def seq2seq_example(prompt_ids: Sequence[int], target_ids: Sequence[int], *, eos
         "targets": np.asarray(targets, np.int32),
         "loss_mask": np.ones(len(targets), np.int32),
     }, cut_encoder or cut_targets
+
+
+def seq2seq_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`tokenizer(text)` of a T5 tokenizer: the ids and a closing </s> (an encoder input or a label)."""
+    return tokenizer.encode(text) + [tokenizer.eos_id]
 
 
 def shift_and_truncate(tokens: Sequence[int], trained: Sequence[int], *, seq_len: int, truncation: str,
@@ -199,8 +204,8 @@ class ExampleBuilder:
                             "train on; give the task FLAN templates (a prompt for the encoder, a target for the decoder)")
         prompt, target = self.render(record, index)
         example, truncated = seq2seq_example(
-            self.tokenizer.encode(prompt), self.tokenizer.encode(target), eos_id=self.tokenizer.eos_id,
-            decoder_start_id=self.tokenizer.pad_id, seq_len=self.seq_len, truncation=self.task.truncation, where=where)
+            seq2seq_ids(self.tokenizer, prompt), seq2seq_ids(self.tokenizer, target), decoder_start_id=self.tokenizer.pad_id,
+            seq_len=self.seq_len, truncation=self.task.truncation, where=where)
         if example is None:
             return self._marker("dropped")
         self._failures_in_a_row = 0
