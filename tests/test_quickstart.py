@@ -44,3 +44,12 @@ def test_quickstart_t5_variant_trains_and_evaluates(tmp_path, capsys):
     evals = [r for r in rows if "eval/exact_match" in r]
     assert [r["step"] for r in evals] == [0, 6] and all(r["eval/loss"] > 0 for r in evals)
     assert summary.eval_after is not None
+    # `jaxtune generate` / the Python API on the run: the prompt is the encoder's input, prompt + </s>
+    from jaxtune import api, generate
+
+    run = api.load(str(tmp_path / "qs"))
+    prompt = "Write it in capital letters: ring"
+    ids = run.tokenizer.encode(prompt) + [run.tokenizer.eos_id]
+    direct = generate.generate(run.model, run.params, [ids], max_new_tokens=4, stop_tokens=(run.tokenizer.eos_id,),
+                               pad_id=run.tokenizer.pad_id)
+    assert run.generate(prompt, max_new_tokens=4) == [generate.decode_completion(run.tokenizer.decode, direct[0], ())]

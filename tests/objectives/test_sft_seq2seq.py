@@ -41,7 +41,7 @@ def test_an_example_is_prompt_to_encoder_and_target_to_decoder():
     # a conversation has no encoder/decoder split
     chat = ExampleBuilder(TaskSpec("chat", [{"messages": []}], chat_template="{{ x }}", seq2seq=True), 0, tok,
                           seq_len=64, seed=0)
-    with pytest.raises(UserError, match="task 'chat' reads conversations.*encoder-decoder"):
+    with pytest.raises(UserError, match=r"task 'chat' reads conversations.*encoder-decoder"):
         chat(0, {"messages": []})
 
 
