@@ -13,7 +13,7 @@ import os
 import ml_collections
 
 from jaxtune import config as config_lib
-from jaxtune import nonfinite, objectives, optim, paths, sharding
+from jaxtune import loading, nonfinite, objectives, optim, paths, sharding
 from jaxtune.config import EVAL_METRICS, eval_task_config, task_config
 from jaxtune.data import examples, flan, formats, mixtures, pair_packing, pipeline, sources, tokenizers
 from jaxtune.data.builtin import BUILTIN_DATASETS
@@ -183,6 +183,11 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         if sum(config.mesh[prefix + a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
             raise UserError(f"config keys mesh.{prefix}data/{prefix}fsdp/{prefix}tensor: at most one axis may be -1")
     peft_base.spec_from_config(config.peft)
+    if config.peft.method != "none" and loading.is_encoder_decoder(config):
+        # peft.targets names decoder-only projections (q -> q_proj); T5's are q, k, v, o, wi, wo.
+        raise UserError(f"config key 'peft.method' is {config.peft.method!r}, but runs apply PEFT to decoder-only "
+                        "models so far; adapt a T5 from Python (jaxtune.peft.wrapper.wrap, targets such as "
+                        "('q', 'v'); docs/guides/t5.md) or set peft.method='none' for full fine-tuning")
 
 
 def _validate_decontaminate(config: ml_collections.ConfigDict) -> None:
