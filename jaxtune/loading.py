@@ -75,7 +75,10 @@ def encoder_decoder_family(config: ml_collections.ConfigDict) -> str | None:
     encoder-decoder (T5), else None."""
     m = config.model
     if m.hf_dir:
-        model_type = read_hf_config(m.hf_dir).get("model_type")
+        try:
+            model_type = read_hf_config(m.hf_dir).get("model_type")
+        except UserError:
+            return None  # not (yet) a model directory: loading the model names the problem
         if model_type is None or not any(model_type in f.hf_model_types for f in models.FAMILIES.values()):
             return None  # config_from_pretrained names the problem
         family, where = models.family_for_hf(model_type), f"model.hf_dir {m.hf_dir} (model_type {model_type!r})"
