@@ -194,6 +194,16 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict | None:
         return None
 
 
+def latest_saved_config(workdir: str | Path) -> dict | None:
+    """The config saved with a run's latest checkpoint; None without checkpoints or a saved config."""
+    directory = paths.absolute(workdir) / workdir_lib.CHECKPOINTS
+    if not directory.is_dir():
+        return None
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        return None if step is None else saved_config(manager, step)
+
+
 def latest_checkpoint(workdir: str | Path, command: str) -> tuple[Path, int]:
     """A run's checkpoints directory and latest step, or a UserError naming the command."""
     directory = paths.absolute(workdir) / workdir_lib.CHECKPOINTS

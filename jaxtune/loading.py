@@ -70,13 +70,16 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None 
     return model_config if adapt is None else adapt(model_config)
 
 
-def encoder_decoder_family(config: ml_collections.ConfigDict) -> str | None:
+def encoder_decoder_family(config: ml_collections.ConfigDict, *, resolve_hub: bool = True) -> str | None:
     """What names the model (for errors) when the run's model (`model.hf_dir` or `model.family`) is an
-    encoder-decoder (T5), else None."""
+    encoder-decoder (T5), else None. `resolve_hub=False` (config validation, before Hub ids are
+    pinned and downloaded) leaves a Hub id unchecked (None)."""
     m = config.model
     if m.hf_dir:
-        try:
-            model_type = read_hf_config(m.hf_dir).get("model_type")
+        if not resolve_hub and hub.is_hub_id(m.hf_dir):
+            return None
+        try:  # a Hub id: its pinned snapshot
+            model_type = read_hf_config(hub.local_path(m.hf_dir, "model")).get("model_type")
         except UserError:
             return None  # not (yet) a model directory: loading the model names the problem
         if model_type is None or not any(model_type in f.hf_model_types for f in models.FAMILIES.values()):
@@ -256,9 +259,26 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str | Path | None
     if own is not None and own.is_file():
         return own
     start = config.model.get("init_from")
-    if start and (paths.path(start) / workdir_lib.TOKENIZER_FILE).is_file():
-        return paths.path(start) / workdir_lib.TOKENIZER_FILE
-    return own
+    found = _starting_run_tokenizer(start) if start else None
+    return found if found is not None else own
+
+
+def _starting_run_tokenizer(start: str, hops: int = 16) -> Path | None:
+    """model.init_from's tokenizer: the starting run's own file, else the one its saved config
+    names (data.tokenizer, model.hf_dir, or its own init_from's, followed back), so a chain of runs
+    (SFT -> DPO -> GRPO, each starting from the last) keeps the first run's ids."""
+    own = paths.path(start) / workdir_lib.TOKENIZER_FILE
+    if own.is_file():
+        return own
+    saved = checkpoint_lib.latest_saved_config(start) if hops > 0 else None
+    if not saved:
+        return None
+    data, model = saved.get("data") or {}, saved.get("model") or {}
+    if data.get("tokenizer"):
+        return paths.path(hub.local_path(data["tokenizer"], "tokenizer"))
+    if model.get("hf_dir"):
+        return paths.path(hub.local_path(model["hf_dir"], "model"))
+    return _starting_run_tokenizer(model["init_from"], hops - 1) if model.get("init_from") else None
 
 
 def load_run_tokenizer(path: Path, what: str, config: ml_collections.ConfigDict) -> Tokenizer:

@@ -47,10 +47,13 @@ def _base_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[str | 
 
 
 def _datasets(config: ml_collections.ConfigDict) -> list[str]:
-    """The Hub dataset ids the run's tasks read (`task_config(source="hf", path="org/name")`)."""
+    """The Hub dataset ids the run reads: its tasks' (`task_config(source="hf", path="org/name")`)
+    and its single sets' (`data.source_kind="hf"` with data.train_path / data.eval_path)."""
     tasks = config.data.get("tasks") or {}
-    return sorted({str(t.get("path")) for t in tasks.values()
-                   if t.get("source") == "hf" and hub.is_hub_id(str(t.get("path")))})
+    found = {str(t.get("path")) for t in tasks.values() if t.get("source") == "hf"}
+    if config.data.get("source_kind") == "hf":
+        found |= {str(config.data.get(key)) for key in ("train_path", "eval_path") if config.data.get(key)}
+    return sorted(path for path in found if hub.is_hub_id(path))
 
 
 def _final_metrics(workdir: str) -> dict[str, float]:

@@ -16,7 +16,7 @@ from jaxtune import config as config_lib
 from jaxtune import loading, nonfinite, objectives, optim, paths, sharding
 from jaxtune.config import EVAL_METRICS, eval_task_config, task_config
 from jaxtune.data import examples, flan, formats, mixtures, pair_packing, pipeline, sources, tokenizers
-from jaxtune.data.builtin import BUILTIN_DATASETS
+from jaxtune.data.builtin import BUILTIN_DATASETS, clusters
 from jaxtune.datatools.quality import QualityFilters
 from jaxtune.datatools.screen import settings_from
 from jaxtune.errors import UserError
@@ -156,6 +156,13 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
     if not 1 <= config.data.verifiable_min_steps <= config.data.verifiable_max_steps <= 8:
         raise UserError("config keys 'data.verifiable_min_steps' and 'data.verifiable_max_steps' must satisfy "
                         f"1 <= min <= max <= 8, got {config.data.verifiable_min_steps} and {config.data.verifiable_max_steps}")
+    if config.data.builtin == "clusters":
+        try:
+            clusters.check_clusters(config.data.clusters)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if config.data.templates_per_task < 0:
+        raise UserError(f"config key 'data.templates_per_task' must be >= 0 (0 = all), got {config.data.templates_per_task}")
     if config.data.packing_bins < 0:
         raise UserError(f"config key 'data.packing_bins' must be >= 0, got {config.data.packing_bins}")
     if config.data.max_pairs_per_row < 1:
@@ -183,7 +190,7 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         if sum(config.mesh[prefix + a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
             raise UserError(f"config keys mesh.{prefix}data/{prefix}fsdp/{prefix}tensor: at most one axis may be -1")
     peft_base.spec_from_config(config.peft)
-    if config.peft.method != "none" and loading.is_encoder_decoder(config):
+    if config.peft.method != "none" and loading.encoder_decoder_family(config, resolve_hub=False):
         # peft.targets names decoder-only projections (q -> q_proj); T5's are q, k, v, o, wi, wo.
         raise UserError(f"config key 'peft.method' is {config.peft.method!r}, but runs apply PEFT to decoder-only "
                         "models so far; adapt a T5 from Python (jaxtune.peft.wrapper.wrap, targets such as "

@@ -35,6 +35,8 @@ def _variants() -> list[str]:
     specs += [f"reward.py:variant={v},method={m}" for v in ("tiny", "llama3.2-1b") for m in ("none", "lora", "dora")]
     specs += ["grpo.py", "grpo.py:stage=sft", "grpo.py:lora=4,hf_dir=/m", "grpo.py:steps=3,init_from=runs/x"]
     specs += [f"grpo.py:variant={v}" for v in grpo.VARIANTS]
+    specs += ["online_dpo.py", "online_dpo.py:loss_type=ipo,lora=4,hf_dir=/m"]
+    specs += ["flan_clusters.py", "flan_clusters.py:clusters=1,templates=1", "flan_clusters.py:clusters=3,steps=5"]
     return [f"configs/{s}" for s in specs]  # relative to the repository root, as the docstrings write them
 
 
@@ -56,7 +58,7 @@ def _docstring_commands() -> list[tuple[str, list[str]]]:
 
 def _overrides(spec: str) -> list[str]:
     """A training file for configs that read one (the data itself is not opened here)."""
-    return [] if any(name in spec for name in ("quickstart", "mixture", "grpo")) else ["data.train_path=x.jsonl"]
+    return [] if any(name in spec for name in ("quickstart", "mixture", "grpo", "online_dpo", "flan_clusters")) else ["data.train_path=x.jsonl"]
 
 
 @pytest.mark.parametrize("spec", _variants())

@@ -129,15 +129,16 @@ def test_pin_hub_ids_records_and_reuses_commits(hub, tiny_hf, tmp_path):
 
 @pytest.mark.slow  # trains twice, exports and reloads a model
 def test_model_id_lora_export_push_generate(hub, hub_token, tiny_hf, tmp_path, monkeypatch, capsys):
-    """configs/sft_lora.py:hf_dir=ORG/NAME trains from the Hub; a resume after main moved keeps the
-    recorded commit; the merged export (with its card) pushed to the Hub and loaded back by its id
+    """configs/sft_lora.py:hf_dir=ORG/NAME trains from the Hub on a Hub dataset id (source_kind=hf);
+    a resume after main moved keeps the recorded commit; the merged export (with its card) pushed to the Hub and loaded back by its id
     gives the logits of the same folder loaded locally."""
     from jaxtune import inference, workdir as workdir_lib
     first = hub.create_repo("org/tiny", tiny_hf)
-    train = write_sft_jsonl(tmp_path / "train.jsonl")
+    hub.create_repo("org/sft-data", {"train.jsonl": write_sft_jsonl(tmp_path / "train.jsonl").read_text()},
+                    repo_type="dataset")
     workdir = tmp_path / "run"
     args = ["train", "--config", "configs/sft_lora.py:hf_dir=org/tiny", "--workdir", str(workdir),
-            f"--config.data.train_path={train}", "--config.data.templates=(('{prompt} =', ' {response}'),)",
+            "--config.data.source_kind=hf", "--config.data.train_path=org/sft-data", "--config.data.templates=(('{prompt} =', ' {response}'),)",
             "--config.data.seq_len=32", "--config.train.global_batch_size=8", "--config.model.dtype=float32",
             "--config.peft.base_dtype=", "--config.model.remat_policy=none", "--config.train.checkpoint_every=2",
             "--config.train.progress_bar=false", "--config.mesh.rules=dp"]
@@ -155,6 +156,7 @@ def test_model_id_lora_export_push_generate(hub, hub_token, tiny_hf, tmp_path, m
                      "--private"]) == 0
     card = (merged / "README.md").read_text()
     assert "base_model: org/tiny" in card and first in card and "library_name: transformers" in card
+    assert "org/sft-data" in card  # the run's Hub dataset
     assert hub.files_at("me/tiny-sft").keys() >= {p.name for p in merged.iterdir()}
     assert hub.repos[("model", "me/tiny-sft")].private
     hub_lib._pins.clear()

@@ -64,6 +64,30 @@ def test_every_objective_reads_the_model_dirs_own_tokenizer(tmp_path, objective)
     assert not (run / workdir_lib.TOKENIZER_FILE).exists()
 
 
+def test_a_chain_of_runs_keeps_the_first_runs_tokenizer(tmp_path):
+    """GRPO from DPO from SFT: the DPO run trained no tokenizer of its own (it used the SFT run's), so
+    its saved config's model.init_from is followed back to the SFT run's ids."""
+    import jax.numpy as jnp
+
+    from jaxtune import checkpoint as checkpoint_lib
+    sft, dpo, grpo = tmp_path / "sft", tmp_path / "dpo", tmp_path / "grpo"
+    for run in (sft, dpo, grpo):
+        run.mkdir()
+    _sentencepiece(sft / workdir_lib.TOKENIZER_FILE)
+    saver = checkpoint_lib.Checkpointer(dpo, every=1, keep=1, use_async=False)
+    saver.save(1, {"w": jnp.zeros(2)}, None, {"model": {"init_from": str(sft)}, "data": {"tokenizer": ""}})
+    saver.close()
+    c = config_lib.base_config()
+    c.model.init_from = str(dpo)
+    assert loading.tokenizer_path(c, grpo) == sft / workdir_lib.TOKENIZER_FILE
+    hf = tmp_path / "tok"
+    saver = checkpoint_lib.Checkpointer(sft, every=1, keep=1, use_async=False)  # a chain that started from a tokenizer
+    (sft / workdir_lib.TOKENIZER_FILE).unlink()
+    saver.save(1, {"w": jnp.zeros(2)}, None, {"model": {"init_from": ""}, "data": {"tokenizer": str(hf)}})
+    saver.close()
+    assert loading.tokenizer_path(c, grpo) == hf
+
+
 @pytest.mark.parametrize("objective", ["sft", "grpo"])
 def test_every_objective_starts_from_init_froms_tokenizer(tmp_path, objective):
     """model.init_from without data.tokenizer: the starting run's trained tokenizer, whose ids its weights know."""

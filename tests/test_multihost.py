@@ -375,3 +375,27 @@ def test_harness_across_processes(tmp_path):
     want = json.loads((tmp_path / "single.json").read_text())["results"]
     got = json.loads((tmp_path / "multi.json").read_text())["results"]
     assert _numbers(got) == pytest.approx(_numbers(want), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_online_dpo_lora(tmp_path):
+    """Online DPO under LoRA (the base is the reference) across 2 processes: each samples its own
+    prompts' pairs in the one SPMD sampler call and ranks them; with every training prompt the same
+    that is one process's run on all the prompts (the same pairs, scores and losses)."""
+    train = tmp_path / "prompts.jsonl"
+    train.write_text("".join(json.dumps({"prompt": "Say a few words.", "constraints": [
+        {"type": "word_count", "relation": "at most", "n": 3}]}) + "\n" for _ in range(32)))
+    overrides = [o.replace("objective.grpo.", "objective.online_dpo.") for o in GRPO_OVERRIDES
+                 if "num_generations" not in o and "global_batch_size" not in o]
+    overrides += [f"data.train_path={train}", "train.global_batch_size=4", "peft.method=lora", "peft.rank=4",
+                  "objective.online_dpo.missing_eos_penalty=0.5"]
+    config = str(REPO / "configs" / "online_dpo.py")
+    run_cli(_train_args(config, tmp_path / "multi", overrides))
+    _reference_run(config, tmp_path / "single", overrides)
+    single = {r["step"]: r for r in read_metrics(tmp_path / "single") if "loss" in r}
+    multi = {r["step"]: r for r in read_metrics(tmp_path / "multi") if "loss" in r}
+    assert sorted(multi) == sorted(single) == [1, 2, 3]
+    for step, row in single.items():
+        assert row["objective/scores_margin"] >= 0  # ranked by score: the chosen one never scores lower
+        for key in ("loss", "objective/scores", "objective/kl", "rewards/margins", "logps/chosen"):
+            assert multi[step][key] == pytest.approx(row[key], abs=TOLERANCE), (step, key)

@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     # A built-in generated dataset instead of files: "" (read data.train_path, JSONL, or data.tasks) |
-    # quickstart (configs/quickstart.py's task) | verifiable (built-in RL problems, data/builtin/verifiable.py).
+    # quickstart (configs/quickstart.py's task) | verifiable (built-in RL problems, data/builtin/verifiable.py)
+    # | clusters (FLAN task clusters with held-out ones, data/builtin/clusters.py).
     c.data.builtin = ""
     c.data.train_path = ""
     c.data.eval_path = ""
@@ -82,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_train_examples = 100_000  # quickstart: generated training records
     c.data.num_eval_examples = 300  # quickstart: held-out phrasings evaluated by exact match
     c.data.verifiable_families = ("arithmetic", "constraints")  # data.builtin=verifiable: problem families
+    # data.builtin=clusters (data/builtin/clusters.py): the training clusters (() = all six; the held-out
+    # ones are never trained on) and training phrasings per task (0 = all 21, 1 = FLAN's one-template ablation).
+    c.data.clusters = ()
+    c.data.templates_per_task = 0
     # Built-in arithmetic problems take min..max operations (3 operations: ~20x more distinct problems,
     # too many to memorise; RL then has to improve the arithmetic itself, see README's RL section).
     c.data.verifiable_min_steps = 1

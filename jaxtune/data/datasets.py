@@ -189,6 +189,8 @@ def _load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed:
         )
     if cfg.builtin == "verifiable" and not cfg.tasks:
         return _verifiable_sft_data(cfg, workdir, seed=seed)
+    if cfg.builtin == "clusters" and not cfg.tasks:
+        return _clusters_sft_data(cfg, workdir, seed=seed)
     task_cfgs = dict(cfg.tasks.items()) if cfg.tasks else {DEFAULT_TASK: _single_task(cfg)}
     given = run_tokenizer(cfg, workdir, None) if cfg.tokenizer and paths.path(cfg.tokenizer).exists() else None
     tasks = [task_spec(name, t, tokenizer_chat_template=cfg.chat_template or getattr(given, "chat_template", None),
@@ -224,6 +226,34 @@ def _verifiable_sft_data(cfg: ml_collections.ConfigDict, workdir: Path, *, seed:
                    eval_records=verifiable.generate_records(cfg.num_eval_examples, split="heldout", seed=seed,
                                                             families=families, **steps),
                    eval_templates={family: templates for family in families})  # eval rows keep their "task"
+
+
+def _clusters_sft_data(cfg: ml_collections.ConfigDict, workdir: Path, *, seed: int) -> SftData:
+    """The built-in task clusters (builtin/clusters.py): one task per training cluster, mixed
+    examples-proportionally (data.mixture) as FLAN mixes its tasks, each family phrased with
+    data.templates_per_task training templates; evaluated on held-out phrasings of the trained
+    families and on every family of the held-out clusters (eval rows keep their family as "task")."""
+    from jaxtune.data.builtin import clusters
+
+    try:
+        names = clusters.check_clusters(cfg.clusters)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    tokenizer = run_tokenizer(cfg, workdir, lambda: clusters.tokenizer_corpus(seed=seed))
+    per_family = max(cfg.num_train_examples // sum(len(clusters.CLUSTERS[c]) for c in names), 1)
+    tasks = []
+    for i, name in enumerate(names):
+        families = clusters.CLUSTERS[name]
+        flan = {f: FlanSpec(tuple(clusters.train_templates(f, cfg.templates_per_task)), word_dropout=cfg.word_dropout)
+                for f in families}
+        records = clusters.generate_records(families, per_family * len(families), seed=seed + i)
+        tasks.append(TaskSpec(name, records, flan=flan, truncation=cfg.truncation, on_error=cfg.on_error))
+    mixture = mixture_rates(names, [len(t.records) for t in tasks], mode=cfg.mixture.mode,
+                            caps=[cfg.mixture.cap] * len(tasks), temperature=cfg.mixture.temperature)
+    families = clusters.eval_families(names)
+    return SftData(tokenizer=tokenizer, tasks=tasks, mixture=mixture,
+                   eval_records=clusters.generate_records(families, cfg.num_eval_examples, seed=seed + 1_000_003),
+                   eval_templates={f: clusters.eval_templates(f) for f in families})
 
 
 # Records per task rendered and tokenized before a run starts (see check_first_records).

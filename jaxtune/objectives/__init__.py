@@ -3,7 +3,8 @@
 Each objective module registers an `Objective` subclass: `sft` (sft.py), `dpo` (preference.py:
 the paired preference losses, SimPO, ORPO and paired KTO as loss_type `kto_pair`), `kto`
 (kto.py: unpaired KTO) and `reward` (reward_model.py: Bradley-Terry reward models with a scalar
-head, `bradley_terry_loss`) and `grpo` (grpo.py). Each reads its own section, `objective.<name>.*`
+head, `bradley_terry_loss`), `grpo` (grpo.py) and `online_dpo` (online_dpo.py: the DPO loss on pairs
+sampled from the current policy each step). Each reads its own section, `objective.<name>.*`
 (e.g. `objective.dpo.beta`). Old spellings still load: `objective.type='preference'` is `dpo` and
 `loss_type='kto'` is `kto_pair`. The loss math is pure float32 functions of arrays
 (`sft_loss_from_stats`, `preference_loss`, `kto_loss`); log-probs come from jaxtune/logprobs.py.

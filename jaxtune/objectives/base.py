@@ -270,10 +270,10 @@ def build(config: ml_collections.ConfigDict) -> Objective:
     return cls(config)
 
 
-def check_model_kind(cls: type[Objective], config: ml_collections.ConfigDict) -> None:
+def check_model_kind(cls: type[Objective], config: ml_collections.ConfigDict, *, resolve_hub: bool = True) -> None:
     """An objective that feeds decoder-only batches cannot train an encoder-decoder: say so before
-    anything is built."""
-    where = loading.encoder_decoder_family(config)
+    anything is built (config validation: not for Hub ids, which are downloaded later)."""
+    where = loading.encoder_decoder_family(config, resolve_hub=resolve_hub)
     if where is not None and not cls.encoder_decoder:
         able = ", ".join(n for n in names() if get(n).encoder_decoder)
         raise UserError(f"{where} is an encoder-decoder model; objective.type={config.objective.type!r} supports "
@@ -315,7 +315,7 @@ def select(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """config.objective: a known type that can train the model, then that objective's own checks."""
     cls = get(config.objective.type)
-    check_model_kind(cls, config)
+    check_model_kind(cls, config, resolve_hub=False)
     cls.validate(config)
 
 

@@ -175,10 +175,16 @@ class GRPO(base.Objective):
                 f"config key 'train.checkpoint_every' ({config.train.checkpoint_every}) must be a multiple of "
                 f"{cls.key('num_iterations')} * steps_per_rollout ({cycle}) so a resumed run restarts at "
                 "a fresh rollout batch")
-        if config.data.tasks or config.data.builtin == "quickstart":
-            raise UserError("config key 'objective.type' is 'grpo': prompts come from data.builtin='verifiable' or "
-                            "data.train_path (JSONL), not "
-                            + ("data.tasks" if config.data.tasks else "data.builtin='quickstart'"))
+        cls.validate_prompts(config)
+        RewardSet.from_specs(list(s.rewards), list(s.reward_weights))  # names and weights resolve now
+
+    @classmethod
+    def validate_prompts(cls, config):
+        """The prompt data's settings (shared with the objectives that reuse GRPO's prompts)."""
+        if config.data.tasks or config.data.builtin in ("quickstart", "clusters"):
+            raise UserError(f"config key 'objective.type' is {cls.name!r}: prompts come from data.builtin='verifiable' "
+                            "or data.train_path (JSONL), not "
+                            + ("data.tasks" if config.data.tasks else f"data.builtin={config.data.builtin!r}"))
         if config.data.builtin == "verifiable":
             verifiable.check_families(config.data.verifiable_families)
         if config.data.chat_template:
@@ -187,9 +193,8 @@ class GRPO(base.Objective):
             except UserError as e:
                 raise UserError(f"config key 'data.chat_template': {e}") from None
         if not config.data.builtin and not config.data.train_path:
-            raise UserError("config key 'data.train_path' is empty: GRPO reads its prompts from it (JSONL), or set "
-                            "data.builtin='verifiable' for the built-in problems")
-        RewardSet.from_specs(list(s.rewards), list(s.reward_weights))  # names and weights resolve now
+            raise UserError(f"config key 'data.train_path' is empty: {cls.name} reads its prompts from it (JSONL), or "
+                            "set data.builtin='verifiable' for the built-in problems")
 
     # ---- reference -------------------------------------------------------------------------
 
@@ -277,14 +282,18 @@ class GRPO(base.Objective):
 
     def train_dataset(self, data, *, batch_size, process_index, process_count):
         if not data.train:
-            raise UserError("GRPO: no training prompts (data.train_path is empty)")
+            raise UserError(f"{self.name}: no training prompts (data.train_path is empty)")
         records = data.train
         ds = grain.MapDataset.range(len(records))
         if self.config.data.shuffle:
             ds = ds.shuffle(seed=self.config.seed)
         ds = ds.repeat()[process_index::process_count].map(lambda i: records[int(i)])
-        ds = ds.batch(self.section.num_prompts, batch_fn=list)
+        ds = ds.batch(self.prompts_per_batch(batch_size), batch_fn=list)
         return ds.to_iter_dataset(), None
+
+    def prompts_per_batch(self, batch_size: int) -> int:
+        """Prompts each `next(data_iter)` gives this process (`batch_size`: its rows per step)."""
+        return self.section.num_prompts
 
     def _rows_per_rollout(self, batch_size: int) -> int:
         return batch_size * self.section.steps_per_rollout

@@ -4,4 +4,4 @@ They are not sources (where records are read from: data/sources.py SOURCE_KINDS)
 that generate their own training and held-out records.
 """
 
-BUILTIN_DATASETS = ("quickstart", "verifiable")  # quickstart.py, verifiable.py
+BUILTIN_DATASETS = ("quickstart", "verifiable", "clusters")  # quickstart.py, verifiable.py, clusters.py

@@ -134,7 +134,7 @@ FRAMES = (
 _HELDOUT_PER_FAMILY = 3
 
 
-def _compose(index: int, field: str, here: str, label: str, wordings: tuple[str, ...]) -> tuple[list[Template], list[Template]]:
+def compose_templates(index: int, field: str, here: str, label: str, wordings: tuple[str, ...]) -> tuple[list[Template], list[Template]]:
     """(train, held-out) templates for the family at `index` in the family list.
 
     Held-out combinations use frames index, index+2, index+4 (so both instruction positions)
@@ -175,7 +175,7 @@ _SPECS = (
      ("Give the next letter", "Write the letter that comes after it", "Tell me the letter that follows", "Output the next letter of the alphabet")),
 )
 _FAMILIES = [
-    TaskFamily(name, make_fields, *_compose(i, field, here, label, wordings))
+    TaskFamily(name, make_fields, *compose_templates(i, field, here, label, wordings))
     for i, (name, make_fields, field, here, label, wordings) in enumerate(_SPECS)
 ]
 FAMILIES: dict[str, TaskFamily] = {f.name: f for f in _FAMILIES}

@@ -1,0 +1,68 @@
+"""scripts/flan_effect.py and scripts/tulu_pipeline.py end to end on --tiny budgets: the mechanics
+(every stage runs, the table/figure/pairs are written, a rerun resumes), not the gains, which are
+measured in docs/guides/effects.md. Run as a user runs them: a subprocess on one CPU device."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, timeout=600):
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_flan_effect_tiny(tmp_path):
+    result = run("flan_effect.py", "--tiny", "--workdir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["setting"], r["k"]) for r in rows) == [("many", 1), ("one", 1)]
+    for r in rows:
+        assert 0.0 <= r["heldout_clusters"] <= 1.0 and 0.0 <= r["heldout_phrasings"] <= 1.0 and r["steps"] == 2
+    assert "| many | 1 | 1 |" in result.stdout and "| one | 1 | 1 |" in result.stdout
+    assert (tmp_path / "flan_effect.png").read_bytes().startswith(b"\x89PNG")
+    again = run("flan_effect.py", "--tiny", "--workdir", tmp_path)  # resumes: every run is in results.jsonl
+    assert again.returncode == 0 and "jaxtune: done" not in again.stdout + again.stderr
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_tulu_pipeline_tiny(tmp_path):
+    result = run("tulu_pipeline.py", "--tiny", "--workdir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["SFT", "DPO", "GRPO"]
+    pairs = [json.loads(line) for line in next(tmp_path.glob("pairs_*.jsonl")).read_text().splitlines()]
+    assert pairs and all(p["chosen"] != p["rejected"] and p["prompt"] for p in pairs)
+    summary = json.loads(next(tmp_path.glob("dpo_*/pipeline.json")).read_text())
+    assert set(summary["scores"]) == {"SFT", "DPO", "GRPO"}
+    assert {"greedy/accuracy", "sampled/accuracy", "greedy/reward", "sampled/reward"} <= set(summary["scores"]["DPO"])
+    assert set(summary["times_s"]) >= {"SFT"} and all(t > 0 for t in summary["times_s"].values())
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("flan_effect.py", ["--clusters", "0,7"], "--clusters: each K must be in 1..6"),
+    ("flan_effect.py", ["--clusters", "one"], "--clusters must be comma-separated integers"),
+    ("flan_effect.py", ["--templates", "few"], "--templates must list some of many, one"),
+    ("tulu_pipeline.py", ["--samples", "1"], "--samples must be >= 2"),
+    ("tulu_pipeline.py", ["--dpo-beta", "0"], "--dpo-beta and --dpo-lr must be > 0"),
+    ("tulu_pipeline.py", ["--dpo-steps", "0"], "--dpo-steps must be >= 1"),
+])
+def test_argument_errors(capsys, script, args, message):
+    with pytest.raises(SystemExit) as e:
+        _script(script).parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
