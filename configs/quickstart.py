@@ -7,6 +7,11 @@ phrased by 21 training templates; 3 further templates per family (unseen combina
 shared frame and a family wording) are held out, and greedy exact match on them is measured
 before and after training. A 512-piece sentencepiece tokenizer is trained on first use and
 cached in the workdir. About 4 minutes on 2 CPU cores.
+
+The encoder-decoder variant trains a tiny T5 (v1.1 / Flan-T5 architecture) on the same tasks, the
+prompt fed to the encoder and the answer to the decoder, packed T5X-style (docs/guides/t5.md):
+
+    jaxtune train --config configs/quickstart.py:model=t5 --workdir runs/quickstart-t5
 """
 
 from jaxtune.config import base_config, parse_arg
@@ -47,5 +52,23 @@ def get_config(arg=None):
     c.eval.max_new_tokens = 10
     c.eval.batch_size = 150
 
-    c.train.steps = parse_arg(arg, steps=c.train.steps)["steps"]  # configs/quickstart.py:steps=100
+    args = parse_arg(arg, steps=c.train.steps, model="llama")  # configs/quickstart.py:steps=100,model=t5
+    c.train.steps = args["steps"]
+    if args["model"] == "t5":
+        _t5(c)
+    elif args["model"] != "llama":
+        raise ValueError(f"configs/quickstart.py: model={args['model']!r}; expected llama or t5")
     return c
+
+
+def _t5(c):
+    """A T5 v1.1-shaped encoder-decoder of about the decoder-only model's size: 3 encoder and 3
+    decoder layers of width 128 (gated-GELU MLP, untied head)."""
+    c.model.family = "t5"
+    c.model.variant = "tiny-v1.1"
+    c.model.num_layers = 3
+    c.model.head_dim = 32
+    c.model.intermediate_size = 256
+    c.model.num_kv_heads = None
+    c.model.tie_word_embeddings = None
+    c.model.max_position_embeddings = None

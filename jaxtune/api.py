@@ -85,7 +85,9 @@ class Model:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tok = self.tokenizer
         outputs = generate_lib.generate(
-            self.model, self.params, pipeline.tokenize_prompts(tok, prompts), max_new_tokens=max_new_tokens,
+            self.model, self.params,
+            pipeline.tokenize_prompts(tok, prompts, seq2seq=getattr(self.model, "is_encoder_decoder", False)),
+            max_new_tokens=max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=(tok.eos_id,), seed=seed, pad_id=tok.pad_id,
         )
         return [generate_lib.decode_completion(tok.decode, tokens, stop) for tokens in outputs]

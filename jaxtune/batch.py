@@ -10,6 +10,12 @@ objectives/segments.py sums log-probs back per pair).
 """
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+# Encoder-decoder rows (T5): `inputs`/`segment_ids`/`positions` are the encoder stream; the decoder
+# stream is `decoder_inputs` (the targets shifted right behind the start token), `targets`,
+# `loss_mask`, `decoder_segment_ids` and `decoder_positions`. Packed, segment k of one stream is
+# segment k of the other (T5X-style).
+SEQ2SEQ_BATCH_KEYS = ("inputs", "segment_ids", "positions", "decoder_inputs", "targets", "loss_mask",
+                      "decoder_segment_ids", "decoder_positions")
 PAIR_MASK_KEY = "pair_mask"  # a packed pair batch's slots [R, max_pairs]
 
 

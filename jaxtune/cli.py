@@ -216,7 +216,9 @@ def _generate(args) -> int:
     loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir, adapt=objectives.adapt_model_config)
     tok = loaded.tokenizer
     outputs = generate.generate(
-        loaded.model, loaded.params, pipeline.tokenize_prompts(tok, args.prompt), max_new_tokens=args.max_new_tokens,
+        loaded.model, loaded.params,
+        pipeline.tokenize_prompts(tok, args.prompt, seq2seq=getattr(loaded.model, "is_encoder_decoder", False)),
+        max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=(tok.eos_id,), seed=args.seed,
         pad_id=tok.pad_id,
     )
@@ -233,6 +235,8 @@ def _chat(args) -> int:
     if distributed.is_multiprocess():
         raise UserError("generate: --chat is interactive; run it as a single process")
     loaded = inference.load(workdir=args.workdir, hf_dir=args.hf_dir, adapt=objectives.adapt_model_config)
+    if getattr(loaded.model, "is_encoder_decoder", False):
+        raise UserError("generate: --chat needs a chat model; an encoder-decoder (T5) answers --prompt texts")
     template = chat_loop.choose_template(args.chat_template, loaded.tokenizer, loaded.config)
     sampling = chat_loop.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.stop)
     chat_loop.chat(loaded.model, loaded.params, loaded.tokenizer, template, stdin=sys.stdin, stdout=sys.stdout,

@@ -31,7 +31,7 @@ from jaxtune.data.flan import few_shot_prompt
 from jaxtune.data.sources import JsonlSource
 from jaxtune.errors import UserError
 from jaxtune.eval_tasks import EvalTask, load_eval_tasks
-from jaxtune.logprobs import DEFAULT_CHUNK, masked_sequence_sums, model_token_stats
+from jaxtune.logprobs import DEFAULT_CHUNK, head_token_stats, masked_sequence_sums, model_token_stats
 from jaxtune.rewards.instructions import as_constraints, satisfied, satisfied_loose
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -157,13 +157,32 @@ def score_responses_file(path: str, *, prompts: str | None = None) -> dict[str, 
 # ----------------------------------------------------------------------------- log-likelihood
 
 
+def is_encoder_decoder(model) -> bool:
+    """Whether `model` (a module or a PEFT-wrapped one) takes its prompt in an encoder (T5)."""
+    return bool(getattr(model, "is_encoder_decoder", False))
+
+
+def prompt_ids(model, tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids as the model was trained on them: BOS + prompt, or for an encoder-decoder its
+    encoder input (prompt + </s>)."""
+    return pipeline.tokenize_prompts(tokenizer, [prompt], seq2seq=is_encoder_decoder(model))[0]
+
+
 @functools.partial(jax.jit, static_argnames=("model", "logits_chunk"))
 def _sequence_logprobs(model, variables, batch, logits_chunk):
     """Per row: summed log p(target) over the loss mask, masked token count, argmax hits.
 
     The LM head runs `logits_chunk` positions at a time, as in training (jaxtune/logprobs.py)."""
-    stats = model_token_stats(model.module, variables, batch["inputs"], batch["targets"], positions=batch["positions"],
-                              segment_ids=batch["segment_ids"], chunk=logits_chunk)
+    if "decoder_inputs" in batch:  # an encoder-decoder: log p(targets | encoder input)
+        hidden = model.module.apply(
+            variables, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+            decoder_inputs=batch["decoder_inputs"], decoder_positions=batch["decoder_positions"],
+            decoder_segment_ids=batch["decoder_segment_ids"], method="hidden_states")
+        stats = head_token_stats(lambda h: model.module.apply(variables, h, method="logits_from_hidden"), hidden,
+                                 batch["targets"], chunk=logits_chunk)
+    else:
+        stats = model_token_stats(model.module, variables, batch["inputs"], batch["targets"],
+                                  positions=batch["positions"], segment_ids=batch["segment_ids"], chunk=logits_chunk)
     logp, count = masked_sequence_sums(stats.logp, batch["loss_mask"])
     hits = stats.correct * (batch["loss_mask"] > 0)
     return logp, count, jnp.sum(hits, -1)
@@ -178,21 +197,28 @@ def score_continuations(
     Rows are padded to [batch_size, seq_len] so every call reuses one compile; a continuation
     cut by seq_len is scored on the tokens that fit, one that does not fit at all is an error.
     """
+    seq2seq = is_encoder_decoder(model)
+    keys = batch_lib.SEQ2SEQ_BATCH_KEYS if seq2seq else batch_lib.BATCH_KEYS
     rows = []
     for i, (prompt, continuation) in enumerate(pairs):
-        example = pipeline.tokenize_pair(prompt, continuation, seq_len=seq_len, truncation="truncate")
-        if example is None:
+        if seq2seq:  # the prompt is the encoder's, the continuation the decoder's
+            row = pipeline.seq2seq_row(prompt, continuation, decoder_start_id=model.config.decoder_start_token_id,
+                                       seq_len=seq_len)
+        else:
+            example = pipeline.tokenize_pair(prompt, continuation, seq_len=seq_len, truncation="truncate")
+            row = None if example is None else pipeline.pad_example(example, seq_len)
+        if row is None:
             label = where[i] if where else f"eval example {i}"
             raise UserError(f"{label}: the prompt leaves no room for the scored text within data.seq_len={seq_len}")
-        rows.append(pipeline.pad_example(example, seq_len))
+        rows.append(row)
     multiple = generate_lib.batch_multiple()
     batch_size = -(-batch_size // multiple) * multiple
     variables = generate_lib.as_variables(params)
     results = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        chunk += [{k: np.zeros(seq_len, np.int32) for k in batch_lib.BATCH_KEYS}] * (batch_size - len(chunk))
-        batch = {k: np.stack([r[k] for r in chunk]) for k in batch_lib.BATCH_KEYS}
+        chunk += [{k: np.zeros(seq_len, np.int32) for k in keys}] * (batch_size - len(chunk))
+        batch = {k: np.stack([r[k] for r in chunk]) for k in keys}
         out = _sequence_logprobs(generate_lib.ByRepr(model), variables, batch, logits_chunk)
         results.append(np.stack([distributed.to_host(x) for x in out])[:, : min(batch_size, len(rows) - start)])
     if not results:
@@ -204,10 +230,8 @@ def score_continuations(
 def loss_scores(model, params, tokenizer, examples: Sequence[Mapping[str, str]], *, seq_len: int, batch_size: int,
                 logits_chunk: int = DEFAULT_CHUNK) -> dict[str, float]:
     """Token-weighted loss, perplexity and next-token accuracy on prompt -> answer + EOS (as trained)."""
-    pairs = [
-        (pipeline.encode_prompt(tokenizer, e["prompt"]), tokenizer.encode(e["answer"]) + [tokenizer.eos_id])
-        for e in examples
-    ]
+    pairs = [(prompt_ids(model, tokenizer, e["prompt"]), tokenizer.encode(e["answer"]) + [tokenizer.eos_id])
+             for e in examples]
     logp, count, hits = score_continuations(model, params, pairs, seq_len=seq_len, batch_size=batch_size,
                                             logits_chunk=logits_chunk)
     tokens = max(float(count.sum()), 1.0)
@@ -222,7 +246,7 @@ def multiple_choice_scores(
     """`mc/accuracy` (argmax of summed option log-likelihood), `mc/accuracy_norm` (per-token mean), per task."""
     pairs, where, owner = [], [], []
     for i, e in enumerate(examples):
-        prompt = pipeline.encode_prompt(tokenizer, e["prompt"])
+        prompt = prompt_ids(model, tokenizer, e["prompt"])
         for option in e["options"]:
             pairs.append((prompt, tokenizer.encode(option)))
             where.append(e.get("where", f"multiple-choice example {i}"))
@@ -348,6 +372,9 @@ def _harness_metrics(model, params, tokenizer, tasks, eval_cfg, *, seq_len: int,
     """`harness/<task>/<metric>` of lm-evaluation-harness tasks on the model being trained (context: data.seq_len)."""
     from jaxtune import harness
 
+    if is_encoder_decoder(model):
+        raise UserError("config key 'eval.harness': the lm-evaluation-harness backend drives decoder-only models; "
+                        "an encoder-decoder (T5) is evaluated with eval.tasks and the held-out set (docs/guides/t5.md)")
     loaded = harness.InMemoryModel(model, params, tokenizer)
     lm = harness.harness_lm(loaded, batch_size=eval_cfg.batch_size, max_length=seq_len,
                             max_gen_toks=eval_cfg.max_new_tokens)
@@ -399,7 +426,7 @@ def _instruction_metrics(model, params, tokenizer, task: EvalTask, eval_cfg, *, 
 
 def generate_answers(model, params, tokenizer, examples: Sequence[Mapping[str, str]], eval_cfg) -> list[str]:
     """Greedy answers (KV-cache sampler), stopped at EOS and at any of `eval.stop_strings`."""
-    prompts = pipeline.tokenize_prompts(tokenizer, [e["prompt"] for e in examples])
+    prompts = pipeline.tokenize_prompts(tokenizer, [e["prompt"] for e in examples], seq2seq=is_encoder_decoder(model))
     outputs = generate_lib.generate(
         model, params, prompts, max_new_tokens=eval_cfg.max_new_tokens, stop_tokens=(tokenizer.eos_id,),
         pad_id=tokenizer.pad_id, batch_size=eval_cfg.batch_size,

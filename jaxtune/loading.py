@@ -57,38 +57,44 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None 
     tokenizer), then `adapt` (the run's `Objective.adapt_model_config`, e.g. a reward model's head:
     the layers above pass it in, this module names no objective)."""
     m = config.model
-    attention = m.get("attention", "auto")  # configs saved before the setting existed
-    _reject_encoder_decoder(m)
+    numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
+    if not is_encoder_decoder(config):  # T5 always runs its biased reference attention (docs/guides/t5.md)
+        numerics["attention"] = m.get("attention", "auto")  # configs saved before the setting existed
     if m.hf_dir:
-        model_config = models.config_from_pretrained(
-            hf_dir(config), dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
-            attention=attention)
+        model_config = models.config_from_pretrained(hf_dir(config), **numerics)
     else:
         overrides = {k: m[k] for k in _MODEL_OVERRIDE_KEYS if m[k] is not None}
         if "vocab_size" not in overrides and vocab_size is not None:
             overrides["vocab_size"] = vocab_size
-        overrides.update(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=attention)
-        model_config = models.get_config(m.family, m.variant, **overrides)
+        model_config = models.get_config(m.family, m.variant, **overrides, **numerics)
     return model_config if adapt is None else adapt(model_config)
 
 
-def _reject_encoder_decoder(m: ml_collections.ConfigDict) -> None:
-    """Runs (train, eval, plan, export of a run) feed decoder-only batches; an encoder-decoder is
-    a Python-API model for now (models + generate), so say so before anything is built."""
+def encoder_decoder_family(config: ml_collections.ConfigDict, *, resolve_hub: bool = True) -> str | None:
+    """What names the model (for errors) when the run's model (`model.hf_dir` or `model.family`) is an
+    encoder-decoder (T5), else None. `resolve_hub=False` (config validation, before Hub ids are
+    pinned and downloaded) leaves a Hub id unchecked (None)."""
+    m = config.model
     if m.hf_dir:
-        hf = read_hf_config(hub.local_path(m.hf_dir, "model"))  # a Hub id: its pinned snapshot
-        model_type = hf.get("model_type")
+        if not resolve_hub and hub.is_hub_id(m.hf_dir):
+            return None
+        try:  # a Hub id: its pinned snapshot
+            model_type = read_hf_config(hub.local_path(m.hf_dir, "model")).get("model_type")
+        except UserError:
+            return None  # not (yet) a model directory: loading the model names the problem
         if model_type is None or not any(model_type in f.hf_model_types for f in models.FAMILIES.values()):
-            return  # config_from_pretrained names the problem
+            return None  # config_from_pretrained names the problem
         family, where = models.family_for_hf(model_type), f"model.hf_dir {m.hf_dir} (model_type {model_type!r})"
     elif m.family in models.FAMILIES:
         family, where = models.FAMILIES[m.family], f"config key 'model.family' is {m.family!r}, which"
     else:
-        return
-    if family.is_encoder_decoder:
-        raise UserError(f"{where} is an encoder-decoder model; jaxtune runs (train/eval/plan) support decoder-only "
-                        "families so far. Use it from Python: jaxtune.models.from_pretrained and "
-                        "jaxtune.generate.generate (docs/guides/t5.md)")
+        return None
+    return where if family.is_encoder_decoder else None
+
+
+def is_encoder_decoder(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains an encoder-decoder: its batches then carry a decoder stream too."""
+    return encoder_decoder_family(config) is not None
 
 
 def peft_spec(config: ml_collections.ConfigDict) -> peft_base.Spec | None:
@@ -305,6 +311,7 @@ def data_settings(config: ml_collections.ConfigDict, workdir: str | Path | None 
     the workdir) and `default_task`, the single-task keys (data.train_path + data.templates, ...)
     as one task of the config schema's `task_config`."""
     data = ml_collections.ConfigDict(config.data.to_dict())
+    data.seq2seq = is_encoder_decoder(config)
     path = tokenizer_path(config, workdir)
     if data.tokenizer or config.model.get("hf_dir"):
         data.tokenizer = str(path)  # a file, or a dir (load_tokenizer picks tokenizer.json, else tokenizer.model)

@@ -13,7 +13,7 @@ import os
 import ml_collections
 
 from jaxtune import config as config_lib
-from jaxtune import nonfinite, objectives, optim, paths, sharding
+from jaxtune import loading, nonfinite, objectives, optim, paths, sharding
 from jaxtune.config import EVAL_METRICS, eval_task_config, task_config
 from jaxtune.data import examples, flan, formats, mixtures, pair_packing, pipeline, sources, tokenizers
 from jaxtune.data.builtin import BUILTIN_DATASETS, clusters
@@ -190,6 +190,11 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
         if sum(config.mesh[prefix + a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
             raise UserError(f"config keys mesh.{prefix}data/{prefix}fsdp/{prefix}tensor: at most one axis may be -1")
     peft_base.spec_from_config(config.peft)
+    if config.peft.method != "none" and loading.encoder_decoder_family(config, resolve_hub=False):
+        # peft.targets names decoder-only projections (q -> q_proj); T5's are q, k, v, o, wi, wo.
+        raise UserError(f"config key 'peft.method' is {config.peft.method!r}, but runs apply PEFT to decoder-only "
+                        "models so far; adapt a T5 from Python (jaxtune.peft.wrapper.wrap, targets such as "
+                        "('q', 'v'); docs/guides/t5.md) or set peft.method='none' for full fine-tuning")
 
 
 def _validate_decontaminate(config: ml_collections.ConfigDict) -> None:
@@ -296,8 +301,9 @@ def validate_for_devices(config: ml_collections.ConfigDict, mesh_shape: dict[str
         )
 
 
-def validate_for_model(config: ml_collections.ConfigDict, max_positions: int) -> None:
-    if config.data.seq_len > max_positions:
+def validate_for_model(config: ml_collections.ConfigDict, max_positions: int | None) -> None:
+    """data.seq_len against the model's position limit (None: relative positions, no limit)."""
+    if max_positions is not None and config.data.seq_len > max_positions:
         raise UserError(
             f"config key 'data.seq_len' ({config.data.seq_len}) exceeds the model's max_position_embeddings "
             f"({max_positions}); lower data.seq_len or raise model.max_position_embeddings"

@@ -107,21 +107,24 @@ def test_every_objective_starts_from_init_froms_tokenizer(tmp_path, objective):
     assert not (run / workdir_lib.TOKENIZER_FILE).exists()
 
 
-def test_encoder_decoder_models_are_refused_by_runs_with_a_clear_error(tmp_path):
-    """A T5 named by model.family or by model.hf_dir is a Python-API model for now: runs say so."""
+def test_encoder_decoder_models_are_recognised_by_family_and_hf_dir(tmp_path):
+    """A T5 named by model.family or by model.hf_dir: runs build it (its config has no `attention`
+    field), the data settings ask for encoder-decoder examples, and objectives that feed
+    decoder-only batches refuse it (tests/objectives/test_sft_seq2seq.py)."""
     import jax
 
     from jaxtune import models, sharding
-    from jaxtune.errors import UserError
 
     c = config_lib.base_config()
     c.model.family, c.model.variant = "t5", "tiny"
-    with pytest.raises(UserError, match=r"'model.family' is 't5'.*encoder-decoder"):
-        loading.model_config_from(c)
+    assert loading.is_encoder_decoder(c) and loading.data_settings(c).seq2seq
+    assert loading.model_config_from(c).model_type == "t5"
     config = models.get_config("t5", "tiny")
     params = sharding.unbox(models.build(config).init(jax.random.key(0), jax.numpy.zeros((1, 2), "int32"))["params"])
     out = models.save_pretrained(config, params, tmp_path / "t5")
     c = config_lib.base_config()
     c.model.hf_dir = str(out)
-    with pytest.raises(UserError, match=r"model.hf_dir .*t5.*model_type 't5'.*encoder-decoder"):
-        loading.model_config_from(c)
+    assert loading.encoder_decoder_family(c) == f"model.hf_dir {out} (model_type 't5')"
+    assert loading.model_config_from(c).num_layers == config.num_layers
+    c = config_lib.base_config()
+    assert not loading.is_encoder_decoder(c) and not loading.data_settings(c).seq2seq

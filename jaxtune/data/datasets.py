@@ -164,7 +164,17 @@ class Screen(Protocol):
 def load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: int,
                   screen: Screen | None = None) -> SftData:
     """An SFT run's tokenizer, tasks (narrowed by `screen` when given), mixture and held-out records.
-    `cfg` is the data settings of `loading.data_settings(config)`."""
+    `cfg` is the data settings of `loading.data_settings(config)`; `cfg.seq2seq` (an encoder-decoder
+    model) makes every task's examples encoder-decoder ones (prompt -> encoder, target -> decoder)."""
+    data = _load_sft_data(cfg, workdir, seed=seed, screen=screen)
+    if cfg.get("seq2seq", False):
+        data.tasks = [dataclasses.replace(task, seq2seq=True) for task in data.tasks]
+        check_first_records(data, seq_len=cfg.seq_len, seed=seed, limit=100)
+    return data
+
+
+def _load_sft_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *, seed: int,
+                   screen: Screen | None = None) -> SftData:
     workdir = paths.path(workdir)
     if cfg.builtin == "quickstart" and not cfg.tasks:
         tokenizer = run_tokenizer(cfg, workdir, lambda: quickstart.tokenizer_corpus(seed=seed))

@@ -27,6 +27,7 @@ DEFAULT_TASK = "default"
 TRUNCATION_POLICIES = ("truncate", "drop", "error")  # an over-long example
 ON_ERROR_POLICIES = ("error", "skip")  # a bad record
 EXAMPLE_KEYS = ("inputs", "targets", "loss_mask")
+SEQ2SEQ_EXAMPLE_KEYS = ("inputs", "decoder_inputs", "targets", "loss_mask")  # encoder-decoder examples
 TASK_KEY, SKIP_KEY, TRUNCATED_KEY = "_task", "_skip", "_truncated"
 _FEW_SHOT_STREAM = 0x0F1C
 
@@ -73,6 +74,8 @@ class TaskSpec:
     few_shot_max_tokens: int = 0
     truncation: str = "truncate"
     on_error: str = "error"
+    # Encoder-decoder examples (`seq2seq_example`): the prompt feeds the encoder, the target the decoder.
+    seq2seq: bool = False
 
     def flan_spec(self, record: Mapping[str, Any]) -> tuple[str, FlanSpec]:
         if len(self.flan) == 1:
@@ -82,6 +85,46 @@ class TaskSpec:
             where = record.get("_where", "record")
             raise UserError(f"{where}: no templates for task {key!r}; known tasks: {', '.join(sorted(self.flan))}")
         return key, self.flan[key]
+
+
+def _fit(ids: list[int], *, seq_len: int, truncation: str, where: str, stream: str) -> tuple[list[int] | None, bool]:
+    """One encoder-decoder stream cut to `seq_len` as transformers' tokenizer truncates: keep the start
+    and the closing </s>; (None, False) when the policy drops it."""
+    if len(ids) <= seq_len:
+        return ids, False
+    if truncation == "error":
+        raise UserError(f"{where or 'example'}: the {stream} has {len(ids)} tokens, more than data.seq_len={seq_len} "
+                        "(set the truncation policy to 'truncate' or 'drop')")
+    if truncation == "drop":
+        return None, False
+    return ids[: seq_len - 1] + ids[-1:], True
+
+
+def seq2seq_example(encoder_ids: Sequence[int], target_ids: Sequence[int], *, decoder_start_id: int, seq_len: int,
+                    truncation: str, where: str = "") -> tuple[dict[str, np.ndarray] | None, bool]:
+    """(encoder inputs, decoder inputs, targets, loss mask) of one encoder-decoder example, or (None, False).
+
+    As transformers builds a T5 batch: `inputs` = tokenizer(prompt) (`seq2seq_ids`: ids + </s>),
+    `targets` = the labels, `decoder_inputs` = the targets shifted right behind the decoder start
+    token. Every target token is trained. Both streams are at most `seq_len` long.
+    """
+    encoder, cut_encoder = _fit(list(encoder_ids), seq_len=seq_len, truncation=truncation, where=where,
+                                stream="input (encoder)")
+    targets, cut_targets = _fit(list(target_ids), seq_len=seq_len, truncation=truncation, where=where,
+                                stream="target (decoder)")
+    if encoder is None or targets is None or not targets:
+        return None, False
+    return {
+        "inputs": np.asarray(encoder, np.int32),
+        "decoder_inputs": np.asarray([decoder_start_id, *targets[:-1]], np.int32),
+        "targets": np.asarray(targets, np.int32),
+        "loss_mask": np.ones(len(targets), np.int32),
+    }, cut_encoder or cut_targets
+
+
+def seq2seq_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`tokenizer(text)` of a T5 tokenizer: the ids and a closing </s> (an encoder input or a label)."""
+    return tokenizer.encode(text) + [tokenizer.eos_id]
 
 
 def shift_and_truncate(tokens: Sequence[int], trained: Sequence[int], *, seq_len: int, truncation: str,
@@ -132,6 +175,8 @@ class ExampleBuilder:
         try:
             if "_error" in record:  # a source read that failed under on_error=skip (formats.TaskRecords)
                 return self._marker("skipped")
+            if self.task.seq2seq:
+                return self._seq2seq(record, index, where)
             if self.task.chat_template is not None:
                 tokens, trained = self.chat_tokens(record)
             else:
@@ -152,6 +197,19 @@ class ExampleBuilder:
         example[TASK_KEY] = self.task_index
         example[TRUNCATED_KEY] = int(truncated)
         return example
+
+    def _seq2seq(self, record: Mapping[str, Any], index: int, where: str) -> dict[str, Any]:
+        if self.task.chat_template is not None:
+            raise UserError(f"task {self.task.name!r} reads conversations, which an encoder-decoder model does not "
+                            "train on; give the task FLAN templates (a prompt for the encoder, a target for the decoder)")
+        prompt, target = self.render(record, index)
+        example, truncated = seq2seq_example(
+            seq2seq_ids(self.tokenizer, prompt), seq2seq_ids(self.tokenizer, target), decoder_start_id=self.tokenizer.pad_id,
+            seq_len=self.seq_len, truncation=self.task.truncation, where=where)
+        if example is None:
+            return self._marker("dropped")
+        self._failures_in_a_row = 0
+        return {**example, TASK_KEY: self.task_index, TRUNCATED_KEY: int(truncated)}
 
     # -- FLAN-templated records ----------------------------------------------------------------
 
@@ -263,4 +321,4 @@ def is_example(example: dict[str, Any]) -> bool:
 
 
 def strip_meta(example: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {k: example[k] for k in EXAMPLE_KEYS}
+    return {k: example[k] for k in (SEQ2SEQ_EXAMPLE_KEYS if "decoder_inputs" in example else EXAMPLE_KEYS)}

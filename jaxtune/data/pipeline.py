@@ -15,11 +15,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxtune.batch import BATCH_KEYS
+from jaxtune.batch import BATCH_KEYS, SEQ2SEQ_BATCH_KEYS
 from jaxtune.data import templates as templates_lib
 from jaxtune.data.examples import (
     DEFAULT_TASK, CountExamples, ExampleBuilder, TaskSpec, TaskStats, TokenizeStats, encode_prompt, is_example,
-    shift_and_truncate, strip_meta,
+    seq2seq_example, seq2seq_ids, shift_and_truncate, strip_meta,
 )
 from jaxtune.data.flan import FlanSpec
 from jaxtune.data.tokenizers import Tokenizer
@@ -64,6 +64,33 @@ def pad_example(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.nd
     return out
 
 
+def pad_seq2seq_example(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """Padding mode for encoder-decoder examples: both streams padded to `seq_len`, segment 1 each."""
+    out = {key: np.zeros(seq_len, np.int32) for key in SEQ2SEQ_BATCH_KEYS}
+    for stream, keys in (("", ("inputs",)), ("decoder_", ("decoder_inputs", "targets", "loss_mask"))):
+        n = len(example[keys[0]])
+        for key in keys:
+            out[key][:n] = example[key]
+        out[f"{stream}segment_ids"][:n] = 1
+        out[f"{stream}positions"][:n] = np.arange(n)
+    return out
+
+
+def _seq2seq_from_packed(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """T5X-style packed rows: the k-th example of a row is segment k in both streams (Grain numbers
+    each feature's segments in packing order, and every example has tokens in both)."""
+    return {
+        "inputs": example["inputs"],
+        "segment_ids": example["inputs_segment_ids"],
+        "positions": example["inputs_positions"],
+        "decoder_inputs": example["decoder_inputs"],
+        "targets": example["targets"],
+        "loss_mask": example["loss_mask"],
+        "decoder_segment_ids": example["targets_segment_ids"],
+        "decoder_positions": example["targets_positions"],
+    }
+
+
 def _from_packed(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Grain's packer names segment/position features per key; keep the contract's names."""
     return {
@@ -73,6 +100,18 @@ def _from_packed(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "segment_ids": example["inputs_segment_ids"],
         "positions": example["inputs_positions"],
     }
+
+
+def pack_examples(it: grain.IterDataset, *, seq_len: int, bins: int, strategy: str = "first_fit",
+                  seq2seq: bool = False) -> grain.IterDataset:
+    """Examples packed into rows of `seq_len` (first/best fit over `bins` open rows), in the batch
+    contract's keys. Encoder-decoder examples fill both streams of a row together (T5X-style): an
+    example goes where its encoder input and its decoder tokens both fit."""
+    packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
+              "best_fit": grain.experimental.BestFitPackIterDataset}[strategy]
+    keys = ("inputs", "decoder_inputs", "targets", "loss_mask") if seq2seq else ("inputs", "targets", "loss_mask")
+    packed = packer(it, length_struct={k: seq_len for k in keys}, num_packing_bins=bins, shuffle_bins=False)
+    return packed.map(_seq2seq_from_packed if seq2seq else _from_packed)
 
 
 @dataclasses.dataclass
@@ -228,13 +267,12 @@ def build_dataset(
                             process_count=num_shards, **stream_options)
         return it.map(count).filter(is_example).map(strip_meta)
 
+    seq2seq = any(t.seq2seq for t in tasks)
+
     def finish(it: grain.IterDataset, rows: int) -> grain.IterDataset:
         if not packing:
-            return it.map(functools.partial(pad_example, seq_len=seq_len))
-        packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
-                  "best_fit": grain.experimental.BestFitPackIterDataset}[packing_strategy]
-        lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
-        return packer(it, length_struct=lengths, num_packing_bins=packing_bins or rows, shuffle_bins=False).map(_from_packed)
+            return it.map(functools.partial(pad_seq2seq_example if seq2seq else pad_example, seq_len=seq_len))
+        return pack_examples(it, seq_len=seq_len, bins=packing_bins or rows, strategy=packing_strategy, seq2seq=seq2seq)
 
     it = sharded_batches(stream, finish, batch_size=batch_size, shards=shards, process_index=process_index,
                          process_count=process_count)
@@ -252,17 +290,29 @@ def train_dataset(
     *,
     truncation: str = "truncate",
     word_dropout: float = 0.0,
+    seq2seq: bool = False,
     **kwargs,
 ) -> tuple[grain.IterDataset, PipelineStats]:
-    """One source whose records pick their template set by their "task" field (the quickstart shape)."""
+    """One source whose records pick their template set by their "task" field (the quickstart shape);
+    `seq2seq`: encoder-decoder examples."""
     flan = {name: FlanSpec(tuple(map(tuple, t)), word_dropout=word_dropout) for name, t in task_templates.items()}
-    task = TaskSpec(DEFAULT_TASK, source, flan=flan, truncation=truncation)
+    task = TaskSpec(DEFAULT_TASK, source, flan=flan, truncation=truncation, seq2seq=seq2seq)
     return build_dataset([task], tokenizer, **kwargs)
 
 
-def tokenize_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Generation inputs: the same BOS + prompt prefix the model was trained on."""
-    return [encode_prompt(tokenizer, p) for p in prompts]
+def tokenize_prompts(tokenizer: Tokenizer, prompts: Sequence[str], *, seq2seq: bool = False) -> list[list[int]]:
+    """Generation inputs: the same BOS + prompt prefix the model was trained on (an encoder-decoder:
+    the encoder input it was trained on, prompt + </s>)."""
+    return [seq2seq_ids(tokenizer, p) if seq2seq else encode_prompt(tokenizer, p) for p in prompts]
+
+
+def seq2seq_row(encoder_ids: Sequence[int], target_ids: Sequence[int], *, decoder_start_id: int,
+                seq_len: int) -> dict[str, np.ndarray] | None:
+    """One padded encoder-decoder row scoring `target_ids` given `encoder_ids` (evaluation), or None
+    when nothing of the target fits."""
+    example, _ = seq2seq_example(encoder_ids, target_ids, decoder_start_id=decoder_start_id, seq_len=seq_len,
+                                 truncation="truncate")
+    return None if example is None else pad_seq2seq_example(example, seq_len)
 
 
 def render_eval_set(

@@ -426,16 +426,24 @@ class T5(nn.Module):
                                             cache_size=cache_size)
         return self.logits_from_hidden(hidden)
 
-    def __call__(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
-                 decoder_inputs: Array | None = None, decoder_positions: Array | None = None,
-                 decoder_segment_ids: Array | None = None) -> Array:
+    def hidden_states(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
+                      decoder_inputs: Array | None = None, decoder_positions: Array | None = None,
+                      decoder_segment_ids: Array | None = None) -> Array:
+        """The decoder's final hidden states [B, T_dec, D] for both streams: what a loss runs the LM
+        head on in token chunks (`logits_from_hidden`)."""
         _, segment_ids = layers.default_positions_and_segments(inputs, positions, segment_ids)
         encoded = self.encode(inputs, positions=positions, segment_ids=segment_ids)
         if decoder_inputs is None:
             decoder_inputs = jnp.full((inputs.shape[0], 1), self.config.decoder_start_token_id, jnp.int32)
-        hidden = self.decoder_hidden_states(decoder_inputs, encoded, encoder_segment_ids=segment_ids,
-                                            positions=decoder_positions, segment_ids=decoder_segment_ids)
-        return self.logits_from_hidden(hidden)
+        return self.decoder_hidden_states(decoder_inputs, encoded, encoder_segment_ids=segment_ids,
+                                          positions=decoder_positions, segment_ids=decoder_segment_ids)
+
+    def __call__(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None,
+                 decoder_inputs: Array | None = None, decoder_positions: Array | None = None,
+                 decoder_segment_ids: Array | None = None) -> Array:
+        return self.logits_from_hidden(self.hidden_states(
+            inputs, positions=positions, segment_ids=segment_ids, decoder_inputs=decoder_inputs,
+            decoder_positions=decoder_positions, decoder_segment_ids=decoder_segment_ids))
 
 
 # ----------------------------------------------------------------------------- Hugging Face

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from jaxtune import config as config_lib
-from jaxtune import plugins
+from jaxtune import loading, plugins
 from jaxtune.datatools.screen import Screen
 from jaxtune.errors import UserError
 
@@ -105,6 +105,8 @@ class Objective:
     name: ClassVar[str] = ""  # set by register()
     # Metric names `loss` returns as plain totals over the global batch (not divided by the weight).
     summed_metrics: ClassVar[tuple[str, ...]] = ()
+    # Whether the objective trains encoder-decoder models (T5): its data and loss handle the decoder stream.
+    encoder_decoder: ClassVar[bool] = False
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -265,10 +267,22 @@ def get(name: str) -> type[Objective]:
 def build(config: ml_collections.ConfigDict) -> Objective:
     """The run's objective instance (config.objective.type selects it; its section is filled in if missing)."""
     cls = get(config.objective.type)
+    check_model_kind(cls, config)
     if cls.name not in config.objective:
         config_lib.upgrade_saved(config, config_sections())  # a config saved by an older jaxtune
         select(config)
     return cls(config)
+
+
+def check_model_kind(cls: type[Objective], config: ml_collections.ConfigDict, *, resolve_hub: bool = True) -> None:
+    """An objective that feeds decoder-only batches cannot train an encoder-decoder: say so before
+    anything is built (config validation: not for Hub ids, which are downloaded later)."""
+    where = loading.encoder_decoder_family(config, resolve_hub=resolve_hub)
+    if where is not None and not cls.encoder_decoder:
+        able = ", ".join(n for n in names() if get(n).encoder_decoder)
+        raise UserError(f"{where} is an encoder-decoder model; objective.type={config.objective.type!r} supports "
+                        f"decoder-only models so far (encoder-decoder runs: objective.type {able}; see "
+                        "docs/guides/t5.md)")
 
 
 def adapt_model_config(config: ml_collections.ConfigDict, model_config):
@@ -303,8 +317,10 @@ def select(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """config.objective: a known type, then that objective's own checks."""
-    get(config.objective.type).validate(config)
+    """config.objective: a known type that can train the model, then that objective's own checks."""
+    cls = get(config.objective.type)
+    check_model_kind(cls, config, resolve_hub=False)
+    cls.validate(config)
 
 
 def normalise(loss_sum: jax.Array, metric_sums: dict[str, jax.Array], weight: jax.Array,

@@ -78,9 +78,11 @@ def lm_evaluate(config: ml_collections.ConfigDict, model, variables, tokenizer, 
 @base.register("sft")
 class SFT(base.Objective):
     """Next-token cross-entropy on [B, T] rows (packed or padded), mean over the trained tokens;
-    `train.z_loss` adds the z-loss."""
+    `train.z_loss` adds the z-loss. An encoder-decoder's rows carry both streams
+    (batch.SEQ2SEQ_BATCH_KEYS): the loss is on the decoder targets given the encoder input."""
 
     summed_metrics = ("trained_tokens",)
+    encoder_decoder = True  # T5: prompt -> encoder, target -> decoder (trainer.step.Seq2SeqApply)
 
     def load_data(self, workdir):
         return datasets.load_sft_data(loading.data_settings(self.config, workdir), workdir, seed=self.config.seed,
@@ -93,7 +95,8 @@ class SFT(base.Objective):
                                       process_index=process_index, process_count=process_count)
 
     def batch_shapes(self, batch_size):
-        return {k: jax.ShapeDtypeStruct((batch_size, self.config.data.seq_len), jnp.int32) for k in batch_lib.BATCH_KEYS}
+        keys = batch_lib.SEQ2SEQ_BATCH_KEYS if loading.is_encoder_decoder(self.config) else batch_lib.BATCH_KEYS
+        return {k: jax.ShapeDtypeStruct((batch_size, self.config.data.seq_len), jnp.int32) for k in keys}
 
     def weight(self, batch):
         return jnp.sum(batch["loss_mask"].astype(jnp.float32))

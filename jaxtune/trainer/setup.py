@@ -87,7 +87,7 @@ def build_setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     mesh_shape = {a: ici_shape[a] * dcn_shape[a] for a in sharding.MESH_AXES}
     validation.validate_for_devices(config, mesh_shape, process_count)
     model_config = loading.model_config_from(config, vocab_size=vocab_size, adapt=objective.adapt_model_config)
-    validation.validate_for_model(config, model_config.max_position_embeddings)
+    validation.validate_for_model(config, getattr(model_config, "max_position_embeddings", None))  # T5: no limit
     model = loading.build_model(config, model_config)
     num_params = models.count_params(model_config)  # the base model's (outside the mesh context)
 

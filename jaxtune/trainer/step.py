@@ -57,6 +57,29 @@ class ModelApply:
         return stats, self.model.apply(variables, hidden, method="values_from_hidden")
 
 
+class Seq2SeqApply(ModelApply):
+    """ModelFns of an encoder-decoder (T5): rows carry the encoder stream (`inputs`, `segment_ids`,
+    `positions`) and the decoder stream (`decoder_inputs`, `decoder_segment_ids`,
+    `decoder_positions`); `targets` are the decoder's, so the statistics are those of the targets
+    given the encoder input, the LM head chunked as for a decoder-only model."""
+
+    def _hidden(self, variables, rows, rngs):
+        return self.model.apply(variables, rows["inputs"], positions=rows["positions"], segment_ids=rows["segment_ids"],
+                                decoder_inputs=rows["decoder_inputs"], decoder_positions=rows["decoder_positions"],
+                                decoder_segment_ids=rows["decoder_segment_ids"], rngs=rngs, method="hidden_states")
+
+    def __call__(self, params, tokens, positions, segment_ids, frozen=None, rngs=None):
+        raise NotImplementedError("an encoder-decoder takes two token streams: use token_stats(params, rows)")
+
+    def token_stats(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None, temperature=1.0) -> TokenStats:
+        variables = variables_for(params, frozen)
+        head = with_temperature(lambda h: self.model.apply(variables, h, method="logits_from_hidden"), temperature)
+        return head_token_stats(head, self._hidden(variables, rows, rngs), rows["targets"], chunk=self.logits_chunk)
+
+    def hidden_states(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None) -> jax.Array:
+        return self._hidden(variables_for(params, frozen), rows, rngs)
+
+
 class LogitsApply:
     """ModelFns around any `apply_fn(params, tokens, positions, segment_ids, frozen=None, rngs=None) -> logits`
     (tests, toy models): token stats from its full logits."""
@@ -80,8 +103,8 @@ class LogitsApply:
 
 
 def make_apply_fn(model: nn.Module, logits_chunk: int = DEFAULT_LOGITS_CHUNK) -> ModelApply:
-    """The model's apply function (see ModelApply)."""
-    return ModelApply(model, logits_chunk)
+    """The model's apply function (see ModelApply; Seq2SeqApply for an encoder-decoder)."""
+    return (Seq2SeqApply if getattr(model, "is_encoder_decoder", False) else ModelApply)(model, logits_chunk)
 
 
 def model_fns(apply_fn) -> base.ModelFns:
