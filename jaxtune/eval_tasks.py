@@ -48,6 +48,8 @@ def load_eval_tasks(tasks: Mapping[str, ml_collections.ConfigDict], *, seed: int
 def load_eval_task(name: str, t: ml_collections.ConfigDict, *, seed: int) -> EvalTask:
     where = f"eval.tasks.{name}"
     quiet = ml_collections.ConfigDict({**t.to_dict(), "word_dropout": 0.0, "inversion": 0.0, "few_shot": 0})
+    if t.metric == "instructions" and t.get("format", "auto") == "auto":
+        quiet.format = "fields"  # IFEval-shaped records ({prompt, instruction_id_list, kwargs}) are no TRL shape
     spec = task_spec(name, quiet, where=where)
     count = len(spec.records) if not t.max_examples else min(t.max_examples, len(spec.records))
     render = {"multiple_choice": _render_choices, "instructions": _render_instructions}.get(t.metric, _render_answer)

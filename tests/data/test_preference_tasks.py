@@ -85,6 +85,7 @@ def test_kto_records_through_data_tasks_with_a_temperature_mixture(files, tmp_pa
 
 def test_packed_pair_batches_from_the_tasks(files, tmp_path):
     c = _config(files, packing=True, max_pairs_per_row=5, seq_len=96)
+    c.data.pair_batching = "rows"  # the row budget (the default, "pairs", is tests/objectives/test_packed_steps.py's)
     data = datasets.load_preference_data(loading.data_settings(c), tmp_path, unpaired=False)
     it, stats = datasets.preference_train_dataset(data, c.data, batch_size=4, seed=0, unpaired=False)
     batch = next(iter(it))
