@@ -134,6 +134,15 @@ class Objective:
         return f"objective.{cls.name}.{key}"
 
     @classmethod
+    def check_keys(cls, config: ml_collections.ConfigDict, checks) -> None:
+        """`checks`: (ok, key, expected) for keys of this objective's section; the first not ok is a
+        UserError naming the key, what it must be and its value."""
+        s = cls.section_of(config)
+        for ok, key, expected in checks:
+            if not ok:
+                raise UserError(f"config key '{cls.key(key)}' must be {expected}, got {s[key]!r}")
+
+    @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         """Raise UserError naming the key and the fix for a config this objective cannot run."""
 

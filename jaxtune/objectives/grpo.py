@@ -166,17 +166,21 @@ class GRPO(base.Objective):
             ((s.beta or 0.0) >= 0, "beta", ">= 0"),
             (s.reference in ("auto", "none", "copy", "base"), "reference", "auto, none, copy or base"),
         ]
-        for ok, key, expected in checks:
-            if not ok:
-                raise UserError(f"config key '{cls.key(key)}' must be {expected}, got {s[key]!r}")
-        cycle = s.num_iterations * s.steps_per_rollout
+        cls.check_keys(config, checks)
+        cls.check_rollout_cycle(config, "num_iterations", "steps_per_rollout")
+        cls.validate_prompts(config)
+        RewardSet.from_specs(list(s.rewards), list(s.reward_weights))  # names and weights resolve now
+
+    @classmethod
+    def check_rollout_cycle(cls, config, outer: str, inner: str) -> None:
+        """A rollout batch is trained for `outer` * `inner` optimizer steps; checkpoints must fall
+        between rollout batches so a resumed run restarts at a fresh one."""
+        s = cls.section_of(config)
+        cycle = s[outer] * s[inner]
         if cycle > 1 and config.train.checkpoint_every % cycle:
             raise UserError(
                 f"config key 'train.checkpoint_every' ({config.train.checkpoint_every}) must be a multiple of "
-                f"{cls.key('num_iterations')} * steps_per_rollout ({cycle}) so a resumed run restarts at "
-                "a fresh rollout batch")
-        cls.validate_prompts(config)
-        RewardSet.from_specs(list(s.rewards), list(s.reward_weights))  # names and weights resolve now
+                f"{cls.key(outer)} * {inner} ({cycle}) so a resumed run restarts at a fresh rollout batch")
 
     @classmethod
     def validate_prompts(cls, config):

@@ -163,9 +163,7 @@ class OnlineDPO(grpo.GRPO):
             (0 < s.top_p <= 1, "top_p", "in (0, 1]"),
             (s.top_k >= 0, "top_k", ">= 0"),
         ]
-        for ok, key, expected in checks:
-            if not ok:
-                raise UserError(f"config key '{cls.key(key)}' must be {expected}, got {s[key]!r}")
+        cls.check_keys(config, checks)
         if config.data.packing:
             raise UserError("config key 'data.packing' must be False for objective.type='online_dpo': each step's "
                             "pairs are padded [pairs, 2, data.seq_len] rows")

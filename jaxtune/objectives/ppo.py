@@ -116,18 +116,11 @@ class PPO(grpo.GRPO):
             (s.missing_eos_penalty is None or s.missing_eos_penalty >= 0, "missing_eos_penalty", ">= 0 or None"),
             (s.reference in ("auto", "copy", "base"), "reference", "auto, copy or base"),
         ]
-        for ok, key, expected in checks:
-            if not ok:
-                raise UserError(f"config key '{cls.key(key)}' must be {expected}, got {s[key]!r}")
+        cls.check_keys(config, checks)
         if s.reference == "base" and config.peft.method == "none":
             raise UserError(f"config key '{cls.key('reference')}' is 'base': that needs peft.method (the base without "
                             "adapters); use 'copy' or 'auto' for full fine-tuning")
-        cycle = s.num_ppo_epochs * s.num_mini_batches
-        if cycle > 1 and config.train.checkpoint_every % cycle:
-            raise UserError(
-                f"config key 'train.checkpoint_every' ({config.train.checkpoint_every}) must be a multiple of "
-                f"{cls.key('num_ppo_epochs')} * num_mini_batches ({cycle}) so a resumed run restarts at a fresh "
-                "rollout batch")
+        cls.check_rollout_cycle(config, "num_ppo_epochs", "num_mini_batches")
         cls.validate_prompts(config)
         RewardSet.from_specs(list(s.rewards), list(s.reward_weights))  # names and weights resolve now
 
