@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,21 +83,10 @@ def trl_dpo(cfg, args, pairs: Path, tokenizer):
     times: list[float] = []
     tokens: list[int] = []
 
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(-time.time())
-
-        def on_step_end(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            times[-1] += time.time()
-
     data = datasets.load_dataset("json", data_files=str(pairs), split="train")
     ref = None if lora is not None else copy.deepcopy(model).eval()  # full: a frozen copy, like jaxtune's
     trainer = trl.DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=data, processing_class=tokenizer,
-                             peft_config=lora, callbacks=[Timer()])
+                             peft_config=lora, callbacks=[train_step.step_timer(times, cuda)])
     rows = trainer.train_dataset
     for i in range(min(len(rows), args.batch * (args.steps + 1))):
         r = rows[i]
@@ -156,7 +144,7 @@ def run(args) -> dict:
     if "jaxtune" in modes:
         out["jaxtune"] = train_step.compare_pair_layouts(args)
     if "trl" in modes:
-        if importlib_available("trl"):
+        if train_step.has_module("trl"):
             runner, info = trl_dpo(cfg, args, pairs, tokenizer)
             step_s = statistics.median(runner() for _ in range(args.repeats))
             tokens_per_s = info["tokens_per_step"] / step_s
@@ -176,12 +164,6 @@ def run(args) -> dict:
         if mine and "real_tokens_per_s" in out.get("trl", {}):
             out[f"ratio_jaxtune_{layout}_over_trl_pairs_per_s"] = round(mine["pairs_per_s"] / out["trl"]["pairs_per_s"], 3)
     return out
-
-
-def importlib_available(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def trl_packed(cfg, args, lengths: np.ndarray):
 
     cuda = torch.cuda.is_available()
     hf = train_step.hf_llama_config(cfg, args)
-    attn = "flash_attention_2" if cuda and _has("flash_attn") else "sdpa"
+    attn = "flash_attention_2" if cuda and train_step.has_module("flash_attn") else "sdpa"
     model = transformers.LlamaForCausalLM._from_config(hf, attn_implementation=attn)
     rng = np.random.default_rng(1)
     ids = [rng.integers(1, cfg.vocab_size, int(n)).tolist() for n in lengths]
@@ -167,17 +167,6 @@ def trl_packed(cfg, args, lengths: np.ndarray):
         bf16=cuda and args.dtype == "bfloat16", use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=True)
     times: list[float] = []
 
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(-time.time())
-
-        def on_step_end(self, *a, **k):
-            if cuda:
-                torch.cuda.synchronize()
-            times[-1] += time.time()
-
     lora = None
     if args.peft == "lora":
         import peft
@@ -185,7 +174,7 @@ def trl_packed(cfg, args, lengths: np.ndarray):
         targets = list(train_step.peft_base.parse_targets(args.targets))
         lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets)
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                             callbacks=[Timer()], peft_config=lora)
+                             callbacks=[train_step.step_timer(times, cuda)], peft_config=lora)
     info = {"framework": "trl", "trl": trl.__version__, "attn_implementation": attn, "params": train_step.models.count_params(cfg),
             "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "seq_len": args.seq_len, "devices": 1,
             "slots_per_step": args.batch * args.seq_len}
@@ -203,12 +192,6 @@ def trl_packed(cfg, args, lengths: np.ndarray):
 
 def _lora_rank(args) -> int:
     return args.rank if args.peft == "lora" else 0
-
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def _dummy_tokenizer(vocab: int):
@@ -268,7 +251,7 @@ def run(args) -> dict:
             runners[mode], infos[mode] = train_step.prepare_jaxtune(args, args.peft, "none", batches=rows)
         elif mode == "torch_padded":
             runners[mode], infos[mode] = torch_padded(cfg, args, lengths)
-        elif _has("trl"):
+        elif train_step.has_module("trl"):
             runners[mode], infos[mode] = trl_packed(cfg, args, lengths)
         else:
             infos[mode] = {"skipped": "trl is not installed (pip install -e '.[bench]')"}

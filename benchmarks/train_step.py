@@ -55,6 +55,34 @@ from jaxtune.peft import base as peft_base
 from jaxtune.peft import quant
 
 
+
+def has_module(name: str) -> bool:
+    """Whether an optional package (trl, flash_attn, ...) is installed, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def step_timer(times: list, cuda: bool):
+    """A transformers Trainer callback that appends each optimizer step's wall time to `times`
+    (synchronising CUDA first, so a step's queued kernels count)."""
+    import torch
+    import transformers
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(-time.time())
+
+        def on_step_end(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            times[-1] += time.time()
+
+    return StepTimer()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="llama")
