@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -109,6 +110,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="timings per mode (the median is reported)")
     p.add_argument("--modes", default="full,lora,qlora,torch_full,torch_lora", help="--compare: the modes to time")
     p.add_argument("--attention", default="", help="comma list of model.attention implementations (jaxtune modes)")
+    p.add_argument("--variants", default="",
+                   help='JSON {name: model overrides}: time each jaxtune mode once per variant, e.g. '
+                        '\'{"scan": {"layer_loop": "scan"}, "unrolled": {"layer_loop": "unrolled"}}\' '
+                        '(a "logits_chunk" key sets --logits_chunk for that variant; "head_backward": "autodiff" '
+                        'traces the LM head + loss with logprobs.head_token_stats_autodiff, the pre-issue-25 backward)')
     p.add_argument("--profile", default="", help="directory: write the compiled HLO and a profiler trace of the timed steps")
     p.add_argument("--pairs", default="", help="DPO on real pairs from this JSONL(.gz) file (see above)")
     p.add_argument("--pair_layouts", default="padded", help="--pairs: padded, packed or padded,packed (side by side)")
@@ -143,24 +149,26 @@ def compare(args) -> dict:
     unknown = [m for m in modes if m not in JAXTUNE_MODES and m not in TORCH_MODES]
     if unknown:
         raise SystemExit(f"--modes: unknown {unknown}; expected {sorted(JAXTUNE_MODES) + sorted(TORCH_MODES)}")
-    attentions = [a for a in args.attention.split(",") if a] or [""]
     runners, infos = {}, {}
     for mode in modes:
         if mode in JAXTUNE_MODES:
-            for attention in attentions:
-                name = f"{mode}@{attention}" if attention else mode
-                margs = args
-                if attention:
-                    margs = argparse.Namespace(**vars(args))
-                    margs.model = json.dumps({**json.loads(args.model), "attention": attention})
+            for variant, overrides in variants(args).items():
+                name = f"{mode}@{variant}" if variant else mode
+                margs = argparse.Namespace(**vars(args))
+                overrides = dict(overrides)
+                margs.logits_chunk = overrides.pop("logits_chunk", args.logits_chunk)
+                margs.head_backward = overrides.pop("head_backward", "hand-written")
+                margs.model = json.dumps({**json.loads(args.model), **overrides})
                 runners[name], infos[name] = prepare_jaxtune(margs, *JAXTUNE_MODES[mode])
         else:
             cfg = model_config(args, run_config(args, "none", "none"))
             runners[mode], infos[mode] = prepare_torch(cfg, args, lora_rank=args.rank * TORCH_MODES[mode])
     times = {name: [] for name in runners}
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         for name, run in runners.items():
             times[name].append(run())
+            print(f"round {r}: {name} {times[name][-1]:.3f} s/step (load {os.getloadavg()[0]:.1f})", file=sys.stderr,
+                  flush=True)
     first = infos[next(iter(infos))]
     out = {"shape": {k: first[k] for k in ("params", "batch", "seq_len", "dtype")}, "rank": args.rank,
            "targets": args.targets, "steps": args.steps, "repeats": args.repeats, "cpu_count": os.cpu_count(),
@@ -175,6 +183,14 @@ def compare(args) -> dict:
             out[f"ratio_{name.replace('@', '_')}_over_{torch_name}"] = round(
                 out[name]["tokens_per_s"] / out[torch_name]["tokens_per_s"], 3)
     return out
+
+
+def variants(args) -> dict[str, dict]:
+    """{name: model overrides} of the jaxtune runs: --variants, or one per --attention, or one plain run."""
+    if args.variants:
+        return json.loads(args.variants)
+    attentions = [a for a in args.attention.split(",") if a]
+    return {a: {"attention": a} for a in attentions} or {"": {}}
 
 
 def throughput(args, info: dict, step_s: float) -> dict:
@@ -347,6 +363,21 @@ def compare_pair_layouts(args) -> dict:
     return out
 
 
+def head_backward(kind: str):
+    """A context in which traced steps use the LM head + loss backward `kind`: "hand-written"
+    (logprobs.head_token_stats, the default) or "autodiff" (head_token_stats_autodiff)."""
+    import contextlib
+    from unittest import mock
+
+    from jaxtune import logprobs
+
+    if kind == "hand-written":
+        return contextlib.nullcontext()
+    if kind != "autodiff":
+        raise SystemExit(f"head_backward={kind!r}: expected 'hand-written' or 'autodiff'")
+    return mock.patch.object(logprobs, "head_token_stats", logprobs.head_token_stats_autodiff)
+
+
 def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np.ndarray]] | None = None):
     """(run, info): builds and compiles jaxtune's train step; run() times --steps steps (seconds
     per step). With --profile, writes the optimized HLO now and traces the first run().
@@ -393,7 +424,8 @@ def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np
                        in_shardings=(shardings, batch_sharding, shardings.params if ref is not None else None),
                        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
         t0 = time.time()
-        compiled = step.lower(holder["state"], batch, ref).compile()
+        with head_backward(getattr(args, "head_backward", "hand-written")):
+            compiled = step.lower(holder["state"], batch, ref).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         holder["state"], m = compiled(holder["state"], batch, ref)
@@ -425,7 +457,8 @@ def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np
         "framework": "jaxtune", "jax": jax.__version__, "objective": args.objective, "reference": reference_kind,
         "family": args.family, "variant": args.variant, "params": num_params, "num_layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size, "batch": B, "seq_len": T, "dtype": args.dtype, "remat": args.remat,
-        "attention": getattr(cfg, "attention", None), "devices": n, "device_kind": jax.devices()[0].device_kind,
+        "attention": getattr(cfg, "attention", None), "layer_loop": getattr(cfg, "layer_loop", None),
+        "head_backward": getattr(args, "head_backward", "hand-written"), "devices": n, "device_kind": jax.devices()[0].device_kind,
         "tokens_per_step": real_tokens, "slots_per_step": int(np.prod(batch["inputs"].shape)),
         "pairs_per_step": pairs_per_step, "compile_s": round(compile_s, 2),
         "xla_gflops": round(float(cost.get("flops", 0.0)) / 1e9, 3),

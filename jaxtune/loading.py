@@ -60,6 +60,7 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None 
     numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
     if not is_encoder_decoder(config):  # T5 always runs its biased reference attention (docs/guides/t5.md)
         numerics["attention"] = m.get("attention", "auto")  # configs saved before the setting existed
+        numerics["layer_loop"] = m.get("layer_loop", "auto")
     if m.hf_dir:
         model_config = models.config_from_pretrained(hf_dir(config), **numerics)
     else:

@@ -12,6 +12,7 @@ Two ways to get them, with the same results:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -60,9 +61,85 @@ def head_token_stats(
 
     The sequence axis is cut (the batch axis keeps its sharding); a T that `chunk` does not
     divide is padded with zeros to whole chunks and the padding dropped afterwards.
-    chunk <= 0 or chunk >= T: one head call on all positions (the plain full-logits path).
-    Gradients flow to `hidden` and to whatever `head` closes over (its weights).
+    chunk <= 0 or chunk >= T: one head call on all positions (its logits are kept for the
+    backward pass instead of recomputed). Gradients flow to `hidden` and to whatever `head`
+    closes over (its weights), through `_head_stats`' hand-written backward pass.
     """
+    b, t = targets.shape
+    n, size = (1, t) if chunk <= 0 or chunk >= t else (-(-t // chunk), chunk)
+    pad = n * size - t
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    # [B, n*c, ...] -> [n, B, c, ...]: one chunk at a time, each chunk keeps every (sharded) row.
+    hidden_chunks = jnp.swapaxes(hidden.reshape(b, n, size, hidden.shape[-1]), 0, 1)
+    target_chunks = jnp.swapaxes(targets.reshape(b, n, size), 0, 1).astype(jnp.int32)
+    fn, consts = jax.closure_convert(head, hidden_chunks[0])
+    stats = _head_stats(fn, hidden_chunks, target_chunks, *consts)
+    return TokenStats(*(jnp.swapaxes(s, 0, 1).reshape(b, n * size)[:, :t] for s in stats))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _head_stats(fn, hidden_chunks, target_chunks, *consts) -> TokenStats:
+    """TokenStats [n, B, c] of `fn(hidden_chunks[i], *consts)` logits, chunk by chunk.
+
+    Hand-written backward (the maths of autodiff through `token_stats`): d logits =
+    softmax * (g_log_z - g_logp) + onehot(target) * g_logp in one elementwise pass, then the
+    head's own VJP. Autodiff built the same gradient from logsumexp's and take_along_axis'
+    backward passes (a scatter into a zero-filled [B, c, V] buffer among them) and, chunked,
+    a scan that stacked per-chunk residuals; here nothing but the inputs and log Z is saved
+    (plus the logits when there is a single chunk: no recompute then)."""
+    return _head_stats_fwd(fn, hidden_chunks, target_chunks, *consts)[0]
+
+
+def _chunk_logits_and_stats(fn, h, y, consts):
+    logits = fn(h, *consts)
+    return logits, token_stats(logits, y)
+
+
+def _head_stats_fwd(fn, hidden_chunks, target_chunks, *consts):
+    if hidden_chunks.shape[0] == 1:
+        logits, stats = _chunk_logits_and_stats(fn, hidden_chunks[0], target_chunks[0], consts)
+        stats = TokenStats(*(s[None] for s in stats))
+        return stats, (hidden_chunks, target_chunks, consts, stats.log_z, logits)
+    _, stats = jax.lax.scan(
+        lambda carry, x: (carry, _chunk_logits_and_stats(fn, *x, consts)[1]), None, (hidden_chunks, target_chunks))
+    return stats, (hidden_chunks, target_chunks, consts, stats.log_z, None)
+
+
+def _head_stats_bwd(fn, residuals, g):
+    hidden_chunks, target_chunks, consts, log_z, saved_logits = residuals
+    g_logp, g_log_z = g.logp, g.log_z  # `correct` has no gradient
+
+    def chunk_grads(h, y, lz, gp, gz, logits=None):
+        out, vjp = jax.vjp(fn, h, *consts)  # the forward matmul is dead code when the logits were saved
+        z = (out if logits is None else logits).astype(jnp.float32)
+        onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == y[..., None]
+        dz = jnp.exp(z - lz[..., None]) * (gz - gp)[..., None] + jnp.where(onehot, gp[..., None], 0.0)
+        return vjp(dz.astype(out.dtype))
+
+    if saved_logits is not None:
+        dh, *dconsts = chunk_grads(hidden_chunks[0], target_chunks[0], log_z[0], g_logp[0], g_log_z[0], saved_logits)
+        return (dh[None], None, *dconsts)
+
+    def step(acc, xs):
+        dh, *dconsts = chunk_grads(*xs)
+        return [a + d for a, d in zip(acc, dconsts)], dh
+
+    zeros = [jnp.zeros_like(c) for c in consts]
+    dconsts, dh = jax.lax.scan(step, zeros, (hidden_chunks, target_chunks, log_z, g_logp, g_log_z))
+    return (dh, None, *dconsts)
+
+
+_head_stats.defvjp(_head_stats_fwd, _head_stats_bwd)
+
+
+def head_token_stats_autodiff(
+    head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, *, chunk: int = DEFAULT_CHUNK,
+) -> TokenStats:
+    """`head_token_stats` with autodiff's backward pass (scan + jax.checkpoint over chunks): the
+    reference its hand-written backward is tested against (tests/test_logprobs.py) and timed
+    against (benchmarks/train_step.py --variants '{"autodiff": {"head_backward": "autodiff"}}')."""
     b, t = targets.shape
     if chunk <= 0 or chunk >= t:
         return token_stats(head(hidden), targets)
@@ -71,7 +148,6 @@ def head_token_stats(
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    # [B, n*c, ...] -> [n, B, c, ...]: scan over chunks, each chunk keeps every (sharded) row.
     xs = (jnp.swapaxes(hidden.reshape(b, n, chunk, hidden.shape[-1]), 0, 1),
           jnp.swapaxes(targets.reshape(b, n, chunk), 0, 1))
 

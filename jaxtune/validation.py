@@ -52,6 +52,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "mesh.rules": tuple(sharding.PRESETS),
         "model.remat_policy": tuple(layers.REMAT_POLICIES),
         "model.attention": attention.IMPLEMENTATIONS,
+        "model.layer_loop": layers.LAYER_LOOPS,
         "model.dtype": layers.COMPUTE_DTYPES,
         "model.param_dtype": layers.PARAM_DTYPES,
         "data.on_error": examples.ON_ERROR_POLICIES,

@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     # How attention is computed (jaxtune/models/attention.py): auto picks splash on TPU, cuDNN on
     # GPU where it applies (else blockwise), and on CPU the einsum for short rows, blockwise above.
     c.model.attention = "auto"  # auto | splash | blockwise | cudnn | pallas_gpu | reference
+    # How the decoder layers run (jaxtune/models/layers.py): auto unrolls them on CPU (no stacked
+    # residual copies; compile time grows with depth) and scans them elsewhere. Same maths either way.
+    c.model.layer_loop = "auto"  # auto | scan | unrolled
     # Architecture overrides on top of the variant; None keeps the variant's value.
     # vocab_size None means "take it from the tokenizer" when the variant is trained from scratch.
     c.model.vocab_size = ml_collections.FieldReference(None, field_type=int)

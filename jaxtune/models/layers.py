@@ -431,8 +431,29 @@ def remat_policy_fn(name: str) -> Any:
         offload_src="device", offload_dst="pinned_host")
 
 
+# model.layer_loop: how the stacked decoder blocks run (the parameters are [layers, ...] either way).
+LAYER_LOOPS = ("auto", "scan", "unrolled")
+
+
+def resolve_layer_loop(layer_loop: str) -> str:
+    """`auto` -> "unrolled" on CPU, else "scan".
+
+    A rolled scan writes every layer's saved activations into zero-filled [layers, ...] buffers
+    in the forward pass and slices them out again in the backward pass; on XLA:CPU that copying
+    was 18% of the bench step's op time (benchmarks/RESULTS.md). Unrolled, each layer's residuals
+    stay separate buffers (XLA folds the slices of the stacked outputs away), at the price of a
+    compile time that grows with depth; accelerators keep the scan (one compiled body, and their
+    memory bandwidth makes the copies cheap)."""
+    if layer_loop not in LAYER_LOOPS:
+        raise UserError(f"layer_loop={layer_loop!r}, expected one of {LAYER_LOOPS}.")
+    if layer_loop == "auto":
+        return "unrolled" if attention_lib.target_platform() == "cpu" else "scan"
+    return layer_loop
+
+
 def stack_layers(
-    block: type[nn.Module], num_layers: int, remat_policy: str, in_axes: Any = nn.broadcast
+    block: type[nn.Module], num_layers: int, remat_policy: str, in_axes: Any = nn.broadcast,
+    layer_loop: str = "auto",
 ) -> type[nn.Module]:
     """Wraps `block(x, *args) -> (x, None)` in remat + scan over a leading "layers" axis.
 
@@ -440,9 +461,11 @@ def stack_layers(
     axis; each layer draws its own dropout rng); by default every block argument after the
     carry is broadcast (same positions/segment ids for each layer). Pass a tuple `in_axes`
     (nn.broadcast or 0 per argument) to scan some arguments per layer, e.g. a [L] array that
-    says which layers use local attention.
+    says which layers use local attention. `layer_loop` (resolve_layer_loop): "unrolled" is the
+    same scan fully unrolled (same parameters, rngs, remat and maths; no loop in the program).
     """
     policy = remat_policy_fn(remat_policy)  # also validates the name
+    unrolled = resolve_layer_loop(layer_loop) == "unrolled"
     if remat_policy != "none":
         block = nn.remat(block, policy=policy, prevent_cse=False)
     return nn.scan(
@@ -451,6 +474,7 @@ def stack_layers(
         split_rngs={"params": True, "dropout": True},
         in_axes=in_axes,
         length=num_layers,
+        unroll=num_layers if unrolled else 1,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 
@@ -528,7 +552,8 @@ class CausalLM(nn.Module):
         self.embed = token_embedding(cfg.vocab_size, cfg.hidden_size, **kw)
         extra_axes = tuple(0 for _ in self.layer_inputs())  # one entry per layer
         in_axes = (nn.broadcast, nn.broadcast, *extra_axes) if extra_axes else nn.broadcast
-        self.layers = stack_layers(self.decoder_layer, cfg.num_layers, cfg.remat_policy, in_axes)(cfg, name="layers")
+        self.layers = stack_layers(self.decoder_layer, cfg.num_layers, cfg.remat_policy, in_axes,
+                                   cfg.layer_loop)(cfg, name="layers")
         self.final_norm = RMSNorm(cfg.rms_norm_eps, unit_offset=self.final_norm_unit_offset, name="final_norm", **kw)
         if cfg.num_labels:
             self.score = ScoreHead(cfg.num_labels, name="score", **kw)

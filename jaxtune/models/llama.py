@@ -41,6 +41,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"  # a key of layers.REMAT_POLICIES
     attention: str = "auto"  # models/attention.py: "auto" | "splash" | "blockwise" | "cudnn" | "reference"
+    layer_loop: str = "auto"  # layers.LAYER_LOOPS: "auto" (unrolled on CPU, else scan) | "scan" | "unrolled"
     # Sequence classification / reward model (HF *ForSequenceClassification): a `score` head with
     # num_labels outputs replaces the LM head; pad_token_id picks the pooled (last non-pad) token.
     num_labels: int | None = None
@@ -71,6 +72,10 @@ class LlamaConfig:
             raise UserError(
                 f"LlamaConfig: remat_policy={self.remat_policy!r}, expected one of "
                 f"{tuple(layers.REMAT_POLICIES)}."
+            )
+        if self.layer_loop not in layers.LAYER_LOOPS:
+            raise UserError(
+                f"{type(self).__name__}: layer_loop={self.layer_loop!r}, expected one of {layers.LAYER_LOOPS}."
             )
         if self.attention not in attention.IMPLEMENTATIONS:
             raise UserError(

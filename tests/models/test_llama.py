@@ -206,6 +206,31 @@ def test_remat_policies_identical():
         jax.tree.map(close, got, results["none"])
 
 
+def test_layer_loops_identical():
+    """The unrolled layer loop (CPU's `auto`) computes the scan's logits and gradients (under
+    remat) from the same [layers, ...] parameters."""
+    base = models.get_config("llama", "tiny", num_layers=2, remat_policy="full")
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, base.vocab_size)
+    params = jax.jit(Llama(base.replace(layer_loop="scan")).init)(jax.random.key(0), ids)["params"]
+    unrolled_init = jax.jit(Llama(base.replace(layer_loop="unrolled")).init)(jax.random.key(0), ids)["params"]
+    jax.tree.map(np.testing.assert_array_equal, unrolled_init, params)  # same layout and per-layer rngs
+
+    @jax.jit
+    def logits_and_grads(params):
+        out = {}
+        for loop in ("scan", "unrolled"):
+            model = Llama(base.replace(layer_loop=loop))
+            fwd = lambda p: model.apply({"params": p}, ids)
+            loss = lambda p: jnp.mean(jax.nn.log_softmax(fwd(p))[..., 0])
+            out[loop] = (fwd(params), jax.grad(loss)(params))
+        return out
+
+    results = logits_and_grads(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results["unrolled"], results["scan"])
+    assert layers.resolve_layer_loop("auto") == "unrolled"  # the tests run on CPU
+    assert layers.resolve_layer_loop("scan") == "scan"
+
+
 def test_offload_policy_needs_a_pinned_host_memory_space(monkeypatch):
     class DeviceWithoutHostMemory:
         def addressable_memories(self):
@@ -253,5 +278,7 @@ def test_config_validation():
         models.get_config("llama", "tiny", num_kv_heads=3)
     with pytest.raises(ValueError, match="remat_policy"):
         models.get_config("llama", "tiny", remat_policy="some")
+    with pytest.raises(ValueError, match="layer_loop='loop'.*'unrolled'"):
+        models.get_config("llama", "tiny", layer_loop="loop")
     with pytest.raises(ValueError, match="rope_scaling"):
         models.get_config("llama", "tiny", rope_scaling={"rope_type": "yarn", "factor": 2.0})

@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 from jaxtune import config as config_lib
-from jaxtune import evaluate, models, objectives, trainer, validation
+from jaxtune import evaluate, logprobs, models, objectives, trainer, validation
 from jaxtune.errors import UserError
 from jaxtune.objectives import head_token_stats, token_stats
 from jaxtune.peft import base as peft_base
@@ -54,6 +54,28 @@ def test_head_token_stats_equal_full_logits_and_gradients():
     out = all_chunks(hidden, w)
     for chunk in (1, 4, 11, 64):
         jax.tree.map(_close, out[chunk], out[0])
+
+
+def test_hand_written_head_backward_equals_autodiff():
+    """head_token_stats' hand-written backward = autodiff's (head_token_stats_autodiff), chunked and
+    not, for a head with a trained and a frozen weight and a temperature."""
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(2, 9, 8)), jnp.float32)
+    w, frozen = (jnp.asarray(rng.normal(size=(8, 23)), jnp.float32) for _ in range(2))
+    targets = jnp.asarray(rng.integers(0, 23, (2, 9)))
+
+    def summary(stats_fn, h, w, chunk):
+        head = logprobs.with_temperature(lambda x: x @ (w + jax.lax.stop_gradient(frozen)), 0.7)
+        s = stats_fn(head, h, targets, chunk=chunk)
+        return jnp.sum(s.logp * 0.3 - s.log_z * 0.2), s
+
+    @jax.jit
+    def both(hidden, w):
+        grad = lambda fn, c: jax.value_and_grad(summary, argnums=(1, 2), has_aux=True)(fn, hidden, w, c)
+        return {c: (grad(head_token_stats, c), grad(logprobs.head_token_stats_autodiff, c)) for c in (0, 4, 9)}
+
+    for new, old in both(hidden, w).values():
+        jax.tree.map(_close, new, old)
 
 
 def test_sft_with_z_loss_and_dpo_chunked_equal_full():
