@@ -453,7 +453,7 @@ def resolve_layer_loop(layer_loop: str) -> str:
 
 def stack_layers(
     block: type[nn.Module], num_layers: int, remat_policy: str, in_axes: Any = nn.broadcast,
-    layer_loop: str = "auto",
+    layer_loop: str = "scan",
 ) -> type[nn.Module]:
     """Wraps `block(x, *args) -> (x, None)` in remat + scan over a leading "layers" axis.
 

@@ -206,6 +206,7 @@ def test_remat_policies_identical():
         jax.tree.map(close, got, results["none"])
 
 
+@pytest.mark.slow  # ~140 s of compiles on the loaded 2-core box; the default suite runs every model unrolled
 def test_layer_loops_identical():
     """The unrolled layer loop (CPU's `auto`) computes the scan's logits and gradients (under
     remat) from the same [layers, ...] parameters."""
@@ -227,8 +228,13 @@ def test_layer_loops_identical():
 
     results = logits_and_grads(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results["unrolled"], results["scan"])
+
+
+def test_layer_loop_auto_unrolls_on_cpu_only(monkeypatch):
     assert layers.resolve_layer_loop("auto") == "unrolled"  # the tests run on CPU
     assert layers.resolve_layer_loop("scan") == "scan"
+    monkeypatch.setattr(layers.attention_lib, "target_platform", lambda: "tpu")
+    assert layers.resolve_layer_loop("auto") == "scan"
 
 
 def test_offload_policy_needs_a_pinned_host_memory_space(monkeypatch):
