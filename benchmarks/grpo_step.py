@@ -118,13 +118,15 @@ def run_jaxtune(mode: str, args, assets: dict) -> dict:
     from jaxtune.metrics import read_metrics
 
     config = jaxtune_config(mode, args, assets)
+    arrivals: list[float] = []  # when each step's metrics row reached the host (one row per step)
+    on_metrics = lambda row: arrivals.append(time.perf_counter()) if "loss" in row else None
     with tempfile.TemporaryDirectory() as workdir:
-        api.train(config, workdir)
+        api.train(config, workdir, on_metrics=on_metrics)
         rows = [r for r in read_metrics(workdir) if "rollout/sampling_time_s" in r][1:]
+    steps = np.diff(arrivals)[1:]  # wall time between consecutive steps, from step 2 on
     sampling = [r["rollout/sampling_time_s"] for r in rows]
-    steps = [r["rollout/sampling_time_s"] / max(r["rollout/sampling_fraction"], 1e-9) for r in rows]
-    return {"step_s": statistics.median(steps), "sampling_s": statistics.median(sampling),
-            "learner_s": statistics.median(s - a for s, a in zip(steps, sampling))}
+    return {"step_s": float(np.median(steps)), "sampling_s": statistics.median(sampling),
+            "learner_s": float(np.median(steps)) - statistics.median(sampling)}
 
 
 # ---- TRL -------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ def trl_runner(mode: str, args, assets: dict):
     import transformers
     import trl
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.torch_threads or os.cpu_count())
     model = transformers.LlamaForCausalLM.from_pretrained(assets["model_dir"])
     lora = None
     if mode == "lora":
@@ -195,6 +197,7 @@ def decode_runners(args, assets: dict):
     rows = args.prompts * args.generations
     prompts = [list(rng.integers(3, SHAPE["vocab_size"], PROMPT_WORDS)) for _ in range(args.prompts) for _ in range(args.generations)]
     model, params = hf.from_pretrained(assets["model_dir"], rules="dp")
+    torch.set_num_threads(args.torch_threads or os.cpu_count())
     hf_model = transformers.LlamaForCausalLM.from_pretrained(assets["model_dir"]).eval()
     tokens = torch.tensor(prompts)
 
@@ -231,6 +234,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--completion", type=int, default=32)
+    p.add_argument("--torch_threads", type=int, default=0,
+                   help="torch intra-op threads (0: one per core); on a loaded machine 1 avoids OpenMP barrier stalls")
     p.add_argument("--tunix_python", default="/work/tunix-venv/bin/python")
     p.add_argument("--tunix_timeout", type=int, default=1200)
     p.add_argument("--workdir", default="")
@@ -246,7 +251,8 @@ def main() -> None:
     assets = write_assets(work)
     out: dict = {"cpu": _cpu_model(), "shape": SHAPE, "prompts": args.prompts, "generations": args.generations,
                  "completion_tokens": args.completion, "steps_per_run": args.steps, "repeats": args.repeats,
-                 "load_start": load_average()}
+                 "load_start": load_average(),
+                 "torch_threads": args.torch_threads or os.cpu_count()}
     for mode in args.modes.split(","):
         trl_run = trl_runner(mode, args, assets) if "trl" in frameworks else None
         samples: dict[str, list[dict]] = {f: [] for f in frameworks if f != "decode"}
