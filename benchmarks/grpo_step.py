@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dpo_side_by_side  # noqa: E402  (the word-level tokenizer)
-import train_step  # noqa: E402  (the Trainer step timer, has_module)
+import dpo_side_by_side
+import train_step
 
 HERE = Path(__file__).resolve().parent
 SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2)
@@ -267,7 +267,8 @@ def main() -> None:
                 samples["tunix"].append(run_tunix(mode, args, assets))
             print(json.dumps({"mode": mode, "round": len(loads), **{f: s[-1] for f, s in samples.items()}}),
                   file=sys.stderr, flush=True)
-        row = {f: {k: round(statistics.median(r[k] for r in s), 4) for k in s[0]} for f, s in samples.items()}
+        row = {f: {k: round(statistics.median(r[k] for r in s), 4) for k, v in s[0].items() if isinstance(v, float)}
+               for f, s in samples.items()}
         row["load"] = loads
         for other in ("trl", "tunix"):
             if "jaxtune" in row and other in row:

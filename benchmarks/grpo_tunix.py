@@ -2,8 +2,13 @@
 
     /work/tunix-venv/bin/python benchmarks/grpo_tunix.py --model_dir DIR --prompts prompts.jsonl --mode full
 
-Tunix pins its own jax/flax, so benchmarks/grpo_step.py runs this script as a subprocess under
-that virtualenv's python; it imports nothing from jaxtune. The model is the same Hugging Face
+Tunix lives in its own virtualenv (it pulls its own transformers, qwix, ... and must not move this
+project's pins), so benchmarks/grpo_step.py runs this script as a subprocess under that
+virtualenv's python; it imports nothing from jaxtune. Set up (once):
+
+    python3 -m venv /work/tunix-venv && /work/tunix-venv/bin/pip install google-tunix "jax[cpu]"
+
+(measured with google-tunix 0.1.7, jax 0.10.2, flax 0.12.8). The model is the same Hugging Face
 safetensors directory (Tunix's Llama 3 module at the same shape, weights loaded by Tunix's own
 loader), the tokenizer the same tokenizer.json (through transformers), the reward the same
 (the share of even token ids), on a one-device mesh with the vanilla (KV-cache) sampler, beta 0,
@@ -52,7 +57,8 @@ def main() -> None:
     from tunix.rl.grpo import grpo_learner
     from tunix.rl.rollout import base_rollout
 
-    hf = json.load(open(f"{args.model_dir}/config.json"))
+    with open(f"{args.model_dir}/config.json") as f:
+        hf = json.load(f)
     config = llama3_model.ModelConfig(
         num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
         hidden_dim=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
@@ -72,7 +78,8 @@ def main() -> None:
         actor = qwix.apply_lora_to_model(base, provider, **base.get_model_input())
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(args.model_dir)
 
-    prompts = [json.loads(line)["prompt"] for line in open(args.prompts)]
+    with open(args.prompts) as f:
+        prompts = [json.loads(line)["prompt"] for line in f]
     # Arrays, not lists: the learner repeats every leaf G times along axis 0 (a list's strings would be leaves).
     batches = [{"prompts": np.array(prompts[i : i + args.num_prompts])} for i in range(0, len(prompts), args.num_prompts)]
     prompt_len = max(len(tokenizer.encode(p)) for p in prompts[: 64])
