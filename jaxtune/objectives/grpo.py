@@ -6,8 +6,8 @@ settings: the built-in verifiable problems (`data.builtin='verifiable'`) or JSON
 
 Every `objective.steps_per_rollout * objective.num_iterations` steps, `next_batch` takes
 `objective.grpo.num_prompts` prompts from the data, samples `objective.grpo.num_generations` completions
-of each with the *current* policy (the train state's own variables: LoRA adapters and a
-quantised base included, nothing copied), scores them with the reward functions
+of each with the *current* policy (the train state's own variables; a LoRA/DoRA run's adapters
+folded into its float base for the decode loop, `rollouts.sampling_policy`; a quantised base as held), scores them with the reward functions
 (`objective.grpo.rewards`, summed with `objective.grpo.reward_weights`), turns rewards into group-relative
 advantages and the completions into training rows (packed with segment ids when
 `data.packing`). The rows are split into `steps_per_rollout` mini-batches of
