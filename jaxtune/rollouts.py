@@ -1,9 +1,11 @@
 """Rollouts for RL: G sampled completions per prompt from the current policy, turned into training rows.
 
-Sampling is `generate.generate` (the KV-cache sampler) called with the *training* variables as
-they are: the params the optimizer holds, a LoRA run's adapters next to its frozen (possibly
-quantised) base. Nothing is copied or converted for sampling, so the sampler always runs the
-exact policy the learner is updating, on the same devices and mesh.
+Sampling is `generate.generate` (the KV-cache sampler) called with the *training* variables: the
+params the optimizer holds, or for a LoRA/DoRA run (`sampling_policy`) its adapters folded into a
+float base once per rollout, so each decode step runs the plain model instead of adding the
+adapter matmuls to every projection at every token (a QLoRA base is sampled as held: merging
+would dequantise it). Either way the sampler runs the policy the learner is updating, on the
+same devices and mesh.
 
 Completions keep their stop token (the model is trained to stop); a completion that reached
 `max_new_tokens` without one is `truncated`. Each becomes one example, prompt tokens untrained
@@ -19,9 +21,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+import functools
+
+import jax
+
 from jaxtune import generate as generate_lib
 from jaxtune.data.examples import shift_and_truncate
 from jaxtune.batch import BATCH_KEYS
+from jaxtune.peft import base as peft_base, lora, wrapper
 
 ROLLOUT_KEYS = (*BATCH_KEYS, "advantages")
 
@@ -33,6 +40,21 @@ class Rollout:
     completion_ids: list[int]  # sampled tokens, the stop token included when there was one
     text: str  # the completion's text (stop token and stop strings cut), what rewards read
     truncated: bool  # reached max_new_tokens without a stop token
+
+
+def sampling_policy(model, variables: dict, spec: peft_base.Spec | None) -> tuple:
+    """(model, variables) to sample rollouts from. LoRA/DoRA on a float base: the base model with
+    the adapters merged into its kernels (one jitted merge per rollout; the merged copy lives only
+    while sampling). Anything else (full weights, prefix tuning, a quantised base): as given."""
+    if spec is None or spec.method not in ("lora", "dora") or spec.quantize != "none" or peft_base.COLLECTION not in variables:
+        return model, variables
+    merged = _merge(variables["params"], variables[peft_base.COLLECTION], spec)
+    return wrapper.unwrap(model), {"params": merged}
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _merge(base, adapters, spec: peft_base.Spec):
+    return lora.merge(base, adapters, spec)
 
 
 def sample_groups(

@@ -1,5 +1,8 @@
 """Rollouts: G completions per prompt from the current (LoRA) policy, and their training rows."""
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +15,8 @@ from jaxtune.objectives.grpo_loss import policy_loss
 from jaxtune.logprobs import token_stats
 from jaxtune.peft import base as peft_base
 from jaxtune.peft import wrapper
-from jaxtune.rollouts import Rollout, build_rows, completion_positions, rollout_example, rows_needed, sample_groups
+from jaxtune.rollouts import (Rollout, build_rows, completion_positions, rollout_example, rows_needed, sample_groups,
+                              sampling_policy)
 
 VOCAB, STOP = 37, 2
 
@@ -100,3 +104,25 @@ def test_packed_rollouts_give_the_padded_loss_through_the_model():
     packed = loss(build_rows(examples, rows=1, seq_len=16, packing=True))
     padded = loss(build_rows(examples, rows=3, seq_len=8, packing=False))
     np.testing.assert_allclose(packed, padded, rtol=1e-5)
+
+
+def test_lora_rollouts_sample_the_merged_policy_and_other_runs_sample_as_held():
+    spec = peft_base.Spec("lora", rank=2, alpha=4.0, targets=("q_proj", "v_proj"))
+    model, variables = tiny(spec)
+    variables = nn.meta.unbox(variables)  # as a train state holds them
+    leaves, treedef = jax.tree.flatten(variables["lora"])  # trained-looking adapters (B is zero at init)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    variables["lora"] = jax.tree.unflatten(treedef, [0.5 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    sampler, merged = sampling_policy(model, variables, spec)
+    assert sampler is wrapper.unwrap(model) and set(merged) == {"params"}
+    tokens = jnp.array([[1, 5, 6, 7, 8, 9]])
+    np.testing.assert_allclose(sampler.apply(merged, tokens), model.apply(variables, tokens), atol=1e-5)
+    assert not np.allclose(sampler.apply(merged, tokens), sampler.apply({"params": variables["params"]}, tokens), atol=1e-3)
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10]]
+    assert (generate_lib.generate(sampler, merged, prompts, max_new_tokens=6)
+            == generate_lib.generate(model, variables, prompts, max_new_tokens=6))
+    full_model, full = tiny()
+    full = nn.meta.unbox(full)
+    assert sampling_policy(full_model, full, None) == (full_model, full)
+    quantised = dataclasses.replace(spec, quantize="nf4")  # merging would dequantise the base: sampled as held
+    assert sampling_policy(model, variables, quantised) == (model, variables)

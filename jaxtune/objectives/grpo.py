@@ -6,8 +6,8 @@ settings: the built-in verifiable problems (`data.builtin='verifiable'`) or JSON
 
 Every `objective.steps_per_rollout * objective.num_iterations` steps, `next_batch` takes
 `objective.grpo.num_prompts` prompts from the data, samples `objective.grpo.num_generations` completions
-of each with the *current* policy (the train state's own variables: LoRA adapters and a
-quantised base included, nothing copied), scores them with the reward functions
+of each with the *current* policy (the train state's own variables; a LoRA/DoRA run's adapters
+folded into its float base for the decode loop, `rollouts.sampling_policy`; a quantised base as held), scores them with the reward functions
 (`objective.grpo.rewards`, summed with `objective.grpo.reward_weights`), turns rewards into group-relative
 advantages and the completions into training rows (packed with segment ids when
 `data.packing`). The rows are split into `steps_per_rollout` mini-batches of
@@ -64,7 +64,8 @@ from jaxtune.data.tokenizers import encode_prompt, encode_with_specials, start_s
 from jaxtune.errors import UserError
 from jaxtune.objectives import advantages as advantages_lib, base, grpo_loss
 from jaxtune.rewards import RewardSet
-from jaxtune.rollouts import build_rows, completion_positions, rollout_example, rows_needed, sample_groups
+from jaxtune.rollouts import (build_rows, completion_positions, rollout_example, rows_needed, sample_groups,
+                              sampling_policy)
 
 PROMPT_FORMATS = ("fields", "gsm8k")  # objective.grpo.format of JSONL prompt records
 # Host-side rollout metrics, carried as per-row shares in batch["rollout_stats"] (column order).
@@ -423,7 +424,9 @@ class GRPO(base.Objective):
         learner_s = time.perf_counter() - self._rollout_done if self._rollout_done is not None else 0.0
         learned_tokens, self._learned_tokens = self._learned_tokens, 0
         t0 = time.perf_counter()
-        variables = self.run.model_variables(state)  # the policy as the state holds it (LoRA: base + adapters)
+        # The policy as the state holds it; LoRA: adapters merged into the base for the decode loop.
+        sampler, variables = sampling_policy(self.run.setup.model, self.run.model_variables(state),
+                                             loading.peft_spec(self.config))
         kept: list[tuple] = []  # (rollouts, prompts, totals, parts, records) per group
         zero_groups, sampled_tokens, rounds = 0, 0, 0
         spare: list[tuple] = []
@@ -433,7 +436,7 @@ class GRPO(base.Objective):
                 distributed.all_gather(len(kept) < s.num_prompts, "grpo/need")):
             records = next(data_iter)
             seed = int(jax.random.randint(jax.random.fold_in(rng, rounds), (), 0, 2**31 - 1))
-            rollouts, prompts, totals, parts = self.sample(self.run.setup.model, variables, self.tokenizer, records,
+            rollouts, prompts, totals, parts = self.sample(sampler, variables, self.tokenizer, records,
                                                            group_size=g, seed=seed, temperature=s.temperature,
                                                            per_process=True)
             sampled_tokens += sum(len(r.completion_ids) for r in rollouts)
