@@ -133,6 +133,16 @@ def test_bad_t5_peft_config_is_a_clear_error(tmp_path, variant, overrides, messa
         loading.build_model(c, loading.model_config_from(c))
 
 
+def test_sft_lora_config_trains_a_t5_with_its_target_names(tmp_path):
+    train = helpers.write_sft_jsonl(tmp_path / "train.jsonl")
+    c = validation.load_config("configs/sft_lora.py:family=t5,variant=tiny-v1.1,method=dora,quantize=nf4,targets=q+wi_0",
+                               [f"data.train_path={train}"])
+    spec = loading.peft_spec(c)
+    assert spec.targets == ("q", "wi_0") and spec.dora and spec.quantize == "nf4"
+    assert loading.peft_spec(validation.load_config("configs/sft_lora.py:family=t5,variant=tiny",  # all-linear
+                                                    [f"data.train_path={train}"])).targets == ("q", "k", "v", "o", "wi", "wo")
+
+
 def test_decoder_only_targets_stay_decoder_names(tmp_path):
     c = helpers.tiny_config(tmp_path, **{"peft.method": "lora", "peft.targets": "q,down"})
     assert loading.peft_spec(c).targets == ("q_proj", "down_proj")
