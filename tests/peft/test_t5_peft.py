@@ -25,7 +25,7 @@ from tests.peft.test_export import trained_like_adapters
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-TOL = 1e-4  # as tests/peft/test_export.py: adapters on unscaled T5 attention make fp32 round-off grow
+TOL = 1e-5  # fp32; measured 2.4e-6 (LoRA), 6.1e-6 (rsLoRA), 2.7e-6 (DoRA) with logits of O(10)
 SPECS = {
     "lora": dict(targets=("q", "v", "wo")),
     "rslora": dict(targets=("q", "k", "v", "o", "wi_0", "wi_1", "wo"), rslora=True),
@@ -202,9 +202,8 @@ def _dequantized_hf_dir(run, out):
     return models.save_pretrained(run.model_config, base, out)
 
 
-@pytest.mark.parametrize("kind", ["lora", pytest.param("rslora", marks=pytest.mark.slow),
-                                  pytest.param("dora", marks=pytest.mark.slow),
-                                  pytest.param("qlora", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a jaxtune train run per method; the default suite keeps the Python-API parity above
+@pytest.mark.parametrize("kind", list(RUNS))
 def test_t5_peft_run_exports_adapters_peft_loads_with_equal_logits(kind, tmp_path):
     import transformers
 
