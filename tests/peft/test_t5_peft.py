@@ -192,12 +192,7 @@ def _dequantized_hf_dir(run, out):
     from jaxtune.peft import quant
 
     float_base = loading.base_params(run.config, run.model_config, as_held=False)
-    held = loading.base_params(run.config, run.model_config)
-
-    def dequantized(q, w):
-        return quant.dequantize(q, w.shape[1:], jnp.float32) if quant.is_quantized(q) else w
-
-    base = jax.tree.map(dequantized, held, float_base, is_leaf=quant.is_quantized)
+    base = quant.dequantize_params(loading.base_params(run.config, run.model_config), float_base)
     assert float(max(jax.tree.leaves(jax.tree.map(lambda a, b: jnp.abs(a - b).max(), base, float_base)))) > 0
     return models.save_pretrained(run.model_config, base, out)
 
@@ -215,7 +210,8 @@ def test_t5_peft_run_exports_adapters_peft_loads_with_equal_logits(kind, tmp_pat
         "optim.warmup_steps": 0, **RUNS[kind]}.items()])
     validation.validate(c)
     trainer.train(c, tmp_path / "run")
-    assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--peft", str(tmp_path / "adapter")]) == 0
+    assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--peft", str(tmp_path / "adapter"),
+                     "--merged", str(tmp_path / "merged")]) == 0
 
     loaded = inference.from_workdir(str(tmp_path / "run"))
     batch = _batch(loaded.model.config.vocab_size, loaded.model.config.decoder_start_token_id)
@@ -230,6 +226,9 @@ def test_t5_peft_run_exports_adapters_peft_loads_with_equal_logits(kind, tmp_pat
     with peft_model.disable_adapter():
         base_logits = hf_logits(peft_model, *batch)[valid]
     assert np.abs(theirs - base_logits).max() > 1e-3  # the trained adapters change the model
-    diff = float(np.abs(ours - theirs).max())
-    print(f"jaxtune train t5/{kind}: max |jaxtune - peft| = {diff:.1e} (logits up to {np.abs(theirs).max():.1f})")
-    assert diff <= 1e-5
+    merged = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "merged", attn_implementation="eager")
+    merged_logits = hf_logits(merged.eval(), *batch)[valid]  # adapters folded in (QLoRA: into the dequantised base)
+    diff, merged_diff = float(np.abs(ours - theirs).max()), float(np.abs(merged_logits - theirs).max())
+    print(f"jaxtune train t5/{kind}: max |jaxtune - peft| = {diff:.1e}, |merged - peft| = {merged_diff:.1e} "
+          f"(logits up to {np.abs(theirs).max():.1f})")
+    assert diff <= 1e-5 and merged_diff <= 1e-5
