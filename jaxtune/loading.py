@@ -98,9 +98,24 @@ def is_encoder_decoder(config: ml_collections.ConfigDict) -> bool:
     return encoder_decoder_family(config) is not None
 
 
+def projection_names(config: ml_collections.ConfigDict, *, resolve_hub: bool = True) -> tuple[str, ...] | None:
+    """The run's model's projection module names (what `peft.targets` choose from): T5's q, k, v, o,
+    wi / wi_0, wi_1, wo, or the decoder-only families' q_proj..down_proj. `resolve_hub=False` (config
+    validation, before Hub ids are pinned) gives None for a Hub id: its model is not known yet."""
+    if not resolve_hub and config.model.hf_dir and hub.is_hub_id(config.model.hf_dir):
+        return None
+    if encoder_decoder_family(config, resolve_hub=resolve_hub) is None:
+        return peft_base.DECODER_PROJECTIONS
+    model_config = model_config_from(config)
+    return models.family_of(model_config).projection_names(model_config)
+
+
 def peft_spec(config: ml_collections.ConfigDict) -> peft_base.Spec | None:
-    """The run's PEFT settings (config.peft), validated; None for full fine-tuning."""
-    return peft_base.spec_from_config(config.peft) if "peft" in config else None
+    """The run's PEFT settings (config.peft), validated against the run's model; None for full fine-tuning."""
+    if "peft" not in config:
+        return None
+    projections = projection_names(config) if config.peft.method != "none" else None
+    return peft_base.spec_from_config(config.peft, projections or peft_base.DECODER_PROJECTIONS)
 
 
 def build_model(config: ml_collections.ConfigDict, model_config):
@@ -152,8 +167,8 @@ def base_params(config: ml_collections.ConfigDict, model_config, setup=None, *, 
     spec = peft_spec(config) if as_held else None
     if setup is None:
         if config.model.hf_dir:
-            _, base = models.from_pretrained(hf_dir(config), dtype=model_config.param_dtype,
-                                             num_labels=model_config.num_labels)  # a reward model's head
+            head = {"num_labels": model_config.num_labels} if hasattr(model_config, "num_labels") else {}  # a reward model's (T5: none)
+            _, base = models.from_pretrained(hf_dir(config), dtype=model_config.param_dtype, **head)
         else:
             plain = models.build(model_config)
             init = jax.jit(lambda rng: sharding.unbox(plain.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))

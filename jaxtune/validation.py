@@ -22,6 +22,7 @@ from jaxtune.datatools.screen import settings_from
 from jaxtune.errors import UserError
 from jaxtune.models import attention, layers
 from jaxtune.peft import base as peft_base
+from jaxtune.peft import wrapper as peft_wrapper
 
 
 def load_config(spec: str, overrides=(), *, needs_data: bool = True, tasks=None) -> ml_collections.ConfigDict:
@@ -190,12 +191,13 @@ def validate(config: ml_collections.ConfigDict, *, needs_data: bool = True) -> N
                 raise UserError(f"config key 'mesh.{prefix}{axis}' must be a positive size or -1, got {size}")
         if sum(config.mesh[prefix + a] == -1 for a in ("data", "fsdp", "tensor")) > 1:
             raise UserError(f"config keys mesh.{prefix}data/{prefix}fsdp/{prefix}tensor: at most one axis may be -1")
-    peft_base.spec_from_config(config.peft)
-    if config.peft.method != "none" and loading.encoder_decoder_family(config, resolve_hub=False):
-        # peft.targets names decoder-only projections (q -> q_proj); T5's are q, k, v, o, wi, wo.
-        raise UserError(f"config key 'peft.method' is {config.peft.method!r}, but runs apply PEFT to decoder-only "
-                        "models so far; adapt a T5 from Python (jaxtune.peft.wrapper.wrap, targets such as "
-                        "('q', 'v'); docs/guides/t5.md) or set peft.method='none' for full fine-tuning")
+    # peft.targets name the model's projections (T5: q, k, v, o, wi / wi_0, wi_1, wo); a Hub model not
+    # pinned yet accepts any family's names here and is checked when the run loads it (loading.peft_spec).
+    projections = loading.projection_names(config, resolve_hub=False) if config.peft.method != "none" else None
+    spec = peft_base.spec_from_config(config.peft, projections or tuple(layers.PROJECTION_NAMES))
+    encoder_decoder = loading.encoder_decoder_family(config, resolve_hub=False)
+    if spec is not None and encoder_decoder:
+        peft_wrapper.check_model_kind(spec, True, encoder_decoder.removesuffix(", which"))
 
 
 def _validate_decontaminate(config: ml_collections.ConfigDict) -> None:

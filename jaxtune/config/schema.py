@@ -174,8 +174,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft.alpha = 16.0
     c.peft.dropout = 0.0  # on the adapter input, training only
     c.peft.rslora = False  # scaling alpha/sqrt(rank) instead of alpha/rank
-    c.peft.targets = "q,k,v,o"  # comma list of q,k,v,o,gate,up,down, or "all-linear"
-    c.peft.quantize = "none"  # none | nf4 | int8: QLoRA base weights (decoder projections)
+    c.peft.targets = "q,k,v,o"  # comma list of q,k,v,o,gate,up,down (T5: q,k,v,o,wi|wi_0,wi_1,wo), or "all-linear"
+    c.peft.quantize = "none"  # none | nf4 | int8: QLoRA base weights (the blocks' projections)
     c.peft.quant_block_size = 64
     c.peft.prefix_length = 16  # prefix: learned key/value slots per layer (PEFT num_virtual_tokens)
     c.peft.prefix_projection = 0  # prefix: >0 trains them through an MLP of this hidden size (0: directly)

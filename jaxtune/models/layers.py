@@ -395,8 +395,10 @@ class MLP(nn.Module):
 
 # Outputs of these projections (tagged with checkpoint_name in Projection) are what the
 # "projections" and "offload" remat policies keep; everything else in a block is recomputed.
-PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                    "q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")  # the last row: T5's (HF) names
+# DECODER_PROJECTIONS: the projections of every decoder-only family (the HF module names), which
+# is what a family without its own `projection_names(config)` has (models.registry).
+DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTION_NAMES = (*DECODER_PROJECTIONS, "q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")  # the last: T5's (HF) names
 
 # model.remat_policy -> what the backward pass finds saved from each decoder block's forward pass
 # (README "Memory"). None of them ever saves logits (the LM head is outside the blocks and the

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxtune.errors import UserError
-from jaxtune.models import gemma, gemma2, gemma3, hf_mapping, llama, mistral, qwen2, qwen3, t5
+from jaxtune.models import gemma, gemma2, gemma3, hf_mapping, layers, llama, mistral, qwen2, qwen3, t5
 
 
 class Family(NamedTuple):
@@ -35,6 +35,9 @@ class Family(NamedTuple):
     hf_unused_tensors: Callable[[Any], frozenset]
     # True for encoder-decoders (T5): the module takes encoder inputs and `decoder_inputs`.
     is_encoder_decoder: bool = False
+    # config -> the module names of the model's linear projections (HF's names; what adapter targets
+    # name): the decoder-only families' q_proj..down_proj unless the family module says otherwise.
+    projection_names: Callable[[Any], tuple[str, ...]] = lambda config: layers.DECODER_PROJECTIONS
 
 
 def _family(module) -> Family:
@@ -56,8 +59,9 @@ def _family(module) -> Family:
         return hf_mapping.head_param_maps(module.hf_param_maps(config), config)
 
     unused = getattr(module, "hf_unused_tensors", lambda config: frozenset())
+    projections = getattr(module, "projection_names", lambda config: layers.DECODER_PROJECTIONS)
     return Family(config_cls, module.VARIANTS, module_cls, module.HF_MODEL_TYPES, config_from_hf, config_to_hf,
-                  hf_param_maps, unused, getattr(module_cls, "is_encoder_decoder", False))
+                  hf_param_maps, unused, getattr(module_cls, "is_encoder_decoder", False), projections)
 
 
 FAMILIES: dict[str, Family] = {

@@ -553,6 +553,13 @@ def hf_param_maps(config: T5Config) -> list[hf_mapping.ParamMap]:
     return maps
 
 
+def projection_names(config: T5Config) -> tuple[str, ...]:
+    """The module names of the model's projections (HF's: each names the projection in the encoder's
+    self-attention, the decoder's self- and cross-attention and both MLPs alike), gated MLP or not."""
+    gated, _ = config.mlp_activation()
+    return ("q", "k", "v", "o", *(("wi_0", "wi_1") if gated else ("wi",)), "wo")
+
+
 def hf_unused_tensors(config: T5Config) -> frozenset[str]:
     """Tensors a T5 checkpoint may hold that the model reads elsewhere: the stacks' copies of the
     shared embedding, and a cross-attention bias table old checkpoints carry but T5 never uses."""

@@ -20,8 +20,9 @@ The model's hook points, stable and PEFT-agnostic (jaxtune/models/layers.py):
 `Projection.__call__(x)`, `Projection.get_kernel(shape)` (the float kernel), `Projection.contract(x,
 kernel)` (x . kernel before the bias), `ScoreHead.get_kernel(shape)` and
 `Attention.prefix_slots(kv_shape)` (key/value slots in front of the keys, None by default). A
-projection's `name` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj: the Hugging Face
-module names, which `peft.targets` lists) and `axes`/`features` say what it projects.
+projection's `name` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; T5's q, k, v, o,
+wi or wi_0/wi_1, wo: the Hugging Face module names, a family's `projection_names(config)`, which
+`peft.targets` lists) and `axes`/`features` say what it projects.
 
 How to add a PEFT method
 ------------------------
@@ -56,7 +57,8 @@ class IA3(base.Method):
 ```
 
 With it, `--config.peft.method=ia3 --config.peft.targets=k,v,down` trains the scales. A method that
-reads config keys other than `peft.targets` overrides `Method.settings` (see `lora.Lora`); one
+reads config keys other than `peft.targets` overrides `Method.settings(peft_cfg, projections)`
+(see `lora.Lora`; `projections` are the run's model's, for `base.parse_targets`); one
 that needs its own keys adds them to the `peft` config section. `jaxtune export` writes LoRA, DoRA
 and prefix adapters only; for any other method it says so (`export.check_exportable`).
 """

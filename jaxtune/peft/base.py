@@ -24,14 +24,14 @@ from flax import linen as nn
 
 from jaxtune import plugins
 from jaxtune.errors import UserError
+from jaxtune.models import layers
 
 # The variable collection of every method's trainable variables (the checkpointed "adapters").
 COLLECTION = "lora"
-# Short target names (config) -> projection module names (also the HF / PEFT module names).
-TARGETS = {
-    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
-}
+# The decoder-only families' projections (HF / PEFT module names) by their short config names; a
+# family with other names (T5: q, k, v, o, wi, wi_0, wi_1, wo) gives `parse_targets` its own.
+DECODER_PROJECTIONS = layers.DECODER_PROJECTIONS
+TARGETS = {name.removesuffix("_proj"): name for name in DECODER_PROJECTIONS}
 BASE_DTYPES = ("", "float32", "bfloat16")
 QUANT_KINDS = ("nf4", "int8")  # peft/quant.py
 
@@ -74,9 +74,10 @@ class Method:
         self.spec = spec
 
     @classmethod
-    def settings(cls, peft_cfg) -> dict[str, Any]:
-        """The validated Spec fields this method reads from the `peft` config section."""
-        return {"targets": parse_targets(peft_cfg.targets)}
+    def settings(cls, peft_cfg, projections: tuple[str, ...] = DECODER_PROJECTIONS) -> dict[str, Any]:
+        """The validated Spec fields this method reads from the `peft` config section
+        (`projections`: the model's projection names, which `peft.targets` chooses from)."""
+        return {"targets": parse_targets(peft_cfg.targets, projections)}
 
     def intercept(self, next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: nn.module.InterceptorContext) -> Any:
         """A Flax method interceptor: runs for every module method call inside the wrapped model
@@ -119,24 +120,30 @@ def method_for(spec: Spec) -> Method:
     return _REGISTRY[spec.method](spec)
 
 
-def parse_targets(targets: str) -> tuple[str, ...]:
-    """"q,k,v,o" / "q_proj,v_proj" / "all-linear" -> projection module names, in TARGETS order."""
+def parse_targets(targets: str, projections: tuple[str, ...] = DECODER_PROJECTIONS) -> tuple[str, ...]:
+    """"q,k,v,o" / "q_proj,v_proj" / "all-linear" -> projection module names, in `projections` order.
+
+    `projections` are the model's projection module names (a family's `projection_names(config)`;
+    the decoder-only families' by default); each is also named without a "_proj" suffix."""
+    aliases = {**{name.removesuffix("_proj"): name for name in projections}, **{name: name for name in projections}}
     if targets.strip() == "all-linear":
-        return tuple(TARGETS.values())
+        return tuple(projections)
     chosen = set()
     for name in (t.strip() for t in targets.split(",") if t.strip()):
-        full = TARGETS.get(name, name)
-        if full not in TARGETS.values():
-            valid = ", ".join(list(TARGETS) + ["all-linear"])
-            raise UserError(f"config key 'peft.targets': unknown target {name!r}; valid targets: {valid} (or the *_proj names)")
-        chosen.add(full)
+        if name not in aliases:
+            short = list(dict.fromkeys(p.removesuffix("_proj") for p in projections))
+            suffixed = " (or the *_proj names)" if any(p.endswith("_proj") for p in projections) else ""
+            raise UserError(f"config key 'peft.targets': unknown target {name!r}; valid targets: "
+                            f"{', '.join([*short, 'all-linear'])}{suffixed}")
+        chosen.add(aliases[name])
     if not chosen:
         raise UserError("config key 'peft.targets' is empty; expected e.g. 'q,k,v,o' or 'all-linear'")
-    return tuple(t for t in TARGETS.values() if t in chosen)
+    return tuple(t for t in projections if t in chosen)
 
 
-def spec_from_config(peft_cfg) -> Spec | None:
-    """The Spec of a config's `peft` section (None when method is 'none'), validated."""
+def spec_from_config(peft_cfg, projections: tuple[str, ...] = DECODER_PROJECTIONS) -> Spec | None:
+    """The Spec of a config's `peft` section (None when method is 'none'), validated; `peft.targets`
+    choose among `projections` (the model's projection names: `models.Family.projection_names`)."""
     method, quantize = peft_cfg.method, peft_cfg.quantize
     methods = ("none", *names())
     if method not in methods:
@@ -154,7 +161,7 @@ def spec_from_config(peft_cfg) -> Spec | None:
         raise UserError(f"config key 'peft.base_dtype' is {peft_cfg.base_dtype!r}; expected one of "
                         f"{', '.join(repr(d) for d in BASE_DTYPES)} ('' keeps model.param_dtype)")
     return Spec(method=method, quantize=quantize, quant_block_size=peft_cfg.quant_block_size,
-                base_dtype=peft_cfg.base_dtype, **_REGISTRY[method].settings(peft_cfg))
+                base_dtype=peft_cfg.base_dtype, **_REGISTRY[method].settings(peft_cfg, projections))
 
 
 # ---- helpers for methods -----------------------------------------------------------------------

@@ -20,12 +20,13 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from flax import linen as nn
 
 from jaxtune import models
 from jaxtune.errors import UserError
 from jaxtune.models import hf
 from jaxtune.peft import base as peft_base
-from jaxtune.peft import heads, lora, prefix
+from jaxtune.peft import heads, lora, prefix, quant
 
 PEFT_FORMAT_METHODS = ("lora", "dora", "prefix")  # methods with a PEFT on-disk format here
 MERGEABLE_METHODS = ("lora", "dora")
@@ -174,8 +175,13 @@ def export_merged(model_config, spec: peft_base.Spec, base: Mapping, adapters: M
                   dtype: str | None = None, tokenizer_dir: str | None = None, max_shard_size: int | str = "2GB",
                   add_bos: str = "auto") -> epath.Path:
     """A full HF checkpoint of the adapted model: W + scaling * A B (DoRA: rescaled to the learned
-    magnitude) in float32, cast to `dtype` (default: the model's param dtype) when written."""
+    magnitude) in float32, cast to `dtype` (default: the model's param dtype) when written. A QLoRA
+    base's kernels that no adapter targets are written dequantised too."""
     check_mergeable(spec)
     merged = jax.jit(lambda b, a: lora.merge(b, a, spec))(base, adapters)
+    if spec.quantize != "none":
+        tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
+        shapes = nn.meta.unbox(jax.eval_shape(models.build(model_config).init, jax.random.key(0), tokens)["params"])
+        merged = jax.jit(lambda m: quant.dequantize_params(m, shapes))(merged)
     return models.save_pretrained(model_config, merged, out_dir, dtype=dtype or model_config.param_dtype,
                                   tokenizer_dir=tokenizer_dir, max_shard_size=max_shard_size, add_bos=add_bos)

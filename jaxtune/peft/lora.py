@@ -35,14 +35,14 @@ class Lora(base.Method):
     """LoRA (rsLoRA with `peft.rslora`) on the target projections: adds to `Projection.contract`."""
 
     @classmethod
-    def settings(cls, peft_cfg) -> dict[str, Any]:
+    def settings(cls, peft_cfg, projections=base.DECODER_PROJECTIONS) -> dict[str, Any]:
         if peft_cfg.rank <= 0:
             raise UserError(f"config key 'peft.rank' must be > 0, got {peft_cfg.rank}")
         if peft_cfg.alpha <= 0:
             raise UserError(f"config key 'peft.alpha' must be > 0, got {peft_cfg.alpha}")
         if not 0.0 <= peft_cfg.dropout < 1.0:
             raise UserError(f"config key 'peft.dropout' must be in [0, 1), got {peft_cfg.dropout}")
-        return dict(rank=peft_cfg.rank, alpha=float(peft_cfg.alpha), targets=base.parse_targets(peft_cfg.targets),
+        return dict(rank=peft_cfg.rank, alpha=float(peft_cfg.alpha), targets=base.parse_targets(peft_cfg.targets, projections),
                     dropout=float(peft_cfg.dropout), rslora=bool(peft_cfg.rslora))
 
     def intercept(self, next_fun, args, kwargs, context):

@@ -45,7 +45,7 @@ class Prefix(base.Method):
     """Prefix tuning: learned key/value slots from `Attention.prefix_slots` (LoRA's keys ignored)."""
 
     @classmethod
-    def settings(cls, peft_cfg) -> dict[str, Any]:
+    def settings(cls, peft_cfg, projections=base.DECODER_PROJECTIONS) -> dict[str, Any]:
         if peft_cfg.prefix_length <= 0:
             raise UserError(f"config key 'peft.prefix_length' must be > 0 for peft.method=prefix, got {peft_cfg.prefix_length}")
         if peft_cfg.prefix_projection < 0:

@@ -77,6 +77,23 @@ def dequantize(q: Mapping[str, jax.Array], shape: tuple[int, ...], dtype: Any) -
     return flat[..., : math.prod(shape)].reshape(*absmax.shape[:-2], *shape).astype(dtype)
 
 
+def dequantize_params(params: Any, like: Any, dtype: Any = jnp.float32) -> Any:
+    """`params` with every quantised kernel dequantised to the shape of its float counterpart in
+    `like` (e.g. the model's abstract params): the float base a QLoRA run trained against."""
+
+    def visit(tree, shapes):
+        out = {}
+        for key, value in tree.items():
+            if is_quantized(value):
+                lead = value["absmax"].ndim - 1
+                out[key] = dequantize(value, tuple(shapes[key].shape[lead:]), dtype)
+            else:
+                out[key] = visit(value, shapes[key]) if isinstance(value, Mapping) else value
+        return out
+
+    return visit(params, like)
+
+
 def dequantizing(next_fun, args, kwargs, context):
     """The interceptor: a Projection whose stored kernel is quantised gets it dequantised to
     its compute dtype instead of reading (or creating) a float "params" kernel."""

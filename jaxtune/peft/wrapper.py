@@ -20,6 +20,7 @@ from typing import Any
 
 from flax import linen as nn
 
+from jaxtune import models
 from jaxtune.errors import UserError
 from jaxtune.peft import base, heads, quant
 
@@ -56,14 +57,33 @@ class Adapted:
 
 
 def wrap(model: nn.Module, spec: base.Spec | None) -> nn.Module | Adapted:
-    """The model with the PEFT method of `spec` applied (None: the model itself).
-
-    Prefix tuning needs the `Attention.prefix_slots` hook, which T5's biased attention lacks: an
-    encoder-decoder with a prefix spec is an error rather than a silently unadapted model."""
-    if spec is not None and spec.prefix_length > 0 and getattr(model, "is_encoder_decoder", False):
-        raise UserError(f"peft.method={spec.method!r}: prefix tuning is not supported for encoder-decoder models "
-                        f"({type(model).__name__}); use lora, dora or qlora")
+    """The model with the PEFT method of `spec` applied (None: the model itself); a method or target
+    the model cannot take is a UserError (`check_model_kind`, `check_targets`)."""
+    if spec is not None:
+        check_model_kind(spec, getattr(model, "is_encoder_decoder", False), type(model).__name__)
+        check_targets(model, spec)
     return model if spec is None else Adapted(model, spec)
+
+
+def check_model_kind(spec: base.Spec, encoder_decoder: bool, model_name: str) -> None:
+    """Prefix tuning needs `Attention.prefix_slots`, which T5's attention (relative position bias,
+    encoder, decoder and cross-attention) lacks: an error rather than a silently unadapted model."""
+    if spec.prefix_length > 0 and encoder_decoder:
+        raise UserError(f"peft.method={spec.method!r}: prefix tuning is not supported for encoder-decoder models "
+                        f"({model_name}); use lora, dora or lora with peft.quantize (QLoRA)")
+
+
+def check_targets(model: nn.Module, spec: base.Spec) -> None:
+    """Every target names a projection the model has (an adapter on no module would train nothing):
+    e.g. T5's are q, k, v, o, wi / wi_0, wi_1, wo, and a decoder-only model's q_proj..down_proj."""
+    try:
+        projections = models.family_of(model.config).projection_names(model.config)
+    except (AttributeError, TypeError):  # not a registered family's model: nothing to check against
+        return
+    missing = [t for t in spec.targets if t not in projections]
+    if missing:
+        raise UserError(f"peft targets {', '.join(missing)} name no projection of this {type(model).__name__} model; "
+                        f"its projections: {', '.join(projections)} (or 'all-linear')")
 
 
 def spec_of(model: nn.Module | Adapted) -> base.Spec | None:

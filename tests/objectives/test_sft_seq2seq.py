@@ -114,15 +114,3 @@ def test_objectives_without_encoder_decoder_support_refuse_a_t5_clearly():
         c.objective.type = name
         with pytest.raises(UserError, match=rf"'model.family' is 't5'.*encoder-decoder.*objective.type='{name}'.*sft"):
             objectives.build(c)
-
-
-def test_a_t5_run_with_config_level_peft_is_refused_clearly():
-    from jaxtune import validation
-
-    c = base_config()
-    c.model.family, c.model.variant = "t5", "tiny"
-    c.data.builtin = "quickstart"
-    validation.validate(c)  # full fine-tuning SFT: a valid run
-    c.peft.method = "lora"
-    with pytest.raises(UserError, match=r"'peft.method' is 'lora'.*decoder-only.*T5 from Python"):
-        validation.validate(c)

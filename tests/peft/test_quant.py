@@ -48,3 +48,28 @@ def test_quantised_base_bytes_and_forward():
         rel = float(jnp.sqrt(jnp.mean((out - ref) ** 2) / jnp.mean((ref - ref.mean()) ** 2)))
         print(f"{kind}: {stats}, relative rms logit error {rel:.3f}")
         assert 0 < rel < tol
+
+
+@pytest.mark.slow  # an export and a reload; the dequantisation itself runs in the T5 QLoRA test's helper too
+def test_merged_qlora_export_writes_untargeted_kernels_dequantised(tmp_path):
+    """--merged of a QLoRA run whose targets leave some projections out (default q,k,v,o): those
+    kernels are written as the dequantised float base, not left as codes."""
+    from jaxtune.peft import export, lora
+
+    config = models.get_config("llama", "tiny", num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                               num_kv_heads=2, vocab_size=64)
+    spec = peft_base.Spec("lora", rank=2, alpha=4.0, targets=("q_proj",), quantize="nf4")
+    model, tokens = models.build(config), jnp.zeros((1, 4), jnp.int32)
+    float_base = nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"])
+    held = quant.quantize_params(float_base, "nf4", 64)
+    adapters = nn.meta.unbox(wrapper.wrap(model, spec).init(jax.random.key(1), tokens)["lora"])
+    export.export_merged(config, spec, held, adapters, tmp_path / "merged")
+    _, written = models.from_pretrained(tmp_path / "merged")
+    expected = lora.merge(quant.dequantize_params(held, float_base), adapters, spec)
+    for path in (("layers", "mlp", "down_proj", "kernel"), ("layers", "attn", "q_proj", "kernel")):
+        got, want = written, expected
+        for key in path:
+            got, want = got[key], want[key]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    assert np.abs(np.asarray(written["layers"]["mlp"]["down_proj"]["kernel"])
+                  - np.asarray(float_base["layers"]["mlp"]["down_proj"]["kernel"])).max() > 0  # NF4 rounding kept
