@@ -209,7 +209,11 @@ class T5Attention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         heads = ("embed", "heads", "head_dim")
         act = ("act_batch", "act_length", "act_heads", None)
-        q = nn.with_logical_constraint(layers.dense((self.num_heads, self.head_dim), heads, name="q", **kw)(x), act)
+        # T5 folds the 1/sqrt(head_dim) score scale into q: initialise q as transformers' T5 does
+        # (std (d_model * head_dim)**-0.5), so initial scores are O(1) rather than O(sqrt(head_dim)).
+        q_init = nn.initializers.variance_scaling(1.0 / self.head_dim, "fan_in", "truncated_normal")
+        q = nn.with_logical_constraint(
+            layers.dense((self.num_heads, self.head_dim), heads, name="q", kernel_init=q_init, **kw)(x), act)
 
         def keys_values():
             k = layers.dense((self.num_heads, self.head_dim), heads, name="k", **kw)(kv_input)
