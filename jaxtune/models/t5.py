@@ -115,6 +115,26 @@ class T5Config:
                             f"{act!r}; supported: {tuple(layers.ACTIVATIONS)}.")
         return gated, act
 
+    def train_flops(self, encoder_tokens: int, decoder_tokens: int, encoder_len: int, decoder_len: int) -> float:
+        """Model FLOPs of a forward + backward pass over `encoder_tokens` encoder and `decoder_tokens`
+        decoder tokens in rows of `encoder_len` / `decoder_len`: what MFU counts for an encoder-decoder.
+
+        As the decoder-only 6N + 12·L·d·T (PaLM appendix B), counted per stream, since the two
+        streams see different weights: 6 x the matmul weights each token passes through (encoder
+        layers and the cross-attention k/v for an encoder token; decoder self-attention, cross q/o,
+        MLP and the LM head for a decoder token; the embedding lookup is free) plus 12 x the
+        attention width for every key a query scores (encoder: its row; decoder: its own row and
+        the encoder's)."""
+        d, width, ff = self.hidden_size, self.num_heads * self.head_dim, self.intermediate_size
+        mlp = (3 if self.mlp_activation()[0] else 2) * d * ff
+        enc_layers, dec_layers = self.num_layers, self.resolved_decoder_layers
+        per_encoder_token = enc_layers * (4 * d * width + mlp) + dec_layers * 2 * d * width  # + cross k, v
+        per_decoder_token = dec_layers * (6 * d * width + mlp) + d * self.vocab_size  # self q,k,v,o + cross q,o
+        weights = 6.0 * (encoder_tokens * per_encoder_token + decoder_tokens * per_decoder_token)
+        scores = 12.0 * width * (encoder_tokens * enc_layers * encoder_len
+                                 + decoder_tokens * dec_layers * (decoder_len + encoder_len))
+        return weights + scores
+
     def replace(self, **kw: Any) -> T5Config:
         return dataclasses.replace(self, **kw)
 
