@@ -14,6 +14,11 @@ Real-size models (an HF dir or a named variant) train with bf16 compute, a bf16 
 sharded over every device. Planned with `jaxtune plan` (per-device memory; benchmarks/RESULTS.md):
     jaxtune plan --config configs/sft_lora.py:variant=llama3.1-8b --topology v5p-8         # 28.34 of 95.74 GiB
     jaxtune plan --config configs/sft_lora.py:variant=llama3.1-70b --topology v5p:4x4x2    # 17.17 of 95.74 GiB (v5p-64)
+
+Encoder-decoders (family=t5, e.g. Flan-T5-XXL, docs/guides/t5.md): `all-linear` adapts T5's q, k, v,
+o, wi_0, wi_1 and wo in the encoder, the decoder and its cross-attention; both streams are
+data.seq_len=512 tokens (T5's pre-training length; its biased attention holds [B, heads, T, S] scores):
+    jaxtune plan --config configs/sft_lora.py:family=t5,variant=flan-t5-xxl --topology v5e-8   # 7.42 of 15.75 GiB
 """
 
 from jaxtune.config import base_config, parse_arg
@@ -41,4 +46,6 @@ def get_config(arg=None):
         c.data.seq_len = 4096
         c.train.global_batch_size = 32
         c.mesh.fsdp, c.mesh.data = -1, 1  # base sharded over every device
+    if c.model.family == "t5":  # prompt -> encoder, answer -> decoder, each up to seq_len tokens
+        c.data.seq_len = 512
     return c

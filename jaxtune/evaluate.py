@@ -372,9 +372,6 @@ def _harness_metrics(model, params, tokenizer, tasks, eval_cfg, *, seq_len: int,
     """`harness/<task>/<metric>` of lm-evaluation-harness tasks on the model being trained (context: data.seq_len)."""
     from jaxtune import harness
 
-    if is_encoder_decoder(model):
-        raise UserError("config key 'eval.harness': the lm-evaluation-harness backend drives decoder-only models; "
-                        "an encoder-decoder (T5) is evaluated with eval.tasks and the held-out set (docs/guides/t5.md)")
     loaded = harness.InMemoryModel(model, params, tokenizer)
     lm = harness.harness_lm(loaded, batch_size=eval_cfg.batch_size, max_length=seq_len,
                             max_gen_toks=eval_cfg.max_new_tokens)

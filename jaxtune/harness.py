@@ -12,7 +12,13 @@ scores exactly what lm-eval's ``hf`` backend scores on the same weights:
 - ``generate_until``: greedy decoding with jaxtune's KV-cache sampler (`jaxtune.generate`) up to
   ``max_gen_toks``, stopped at EOS, the text cut at the first ``until`` string (EOS's text too).
 
-Tokenization follows the ``hf`` backend: the tokenizer's own prefix (BOS where its post-processor
+An encoder-decoder (T5, Flan-T5, mT5) is scored as lm-eval's ``hf`` backend scores a seq2seq
+model: context and continuation are tokenized separately (the context as ``tokenizer(text)``,
+ending in ``</s>``; the continuation without it), the last ``max_length`` context tokens go to the
+encoder and the continuation is the decoder's target, shifted right behind the decoder start token
+(`score_seq2seq_pairs`); generation encodes the last ``max_length`` context tokens.
+
+Tokenization of a decoder-only model follows the ``hf`` backend: the tokenizer's own prefix (BOS where its post-processor
 adds one) before every text that does not already start with BOS, special tokens spelled in the
 text (chat templates) read as their ids. Requests are sorted by length and batched into
 power-of-two shapes, so a task compiles a handful of times. ``apply_chat_template`` renders with
@@ -93,6 +99,47 @@ def score_token_pairs(model, params, pairs: Sequence[tuple[Sequence[int], Sequen
     return results  # type: ignore[return-value]
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _seq2seq_token_logprobs(model, variables, inputs, segment_ids, decoder_inputs, targets, decoder_segment_ids):
+    """Per decoder position: log p(target | encoder input, earlier targets) and whether it is the argmax."""
+    logits = model.module.apply(variables, inputs, segment_ids=segment_ids, decoder_inputs=decoder_inputs,
+                                decoder_segment_ids=decoder_segment_ids)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets
+
+
+def score_seq2seq_pairs(model, params, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int
+                        ) -> list[tuple[float, bool]]:
+    """(sum log p(continuation | context), greedy?) per (encoder ids, decoder target ids) of an
+    encoder-decoder, batched by length: what lm-eval's ``hf`` backend computes for a seq2seq model
+    (labels = the continuation, decoder inputs = the labels shifted right)."""
+    variables = generate_lib.as_variables(params)
+    multiple = generate_lib.batch_multiple()
+    batch_size = -(-batch_size // multiple) * multiple
+    start_id = model.config.decoder_start_token_id
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    results: list[tuple[float, bool] | None] = [None] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        enc_len = generate_lib.bucket(max(len(pairs[i][0]) for i in chunk), generate_lib.MIN_PROMPT_BUCKET)
+        dec_len = generate_lib.bucket(max(len(pairs[i][1]) for i in chunk), generate_lib.MIN_PROMPT_BUCKET)
+        enc = {k: np.zeros((batch_size, enc_len), np.int32) for k in ("inputs", "segment_ids")}
+        dec = {k: np.zeros((batch_size, dec_len), np.int32) for k in ("decoder_inputs", "targets", "decoder_segment_ids")}
+        for row, i in enumerate(chunk):
+            context, continuation = list(pairs[i][0]), list(pairs[i][1])
+            enc["inputs"][row, :len(context)], enc["segment_ids"][row, :len(context)] = context, 1
+            n = len(continuation)
+            dec["targets"][row, :n], dec["decoder_segment_ids"][row, :n] = continuation, 1
+            dec["decoder_inputs"][row, :n] = [start_id] + continuation[:-1]
+        logp, greedy = _seq2seq_token_logprobs(generate_lib.ByRepr(model), variables, **enc, **dec)
+        logp, greedy = distributed.to_host(logp), distributed.to_host(greedy)
+        for row, i in enumerate(chunk):
+            n = len(pairs[i][1])
+            results[i] = (float(logp[row, :n].sum()), bool(greedy[row, :n].all()))
+    return results  # type: ignore[return-value]
+
+
 def _lm_class():
     """`JaxtuneLM`, defined on first use so that lm-eval (an optional extra) is imported only then."""
     from lm_eval.api.model import TemplateLM
@@ -106,6 +153,9 @@ def _lm_class():
             self.batch_size, self.max_gen_toks = batch_size, max_gen_toks
             self.max_length = max_length or DEFAULT_MAX_LENGTH
             self._chat_template = chat_template
+            # lm-eval's TemplateLM encodes a seq2seq model's context and continuation separately
+            self.seq2seq = bool(getattr(loaded.model, "is_encoder_decoder", False))
+            self.backend = "seq2seq" if self.seq2seq else "causal"
 
         @property
         def eot_token_id(self) -> int:
@@ -137,6 +187,9 @@ def _lm_class():
                                add_generation_prompt=add_generation_prompt)
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+            if self.seq2seq:  # `tokenizer(text)` of a T5 tokenizer ends in </s>; continuations go without it
+                ids = encode_with_specials(self.tok, string)
+                return ids if add_special_tokens is False else ids + [self.tok.eos_id]
             bos = getattr(self.tok, "bos_token", None)
             prefix = list(self.tok.text_prefix)
             if add_special_tokens is False or (add_special_tokens is None and bos and string.startswith(bos)):
@@ -147,6 +200,10 @@ def _lm_class():
             return self.tok.decode(list(tokens))
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+            if self.seq2seq:  # the context is the encoder's (its last max_length tokens), the continuation the decoder's
+                pairs = [(list(context)[-self.max_length:], list(continuation)[-self.max_length:])
+                         for _, context, continuation in requests]
+                return score_seq2seq_pairs(self.loaded.model, self.loaded.params, pairs, batch_size=self.batch_size)
             pairs = []
             for _, context_enc, continuation_enc in requests:
                 whole = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
@@ -186,9 +243,11 @@ def _lm_class():
                 max_gen = int(kwargs.get("max_gen_toks", self.max_gen_toks))
                 groups.setdefault((max_gen, tuple(until)), []).append(index)
             for (max_gen, until), indices in groups.items():
-                if max_gen >= self.max_length:
+                if max_gen >= self.max_length and not self.seq2seq:
                     raise UserError(f"eval --harness: max_gen_toks {max_gen} must be below max_length {self.max_length}")
-                prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):] for i in indices]
+                # An encoder reads the whole max_length; a decoder-only context leaves room for the answer.
+                context_len = self.max_length if self.seq2seq else self.max_length - max_gen
+                prompts = [self.tok_encode(requests[i].args[0])[-context_len:] for i in indices]
                 tokens = generate_lib.generate(self.loaded.model, self.loaded.params, prompts, max_new_tokens=max_gen,
                                                stop_tokens=(self.tok.eos_id,), pad_id=self.tok.pad_id,
                                                batch_size=self.batch_size)
@@ -210,11 +269,13 @@ def harness_lm(loaded, **kwargs):
 
 
 def max_length_of(loaded, hf_dir: str | None) -> int:
-    """The context length lm-eval's ``hf`` backend would use: config.json's max_position_embeddings."""
+    """The context length lm-eval's ``hf`` backend would use: config.json's n_positions (T5 files),
+    max_position_embeddings or n_ctx, the first one set."""
     directory = hub.local_path(hf_dir) if hf_dir else loaded.config.model.get("hf_dir")  # a Hub id: its snapshot
     config_json = Path(directory or "") / "config.json"
     if directory and config_json.is_file():
-        value = json.loads(config_json.read_text()).get("max_position_embeddings")
+        hf_config = json.loads(config_json.read_text())
+        value = next((hf_config[k] for k in ("n_positions", "max_position_embeddings", "n_ctx") if hf_config.get(k)), None)
         if value:
             return int(value)
     return int(getattr(loaded.model, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH)

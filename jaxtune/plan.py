@@ -269,15 +269,23 @@ def sharded_tensors(setup: trainer.TrainSetup, top: int = 6) -> list[dict]:
 def step_flops(config: ml_collections.ConfigDict, setup: trainer.TrainSetup) -> tuple[float, float, int]:
     """(model FLOPs, executed FLOPs, tokens) of one optimizer step, analytically.
 
-    Model FLOPs are what the trainer's MFU counts: 6N + 12·L·d·T per token (forward + backward).
+    Model FLOPs are what the trainer's MFU counts: 6N + 12·L·d·T per token (forward + backward);
+    an encoder-decoder's config counts both streams (`T5Config.train_flops`), per encoder token here.
     Executed FLOPs add what the step also does: remat 'full' recomputes the forward (+1/3), a LoRA
     base gets no weight gradients (-1/3 of the weight FLOPs), and a reference model runs a forward.
     """
     cfg = setup.model_config
     tokens = math.prod(setup.batch_shapes["inputs"].shape)  # rows x seq_len (a pair is two rows)
-    weights = 6.0 * setup.num_params
-    attention = 12.0 * cfg.num_layers * cfg.hidden_size * config.data.seq_len
-    per_token = metrics.train_flops_per_token(setup.num_params, cfg.num_layers, cfg.hidden_size, config.data.seq_len)
+    if hasattr(cfg, "train_flops"):  # an encoder-decoder counts its two streams itself (T5Config.train_flops)
+        rows, encoder_len = setup.batch_shapes["inputs"].shape
+        decoder_len = setup.batch_shapes["decoder_inputs"].shape[1]
+        per_token = cfg.train_flops(rows * encoder_len, rows * decoder_len, encoder_len, decoder_len) / tokens
+        weights = cfg.train_flops(rows * encoder_len, rows * decoder_len, 0, 0) / tokens  # no attention scores
+        attention = per_token - weights
+    else:
+        weights = 6.0 * setup.num_params
+        attention = 12.0 * cfg.num_layers * cfg.hidden_size * config.data.seq_len
+        per_token = metrics.train_flops_per_token(setup.num_params, cfg.num_layers, cfg.hidden_size, config.data.seq_len)
     executed = per_token
     if config.peft.method != "none":
         executed -= weights / 3

@@ -115,6 +115,26 @@ class T5Config:
                             f"{act!r}; supported: {tuple(layers.ACTIVATIONS)}.")
         return gated, act
 
+    def train_flops(self, encoder_tokens: int, decoder_tokens: int, encoder_len: int, decoder_len: int) -> float:
+        """Model FLOPs of a forward + backward pass over `encoder_tokens` encoder and `decoder_tokens`
+        decoder tokens in rows of `encoder_len` / `decoder_len`: what MFU counts for an encoder-decoder.
+
+        As the decoder-only 6N + 12·L·d·T (PaLM appendix B), counted per stream, since the two
+        streams see different weights: 6 x the matmul weights each token passes through (encoder
+        layers and the cross-attention k/v for an encoder token; decoder self-attention, cross q/o,
+        MLP and the LM head for a decoder token; the embedding lookup is free) plus 12 x the
+        attention width for every key a query scores (encoder: its row; decoder: its own row and
+        the encoder's)."""
+        d, width, ff = self.hidden_size, self.num_heads * self.head_dim, self.intermediate_size
+        mlp = (3 if self.mlp_activation()[0] else 2) * d * ff
+        enc_layers, dec_layers = self.num_layers, self.resolved_decoder_layers
+        per_encoder_token = enc_layers * (4 * d * width + mlp) + dec_layers * 2 * d * width  # + cross k, v
+        per_decoder_token = dec_layers * (6 * d * width + mlp) + d * self.vocab_size  # self q,k,v,o + cross q,o
+        weights = 6.0 * (encoder_tokens * per_encoder_token + decoder_tokens * per_decoder_token)
+        scores = 12.0 * width * (encoder_tokens * enc_layers * encoder_len
+                                 + decoder_tokens * dec_layers * (decoder_len + encoder_len))
+        return weights + scores
+
     def replace(self, **kw: Any) -> T5Config:
         return dataclasses.replace(self, **kw)
 
@@ -209,7 +229,11 @@ class T5Attention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         heads = ("embed", "heads", "head_dim")
         act = ("act_batch", "act_length", "act_heads", None)
-        q = nn.with_logical_constraint(layers.dense((self.num_heads, self.head_dim), heads, name="q", **kw)(x), act)
+        # T5 folds the 1/sqrt(head_dim) score scale into q: initialise q as transformers' T5 does
+        # (std (d_model * head_dim)**-0.5), so initial scores are O(1) rather than O(sqrt(head_dim)).
+        q_init = nn.initializers.variance_scaling(1.0 / self.head_dim, "fan_in", "truncated_normal")
+        q = nn.with_logical_constraint(
+            layers.dense((self.num_heads, self.head_dim), heads, name="q", kernel_init=q_init, **kw)(x), act)
 
         def keys_values():
             k = layers.dense((self.num_heads, self.head_dim), heads, name="k", **kw)(kv_input)

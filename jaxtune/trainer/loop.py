@@ -305,8 +305,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             adapters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
             print(f"jaxtune: {config.peft.method} adapters {adapters / 1e6:.3f}M trainable params "
                   f"({adapters / num_params:.2%} of the base)", flush=True)
-        flops_per_token = metrics_lib.train_flops_per_token(
-            num_params, model_config.num_layers, model_config.hidden_size, config.data.seq_len)
+        seq = config.data.seq_len
+        if hasattr(model_config, "train_flops"):  # an encoder-decoder: per encoder token of a full row pair
+            flops_per_token = model_config.train_flops(seq, seq, seq, seq) / seq
+        else:
+            flops_per_token = metrics_lib.train_flops_per_token(num_params, model_config.num_layers,
+                                                                model_config.hidden_size, seq)
         print(
             f"jaxtune: model {config.model.family}/{config.model.variant} {num_params / 1e6:.2f}M params, "
             f"mesh {setup.mesh_shape} ({config.mesh.rules}), {len(devices)} {devices[0].platform} device(s)",
