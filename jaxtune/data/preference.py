@@ -22,6 +22,10 @@ pattern, ``{response}`` being the completion, then tokenized exactly as SFT exam
 prompt, completion + EOS). The template is chosen from (seed, source index), so an example is
 tokenized identically in every epoch and in the reference-log-prob pass.
 
+For an encoder-decoder (`seq2seq`) the prompt is ``tokenizer(prompt)`` (ids + EOS, no BOS) on the
+encoder side of both rows and each completion (ids + EOS) is a row's decoder labels
+(`seq2seq_rows`; each stream cut to the row as SFT's encoder-decoder examples are).
+
 A pair becomes two rows that share the prompt, ``[2, T]`` (0 = chosen, 1 = rejected), padded;
 with data.packing, pair_packing.py lays many pairs' rows side by side instead. For KTO row 1 is the same prompt followed by a *mismatched* completion (the next
 source record's), which scores the KL reference point. Truncation keeps the prompt's end and the

@@ -109,42 +109,35 @@ def _pair_batch(n=3):
     return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in preference.batch_keys(transform)}
 
 
-def test_pair_log_probs_are_the_decoder_labels_given_the_prompt():
+@pytest.mark.slow  # a T5 forward compiles for minutes on a loaded 2-core machine
+def test_pair_log_probs_are_the_decoder_labels_given_the_prompt_and_the_lora_reference_is_the_base():
     config = models.get_config("t5", "tiny", vocab_size=259, num_layers=1)
     model = models.build(config)
     batch = _pair_batch()
     params = model.init(jax.random.key(0), batch["inputs"][:, 0])["params"]
-    logps, lengths = pairs.pair_scores(make_apply_fn(model, logits_chunk=4), params, batch)  # chunked LM head
-    for p in range(3):
-        for side in range(2):
-            row = {k: v[p, side][None] for k, v in batch.items() if v.ndim == 3}
-            logits = model.apply({"params": params}, row["inputs"], segment_ids=row["segment_ids"],
-                                 decoder_inputs=row["decoder_inputs"], decoder_segment_ids=row["decoder_segment_ids"])
-            mask = row["loss_mask"][0] > 0
-            logp = jax.nn.log_softmax(logits[0].astype(jnp.float32))[jnp.arange(SEQ), row["targets"][0]]
-            np.testing.assert_allclose(logps[p, side], jnp.sum(jnp.where(mask, logp, 0.0)), rtol=1e-5)
-            assert lengths[p, side] == mask.sum()
-
-
-def test_the_lora_reference_of_a_t5_is_its_base_and_the_copy_is_the_start_weights():
-    config = models.get_config("t5", "tiny", vocab_size=259, num_layers=1)
+    adapted = wrapper.wrap(model, peft_base.Spec(method="lora", rank=2, alpha=4.0, targets=("q", "v")))
+    lora = jax.tree.map(lambda x: x + 0.5, adapted.init(jax.random.key(1), batch["inputs"][:, 0])["lora"])
+    dpo = objectives.build(_t5_config())
     c = _t5_config()
-    batch = _pair_batch(2)
-    fns = make_apply_fn(models.build(config))
-    params = models.build(config).init(jax.random.key(0), batch["inputs"][:, 0])["params"]
-    dpo = objectives.build(c)
-    assert dpo.reference_kind() == "copy"
-    start = pairs.pair_scores(fns, params, batch)[0]
-    np.testing.assert_allclose(dpo.reference_logps(fns, batch, None, params), start)
-    adapted = wrapper.wrap(models.build(config), peft_base.Spec(method="lora", rank=2, alpha=4.0, targets=("q", "v")))
-    lora = adapted.init(jax.random.key(1), batch["inputs"][:, 0])["lora"]
-    lora = jax.tree.map(lambda x: x + 0.5, lora)  # adapters away from zero: the policy differs from its base
     c.peft.method = "lora"
-    base_dpo = objectives.build(c)
-    assert base_dpo.reference_kind() == "base"
-    lora_fns = make_apply_fn(adapted)
-    np.testing.assert_allclose(base_dpo.reference_logps(lora_fns, batch, params, None), start, rtol=1e-6)
-    policy = pairs.pair_scores(lora_fns, lora, batch, frozen=params)[0]
-    assert not np.allclose(policy, start)
-    loss, metrics = base_dpo.loss(lora_fns, lora, batch, frozen=params)
-    assert np.isfinite(loss) and metrics["rewards/chosen"] != 0.0
+    lora_dpo = objectives.build(c)
+    assert (dpo.reference_kind(), lora_dpo.reference_kind()) == ("copy", "base")
+    fns, lora_fns = make_apply_fn(model, logits_chunk=4), make_apply_fn(adapted, logits_chunk=4)  # chunked LM head
+
+    @jax.jit
+    def run(params, lora, batch):
+        rows = {k: v.reshape(-1, SEQ) for k, v in batch.items() if v.ndim == 3}
+        logits = model.apply({"params": params}, rows["inputs"], segment_ids=rows["segment_ids"],
+                             decoder_inputs=rows["decoder_inputs"], decoder_segment_ids=rows["decoder_segment_ids"])
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), rows["targets"][..., None], -1)[..., 0]
+        direct = jnp.sum(jnp.where(rows["loss_mask"] > 0, logp, 0.0), -1).reshape(-1, 2)
+        return (direct, pairs.pair_scores(fns, params, batch), dpo.reference_logps(fns, batch, None, params),
+                lora_dpo.reference_logps(lora_fns, batch, params, None),
+                pairs.pair_scores(lora_fns, lora, batch, frozen=params)[0], lora_dpo.loss(lora_fns, lora, batch, frozen=params))
+
+    direct, (logps, lengths), copy_ref, base_ref, policy, (loss, metrics) = run(params, lora, batch)
+    np.testing.assert_allclose(logps, direct, rtol=1e-5)  # log p(labels | prompt), the LM head in chunks
+    np.testing.assert_array_equal(lengths, batch["loss_mask"].sum(-1))
+    np.testing.assert_allclose(copy_ref, logps)  # the frozen copy of the start weights
+    np.testing.assert_allclose(base_ref, logps, rtol=1e-6)  # LoRA: the base without its adapters
+    assert not np.allclose(policy, logps) and np.isfinite(loss) and metrics["rewards/chosen"] != 0.0
