@@ -18,6 +18,7 @@ pairs in jaxtune's step order:
 """
 
 import copy
+import json
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,10 @@ def run_files(tmp_path_factory):
     model = t5_reference.hf_model("t5-v1.1", vocab_size=tokenizer.vocab_size, num_layers=2, num_decoder_layers=2,
                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=tokenizer.eos_id)
     model.save_pretrained(root / "hf")
+    # transformers 5 writes tie_word_embeddings=true for this config, though the checkpoint's own lm_head
+    # unties it when transformers loads it; say what the checkpoint holds (as Flan-T5's config.json does)
+    hf_config = json.loads((root / "hf" / "config.json").read_text())
+    (root / "hf" / "config.json").write_text(json.dumps({**hf_config, "tie_word_embeddings": False}))
     return {"pairs": str(write_preference_jsonl(root / "pairs.jsonl", 48)),
             "unpaired": str(write_preference_jsonl(root / "unpaired.jsonl", 48, unpaired=True)),
             "tokenizer": str(root / "spm.model"), "hf": str(root / "hf"), "pad": tokenizer.pad_id}
@@ -177,6 +182,13 @@ def _torch_steps(files, loss_type, steps, make_optimizer, clip=None):
     return out
 
 
+def _report(name, ours, theirs, keys):
+    """The largest per-step differences (seen with pytest -s): the parity figures."""
+    worst = {k: max(abs(a[k] - b[k]) / max(1.0, abs(b[k])) for a, b in zip(ours, theirs)) for k in keys}
+    print(f"{name}: max |diff| / max(1, |TRL|) per metric over {len(theirs)} steps: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+
+
 def test_t5_dpo_follows_trl_encoder_decoder_dpo_step_by_step(run_files, tmp_path):
     """`jaxtune train` (configs/dpo.py:model=t5, a frozen reference copy, AdamW, clipping) against the
     transcription of TRL's encoder-decoder DPO under torch's AdamW."""
@@ -188,6 +200,7 @@ def test_t5_dpo_follows_trl_encoder_decoder_dpo_step_by_step(run_files, tmp_path
     theirs = _torch_steps(run_files, "sigmoid", _batches(config, steps),
                           lambda p: torch.optim.AdamW(p, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), clip=1.0)
     assert sorted(ours) == list(range(1, steps + 1))
+    _report("sigmoid (jaxtune train, AdamW)", [ours[k] for k in sorted(ours)], theirs, METRICS)
     for step, expected in enumerate(theirs, 1):
         for key in METRICS:
             assert ours[step][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-5), (step, key)
@@ -220,6 +233,7 @@ def test_every_t5_preference_loss_follows_trl_under_sgd(run_files, loss_type, fw
         ours.append({"loss": float(loss), **{k: float(v) for k, v in metrics.items()}})
     theirs = _torch_steps(run_files, loss_type, steps, lambda p: torch.optim.SGD(p, lr=lr))
     compared = METRICS + (("kl",) if loss_type == "kto" else ())
+    _report(loss_type + " (SGD)", ours, theirs, compared)
     for step, (mine, expected) in enumerate(zip(ours, theirs), 1):
         for key in compared:
             assert mine[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-5), (loss_type, step, key)
