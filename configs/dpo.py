@@ -16,6 +16,11 @@ KTO: objective.kto.beta). The reference model is a frozen copy of the starting w
 (objective.dpo.reference=precomputed); SimPO and ORPO need none.
 `method=lora` (or dora) trains adapters on a bf16 frozen base, which is also the reference (no
 extra weights). Real-size variants use seq 2048 (a pair is two rows) and half the SFT batch in pairs.
+`model=t5` trains an encoder-decoder (T5 v1.1 / Flan-T5 shape at variant=tiny; a real one from
+`model.hf_dir`, whose config.json picks the family): the prompt feeds the encoder and each
+completion the decoder, as TRL trained encoder-decoders (docs/guides/t5.md):
+    jaxtune train --config configs/dpo.py:loss=sigmoid,model=t5 --config.model.hf_dir=/models/flan-t5-base \
+        --config.data.train_path=pairs.jsonl --workdir runs/dpo-t5
 Planned with `jaxtune plan` (per-device memory; benchmarks/RESULTS.md):
     jaxtune plan --config configs/dpo.py:variant=llama3.1-8b,method=lora --topology v5p-8   # 11.40 of 95.74 GiB, 8 pairs
 """
@@ -39,8 +44,10 @@ def _sft_config(variant):
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, loss="sigmoid", variant="tiny", method="none")
+    args = parse_arg(arg, loss="sigmoid", variant="tiny", method="none", model="llama")
     loss, variant, method = args["loss"], args["variant"], args["method"]
+    if args["model"] not in ("llama", "t5"):
+        raise ValueError(f"configs/dpo.py: model={args['model']!r}; expected llama or t5")
     if method not in ("none", "lora", "dora"):
         raise ValueError(f"configs/dpo.py: unknown method {method!r}; expected none, lora or dora")
     if loss not in LOSSES:
@@ -51,6 +58,8 @@ def get_config(arg=None):
     else:  # the paired losses
         c.objective.type = "dpo"
         c.objective.dpo = dict(loss_type=loss)
+    if args["model"] == "t5":
+        _t5(c)
     c.data.templates = (("{prompt}", "{response}"),)
     # Pairs padded to [B, 2, T] (TRL's layout; B = pairs per step). True packs whole pairs into rows of
     # 2 * seq_len tokens (padding-free DPO): still B pairs per step, in the rows they need
@@ -74,3 +83,10 @@ def get_config(arg=None):
         c.data.seq_len = 2048  # prompt + the longer completion; a pair is two rows
         c.train.global_batch_size = max(c.train.global_batch_size // 2, 8)  # pairs: two rows each
     return c
+
+
+def _t5(c):
+    """An encoder-decoder: the tiny T5 v1.1 / Flan-T5 shape (a real model comes from model.hf_dir).
+    Its pairs are padded (packing preference pairs is decoder-only so far)."""
+    c.model.family = "t5"
+    c.model.variant = "tiny-v1.1"

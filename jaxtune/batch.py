@@ -22,3 +22,8 @@ PAIR_MASK_KEY = "pair_mask"  # a packed pair batch's slots [R, max_pairs]
 def is_packed_pairs(batch) -> bool:
     """Whether a pair batch holds packed rows (several pairs per row) rather than padded [B, 2, T] pairs."""
     return PAIR_MASK_KEY in batch
+
+
+def row_keys(batch) -> tuple[str, ...]:
+    """The per-token keys of a batch's rows: an encoder-decoder's two streams, or the decoder-only ones."""
+    return SEQ2SEQ_BATCH_KEYS if "decoder_inputs" in batch else BATCH_KEYS

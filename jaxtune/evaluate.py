@@ -450,7 +450,8 @@ def write_results(path: str | Path, scores: Mapping[str, float], **info: Any) ->
 
 def pair_sequence_scores(model, params, arrays: Mapping[str, np.ndarray], *, batch_size: int,
                          logits_chunk: int = DEFAULT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """(summed log p, trained-token count), each [N, 2], of padded [N, 2, T] pairs (held-out pair eval).
+    """(summed log p, trained-token count), each [N, 2], of padded [N, 2, T] pairs (held-out pair eval;
+    an encoder-decoder's pairs carry both streams).
 
     `params` are the variables to score with: the policy, or a reference ({"params": start weights},
     or a PEFT base without adapters). Fixed [batch, 2, T] calls, the last one filled with repeats."""
@@ -464,7 +465,7 @@ def pair_sequence_scores(model, params, arrays: Mapping[str, np.ndarray], *, bat
     logps, counts = [], []
     for start in range(0, n, pairs_per_call):
         take = np.minimum(np.arange(start, start + pairs_per_call), n - 1)  # the last call repeats the last pair
-        rows = {k: arrays[k][take].reshape(-1, arrays[k].shape[-1]) for k in batch_lib.BATCH_KEYS}
+        rows = {k: arrays[k][take].reshape(-1, arrays[k].shape[-1]) for k in batch_lib.row_keys(arrays)}
         logp, count, _ = _sequence_logprobs(generate_lib.ByRepr(model), variables, rows, logits_chunk)
         keep = min(pairs_per_call, n - start)
         logps.append(distributed.to_host(logp).reshape(-1, 2)[:keep])

@@ -112,7 +112,7 @@ def precompute(
     if stored["complete"]:
         with table.open("rb") as f:
             return np.load(f)
-    keys = preference.BATCH_KEYS
+    keys = preference.row_keys(transform)
     chunks = []
     params = None
     for k, start in enumerate(range(0, n, chunk_records)):

@@ -32,6 +32,7 @@ def _variants() -> list[str]:
     specs += [f"dpo.py:loss={loss}" for loss in dpo.LOSSES]
     specs += [f"dpo.py:loss={loss},variant={v},method={m}" for loss in ("sigmoid", "kto") for v in ("tiny", "llama3.2-1b")
               for m in ("none", "lora", "dora")]
+    specs += [f"dpo.py:loss={loss},model=t5" for loss in dpo.LOSSES]  # an encoder-decoder (T5)
     specs += [f"reward.py:variant={v},method={m}" for v in ("tiny", "llama3.2-1b") for m in ("none", "lora", "dora")]
     specs += ["grpo.py", "grpo.py:stage=sft", "grpo.py:lora=4,hf_dir=/m", "grpo.py:steps=3,init_from=runs/x"]
     specs += [f"grpo.py:variant={v}" for v in grpo.VARIANTS]

@@ -318,6 +318,7 @@ class PreferenceData:
     mixture: Mixture
     eval_tasks: list[PairTask] = dataclasses.field(default_factory=list)  # data.eval_path, eval.tasks (metric=preference)
     eval_records: Sequence[dict] = ()  # no generative eval for preference runs
+    seq2seq: bool = False  # an encoder-decoder model: prompts feed the encoder, completions the decoder
 
     # The single-source view (reference precompute, older callers): the first task.
     @property
@@ -413,7 +414,8 @@ def load_preference_data(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
             task.chat_template = task.chat_template or own
         default_chat = default_chat or own
     return PreferenceData(tokenizer, tasks, mixture,
-                          eval_tasks=preference_eval_tasks(cfg, eval_cfg, chat_template=default_chat))
+                          eval_tasks=preference_eval_tasks(cfg, eval_cfg, chat_template=default_chat),
+                          seq2seq=bool(cfg.get("seq2seq", False)))
 
 
 def pair_transforms(data: PreferenceData, tasks: Sequence[PairTask], cfg: ml_collections.ConfigDict, *, seed: int,
@@ -421,7 +423,8 @@ def pair_transforms(data: PreferenceData, tasks: Sequence[PairTask], cfg: ml_col
     """One transform per task: its templates / chat template and truncation, data.seq_len."""
     return [preference.PreferenceTransform(
         task.records, task.templates, data.tokenizer, seq_len=cfg.seq_len, truncation=task.truncation, seed=seed,
-        unpaired=unpaired, chat_template=task.chat_template, with_reference=with_reference) for task in tasks]
+        unpaired=unpaired, chat_template=task.chat_template, with_reference=with_reference, seq2seq=data.seq2seq)
+        for task in tasks]
 
 
 @dataclasses.dataclass

@@ -22,6 +22,10 @@ pattern, ``{response}`` being the completion, then tokenized exactly as SFT exam
 prompt, completion + EOS). The template is chosen from (seed, source index), so an example is
 tokenized identically in every epoch and in the reference-log-prob pass.
 
+For an encoder-decoder (`seq2seq`) the prompt is ``tokenizer(prompt)`` (ids + EOS, no BOS) on the
+encoder side of both rows and each completion (ids + EOS) is a row's decoder labels
+(`seq2seq_rows`; each stream cut to the row as SFT's encoder-decoder examples are).
+
 A pair becomes two rows that share the prompt, ``[2, T]`` (0 = chosen, 1 = rejected), padded;
 with data.packing, pair_packing.py lays many pairs' rows side by side instead. For KTO row 1 is the same prompt followed by a *mismatched* completion (the next
 source record's), which scores the KL reference point. Truncation keeps the prompt's end and the
@@ -44,10 +48,10 @@ from jaxtune.data import chat as chat_lib
 from jaxtune.data import templates as templates_lib
 from jaxtune.data import pair_packing
 from jaxtune.data.examples import (DEFAULT_TASK, SKIP_KEY, TASK_KEY, TRUNCATED_KEY, CountExamples, TaskStats,
-                                   TokenizeStats, encode_prompt, is_example)
+                                   TokenizeStats, encode_prompt, is_example, seq2seq_example, seq2seq_ids)
 from jaxtune.data.formats import check_message_list
-from jaxtune.batch import BATCH_KEYS
-from jaxtune.data.pipeline import PipelineStats, record_stream, sharded_batches
+from jaxtune.batch import BATCH_KEYS, SEQ2SEQ_BATCH_KEYS
+from jaxtune.data.pipeline import PipelineStats, pad_seq2seq_example, record_stream, sharded_batches
 from jaxtune.data.tokenizers import Tokenizer, encode_with_specials, start_sequence
 from jaxtune.errors import UserError
 
@@ -308,8 +312,51 @@ def tokenize_rows(
     return out
 
 
+def seq2seq_rows(
+    prompt_ids: Sequence[int],
+    completions: Sequence[Sequence[int]],
+    *,
+    seq_len: int,
+    truncation: str,
+    decoder_start_id: int,
+    distinct: bool = True,
+    where: str = "",
+    stats: TokenizeStats | None = None,
+) -> dict[str, np.ndarray] | None:
+    """[2, seq_len] padded encoder-decoder rows (batch.SEQ2SEQ_BATCH_KEYS), one per completion, or None.
+
+    As TRL paired an encoder-decoder: the prompt (`tokenizer(prompt)`, ids + </s>) is every row's
+    encoder input and each completion (ids + </s>) that row's decoder labels, the decoder input being
+    the labels shifted right behind the start token. Each stream is cut to `seq_len` as SFT's
+    encoder-decoder examples are (start and closing </s> kept; examples.seq2seq_example).
+    """
+    if not prompt_ids:
+        raise UserError(f"{where or 'pair'}: the rendered prompt is empty (a preference pair needs a prompt)")
+    if stats is not None:
+        stats.examples += 1
+    rows, truncated = [], False
+    for completion in completions:
+        row, cut = seq2seq_example(prompt_ids, completion, decoder_start_id=decoder_start_id, seq_len=seq_len,
+                                   truncation=truncation, where=where)
+        if row is None:
+            break
+        rows.append(row)
+        truncated |= cut
+    if len(rows) < len(completions) or (distinct and np.array_equal(rows[0]["targets"], rows[1]["targets"])):
+        if stats is not None:
+            stats.dropped += 1
+        return None
+    if truncated and stats is not None:
+        stats.truncated += 1
+    padded = [pad_seq2seq_example(row, seq_len) for row in rows]
+    return {key: np.stack([row[key] for row in padded]) for key in SEQ2SEQ_BATCH_KEYS}
+
+
 class PreferenceTransform:
     """Grain map: (source index, record) -> a [2, T] pair (or KTO example + its KL row), or None.
+
+    `seq2seq` (an encoder-decoder model): the prompt feeds the encoder and each completion the
+    decoder (`seq2seq_rows`: rows with batch.SEQ2SEQ_BATCH_KEYS); chat records are an error.
 
     `ref_logps` ([N, 2] float32, NaN where not computed) attaches precomputed reference log-probs.
     """
@@ -327,8 +374,10 @@ class PreferenceTransform:
         ref_logps: np.ndarray | None = None,
         chat_template: str | None = None,
         with_reference: bool = False,
+        seq2seq: bool = False,
     ):
         self.source = source
+        self.seq2seq = seq2seq
         self.task_templates = dict(task_templates)
         self.tokenizer = tokenizer
         self.seq_len = seq_len
@@ -365,10 +414,14 @@ class PreferenceTransform:
         """(prompt ids, completion ids): templated text tokenized like SFT (BOS + prompt, completion + EOS),
         or chat records rendered and tokenized like SFT chat examples."""
         tok = self.tokenizer
+        where = _where(record, index)
+        if example.is_chat and self.seq2seq:
+            raise UserError(f"{where}: chat messages have no encoder/decoder split, so an encoder-decoder model does "
+                            "not train on them; give the pairs as text ('prompt', 'chosen', 'rejected')")
         if not example.is_chat:
             prompt, texts = self.render(index, record, example, completions)
-            return encode_prompt(tok, prompt), [tok.encode(t) + [tok.eos_id] for t in texts]
-        where = _where(record, index)
+            prompt_ids = seq2seq_ids(tok, prompt) if self.seq2seq else encode_prompt(tok, prompt)
+            return prompt_ids, [tok.encode(t) + [tok.eos_id] for t in texts]
         pieces, texts = render_chat_completions(
             example.messages, completions, _require_template(self.chat_template, where), bos_token=getattr(tok, "bos_token", None),
             eos_token=getattr(tok, "eos_token", None), where=where)
@@ -384,10 +437,15 @@ class PreferenceTransform:
             other = self.parse(other_index, self.source[other_index]).completions[0]
             completions = completions + (_completion_like(example, other),)
         prompt_ids, completion_ids = self.tokens(index, record, example, completions)
-        rows = tokenize_rows(
-            prompt_ids, completion_ids, seq_len=self.seq_len, truncation=self.truncation, bos_id=self.tokenizer.bos_id,
-            distinct=not self.unpaired, where=_where(record, index), stats=self.stats,
-        )
+        if self.seq2seq:
+            rows = seq2seq_rows(prompt_ids, completion_ids, seq_len=self.seq_len, truncation=self.truncation,
+                                decoder_start_id=self.tokenizer.pad_id, distinct=not self.unpaired,
+                                where=_where(record, index), stats=self.stats)
+        else:
+            rows = tokenize_rows(
+                prompt_ids, completion_ids, seq_len=self.seq_len, truncation=self.truncation,
+                bos_id=self.tokenizer.bos_id, distinct=not self.unpaired, where=_where(record, index), stats=self.stats,
+            )
         if rows is None:
             return None
         rows[INDEX_KEY] = np.int32(index)
@@ -517,6 +575,8 @@ def pair_dataset(
                            **stream_options)
         return it.map(count).filter(is_example).map(_KeepKeys(keys))
 
+    if packing and getattr(transforms[0], "seq2seq", False):
+        raise ValueError("encoder-decoder pairs are padded; packing them is not supported")
     steps = packing and pair_batching == "pairs"
     if pair_batching not in pair_packing.BATCHINGS:
         raise ValueError(f"pair_batching {pair_batching!r}; expected one of {pair_packing.BATCHINGS}")
@@ -563,13 +623,18 @@ def preference_dataset(
                         prefetch=prefetch)[0]
 
 
+def row_keys(transform) -> tuple[str, ...]:
+    """The per-token keys of `transform`'s rows: both streams of an encoder-decoder's, else BATCH_KEYS."""
+    return SEQ2SEQ_BATCH_KEYS if getattr(transform, "seq2seq", False) else BATCH_KEYS
+
+
 def batch_keys(transform) -> tuple[str, ...]:
     """The keys a padded batch from `transform` carries, in a fixed order: the rows, then per-pair keys.
     A wrapping transform (e.g. the reward model's whole-sequence rows) declares its own `batch_keys`."""
     declared = getattr(transform, "batch_keys", None)
     if declared is not None:
         return tuple(declared)
-    keys = BATCH_KEYS + (INDEX_KEY,)
+    keys = row_keys(transform) + (INDEX_KEY,)
     if transform.unpaired:
         keys += (LABEL_KEY,)
     if transform.with_reference:

@@ -77,8 +77,10 @@ def kto_loss(
 
 @base.register("kto")
 class KTO(pairs.PairObjective):
-    """Unpaired KTO; the batch's `label` says desirable (1) or undesirable (0)."""
+    """Unpaired KTO; the batch's `label` says desirable (1) or undesirable (0). An encoder-decoder (T5)
+    scores the completion (and the KL row's mismatched one) as decoder targets given the prompt."""
 
+    encoder_decoder = True
     unpaired = True
 
     @classmethod

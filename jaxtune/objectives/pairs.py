@@ -42,7 +42,7 @@ def pair_scores(model: base.ModelFns, params, batch: dict[str, jax.Array], froze
     empty slots are 0, see `pair_mask`).
     """
     logps, lengths, _ = segments.pair_logps(lambda rows: model.token_stats(params, rows, frozen=frozen, rngs=rngs),
-                                            batch, batch_lib.BATCH_KEYS)
+                                            batch, batch_lib.row_keys(batch))
     return logps, lengths
 
 
@@ -64,6 +64,14 @@ class HeldOut:
 
     def __bool__(self) -> bool:
         return bool(self.lm) or bool(self.pairs)
+
+
+def check_seq2seq_packing(config: ml_collections.ConfigDict, *, resolve_hub: bool = True) -> None:
+    """Encoder-decoder pairs are padded [B, 2, T] rows of both streams: packed pairs are decoder-only so far."""
+    where = loading.encoder_decoder_family(config, resolve_hub=resolve_hub) if config.data.packing else None
+    if where is not None:
+        raise UserError(f"config key 'data.packing' is True, but {where} is an encoder-decoder model, whose preference "
+                        f"pairs are padded (packing pairs is decoder-only so far); set data.packing=False")
 
 
 class PairObjective(base.Objective):
@@ -118,6 +126,7 @@ class PairObjective(base.Objective):
         if not reference_free and o.reference == "none":
             raise UserError(f"config key '{cls.key('reference')}' is 'none', but {cls._needs_reference_name(o)} needs a "
                             "reference model; use auto, copy or precomputed")
+        check_seq2seq_packing(config, resolve_hub=False)
         if o.reference == "precomputed" and len(config.data.tasks) > 1:
             raise UserError(f"config key '{cls.key('reference')}' is 'precomputed', which scores one pair source "
                             "(data.train_path or a single data.tasks entry); with several data.tasks use 'auto' or "
@@ -146,6 +155,8 @@ class PairObjective(base.Objective):
         """Pair batches on the shared pipeline (data.tasks mixed; padded, or packed with data.packing),
         and their datasets.PairStats (per-task counts; the transforms precomputed log-probs attach to)."""
         c = self.config
+        if data.seq2seq:
+            check_seq2seq_packing(c)
         it, stats = datasets.preference_train_dataset(
             data, c.data, batch_size=batch_size, seed=c.seed, unpaired=self.unpaired, process_index=process_index,
             process_count=process_count, precomputed_reference=self.reference_kind() == "precomputed")
@@ -160,7 +171,8 @@ class PairObjective(base.Objective):
         packed = d.packing if packed is None else packed
         rows = (batch_size, pair_packing.row_length(d.seq_len)) if packed else (batch_size, 2, d.seq_len)
         pair = (batch_size, d.max_pairs_per_row) if packed else (batch_size,)
-        shapes = {k: jax.ShapeDtypeStruct(rows, jnp.int32) for k in batch_lib.BATCH_KEYS}
+        row_keys = batch_lib.SEQ2SEQ_BATCH_KEYS if loading.is_encoder_decoder(self.config) else batch_lib.BATCH_KEYS
+        shapes = {k: jax.ShapeDtypeStruct(rows, jnp.int32) for k in row_keys}
         if packed:
             shapes[batch_lib.PAIR_MASK_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)
         shapes[preference.INDEX_KEY] = jax.ShapeDtypeStruct(pair, jnp.int32)

@@ -204,7 +204,10 @@ def preference_loss(
 
 @base.register("dpo", aliases=("preference",))
 class DPO(pairs.PairObjective):
-    """Paired preference losses on (prompt, chosen, rejected) records; `objective.dpo.loss_type` picks one."""
+    """Paired preference losses on (prompt, chosen, rejected) records; `objective.dpo.loss_type` picks one.
+    An encoder-decoder (T5) scores each completion as decoder targets given the prompt as encoder input."""
+
+    encoder_decoder = True  # padded pairs of both streams (data/preference.seq2seq_rows; trainer.step.Seq2SeqApply)
 
     @classmethod
     def config_section(cls):

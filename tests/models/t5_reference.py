@@ -24,12 +24,13 @@ VARIANTS = {
 }
 
 
-def hf_model(variant: str, seed: int = 0):
+def hf_model(variant: str, seed: int = 0, **shape):
     """A random eval-mode HF model with O(1) activations; v1.1/mT5 get their own lm_head
-    (transformers >= 5 ties a head built from a config; a checkpoint's distinct lm_head unties it)."""
+    (transformers >= 5 ties a head built from a config; a checkpoint's distinct lm_head unties it).
+    `shape`: config fields in place of the test shape's (e.g. a tokenizer's vocab_size)."""
     cls, kw, untied = VARIANTS[variant]
     torch.manual_seed(seed)
-    config = getattr(transformers, cls)(attn_implementation="eager", **kw)
+    config = getattr(transformers, cls)(attn_implementation="eager", **{**kw, **shape})
     arch = "MT5ForConditionalGeneration" if cls == "MT5Config" else "T5ForConditionalGeneration"
     model = getattr(transformers, arch)(config).eval()
     with torch.no_grad():
