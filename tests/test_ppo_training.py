@@ -87,6 +87,14 @@ def test_ppo_trains_and_resumes_exactly(tmp_path, overrides):
     ({"train.checkpoint_every": 3}, r"must be a multiple of objective.ppo.num_ppo_epochs \* num_mini_batches \(2\)"),
     ({"data.builtin": "quickstart"}, "objective.type' is 'ppo': prompts come from"),
     ({"objective.ppo.rewards": ("math",)}, "1 reward functions but 2 weights"),
+    ({"objective.ppo.value_model": "critic"}, "objective.ppo.value_model' must be one of shared, separate"),
+    ({"objective.ppo.value_init": "/nonexistent"}, "objective.ppo.value_init' must be 'policy' with value_model"),
+    ({"objective.ppo.value_model": "separate", "objective.ppo.value_init": "reward_model:/nonexistent/rm"},
+     "objective.ppo.value_init' is 'reward_model:/nonexistent/rm': expected 'policy', a reward run's workdir"),
+    ({"objective.ppo.kl_controller": "pid"}, "objective.ppo.kl_controller' must be one of fixed, adaptive"),
+    ({"objective.ppo.kl_controller": "adaptive", "objective.ppo.kl_coef": 0.0},
+     "objective.ppo.kl_coef' must be > 0 with kl_controller 'adaptive'"),
+    ({"objective.ppo.kl_controller": "adaptive", "objective.ppo.kl_target": 0.0}, "kl_target' must be > 0"),
 ])
 def test_config_errors(overrides, message):
     with pytest.raises(UserError, match=message):
@@ -133,3 +141,114 @@ def test_a_policy_with_a_value_head_exports_as_its_causal_lm(tmp_path):
     loaded_model, loaded = models.from_pretrained(models.save_pretrained(config, params, tmp_path / "hf"))
     assert not loaded_model.config.value_head and set(loaded) == set(params) - {"value_head"}
     np.testing.assert_array_equal(np.asarray(loaded["lm_head"]["kernel"]), np.asarray(params["lm_head"]["kernel"]))
+
+
+# ---- the value model on its own backbone (objective.ppo.value_model='separate') -----------------
+
+
+def _fixed_rollout_batch(rng, b=2, t=7, vocab=64):
+    """Rows of fixed rollouts: tokens, a completion mask, old log-probs, advantages, returns, values."""
+    inputs = rng.integers(1, vocab, (b, t)).astype(np.int32)
+    loss_mask = np.zeros((b, t), np.int32)
+    loss_mask[:, 2:5] = 1
+    value_mask = np.zeros((b, t), np.float32)
+    value_mask[:, 2:6] = 1
+    f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    batch = {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1), "loss_mask": loss_mask,
+             "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+             # old log-probs near a random model's, so some ratios stay unclipped
+             "old_logps": 0.05 * f32(b, t) - np.log(vocab), "advantages": f32(b, t), "returns": f32(b, t),
+             "old_values": f32(b, t),
+             "value_mask": value_mask}
+    batch["inv_tokens"] = np.tile(np.array([1 / loss_mask.sum(), 1 / value_mask.sum()], np.float32), (b, 1))
+    return batch
+
+
+def test_separate_value_model_loss_is_the_hand_computation():
+    """On fixed rollouts the PPO loss with a separate value model is the clipped policy loss of the
+    policy alone plus vf_coef times the clipped value loss of a reward-model-shaped network run on
+    params['value_model'], written out here in numpy; and each loss moves only its own model."""
+    import jax.numpy as jnp
+
+    from jaxtune import models, objectives, sharding
+    from jaxtune.trainer.step import ModelApply
+
+    config = ppo_config(**{"objective.ppo.value_model": "separate", "objective.ppo.temperature": 0.7})
+    objective = objectives.build(config)
+    causal = models.get_config("llama", "tiny", vocab_size=64, hidden_size=32, intermediate_size=64)
+    model_config = objective.adapt_model_config(causal)
+    assert model_config.value_head and model_config.value_backbone
+    model = models.build(model_config)
+    params = sharding.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    assert set(params["value_model"]) == {"embed", "layers", "final_norm", "score"}
+    batch = _fixed_rollout_batch(np.random.default_rng(0))
+    batch["rollout_stats"] = np.zeros((2, len(objective.stat_names)), np.float32)
+    rows = {k: jnp.asarray(v) for k, v in batch.items()}
+    nudged = {k: jax.tree.map(lambda x: x * 1.1, v) for k, v in params.items()}
+
+    @jax.jit
+    def run(p):  # the loss, its metrics, and the metrics with either model nudged (one compile)
+        loss, metrics = objective.loss(ModelApply(model), p, rows)
+        value_moved = objective.loss(ModelApply(model), {**p, "value_model": nudged["value_model"]}, rows)[1]
+        policy_moved = objective.loss(ModelApply(model), {**nudged, "value_model": p["value_model"]}, rows)[1]
+        return loss, metrics, value_moved, policy_moved
+
+    loss, metrics, value_moved, policy_moved = run(params)
+
+    # by hand: the policy's log-probs at temperature 0.7, the value network's per-token scores
+    s = config.objective.ppo
+    policy = {k: v for k, v in params.items() if k != "value_model"}
+    logits = np.asarray(models.build(causal).apply({"params": policy}, batch["inputs"]), np.float64) / s.temperature
+    logp_all = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    lp = np.take_along_axis(logp_all, batch["targets"][..., None], -1)[..., 0]
+    critic = models.build(causal.replace(num_labels=1))
+    v = np.asarray(critic.apply({"params": params["value_model"]}, batch["inputs"]), np.float64)[..., 0]
+    mask, vmask = batch["loss_mask"].astype(np.float64), batch["value_mask"]
+    ratio = np.exp((lp - batch["old_logps"]) * mask)
+    adv = batch["advantages"]
+    pg = np.maximum(-adv * ratio, -adv * np.clip(ratio, 1 - s.cliprange, 1 + s.cliprange))
+    pg_loss = (pg * mask).sum() / mask.sum()
+    v = v * vmask
+    old_v, ret = batch["old_values"], batch["returns"]
+    v_clip = np.clip(v, old_v - s.cliprange_value, old_v + s.cliprange_value)
+    vf_loss = 0.5 * (np.maximum((v - ret) ** 2, (v_clip - ret) ** 2) * vmask).sum() / vmask.sum()
+    assert float(metrics["loss/policy_avg"]) == pytest.approx(pg_loss, rel=1e-5, abs=1e-6)
+    assert float(metrics["loss/value_avg"]) == pytest.approx(vf_loss, rel=1e-5, abs=1e-6)
+    assert float(loss) == pytest.approx(pg_loss + s.vf_coef * vf_loss, rel=1e-5, abs=1e-6)
+
+    # each loss depends on its own model only (so each model's gradient comes from its own loss)
+    assert value_moved["loss/policy_avg"] == metrics["loss/policy_avg"]
+    assert value_moved["loss/value_avg"] != metrics["loss/value_avg"]
+    assert policy_moved["loss/value_avg"] == metrics["loss/value_avg"]
+    assert policy_moved["loss/policy_avg"] != metrics["loss/policy_avg"]
+
+
+def test_adaptive_kl_coefficient_follows_trls_controller_and_round_trips():
+    """The objective's controller is TRL's AdaptiveKLController (transcribed) step for step, and
+    its state is what a checkpoint saves and a resume restores; 'fixed' saves nothing."""
+    from jaxtune import objectives
+
+    adaptive = objectives.build(ppo_config(**{"objective.ppo.kl_controller": "adaptive", "objective.ppo.kl_coef": 0.2,
+                                              "objective.ppo.kl_target": 6.0, "objective.ppo.kl_horizon": 100.0}))
+
+    class TRLAdaptiveKLController:  # trl (v0.11) trainer/utils.py, transcribed
+        def __init__(self, init_kl_coef, target, horizon):
+            self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+        def update(self, current, n_steps):
+            proportional_error = np.clip(current / self.target - 1, -0.2, 0.2)
+            self.value *= 1 + proportional_error * n_steps / self.horizon
+
+    trl = TRLAdaptiveKLController(0.2, 6.0, 100.0)
+    for kl_sums in ([0.0, 0.5, 1.0], [7.0, 6.5], [30.0, 40.0, 50.0, 60.0], [5.9]):
+        adaptive._update_kl_coef(np.array(kl_sums))
+        trl.update(float(np.mean(kl_sums)), len(kl_sums))
+        assert adaptive.kl_coef == pytest.approx(trl.value, rel=1e-12)
+    saved = adaptive.checkpoint_state()
+    resumed = objectives.build(ppo_config(**{"objective.ppo.kl_controller": "adaptive", "objective.ppo.kl_coef": 0.2}))
+    resumed.restore_checkpoint_state(saved)
+    assert resumed.kl_coef == adaptive.kl_coef != 0.2
+    fixed = objectives.build(ppo_config())
+    fixed._update_kl_coef(np.array([100.0]))
+    assert fixed.kl_coef == 0.05 and fixed.checkpoint_state() is None
