@@ -51,7 +51,11 @@ def _params(workdir, step):
     # LoRA: the base without adapters is the reference; packed rows, k3, one rollout of two mini-batches
     {"peft.method": "lora", "peft.rank": 4, "objective.ppo.kl_estimator": "k3", "data.packing": True,
      "objective.ppo.num_ppo_epochs": 1, "objective.ppo.num_mini_batches": 2},
-])
+    # LoRA with the value model on its own backbone (copied from the policy into the frozen base, which
+    # a resume re-creates) and the adaptive KL coefficient (saved beside the checkpoint)
+    {"peft.method": "lora", "peft.rank": 4, "objective.ppo.value_model": "separate",
+     "objective.ppo.kl_controller": "adaptive", "objective.ppo.kl_target": 0.1, "objective.ppo.kl_horizon": 10.0},
+], ids=["full-sft-init", "lora-packed-k3", "lora-separate-adaptive"])
 def test_ppo_trains_and_resumes_exactly(tmp_path, overrides):
     if overrides.get("model.init_from") == "SFT":
         sft = ppo_config("configs/grpo.py:stage=sft", **{"train.steps": 1, "train.checkpoint_every": 1})
@@ -72,7 +76,11 @@ def test_ppo_trains_and_resumes_exactly(tmp_path, overrides):
     again = {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r}
     assert again == {r["step"]: r["loss"] for r in rows}
     params = _params(reference, 4)
-    assert "value_head" in params  # the value head is trained (LoRA: its delta)
+    if overrides.get("objective.ppo.value_model") == "separate":
+        assert "value_model" in params and "value_head" not in params  # its own adapters (LoRA)
+        assert rows[2]["objective/kl_coef"] != rows[0]["objective/kl_coef"]  # the controller moved it
+    else:
+        assert "value_head" in params  # the value head is trained (LoRA: its delta)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(_params(resumed, 4))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -179,7 +187,8 @@ def test_separate_value_model_loss_is_the_hand_computation():
     model_config = objective.adapt_model_config(causal)
     assert model_config.value_head and model_config.value_backbone
     model = models.build(model_config)
-    params = sharding.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = jax.jit(lambda rng: sharding.unbox(model.init(rng, jnp.zeros((1, 4), jnp.int32))["params"]))(
+        jax.random.key(0))
     assert set(params["value_model"]) == {"embed", "layers", "final_norm", "score"}
     batch = _fixed_rollout_batch(np.random.default_rng(0))
     batch["rollout_stats"] = np.zeros((2, len(objective.stat_names)), np.float32)
@@ -191,19 +200,21 @@ def test_separate_value_model_loss_is_the_hand_computation():
         loss, metrics = objective.loss(ModelApply(model), p, rows)
         value_moved = objective.loss(ModelApply(model), {**p, "value_model": nudged["value_model"]}, rows)[1]
         policy_moved = objective.loss(ModelApply(model), {**nudged, "value_model": p["value_model"]}, rows)[1]
-        return loss, metrics, value_moved, policy_moved
+        # for the hand computation: the policy alone, and a reward model's network on params["value_model"]
+        logits = models.build(causal).apply({"params": {k: v for k, v in p.items() if k != "value_model"}},
+                                            rows["inputs"])
+        scores = models.build(causal.replace(num_labels=1)).apply({"params": p["value_model"]}, rows["inputs"])
+        return loss, metrics, value_moved, policy_moved, logits, scores
 
-    loss, metrics, value_moved, policy_moved = run(params)
+    loss, metrics, value_moved, policy_moved, logits, scores = run(params)
 
     # by hand: the policy's log-probs at temperature 0.7, the value network's per-token scores
     s = config.objective.ppo
-    policy = {k: v for k, v in params.items() if k != "value_model"}
-    logits = np.asarray(models.build(causal).apply({"params": policy}, batch["inputs"]), np.float64) / s.temperature
+    logits = np.asarray(logits, np.float64) / s.temperature
     logp_all = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     lp = np.take_along_axis(logp_all, batch["targets"][..., None], -1)[..., 0]
-    critic = models.build(causal.replace(num_labels=1))
-    v = np.asarray(critic.apply({"params": params["value_model"]}, batch["inputs"]), np.float64)[..., 0]
+    v = np.asarray(scores, np.float64)[..., 0]
     mask, vmask = batch["loss_mask"].astype(np.float64), batch["value_mask"]
     ratio = np.exp((lp - batch["old_logps"]) * mask)
     adv = batch["advantages"]
@@ -252,3 +263,48 @@ def test_adaptive_kl_coefficient_follows_trls_controller_and_round_trips():
     fixed = objectives.build(ppo_config())
     fixed._update_kl_coef(np.array([100.0]))
     assert fixed.kl_coef == 0.05 and fixed.checkpoint_state() is None
+
+
+@pytest.mark.slow  # ~20 s each: a setup and jitted inits
+@pytest.mark.parametrize("lora", [False, True])
+def test_separate_value_model_starts_from_a_reward_model_or_the_policy(tmp_path, lora):
+    """value_init=<an exported *ForSequenceClassification>: params['value_model'] are its weights
+    (LoRA: in the frozen base, beside the policy's); value_init=policy: a copy of the policy's
+    backbone with a seeded head; a reward model of another shape is named in a UserError."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from jaxtune import loading, models, sharding
+    from jaxtune.trainer.setup import build_setup
+
+    def saved(config, name, seed):
+        params = sharding.unbox(models.build(config).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+        return models.save_pretrained(config, params, tmp_path / name), params
+
+    causal = models.get_config("llama", "tiny", vocab_size=64, hidden_size=32, intermediate_size=64)
+    policy_dir, policy = saved(causal, "policy", 0)
+    reward_dir, reward = saved(causal.replace(num_labels=1, pad_token_id=0), "rm", 1)
+    small_dir, _ = saved(causal.replace(num_labels=1, pad_token_id=0, num_layers=1), "small_rm", 2)
+    peft = {"peft.method": "lora", "peft.rank": 4} if lora else {}
+
+    def start(value_init):
+        c = ppo_config(**{"model.hf_dir": str(policy_dir), "objective.ppo.value_model": "separate",
+                          "objective.ppo.value_init": value_init, **peft})
+        setup = build_setup(c, jax.devices())
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rule_table):
+            return loading.start_weights(c, setup)  # LoRA: the frozen base
+
+    weights = start(f"reward_model:{reward_dir}")
+    for a, b in zip(jax.tree.leaves(weights["value_model"]), jax.tree.leaves(reward)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves({k: weights[k] for k in policy}), jax.tree.leaves(policy)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    copied = start("policy")
+    for key in ("embed", "layers", "final_norm"):
+        for a, b in zip(jax.tree.leaves(copied["value_model"][key]), jax.tree.leaves(policy[key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert copied["value_model"]["score"]["kernel"].shape == (32, 1)
+    with pytest.raises(UserError, match=r"objective.ppo.value_init' .*the reward model's .* the value model needs"):
+        start(str(small_dir))
+    with pytest.raises(UserError, match="is not a reward model"):
+        start(str(policy_dir))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune import loading, scoring
+from jaxtune import inference, loading, models, scoring
 from jaxtune import workdir as workdir_lib
 from jaxtune.errors import UserError
 
@@ -53,23 +53,36 @@ def start_value_model(weights: dict, spec: str, setup, *, key: str, frozen_base:
         shardings = jax.tree.map(lambda x: x.sharding, {k: current[k] for k in backbone})
         copied = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(backbone)  # its own buffers
         return {**weights, VALUE_MODEL: {**current, **copied}}
-    loaded = _reward_model_params(spec, key)
+    loaded = _reward_model_params(spec, key, setup)
     if frozen_base and peft is not None:
         loaded = loading.prepare_base(loaded, peft)
     return {**weights, VALUE_MODEL: _placed_like(loaded, current, spec, key)}
 
 
-def _reward_model_params(spec: str, key: str) -> dict:
-    """A reward model's weights (one-label score head) from a run workdir or a HF directory."""
+def _reward_model_params(spec: str, key: str, setup) -> dict:
+    """A reward model's weights (a one-label score head) from a run workdir (every process holds
+    them whole) or a HF directory (placed in the run's mesh, as the value model's shards)."""
     check_source(spec, key)
     directory = source_dir(spec)
-    run = (Path(directory) / workdir_lib.CHECKPOINTS).is_dir()
-    scorer = scoring.reward_fn(directory) if run else scoring.reward_fn(hf_dir=directory)
-    variables = scorer.variables
-    if set(variables) != {"params"}:
-        raise UserError(f"config key '{key}': {directory} is a PEFT reward run (adapters over a base); export it merged "
-                        "(jaxtune export --merge) and pass that directory")
-    return variables["params"]
+    if (Path(directory) / workdir_lib.CHECKPOINTS).is_dir():
+        run = inference.restore_run(directory, key, adapt=_reward_run_model)
+        model_config, params = run.model_config, run.state["params"]
+        if loading.peft_spec(run.config) is not None:
+            raise UserError(f"config key '{key}': {directory} is a PEFT reward run (adapters over a base); export it "
+                            "merged (jaxtune export --merge) and pass that directory")
+    else:
+        model, params = models.from_pretrained(directory, mesh=setup.mesh, rules=setup.rule_table)
+        model_config = model.config
+    if getattr(model_config, "num_labels", None) != 1:
+        raise UserError(f"config key '{key}': {directory} is not a reward model (num_labels="
+                        f"{getattr(model_config, 'num_labels', None)}; a reward model is a jaxtune reward run or an "
+                        "exported *ForSequenceClassification with one label)")
+    return params
+
+
+def _reward_run_model(config, model_config):
+    """The model a restored run trained: a reward run's carries the one-label head."""
+    return scoring.reward_head(model_config) if config.objective.get("type") == scoring.REWARD_OBJECTIVE else model_config
 
 
 def _placed_like(loaded: Any, current: Any, spec: str, key: str) -> Any:
@@ -86,7 +99,10 @@ def _placed_like(loaded: Any, current: Any, spec: str, key: str) -> Any:
             found = "missing" if source is None else f"shape {tuple(source.shape)}"
             raise UserError(f"config key '{key}' ({spec}): the reward model's {name} is {found}, the value model "
                             f"needs shape {tuple(target.shape)} (the value backbone has the policy's shape)")
-        host = np.asarray(jax.device_get(source)).astype(target.dtype)
+        if isinstance(source, jax.Array) and source.sharding.is_equivalent_to(target.sharding, source.ndim):
+            out.append(source.astype(target.dtype))  # already in the run's shards
+            continue
+        host = np.asarray(jax.device_get(source)).astype(target.dtype)  # whole on this process
         out.append(jax.make_array_from_callback(host.shape, target.sharding, lambda index, host=host: host[index]))
     if extra:
         raise UserError(f"config key '{key}' ({spec}): the reward model has {extra[0]}, which the value model does not "
