@@ -219,6 +219,13 @@ class Objective:
         del state, rng
         return next(data_iter)
 
+    def plan_memory(self, setup, *, num_processes: int) -> dict[str, tuple[int, str]]:
+        """Bytes per device the objective holds outside the train step, for `jaxtune plan`: name ->
+        (bytes, 'always' | 'sampling'); 'always' is resident through every step (e.g. a frozen
+        reference copy), 'sampling' only while rollouts are sampled (e.g. the KV cache)."""
+        del setup, num_processes
+        return {}
+
     def checkpoint_state(self) -> dict | None:
         """Host-side state the objective carries from step to step (e.g. PPO's adaptive KL
         coefficient), saved as JSON beside each checkpoint so a resumed run continues bitwise;

@@ -44,6 +44,7 @@ adapters. Metrics are TRL's names (ppo_loss.METRIC_NAMES); `policy/entropy_avg` 
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -51,7 +52,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxtune import distributed, loading
+from jaxtune import distributed, loading, sharding
 from jaxtune.errors import UserError
 from jaxtune.objectives import base, grpo, ppo_loss, value_init
 from jaxtune.rewards import RewardSet
@@ -250,6 +251,23 @@ class PPO(grpo.GRPO):
         self._reference = None
         if self.section.kl_coef and self.kl_reference() == "copy":  # the policy's weights (no value model)
             self._reference = {k: v for k, v in run.start_params().items() if k != value_init.VALUE_MODEL}
+
+    def plan_memory(self, setup, *, num_processes):
+        """The frozen reference copy (full fine-tuning with a KL) and the rollout sampler's KV cache."""
+        s, cfg = self.section, setup.model_config
+        out = {}
+        if s.kl_coef and self.kl_reference() == "copy":
+            policy = {k: v for k, v in setup.abstract_state.params.items() if k != value_init.VALUE_MODEL}
+            shardings = {k: setup.state_shardings.params[k] for k in policy}
+            out["reference copy"] = (sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                                         for x, sh in zip(jax.tree.leaves(policy), jax.tree.leaves(shardings))), "always")
+        rows = s.num_prompts * num_processes
+        shards = math.prod(setup.mesh.shape[a] for a in sharding.BATCH_AXES if a in setup.mesh.shape)
+        per_device_rows = rows // shards if rows % shards == 0 else rows  # rows split over the batch axes, or not
+        head_dim = getattr(cfg, "resolved_head_dim", None) or cfg.hidden_size // cfg.num_heads
+        per_token = cfg.num_layers * (2 * cfg.num_kv_heads * head_dim * np.dtype(cfg.dtype).itemsize + 4)  # k, v, segment
+        out["rollout KV cache"] = (per_device_rows * self.config.data.seq_len * per_token, "sampling")
+        return out
 
     def checkpoint_state(self):
         return {"kl_coef": self.kl_coef} if self.section.kl_controller == "adaptive" else None
