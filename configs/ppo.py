@@ -23,7 +23,7 @@ and a value head on the policy's backbone.
 import importlib.util
 from pathlib import Path
 
-from jaxtune.config import parse_arg
+from jaxtune.config import base_config, parse_arg
 
 
 def get_config(arg=None):
@@ -60,6 +60,9 @@ def _real_size(c, variant: str, *, lora: int) -> None:
     """A named Llama variant at real size (what `jaxtune plan` sizes; train it from its weights with
     hf_dir): bf16 compute, full remat, a bf16 frozen base under LoRA, prompts + completions of up
     to 1024 tokens, 64 completions per rollout in 2 mini-batches of 32, weights over every device."""
+    start = {k: c.model[k] for k in ("init_from", "hf_dir")}
+    c.model = base_config().model  # the variant's shape (not configs/grpo.py's small one)
+    c.model.update(start)
     c.model.family, c.model.variant = "llama", variant
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "full"

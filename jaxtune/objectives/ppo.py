@@ -63,6 +63,10 @@ ROLLOUT_STATS = (
     "objective/kl_coef", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
     "objective/scores",
     "val/num_eos_tokens", "rollout/accuracy", "rollout/completion_len", "rollout/sampling_time_s",
+    # the colocated step's time split (benchmarks/ppo_step.py): sampling_time_s includes the scoring;
+    # value_time_s is the rollout's policy/value and reference passes and its targets; learner_time_s
+    # the train steps on the previous rollout (0 at the first)
+    "rollout/scoring_time_s", "rollout/value_time_s", "rollout/learner_time_s",
 )
 _SUMMED_OVER_PROCESSES = ("val/num_eos_tokens",)  # a count, not a mean
 _LOSS_METRICS = ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg",
@@ -238,6 +242,7 @@ class PPO(grpo.GRPO):
         self.run = run
         self.tokenizer = run.data.tokenizer
         self._cache = None
+        self._rollout_done: float | None = None  # when the last rollout's batches were ready
         self._check_fit(run.data.train[:1000])
         apply_fn, temperature = run.setup.apply_fn, self.section.temperature
 
@@ -296,14 +301,16 @@ class PPO(grpo.GRPO):
 
     def _rollout_batches(self, state, data_iter, rng, step) -> list[dict[str, np.ndarray]]:
         s, d = self.section, self.config.data
-        jax.block_until_ready(state.params)
+        jax.block_until_ready(state.params)  # the dispatched steps finish here: they count as learning
         t0 = time.perf_counter()
+        learner_s = t0 - self._rollout_done if self._rollout_done is not None else 0.0
         records = next(data_iter)
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
         rollouts, _, scores, parts = self.sample(self.run.setup.model, self.run.model_variables(state), self.tokenizer,
                                                  records, group_size=1, seed=seed, temperature=s.temperature,
                                                  per_process=True)
         sample_s = time.perf_counter() - t0
+        scoring_s = self.last_scoring_s
         has_eos = np.array([bool(r.completion_ids) and r.completion_ids[-1] == self.tokenizer.eos_id for r in rollouts])
         scores = np.asarray(ppo_loss.penalise_missing_eos(jnp.asarray(scores, jnp.float32), jnp.asarray(has_eos),
                                                           s.missing_eos_penalty))
@@ -332,6 +339,7 @@ class PPO(grpo.GRPO):
                                            whiten_rewards=s.whiten_rewards,
                                            moments=_global_moments if jax.process_count() > 1 else None)
         targets = {k: np.asarray(v) for k, v in targets.items()}
+        value_s = time.perf_counter() - t0 - sample_s
         rows["old_logps"] = old_logps
         for key, source in (("advantages", "advantages"), ("returns", "returns"), ("old_values", "values"),
                             ("value_mask", "value_mask")):
@@ -343,10 +351,13 @@ class PPO(grpo.GRPO):
         stats["objective/kl_coef"] = self.kl_coef  # the coefficient this rollout's rewards used
         self._update_kl_coef(np.sum(targets["kl"] * targets["mask"], axis=1))
         stats.update({"rollout/accuracy": grpo._accuracy([parts]), "rollout/completion_len": float(lengths.mean()),
-                      "rollout/sampling_time_s": sample_s})
+                      "rollout/sampling_time_s": sample_s, "rollout/scoring_time_s": scoring_s,
+                      "rollout/value_time_s": value_s, "rollout/learner_time_s": learner_s})
         if s.sample_every and step % s.sample_every == 0 and jax.process_index() == 0:
             self._dump(step, [(rollouts, [self.prompt_text(r) for r in records], scores, parts, None)])
-        return self._epochs(rows, local_rows, stats, step)
+        batches = self._epochs(rows, local_rows, stats, step)
+        self._rollout_done = time.perf_counter()
+        return batches
 
     def _epochs(self, rows, local_rows, stats, step) -> list[dict[str, np.ndarray]]:
         """The rollout rows as num_ppo_epochs shuffles of num_mini_batches mini-batches, each with its
