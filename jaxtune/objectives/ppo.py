@@ -27,7 +27,7 @@ KL of the rollout's n completions over all processes. Its value is saved beside 
 Every `num_ppo_epochs * num_mini_batches` steps `next_batch` samples `num_prompts` completions per
 process, scores them (minus `missing_eos_penalty` for a completion without EOS), and computes
 with the sampling policy's log-probs, the reference's and the values (one pass each) the targets
-of ppo_loss.py (formula table there): the per-token KL (k1/k3; `kl_coef` fixed, or adaptive: below) folded into the
+of ppo_loss.py (formula table there): the per-token KL (k1/k3; the coefficient above) folded into the
 reward, the score one position after the last token (TRL's convention: each example carries
 its last token as one more input, whose value is the finished sequence's), GAE(gamma, lam), and
 advantages whitened over the completion tokens of every process (one process: TRL's whitening of
