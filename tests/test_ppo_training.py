@@ -161,7 +161,7 @@ def _fixed_rollout_batch(rng, b=2, t=7, vocab=64):
     loss_mask[:, 2:5] = 1
     value_mask = np.zeros((b, t), np.float32)
     value_mask[:, 2:6] = 1
-    f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
     batch = {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1), "loss_mask": loss_mask,
              "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
              # old log-probs near a random model's, so some ratios stay unclipped
