@@ -27,6 +27,9 @@ ROWS = {
     "lora_70b": ("configs/sft_lora.py:variant=llama3.1-70b", "v5p:4x4x2", []),
     "dpo_lora_8b": ("configs/dpo.py:variant=llama3.1-8b,method=lora", "v5p-8", []),
     "lora_flan_t5_xxl": ("configs/sft_lora.py:family=t5,variant=flan-t5-xxl", "v5e-8", []),  # encoder-decoder
+    # PPO: an 8B policy and a separate 8B value model, each with its own LoRA adapters over a bf16
+    # base of both backbones; the total adds the rollout KV cache (plan_memory)
+    "ppo_lora_8b": ("configs/ppo.py:variant=llama3.1-8b,lora=16,value_model=separate", "v5p-8", []),
     # The seq-length scaling check: same per-device batch (4), twice the length.
     "sft_1b_seq8192": ("configs/sft_llama.py:llama3.2-1b", "v5e-8", ["--config.data.seq_len=8192"]),
 }

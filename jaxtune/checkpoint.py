@@ -1,4 +1,5 @@
-"""One orbax CheckpointManager per workdir: train state + Grain iterator state + config.
+"""One orbax CheckpointManager per workdir: train state + Grain iterator state + config (+ the
+objective's host-side state, e.g. PPO's adaptive KL coefficient, when it has one).
 
 Saves are asynchronous; orbax writes each step into a temporary directory and renames it only
 when complete, so a run killed mid-save leaves the previous checkpoint intact and the next run
@@ -30,6 +31,7 @@ from jaxtune import workdir as workdir_lib
 from jaxtune.errors import UserError
 
 log = logging.getLogger(__name__)
+OBJECTIVE_ITEM = "objective"  # the checkpoint item of Objective.checkpoint_state
 
 
 class Checkpointer:
@@ -47,7 +49,8 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any, config: dict, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_iterator: Any, config: dict, *, force: bool = False,
+             objective_state: dict | None = None) -> bool:
         """Saves when `step` is on the interval (or `force`); returns whether a save started."""
         if step in self._manager.all_steps():  # e.g. the final step fell on the interval
             return False
@@ -56,6 +59,8 @@ class Checkpointer:
         args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if objective_state is not None:
+            args[OBJECTIVE_ITEM] = ocp.args.JsonSave(objective_state)
         with self._save_errors():
             return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
 
@@ -106,6 +111,13 @@ class Checkpointer:
 
     def saved_config(self, step: int) -> dict | None:
         return saved_config(self._manager, step)
+
+    def objective_state(self, step: int) -> dict | None:
+        """The objective's host-side state saved with `step` (Checkpointer.save), None when absent."""
+        if not (self.directory / str(step) / OBJECTIVE_ITEM).exists():
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(**{OBJECTIVE_ITEM: ocp.args.JsonRestore()}))[
+            OBJECTIVE_ITEM]
 
     def wait(self) -> None:
         with self._save_errors():

@@ -176,16 +176,17 @@ def base_params(config: ml_collections.ConfigDict, model_config, setup=None, *, 
         return base if spec is None else jax.jit(functools.partial(prepare_base, spec=spec))(base)
     shardings = setup.state_shardings
     if not config.model.hf_dir:
-        return jax.jit(lambda rng: setup.init_state(rng).frozen, out_shardings=shardings.frozen)(
+        base = jax.jit(lambda rng: setup.init_state(rng).frozen, out_shardings=shardings.frozen)(
             jax.random.key(config.seed))
+        return _objective_start(base, setup, frozen_base=True)
     plain = models.build(model_config)
     abstract = jax.eval_shape(plain.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     base = models.load_params(hf_dir(config), plain.config,
                               sharding.logical_shardings(abstract, setup.mesh, setup.rule_table))
     base = _with_value_head(base, config, setup, lambda state: state.frozen)
-    if spec.quantize == "none" and not spec.base_dtype:
-        return base
-    return jax.jit(functools.partial(prepare_base, spec=spec), out_shardings=shardings.frozen)(base)
+    if spec.quantize != "none" or spec.base_dtype:
+        base = jax.jit(functools.partial(prepare_base, spec=spec), out_shardings=shardings.frozen)(base)
+    return _objective_start(base, setup, frozen_base=True)
 
 
 def start_weights(config: ml_collections.ConfigDict, setup) -> Any:
@@ -196,11 +197,20 @@ def start_weights(config: ml_collections.ConfigDict, setup) -> Any:
         return base_params(config, model_config, setup)
     if config.model.hf_dir:
         params = models.load_params(hf_dir(config), model_config, shardings.params)
-        return _with_value_head(params, config, setup, lambda state: state.params)
-    if config.model.init_from:
+        params = _with_value_head(params, config, setup, lambda state: state.params)
+    elif config.model.init_from:
         target = checkpoint_lib.abstract_with_shardings(setup.abstract_state.params, shardings.params)
-        return _restore_init_from(config, setup, target)
-    return setup.init_state(jax.random.key(config.seed)).params
+        params = _restore_init_from(config, setup, target)
+    else:
+        params = setup.init_state(jax.random.key(config.seed)).params
+    return _objective_start(params, setup, frozen_base=False)
+
+
+def _objective_start(weights: Any, setup, *, frozen_base: bool) -> Any:
+    """`weights` as the run's objective starts from them (Objective.adapt_start_weights; e.g. PPO's
+    separate value model); a setup without an objective (tests' stand-ins) keeps them."""
+    objective = getattr(setup, "objective", None)
+    return weights if objective is None else objective.adapt_start_weights(weights, setup, frozen_base=frozen_base)
 
 
 def _restore_init_from(config: ml_collections.ConfigDict, setup, target) -> Any:
@@ -209,7 +219,8 @@ def _restore_init_from(config: ml_collections.ConfigDict, setup, target) -> Any:
     try:
         return checkpoint_lib.restore_params(config.model.init_from, target)
     except UserError:
-        head = "score" if getattr(setup.model_config, "num_labels", None) else VALUE_HEAD
+        head = "score" if getattr(setup.model_config, "num_labels", None) else next(
+            (k for k in (VALUE_HEAD, VALUE_MODEL) if k in target), VALUE_HEAD)
         if head not in target:
             raise
     decoder = checkpoint_lib.restore_params(config.model.init_from, {k: v for k, v in target.items() if k != head})
@@ -218,16 +229,19 @@ def _restore_init_from(config: ml_collections.ConfigDict, setup, target) -> Any:
 
 
 VALUE_HEAD = "value_head"  # PPO's value head (model config `value_head`): in no Hugging Face checkpoint
+VALUE_MODEL = "value_model"  # PPO's value model on its own backbone (`value_backbone`): filled by the objective
 
 
 def _with_value_head(params: dict, config: ml_collections.ConfigDict, setup, held: Callable[[Any], Any]) -> dict:
     """`params` loaded from a Hugging Face checkpoint plus, for a model with PPO's value head, that
     head from the seed's init (`held(state)`: where the state holds it, params or the frozen base)."""
-    if not getattr(setup.model_config, VALUE_HEAD, False) or VALUE_HEAD in params:
+    if not getattr(setup.model_config, VALUE_HEAD, False):
         return params
-    init = jax.jit(lambda rng: held(setup.init_state(rng))[VALUE_HEAD],
-                   out_shardings=held(setup.state_shardings)[VALUE_HEAD])
-    return {**params, VALUE_HEAD: init(jax.random.key(config.seed))}
+    key = VALUE_MODEL if getattr(setup.model_config, "value_backbone", False) else VALUE_HEAD
+    if key in params:
+        return params
+    init = jax.jit(lambda rng: held(setup.init_state(rng))[key], out_shardings=held(setup.state_shardings)[key])
+    return {**params, key: init(jax.random.key(config.seed))}
 
 
 # ---- Hugging Face Hub ids -------------------------------------------------------------------------

@@ -189,7 +189,8 @@ def plan(config: ml_collections.ConfigDict, *, config_name: str = "", topology: 
                 raise
             oom, stats = _oom_summary(str(e)), None
         temporaries = largest_temporaries(dump)
-    memory = _memory(stats)
+    processes = len({getattr(d, "process_index", 0) for d in devices})
+    memory = _memory(stats, setup.objective.plan_memory(setup, num_processes=processes))
     hbm = device_memory_bytes(devices[0])
     fits = not oom and (hbm is None or memory["total"] <= headroom * hbm)
     flops, executed, tokens = step_flops(config, setup)
@@ -204,7 +205,9 @@ def plan(config: ml_collections.ConfigDict, *, config_name: str = "", topology: 
     )
 
 
-def _memory(stats) -> dict[str, int]:
+def _memory(stats, held: dict[str, tuple[int, str]]) -> dict[str, int]:
+    """Per device: XLA's sizes of the step, what the objective holds beside it (`held`:
+    Objective.plan_memory, each as "objective:<name>"), and the peak of the two phases."""
     if stats is None:
         return {}
     memory = {
@@ -213,7 +216,18 @@ def _memory(stats) -> dict[str, int]:
         "code": stats.generated_code_size_in_bytes,
     }
     # Donated state is aliased: its buffers count once.
-    memory["total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
+    step = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
+    if not held:
+        memory["total"] = step
+        return memory
+    always = sum(n for n, when in held.values() if when == "always")
+    sampling = sum(n for n, when in held.values() if when == "sampling")
+    memory.update({f"objective:{name}": n for name, (n, _) in held.items()})
+    # Training: the step plus what stays resident; sampling: the state (the step's arguments), what
+    # stays resident and the sampler's own buffers (its smaller temporaries are not counted).
+    memory["step_total"] = step + always
+    memory["sampling_total"] = memory["arguments"] + always + sampling
+    memory["total"] = max(memory["step_total"], memory["sampling_total"])
     return memory
 
 
@@ -321,6 +335,11 @@ def report(p: Plan, print_fn: Callable[[str], None] = print) -> None:
         m = p.memory
         print_fn(f"memory per device: arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} "
                  f"(aliased {_gib(m['aliased'])}), temporaries {_gib(m['temporaries'])}, code {_gib(m['code'])}")
+        for key in (k for k in m if k.startswith("objective:")):
+            print_fn(f"  held by the objective outside the step: {key.removeprefix('objective:')} {_gib(m[key])}")
+        if "step_total" in m:
+            print_fn(f"  peak of training (step + resident) {_gib(m['step_total'])} and sampling (state + resident + "
+                     f"sampler) {_gib(m['sampling_total'])}")
         limit = f" of {_gib(p.hbm_bytes)} ({m['total'] / p.hbm_bytes:.0%}; fits at <= {p.headroom:.0%})" if p.hbm_bytes else ""
         print_fn(f"total per device: {_gib(m['total'])}{limit}")
     else:

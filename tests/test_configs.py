@@ -37,6 +37,7 @@ def _variants() -> list[str]:
     specs += ["grpo.py", "grpo.py:stage=sft", "grpo.py:lora=4,hf_dir=/m", "grpo.py:steps=3,init_from=runs/x"]
     specs += [f"grpo.py:variant={v}" for v in grpo.VARIANTS]
     specs += ["online_dpo.py", "online_dpo.py:loss_type=ipo,lora=4,hf_dir=/m"]
+    specs += ["ppo.py", "ppo.py:value_model=separate,lora=4", "ppo.py:variant=llama3.1-8b,lora=16,value_model=separate"]
     specs += ["flan_clusters.py", "flan_clusters.py:clusters=1,templates=1", "flan_clusters.py:clusters=3,steps=5"]
     return [f"configs/{s}" for s in specs]  # relative to the repository root, as the docstrings write them
 

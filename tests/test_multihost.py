@@ -399,3 +399,30 @@ def test_two_processes_match_one_online_dpo_lora(tmp_path):
         assert row["objective/scores_margin"] >= 0  # ranked by score: the chosen one never scores lower
         for key in ("loss", "objective/scores", "objective/kl", "rewards/margins", "logps/chosen"):
             assert multi[step][key] == pytest.approx(row[key], abs=TOLERANCE), (step, key)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_ppo(tmp_path):
+    """PPO with a separate value model and the adaptive KL coefficient across 2 processes: each
+    samples its own prompts' completions in the one SPMD sampler call, the advantages are whitened
+    with every process's moments and the KL controller steps on every process's KL, so with every
+    training prompt the same it is one process's run on all the prompts (the same losses)."""
+    train = tmp_path / "prompts.jsonl"
+    train.write_text("".join(json.dumps({"prompt": "Say a few words.", "constraints": [
+        {"type": "word_count", "relation": "at most", "n": 3}]}) + "\n" for _ in range(32)))
+    overrides = [o.replace("objective.grpo.", "objective.ppo.") for o in GRPO_OVERRIDES
+                 if "num_generations" not in o and "train.steps" not in o and "checkpoint_every" not in o]
+    overrides += [f"data.train_path={train}", "train.steps=4", "train.checkpoint_every=4",
+                  "objective.ppo.num_ppo_epochs=2", "objective.ppo.value_model=separate",
+                  "objective.ppo.kl_controller=adaptive", "objective.ppo.kl_horizon=4.0", "objective.ppo.kl_target=0.5"]
+    config = str(REPO / "configs" / "ppo.py")
+    run_cli(_train_args(config, tmp_path / "multi", [*overrides, "objective.ppo.num_prompts=4"]))
+    _reference_run(config, tmp_path / "single", [*overrides, "objective.ppo.num_prompts=8"])
+    single = {r["step"]: r for r in read_metrics(tmp_path / "single") if "loss" in r}
+    multi = {r["step"]: r for r in read_metrics(tmp_path / "multi") if "loss" in r}
+    assert sorted(multi) == sorted(single) == [1, 2, 3, 4]
+    assert single[3]["objective/kl_coef"] != single[1]["objective/kl_coef"]  # the controller moved it
+    for step, row in single.items():
+        for key in ("loss", "loss/policy_avg", "loss/value_avg", "objective/scores", "objective/kl",
+                    "objective/kl_coef", "policy/clipfrac_avg"):
+            assert multi[step][key] == pytest.approx(row[key], abs=TOLERANCE), (step, key)

@@ -171,3 +171,37 @@ def test_dpo_config_lora_method():
     assert c.peft.method == "lora" and c.peft.base_dtype == "bfloat16" and c.data.seq_len == 2048
     assert objectives.build(c).reference_kind() == "base"  # the base without adapters: no extra weights
     assert (c.mesh.data, c.mesh.fsdp) == (1, -1)
+
+
+def test_ppo_plan_memory_counts_the_reference_copy_and_the_rollout_kv_cache():
+    """PPO holds, outside the step, a copy of the start policy (full fine-tuning with a KL; the
+    separate value model is not in it) and, while sampling, the KV cache of its rollout rows."""
+    c = validation.load_config(str(REPO / "configs" / "ppo.py") + ":value_model=separate", needs_data=False)
+    setup = trainer.build_setup(c, jax.devices()[:4])
+    held = setup.objective.plan_memory(setup, num_processes=2)
+    cfg, s = setup.model_config, c.objective.ppo
+    policy = {k: v for k, v in setup.abstract_state.params.items() if k != "value_model"}
+    assert "value_model" in setup.abstract_state.params
+    assert held["reference copy"] == (sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(policy)), "always")  # dp: whole
+    rows = s.num_prompts * 2 // 4  # both processes' prompts, split over the 4 data-parallel devices
+    head_dim = cfg.hidden_size // cfg.num_heads
+    per_token = cfg.num_layers * (2 * cfg.num_kv_heads * head_dim * 4 + 4)  # fp32 k and v, int32 segment ids
+    assert held["rollout KV cache"] == (rows * c.data.seq_len * per_token, "sampling")
+    lora = validation.load_config(str(REPO / "configs" / "ppo.py") + ":lora=4", needs_data=False)
+    lora_setup = trainer.build_setup(lora, jax.devices()[:4])
+    assert "reference copy" not in lora_setup.objective.plan_memory(lora_setup, num_processes=1)  # the base is it
+
+
+@pytest.mark.slow
+def test_plan_ppo_with_a_separate_value_model(capsys):
+    """The PPO step (policy + value model) compiled for v5p-8, with the reference copy and the
+    rollout KV cache added: the total is the larger of the training and sampling phases."""
+    assert cli.main(["plan", "--config", str(REPO / "configs" / "ppo.py") + ":value_model=separate",
+                     "--topology", "v5p-8"]) == 0
+    summary = _plan_json(capsys)
+    m = summary["memory_per_device"]
+    assert m["objective:reference copy"] > 0 and m["objective:rollout KV cache"] > 0
+    step = m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] + m["code"]
+    assert m["step_total"] == step + m["objective:reference copy"]
+    assert m["sampling_total"] == m["arguments"] + m["objective:reference copy"] + m["objective:rollout KV cache"]
+    assert m["total"] == max(m["step_total"], m["sampling_total"]) and summary["fits"]

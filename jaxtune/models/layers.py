@@ -561,7 +561,10 @@ class CausalLM(nn.Module):
             self.score = ScoreHead(cfg.num_labels, name="score", **kw)
         elif not cfg.tie_word_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), name="lm_head", **kw)
-        if getattr(cfg, "value_head", False):
+        if getattr(cfg, "value_head", False) and getattr(cfg, "value_backbone", False):
+            self.value_model = type(self)(cfg.replace(value_head=False, value_backbone=False, num_labels=1),
+                                          name="value_model")  # a reward model's shape: its weights load as they are
+        elif getattr(cfg, "value_head", False):
             self.value_head = ScoreHead(1, name="value_head", **kw)
 
     def embed_tokens(self, inputs: Array) -> Array:
@@ -588,13 +591,28 @@ class CausalLM(nn.Module):
 
     def __call__(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
         hidden = self.hidden_states(inputs, positions=positions, segment_ids=segment_ids)
-        if getattr(self.config, "value_head", False) and self.is_initializing():
-            self.values_from_hidden(hidden)  # init creates the value head's kernel too
+        if getattr(self.config, "value_head", False) and self.is_initializing():  # init creates the value model too
+            if self.separate_value_model:
+                self.values(inputs, positions=positions, segment_ids=segment_ids)
+            else:
+                self.values_from_hidden(hidden)
         return self.score(hidden) if self.config.num_labels else self.logits_from_hidden(hidden)
 
+    @property
+    def separate_value_model(self) -> bool:
+        """Whether PPO's value model has its own backbone (config.value_backbone) or shares this one."""
+        return bool(getattr(self.config, "value_head", False) and getattr(self.config, "value_backbone", False))
+
     def values_from_hidden(self, x: Array) -> Array:
-        """hidden[..., hidden] -> PPO's value estimates [...] in float32 (config.value_head)."""
+        """hidden[..., hidden] -> PPO's value estimates [...] in float32 (config.value_head on this backbone)."""
         return self.value_head(x)[..., 0].astype(jnp.float32)
+
+    def values(self, inputs: Array, *, positions: Array | None = None, segment_ids: Array | None = None) -> Array:
+        """inputs[B,T] -> PPO's value estimates [B,T] in float32: the separate value model's per-token
+        scores (config.value_backbone), else the value head on this backbone's hidden states."""
+        if self.separate_value_model:
+            return self.value_model(inputs, positions=positions, segment_ids=segment_ids)[..., 0].astype(jnp.float32)
+        return self.values_from_hidden(self.hidden_states(inputs, positions=positions, segment_ids=segment_ids))
 
     def sequence_scores(self, inputs: Array, *, positions: Array | None = None,
                         segment_ids: Array | None = None) -> Array:

@@ -49,6 +49,9 @@ class LlamaConfig:
     # PPO's value model on the policy's backbone: a scalar `value_head` beside the LM head (never in
     # Hugging Face checkpoints: a policy loaded from one gets a seeded head, an export leaves it out).
     value_head: bool = False
+    # With value_head: the value model on a backbone of its own (`value_model`: this model's shape
+    # with a one-label `score` head, i.e. a reward model's), not on the policy's.
+    value_backbone: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -153,6 +153,19 @@ class Objective:
         scalar head here; called wherever a run's model is built (train, plan, export, eval)."""
         return model_config
 
+    @property
+    def adapts_start_weights(self) -> bool:
+        """Whether `adapt_start_weights` changes anything (a fresh state then goes through it)."""
+        return False
+
+    def adapt_start_weights(self, weights, setup, *, frozen_base: bool):
+        """The weights a fresh run starts from (full fine-tuning: the params; PEFT: the frozen base,
+        `frozen_base`), adapted where the objective fills part of the model itself (PPO: a separate
+        value model copied from the policy or read from a reward model). Called wherever start
+        weights are built, resume included (a PEFT base is re-created); must be deterministic."""
+        del setup, frozen_base
+        return weights
+
     def reference_kind(self) -> str:
         """none | copy (a frozen copy of the start weights is passed to `loss` as ref_params) |
         base (a PEFT run's base, i.e. `frozen`) | precomputed (the batches carry it; see `start`)."""
@@ -205,6 +218,22 @@ class Objective:
         params are the current policy); `rng` is this step's key (the same on every process)."""
         del state, rng
         return next(data_iter)
+
+    def plan_memory(self, setup, *, num_processes: int) -> dict[str, tuple[int, str]]:
+        """Bytes per device the objective holds outside the train step, for `jaxtune plan`: name ->
+        (bytes, 'always' | 'sampling'); 'always' is resident through every step (e.g. a frozen
+        reference copy), 'sampling' only while rollouts are sampled (e.g. the KV cache)."""
+        del setup, num_processes
+        return {}
+
+    def checkpoint_state(self) -> dict | None:
+        """Host-side state the objective carries from step to step (e.g. PPO's adaptive KL
+        coefficient), saved as JSON beside each checkpoint so a resumed run continues bitwise;
+        None: nothing to save."""
+        return None
+
+    def restore_checkpoint_state(self, saved: dict) -> None:
+        """Takes back what `checkpoint_state` returned when the resumed checkpoint was saved."""
 
     def eval_set(self, data) -> Any:
         """Held-out examples built from `data` (falsy: nothing to evaluate)."""

@@ -414,7 +414,9 @@ class GRPO(base.Objective):
         fields = {k: [r.get(k) for r in records for _ in range(group_size)]
                   for k in sorted({k for r in records for k in r}) if not k.startswith("_")}
         repeated = [p for p in prompts for _ in range(group_size)]
+        scoring_start = time.perf_counter()
         totals, parts = self.rewards(repeated, [r.text for r in rollouts], fields)
+        self.last_scoring_s = time.perf_counter() - scoring_start  # of sample's time: the rewards' share
         return rollouts, repeated, np.asarray(totals, np.float64), parts
 
     def _rollout_batches(self, state, data_iter, rng, step) -> list[dict[str, np.ndarray]]:

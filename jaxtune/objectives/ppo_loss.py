@@ -47,11 +47,14 @@ Metrics use TRL's names (`METRIC_NAMES`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 KL_ESTIMATORS = ("k1", "k3")
+Moments = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 WHITEN_EPS = 1e-8  # TRL's masked_whiten: rsqrt(var + 1e-8)
 METRIC_NAMES = (
     "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "objective/scores",
@@ -87,10 +90,17 @@ def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(centred * centred * mask) / jnp.maximum(count - 1.0, 1.0)
 
 
-def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True) -> jax.Array:
-    """(x - mean) / sqrt(var + 1e-8) over the mask (the mean added back when not `shift_mean`)."""
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * jax.lax.rsqrt(masked_var(x, mask) + WHITEN_EPS)
+def masked_moments(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, variance) over the mask: the moments `masked_whiten` uses by default (this batch's)."""
+    return masked_mean(x, mask), masked_var(x, mask)
+
+
+def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, moments: Moments | None = None) -> jax.Array:
+    """(x - mean) / sqrt(var + 1e-8) over the mask (the mean added back when not `shift_mean`).
+    `moments(x, mask) -> (mean, var)`: where they come from (default: this batch, masked_moments;
+    several processes pass the moments of every process's batch)."""
+    mean, var = (moments or masked_moments)(x, mask)
+    whitened = (x - mean) * jax.lax.rsqrt(var + WHITEN_EPS)
     return whitened if shift_mean else whitened + mean
 
 
@@ -112,7 +122,8 @@ def penalise_missing_eos(scores: jax.Array, has_eos: jax.Array, penalty: float |
 
 
 def token_rewards(scores: jax.Array, lp: jax.Array, lp_ref: jax.Array, lengths: jax.Array, *, kl_coef: float,
-                  kl_estimator: str = "k1", whiten_rewards: bool = False) -> tuple[jax.Array, jax.Array]:
+                  kl_estimator: str = "k1", whiten_rewards: bool = False,
+                  moments: Moments | None = None) -> tuple[jax.Array, jax.Array]:
     """(rewards [B, L], kl [B, L]): ``-kl_coef * kl`` per token plus the score at its position (table)."""
     b, max_len = lp.shape
     mask, value_mask = completion_masks(lengths, max_len)
@@ -120,7 +131,7 @@ def token_rewards(scores: jax.Array, lp: jax.Array, lp_ref: jax.Array, lengths: 
     at_score = jax.nn.one_hot(score_positions(lengths, max_len), max_len, dtype=jnp.float32)
     rewards = -kl_coef * kl + at_score * jnp.asarray(scores, jnp.float32)[:, None]
     if whiten_rewards:
-        rewards = masked_whiten(rewards, value_mask, shift_mean=False) * value_mask
+        rewards = masked_whiten(rewards, value_mask, shift_mean=False, moments=moments) * value_mask
     return rewards, kl
 
 
@@ -141,15 +152,17 @@ def gae(rewards: jax.Array, values: jax.Array, *, gamma: float, lam: float) -> t
 
 def rollout_targets(scores: jax.Array, lp: jax.Array, lp_ref: jax.Array, values: jax.Array, lengths: jax.Array, *,
                     kl_coef: float, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
-                    whiten_rewards: bool = False) -> dict[str, jax.Array]:
+                    whiten_rewards: bool = False, moments: Moments | None = None) -> dict[str, jax.Array]:
     """Everything a rollout batch trains on: whitened advantages, returns, the masked values, the
-    per-token rewards and KL, and the masks ([B, L] each). `scores` already carry the EOS penalty."""
+    per-token rewards and KL, and the masks ([B, L] each). `scores` already carry the EOS penalty.
+    `moments`: masked_whiten's (default: this batch's; several processes: every process's)."""
     mask, value_mask = completion_masks(lengths, lp.shape[1])
     values = values.astype(jnp.float32) * value_mask
     rewards, kl = token_rewards(scores, lp.astype(jnp.float32), lp_ref.astype(jnp.float32), lengths,
-                                kl_coef=kl_coef, kl_estimator=kl_estimator, whiten_rewards=whiten_rewards)
+                                kl_coef=kl_coef, kl_estimator=kl_estimator, whiten_rewards=whiten_rewards,
+                                moments=moments)
     advantages, returns = gae(rewards, values, gamma=gamma, lam=lam)
-    return {"advantages": masked_whiten(advantages, mask) * mask, "returns": returns, "values": values,
+    return {"advantages": masked_whiten(advantages, mask, moments=moments) * mask, "returns": returns, "values": values,
             "rewards": rewards, "kl": kl, "mask": mask, "value_mask": value_mask}
 
 

@@ -196,24 +196,28 @@ class CheckpointHook(Hook):
     """A checkpoint every train.checkpoint_every steps (the Checkpointer decides), then the stopping
     rules: a signal or train.max_seconds saves now and ends the run; the last step always saves."""
 
-    def __init__(self, config, checkpointer, data_iter, config_json, stop: StopSignal):
+    def __init__(self, config, checkpointer, data_iter, config_json, stop: StopSignal, objective):
         self.config, self.checkpointer, self.data_iter, self.config_json = config, checkpointer, data_iter, config_json
-        self.stop = stop
+        self.stop, self.objective = stop, objective
+
+    def _save(self, loop, done, *, force=False):
+        self.checkpointer.save(done, loop.state, self.data_iter, self.config_json, force=force,
+                               objective_state=self.objective.checkpoint_state())
 
     def after_step(self, loop, done, metrics, batch):
-        self.checkpointer.save(done, loop.state, self.data_iter, self.config_json)
+        self._save(loop, done)
         budget = self.config.train.max_seconds
         out_of_time = budget and time.time() - loop.wall_start > budget
         if not (self.stop.requested or out_of_time):
             return None
-        self.checkpointer.save(done, loop.state, self.data_iter, self.config_json, force=True)
+        self._save(loop, done, force=True)
         reason = "signal" if self.stop.requested else f"train.max_seconds={budget:g} reached"
         loop.print(f"jaxtune: stopping at step {done} ({reason}); checkpoint saved, rerun to resume")
         return "signal" if self.stop.requested else "budget"
 
     def end(self, loop, done, stopped):
         if not stopped and loop.start_step < self.config.train.steps:
-            self.checkpointer.save(done, loop.state, self.data_iter, self.config_json, force=True)
+            self._save(loop, done, force=True)
 
 
 def global_batch(batch: dict, shardings: dict) -> dict[str, jax.Array]:
@@ -294,6 +298,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
             if jax.process_index() == 0 and start.saved_config:
                 for warning in checkpoint_lib.resume_warnings(start.saved_config, config_json):
                     log.warning("%s", warning)
+            saved_objective = checkpointer.objective_state(start.step)
+            if saved_objective is not None:
+                objective.restore_checkpoint_state(saved_objective)
             print(f"jaxtune: resuming from step {start.step} in {workdir}", flush=True)
         # The frozen reference: never updated, no optimizer state, rebuilt from the start weights on resume.
         ref_params = loading.start_weights(config, setup) if setup.reference_kind == "copy" else None
@@ -324,7 +331,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, devices: Se
         evaluator.begin(loop)
         loop.progress = metrics_lib.Progress(config.train.steps, start.step, enabled=config.train.progress_bar)
         with StopSignal() as stop:
-            saver = CheckpointHook(config, checkpointer, data_iter, config_json, stop)
+            saver = CheckpointHook(config, checkpointer, data_iter, config_json, stop, objective)
             done, stopped = _run_steps(loop, objective, data_iter, put, ref_params, logger,
                                        (logger, evaluator, saver), checkpointer)
             for hook in (saver, logger, evaluator):  # the final checkpoint first, the final evaluation last

@@ -93,7 +93,9 @@ def state_from_params(params, tx: optax.GradientTransformation, state_shardings)
 def fresh_state(config: ml_collections.ConfigDict, setup) -> TrainState:
     """A step-0 state: model.hf_dir > model.init_from > seed (see the module docstring)."""
     model_config, shardings, spec = setup.model_config, setup.state_shardings, loading.peft_spec(config)
-    if spec is not None and config.model.hf_dir:
+    objective = getattr(setup, "objective", None)
+    adapts = objective is not None and objective.adapts_start_weights
+    if spec is not None and (config.model.hf_dir or adapts):  # the base as base_params builds it on resume too
         base = loading.base_params(config, model_config, setup)
         adapters_only = jax.jit(lambda rng: setup.init_state(rng).replace(frozen=None),  # XLA drops the random base
                                 out_shardings=shardings.replace(frozen=None))
@@ -103,7 +105,10 @@ def fresh_state(config: ml_collections.ConfigDict, setup) -> TrainState:
         return state.replace(params=magnitudes(base, state.params))
     if spec is None and (config.model.hf_dir or config.model.init_from):
         return state_from_params(loading.start_weights(config, setup), setup.tx, shardings)
-    return setup.init_state(jax.random.key(config.seed))
+    state = setup.init_state(jax.random.key(config.seed))
+    if adapts and spec is None:  # the objective's part of the seeded weights (e.g. PPO's value model)
+        state = state.replace(params=objective.adapt_start_weights(state.params, setup, frozen_base=False))
+    return state
 
 
 @dataclasses.dataclass

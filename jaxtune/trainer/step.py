@@ -51,6 +51,10 @@ class ModelApply:
     def token_stats_and_values(self, params, rows: dict[str, jax.Array], frozen=None, rngs=None,
                                temperature=1.0) -> tuple[TokenStats, jax.Array]:
         variables = variables_for(params, frozen)
+        if getattr(self.model.config, "value_backbone", False):  # the value model's own backbone: two passes
+            values = self.model.apply(variables, rows["inputs"], positions=rows["positions"],
+                                      segment_ids=rows["segment_ids"], rngs=rngs, method="values")
+            return self.token_stats(params, rows, frozen=frozen, rngs=rngs, temperature=temperature), values
         hidden = self.hidden_states(params, rows, frozen=frozen, rngs=rngs)  # one backbone pass for both heads
         head = with_temperature(lambda h: self.model.apply(variables, h, method="logits_from_hidden"), temperature)
         stats = head_token_stats(head, hidden, rows["targets"], chunk=self.logits_chunk)
