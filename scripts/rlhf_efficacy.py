@@ -109,10 +109,12 @@ class Stages:
             total += usage.ru_utime + usage.ru_stime
         return total
 
-    def run(self, key: str, fn):
+    def run(self, key: str, fn, *args):
         wall, cpu = time.time(), self.cpu_s()
-        out = fn()
-        self.times[key] = {"wall_s": time.time() - wall, "cpu_s": self.cpu_s() - cpu, "load": os.getloadavg()[0]}
+        out = fn(*args)
+        entry = {"wall_s": time.time() - wall, "cpu_s": self.cpu_s() - cpu, "load": os.getloadavg()[0]}
+        # re-read: another invocation (other RL settings in the same workdir) may have added its stages
+        self.times = {**(json.loads(self.path.read_text()) if self.path.exists() else {}), key: entry}
         self.path.write_text(json.dumps(self.times, indent=1))
         return out
 
@@ -167,7 +169,7 @@ def build_pairs(args, workdir: Path) -> dict:
     if len(per_prompt) < 2:
         raise SystemExit("rlhf_efficacy: fewer than 2 training prompts had a wrong sample; no held-out pairs "
                          "(sample more prompts)")
-    cut = max(1, int(round(len(per_prompt) * (1 - args.heldout_pair_share))))
+    cut = max(1, round(len(per_prompt) * (1 - args.heldout_pair_share)))
     split = {"train": [p for group in per_prompt[:cut] for p in group],
              "heldout": [p for group in per_prompt[cut:] for p in group]}
     for name, pairs in split.items():
@@ -334,14 +336,17 @@ def main(argv=None) -> int:
         if make_config is not None:
             config = make_config(args, workdir)
             if not finished(run_dir, config.train.steps):
-                stages.run(name, lambda: train(config, run_dir))
+                stages.run(run_dir.name, train, config, run_dir)
         path = run_dir / f"heldout_{args.heldout}x{args.eval_samples}.json"
         if not path.exists():
-            path.write_text(json.dumps(stages.run(f"{name} eval", lambda: evaluate(args, workdir, run_dir))))
+            path.write_text(json.dumps(stages.run(f"{run_dir.name} eval", evaluate, args, workdir, run_dir)))
         per_policy[name] = json.loads(path.read_text())
 
     table = summarise(per_policy)
-    lines = report_lines(table, list(runs), {k: v for k, v in stages.times.items()})
+    # This invocation's stages (other RL settings tried in the same workdir are kept in times.json).
+    shown = ["SFT", "pairs", "reward model", "reward model eval"] + [
+        f"{d.name}{suffix}" for name, (d, make) in runs.items() for suffix in (("", " eval") if make else (" eval",))]
+    lines = report_lines(table, list(runs), {k: stages.times[k] for k in shown if k in stages.times})
     (workdir / "results.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "pairs": pairs,
                                                       "reward_model": rm, "heldout": table, "times": stages.times},
                                                      indent=1))
