@@ -47,6 +47,7 @@ def test_tulu_pipeline_tiny(tmp_path):
     assert set(summary["times_s"]) >= {"SFT"} and all(t > 0 for t in summary["times_s"].values())
 
 
+@pytest.mark.slow  # nine stages, each its own compiles: ~80 CPU s even with a 1-layer model
 def test_rlhf_efficacy_tiny(tmp_path):
     result = run("rlhf_efficacy.py", "--tiny", "--workdir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
