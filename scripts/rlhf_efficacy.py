@@ -227,6 +227,11 @@ def rloo_config(args, workdir: Path):
     return jaxtune.load_config(f"{CONFIGS / 'grpo.py'}:init_from={workdir / 'sft'},variant=rloo", overrides)
 
 
+def stage_key(name: str, run_dir: Path, make_config) -> str:
+    """times.json's key of a policy's stages: SFT's name, an RL run's folder (its settings)."""
+    return run_dir.name if make_config is not None else name
+
+
 def train(config, run_dir: Path) -> None:
     summary = jaxtune.train(config, str(run_dir))
     if summary.stopped_early:
@@ -336,16 +341,18 @@ def main(argv=None) -> int:
         if make_config is not None:
             config = make_config(args, workdir)
             if not finished(run_dir, config.train.steps):
-                stages.run(run_dir.name, train, config, run_dir)
+                stages.run(stage_key(name, run_dir, make_config), train, config, run_dir)
         path = run_dir / f"heldout_{args.heldout}x{args.eval_samples}.json"
         if not path.exists():
-            path.write_text(json.dumps(stages.run(f"{run_dir.name} eval", evaluate, args, workdir, run_dir)))
+            key = f"{stage_key(name, run_dir, make_config)} eval"
+            path.write_text(json.dumps(stages.run(key, evaluate, args, workdir, run_dir)))
         per_policy[name] = json.loads(path.read_text())
 
     table = summarise(per_policy)
     # This invocation's stages (other RL settings tried in the same workdir are kept in times.json).
     shown = ["SFT", "pairs", "reward model", "reward model eval"] + [
-        f"{d.name}{suffix}" for name, (d, make) in runs.items() for suffix in (("", " eval") if make else (" eval",))]
+        f"{stage_key(name, d, make)}{suffix}" for name, (d, make) in runs.items()
+        for suffix in (("", " eval") if make else (" eval",))]
     lines = report_lines(table, list(runs), {k: stages.times[k] for k in shown if k in stages.times})
     (workdir / "results.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "pairs": pairs,
                                                       "reward_model": rm, "heldout": table, "times": stages.times},
