@@ -1,4 +1,4 @@
-"""scripts/flan_effect.py and scripts/tulu_pipeline.py end to end on --tiny budgets: the mechanics
+"""scripts/flan_effect.py, scripts/tulu_pipeline.py and scripts/rlhf_efficacy.py end to end on --tiny budgets: the mechanics
 (every stage runs, the table/figure/pairs are written, a rerun resumes), not the gains, which are
 measured in docs/guides/effects.md. Run as a user runs them: a subprocess on one CPU device."""
 
@@ -47,6 +47,27 @@ def test_tulu_pipeline_tiny(tmp_path):
     assert set(summary["times_s"]) >= {"SFT"} and all(t > 0 for t in summary["times_s"].values())
 
 
+@pytest.mark.slow  # nine stages, each its own compiles: ~80 CPU s even with a 1-layer model
+def test_rlhf_efficacy_tiny(tmp_path):
+    result = run("rlhf_efficacy.py", "--tiny", "--workdir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[2:5]] == ["SFT", "PPO", "RLOO"]
+    for name in ("train", "heldout"):  # verifier-labelled pairs, held out by prompt
+        pairs = [json.loads(line) for line in (tmp_path / f"pairs_{name}.jsonl").read_text().splitlines()]
+        assert pairs and all(p["chosen"] != p["rejected"] and p["prompt"].endswith(" A:") for p in pairs)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0.0 <= results["reward_model"]["accuracy"] <= 1.0 and results["reward_model"]["pairs"] >= 1
+    heldout = results["heldout"]
+    for policy in ("SFT", "PPO", "RLOO"):
+        for mode in ("greedy", "sampled"):
+            assert 0.0 <= heldout[f"{policy}/{mode}/worked_solution"]["mean"] <= 1.0
+            assert heldout[f"{policy}/{mode}/learned_reward"]["n"] == 4
+    assert "change_se" in heldout["PPO/greedy/math"] and "change" not in heldout["SFT/greedy/math"]
+    assert {"SFT", "pairs", "reward model"} <= set(results["times"])
+    assert all(t["cpu_s"] > 0 and t["wall_s"] > 0 for t in results["times"].values())
+
+
 def _script(name):
     spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "scripts" / name)
     module = importlib.util.module_from_spec(spec)
@@ -61,6 +82,11 @@ def _script(name):
     ("tulu_pipeline.py", ["--samples", "1"], "--samples must be >= 2"),
     ("tulu_pipeline.py", ["--dpo-beta", "0"], "--dpo-beta and --dpo-lr must be > 0"),
     ("tulu_pipeline.py", ["--dpo-steps", "0"], "--dpo-steps must be >= 1"),
+    ("rlhf_efficacy.py", ["--samples", "1"], "--samples must be >= 2"),
+    ("rlhf_efficacy.py", ["--ppo-rollouts", "0"], "--ppo-rollouts must be >= 1"),
+    ("rlhf_efficacy.py", ["--heldout-pair-share", "1"], "--heldout-pair-share must be in (0, 1)"),
+    ("rlhf_efficacy.py", ["--ppo-kl", "-1"], "--ppo-kl and --rloo-kl >= 0"),
+    ("rlhf_efficacy.py", ["--only", "DPO"], "--only must list PPO and/or RLOO"),
 ])
 def test_argument_errors(capsys, script, args, message):
     with pytest.raises(SystemExit) as e:
