@@ -95,12 +95,19 @@ def grpo_config(args, init_from: Path):
 
 def heldout_scores(args, run_dir: Path) -> dict[str, float]:
     """GRPO's held-out evaluation (greedy + sampled accuracy and reward) of `run_dir`'s latest
-    checkpoint: exactly what the GRPO stage logs before and after training."""
+    checkpoint: exactly what the GRPO stage logs before and after training. Kept in
+    `run_dir/heldout_step<N>.json`, so a DPO sweep does not evaluate the same SFT model again."""
+    step = max((r.get("step", 0) for r in read_metrics(run_dir)), default=0)
+    cached = run_dir / f"heldout_step{step}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
     config = grpo_config(args, run_dir)
     objective = objectives.build(config)
     data = objective.load_data(run_dir)
     model = jaxtune.load(str(run_dir))
-    return objective.evaluate(model.model, model.params, model.tokenizer, objective.eval_set(data))
+    scores = objective.evaluate(model.model, model.params, model.tokenizer, objective.eval_set(data))
+    cached.write_text(json.dumps(scores))
+    return scores
 
 
 def build_pairs(args, sft_dir: Path, path: Path) -> dict:

@@ -50,6 +50,8 @@ def test_tulu_pipeline_tiny(tmp_path):
     assert set(summary["times_s"]) >= {"SFT"}
     for t in [*summary["times_s"].values(), summary["invocation_s"]]:
         assert t["wall_s"] > 0 and t["cpu_s"] > 0
+    cached = json.loads(next(tmp_path.glob("seed0/sft/heldout_step*.json")).read_text())  # a DPO sweep reuses it
+    assert cached == summary["scores"]["SFT"]
 
 
 def _script(name, monkeypatch):
