@@ -170,7 +170,8 @@ def report(name: str, scores: dict[str, float], seconds: float, before: dict[str
         return value + (f" ({100 * (scores[key] - before[key]):+5.1f})" if before else "")
 
     return (f"| {name} | {cell('greedy/accuracy')} | {cell('sampled/accuracy')} | {cell('greedy/reward')} | "
-            f"{cell('sampled/reward')} | {seconds['wall_s']:.0f} | {seconds['cpu_s']:.0f} |")
+            f"{cell('sampled/reward')} | {seconds['wall_s']:.0f} | "
+            + (f"{seconds['cpu_s']:.0f} |" if seconds["cpu_s"] is not None else "- |"))
 
 
 class StageTimes:
@@ -187,9 +188,12 @@ class StageTimes:
         self.times[key] = clock.times
         self.path.write_text(json.dumps(self.times, indent=1))
 
-    def total(self, *keys: str) -> dict[str, float]:
-        """The stages' summed wall and CPU seconds (0 for a stage not timed)."""
-        return {kind: sum(self.times.get(key, {}).get(kind, 0.0) for key in keys) for kind in ("wall_s", "cpu_s")}
+    def total(self, *keys: str) -> dict[str, float | None]:
+        """The stages' summed wall and CPU seconds (0 for a stage not timed; CPU None where a
+        stage's times were written before CPU time was kept)."""
+        timed = [self.times.get(key, {"wall_s": 0.0, "cpu_s": 0.0}) for key in keys]
+        cpu = [t.get("cpu_s") for t in timed]
+        return {"wall_s": sum(t["wall_s"] for t in timed), "cpu_s": None if None in cpu else sum(cpu)}
 
 
 def eval_rows(run_dir: Path) -> list[dict[str, float]]:
