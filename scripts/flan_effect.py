@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from stage_clock import StageClock
 
 import jaxtune
 from jaxtune.data.builtin import clusters
@@ -77,13 +77,13 @@ def run_one(args, setting: str, k: int, seed: int) -> dict:
         {"data.templates_per_task": TEMPLATE_SETTINGS[setting], "seed": seed, "train.steps": args.steps,
          "data.num_eval_examples": args.eval_examples, "train.progress_bar": False,
          "train.log_every": max(args.steps // 4, 1), **(TINY if args.tiny else {})})
-    start = time.time()
-    summary = jaxtune.train(config, str(Path(args.workdir) / "runs" / name))
+    with StageClock() as clock:
+        summary = jaxtune.train(config, str(Path(args.workdir) / "runs" / name))
     if summary.stopped_early or summary.eval_after is None:  # a signal: the checkpoint resumes on the next call
         raise SystemExit(f"flan_effect: run {name} stopped at step {summary.steps} before its evaluation; "
                          "rerun the same command to resume it")
     trained = clusters.check_clusters(config.data.clusters)
-    return {"setting": setting, "k": k, "seed": seed, "steps": summary.steps, "wall_s": round(time.time() - start, 1),
+    return {"setting": setting, "k": k, "seed": seed, "steps": summary.steps, **clock.times,
             **scores(summary.eval_after, trained)}
 
 
@@ -91,8 +91,8 @@ COLUMNS = ("heldout_clusters", "heldout_digits", "heldout_compose", "heldout_phr
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| templates | K clusters | runs | " + " | ".join(COLUMNS) + " | wall s/run |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- |"]
+    lines = ["| templates | K clusters | runs | " + " | ".join(COLUMNS) + " | wall s/run | CPU s/run |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in COLUMNS) + " | --- | --- |"]
     for setting in TEMPLATE_SETTINGS:
         for k in sorted({r["k"] for r in rows}):
             group = [r for r in rows if r["setting"] == setting and r["k"] == k]
@@ -100,8 +100,9 @@ def table(rows: list[dict]) -> str:
                 continue
             cells = [f"{100 * np.mean([r[c] for r in group]):.1f} ± {100 * np.std([r[c] for r in group]):.1f}"
                      for c in COLUMNS]
+            cpu = [r["cpu_s"] for r in group if "cpu_s" in r]  # rows written before CPU time was kept lack it
             lines.append(f"| {setting} | {k} | {len(group)} | " + " | ".join(cells)
-                         + f" | {np.mean([r['wall_s'] for r in group]):.0f} |")
+                         + f" | {np.mean([r['wall_s'] for r in group]):.0f} | {f'{np.mean(cpu):.0f}' if cpu else '-'} |")
     return "\n".join(lines)
 
 
@@ -144,22 +145,27 @@ def main(argv=None) -> int:
     done = {(r["setting"], r["k"], r["seed"], r["steps"]): r for r in map(json.loads, results.open())} \
         if results.exists() else {}
     rows = []
-    for seed in range(args.seeds):
-        for k in args.ks:
-            for setting in args.settings:
-                key = (setting, k, seed, args.steps)
-                if key not in done:
-                    done[key] = run_one(args, setting, k, seed)
-                    with results.open("a") as f:
-                        f.write(json.dumps(done[key]) + "\n")
-                rows.append(done[key])
-                print(f"flan_effect: {setting} K={k} seed {seed}: held-out clusters "
-                      f"{done[key]['heldout_clusters']:.1%}, held-out phrasings {done[key]['heldout_phrasings']:.1%}")
+    with StageClock() as invocation:
+        for seed in range(args.seeds):
+            for k in args.ks:
+                for setting in args.settings:
+                    key = (setting, k, seed, args.steps)
+                    if key not in done:
+                        done[key] = run_one(args, setting, k, seed)
+                        with results.open("a") as f:
+                            f.write(json.dumps(done[key]) + "\n")
+                    rows.append(done[key])
+                    print(f"flan_effect: {setting} K={k} seed {seed}: held-out clusters "
+                          f"{done[key]['heldout_clusters']:.1%}, held-out phrasings "
+                          f"{done[key]['heldout_phrasings']:.1%} ({done[key]['wall_s']:.0f} s wall, "
+                          f"{done[key].get('cpu_s', float('nan')):.0f} s CPU)")
     text = table(rows)
     (workdir / "results.md").write_text(text + "\n")
     print(f"\nzero-shot exact match (%), mean ± std over {args.seeds} seed(s), {args.steps} steps per run:\n{text}")
     if plot(rows, workdir / "flan_effect.png"):
         print(f"figure: {workdir / 'flan_effect.png'}")
+    print(f"this invocation: {invocation.times['wall_s']:.0f} s wall, {invocation.times['cpu_s']:.0f} s CPU "
+          "(this process and its children; runs finished by an earlier invocation are not redone)")
     return 0
 
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from stage_clock import StageClock
 
 import jaxtune
 from jaxtune import objectives
@@ -41,6 +41,8 @@ TINY_MODEL = {"model.num_layers": 1, "model.hidden_size": 32, "model.intermediat
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/tulu")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds every stage (init, data order, sampling); outputs go to WORKDIR/seed<N>")
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--pair-prompts", type=int, default=256, help="training prompts sampled for preference pairs")
     parser.add_argument("--samples", type=int, default=4, help="SFT-model samples per prompt")
@@ -61,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("sft_steps", "pair_prompts", "samples", "dpo_steps", "grpo_steps", "dpo_batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
     if args.samples < 2:
         parser.error("--samples must be >= 2 (a pair needs two samples)")
     if not (args.dpo_beta > 0 and args.dpo_lr > 0):
@@ -68,11 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def seed_dir(args) -> Path:
+    return Path(args.workdir) / f"seed{args.seed}"
+
+
 def common(args) -> dict:
     # Every stage after SFT names the SFT run's tokenizer: a run started from a run that was itself
     # started from another (GRPO from DPO from SFT) does not find it through model.init_from alone.
-    tokenizer = Path(args.workdir) / "sft" / "tokenizer.model"
-    return {"train.progress_bar": False, **(TINY_MODEL if args.tiny else {}),
+    tokenizer = seed_dir(args) / "sft" / "tokenizer.model"
+    return {"train.progress_bar": False, "seed": args.seed, **(TINY_MODEL if args.tiny else {}),
             **({"data.tokenizer": str(tokenizer)} if tokenizer.is_file() else {})}
 
 
@@ -87,12 +95,19 @@ def grpo_config(args, init_from: Path):
 
 def heldout_scores(args, run_dir: Path) -> dict[str, float]:
     """GRPO's held-out evaluation (greedy + sampled accuracy and reward) of `run_dir`'s latest
-    checkpoint: exactly what the GRPO stage logs before and after training."""
+    checkpoint: exactly what the GRPO stage logs before and after training. Kept in
+    `run_dir/heldout_step<N>.json`, so a DPO sweep does not evaluate the same SFT model again."""
+    step = max((r.get("step", 0) for r in read_metrics(run_dir)), default=0)
+    cached = run_dir / f"heldout_step{step}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
     config = grpo_config(args, run_dir)
     objective = objectives.build(config)
     data = objective.load_data(run_dir)
     model = jaxtune.load(str(run_dir))
-    return objective.evaluate(model.model, model.params, model.tokenizer, objective.eval_set(data))
+    scores = objective.evaluate(model.model, model.params, model.tokenizer, objective.eval_set(data))
+    cached.write_text(json.dumps(scores))
+    return scores
 
 
 def build_pairs(args, sft_dir: Path, path: Path) -> dict:
@@ -155,21 +170,30 @@ def report(name: str, scores: dict[str, float], seconds: float, before: dict[str
         return value + (f" ({100 * (scores[key] - before[key]):+5.1f})" if before else "")
 
     return (f"| {name} | {cell('greedy/accuracy')} | {cell('sampled/accuracy')} | {cell('greedy/reward')} | "
-            f"{cell('sampled/reward')} | {seconds:.0f} |")
+            f"{cell('sampled/reward')} | {seconds['wall_s']:.0f} | "
+            + (f"{seconds['cpu_s']:.0f} |" if seconds["cpu_s"] is not None else "- |"))
 
 
 class StageTimes:
-    """Each stage's wall time, kept in WORKDIR/times.json so a resumed run still reports it."""
+    """Each stage's wall and CPU seconds, kept in WORKDIR/seed<N>/times.json so a resumed run still
+    reports them."""
 
     def __init__(self, path: Path):
         self.path = path
         self.times = json.loads(path.read_text()) if path.exists() else {}
 
     def run(self, key: str, fn) -> None:
-        start = time.time()
-        fn()
-        self.times[key] = time.time() - start
+        with StageClock() as clock:
+            fn()
+        self.times[key] = clock.times
         self.path.write_text(json.dumps(self.times, indent=1))
+
+    def total(self, *keys: str) -> dict[str, float | None]:
+        """The stages' summed wall and CPU seconds (0 for a stage not timed; CPU None where a
+        stage's times were written before CPU time was kept)."""
+        timed = [self.times.get(key, {"wall_s": 0.0, "cpu_s": 0.0}) for key in keys]
+        cpu = [t.get("cpu_s") for t in timed]
+        return {"wall_s": sum(t["wall_s"] for t in timed), "cpu_s": None if None in cpu else sum(cpu)}
 
 
 def eval_rows(run_dir: Path) -> list[dict[str, float]]:
@@ -180,13 +204,14 @@ def eval_rows(run_dir: Path) -> list[dict[str, float]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    workdir = Path(args.workdir)
+    workdir = seed_dir(args)
     workdir.mkdir(parents=True, exist_ok=True)
     sft_dir, pairs_path = workdir / "sft", workdir / f"pairs_n{args.pair_prompts}_g{args.samples}.jsonl"
     dpo_name = f"dpo_beta{args.dpo_beta:g}_lr{args.dpo_lr:g}_steps{args.dpo_steps}_n{args.pair_prompts}"
     dpo_dir, grpo_dir = workdir / dpo_name, workdir / dpo_name / f"grpo_steps{args.grpo_steps}"
     times = StageTimes(workdir / "times.json")
     scores = {}
+    invocation = StageClock()
 
     if not finished(sft_dir, args.sft_steps):
         sft = jaxtune.load_config(f"{CONFIG}:stage=sft", {**common(args), "train.steps": args.sft_steps,
@@ -212,22 +237,24 @@ def main(argv=None) -> int:
         rows = eval_rows(grpo_dir)
         scores["DPO"], scores["GRPO"] = rows[0], rows[-1]
 
-    seconds = {"SFT": times.times.get("SFT", 0.0),
-               "DPO": times.times.get(pairs_path.name, 0.0) + times.times.get(dpo_name, 0.0),
-               "GRPO": times.times.get(f"{dpo_name}/grpo", 0.0)}
-    lines = ["| after stage | greedy accuracy | sampled accuracy | greedy reward | sampled reward | stage time (s) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    seconds = {"SFT": times.total("SFT"), "DPO": times.total(pairs_path.name, dpo_name),
+               "GRPO": times.total(f"{dpo_name}/grpo")}
+    lines = ["| after stage | greedy accuracy | sampled accuracy | greedy reward | sampled reward | wall s | CPU s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     previous = None
     for stage, stage_scores in scores.items():
         lines.append(report(stage, stage_scores, seconds[stage], scores[previous] if previous else None))
         previous = stage
     text = "\n".join(lines)
+    invocation.stop()
     (dpo_dir / "pipeline.json").write_text(json.dumps({"args": vars(args), "pairs": stats, "times_s": times.times,
-                                                       "scores": scores}, indent=1))
+                                                       "invocation_s": invocation.times, "scores": scores}, indent=1))
     heldout = grpo_config(args, sft_dir).data.num_eval_examples
     print(f"\nheld-out: {heldout} unseen 3-operation problems, greedy and sampled (in brackets: points vs the "
-          f"previous stage); stage time: training (+ building the pairs for DPO; + GRPO's two held-out "
-          f"evaluations):\n{text}")
+          f"previous stage); stage time, wall and CPU (this process and its children, every thread): training "
+          f"(+ building the pairs for DPO; + GRPO's two held-out evaluations):\n{text}\n"
+          f"this invocation (every stage not finished by an earlier one, and every held-out evaluation): "
+          f"{invocation.times['wall_s']:.0f} s wall, {invocation.times['cpu_s']:.0f} s CPU")
     return 0
 
 

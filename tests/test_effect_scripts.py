@@ -27,7 +27,9 @@ def test_flan_effect_tiny(tmp_path):
     assert sorted((r["setting"], r["k"]) for r in rows) == [("many", 1), ("one", 1)]
     for r in rows:
         assert 0.0 <= r["heldout_clusters"] <= 1.0 and 0.0 <= r["heldout_phrasings"] <= 1.0 and r["steps"] == 2
+        assert r["wall_s"] > 0 and r["cpu_s"] > 0  # CPU seconds: the load-independent time
     assert "| many | 1 | 1 |" in result.stdout and "| one | 1 | 1 |" in result.stdout
+    assert "| wall s/run | CPU s/run |" in result.stdout and "s CPU" in result.stdout
     assert (tmp_path / "flan_effect.png").read_bytes().startswith(b"\x89PNG")
     again = run("flan_effect.py", "--tiny", "--workdir", tmp_path)  # resumes: every run is in results.jsonl
     assert again.returncode == 0 and "jaxtune: done" not in again.stdout + again.stderr
@@ -39,12 +41,17 @@ def test_tulu_pipeline_tiny(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[2:]] == ["SFT", "DPO", "GRPO"]
-    pairs = [json.loads(line) for line in next(tmp_path.glob("pairs_*.jsonl")).read_text().splitlines()]
+    assert "| wall s | CPU s |" in table[0] and "this invocation" in result.stdout
+    pairs = [json.loads(line) for line in next(tmp_path.glob("seed0/pairs_*.jsonl")).read_text().splitlines()]
     assert pairs and all(p["chosen"] != p["rejected"] and p["prompt"] for p in pairs)
-    summary = json.loads(next(tmp_path.glob("dpo_*/pipeline.json")).read_text())
-    assert set(summary["scores"]) == {"SFT", "DPO", "GRPO"}
+    summary = json.loads(next(tmp_path.glob("seed0/dpo_*/pipeline.json")).read_text())
+    assert set(summary["scores"]) == {"SFT", "DPO", "GRPO"} and summary["args"]["seed"] == 0
     assert {"greedy/accuracy", "sampled/accuracy", "greedy/reward", "sampled/reward"} <= set(summary["scores"]["DPO"])
-    assert set(summary["times_s"]) >= {"SFT"} and all(t > 0 for t in summary["times_s"].values())
+    assert set(summary["times_s"]) >= {"SFT"}
+    for t in [*summary["times_s"].values(), summary["invocation_s"]]:
+        assert t["wall_s"] > 0 and t["cpu_s"] > 0
+    cached = json.loads(next(tmp_path.glob("seed0/sft/heldout_step*.json")).read_text())  # a DPO sweep reuses it
+    assert cached == summary["scores"]["SFT"]
 
 
 @pytest.mark.slow  # nine stages, each its own compiles: ~80 CPU s even with a 1-layer model
@@ -68,7 +75,8 @@ def test_rlhf_efficacy_tiny(tmp_path):
     assert all(t["cpu_s"] > 0 and t["wall_s"] > 0 for t in results["times"].values())
 
 
-def _script(name):
+def _script(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as `python scripts/NAME` runs: its siblings import
     spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "scripts" / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -87,8 +95,19 @@ def _script(name):
     ("rlhf_efficacy.py", ["--heldout-pair-share", "1"], "--heldout-pair-share must be in (0, 1)"),
     ("rlhf_efficacy.py", ["--ppo-kl", "-1"], "--ppo-kl and --rloo-kl >= 0"),
     ("rlhf_efficacy.py", ["--only", "DPO"], "--only must list PPO and/or RLOO"),
+    ("tulu_pipeline.py", ["--seed", "-1"], "--seed must be >= 0"),
 ])
-def test_argument_errors(capsys, script, args, message):
+def test_argument_errors(capsys, monkeypatch, script, args, message):
     with pytest.raises(SystemExit) as e:
-        _script(script).parse_args(args)
+        _script(script, monkeypatch).parse_args(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tulu_seed_reaches_every_stage(monkeypatch, tmp_path):
+    """--seed N seeds every stage's config (SFT, sampling the pairs, DPO, GRPO all build on `common`)
+    and keeps its outputs apart, so seeds can be run into one WORKDIR."""
+    tulu = _script("tulu_pipeline.py", monkeypatch)
+    args = tulu.parse_args(["--seed", "3", "--workdir", str(tmp_path)])
+    assert tulu.seed_dir(args) == tmp_path / "seed3"
+    assert tulu.grpo_config(args, tmp_path / "sft").seed == 3
+    assert tulu.dpo_config(args, tmp_path / "sft", tmp_path / "pairs.jsonl").seed == 3
