@@ -113,8 +113,8 @@ def main() -> None:
     p.add_argument("--variants", default="",
                    help='JSON {name: model overrides}: time each jaxtune mode once per variant, e.g. '
                         '\'{"scan": {"layer_loop": "scan"}, "unrolled": {"layer_loop": "unrolled"}}\' '
-                        '(a "logits_chunk" key sets --logits_chunk for that variant; "head_backward": "autodiff" '
-                        'traces the LM head + loss with logprobs.head_token_stats_autodiff, the pre-issue-25 backward)')
+                        '(a "logits_chunk" key sets --logits_chunk for that variant; "head_backward": "hand-written" '
+                        'traces the LM head + loss with logprobs.head_token_stats_handwritten instead of autodiff)')
     p.add_argument("--profile", default="", help="directory: write the compiled HLO and a profiler trace of the timed steps")
     p.add_argument("--pairs", default="", help="DPO on real pairs from this JSONL(.gz) file (see above)")
     p.add_argument("--pair_layouts", default="padded", help="--pairs: padded, packed or padded,packed (side by side)")
@@ -157,7 +157,7 @@ def compare(args) -> dict:
                 margs = argparse.Namespace(**vars(args))
                 overrides = dict(overrides)
                 margs.logits_chunk = overrides.pop("logits_chunk", args.logits_chunk)
-                margs.head_backward = overrides.pop("head_backward", "hand-written")
+                margs.head_backward = overrides.pop("head_backward", "autodiff")
                 margs.model = json.dumps({**json.loads(args.model), **overrides})
                 runners[name], infos[name] = prepare_jaxtune(margs, *JAXTUNE_MODES[mode])
         else:
@@ -364,18 +364,23 @@ def compare_pair_layouts(args) -> dict:
 
 
 def head_backward(kind: str):
-    """A context in which traced steps use the LM head + loss backward `kind`: "hand-written"
-    (logprobs.head_token_stats, the default) or "autodiff" (head_token_stats_autodiff)."""
+    """A context in which traced steps use the LM head + loss backward `kind`: "autodiff"
+    (logprobs.head_token_stats, the default) or "hand-written" (head_token_stats_handwritten),
+    patched where the train step and the objectives look the name up."""
     import contextlib
     from unittest import mock
 
     from jaxtune import logprobs
+    from jaxtune.trainer import step
 
-    if kind == "hand-written":
+    if kind == "autodiff":
         return contextlib.nullcontext()
-    if kind != "autodiff":
-        raise SystemExit(f"head_backward={kind!r}: expected 'hand-written' or 'autodiff'")
-    return mock.patch.object(logprobs, "head_token_stats", logprobs.head_token_stats_autodiff)
+    if kind != "hand-written":
+        raise SystemExit(f"head_backward={kind!r}: expected 'autodiff' or 'hand-written'")
+    stack = contextlib.ExitStack()
+    for module in (logprobs, step):
+        stack.enter_context(mock.patch.object(module, "head_token_stats", logprobs.head_token_stats_handwritten))
+    return stack
 
 
 def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np.ndarray]] | None = None):
@@ -424,7 +429,7 @@ def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np
                        in_shardings=(shardings, batch_sharding, shardings.params if ref is not None else None),
                        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
         t0 = time.time()
-        with head_backward(getattr(args, "head_backward", "hand-written")):
+        with head_backward(getattr(args, "head_backward", "autodiff")):
             compiled = step.lower(holder["state"], batch, ref).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
@@ -458,7 +463,7 @@ def prepare_jaxtune(args, method: str, quantize: str, batches: list[dict[str, np
         "family": args.family, "variant": args.variant, "params": num_params, "num_layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size, "batch": B, "seq_len": T, "dtype": args.dtype, "remat": args.remat,
         "attention": getattr(cfg, "attention", None), "layer_loop": getattr(cfg, "layer_loop", None),
-        "head_backward": getattr(args, "head_backward", "hand-written"), "devices": n, "device_kind": jax.devices()[0].device_kind,
+        "head_backward": getattr(args, "head_backward", "autodiff"), "devices": n, "device_kind": jax.devices()[0].device_kind,
         "tokens_per_step": real_tokens, "slots_per_step": int(np.prod(batch["inputs"].shape)),
         "pairs_per_step": pairs_per_step, "compile_s": round(compile_s, 2),
         "xla_gflops": round(float(cost.get("flops", 0.0)) / 1e9, 3),

@@ -54,7 +54,7 @@ def masked_sequence_sums(logp: jax.Array, loss_mask: jax.Array) -> tuple[jax.Arr
     return jnp.sum(logp * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
-def head_token_stats(
+def head_token_stats_handwritten(
     head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, *, chunk: int = DEFAULT_CHUNK,
 ) -> TokenStats:
     """TokenStats from hidden[B, T, D] and `head` (hidden[B, c, D] -> logits[B, c, V]), c = chunk.
@@ -134,12 +134,16 @@ def _head_stats_bwd(fn, residuals, g):
 _head_stats.defvjp(_head_stats_fwd, _head_stats_bwd)
 
 
-def head_token_stats_autodiff(
+def head_token_stats(
     head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, *, chunk: int = DEFAULT_CHUNK,
 ) -> TokenStats:
-    """`head_token_stats` with autodiff's backward pass (scan + jax.checkpoint over chunks): the
-    reference its hand-written backward is tested against (tests/test_logprobs.py) and timed
-    against (benchmarks/train_step.py --variants '{"autodiff": {"head_backward": "autodiff"}}')."""
+    """TokenStats from hidden[B, T, D] and `head` (hidden[B, c, D] -> logits[B, c, V]), c = chunk,
+    with autodiff's backward pass (scan + jax.checkpoint over chunks: each chunk's logits are
+    recomputed, never all kept). chunk <= 0 or chunk >= T: one head call on all positions.
+
+    The default: `head_token_stats_handwritten` (the same statistics, a hand-written backward) was
+    no faster on an idle Xeon (benchmarks/RESULTS.md, issue 25), so it stays an opt-in for
+    benchmarks (`train_step.py --variants '{"hw": {"head_backward": "hand-written"}}'`)."""
     b, t = targets.shape
     if chunk <= 0 or chunk >= t:
         return token_stats(head(hidden), targets)

@@ -438,18 +438,19 @@ LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 
 def resolve_layer_loop(layer_loop: str) -> str:
-    """`auto` -> "unrolled" on CPU, else "scan".
+    """`auto` -> "scan" on every backend; "unrolled" is an opt-in.
 
     A rolled scan writes every layer's saved activations into zero-filled [layers, ...] buffers
     in the forward pass and slices them out again in the backward pass; on XLA:CPU that copying
     was 18% of the bench step's op time (benchmarks/RESULTS.md). Unrolled, each layer's residuals
     stay separate buffers (XLA folds the slices of the stacked outputs away), at the price of a
     compile time that grows with depth; accelerators keep the scan (one compiled body, and their
-    memory bandwidth makes the copies cheap)."""
+    memory bandwidth makes the copies cheap). Unrolling looked faster on a loaded Xeon but not on an
+    idle one (benchmarks/RESULTS.md, issue 25), so `auto` keeps the scan's depth-independent compile."""
     if layer_loop not in LAYER_LOOPS:
         raise UserError(f"layer_loop={layer_loop!r}, expected one of {LAYER_LOOPS}.")
     if layer_loop == "auto":
-        return "unrolled" if attention_lib.target_platform() == "cpu" else "scan"
+        return "scan"
     return layer_loop
 
 

@@ -57,7 +57,7 @@ def test_head_token_stats_equal_full_logits_and_gradients():
 
 
 def test_hand_written_head_backward_equals_autodiff():
-    """head_token_stats' hand-written backward = autodiff's (head_token_stats_autodiff), chunked and
+    """head_token_stats_handwritten's backward = autodiff's (head_token_stats, the default), chunked and
     not, for a head with a trained and a frozen weight and a temperature."""
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.normal(size=(2, 9, 8)), jnp.float32)
@@ -72,7 +72,7 @@ def test_hand_written_head_backward_equals_autodiff():
     @jax.jit
     def both(hidden, w):
         grad = lambda fn, c: jax.value_and_grad(summary, argnums=(1, 2), has_aux=True)(fn, hidden, w, c)
-        return {c: (grad(head_token_stats, c), grad(logprobs.head_token_stats_autodiff, c)) for c in (0, 4, 9)}
+        return {c: (grad(logprobs.head_token_stats_handwritten, c), grad(head_token_stats, c)) for c in (0, 4, 9)}
 
     for new, old in both(hidden, w).values():
         jax.tree.map(_close, new, old)
