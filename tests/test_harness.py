@@ -116,10 +116,15 @@ def _tasks(root):
 
 
 def test_task_metrics_equal_hf_backend_through_the_cli(pair, hf_dir, tmp_path):
-    _, ref = pair
+    assert_cli_metrics_equal_hf_backend(hf_dir, pair[1], tmp_path)
+
+
+def assert_cli_metrics_equal_hf_backend(model_dir, ref, tmp_path):
+    """`jaxtune eval --harness` on `model_dir` gives every task metric lm-eval's `hf` backend `ref`
+    gives (decoder-only and seq2seq alike)."""
     tasks = _tasks(tmp_path / "tasks")
     out = tmp_path / "results.json"
-    argv = ["eval", "--hf_dir", str(hf_dir), "--harness", "tiny_mc,tiny_ppl,tiny_gen", "--harness_include", str(tasks),
+    argv = ["eval", "--hf_dir", str(model_dir), "--harness", "tiny_mc,tiny_ppl,tiny_gen", "--harness_include", str(tasks),
             "--harness_max_length", str(MAX_LENGTH), "--output", str(out)]
     assert cli.main(argv) == 0
     mine = json.loads(out.read_text())["results"]

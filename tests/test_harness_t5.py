@@ -12,14 +12,13 @@ Generation: lm-eval's `hf` backend lets a seq2seq decoder run to (padded context
 max_gen_toks) tokens; jaxtune stops at max_gen_toks, so a random model's rambling answers can be
 longer there (the generation task below stops at a newline within 5 tokens, as answers do)."""
 
-import json
 
 import numpy as np
 import pytest
 
-from jaxtune import cli, harness, inference
+from jaxtune import harness, inference
 from tests.models.hf_reference import transformers
-from tests.test_harness import MAX_LENGTH, TEXTS, _requests, _tasks
+from tests.test_harness import MAX_LENGTH, TEXTS, _requests, assert_cli_metrics_equal_hf_backend
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -132,15 +131,4 @@ def test_seq2seq_loglikelihoods_equal_hf_backend(pair):
 
 @pytest.mark.slow
 def test_seq2seq_task_metrics_equal_hf_backend_through_the_cli(pair, t5_dir, tmp_path):
-    _, ref = pair
-    tasks = _tasks(tmp_path / "tasks")
-    out = tmp_path / "results.json"
-    argv = ["eval", "--hf_dir", str(t5_dir), "--harness", "tiny_mc,tiny_ppl,tiny_gen", "--harness_include", str(tasks),
-            "--harness_max_length", str(MAX_LENGTH), "--output", str(out)]
-    assert cli.main(argv) == 0
-    mine = json.loads(out.read_text())["results"]
-    theirs = harness.run_harness(ref, ["tiny_mc", "tiny_ppl", "tiny_gen"], include_path=str(tasks))["results"]
-    for task in theirs:
-        for key, value in theirs[task].items():
-            if isinstance(value, float) and "stderr" not in key:
-                assert mine[task][key] == pytest.approx(value, rel=1e-6, abs=1e-4), (task, key)
+    assert_cli_metrics_equal_hf_backend(t5_dir, pair[1], tmp_path)

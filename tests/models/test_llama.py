@@ -192,13 +192,7 @@ def test_remat_policies_identical():
 
     @jax.jit  # one compile for all policies keeps this test fast
     def logits_and_grads(params):
-        out = {}
-        for policy in layers.REMAT_POLICIES:
-            model = Llama(base.replace(remat_policy=policy))
-            fwd = lambda p: model.apply({"params": p}, ids)
-            loss = lambda p: jnp.mean(jax.nn.log_softmax(fwd(p))[..., 0])
-            out[policy] = (fwd(params), jax.grad(loss)(params))
-        return out
+        return _logits_and_grads({p: base.replace(remat_policy=p) for p in layers.REMAT_POLICIES}, ids, params)
 
     results = logits_and_grads(params)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -206,9 +200,9 @@ def test_remat_policies_identical():
         jax.tree.map(close, got, results["none"])
 
 
-@pytest.mark.slow  # ~140 s of compiles on the loaded 2-core box; the default suite runs every model unrolled
+@pytest.mark.slow  # ~140 s of compiles on the loaded 2-core box
 def test_layer_loops_identical():
-    """The unrolled layer loop (CPU's `auto`) computes the scan's logits and gradients (under
+    """The unrolled layer loop (an opt-in) computes the scan's logits and gradients (under
     remat) from the same [layers, ...] parameters."""
     base = models.get_config("llama", "tiny", num_layers=2, remat_policy="full")
     ids = jax.random.randint(jax.random.key(1), (2, 16), 0, base.vocab_size)
@@ -218,13 +212,7 @@ def test_layer_loops_identical():
 
     @jax.jit
     def logits_and_grads(params):
-        out = {}
-        for loop in ("scan", "unrolled"):
-            model = Llama(base.replace(layer_loop=loop))
-            fwd = lambda p: model.apply({"params": p}, ids)
-            loss = lambda p: jnp.mean(jax.nn.log_softmax(fwd(p))[..., 0])
-            out[loop] = (fwd(params), jax.grad(loss)(params))
-        return out
+        return _logits_and_grads({loop: base.replace(layer_loop=loop) for loop in ("scan", "unrolled")}, ids, params)
 
     results = logits_and_grads(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results["unrolled"], results["scan"])
@@ -289,3 +277,14 @@ def test_config_validation():
         models.get_config("llama", "tiny", layer_loop="loop")
     with pytest.raises(ValueError, match="rope_scaling"):
         models.get_config("llama", "tiny", rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+def _logits_and_grads(configs, ids, params):
+    """{name: (logits, grads of a log-softmax loss)} of a Llama built from each config, same params."""
+    out = {}
+    for name, config in configs.items():
+        model = Llama(config)
+        fwd = lambda p, model=model: model.apply({"params": p}, ids)
+        loss = lambda p, fwd=fwd: jnp.mean(jax.nn.log_softmax(fwd(p))[..., 0])
+        out[name] = (fwd(params), jax.grad(loss)(params))
+    return out
