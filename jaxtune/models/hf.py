@@ -259,6 +259,7 @@ def config_from_pretrained(path: str | epath.PathLike, **overrides: Any):
         if isinstance(e, UserError):
             raise UserError(f"{file}: {e}") from None
         raise UserError(f"{file}: invalid value ({type(e).__name__}: {e})") from None
+    config = family.config_for_checkpoint(config, checkpoint_tensor_names(epath.Path(path)))
     for field in _POSITIVE_FIELDS:
         value = getattr(config, field, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -267,6 +268,18 @@ def config_from_pretrained(path: str | epath.PathLike, **overrides: Any):
 
 
 _POSITIVE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+
+
+def checkpoint_tensor_names(directory: epath.Path) -> frozenset[str]:
+    """Tensor names of an HF directory's safetensors (headers only); empty when it has none (a
+    config-only directory, e.g. for `jaxtune plan`)."""
+    if not (directory / INDEX_FILE).exists() and not any(directory.glob("*.safetensors")):
+        return frozenset()
+    ckpt = _Checkpoint(directory)
+    try:
+        return frozenset(ckpt.where)
+    finally:
+        ckpt.close()
 
 
 def _abstract_boxed_params(model: nn.Module):

@@ -38,6 +38,9 @@ class Family(NamedTuple):
     # config -> the module names of the model's linear projections (HF's names; what adapter targets
     # name): the decoder-only families' q_proj..down_proj unless the family module says otherwise.
     projection_names: Callable[[Any], tuple[str, ...]] = lambda config: layers.DECODER_PROJECTIONS
+    # (config, the checkpoint's tensor names) -> config: what config.json cannot say alone (T5 files
+    # written by transformers >= 5 always say tied, but a distinct lm_head.weight means untied).
+    config_for_checkpoint: Callable[[Any, frozenset], Any] = lambda config, names: config
 
 
 def _family(module) -> Family:
@@ -60,8 +63,9 @@ def _family(module) -> Family:
 
     unused = getattr(module, "hf_unused_tensors", lambda config: frozenset())
     projections = getattr(module, "projection_names", lambda config: layers.DECODER_PROJECTIONS)
+    for_checkpoint = getattr(module, "config_for_checkpoint", lambda config, names: config)
     return Family(config_cls, module.VARIANTS, module_cls, module.HF_MODEL_TYPES, config_from_hf, config_to_hf,
-                  hf_param_maps, unused, getattr(module_cls, "is_encoder_decoder", False), projections)
+                  hf_param_maps, unused, getattr(module_cls, "is_encoder_decoder", False), projections, for_checkpoint)
 
 
 FAMILIES: dict[str, Family] = {

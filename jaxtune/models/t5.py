@@ -506,6 +506,16 @@ def config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> T5Config:
     return T5Config(**kw)
 
 
+def config_for_checkpoint(config: T5Config, tensor_names: frozenset[str]) -> T5Config:
+    """Untied when the checkpoint holds its own `lm_head.weight`: transformers >= 5 writes
+    `"tie_word_embeddings": true` into every T5/mT5 config.json (it ties unless the weights say
+    otherwise), so a Flan-T5 or mT5 it re-saved says tied but carries a distinct head; a tied
+    model's file has no lm_head tensor."""
+    if config.tie_word_embeddings and "lm_head.weight" in tensor_names:
+        return dataclasses.replace(config, tie_word_embeddings=False)
+    return config
+
+
 def _first(token_ids: int | list[int] | None) -> int:
     if isinstance(token_ids, list | tuple):
         return int(token_ids[0])

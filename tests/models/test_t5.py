@@ -2,8 +2,11 @@
 and padded decoder targets), T5X-style packing equal to unpacked rows, relative position buckets,
 config round trips, parameter counts of the published checkpoints and logical axes."""
 
+import json
+
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -171,6 +174,20 @@ def test_param_counts_match_transformers(variant, expected):
 
 def _logits_from(config, params, batch):
     return _ours(config, params, *batch)[:3]
+
+
+@pytest.mark.parametrize("variant", ["t5-v1.1", "mt5", "t5"])
+def test_a_transformers_5_checkpoint_with_its_own_head_loads_untied(tmp_path, variant):
+    """transformers >= 5 writes "tie_word_embeddings": true into every T5/mT5 config.json; a Flan-T5
+    or mT5 it saved still carries its distinct lm_head.weight, which must be read (untied), and a
+    tied model's file (no lm_head tensor) stays tied."""
+    hf, config, params = converted(variant, seed=3)
+    hf.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    model, loaded = models.from_pretrained(tmp_path / "hf", dtype="float32")
+    assert model.config.tie_word_embeddings == config.tie_word_embeddings
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("variant", ["t5-v1.1", pytest.param("t5", marks=pytest.mark.slow),
