@@ -19,11 +19,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
 import functools
 
 import jax
+import numpy as np
 
 from jaxtune import generate as generate_lib
 from jaxtune.data.examples import shift_and_truncate

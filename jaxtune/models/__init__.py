@@ -9,5 +9,5 @@ from __future__ import annotations
 
 from jaxtune.models.hf import config_from_pretrained, from_pretrained, load_params, save_pretrained  # noqa: F401
 from jaxtune.models.registry import (  # noqa: F401
-    FAMILIES, Family, build, count_params, family_for_hf, family_of, get_config,
+    FAMILIES, Family, abstract_params, build, count_params, family_for_hf, family_of, get_config,
 )

@@ -130,10 +130,12 @@ def build(config) -> nn.Module:
     return family_of(config).module_cls(config)
 
 
-def count_params(config) -> int:
-    """Parameter count from shapes only (jax.eval_shape), so 70B configs cost no memory."""
-    model = build(config)
+def abstract_params(config) -> Any:
+    """The model's params as unboxed shapes (jax.eval_shape), so 70B configs cost no memory."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-    shapes = nn.meta.unbox(shapes)
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    return nn.meta.unbox(jax.eval_shape(build(config).init, jax.random.key(0), tokens)["params"])
+
+
+def count_params(config) -> int:
+    """Parameter count from shapes only."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))

@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
-from flax import linen as nn
 
 from jaxtune import models
 from jaxtune.errors import UserError
@@ -180,8 +179,7 @@ def export_merged(model_config, spec: peft_base.Spec, base: Mapping, adapters: M
     check_mergeable(spec)
     merged = jax.jit(lambda b, a: lora.merge(b, a, spec))(base, adapters)
     if spec.quantize != "none":
-        tokens = jax.numpy.zeros((1, 1), jax.numpy.int32)
-        shapes = nn.meta.unbox(jax.eval_shape(models.build(model_config).init, jax.random.key(0), tokens)["params"])
+        shapes = models.abstract_params(model_config)
         merged = jax.jit(lambda m: quant.dequantize_params(m, shapes))(merged)
     return models.save_pretrained(model_config, merged, out_dir, dtype=dtype or model_config.param_dtype,
                                   tokenizer_dir=tokenizer_dir, max_shard_size=max_shard_size, add_bos=add_bos)
